@@ -1,0 +1,216 @@
+"""``iomt-agent``: thin subcommands over the library. Exit codes: 0 ok, 1 failure, 2 bad
+configuration or usage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+from agent import __version__
+from agent.config import Config, ConfigError, load_config
+from agent.log import configure, get_logger
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from agent.scaffold import InitOptions, write_directory
+
+    try:
+        path = write_directory(
+            InitOptions(
+                directory=Path(args.dir),
+                edge_url=args.edge_url,
+                cloud_url=args.cloud_url,
+                site=args.site,
+                device_id=args.device_id,
+                bundle=Path(args.bundle) if args.bundle else None,
+                protocol=args.protocol,
+                recipient_kind=args.recipient_kind,
+                force=args.force,
+            )
+        )
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    except (FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"wrote {path} and development keys in {path.parent / 'keys'}")
+    print(f"next: iomt-agent run --config {path}")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args.path)
+    from agent.bundle import BundleError, load_bundle
+
+    problems = []
+    try:
+        load_bundle(config.model.bundle)
+    except BundleError as exc:
+        problems.append(f"model.bundle: {exc}")
+    for key_path, path in (
+        ("seal.recipient_public_key", config.seal.recipient_public_key),
+        ("seal.device_signing_key", config.seal.device_signing_key),
+    ):
+        if not path.is_file():
+            problems.append(f"{key_path}: file {path} not found")
+    if problems:
+        print(ConfigError(args.path, problems).render(), file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.path}: ok")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    configure(config.log.level, config.log.format)
+    from agent.bundle import BundleError
+    from agent.keys import KeyFileError
+    from agent.service import Agent
+
+    log = get_logger("agent.cli")
+    try:
+        agent = Agent(config)
+    except (BundleError, KeyFileError) as exc:
+        log.error("cannot_start", error=str(exc))
+        return EXIT_CONFIG
+    return agent.run()
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from agent.mqtt import Connection
+    from agent.topics import Topics
+
+    config = _load(args.config)
+    configure(config.log.level, config.log.format)
+    log = get_logger("agent.send")
+    files: list[Path] = []
+    for item in args.paths:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            print(f"error: {p} does not exist", file=sys.stderr)
+            return EXIT_FAIL
+    topics = Topics(config.agent.site, config.agent.device_id)
+    conn = Connection(config.edge, f"iomt-{config.agent.site}-sender-{args.source}", name="edge")
+    conn.start()
+    if not conn.wait_connected(args.timeout):
+        log.error("edge_broker_unreachable", url=config.edge.url, error=conn.last_error)
+        conn.stop()
+        return EXIT_FAIL
+    acked = threading.Semaphore(0)
+    failures: list[str] = []
+
+    def done(ok: bool, reason: str) -> None:
+        if not ok:
+            failures.append(reason)
+        acked.release()
+
+    topic = topics.scan(args.source)
+    for f in files:
+        conn.publish(topic, f.read_bytes(), qos=1, on_done=done)
+    complete = all(acked.acquire(timeout=args.timeout) for _ in files)
+    conn.stop()
+    log.info("sent", files=len(files), topic=str(topic), refused=len(failures),
+             complete=complete)
+    return EXIT_OK if complete and not failures else EXIT_FAIL
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    from agent.keys import KeyFileError
+    from agent.receiver import receive
+
+    config = _load(args.config)
+    configure(config.log.level, config.log.format)
+    log = get_logger("agent.receive")
+    try:
+        filed, dups, rejected = receive(
+            config, Path(args.out), count=args.count, timeout=args.timeout
+        )
+    except (KeyFileError, ConfigError) as exc:
+        log.error("cannot_receive", error=str(exc))
+        return EXIT_CONFIG
+    log.info("receive_done", filed=filed, duplicates=dups, rejected=rejected)
+    if args.count is not None and filed < args.count:
+        log.error("receive_timeout", expected=args.count, filed=filed)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(Path(args.workdir), slices=args.slices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iomt-agent",
+        description="Edge inference agent: DICOM scans in over MQTT, int8 translation on the "
+        "node, sealed results out.",
+    )
+    p.add_argument("--version", action="version", version=f"iomt-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")
+    s.add_argument("dir", help="directory to create")
+    s.add_argument("--edge-url", required=True, help="mqtt://host:port or mqtts://host:port")
+    s.add_argument("--cloud-url", required=True, help="mqtt://host:port or mqtts://host:port")
+    s.add_argument("--site", default="site-1", help="site id (one topic level)")
+    s.add_argument("--device-id", default="edge-1", help="device id (one topic level)")
+    s.add_argument("--bundle", help="model bundle directory (default: models/t1w-to-t2w-lite)")
+    s.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
+    s.add_argument("--recipient-kind", choices=["mlkem768-x25519", "x25519"],
+                   default="mlkem768-x25519", help="HPKE KEM of the cloud recipient key")
+    s.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("run", help="run the agent (the daemon)")
+    s.add_argument("--config", required=True, help="path to agent.toml")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("send", help="publish DICOM files to the site's scan topic")
+    s.add_argument("--config", required=True, help="path to agent.toml")
+    s.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="DICOM files or directories")
+    s.add_argument("--source", default="gateway", help="last topic level (scanner/gateway name)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    s.set_defaults(func=cmd_send)
+
+    s = sub.add_parser("receive", help="the cloud consumer: verify, decrypt and file results")
+    s.add_argument("--config", required=True, help="path to agent.toml (needs [receiver])")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--count", type=int, help="exit 0 after this many results")
+    s.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    s.set_defaults(func=cmd_receive)
+
+    s = sub.add_parser("config", help="configuration tools")
+    csub = s.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    c = csub.add_parser("check", help="validate a config file (exit 2 when invalid)")
+    c.add_argument("path", help="path to agent.toml")
+    c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
+    s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
+    s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

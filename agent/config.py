@@ -1,0 +1,276 @@
+"""The one configuration schema (TOML), with errors that name the key path.
+
+Relative paths in the file are resolved against the directory that holds the file, so a
+directory written by ``iomt-agent init`` can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.topics import TopicError, check_level
+
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``problems`` holds one line per bad key."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def render(self) -> str:
+        lines = [f"invalid configuration in {self.source}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _level(value: str) -> str:
+    try:
+        return check_level(value)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class BrokerConfig(_Strict):
+    """One MQTT broker connection."""
+
+    url: str = Field(
+        title="Broker URL",
+        description="mqtt://host:port (plain) or mqtts://host:port (TLS)",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        title="MQTT protocol version",
+        description='"5" for real brokers; "3.1.1" for brokers without v5 (e.g. amqtt)',
+    )
+    client_id: str | None = Field(
+        None,
+        title="Client id",
+        description="Stable client id (persistent session); default iomt-<site>-<device>-<role>",
+    )
+    username: str | None = Field(None, title="Username", description="MQTT username")
+    password_file: Path | None = Field(
+        None, title="Password file", description="File holding the MQTT password"
+    )
+    ca_file: Path | None = Field(
+        None, title="CA bundle", description="CA certificates for mqtts (default: system store)"
+    )
+    cert_file: Path | None = Field(
+        None, title="Client certificate", description="PEM client certificate for mutual TLS"
+    )
+    key_file: Path | None = Field(
+        None, title="Client key", description="PEM private key for the client certificate"
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600, title="Keepalive", description="Seconds")
+    session_expiry_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        title="Session expiry",
+        description="How long the broker keeps our session and queued QoS 1 messages (v5)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("expected mqtt://host:port or mqtts://host:port")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("port must be a number from 1 to 65535") from None
+        if parts.path not in ("", "/"):
+            raise ValueError("a broker URL has no path")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+class AgentSection(_Strict):
+    site: Annotated[str, Field(title="Site id", description="Topic level naming the hospital site")]
+    device_id: Annotated[
+        str, Field(title="Device id", description="Topic level naming this edge node")
+    ]
+    state_dir: Path = Field(
+        Path("state"), title="State directory", description="Inbox/outbox databases live here"
+    )
+    shared_subscription: bool = Field(
+        False,
+        title="Shared subscription",
+        description="Share the site's scans among several agents ($share/<site>/...)",
+    )
+
+    _site = field_validator("site", "device_id")(_level)
+
+
+class ModelSection(_Strict):
+    bundle: Path = Field(title="Model bundle", description="Directory holding bundle.json")
+    backend: Literal["onnxruntime"] = Field(
+        "onnxruntime", title="Runtime", description="Inference runtime"
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=256, title="Intra-op threads", description="0 = one per core"
+    )
+    inter_op_threads: int = Field(1, ge=1, le=64, title="Inter-op threads", description="")
+
+
+class LimitsSection(_Strict):
+    max_payload_bytes: int = Field(
+        64 * MIB, ge=1024, title="Payload cap", description="Larger scans are refused"
+    )
+    pixel_budget: int = Field(
+        4096 * 4096,
+        ge=1,
+        title="Pixel budget",
+        description="Refuse instances with rows x columns x frames above this, before decoding",
+    )
+    inbox_max_bytes: int = Field(
+        2048 * MIB,
+        ge=MIB,
+        title="Inbox cap",
+        description="When full, new scans are not acked (the broker keeps them) until it drains",
+    )
+    outbox_max_bytes: int = Field(
+        2048 * MIB,
+        ge=MIB,
+        title="Outbox cap",
+        description="When full, processing pauses until the cloud broker takes results",
+    )
+
+
+class SealSection(_Strict):
+    recipient_public_key: Path = Field(
+        title="Recipient public key", description="The cloud's HPKE public key"
+    )
+    device_signing_key: Path = Field(
+        title="Device signing key", description="This node's Ed25519 private key (0600)"
+    )
+
+
+class ReceiverSection(_Strict):
+    recipient_private_key: Path = Field(
+        title="Recipient private key", description="The cloud's HPKE private key (0600)"
+    )
+    trusted_devices: dict[str, Path] = Field(
+        title="Trusted devices", description="device id -> Ed25519 public key file"
+    )
+    client_id: str | None = Field(None, title="Client id", description="Receiver client id")
+
+
+class LogSection(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", title="Log level", description="Minimum level"
+    )
+    format: Literal["auto", "console", "json"] = Field(
+        "auto", title="Log format", description="auto: console on a TTY, JSON lines otherwise"
+    )
+
+
+class Config(_Strict):
+    agent: AgentSection = Field(title="Agent", description="Identity and state")
+    edge: BrokerConfig = Field(title="Edge broker", description="Where scans arrive")
+    cloud: BrokerConfig = Field(title="Cloud broker", description="Where results go")
+    model: ModelSection = Field(title="Model", description="The bundle to serve")
+    seal: SealSection = Field(title="Sealing", description="Keys for sealed results")
+    limits: LimitsSection = Field(default_factory=LimitsSection, title="Limits", description="")
+    log: LogSection = Field(default_factory=LogSection, title="Logging", description="")
+    receiver: ReceiverSection | None = Field(
+        None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
+    )
+
+    def resolve(self, base: Path) -> Config:
+        """Return a copy whose relative paths are taken relative to ``base``."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        def broker(b: BrokerConfig) -> BrokerConfig:
+            return b.model_copy(
+                update={
+                    k: fix(getattr(b, k))
+                    for k in ("password_file", "ca_file", "cert_file", "key_file")
+                }
+            )
+
+        receiver = self.receiver
+        if receiver is not None:
+            receiver = receiver.model_copy(
+                update={
+                    "recipient_private_key": fix(receiver.recipient_private_key),
+                    "trusted_devices": {
+                        k: fix(v) for k, v in receiver.trusted_devices.items()
+                    },
+                }
+            )
+        return self.model_copy(
+            update={
+                "agent": self.agent.model_copy(update={"state_dir": fix(self.agent.state_dir)}),
+                "edge": broker(self.edge),
+                "cloud": broker(self.cloud),
+                "model": self.model.model_copy(update={"bundle": fix(self.model.bundle)}),
+                "seal": self.seal.model_copy(
+                    update={
+                        "recipient_public_key": fix(self.seal.recipient_public_key),
+                        "device_signing_key": fix(self.seal.device_signing_key),
+                    }
+                ),
+                "receiver": receiver,
+            }
+        )
+
+
+def _describe(error: dict[str, object]) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
+    kind = str(error.get("type", ""))
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see README 'Configuration')"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {error.get('input')!r})"
+
+
+def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:
+    """Parse TOML text into a Config, or raise ConfigError listing every bad key path."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(dict(e)) for e in exc.errors()]) from None
+    return config.resolve(base) if base is not None else config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; relative paths resolve against its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    return parse_config(text, str(path), path.resolve().parent)

@@ -1,0 +1,83 @@
+"""structlog setup: console renderer on a TTY, JSON lines otherwise, and a PHI scrubber.
+
+The pipeline never passes patient data to the logger on purpose; ``scrub_phi`` is the belt
+to those braces. It drops keys that name patient attributes and redacts any value that looks
+like a DICOM person name (``FAMILY^GIVEN``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "patientname",
+        "patientid",
+        "patientbirthdate",
+        "other_patient_ids",
+        "accession_number",
+        "institution_name",
+        "referring_physician_name",
+        "study_description",
+    }
+)
+_PERSON_NAME = re.compile(r"[^\s^=\\]+\^[^\s=\\]*")
+REDACTED = "[redacted]"
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def scrub_phi(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: remove patient keys, redact person-name-shaped strings."""
+    for key in list(event_dict):
+        if key.lower() in PHI_KEYS:
+            event_dict[key] = REDACTED
+            continue
+        value = event_dict[key]
+        if isinstance(value, str) and "^" in value:
+            event_dict[key] = _PERSON_NAME.sub(REDACTED, value)
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog for the process. ``fmt``: auto | console | json."""
+    stream = stream or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer(sort_keys=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            scrub_phi,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # paho and amqtt log through the standard library; keep them quiet and on the same stream.
+    logging.basicConfig(stream=stream, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,106 @@
+"""Every MQTT topic the agent uses, built in one place.
+
+Site, device and group ids come from config and each must be a single topic level: no
+``/``, no wildcards, no ``$`` prefix, no NUL, not empty. Nothing here ever carries PHI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TopicError(ValueError):
+    """A topic or topic level is not valid."""
+
+
+def check_level(value: str, what: str = "topic level") -> str:
+    """Return ``value`` if it is a safe single topic level, else raise TopicError."""
+    if not _LEVEL.fullmatch(value):
+        raise TopicError(
+            f"{what} {value!r} is not a valid topic level: use 1-64 characters from "
+            "A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A concrete topic name (no wildcards) or, with ``filter=True``, a subscription filter."""
+
+    value: str
+    filter: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.value or len(self.value.encode()) > 65535 or "\x00" in self.value:
+            raise TopicError(f"invalid topic {self.value!r}")
+        levels = self.value.split("/")
+        for i, level in enumerate(levels):
+            if not self.filter and ("+" in level or "#" in level):
+                raise TopicError(f"topic {self.value!r} must not contain wildcards")
+            if self.filter and "#" in level and (level != "#" or i != len(levels) - 1):
+                raise TopicError(f"'#' must be the last level of filter {self.value!r}")
+            if self.filter and "+" in level and level != "+":
+                raise TopicError(f"'+' must occupy a whole level in filter {self.value!r}")
+
+    def __str__(self) -> str:
+        return self.value
+
+    def matches(self, topic: str) -> bool:
+        """Whether concrete ``topic`` matches this filter (shared-subscription prefix ignored)."""
+        pattern = self.value.split("/")
+        if pattern[0] == "$share":
+            pattern = pattern[2:]
+        parts = topic.split("/")
+        for i, p in enumerate(pattern):
+            if p == "#":
+                return True
+            if i >= len(parts) or (p != "+" and p != parts[i]):
+                return False
+        return len(parts) == len(pattern)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one device at one site."""
+
+    site: str
+    device: str
+
+    def __post_init__(self) -> None:
+        check_level(self.site, "site")
+        check_level(self.device, "device id")
+
+    def scans_filter(self, shared: bool = False) -> Topic:
+        """Subscription for incoming scans; ``shared`` spreads them over a site's agents."""
+        base = f"iomt/{self.site}/scans/#"
+        return Topic(f"$share/{self.site}/{base}" if shared else base, filter=True)
+
+    def scan(self, source: str = "gateway") -> Topic:
+        """Where a scanner gateway (or ``iomt-agent send``) publishes one instance."""
+        return Topic(f"iomt/{self.site}/scans/{check_level(source, 'source')}")
+
+    @property
+    def results(self) -> Topic:
+        return Topic(f"iomt/{self.site}/{self.device}/results")
+
+    def results_filter(self, all_devices: bool = True) -> Topic:
+        """What the cloud consumer subscribes to."""
+        device = "+" if all_devices else self.device
+        return Topic(f"iomt/{self.site}/{device}/results", filter=True)
+
+    @property
+    def status(self) -> Topic:
+        return Topic(f"iomt/{self.site}/{self.device}/status")
+
+    @property
+    def errors(self) -> Topic:
+        return Topic(f"iomt/{self.site}/{self.device}/errors")
+
+
+def fleet(group: str, *rest: str) -> Topic:
+    """Fleet update topics (used by model roll-out): ``iomt/fleet/{group}/...``."""
+    parts = [check_level(group, "group"), *(check_level(p) for p in rest)]
+    return Topic("iomt/fleet/" + "/".join(parts))
