@@ -95,7 +95,6 @@ class Connection:
             clean_session=None if self._v5 else False,
             manual_ack=manual_ack,
         )
-        self.client.enable_logger(None)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_inflight_messages_set(64)
         if cfg.username:

@@ -1,0 +1,47 @@
+# Quick start: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	&& { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-unit test-integration lint bench mosquitto clean models
+
+$(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/iomt-agent demo --workdir demo-work
+
+# Mosquitto is the broker of the integration tests; install it when it is missing.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+		echo "installing mosquitto (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
+
+test: $(VENV)/.installed mosquitto
+	$(BIN)/python -m pytest -q
+
+test-unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed mosquitto
+	$(BIN)/python bench/e2e.py --slices 1000 --json bench-out/e2e.json
+
+models:
+	$(MAKE) -C models
+
+clean:
+	rm -rf $(VENV) demo-work bench-out .pytest_cache .mypy_cache .ruff_cache

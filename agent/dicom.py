@@ -1,0 +1,518 @@
+"""DICOM in and out: decode a scan under a budget, check it against the model's input
+contract, and write the derived (synthetic) instance with new UIDs and provenance.
+
+Nothing here may leak PHI: every ``ScanRejected`` message names tag keywords, numbers and
+standard codes only, never values a scanner copied from the patient or the study.
+Input is hostile until proven otherwise: every failure of pydicom or numpy on a payload
+becomes a ``ScanRejected`` with a reason code, so the daemon's loop never dies on input.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+
+from agent.bundle import InputContract, OutputContract
+
+REASONS = frozenset({
+    "not_dicom", "payload_too_large", "missing_tag", "no_pixel_data", "wrong_modality",
+    "series_mismatch", "unsupported_photometric", "unsupported_bits", "pixel_budget_exceeded",
+    "multiframe_unsupported", "unsupported_transfer_syntax", "pixel_decode_failed",
+    "bad_geometry",
+})  # fmt: skip
+JPEG_EXTRA_HINT = 'pip install "iomt-edge-agent[jpeg]"'
+# Header values are echoed in messages only when they are one of these standard codes.
+_MODALITIES = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX",
+    "ECG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO",
+    "LEN", "LS", "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF",
+    "OPV", "OSS", "OT", "PLAN", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE",
+    "RTIMAGE", "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF",
+    "STAIN", "TG", "US", "VA", "XA", "XC",
+})  # fmt: skip
+_PHOTOMETRICS = frozenset({
+    "MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
+    "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT", "XYB", "PALETTE COLOR",
+})  # fmt: skip
+_UID_CHARS = re.compile(r"[0-9.]{1,64}")
+_SPACING_RANGE_MM = (0.01, 100.0)
+
+
+class ScanRejected(Exception):
+    """A payload that cannot be served. ``reason`` is a short code from ``REASONS``; the
+    message is safe to log and publish (no PHI). ``payload_sha256`` is set by
+    ``decode_scan``."""
+
+    def __init__(self, reason: str, message: str, payload_sha256: str | None = None) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.payload_sha256 = payload_sha256
+
+
+@dataclass
+class Scan:
+    """One decoded single-frame instance that satisfies the input contract."""
+
+    dataset: Dataset  # full parse, pixel data included
+    pixels: np.ndarray  # float32 (rows, cols) after Rescale Slope/Intercept
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    pixel_spacing: tuple[float, float]  # (row, col) mm
+    pixel_spacing_assumed: bool  # True when PixelSpacing was absent and 1.0 mm was assumed
+    payload_sha256: str
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model that made a derived instance: recorded in its provenance and UIDs."""
+
+    name: str
+    version: str
+    digest: str  # sha256 hex of the served model file
+
+
+def _known(value: object, allowed: frozenset[str]) -> str:
+    """Echo a header value in a message only when it is a standard code."""
+    text = str(value).strip().upper()
+    return text if text in allowed else "<non-standard value>"
+
+
+_QUIET = contextvars.ContextVar("iomt_dicom_quiet", default=False)
+
+
+class _DropWhileQuiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _QUIET.get()
+
+
+# pydicom logs its warnings too, and they can quote element values (names, IDs).
+for _name in ("pydicom", "pydicom.pixels.utils", "pydicom.pixels.decoders.base"):
+    logging.getLogger(_name).addFilter(_DropWhileQuiet())
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pydicom's warnings and log records while it handles a payload."""
+    token = _QUIET.set(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _QUIET.reset(token)
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:
+        raise ScanRejected("missing_tag", f"{keyword} is present but unreadable") from None
+
+
+def _required_int(ds: Dataset, keyword: str) -> int:
+    value = _value(ds, keyword)
+    if value is None or value == "":
+        raise ScanRejected("missing_tag", f"required tag {keyword} is missing")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ScanRejected("missing_tag", f"{keyword} is not a single integer") from None
+
+
+def _required_text(ds: Dataset, keyword: str) -> str:
+    value = _value(ds, keyword)
+    if value is None or str(value).strip() == "":
+        raise ScanRejected("missing_tag", f"required tag {keyword} is missing")
+    return str(value).strip()
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    uid = _required_text(ds, keyword)
+    if not _UID_CHARS.fullmatch(uid):
+        raise ScanRejected("missing_tag", f"{keyword} is not a valid UID")
+    return uid
+
+
+def _read_header(payload: bytes) -> tuple[Dataset, str]:
+    """Parse everything before the pixel data; return the dataset and its transfer syntax."""
+    try:
+        fp = BytesIO(payload)
+        has_preamble = read_preamble(fp, force=True) is not None
+        meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2)
+        syntax = str(meta.get("TransferSyntaxUID", "")).strip() or None
+    except Exception:
+        raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
+    if syntax == DeflatedExplicitVRLittleEndian:  # inflating it has no bound: refuse
+        raise ScanRejected(
+            "unsupported_transfer_syntax", "Deflated Explicit VR Little Endian is not accepted"
+        )
+    try:
+        ds = pydicom.dcmread(BytesIO(payload), stop_before_pixels=True, force=True)
+        keys = list(ds.keys())
+    except Exception:
+        raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
+    # A preamble vouches for an instance; without one, random bytes can parse as elements.
+    if not keys or (not has_preamble and not {0x00080016, 0x00080060} & set(map(int, keys))):
+        raise ScanRejected("not_dicom", "payload is not a DICOM instance")
+    if syntax is not None:
+        return ds, syntax
+    implicit, little = ds.original_encoding  # no file meta: what the reader worked out
+    if implicit:
+        return ds, ImplicitVRLittleEndian
+    return ds, ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _check_contract(ds: Dataset, contract: InputContract, pixel_budget: int) -> None:
+    modality = _required_text(ds, "Modality")
+    if modality.upper() != contract.modality.upper():
+        raise ScanRejected(
+            "wrong_modality",
+            f"Modality {_known(modality, _MODALITIES)}, the model expects {contract.modality}",
+        )
+    if contract.series_description_pattern:
+        description = _value(ds, "SeriesDescription")
+        if not description or not re.search(
+            contract.series_description_pattern, str(description), re.IGNORECASE
+        ):
+            raise ScanRejected(
+                "series_mismatch",
+                "SeriesDescription is absent or does not match the model's pattern "
+                f"{contract.series_description_pattern!r}",
+            )
+    photometric = _required_text(ds, "PhotometricInterpretation").upper()
+    if photometric not in contract.photometric_interpretations:
+        allowed = ", ".join(contract.photometric_interpretations)
+        raise ScanRejected(
+            "unsupported_photometric",
+            f"PhotometricInterpretation {_known(photometric, _PHOTOMETRICS)}, "
+            f"the model accepts {allowed}",
+        )
+    bits = _required_int(ds, "BitsAllocated")
+    stored = _value(ds, "BitsStored")
+    representation = _value(ds, "PixelRepresentation")
+    if (
+        bits not in contract.bits_allocated
+        or (stored is not None and not (isinstance(stored, int) and 1 <= stored <= bits))
+        or representation not in (None, 0, 1)
+    ):
+        allowed = ", ".join(str(b) for b in contract.bits_allocated)
+        raise ScanRejected(
+            "unsupported_bits",
+            f"BitsAllocated {bits} (BitsStored {stored}, PixelRepresentation "
+            f"{representation}); the model accepts BitsAllocated {allowed}",
+        )
+    samples = _required_int(ds, "SamplesPerPixel")
+    if samples != 1:
+        raise ScanRejected("unsupported_photometric", f"SamplesPerPixel {samples}, expected 1")
+    frames = _value(ds, "NumberOfFrames")
+    try:
+        n_frames = 1 if frames in (None, "") else int(frames)
+    except (TypeError, ValueError):
+        raise ScanRejected("bad_geometry", "NumberOfFrames is not an integer") from None
+    if n_frames > 1:
+        raise ScanRejected("multiframe_unsupported", f"NumberOfFrames {n_frames}: one frame only")
+    rows, cols = _required_int(ds, "Rows"), _required_int(ds, "Columns")
+    if rows < 1 or cols < 1 or n_frames < 1:
+        raise ScanRejected("bad_geometry", f"Rows {rows}, Columns {cols}, frames {n_frames}")
+    if rows * cols * n_frames > pixel_budget:
+        raise ScanRejected(
+            "pixel_budget_exceeded",
+            f"Rows {rows} x Columns {cols} x {n_frames} frame(s) = {rows * cols * n_frames} "
+            f"pixels, budget {pixel_budget}",
+        )
+
+
+def _check_syntax(syntax: str) -> None:
+    uid = UID(syntax)
+    name = uid.name if uid.is_transfer_syntax else "an unrecognised transfer syntax"
+    try:
+        decoder = get_decoder(uid)
+    except Exception:
+        raise ScanRejected(
+            "unsupported_transfer_syntax", f"pixel data in {name} cannot be decoded"
+        ) from None
+    if not decoder.is_available:
+        raise ScanRejected(
+            "unsupported_transfer_syntax",
+            f"pixel data in {name} needs a decoder plugin: {JPEG_EXTRA_HINT}",
+        )
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float], bool]:
+    value = _value(ds, "PixelSpacing")
+    if value is None or value == "":
+        return (1.0, 1.0), True
+    try:
+        row, col = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ScanRejected("bad_geometry", "PixelSpacing must hold two numbers") from None
+    low, high = _SPACING_RANGE_MM
+    if not (low <= row <= high and low <= col <= high):
+        raise ScanRejected("bad_geometry", f"PixelSpacing {row:g}\\{col:g} mm out of range")
+    return (row, col), False
+
+
+def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
+    try:
+        ds = pydicom.dcmread(BytesIO(payload), force=True)
+    except Exception:
+        raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
+    if "PixelData" not in ds:
+        raise ScanRejected("no_pixel_data", "the instance has no PixelData (7FE0,0010)")
+    ds.file_meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    try:
+        raw = ds.pixel_array
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except Exception as exc:  # class name only: pydicom messages may quote values
+        raise ScanRejected(
+            "pixel_decode_failed", f"pixel data could not be decoded ({type(exc).__name__})"
+        ) from None
+    if raw.shape != (int(ds.Rows), int(ds.Columns)):
+        raise ScanRejected("pixel_decode_failed", f"decoded pixel array has shape {raw.shape}")
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0.0):
+        raise ScanRejected("pixel_decode_failed", "RescaleSlope/RescaleIntercept not usable")
+    pixels = raw.astype(np.float32)
+    if slope != 1.0 or intercept != 0.0:
+        pixels *= np.float32(slope)
+        pixels += np.float32(intercept)
+    return ds, pixels
+
+
+def decode_scan(
+    payload: bytes, contract: InputContract, *, pixel_budget: int, max_payload_bytes: int
+) -> Scan:
+    """Decode one Part-10 payload and check it against ``contract``.
+
+    Order matters for resource bounds: the size cap first, then a header-only parse, every
+    contract check and the pixel budget (Rows x Columns x frames) before any pixel data is
+    decoded. Raises ``ScanRejected`` (and nothing else) for any payload it cannot serve.
+    """
+    digest = hashlib.sha256(payload).hexdigest()
+    try:
+        if len(payload) > max_payload_bytes:
+            raise ScanRejected(
+                "payload_too_large", f"payload {len(payload)} bytes, cap {max_payload_bytes}"
+            )
+        with _quiet():
+            header, syntax = _read_header(payload)
+            sop_instance = _required_uid(header, "SOPInstanceUID")
+            sop_class = _required_uid(header, "SOPClassUID")
+            series = _required_uid(header, "SeriesInstanceUID")
+            study = _required_uid(header, "StudyInstanceUID")
+            _check_contract(header, contract, pixel_budget)
+            spacing, assumed = _pixel_spacing(header)
+            _check_syntax(syntax)
+            ds, pixels = _decode_pixels(payload, syntax)
+    except ScanRejected as exc:
+        exc.payload_sha256 = digest
+        raise
+    except Exception as exc:  # last line of defence: the loop must go on
+        raise ScanRejected(
+            "pixel_decode_failed", f"unexpected decoder failure ({type(exc).__name__})", digest
+        ) from None
+    return Scan(
+        dataset=ds,
+        pixels=pixels,
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        series_instance_uid=series,
+        study_instance_uid=study,
+        pixel_spacing=spacing,
+        pixel_spacing_assumed=assumed,
+        payload_sha256=digest,
+    )
+
+
+# --- the derived instance -------------------------------------------------------------
+
+_SOP_CLASS_FOR_MODALITY = {"MR": MRImageStorage, "CT": CTImageStorage}
+_SYNTHETIC_MARK = re.compile(r"synthetic|not for diagnostic", re.IGNORECASE)
+# Patient and study modules travel unchanged (the payload is sealed); then what places the
+# slice in space and in its series, so a viewer overlays the result on its source.
+_COPIED = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
+    "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+    "PatientIdentityRemoved", "DeidentificationMethod",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyDescription",
+    "AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime",
+    "PatientPosition", "BodyPartExamined", "FrameOfReferenceUID", "PositionReferenceIndicator",
+    "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "SliceLocation",
+)  # fmt: skip
+_TYPE2_EMPTY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator",
+    "InstanceNumber",
+)  # fmt: skip
+
+
+def _ds(value: float) -> str:
+    return f"{value:.6g}"  # a DS is at most 16 characters
+
+
+def result_message_id(source_sop_instance_uid: str, model_digest: str) -> str:
+    """The idempotency key of a result: the first 32 hex characters of
+    ``sha256(f"{source_sop_instance_uid}\\n{model_digest}")``.
+
+    The same source instance served by the same model always gets the same key, whichever
+    node served it and however often it was redelivered, so consumers drop duplicates."""
+    text = f"{source_sop_instance_uid}\n{model_digest}".encode()
+    return hashlib.sha256(text).hexdigest()[:32]
+
+
+def derived_uids(scan: Scan, model_digest: str) -> tuple[str, str]:
+    """The (SOP Instance UID, Series Instance UID) of the instance derived from ``scan``:
+    deterministic, so every slice of one source series and model shares one series."""
+    sop = generate_uid(entropy_srcs=["iomt/sop", scan.sop_instance_uid, model_digest])
+    series = generate_uid(entropy_srcs=["iomt/series", scan.series_instance_uid, model_digest])
+    return str(sop), str(series)
+
+
+def _window(stored: np.ndarray, output: OutputContract) -> tuple[float, float]:
+    nonzero = stored[stored > 0]
+    if nonzero.size:
+        low, high = (float(v) for v in np.percentile(nonzero, [1.0, 99.0]))
+    else:
+        low, high = 0.0, 65535.0
+    high = max(high, low + 1.0)
+    slope, intercept = output.rescale_slope, output.rescale_intercept
+    return (low + high) / 2 * slope + intercept, max((high - low) * abs(slope), 1.0)
+
+
+def _to_uint16(stored: np.ndarray) -> np.ndarray:
+    if stored.dtype == np.uint16:
+        return stored
+    values = np.nan_to_num(stored.astype(np.float32), nan=0.0, posinf=65535.0, neginf=0.0)
+    return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+
+
+def _image_item(scan: Scan, purpose: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = scan.sop_class_uid
+    item.ReferencedSOPInstanceUID = scan.sop_instance_uid
+    if purpose:  # CID 7202: "Source image for image processing operation"
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = "121322", "DCM"
+        code.CodeMeaning = "Source image for image processing operation"
+        item.PurposeOfReferenceCodeSequence = Sequence([code])
+    return item
+
+
+def derive_instance(
+    scan: Scan,
+    stored: np.ndarray,
+    model: ModelIdentity,
+    output: OutputContract,
+    *,
+    device_id: str,
+    software_version: str,
+) -> bytes:
+    """Write the model's result for ``scan`` as a Part-10 instance (Explicit VR Little
+    Endian) and return its bytes.
+
+    ``stored`` holds stored values (before Rescale) on the source's own grid; they are
+    rounded and clipped to uint16. UIDs are derived from the source UIDs and the model
+    digest (see ``derived_uids``), the patient and study modules are the source's, and
+    the provenance (source references, model name, version and digest) is recorded. The
+    output is byte-for-byte deterministic: no timestamps of its own.
+    Raises ValueError when ``stored`` does not match the source grid or the output modality
+    has no storage class here.
+    """
+    modality = output.modality.upper()
+    if modality not in _SOP_CLASS_FOR_MODALITY:
+        raise ValueError(f"output modality {output.modality!r} is not supported (MR, CT)")
+    array = np.asarray(stored)
+    if array.shape != scan.pixels.shape:
+        raise ValueError(f"stored shape {array.shape} != source shape {scan.pixels.shape}")
+    pixels = _to_uint16(array)
+    sop_uid, series_uid = derived_uids(scan, model.digest)
+    src = scan.dataset
+    ds = Dataset()
+    with _quiet():
+        for keyword in _COPIED:
+            if keyword in src:
+                ds[keyword] = src[keyword]
+        for keyword in _TYPE2_EMPTY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        ds.SOPClassUID = _SOP_CLASS_FOR_MODALITY[modality]
+        ds.SOPInstanceUID = sop_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = modality
+        description = output.series_description
+        if not _SYNTHETIC_MARK.search(description):
+            description = f"SYNTHETIC - {description}"
+        ds.SeriesDescription = description[:64]
+        try:
+            source_number = int(src.get("SeriesNumber", 0) or 0)
+        except (TypeError, ValueError):
+            source_number = 0
+        ds.SeriesNumber = source_number + 1000 if 0 <= source_number < 2**31 - 1001 else 1000
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.DerivationDescription = (
+            f"Synthetic {modality} by model {model.name} {model.version} "
+            f"(sha256:{model.digest}); not for diagnostic use"
+        )
+        ds.SourceImageSequence = Sequence([_image_item(scan, purpose=True)])
+        ds.ReferencedImageSequence = Sequence([_image_item(scan, purpose=False)])
+        ds.BurnedInAnnotation = "NO"
+        ds.Manufacturer = "iomt-edge-agent"
+        ds.ManufacturerModelName = model.name[:64]
+        ds.SoftwareVersions = [software_version[:64], f"{model.name} {model.version}"[:64]]
+        ds.DeviceSerialNumber = device_id[:64]
+        if modality == "MR":  # MR Image module, type 1/2: no real acquisition behind it
+            ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
+            ds.ScanOptions = ds.MRAcquisitionType = ds.EchoTime = ds.EchoTrainLength = ""
+        else:  # CT Image module; RescaleType is required unless HU
+            ds.KVP = ds.AcquisitionNumber = ""
+            ds.RescaleType = "HU" if output.units.upper() == "HU" else "US"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope = _ds(output.rescale_slope)
+        ds.RescaleIntercept = _ds(output.rescale_intercept)
+        center, width = _window(pixels, output)
+        ds.WindowCenter, ds.WindowWidth = _ds(center), _ds(width)
+        ds.PixelData = pixels.astype("<u2", copy=False).tobytes()
+        ds["PixelData"].VR = "OW"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        buffer = BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()

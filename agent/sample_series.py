@@ -1,0 +1,175 @@
+"""Real-looking DICOM series from numpy volumes, for the demo, ``send`` and the tests.
+
+``build_series`` writes one Part-10 instance per slice (axial, Explicit VR Little Endian)
+with the patient, study, series, frame-of-reference, image-plane and pixel modules a
+scanner gateway would send. ``load_demo_slab`` reads the packaged MNI152 slab.
+Volume axes are ``[slice, row, col]`` and so are the spacings: ``(slice, row, col)`` mm.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+
+DEMO_SLAB = "mni152_t1w_slab.npz"  # under agent/samples/
+_SOP_CLASS = {"MR": MRImageStorage, "CT": CTImageStorage}
+
+
+@dataclass(frozen=True)
+class DemoSlab:
+    """A slab of the MNI152 template: T1w input and the simulated T2w reference."""
+
+    t1: np.ndarray  # uint16 [slices, rows, cols]
+    t2_reference: np.ndarray  # uint16 [slices, rows, cols]
+    spacing_mm: tuple[float, float, float]  # (slice, row, col)
+    first_slice_z_mm: float
+
+
+def demo_slab_available() -> bool:
+    """Whether the packaged demo slab is installed."""
+    return resources.files("agent").joinpath("samples", DEMO_SLAB).is_file()
+
+
+def load_demo_slab() -> DemoSlab:
+    """Read ``agent/samples/mni152_t1w_slab.npz`` from the installed package.
+
+    Raises FileNotFoundError when the package was built without it."""
+    resource = resources.files("agent").joinpath("samples", DEMO_SLAB)
+    if not resource.is_file():
+        raise FileNotFoundError(f"demo slab agent/samples/{DEMO_SLAB} is not installed")
+    with resource.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+        spacing = [float(v) for v in np.asarray(npz["spacing_mm"]).ravel()]
+        if len(spacing) != 3:
+            raise ValueError(f"{DEMO_SLAB}: spacing_mm must hold 3 values, got {spacing}")
+        return DemoSlab(
+            t1=np.asarray(npz["t1"], dtype=np.uint16),
+            t2_reference=np.asarray(npz["t2_reference"], dtype=np.uint16),
+            spacing_mm=(spacing[0], spacing[1], spacing[2]),
+            first_slice_z_mm=float(npz["first_slice_z_mm"]),
+        )
+
+
+def _common(
+    *,
+    modality: str,
+    patient_name: str,
+    patient_id: str,
+    series_description: str,
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str,
+    now: datetime,
+) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = _SOP_CLASS[modality]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = "iomt-edge-agent sample"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "Brain (sample)"
+    ds.SeriesDescription = series_description
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "HEAD"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    if modality == "MR":  # MR Image module: a template, not a real acquisition
+        ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
+        ds.ScanOptions, ds.MRAcquisitionType = "", "3D"
+        ds.EchoTime = ds.RepetitionTime = ds.EchoTrainLength = ""
+    else:
+        ds.KVP, ds.AcquisitionNumber, ds.RescaleType = "", "", "HU"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+    return ds
+
+
+def build_series(
+    volume: np.ndarray,
+    *,
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    first_slice_z_mm: float = 0.0,
+    patient_name: str = "DEMO^PATIENT",
+    patient_id: str = "DEMO-0001",
+    series_description: str = "T1w 3D axial (MNI152 template)",
+    modality: str = "MR",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> list[bytes]:
+    """Write ``volume`` (uint16 ``[slices, rows, cols]``) as a series of single-frame
+    Part-10 instances, one per slice, in slice order.
+
+    ``spacing_mm`` is ``(slice, row, col)``. Slices are axial, centred in x and y, the
+    first at z = ``first_slice_z_mm`` and stepping by the slice spacing. Study and series
+    UIDs are fresh unless given; ``modality`` "MR" or "CT" picks the storage class.
+    """
+    vol = np.asarray(volume)
+    if vol.ndim != 3 or vol.dtype != np.uint16:
+        raise ValueError(
+            f"expected a uint16 [slices, rows, cols] volume, got {vol.dtype}{vol.shape}"
+        )
+    if modality not in _SOP_CLASS:
+        raise ValueError(f"modality {modality!r} not supported (MR, CT)")
+    dz, dy, dx = (float(s) for s in spacing_mm)
+    n, rows, cols = vol.shape
+    now = datetime.now()
+    template = _common(
+        modality=modality,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        series_description=series_description,
+        study_uid=study_instance_uid or generate_uid(),
+        series_uid=series_instance_uid or generate_uid(),
+        frame_uid=generate_uid(),
+        now=now,
+    )
+    template.Rows, template.Columns = rows, cols
+    template.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
+    template.SliceThickness = template.SpacingBetweenSlices = f"{dz:g}"
+    x0, y0 = -(cols - 1) / 2 * dx, -(rows - 1) / 2 * dy
+    out: list[bytes] = []
+    for i in range(n):
+        ds = Dataset()
+        ds.update(template)
+        z = first_slice_z_mm + i * dz
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [f"{x0:.6g}", f"{y0:.6g}", f"{z:.6g}"]
+        ds.SliceLocation = f"{z:.6g}"
+        ds.PixelData = np.ascontiguousarray(vol[i]).astype("<u2", copy=False).tobytes()
+        ds["PixelData"].VR = "OW"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = UID(ds.SOPClassUID)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
