@@ -155,7 +155,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
-    return run_demo(Path(args.workdir), slices=args.slices)
+    configure("warning", "console")
+    return run_demo(Path(args.workdir), slices=args.slices,
+                    bundle=Path(args.bundle) if args.bundle else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
+    s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -51,7 +51,7 @@ def _p95(values: list[float]) -> float:
     return float(np.percentile(values, 95)) if values else float("nan")
 
 
-def run_demo(workdir: Path, *, slices: int = 24) -> int:
+def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> int:
     slab = load_demo_slab()
     slices = max(1, min(slices, slab.t1.shape[0]))
     for sub in ("keys", "state", "results", "input"):
@@ -66,7 +66,7 @@ def run_demo(workdir: Path, *, slices: int = 24) -> int:
     try:
         config_path = write_directory(
             InitOptions(workdir, edge.url, cloud.url, site="demo-site", device_id="edge-1",
-                        protocol="3.1.1", force=True)
+                        bundle=bundle, protocol="3.1.1", force=True)
         )
         config = load_config(config_path)
         bundle = load_bundle(config.model.bundle)

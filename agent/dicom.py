@@ -15,7 +15,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -82,7 +82,7 @@ class Scan:
     """One decoded single-frame instance that satisfies the input contract."""
 
     dataset: Dataset  # full parse, pixel data included
-    pixels: np.ndarray  # float32 (rows, cols) after Rescale Slope/Intercept
+    pixels: np.ndarray  # float32 (rows, cols) after Rescale; MONOCHROME1 flipped to MONOCHROME2
     sop_instance_uid: str
     sop_class_uid: str
     series_instance_uid: str
@@ -282,6 +282,11 @@ def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float], bool]:
     return (row, col), False
 
 
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    value = ds.get(keyword)
+    return default if value is None or value == "" else float(value)
+
+
 def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
     try:
         ds = pydicom.dcmread(BytesIO(payload), force=True)
@@ -293,8 +298,11 @@ def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
     ds.file_meta.TransferSyntaxUID = UID(syntax)
     try:
         raw = ds.pixel_array
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = _number(ds, "RescaleSlope", 1.0)
+        intercept = _number(ds, "RescaleIntercept", 0.0)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        stored_bits = int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated)
+        inverted = str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1"
     except Exception as exc:  # class name only: pydicom messages may quote values
         raise ScanRejected(
             "pixel_decode_failed", f"pixel data could not be decoded ({type(exc).__name__})"
@@ -304,6 +312,8 @@ def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0.0):
         raise ScanRejected("pixel_decode_failed", "RescaleSlope/RescaleIntercept not usable")
     pixels = raw.astype(np.float32)
+    if inverted:  # only when the contract lists it: flip within the stored range
+        pixels = np.float32(-1 if signed else 2**stored_bits - 1) - pixels
     if slope != 1.0 or intercept != 0.0:
         pixels *= np.float32(slope)
         pixels += np.float32(intercept)
@@ -463,7 +473,7 @@ def derive_instance(
     ds = Dataset()
     with _quiet():
         for keyword in _COPIED:
-            if keyword in src:
+            with suppress(Exception):  # absent, or a value pydicom cannot convert: omit
                 ds[keyword] = src[keyword]
         for keyword in _TYPE2_EMPTY:
             if keyword not in ds:

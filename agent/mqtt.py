@@ -86,7 +86,8 @@ class Connection:
         self._v5 = cfg.protocol == "5"
         self._connected = threading.Event()
         self._pending: dict[int, PublishDone] = {}
-        self._pending_lock = threading.RLock()
+        self._early: dict[int, tuple[bool, str]] = {}
+        self._pending_lock = threading.Lock()
         self.last_error: str | None = None
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -159,16 +160,25 @@ class Connection:
         retain: bool = False,
         on_done: PublishDone | None = None,
     ) -> int:
-        """Queue a publish; ``on_done`` runs when the broker has acknowledged it (QoS 1)."""
+        """Queue a publish; ``on_done`` runs when the broker has acknowledged it (QoS 1).
+
+        Our lock is never held while calling into paho: paho calls ``on_publish`` with its
+        own message lock held, so holding ours across ``client.publish`` could deadlock.
+        """
+        info = self.client.publish(str(topic), payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishFailed(f"{self.name}: publish refused: {describe_rc(info.rc)}")
+        callback = on_done or _ignore
+        if qos == 0:
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                callback(True, "sent")
+            return int(info.mid)
         with self._pending_lock:
-            info = self.client.publish(str(topic), payload, qos=qos, retain=retain)
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise PublishFailed(f"{self.name}: publish refused: {describe_rc(info.rc)}")
-            if on_done is not None:
-                if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    on_done(True, "sent")
-                else:
-                    self._pending[info.mid] = on_done
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = callback
+        if early is not None:  # the PUBACK beat us to the registration
+            callback(*early)
         return int(info.mid)
 
     def ack(self, message: Message) -> None:
@@ -215,10 +225,17 @@ class Connection:
         self, _client: paho.Client, _userdata: object, mid: int,
         reason: ReasonCode, _props: Properties | None,
     ) -> None:
+        verdict = (not reason.is_failure, str(reason))
         with self._pending_lock:
             done = self._pending.pop(mid, None)
+            if done is None:
+                self._early[mid] = verdict
         if done is not None:
-            done(not reason.is_failure, str(reason))
+            done(*verdict)
+
+
+def _ignore(_ok: bool, _reason: str) -> None:
+    return None
 
 
 def _connect_hint(reason: ReasonCode) -> str:

@@ -9,6 +9,7 @@ Volume axes are ``[slice, row, col]`` and so are the spacings: ``(slice, row, co
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -114,7 +115,7 @@ def _common(
 def build_series(
     volume: np.ndarray,
     *,
-    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     first_slice_z_mm: float = 0.0,
     patient_name: str = "DEMO^PATIENT",
     patient_id: str = "DEMO-0001",
@@ -126,7 +127,7 @@ def build_series(
     """Write ``volume`` (uint16 ``[slices, rows, cols]``) as a series of single-frame
     Part-10 instances, one per slice, in slice order.
 
-    ``spacing_mm`` is ``(slice, row, col)``. Slices are axial, centred in x and y, the
+    ``spacing_mm`` is ``(slice, row, col)`` in mm. Slices are axial, centred in x and y, the
     first at z = ``first_slice_z_mm`` and stepping by the slice spacing. Study and series
     UIDs are fresh unless given; ``modality`` "MR" or "CT" picks the storage class.
     """
@@ -137,6 +138,8 @@ def build_series(
         )
     if modality not in _SOP_CLASS:
         raise ValueError(f"modality {modality!r} not supported (MR, CT)")
+    if len(spacing_mm) != 3 or not all(float(s) > 0 for s in spacing_mm):
+        raise ValueError(f"spacing_mm must be 3 positive numbers (slice, row, col): {spacing_mm}")
     dz, dy, dx = (float(s) for s in spacing_mm)
     n, rows, cols = vol.shape
     now = datetime.now()

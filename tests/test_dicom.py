@@ -249,6 +249,17 @@ def test_multiframe_photometric_bits_and_samples() -> None:
     assert rejected(base, contract(bits_allocated=(8,))).reason == "unsupported_bits"
 
 
+def test_monochrome1_is_flipped_when_the_contract_accepts_it() -> None:
+    mono1 = edit(series()[0], lambda d: setattr(d, "PhotometricInterpretation", "MONOCHROME1"))
+    scan = decode(mono1, contract(photometric_interpretations=("MONOCHROME1", "MONOCHROME2")))
+    np.testing.assert_array_equal(scan.pixels, 65535.0 - phantom()[0].astype(np.float32))
+
+
+def test_zero_rescale_slope_is_refused() -> None:
+    zero = edit(series()[0], lambda d: setattr(d, "RescaleSlope", "0"))
+    assert rejected(zero).reason == "pixel_decode_failed"
+
+
 @pytest.mark.parametrize(
     "keyword", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "Rows"]
 )
@@ -398,6 +409,26 @@ def test_rejection_messages_hold_no_phi(caplog: pytest.LogCaptureFixture) -> Non
     for message in logged:
         for secret in SECRETS:
             assert secret not in message
+
+
+def test_pydicom_warnings_quoting_values_are_silenced(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    def change(d: Dataset) -> None:
+        d.add_new(0x00100020, "LO", "SECRET-ID-" * 10)  # too long for LO: pydicom warns
+        d.add_new(0x00100030, "DA", "SECRETDATE")  # not a date: pydicom quotes it
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        payload = edit(series()[0], change)
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scan = decode(payload)
+        derived = _derive(scan)
+    logged = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert not [m for m in logged if "SECRET" in m]
+    assert b"SECRETDATE" in derived  # the sealed payload still carries the source's module
 
 
 # --- the derived instance ------------------------------------------------------------
