@@ -154,11 +154,16 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
         input_contract = InputContract(
             modality=inp["modality"],
             shape=(int(inp["shape"][0]), int(inp["shape"][1])),
-            pixel_spacing_mm=(float(inp["pixel_spacing_mm"][0]), float(inp["pixel_spacing_mm"][1])),
+            pixel_spacing_mm=(
+                float(inp["pixel_spacing_mm"][0]),
+                float(inp["pixel_spacing_mm"][1]),
+            ),
             channels=int(inp.get("channels", 1)),
             context_slices=int(inp.get("context_slices", 0)),
             series_description_pattern=inp.get("series_description_pattern"),
-            photometric_interpretations=tuple(inp.get("photometric_interpretations", ["MONOCHROME2"])),
+            photometric_interpretations=tuple(
+                inp.get("photometric_interpretations", ["MONOCHROME2"])
+            ),
             bits_allocated=tuple(int(b) for b in inp.get("bits_allocated", [8, 16])),
             normalisation=norm,
             input_name=inp.get("tensor_name", "input"),
@@ -178,7 +183,9 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
             name: _file(root, spec, f"backends.{name}", verify)
             for name, spec in meta["backends"].items()
         }
-        reference = _file(root, meta["reference"], "reference", verify) if "reference" in meta else None
+        reference = None
+        if "reference" in meta:
+            reference = _file(root, meta["reference"], "reference", verify)
         golden = None
         if "golden" in meta:
             g = _file(root, meta["golden"], "golden", verify)

@@ -31,7 +31,7 @@ from agent.embedded_broker import EmbeddedBroker
 from agent.mqtt import Connection, Message
 from agent.png import montage, write_gray_png
 from agent.receiver import ResultReceiver
-from agent.sample_series import build_series, load_demo_slab
+from agent.sample_series import DemoSlab, build_series, load_demo_slab
 from agent.scaffold import InitOptions, write_directory
 from agent.seal import EnvelopeError
 from agent.topics import Topics
@@ -69,9 +69,9 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
                         bundle=bundle, protocol="3.1.1", force=True)
         )
         config = load_config(config_path)
-        bundle = load_bundle(config.model.bundle)
-        digest = bundle.digest()
-        _say(f"[2/5] init: {config_path} (model {bundle.name} {bundle.version}, "
+        model = load_bundle(config.model.bundle)
+        digest = model.digest()
+        _say(f"[2/5] init: {config_path} (model {model.name} {model.version}, "
              f"sha256:{digest[:12]})")
 
         series = build_series(slab.t1[:slices], spacing_mm=tuple(slab.spacing_mm),
@@ -212,13 +212,13 @@ def _stage_medians(log_path: Path) -> dict[str, float]:
     return {k: _median(v) for k, v in stages.items()}
 
 
-def _write_montage(workdir: Path, slab: object, slices: int) -> Path:
+def _write_montage(workdir: Path, slab: DemoSlab, slices: int) -> Path:
     outputs = sorted(
         (pydicom.dcmread(p) for p in (workdir / "results").rglob("*.dcm")),
         key=lambda ds: int(ds.InstanceNumber),
     )
-    t1 = getattr(slab, "t1")
-    ref = getattr(slab, "t2_reference", None)
+    t1 = slab.t1
+    ref = slab.t2_reference
     picks = sorted({0, slices // 2, slices - 1}) if slices > 2 else list(range(slices))
     rows = []
     for i in picks:

@@ -6,6 +6,7 @@ Used by ``iomt-agent demo`` so that the main job runs with nothing installed but
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -48,9 +49,7 @@ class EmbeddedBroker:
     def stop(self) -> None:
         if self._broker is not None:
             fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
-            try:
+            with contextlib.suppress(Exception):  # best effort at exit
                 fut.result(timeout=10)
-            except Exception:  # noqa: S110 - best effort at exit
-                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

@@ -163,7 +163,7 @@ class Agent:
                     self.cloud.publish(row.topic, row.payload, qos=1,
                                        on_done=self._delivery_callback(row.id))
             if self._stop.is_set():
-                inbox, outbox = self.store.depths()
+                _, outbox = self.store.depths()
                 if outbox == 0 or time.monotonic() > self._drain_deadline:
                     return
 

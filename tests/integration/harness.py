@@ -3,6 +3,7 @@ recording MQTT client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,10 +39,8 @@ class Proc:
         out = []
         for line in self.text().splitlines():
             if f'"{name}"' in line:
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
         return out
 
     def wait_for(self, needle: str, count: int = 1, timeout: float = 60) -> None:

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from agent.sample_series import build_series, load_demo_slab
 from tests.conftest import Mosquitto
@@ -23,7 +21,7 @@ pytestmark = pytest.mark.integration
 SECRET_NAME = "SECRETNAME^PHITEST"
 
 
-def BUNDLE_NAME() -> str:  # noqa: N802
+def BUNDLE_NAME() -> str:
     return str(json.loads((REFERENCE_BUNDLE / "bundle.json").read_text())["name"])
 SECRET_ID = "PHI-ID-998877"
 
@@ -264,3 +262,41 @@ def test_mqtt_311_sessions_against_mosquitto(
     assert receiver.proc.wait(90) == 0, receiver.text()
     assert len(_derived(tmp_path)) == 3
     assert agent.terminate() == 0
+
+
+def test_receive_rejects_forged_and_tampered_results_and_keeps_running(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
+) -> None:
+    from agent import keys, seal
+    from agent.mqtt import Connection
+    from agent.config import BrokerConfig
+
+    edge, cloud = brokers
+    config = _init(tmp_path, edge, cloud)
+    keydir = config.parent / "keys"
+    device = keys.load_signing_key(keydir / "device-signing.key")
+    recipient = keys.load_recipient_public_key(keydir / "cloud-recipient.pub")
+    dicom = build_series(load_demo_slab().t1[:1])[0]
+
+    def envelope(signer=device, to=recipient, mid="m-1"):  # type: ignore[no-untyped-def]
+        return seal.seal(dicom, recipient=to, signing_key=signer, device_id="node-1",
+                         message_id=mid)
+
+    good = envelope()
+    tampered = bytearray(good)
+    tampered[len(good) // 2] ^= 0x01
+    _, stranger = keys.generate_recipient_keypair()
+    receiver = _receive(config, tmp_path, 1, timeout=60)
+    pub = Connection(BrokerConfig(url=cloud.url), "forger", name="cloud")
+    pub.start()
+    assert pub.wait_connected(10)
+    topic = "iomt/site-a/node-1/results"
+    for payload in (b"not an envelope", bytes(tampered),
+                    envelope(signer=keys.generate_signing_key(), mid="m-2"),
+                    envelope(to=stranger, mid="m-3"), good, good):
+        pub.publish(topic, payload, qos=1)
+    assert receiver.proc.wait(60) == 0, receiver.text()
+    pub.stop()
+    reasons = [e["reason"] for e in receiver.events("result_rejected")]
+    assert reasons == ["malformed", "bad_signature", "bad_signature", "unknown_recipient"]
+    assert len(_derived(tmp_path)) == 1
