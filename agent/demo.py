@@ -26,7 +26,7 @@ import pydicom
 from agent import keys
 from agent.bundle import load_bundle
 from agent.config import load_config
-from agent.dicom import result_message_id
+from agent.derive import result_message_id
 from agent.embedded_broker import EmbeddedBroker
 from agent.mqtt import Connection, Message
 from agent.png import montage, write_gray_png

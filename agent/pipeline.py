@@ -21,7 +21,8 @@ from agent import __version__
 from agent.backends import ModelRunner
 from agent.bundle import ModelBundle
 from agent.config import LimitsSection
-from agent.dicom import ModelIdentity, ScanRejected, decode_scan, derive_instance, result_message_id
+from agent.derive import ModelIdentity, derive_instance, result_message_id
+from agent.dicom import ScanRejected, decode_scan
 from agent.preprocess import from_model_grid, normalise, to_model_grid
 from agent.topics import Topics
 

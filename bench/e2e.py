@@ -37,7 +37,7 @@ import pydicom
 from agent.backends import RunnerOptions, open_runner
 from agent.bundle import load_bundle
 from agent.config import BrokerConfig, load_config
-from agent.dicom import result_message_id
+from agent.derive import result_message_id
 from agent.mqtt import Connection, Message
 from agent.preprocess import normalise, to_model_grid
 from agent.sample_series import build_series, load_demo_slab

@@ -27,16 +27,8 @@ from pydicom.uid import (
 )
 
 from agent.bundle import InputContract, OutputContract
-from agent.dicom import (
-    REASONS,
-    ModelIdentity,
-    Scan,
-    ScanRejected,
-    decode_scan,
-    derive_instance,
-    derived_uids,
-    result_message_id,
-)
+from agent.derive import ModelIdentity, derive_instance, derived_uids, result_message_id
+from agent.dicom import REASONS, Scan, ScanRejected, decode_scan
 from agent.sample_series import build_series
 
 BUDGET = 1 << 20  # 1 Mpixel

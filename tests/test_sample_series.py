@@ -10,7 +10,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from agent.bundle import InputContract, OutputContract
-from agent.dicom import ModelIdentity, decode_scan, derive_instance
+from agent.derive import ModelIdentity, derive_instance
+from agent.dicom import decode_scan
 from agent.preprocess import from_model_grid, normalise, to_model_grid
 from agent.sample_series import build_series, demo_slab_available, load_demo_slab
 
