@@ -88,11 +88,17 @@ class BrokerConfig(_Strict):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("expected mqtt://host:port or mqtts://host:port")
         try:
-            _ = parts.port
+            port = parts.port
         except ValueError:
             raise ValueError("port must be a number from 1 to 65535") from None
+        if port == 0:  # would silently fall back to the default port
+            raise ValueError("port must be a number from 1 to 65535")
         if parts.path not in ("", "/"):
             raise ValueError("a broker URL has no path")
+        if parts.username is not None or parts.query or parts.fragment:
+            # They would be silently ignored; credentials belong in username/password_file.
+            raise ValueError("a broker URL has no user, query or fragment: use username and "
+                             "password_file for credentials")
         return value
 
     @property

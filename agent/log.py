@@ -30,7 +30,9 @@ PHI_KEYS = frozenset(
         "study_description",
     }
 )
-_PERSON_NAME = re.compile(r"[^\s^=\\]+\^[^\s=\\]*")
+# Compare keys case- and separator-insensitively: patient_name, PatientName, AccessionNumber.
+_PHI_FOLDED = frozenset(k.replace("_", "") for k in PHI_KEYS)
+_PERSON_NAME = re.compile(r"[^\s^=\\]*\^[^\s=\\]*")  # also "^GIVEN" (no family name)
 REDACTED = "[redacted]"
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -42,7 +44,7 @@ def scrub_phi(
 ) -> MutableMapping[str, Any]:
     """structlog processor: remove patient keys, redact person-name-shaped strings."""
     for key in list(event_dict):
-        if key.lower() in PHI_KEYS:
+        if isinstance(key, str) and key.lower().replace("_", "").replace("-", "") in _PHI_FOLDED:
             event_dict[key] = REDACTED
             continue
         value = event_dict[key]

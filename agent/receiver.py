@@ -76,13 +76,16 @@ class ResultReceiver:
             / _uid_path_part(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             / f"{_uid_path_part(ds.get('SOPInstanceUID'), 'SOPInstanceUID')}.dcm"
         )
-        self._seen.add(opened.message_id)
         if path.exists():
+            self._seen.add(opened.message_id)
             return None  # filed by an earlier run
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(opened.plaintext)
         os.replace(tmp, path)
+        # Only once the file is in place: a failed write must not turn the redelivery
+        # into a "duplicate" that is acked and lost.
+        self._seen.add(opened.message_id)
         return Received(opened.message_id, opened.device_id, path, len(opened.plaintext))
 
 

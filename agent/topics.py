@@ -54,6 +54,8 @@ class Topic:
         if pattern[0] == "$share":
             pattern = pattern[2:]
         parts = topic.split("/")
+        if topic.startswith("$") and pattern[0] in ("+", "#"):
+            return False  # MQTT 4.7.2: wildcards in the first level never match $-topics
         for i, p in enumerate(pattern):
             if p == "#":
                 return True

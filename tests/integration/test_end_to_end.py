@@ -268,8 +268,8 @@ def test_receive_rejects_forged_and_tampered_results_and_keeps_running(
     tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
 ) -> None:
     from agent import keys, seal
-    from agent.mqtt import Connection
     from agent.config import BrokerConfig
+    from agent.mqtt import Connection
 
     edge, cloud = brokers
     config = _init(tmp_path, edge, cloud)
