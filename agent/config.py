@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -201,8 +201,12 @@ class Config(_Strict):
     cloud: BrokerConfig = Field(title="Cloud broker", description="Where results go")
     model: ModelSection = Field(title="Model", description="The bundle to serve")
     seal: SealSection = Field(title="Sealing", description="Keys for sealed results")
-    limits: LimitsSection = Field(default_factory=LimitsSection, title="Limits", description="")
-    log: LogSection = Field(default_factory=LogSection, title="Logging", description="")
+    limits: LimitsSection = Field(
+        default_factory=lambda: LimitsSection(), title="Limits", description="Resource caps"
+    )
+    log: LogSection = Field(
+        default_factory=lambda: LogSection(), title="Logging", description="Level and format"
+    )
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
     )
@@ -248,7 +252,7 @@ class Config(_Strict):
         )
 
 
-def _describe(error: dict[str, object]) -> str:
+def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
     kind = str(error.get("type", ""))
     if kind == "extra_forbidden":

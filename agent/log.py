@@ -49,7 +49,10 @@ def scrub_phi(
             continue
         value = event_dict[key]
         if isinstance(value, str) and "^" in value:
-            event_dict[key] = _PERSON_NAME.sub(REDACTED, value)
+            # A rendered traceback marks columns with carets: keep its shape, scrub names.
+            # Anything else holding a caret may be a person name (with spaces): drop it all.
+            is_traceback = key in ("exception", "exc_info", "stack")
+            event_dict[key] = _PERSON_NAME.sub(REDACTED, value) if is_traceback else REDACTED
     return event_dict
 
 
@@ -76,7 +79,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         cache_logger_on_first_use=False,
     )
     # paho and amqtt log through the standard library; keep them quiet and on the same stream.
-    logging.basicConfig(stream=stream, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=stream, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("amqtt", "transitions", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

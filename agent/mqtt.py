@@ -87,6 +87,7 @@ class Connection:
         self._connected = threading.Event()
         self._pending: dict[int, PublishDone] = {}
         self._early: dict[int, tuple[bool, str]] = {}
+        self._fire_and_forget: set[int] = set()
         self._pending_lock = threading.Lock()
         self.last_error: str | None = None
         self.client = paho.Client(
@@ -117,17 +118,19 @@ class Connection:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself after a drop."""
-        props = None
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.cfg.session_expiry_s
-        kwargs = {"clean_start": False, "properties": props} if self._v5 else {}
         try:
-            self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
+            if self._v5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = self.cfg.session_expiry_s
+                self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
+                                          clean_start=False, properties=props)
+            else:  # 3.1.1: the persistent session comes from clean_session=False
+                self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)
         except (OSError, ValueError) as exc:
             raise ConnectFailed(f"{self.name} broker {self.cfg.url}: {exc}") from exc
         self.client.loop_start()
@@ -169,14 +172,19 @@ class Connection:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise PublishFailed(f"{self.name}: publish refused: {describe_rc(info.rc)}")
         callback = on_done or _ignore
+        with self._pending_lock:
+            early = self._early.pop(info.mid, None)
+            if qos == 0:
+                # paho reports QoS 0 sends too; remember the mid so that report is dropped
+                # instead of lingering as a stale verdict for a later QoS 1 message.
+                if early is None:
+                    self._fire_and_forget.add(info.mid)
+            elif early is None:
+                self._pending[info.mid] = callback
         if qos == 0:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 callback(True, "sent")
             return int(info.mid)
-        with self._pending_lock:
-            early = self._early.pop(info.mid, None)
-            if early is None:
-                self._pending[info.mid] = callback
         if early is not None:  # the PUBACK beat us to the registration
             callback(*early)
         return int(info.mid)
@@ -205,6 +213,9 @@ class Connection:
         if self._on_connected_cb is not None:
             self._on_connected_cb()
 
+    def _on_connect_fail(self, _client: paho.Client, _userdata: object) -> None:
+        self.last_error = f"cannot reach {self.cfg.host}:{self.cfg.port}"
+
     def _on_disconnect(
         self, _client: paho.Client, _userdata: object, _flags: paho.DisconnectFlags,
         reason: ReasonCode, _props: Properties | None,
@@ -217,9 +228,10 @@ class Connection:
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         if self._on_message_cb is None:
             return
-        self._on_message_cb(
-            Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup))
+        message = Message(
+            msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup)
         )
+        self._on_message_cb(message)
 
     def _on_publish(
         self, _client: paho.Client, _userdata: object, mid: int,
@@ -227,6 +239,9 @@ class Connection:
     ) -> None:
         verdict = (not reason.is_failure, str(reason))
         with self._pending_lock:
+            if mid in self._fire_and_forget:
+                self._fire_and_forget.discard(mid)
+                return
             done = self._pending.pop(mid, None)
             if done is None:
                 self._early[mid] = verdict

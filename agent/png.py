@@ -17,6 +17,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 def write_gray_png(path: Path, image: npt.NDArray[np.uint8]) -> None:
     """Write an 8-bit grayscale image."""
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8 image, got {image.ndim}-D {image.dtype}")
     h, w = image.shape
     raw = b"".join(b"\x00" + image[row].tobytes() for row in range(h))
     data = (
@@ -33,8 +35,8 @@ def to_uint8(image: npt.NDArray[np.floating] | npt.NDArray[np.integer]) -> npt.N
     img = np.asarray(image, dtype=np.float32)
     nz = img[img > 0]
     lo, hi = (float(np.percentile(nz, 1)), float(np.percentile(nz, 99.5))) if nz.size else (0, 1)
-    if hi <= lo:
-        hi = lo + 1
+    if hi <= lo:  # a flat image: show it mid-grey rather than black
+        lo, hi = lo - 1, lo + 1
     return np.asarray(np.clip((img - lo) / (hi - lo) * 255.0, 0, 255), dtype=np.uint8)
 
 

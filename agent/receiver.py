@@ -9,7 +9,6 @@ Library use::
 from __future__ import annotations
 
 import io
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -69,7 +68,8 @@ class ResultReceiver:
         try:
             ds = pydicom.dcmread(io.BytesIO(opened.plaintext), stop_before_pixels=True)
         except Exception as exc:  # pydicom raises many types for bad input
-            raise EnvelopeError("malformed", f"payload is not DICOM: {type(exc).__name__}") from None
+            reason = f"payload is not DICOM: {type(exc).__name__}"
+            raise EnvelopeError("malformed", reason) from None
         path = (
             self.out_dir
             / _uid_path_part(ds.get("StudyInstanceUID"), "StudyInstanceUID")
@@ -82,7 +82,7 @@ class ResultReceiver:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(opened.plaintext)
-        os.replace(tmp, path)
+        tmp.replace(path)
         # Only once the file is in place: a failed write must not turn the redelivery
         # into a "duplicate" that is acked and lost.
         self._seen.add(opened.message_id)
@@ -111,6 +111,11 @@ def receive(
     def on_message(msg: Message) -> None:
         try:
             got = receiver.handle(msg.payload)
+        except OSError as exc:
+            # Not acked: the broker delivers it again after the next reconnect.
+            log.error("cannot_write_result", error=exc.strerror, fix="check free disk and "
+                      "permissions of the --out directory")
+            return
         except EnvelopeError as exc:
             with lock:
                 tally["rejected"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +89,17 @@ def write_directory(opts: InitOptions) -> Path:
     config_path = opts.directory / "agent.toml"
     if config_path.exists() and not opts.force:
         raise FileExistsError(f"{config_path} exists; pass --force to overwrite it")
+    # JSON string escapes are valid TOML basic-string escapes; the template adds the quotes.
+    def q(value: str) -> str:
+        return json.dumps(value)[1:-1]
+
     text = TEMPLATE.format(
-        site=opts.site,
-        device_id=opts.device_id,
-        edge_url=opts.edge_url,
-        cloud_url=opts.cloud_url,
-        protocol=opts.protocol,
-        bundle=str(bundle.resolve()),
+        site=q(opts.site),
+        device_id=q(opts.device_id),
+        edge_url=q(opts.edge_url),
+        cloud_url=q(opts.cloud_url),
+        protocol=q(opts.protocol),
+        bundle=q(str(bundle.resolve())),
     )
     # Validate before writing anything, so a bad flag leaves nothing behind.
     parse_config(text, "agent.toml (from init flags)")

@@ -151,7 +151,8 @@ class Agent:
             with self._inflight_lock:
                 retry, self._retry = self._retry, []
                 room = OUTBOX_WINDOW - len(self._inflight)
-            if retry:
+            if retry:  # refused by the broker: back off before trying those rows again
+                time.sleep(1.0)
                 last_id = min(last_id, min(retry) - 1)
             if room > 0:
                 for row in self.store.outbox(after_id=last_id, limit=room):
@@ -180,7 +181,6 @@ class Agent:
             else:
                 log.warning("cloud_refused_result", outbox_id=outbox_id, reason=reason,
                             fix="check the cloud broker's ACL for the results topic")
-                time.sleep(0.5)
             self._kick.set()
 
         return done

@@ -77,7 +77,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
-        self._inbox_bytes = self._sum("SELECT COALESCE(SUM(LENGTH(payload)),0) FROM inbox WHERE state='pending'")
+        self._inbox_bytes = self._sum(
+            "SELECT COALESCE(SUM(LENGTH(payload)),0) FROM inbox WHERE state='pending'"
+        )
         self._outbox_bytes = self._sum("SELECT COALESCE(SUM(LENGTH(payload)),0) FROM outbox")
         # Done rows are kept only until the next start; they are not needed after the ack.
         with self._lock:
@@ -96,7 +98,9 @@ class Store:
         """Persist a received scan; return its row id. Raises StoreFull at the cap."""
         with self._lock:
             if self._inbox_bytes + len(payload) > self.inbox_max_bytes:
-                raise StoreFull(f"inbox holds {self._inbox_bytes} bytes (cap {self.inbox_max_bytes})")
+                raise StoreFull(
+                    f"inbox holds {self._inbox_bytes} bytes (cap {self.inbox_max_bytes})"
+                )
             cur = self._db.execute(
                 "INSERT INTO inbox(received_at, topic, sha256, payload) VALUES (?,?,?,?)",
                 (time.time(), topic, sha256, payload),
@@ -180,7 +184,9 @@ class Store:
     def depths(self) -> tuple[int, int]:
         """(pending inbox rows, outbox rows)."""
         with self._lock:
-            inbox = self._db.execute("SELECT COUNT(*) FROM inbox WHERE state='pending'").fetchone()[0]
+            inbox = self._db.execute(
+                "SELECT COUNT(*) FROM inbox WHERE state='pending'"
+            ).fetchone()[0]
             outbox = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         return int(inbox), int(outbox)
 

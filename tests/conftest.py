@@ -54,11 +54,14 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[str], Mosquitto]]:
             "allow_anonymous true\n"
             "persistence false\n"
             "max_queued_messages 100000\n"
-            f"log_dest file {log}\n"
+            "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT)
+        # Mosquitto drops root for its own user and then cannot write into pytest's private
+        # tmp dir: let it log to stderr and keep that in a file of ours.
+        with log.open("wb") as log_file:
+            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file,
+                                    stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
