@@ -1,6 +1,10 @@
 """The processing stages of one scan, wired in one visible place.
 
-decode -> validate -> preprocess -> backend.run -> postprocess -> derive -> seal
+decode -> validate -> preprocess -> backend.run  |  postprocess -> derive -> seal
+(``Translator.infer``)                              (``Translator.finish``)
+
+The two halves run on different threads in the daemon, so the model works on one scan
+while the previous one is written, sealed and committed.
 
 ``Translator.process`` never raises for bad input: a scan that cannot be processed becomes an
 error report (reason code, payload sha256, no PHI) instead of a result.
@@ -16,14 +20,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
+import numpy.typing as npt
 
 from agent import __version__
 from agent.backends import ModelRunner
 from agent.bundle import ModelBundle
 from agent.config import LimitsSection
 from agent.derive import ModelIdentity, derive_instance, result_message_id
-from agent.dicom import ScanRejected, decode_scan
-from agent.preprocess import from_model_grid, normalise, to_model_grid
+from agent.dicom import Scan, ScanRejected, decode_scan
+from agent.preprocess import GridMap, from_model_grid, normalise, to_model_grid
 from agent.topics import Topics
 
 Sealer = Callable[[bytes, str], bytes]  # (plaintext, message_id) -> envelope
@@ -85,16 +90,22 @@ class Translator:
         self.topics = topics
         self.identity = ModelIdentity(bundle.name, bundle.version, bundle.digest(runtime))
 
-    def process(self, payload: bytes, source_topic: str, payload_sha256: str) -> Outcome:
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
+    def _error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
+               timings: dict[str, float]) -> Outcome:
+        message_id, body = error_report(
+            device_id=self.topics.device,
+            reason=reason,
+            detail=detail,
+            payload_sha256=payload_sha256,
+            source_topic=source_topic,
+        )
+        return Outcome(False, "error", message_id, str(self.topics.errors), body,
+                       reason=reason, timings_ms=timings)
 
-        def lap(stage: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            timings[stage] = round((now - t) * 1000, 3)
-            t = now
-
+    def infer(self, payload: bytes, source_topic: str, payload_sha256: str) -> Inferred | Outcome:
+        """First half: decode, validate, preprocess, run the model. An Outcome means the scan
+        was rejected."""
+        timer = _Timer()
         try:
             scan = decode_scan(
                 payload,
@@ -102,13 +113,26 @@ class Translator:
                 pixel_budget=self.limits.pixel_budget,
                 max_payload_bytes=self.limits.max_payload_bytes,
             )
-            lap("decode")
+            timer.lap("decode")
             grid, gmap = to_model_grid(scan.pixels, scan.pixel_spacing, self.bundle.input)
             x = normalise(grid, self.bundle.input.normalisation)
-            lap("preprocess")
+            timer.lap("preprocess")
+        except ScanRejected as exc:
+            return self._error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
+        try:
             y = self.runner.run(x[np.newaxis, np.newaxis, :, :])
-            lap("infer")
-            out = from_model_grid(y[0, 0], gmap)
+        except Exception as exc:  # a runtime failure on one input must not stop the loop
+            return self._error("inference_failed", f"runtime error ({type(exc).__name__})",
+                               payload_sha256, source_topic, timer.timings)
+        timer.lap("infer")
+        return Inferred(scan, y[0, 0], gmap, source_topic, payload_sha256, timer)
+
+    def finish(self, inferred: Inferred) -> Outcome:
+        """Second half: back to the input grid, derive the output instance, seal it."""
+        timer, scan = inferred.timer, inferred.scan
+        timer.restart()
+        try:
+            out = from_model_grid(inferred.output, inferred.gmap)
             stored = np.clip(out, 0.0, None) * np.float32(self.bundle.output.scale)
             derived = derive_instance(
                 scan,
@@ -118,20 +142,46 @@ class Translator:
                 device_id=self.topics.device,
                 software_version=__version__,
             )
-            lap("derive")
-            message_id = result_message_id(scan.sop_instance_uid, self.identity.digest)
-            envelope = self.sealer(derived, message_id)
-            lap("seal")
-        except ScanRejected as exc:
-            message_id, body = error_report(
-                device_id=self.topics.device,
-                reason=exc.reason,
-                detail=str(exc),
-                payload_sha256=payload_sha256,
-                source_topic=source_topic,
-            )
-            return Outcome(False, "error", message_id, str(self.topics.errors), body,
-                           reason=exc.reason, timings_ms=timings)
+        except Exception as exc:  # e.g. a source attribute pydicom cannot write back
+            return self._error("derive_failed", f"cannot write the result ({type(exc).__name__})",
+                               inferred.payload_sha256, inferred.source_topic, timer.timings)
+        timer.lap("derive")
+        message_id = result_message_id(scan.sop_instance_uid, self.identity.digest)
+        envelope = self.sealer(derived, message_id)
+        timer.lap("seal")
         series_key = hashlib.sha256(scan.series_instance_uid.encode()).hexdigest()[:12]
         return Outcome(True, "result", message_id, str(self.topics.results), envelope,
-                       timings_ms=timings, series_key=series_key)
+                       timings_ms=timer.timings, series_key=series_key)
+
+    def process(self, payload: bytes, source_topic: str, payload_sha256: str) -> Outcome:
+        """Both halves in one call."""
+        first = self.infer(payload, source_topic, payload_sha256)
+        return first if isinstance(first, Outcome) else self.finish(first)
+
+
+class _Timer:
+    """Stage timings in milliseconds."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def restart(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round((now - self._t) * 1000, 3)
+        self._t = now
+
+
+@dataclass
+class Inferred:
+    """A scan between the two halves: decoded and run through the model."""
+
+    scan: Scan
+    output: npt.NDArray[np.float32]  # model output on the model grid (H, W)
+    gmap: GridMap
+    source_topic: str
+    payload_sha256: str
+    timer: _Timer

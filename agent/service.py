@@ -2,7 +2,8 @@
 
 Threads:
 * paho's edge network thread runs ``_on_scan``: persist to the inbox, then ack;
-* the main thread runs the processing loop (``run``) and handles signals;
+* the main thread runs the processing loop (``run``: decode .. infer) and handles signals;
+* the finisher thread derives, seals and commits each result (``_finisher``);
 * the outbox thread publishes queued rows to the cloud and deletes them on PUBACK.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import signal
 import threading
 import time
@@ -23,12 +25,13 @@ from agent.bundle import load_bundle
 from agent.config import Config
 from agent.log import get_logger
 from agent.mqtt import Connection, Message, Will
-from agent.pipeline import Translator, error_report
-from agent.store import Store, StoreFull
+from agent.pipeline import Inferred, Outcome, Translator, error_report
+from agent.store import InboxItem, Store, StoreFull
 from agent.topics import Topics
 
 log = get_logger("agent.service")
 
+FINISH_QUEUE = 2  # scans between the two halves of the pipeline
 OUTBOX_WINDOW = 32  # rows in flight to the cloud broker at once
 STATUS_INTERVAL_S = 15.0
 DRAIN_ON_STOP_S = 10.0
@@ -90,6 +93,10 @@ class Agent:
         self._last_latency_ms: float | None = None
         self._last_status = 0.0
         self._drain_deadline = float("inf")
+        self._last_fetched = 0  # inbox rows up to here are in the finisher's hands
+        self._finishing: queue.Queue[tuple[InboxItem, Inferred | Outcome, float] | None] = (
+            queue.Queue(maxsize=FINISH_QUEUE)
+        )
 
         offline = json.dumps({"v": 1, "state": "offline", "device_id": a.device_id}).encode()
         will = Will(self.topics.status, offline)
@@ -221,7 +228,9 @@ class Agent:
 
     # -- processing (main thread) --------------------------------------------------------
     def _process_pending(self) -> bool:
-        items = self.store.pending(limit=8)
+        """Run the first half (decode .. infer) of every pending scan on this thread and hand
+        each to the finisher. Returns whether there was anything to do."""
+        items = self.store.pending(after_id=self._last_fetched, limit=8)
         for item in items:
             if self._stop.is_set():
                 return True
@@ -230,7 +239,19 @@ class Agent:
                 with self._space:
                     self._space.wait(5.0)
             started = time.perf_counter()
-            outcome = self.translator.process(item.payload, item.topic, item.sha256)
+            first = self.translator.infer(item.payload, item.topic, item.sha256)
+            self._finishing.put((item, first, started))  # blocks when the finisher lags
+            self._last_fetched = item.id
+        return bool(items)
+
+    def _finisher(self) -> None:
+        """Second half (derive, seal) and the commit, one scan at a time, in order."""
+        while True:
+            job = self._finishing.get()
+            if job is None:
+                return
+            item, first, started = job
+            outcome = first if isinstance(first, Outcome) else self.translator.finish(first)
             self.store.complete(
                 item.id,
                 [(outcome.kind, outcome.message_id, outcome.topic, outcome.payload)],
@@ -251,7 +272,6 @@ class Agent:
                 log.warning("scan_rejected", reason=outcome.reason,
                             payload_sha256=item.sha256, message_id=outcome.message_id)
             self._publish_status()
-        return bool(items)
 
     def _handle_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", signal=signal.Signals(signum).name)
@@ -264,6 +284,7 @@ class Agent:
         signal.signal(signal.SIGTERM, self._handle_signal)
         signal.signal(signal.SIGINT, self._handle_signal)
         publisher = threading.Thread(target=self._publisher, name="outbox", daemon=True)
+        finisher = threading.Thread(target=self._finisher, name="finisher", daemon=True)
         inbox, outbox = self.store.depths()
         log.info("agent_starting", site=self.topics.site, device_id=self.topics.device,
                  model=self.bundle.name, model_version=self.bundle.version,
@@ -272,6 +293,7 @@ class Agent:
         self.cloud.start()
         self.edge.start()
         publisher.start()
+        finisher.start()
         for conn in (self.cloud, self.edge):
             if not conn.wait_connected(10.0):
                 log.warning("broker_not_reachable_yet", broker=conn.name, url=conn.cfg.url,
@@ -287,6 +309,9 @@ class Agent:
             if time.monotonic() - last_periodic > STATUS_INTERVAL_S:
                 last_periodic = time.monotonic()
                 self._publish_status(force=True)
+        # Scans already through the model are finished and committed; the rest stay pending.
+        self._finishing.put(None)
+        finisher.join()
         return self._shutdown(publisher)
 
     def _publish_offline(self, conn: Connection) -> None:
