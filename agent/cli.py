@@ -152,6 +152,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.doctor import main as doctor
+
+    return doctor(args.config, timeout=args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -205,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a config file (exit 2 when invalid)")
     c.add_argument("path", help="path to agent.toml")
     c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("doctor", help="check this node: config, keys, certificates, brokers, "
+                       "model, disk (exit 1 on any failure)")
+    s.add_argument("--config", required=True, help="path to agent.toml")
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")

@@ -6,6 +6,7 @@ directory written by ``iomt-agent init`` can be moved as a whole.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.topics import TopicError, check_level
 
 MIB = 1024 * 1024
+CREDENTIALS_PREFIX = "${CREDENTIALS_DIRECTORY}"
+
+
+def expand_credentials(path: Path, config_dir: Path) -> Path:
+    """``${CREDENTIALS_DIRECTORY}/NAME``: systemd's private copy of a LoadCredential=
+    secret inside the service; ``<config dir>/credentials/NAME`` outside it (the doctor, a
+    manual run as root), which is where systemd/install.sh keeps the originals."""
+    text = str(path)
+    if not text.startswith(CREDENTIALS_PREFIX):
+        return path
+    directory = os.environ.get("CREDENTIALS_DIRECTORY") or str(config_dir / "credentials")
+    return Path(directory + text[len(CREDENTIALS_PREFIX):])
 
 
 class ConfigError(Exception):
@@ -215,7 +228,10 @@ class Config(_Strict):
         """Return a copy whose relative paths are taken relative to ``base``."""
 
         def fix(p: Path | None) -> Path | None:
-            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+            if p is None:
+                return None
+            p = expand_credentials(p, base)
+            return p if p.is_absolute() else (base / p).resolve()
 
         def broker(b: BrokerConfig) -> BrokerConfig:
             return b.model_copy(

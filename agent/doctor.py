@@ -512,7 +512,9 @@ def render(findings: list[Finding], out: TextIO) -> None:
         if f.fix:
             out.write(f"{'':4}  {'':<{width}}  -> {f.fix}\n")
     counts = {v: sum(1 for f in findings if f.verdict == v) for v in ("ok", "warn", "fail")}
-    out.write(f"\n{counts['ok']} ok, {counts['warn']} warnings, {counts['fail']} failures\n")
+    warn, fail = counts["warn"], counts["fail"]
+    out.write(f"\n{counts['ok']} ok, {warn} warning{'' if warn == 1 else 's'}, "
+              f"{fail} failure{'' if fail == 1 else 's'}\n")
 
 
 def main(config_path: str | Path, *, timeout: float = 5.0, out: TextIO | None = None) -> int:

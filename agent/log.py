@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from agent.sdnotify import syslog_prefix_processors
+
 PHI_KEYS = frozenset(
     {
         "patient_name",
@@ -73,6 +75,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.format_exc_info,
             scrub_phi,
             renderer,
+            *syslog_prefix_processors(stream),  # "<4>..." = warning, for journald
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=stream),

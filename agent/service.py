@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from agent import __version__, keys, seal
+from agent import __version__, keys, sdnotify, seal
 from agent.backends import RunnerOptions, open_runner
 from agent.bundle import load_bundle
 from agent.config import Config
@@ -46,6 +46,8 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.sd = sdnotify.ServiceNotifier.from_environ()
+        self.sd.status(f"starting: loading model bundle {config.model.bundle}")
         a = config.agent
         self.topics = Topics(a.site, a.device_id)
         self.bundle = load_bundle(config.model.bundle)
@@ -232,9 +234,11 @@ class Agent:
         each to the finisher. Returns whether there was anything to do."""
         items = self.store.pending(after_id=self._last_fetched, limit=8)
         for item in items:
+            self._beat()
             if self._stop.is_set():
                 return True
             while self.store.outbox_full() and not self._stop.is_set():
+                self._beat()  # waiting for the cloud is not a hang
                 log.warning("outbox_full", fix="the cloud broker is not taking results")
                 with self._space:
                     self._space.wait(5.0)
@@ -273,8 +277,24 @@ class Agent:
                             payload_sha256=item.sha256, message_id=outcome.message_id)
             self._publish_status()
 
+    def _beat(self) -> None:
+        """systemd: READY=1 once both brokers are connected, WATCHDOG=1, STATUS=."""
+        self.sd.beat(ready=self.edge.connected and self.cloud.connected,
+                     status=self._sd_status)
+
+    def _sd_status(self) -> str:
+        inbox, outbox = self.store.depths()
+        counts = self.store.counters()
+        return sdnotify.status_line(
+            brokers=[sdnotify.BrokerState(c.name, c.cfg.url, c.connected, c.last_error)
+                     for c in (self.edge, self.cloud)],
+            inbox=inbox, outbox=outbox, processed=counts.get("processed", 0),
+            failed=counts.get("failed", 0), last_latency_ms=self._last_latency_ms,
+            ready=self.sd.is_ready)
+
     def _handle_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", signal=signal.Signals(signum).name)
+        self.sd.stopping(f"stopping: {signal.Signals(signum).name}, finishing the current scan")
         self._stop.set()
         self._work.set()
         with self._space:
@@ -294,14 +314,19 @@ class Agent:
         self.edge.start()
         publisher.start()
         finisher.start()
+        deadline = time.monotonic() + 10.0
+        while (not (self.cloud.connected and self.edge.connected)
+               and time.monotonic() < deadline and not self._stop.wait(0.2)):
+            self._beat()  # STATUS "waiting for brokers"; extends the start timeout
         for conn in (self.cloud, self.edge):
-            if not conn.wait_connected(10.0):
+            if not conn.connected:
                 log.warning("broker_not_reachable_yet", broker=conn.name, url=conn.cfg.url,
                             error=conn.last_error, fix="check the URL, TLS files and credentials;"
                             " the agent keeps retrying")
         self._publish_status(force=True)
         last_periodic = time.monotonic()
         while not self._stop.is_set():
+            self._beat()
             busy = self._process_pending()
             if not busy:
                 self._work.wait(1.0)
@@ -328,6 +353,8 @@ class Agent:
         # Stop taking scans first: anything not yet acked stays with the edge broker.
         self._publish_offline(self.edge)
         self.edge.stop()
+        self.sd.stopping(f"stopping: delivering queued results to the cloud broker "
+                         f"(up to {DRAIN_ON_STOP_S:.0f} s)")
         self._drain_deadline = time.monotonic() + DRAIN_ON_STOP_S
         self._kick.set()
         publisher.join(DRAIN_ON_STOP_S + 2)
@@ -337,4 +364,5 @@ class Agent:
         self.runner.close()
         self.store.close()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)
+        self.sd.status(f"stopped: inbox {inbox}, outbox {outbox} kept for the next start")
         return 0

@@ -65,19 +65,26 @@ def run_install(destdir: Path, *args: str, check: bool = True) -> subprocess.Com
     return proc
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_wheel(src: Path, out: Path, marker: str = "") -> Path:
     """The agent as a wheel, built from a copy of the tree (no build/ left in the repo)."""
-    src = tmp_path_factory.mktemp("src")
+    src.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "agent", src / "agent",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    out = tmp_path_factory.mktemp("wheels")
+    if marker:
+        with (src / "agent" / "__init__.py").open("a") as f:
+            f.write(f"# {marker}\n")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
                    check=True, capture_output=True, timeout=120)
     return next(out.glob("iomt_edge_agent-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheels"))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +136,7 @@ def test_layout_modes_and_ownership(staged: Staged) -> None:
         "/etc/systemd/system/iomt-agent.service": (0o644, ("root", "root")),
         "/opt/iomt-agent/venv": (0o755, ("root", "root")),
         "/opt/iomt-agent/models/test-scale/bundle.json": (0o644, ("root", "root")),
+        "/opt/iomt-agent/docs/deploy.md": (0o644, ("root", "root")),
     }
     for path, (want_mode, want_owner) in expect.items():
         assert s(path).exists(), path
@@ -171,8 +179,12 @@ def test_config_from_template(staged: Staged) -> None:
             in unit)
 
 
-def test_rerun_is_idempotent_and_keeps_edits(copy_of: Staged) -> None:
+def test_rerun_is_idempotent_and_keeps_edits(copy_of: Staged, tmp_path: Path) -> None:
     s = copy_of.path
+    # an upgrade that keeps the version number still replaces the code
+    newer = build_wheel(tmp_path / "src", tmp_path / "wheels", marker="upgrade-marker-42")
+    from_arg = copy_of.args.index("--from") + 1
+    copy_of.args = [*copy_of.args[:from_arg], str(newer), *copy_of.args[from_arg + 1:]]
     config = s("/etc/iomt-agent/agent.toml")
     key = s("/etc/iomt-agent/credentials/device-signing.key")
     edited = config.read_text().replace('level = "info"', 'level = "debug"')
@@ -182,6 +194,8 @@ def test_rerun_is_idempotent_and_keeps_edits(copy_of: Staged) -> None:
     (s("/etc/iomt-agent/credentials") / "edge.password").write_text("secret\n")
     out = copy_of.install().stdout
     assert "kept /etc/iomt-agent/agent.toml" in out
+    installed = next(s("/opt/iomt-agent/venv/lib").glob("python3*/site-packages/agent/__init__.py"))
+    assert "upgrade-marker-42" in installed.read_text()
     assert config.read_text() == edited
     assert key.read_bytes() == key_bytes
     assert mode(key) == 0o600
@@ -211,8 +225,11 @@ def test_uninstall_keeps_data_and_keys_unless_purge(copy_of: Staged) -> None:
     assert not s("/var/lib/iomt-agent").exists()
 
 
-def test_prefix_for_packagers(tmp_path: Path, wheel: Path) -> None:
+def test_prefix_for_packagers(tmp_path: Path, wheel: Path, staged: Staged) -> None:
     root = tmp_path / "root"
+    # an existing venv is reused (saves creating one again here)
+    shutil.copytree(staged.path("/opt/iomt-agent/venv"), root / "usr/lib/iomt-agent/venv",
+                    symlinks=True)
     run_install(root, "--python", sys.executable, "--from", str(wheel), "--pip-args",
                 "--no-deps --no-index", "--prefix", "/usr/lib/iomt-agent",
                 "--unitdir", "/usr/lib/systemd/system", "--user", USER, "--group", GROUP)
@@ -324,5 +341,7 @@ def test_unit_settings_the_agent_relies_on() -> None:
     assert settings["StateDirectory"] == settings["ConfigurationDirectory"] == "iomt-agent"
     assert "ProcSubset" not in settings  # hides /proc/cpuinfo from onnxruntime
     assert "AF_UNIX" in settings["RestrictAddressFamilies"]  # sd_notify
+    # onnxruntime pins its threads; denied, it logs an error line on every start
+    assert "SystemCallFilter=sched_setaffinity" in unit
     watchdog = int(settings["WatchdogSec"].removesuffix("s"))
     assert watchdog >= 30  # the loop turns at least once a second; slow slices need room
