@@ -76,14 +76,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     configure(config.log.level, config.log.format)
+    from agent.backends import BackendError
     from agent.bundle import BundleError
+    from agent.guard import GuardFailed
     from agent.keys import KeyFileError
     from agent.service import Agent
 
     log = get_logger("agent.cli")
     try:
         agent = Agent(config)
-    except (BundleError, KeyFileError) as exc:
+    except GuardFailed as exc:  # a BundleError: caught first, for its own event and figures
+        log.error("model_refused", model=exc.report.bundle, **exc.report.summary(),
+                  fix="`iomt-agent model verify BUNDLE` prints the figures; rebuild or "
+                  "reinstall the bundle")
+        return EXIT_CONFIG
+    except (BundleError, KeyFileError, BackendError) as exc:
         log.error("cannot_start", error=str(exc))
         return EXIT_CONFIG
     return agent.run()
@@ -158,6 +165,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(args.config, timeout=args.timeout)
 
 
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from agent.backends import BackendError
+    from agent.bundle import BundleError
+    from agent.guard import report_json, verify_bundle
+
+    try:
+        report = verify_bundle(args.bundle, runtime=args.runtime, intra_op_threads=args.threads)
+    except (BundleError, BackendError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(report_json(report) if args.json else report.render())
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -217,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="path to agent.toml")
     s.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
     s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("model", help="model bundle tools")
+    msub = s.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    m = msub.add_parser("verify", help="run the int8 accuracy guard on a bundle's golden set "
+                        "and print the figures (exit 0 pass, 1 fail, 2 bad bundle)")
+    m.add_argument("bundle", help="model bundle directory")
+    m.add_argument("--runtime", default="onnxruntime", help="runtime to verify on")
+    m.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core)")
+    m.add_argument("--json", action="store_true", help="print the full report as JSON")
+    m.set_defaults(func=cmd_model_verify)
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")

@@ -19,7 +19,6 @@ config cannot be read at all.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import socket
@@ -27,11 +26,10 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,6 +37,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 
 from agent import keys
 from agent.config import BrokerConfig, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from agent.backends import ModelRunner
+    from agent.bundle import ModelBundle
 
 Verdict = Literal["ok", "warn", "fail"]
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -405,7 +407,7 @@ def check_model(config: Config) -> list[Finding]:
             found.append(_ok("model", config.model.backend, f"runs: {list(zeros.shape)} -> "
                              f"{list(out.shape)} (load and first run {ms:.0f} ms)"))
         if bundle.golden is not None:
-            found.append(_golden(bundle.golden.path, bundle.golden.min_psnr_db, runner.run))
+            found.append(_golden(bundle, runner))
     except Exception as exc:  # a runtime's own errors are untyped
         found.append(_fail("model", config.model.backend, f"inference failed: {exc}",
                            "check that the bundle's contract matches the model file"))
@@ -414,27 +416,17 @@ def check_model(config: Config) -> list[Finding]:
     return found
 
 
-def _golden(path: Path, floor_db: float, run: Callable[..., object]) -> Finding:
-    """The bundle's activation guard: int8 output vs the fp32 reference on the golden set.
+def _golden(bundle: ModelBundle, runner: ModelRunner) -> Finding:
+    """The bundle's activation guard (``agent.guard``), the same check ``run`` makes."""
+    from agent.guard import run_guard
 
-    PSNR with the data range set to the maximum of the reference outputs (the convention of
-    models/recipes/build_bundle.py), pooled over all golden slices."""
-    import numpy as np
-
-    with np.load(path) as golden:
-        x = np.asarray(golden["input"], dtype=np.float32)
-        ref = np.asarray(golden["reference_output"], dtype=np.float32)
-    got = np.asarray(run(x), dtype=np.float32)
-    if got.shape != ref.shape:
-        return _fail("model", "golden set", f"output shape {got.shape} != reference "
-                     f"{ref.shape}", "the bundle is inconsistent: rebuild it")
-    mse = float(np.mean((got - ref) ** 2))
-    peak = float(ref.max())
-    psnr = math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
-    text = f"{len(x)} golden slices: PSNR {psnr:.2f} dB vs fp32 (floor {floor_db:g} dB)"
-    if psnr < floor_db:
-        return _fail("model", "golden set", text, "do not serve this model: the int8 file "
-                     "has drifted from its reference; reinstall or rebuild the bundle")
+    report = run_guard(bundle, runner)
+    text = (f"{len(report.inputs)} golden slices: worst PSNR {report.worst_psnr_db} dB "
+            f"vs fp32 (floor {report.min_psnr_db} dB)")
+    if not report.ok:
+        return _fail("model", "golden set", f"{text}: {report.reason}", "do not serve this "
+                     "model: the int8 file has drifted from its reference; reinstall or "
+                     "rebuild the bundle")
     return _ok("model", "golden set", text)
 
 

@@ -23,6 +23,7 @@ from agent import __version__, keys, sdnotify, seal
 from agent.backends import RunnerOptions, open_runner
 from agent.bundle import load_bundle
 from agent.config import Config
+from agent.guard import check_guard
 from agent.log import get_logger
 from agent.mqtt import Connection, Message, Will
 from agent.pipeline import Inferred, Outcome, Translator, error_report
@@ -62,6 +63,15 @@ class Agent:
                 output_name=self.bundle.output.output_name,
             ),
         )
+        try:  # never serve a model that has drifted from its fp32 reference
+            self.guard = check_guard(self.bundle, self.runner)
+        except BaseException:
+            self.runner.close()
+            raise
+        if self.guard.warning:
+            log.warning("model_guard", model=self.bundle.name, warning=self.guard.warning)
+        else:
+            log.info("model_guard_passed", model=self.bundle.name, **self.guard.summary())
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
 
@@ -209,6 +219,7 @@ class Agent:
                 "version": self.bundle.version,
                 "digest": self.translator.identity.digest,
                 "runtime": self.runner.runtime,
+                "guard": self.guard.summary(),
             },
             "inbox_depth": inbox,
             "outbox_depth": outbox,

@@ -16,12 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    JPEG2000Lossless,
     MRImageStorage,
     generate_uid,
 )
@@ -269,16 +267,6 @@ def test_bad_pixel_spacing(spacing: list[str]) -> None:
 
 def test_zero_rows_is_bad_geometry() -> None:
     assert rejected(edit(series()[0], lambda d: setattr(d, "Rows", 0))).reason == "bad_geometry"
-
-
-@pytest.mark.skipif(
-    get_decoder(JPEG2000Lossless).is_available, reason="a JPEG 2000 plugin is installed"
-)
-def test_compressed_without_plugin_names_the_extra() -> None:
-    payload = pydicom_file("MR_small_jp2klossless.dcm")
-    exc = rejected(payload, contract(series_description_pattern=None))
-    assert exc.reason == "unsupported_transfer_syntax"
-    assert 'pip install "iomt-edge-agent[jpeg]"' in str(exc)
 
 
 def test_deflated_transfer_syntax_is_refused_before_inflating() -> None:
