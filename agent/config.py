@@ -147,8 +147,11 @@ class AgentSection(_Strict):
 
 class ModelSection(_Strict):
     bundle: Path = Field(title="Model bundle", description="Directory holding bundle.json")
-    backend: Literal["onnxruntime"] = Field(
-        "onnxruntime", title="Runtime", description="Inference runtime"
+    backend: Literal["onnxruntime", "litert", "auto"] = Field(
+        "onnxruntime",
+        title="Runtime",
+        description="Inference runtime: onnxruntime, litert (the tflite extra), or auto (the "
+        "fastest installed one that passes the guard, chosen at model load and cached)",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, title="Intra-op threads", description="0 = one per core"

@@ -21,6 +21,7 @@ from typing import Any
 
 from agent import __version__, keys, sdnotify, seal
 from agent.backends import RunnerOptions, open_runner
+from agent.backends.select import Choice, choose_runner
 from agent.bundle import load_bundle
 from agent.config import Config
 from agent.guard import check_guard
@@ -52,22 +53,34 @@ class Agent:
         a = config.agent
         self.topics = Topics(a.site, a.device_id)
         self.bundle = load_bundle(config.model.bundle)
-        runtime = config.model.backend
-        self.runner = open_runner(
-            runtime,
-            str(self.bundle.backend_file(runtime).path),
-            RunnerOptions(
-                intra_op_threads=config.model.intra_op_threads,
-                inter_op_threads=config.model.inter_op_threads,
-                input_name=self.bundle.input.input_name,
-                output_name=self.bundle.output.output_name,
-            ),
+        options = RunnerOptions(
+            intra_op_threads=config.model.intra_op_threads,
+            inter_op_threads=config.model.inter_op_threads,
+            input_name=self.bundle.input.input_name,
+            output_name=self.bundle.output.output_name,
         )
-        try:  # never serve a model that has drifted from its fp32 reference
-            self.guard = check_guard(self.bundle, self.runner)
-        except BaseException:
-            self.runner.close()
-            raise
+        self.selection: Choice | None = None
+        if config.model.backend == "auto":
+            # Every installed runtime the bundle has a file for is guarded and timed on the
+            # golden set; the fastest that passes serves. Cached per model digest, so a
+            # restart only re-runs the guard. Raises GuardFailed when none passes.
+            assert a.state_dir is not None
+            self.sd.status(f"starting: choosing a runtime for {self.bundle.name}")
+            self.runner, self.selection = choose_runner(
+                self.bundle, options, a.state_dir / "backend-choice.json"
+            )
+            self.guard = self.selection.guard
+            runtime = self.selection.runtime
+        else:
+            runtime = config.model.backend
+            self.runner = open_runner(
+                runtime, str(self.bundle.backend_file(runtime).path), options
+            )
+            try:  # never serve a model that has drifted from its fp32 reference
+                self.guard = check_guard(self.bundle, self.runner)
+            except BaseException:
+                self.runner.close()
+                raise
         if self.guard.warning:
             log.warning("model_guard", model=self.bundle.name, warning=self.guard.warning)
         else:
@@ -219,6 +232,8 @@ class Agent:
                 "version": self.bundle.version,
                 "digest": self.translator.identity.digest,
                 "runtime": self.runner.runtime,
+                "backend": self.config.model.backend,  # "auto" or the configured runtime
+                **({"selection": self.selection.summary()} if self.selection else {}),
                 "guard": self.guard.summary(),
             },
             "inbox_depth": inbox,
@@ -320,6 +335,8 @@ class Agent:
         log.info("agent_starting", site=self.topics.site, device_id=self.topics.device,
                  model=self.bundle.name, model_version=self.bundle.version,
                  model_digest=self.translator.identity.digest[:16], runtime=self.runner.runtime,
+                 backend=self.config.model.backend,
+                 runtime_cached=self.selection.cached if self.selection else None,
                  inbox_pending=inbox, outbox_pending=outbox)
         self.cloud.start()
         self.edge.start()

@@ -1,12 +1,28 @@
 """Inference runtimes behind one small interface (see ``base.ModelRunner``).
 
 Each runtime lives in its own module and imports its library lazily, so an agent that never
-uses a runtime never pays for importing it.
+uses a runtime never pays for importing it. ``select.choose_runner`` picks one of them for
+``backend = "auto"``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 from agent.backends.base import BackendError, ModelRunner, RunnerOptions
+
+# In order of preference when two are equally fast (see agent.backends.select).
+RUNTIMES = ("onnxruntime", "litert")
+_PACKAGES = {"onnxruntime": ("onnxruntime",), "litert": ("ai_edge_litert", "tflite_runtime")}
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime",
+    "litert": 'pip install "iomt-edge-agent[tflite]"',
+}
+
+
+def runtime_installed(runtime: str) -> bool:
+    """Whether the runtime's library can be imported (found without importing it)."""
+    return any(importlib.util.find_spec(p) is not None for p in _PACKAGES.get(runtime, ()))
 
 
 def open_runner(runtime: str, model_path: str, options: RunnerOptions) -> ModelRunner:
@@ -15,7 +31,19 @@ def open_runner(runtime: str, model_path: str, options: RunnerOptions) -> ModelR
         from agent.backends.onnx import OnnxRunner
 
         return OnnxRunner(model_path, options)
-    raise BackendError(f"unknown runtime {runtime!r}; available: onnxruntime")
+    if runtime == "litert":
+        from agent.backends.litert import LiteRTRunner
+
+        return LiteRTRunner(model_path, options)
+    raise BackendError(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
 
 
-__all__ = ["BackendError", "ModelRunner", "RunnerOptions", "open_runner"]
+__all__ = [
+    "INSTALL_HINTS",
+    "RUNTIMES",
+    "BackendError",
+    "ModelRunner",
+    "RunnerOptions",
+    "open_runner",
+    "runtime_installed",
+]
