@@ -1,0 +1,52 @@
+"""onnxruntime helpers shared by quantize and evaluate: sessions, batched inference,
+interleaved latency measurement."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+THREADS = 2
+
+
+def make_session(path: Path, threads: int = THREADS) -> ort.InferenceSession:
+    """CPU session as the agent runs it: fixed intra-op threads, no idle spinning (two
+    sessions used in turn in one process otherwise slow each other down)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def predict(sess: ort.InferenceSession, inputs: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Run [N, 1, H, W] float32 inputs through a session in batches."""
+    outs = [
+        sess.run(["output"], {"input": inputs[i : i + batch].astype(np.float32)})[0]
+        for i in range(0, len(inputs), batch)
+    ]
+    return np.concatenate(outs)
+
+
+def interleaved_latency_ms(
+    sessions: dict[str, ort.InferenceSession],
+    sample: np.ndarray,
+    runs: int = 40,
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Median batch-1 latency per session (ms), the sessions taking turns so that machine
+    noise hits them alike."""
+    x = sample[None, None].astype(np.float32) if sample.ndim == 2 else sample[:1]
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for i in range(warmup + runs):
+        for name, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(["output"], {"input": x})
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}

@@ -1,0 +1,123 @@
+"""Train the U-Net on augmented random crops of the training slices (L1 + SSIM loss)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+
+import numpy as np
+import torch
+
+from recipes import config
+from recipes.augment import AugmentConfig, BatchSampler
+from recipes.losses import l1_ssim_loss
+from recipes.timing import record_timing
+from recipes.unet import UNetLite, count_macs, count_params
+
+WIDTHS = (12, 24, 48, 64)
+STEPS = 3600
+BATCH = 16
+CROP = 128
+SSIM_WEIGHT = 0.3
+# Mild augmentation: most samples stay clean. Every perturbation of the input's intensities
+# or geometry blurs the sharp tissue boundaries of the simulated target, and the evaluation
+# is on clean template slices (measured at 1000 steps: no augmentation 30.2 dB, 90-degree
+# turns + affine on half the samples 27.7 dB, bias field + noise 28.4 dB).
+AUGMENT = AugmentConfig(
+    crop=CROP,
+    turns=False,
+    max_rotation_deg=10.0,
+    scale_range=(0.9, 1.1),
+    p_affine=0.2,
+    intensity_range=(0.7, 1.3),
+    bias_strength=0.1,
+    p_bias=0.25,
+    max_noise=0.01,
+    p_noise=0.25,
+)
+LR = 2e-3
+WARMUP = 200
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def learning_rate(step: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to 1 % of the peak."""
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    t = (step - WARMUP) / max(1, steps - WARMUP)
+    return LR * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(steps: int, threads: int) -> dict[str, object]:
+    torch.set_num_threads(threads)
+    gen = seed_everything(config.SEED)
+    data = np.load(config.DATA_NPZ)
+    idx = data["train_idx"]
+    sampler = BatchSampler(data["t1"][idx], data["t2"][idx], AUGMENT, gen)
+
+    model = UNetLite(WIDTHS)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
+    history: list[dict[str, float]] = []
+    running = 0.0
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps)
+        x, y = sampler.sample(BATCH)
+        loss = l1_ssim_loss(model(x), y, SSIM_WEIGHT)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        running += loss.item()
+        if (step + 1) % 200 == 0:
+            elapsed = time.perf_counter() - start
+            mean = running / 200
+            history.append({"step": step + 1, "loss": mean, "elapsed_s": round(elapsed, 1)})
+            print(f"step {step + 1:5d}/{steps}  loss {mean:.4f}  {elapsed:6.0f} s", flush=True)
+            running = 0.0
+    wall = time.perf_counter() - start
+
+    config.BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save({"widths": WIDTHS, "state_dict": model.state_dict()}, config.CHECKPOINT)
+    summary: dict[str, object] = {
+        "widths": list(WIDTHS),
+        "params": count_params(model),
+        "macs_256": count_macs(model.eval()),
+        "steps": steps,
+        "batch": BATCH,
+        "crop": CROP,
+        "lr": LR,
+        "loss": f"{1 - SSIM_WEIGHT:g} * L1 + {SSIM_WEIGHT:g} * (1 - SSIM)",
+        "augment": dataclasses.asdict(AUGMENT),
+        "optimizer": "AdamW (weight decay 1e-4), warm-up + cosine",
+        "train_slices": len(idx),
+        "threads": threads,
+        "wall_s": round(wall, 1),
+        "history": history,
+    }
+    config.TRAIN_LOG.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    summary = train(args.steps, args.threads)
+    record_timing("train", float(summary["wall_s"]))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
