@@ -17,6 +17,7 @@ from recipes import config
 from recipes.metrics import psnr
 from recipes.model_card import render_model_card, render_readme_table
 from recipes.normalise import robust_max_np
+from recipes.npz import save_npz
 from recipes.runtime import make_session
 from recipes.timing import load_timings, record_timing
 
@@ -49,7 +50,7 @@ def build_golden() -> dict[str, Any]:
     pooled = psnr(got, ref, rng)
     per_slice = [psnr(g, r, rng) for g, r in zip(got, ref, strict=True)]
     floor = math.floor(min(pooled, *per_slice) - GOLDEN_MARGIN_DB)
-    np.savez_compressed(GOLDEN_NPZ, input=x, reference_output=ref)
+    save_npz(GOLDEN_NPZ, input=x, reference_output=ref)
     return {
         "int8_vs_fp32_psnr_db": round(pooled, 2),
         "int8_vs_fp32_psnr_slice_min_db": round(min(per_slice), 2),

@@ -193,8 +193,10 @@ T2-weighted slice on a fixed intensity scale (CSF = 1.0).
 
 Source: {TEMPLATE_SOURCE}
 
+{SIMULATED_T2}
+
 - Input: the real MNI152 T1 template, axial slices.
-- Target: {SIMULATED_T2}
+- Target: a SIMULATED T2-weighted partner of the same slices, not an acquired MR image.
 - Simulation (BrainWeb style): spin echo, `S = PD * (1 - exp(-TR/T1)) * exp(-TE/T2)`,
   TR = {config.TR_MS:.0f} ms, TE = {config.TE_MS:.0f} ms, 1.5 T tissue parameters of BrainWeb
   (Kwan et al. 1999; Collins et al. 1998). Each voxel mixes the pure-tissue signals by the

@@ -15,6 +15,7 @@ import numpy as np
 
 from recipes import config
 from recipes.notice import MNI_COPYRIGHT, SIMULATED_T2, TEMPLATE_SOURCE
+from recipes.npz import save_npz
 from recipes.timing import record_timing
 
 SAMPLE_NPZ = config.SAMPLES_DIR / "mni152_t1w_slab.npz"
@@ -34,12 +35,12 @@ def main() -> None:
     t1 = data["t1"][idx]
     t1_scale = 1000.0 / float(t1.max())
     config.SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
+    save_npz(
         SAMPLE_NPZ,
         t1=to_uint16(t1 * t1_scale),
         t2_reference=to_uint16(data["t2"][idx] * config.OUTPUT_SCALE),
         spacing_mm=np.array([1.0, 1.0, 1.0], dtype=np.float64),
-        first_slice_z_mm=np.float64(data["z_mm"][idx[0]]),
+        first_slice_z_mm=np.array(data["z_mm"][idx[0]], dtype=np.float64),
     )
     size = SAMPLE_NPZ.stat().st_size
     if size > MAX_BYTES:
