@@ -36,7 +36,7 @@ import pydicom
 
 from agent.backends import RunnerOptions, open_runner
 from agent.bundle import load_bundle
-from agent.config import BrokerConfig, load_config
+from agent.config import BrokerConfig
 from agent.derive import result_message_id
 from agent.mqtt import Connection, Message
 from agent.preprocess import normalise, to_model_grid
@@ -98,6 +98,9 @@ def main() -> int:
     ap.add_argument("--raw", type=int, default=300, help="slices per raw phase")
     ap.add_argument("--bundle", type=Path, default=default_bundle())
     ap.add_argument("--json", type=Path, default=Path("bench-out/e2e.json"))
+    ap.add_argument("--agent-threads", type=int, default=0,
+                    help="model.intra_op_threads for the agent (raw is always measured at 0 = "
+                    "one per core, the runtime's best)")
     args = ap.parse_args()
 
     slab = load_demo_slab()
@@ -116,9 +119,9 @@ def main() -> int:
                                                   site="bench", device_id="node-1",
                                                   bundle=args.bundle))
         text = config_path.read_text().replace('format = "auto"', 'format = "json"')
+        text = text.replace("intra_op_threads = 0", f"intra_op_threads = {args.agent_threads}")
         config_path.write_text(text)
-        config = load_config(config_path)
-        threads = config.model.intra_op_threads
+        threads = 0
 
         raw_a = raw_throughput(args.bundle, inputs, threads, args.raw)
 
@@ -202,6 +205,7 @@ def main() -> int:
                     "processor": platform.processor()},
         "model": {"name": bundle.name, "version": bundle.version, "digest": bundle.digest()},
         "slices": args.slices,
+        "agent_intra_op_threads": args.agent_threads,
         "raw_slices_per_s": {"before": raw_a, "after": raw_b, "mean": raw},
         "e2e_slices_per_s": e2e,
         "e2e_over_raw": e2e / raw,
