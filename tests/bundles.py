@@ -45,3 +45,36 @@ def make_scale_bundle(root: Path, factor: float = 0.5, name: str = "test-scale")
     }
     (root / "bundle.json").write_text(json.dumps(meta, indent=2))
     return root
+
+
+def smooth_inputs(n: int, seed: int, grid: int = 32) -> np.ndarray:
+    """float32 [n, 1, grid, grid] in [0, 1], smooth like normalised MR slices."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, grid, grid))
+    for axis in (2, 3):  # a few box blurs
+        for _ in range(3):
+            x = (x + np.roll(x, 1, axis) + np.roll(x, -1, axis)) / 3
+    return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
+
+
+def quantize_qdq(fp32: Path, int8: Path) -> None:
+    """Static int8 QDQ (u8 activations, per-channel s8 weights) calibrated on 16 smooth
+    inputs: the way the reference bundle is quantized, on a small test model."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._batches = iter(smooth_inputs(16, seed=1)[:, None])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)

@@ -29,7 +29,7 @@ from agent.guard import (
     run_guard,
     verify_bundle,
 )
-from tests.bundles import make_scale_bundle
+from tests.bundles import make_scale_bundle, quantize_qdq, smooth_inputs
 
 GRID = 32
 FLOOR_DB = 25.0
@@ -38,17 +38,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "t1w-to-t2w-lite"
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def smooth_inputs(n: int, seed: int) -> np.ndarray:
-    """Images like normalised MR slices: smooth, non-negative, about 0..1."""
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, 1, GRID, GRID))
-    for axis in (2, 3):  # a few box blurs
-        for _ in range(3):
-            x = (x + np.roll(x, 1, axis) + np.roll(x, -1, axis)) / 3
-    x = (x - x.min()) / (x.max() - x.min())
-    return x.astype(np.float32)
 
 
 def conv_net(path: Path) -> None:
@@ -75,27 +64,6 @@ def conv_net(path: Path) -> None:
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def quantize(fp32: Path, int8: Path) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._batches = iter(smooth_inputs(16, seed=1)[:, None])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {"input": batch}
-
-    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
 
 
 def run_model(path: Path, x: np.ndarray) -> np.ndarray:
@@ -145,7 +113,7 @@ def corrupt_weight_scale(src: Path, dst: Path, factor: float = 10.0) -> str:
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     d = tmp_path_factory.mktemp("guard-models")
     conv_net(d / "model.fp32.onnx")
-    quantize(d / "model.fp32.onnx", d / "model.int8.onnx")
+    quantize_qdq(d / "model.fp32.onnx", d / "model.int8.onnx")
     corrupt_weight_scale(d / "model.int8.onnx", d / "model.broken.onnx")
     x = smooth_inputs(4, seed=2)  # held out from the calibration batches
     ref = run_model(d / "model.fp32.onnx", x)
