@@ -37,7 +37,7 @@ class Mosquitto:
 
 
 @pytest.fixture
-def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[str], Mosquitto]]:
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start Mosquitto brokers with their own config; all are stopped at teardown."""
     binary = mosquitto_binary()
     if binary is None:
@@ -45,20 +45,23 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[str], Mosquitto]]:
                     "`apt-get install mosquitto`")
     started: list[Mosquitto] = []
 
-    def start(name: str = "broker") -> Mosquitto:
+    def start(name: str = "broker", settings: str = "allow_anonymous true") -> Mosquitto:
+        """``settings``: listener options (authentication, TLS) for this broker."""
         port = _free_port()
         conf = tmp_path / f"{name}.conf"
         log = tmp_path / f"{name}.log"
+        # user root: a broker started by root would otherwise drop to user mosquitto and
+        # could not read files (passwords, certificates) in pytest's private tmp dir.
         conf.write_text(
             f"listener {port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{settings}\n"
+            "user root\n"
             "persistence false\n"
             "max_queued_messages 100000\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
-        # Mosquitto drops root for its own user and then cannot write into pytest's private
-        # tmp dir: let it log to stderr and keep that in a file of ours.
+        # The broker logs to stderr, kept in a file of ours.
         with log.open("wb") as log_file:
             proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file,
                                     stderr=subprocess.STDOUT)
@@ -82,3 +85,13 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[str], Mosquitto]]:
             b.proc.wait(5)
         except subprocess.TimeoutExpired:
             b.proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """A test that runs a CLI entry point configures structlog for the process (e.g. the
+    doctor filters below "error"); start every test from structlog's defaults."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()

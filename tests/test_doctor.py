@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from agent import doctor
 from agent.config import load_config
 from agent.scaffold import InitOptions, write_directory
 from tests.bundles import make_scale_bundle
-from tests.conftest import Mosquitto, mosquitto_binary
+from tests.conftest import Mosquitto
 
 
 def _free_port() -> int:
@@ -261,40 +261,9 @@ def test_certificate_validity_expiry_and_key_match(tmp_path: Path, bundle: Path)
 
 
 @pytest.fixture
-def broker_with(tmp_path: Path) -> Iterator[Callable[[str, str], Mosquitto]]:
-    """Mosquitto with extra listener settings (passwords, TLS): the shared fixture only
-    starts anonymous plain brokers."""
-    binary = mosquitto_binary()
-    if binary is None:
-        pytest.fail("mosquitto is not installed: `apt-get install mosquitto`")
-    started: list[Mosquitto] = []
-
-    def start(name: str, settings: str) -> Mosquitto:
-        port = _free_port()
-        conf, log = tmp_path / f"{name}.conf", tmp_path / f"{name}.log"
-        # user root: a broker started by root would otherwise drop to user mosquitto and
-        # could not read our files in the private tmp_path (ignored when not root)
-        conf.write_text(f"listener {port} 127.0.0.1\n{settings}\npersistence false\n"
-                        f"user root\nlog_dest file {log}\n")
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mosquitto did not start: {log.read_text()}")
-                time.sleep(0.05)
-        broker = Mosquitto(port, proc, log)
-        started.append(broker)
-        return broker
-
-    yield start
-    for b in started:
-        b.proc.terminate()
-        b.proc.wait(5)
+def broker_with(mosquitto_factory: Callable[..., Mosquitto]) -> Callable[[str, str], Mosquitto]:
+    """Mosquitto with extra listener settings (passwords, TLS)."""
+    return lambda name, settings: mosquitto_factory(name, settings)
 
 
 @pytest.mark.integration
