@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 BUNDLE_FORMAT = 1
+MAX_CONTEXT_SLICES = 8
 
 
 class BundleError(Exception):
@@ -43,6 +44,7 @@ class InputContract:
     pixel_spacing_mm: tuple[float, float]  # row spacing, column spacing of the model grid
     channels: int = 1
     context_slices: int = 0  # 0 = 2D; k = k neighbours each side (2.5D)
+    slice_spacing_mm: float | None = None  # 2.5D: the slice spacing the model was trained on
     series_description_pattern: str | None = None  # regex, case-insensitive search
     photometric_interpretations: tuple[str, ...] = ("MONOCHROME2",)
     bits_allocated: tuple[int, ...] = (8, 16)
@@ -88,9 +90,11 @@ class ModelBundle:
     input: InputContract
     output: OutputContract
     backends: dict[str, BundleFile]  # runtime name -> served (int8) model file
-    reference: BundleFile | None  # fp32 reference model
+    reference: BundleFile | None  # fp32 reference model (ONNX)
     golden: GoldenSet | None
     model_card: Path | None
+    references: dict[str, BundleFile] = field(default_factory=dict)  # fp32, other runtimes
+    gmac: float | None = None  # multiply-accumulates per inference of one item, 1e9
 
     def backend_file(self, runtime: str) -> BundleFile:
         try:
@@ -100,6 +104,19 @@ class ModelBundle:
             raise BundleError(
                 f"bundle {self.name} has no file for runtime {runtime!r} (it has: {have})"
             ) from None
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model's input tensor: the contract's channels for each of the
+        2 * context_slices + 1 slices of a 2.5D stack."""
+        return self.input.channels * (2 * self.input.context_slices + 1)
+
+    def reference_file(self, runtime: str) -> BundleFile | None:
+        """The fp32 model file for ``runtime``: ``reference`` (ONNX, the source of the golden
+        outputs) for onnxruntime, ``references.<runtime>`` for the others (optional)."""
+        if runtime == "onnxruntime":
+            return self.reference
+        return self.references.get(runtime)
 
     def digest(self, runtime: str = "onnxruntime") -> str:
         """The model digest: sha256 of the served model file (hex)."""
@@ -160,6 +177,8 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
             ),
             channels=int(inp.get("channels", 1)),
             context_slices=int(inp.get("context_slices", 0)),
+            slice_spacing_mm=(None if inp.get("slice_spacing_mm") is None
+                              else float(inp["slice_spacing_mm"])),
             series_description_pattern=inp.get("series_description_pattern"),
             photometric_interpretations=tuple(
                 inp.get("photometric_interpretations", ["MONOCHROME2"])
@@ -186,10 +205,23 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
         reference = None
         if "reference" in meta:
             reference = _file(root, meta["reference"], "reference", verify)
+        references = {
+            name: _file(root, spec, f"references.{name}", verify)
+            for name, spec in meta.get("references", {}).items()
+        }
+        gmac = meta.get("compute", {}).get("gmac")
         golden = None
         if "golden" in meta:
             g = _file(root, meta["golden"], "golden", verify)
             golden = GoldenSet(g.path, g.sha256, float(meta["golden"]["min_psnr_db"]))
+        if not 0 <= input_contract.context_slices <= MAX_CONTEXT_SLICES:
+            raise BundleError(f"{meta_path}: input.context_slices must be 0 (2D) to "
+                              f"{MAX_CONTEXT_SLICES}, got {input_contract.context_slices}")
+        if input_contract.channels < 1:
+            raise BundleError(f"{meta_path}: input.channels must be at least 1")
+        spacing = input_contract.slice_spacing_mm
+        if spacing is not None and not spacing > 0:
+            raise BundleError(f"{meta_path}: input.slice_spacing_mm must be positive")
         card = root / meta["model_card"] if meta.get("model_card") else None
         return ModelBundle(
             root=root,
@@ -203,6 +235,8 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
             reference=reference,
             golden=golden,
             model_card=card,
+            references=references,
+            gmac=None if gmac is None else float(gmac),
         )
     except KeyError as exc:
         raise BundleError(f"{meta_path}: missing key {exc.args[0]!r}") from None

@@ -145,6 +145,10 @@ class AgentSection(_Strict):
     _site = field_validator("site", "device_id")(_level)
 
 
+OnnxProvider = Literal["tensorrt", "cuda", "cpu"]
+DEFAULT_ONNX_PROVIDERS: tuple[OnnxProvider, ...] = ("tensorrt", "cuda", "cpu")
+
+
 class ModelSection(_Strict):
     bundle: Path = Field(title="Model bundle", description="Directory holding bundle.json")
     backend: Literal["onnxruntime", "litert", "auto"] = Field(
@@ -156,7 +160,22 @@ class ModelSection(_Strict):
     intra_op_threads: int = Field(
         0, ge=0, le=256, title="Intra-op threads", description="0 = one per core"
     )
-    inter_op_threads: int = Field(1, ge=1, le=64, title="Inter-op threads", description="")
+    inter_op_threads: int = Field(
+        1, ge=1, le=64, title="Inter-op threads",
+        description="Threads running independent graph branches (onnxruntime); 1 suits a U-Net",
+    )
+    onnx_providers: list[OnnxProvider] = Field(
+        default_factory=lambda: list(DEFAULT_ONNX_PROVIDERS),
+        min_length=1,
+        title="onnxruntime execution providers",
+        description="Tried in this order where the installed onnxruntime has them (TensorRT and "
+        "CUDA on a Jetson with onnxruntime-gpu); the CPU provider is always the last fallback",
+    )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all",
+        title="onnxruntime graph optimisation",
+        description="Graph optimisation level; 'all' fuses int8 QDQ groups into integer kernels",
+    )
 
 
 class LimitsSection(_Strict):

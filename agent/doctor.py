@@ -374,7 +374,7 @@ def _mqtt_connect(role: str, cfg: BrokerConfig, client_id: str, timeout: float,
 def check_model(config: Config) -> list[Finding]:
     import numpy as np
 
-    from agent.backends import BackendError, RunnerOptions, open_runner
+    from agent.backends import BackendError, open_runner, runner_options
     from agent.bundle import BundleError, load_bundle
 
     subject = "model.bundle"
@@ -388,15 +388,13 @@ def check_model(config: Config) -> list[Finding]:
                  "every file matches its sha256")]
     started = time.perf_counter()
     try:
-        runner = open_runner(config.model.backend, str(served.path), RunnerOptions(
-            intra_op_threads=config.model.intra_op_threads,
-            inter_op_threads=config.model.inter_op_threads,
-            input_name=bundle.input.input_name, output_name=bundle.output.output_name))
+        runner = open_runner(config.model.backend, str(served.path),
+                             runner_options(config.model, bundle))
     except BackendError as exc:
         return [*found, _fail("model", config.model.backend, str(exc),
                               "reinstall the runtime, or use a bundle built for it")]
     try:
-        channels = bundle.input.channels * (2 * bundle.input.context_slices + 1)
+        channels = bundle.input_channels
         zeros = np.zeros((1, channels, *bundle.input.shape), dtype=np.float32)
         out = runner.run(zeros)
         ms = (time.perf_counter() - started) * 1000

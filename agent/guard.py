@@ -196,7 +196,7 @@ def load_golden(bundle: ModelBundle) -> tuple[npt.NDArray[np.float32], npt.NDArr
         if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating) or len(array) < 1:
             raise BundleError(f"{where}: {name} is {array.dtype} {list(array.shape)}, "
                               "expected float32 [N, C, H, W] with N >= 1")
-    channels = bundle.input.channels * (2 * bundle.input.context_slices + 1)
+    channels = bundle.input_channels
     if x.shape[1:] != (channels, *bundle.input.shape):
         raise BundleError(f"{where}: input is {list(x.shape)}, the input contract says "
                           f"[N, {channels}, {bundle.input.shape[0]}, {bundle.input.shape[1]}]")

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from agent import __version__, keys, sdnotify, seal
-from agent.backends import RunnerOptions, open_runner
+from agent.backends import open_runner, runner_options
 from agent.backends.select import Choice, choose_runner
 from agent.bundle import load_bundle
 from agent.config import Config
@@ -53,12 +53,7 @@ class Agent:
         a = config.agent
         self.topics = Topics(a.site, a.device_id)
         self.bundle = load_bundle(config.model.bundle)
-        options = RunnerOptions(
-            intra_op_threads=config.model.intra_op_threads,
-            inter_op_threads=config.model.inter_op_threads,
-            input_name=self.bundle.input.input_name,
-            output_name=self.bundle.output.output_name,
-        )
+        options = runner_options(config.model, self.bundle, a.state_dir)
         self.selection: Choice | None = None
         if config.model.backend == "auto":
             # Every installed runtime the bundle has a file for is guarded and timed on the

@@ -8,8 +8,14 @@ uses a runtime never pays for importing it. ``select.choose_runner`` picks one o
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.backends.base import BackendError, ModelRunner, RunnerOptions
+
+if TYPE_CHECKING:
+    from agent.bundle import ModelBundle
+    from agent.config import ModelSection
 
 # In order of preference when two are equally fast (see agent.backends.select).
 RUNTIMES = ("onnxruntime", "litert")
@@ -23,6 +29,20 @@ INSTALL_HINTS = {
 def runtime_installed(runtime: str) -> bool:
     """Whether the runtime's library can be imported (found without importing it)."""
     return any(importlib.util.find_spec(p) is not None for p in _PACKAGES.get(runtime, ()))
+
+
+def runner_options(model: ModelSection, bundle: ModelBundle,
+                   cache_dir: Path | None = None) -> RunnerOptions:
+    """The runner options the config's [model] section asks for, for this bundle."""
+    return RunnerOptions(
+        intra_op_threads=model.intra_op_threads,
+        inter_op_threads=model.inter_op_threads,
+        input_name=bundle.input.input_name,
+        output_name=bundle.output.output_name,
+        onnx_providers=tuple(model.onnx_providers),
+        graph_optimization=model.graph_optimization,
+        cache_dir=cache_dir,
+    )
 
 
 def open_runner(runtime: str, model_path: str, options: RunnerOptions) -> ModelRunner:
@@ -45,5 +65,6 @@ __all__ = [
     "ModelRunner",
     "RunnerOptions",
     "open_runner",
+    "runner_options",
     "runtime_installed",
 ]

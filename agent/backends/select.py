@@ -167,7 +167,7 @@ def _timing_inputs(bundle: ModelBundle) -> npt.NDArray[np.float32]:
     if bundle.golden is not None:
         x, _ref = load_golden(bundle)
         return x
-    channels = bundle.input.channels * (2 * bundle.input.context_slices + 1)
+    channels = bundle.input_channels
     rng = np.random.default_rng(0)
     return rng.random((2, channels, *bundle.input.shape), dtype=np.float32)
 

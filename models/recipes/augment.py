@@ -33,7 +33,9 @@ class AugmentConfig:
 
 
 class BatchSampler:
-    """Draws augmented (input, target) crops from a stack of paired slices."""
+    """Draws augmented (input, target) crops from paired slices: ``t1`` [N, C, H, W] (C = 1
+    for 2D, 2k + 1 neighbouring slices for 2.5D; [N, H, W] is taken as C = 1), ``t2``
+    [N, H, W] (the centre slice's target)."""
 
     def __init__(
         self,
@@ -42,19 +44,20 @@ class BatchSampler:
         cfg: AugmentConfig,
         generator: torch.Generator,
     ) -> None:
+        t1 = t1[:, None] if t1.ndim == 3 else t1
         self.t1 = torch.from_numpy(np.ascontiguousarray(t1, dtype=np.float32))
         self.t2 = torch.from_numpy(np.ascontiguousarray(t2, dtype=np.float32))
         self.cfg = cfg
         self.gen = generator
         # Slices with more brain are drawn more often (sqrt keeps small ones in play).
-        area = (self.t1 > 0).flatten(1).sum(1).float()
+        area = (self.t1[:, self.t1.shape[1] // 2] > 0).flatten(1).sum(1).float()
         self.weights = area.sqrt() / area.sqrt().sum()
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=self.gen)
 
     def _geometry(self, pair: torch.Tensor) -> torch.Tensor:
-        """pair: [N, 2, H, W]; random dihedral turn + small rotation/scale per sample."""
+        """pair: [N, C + 1, H, W]; random dihedral turn + small rotation/scale per sample."""
         n = pair.shape[0]
         out = []
         for i in range(n):
@@ -127,11 +130,12 @@ class BatchSampler:
         return torch.stack(xs), torch.stack(ys)
 
     def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented batch: normalised input crops and target crops, [B, 1, c, c]."""
+        """One augmented batch: normalised input crops [B, C, c, c] and target crops
+        [B, 1, c, c]."""
         idx = torch.multinomial(self.weights, batch, replacement=True, generator=self.gen)
-        pair = torch.stack([self.t1[idx], self.t2[idx]], dim=1)
+        pair = torch.cat([self.t1[idx], self.t2[idx][:, None]], dim=1)
         pair = self._geometry(pair)
-        t1 = pair[:, :1].clamp_min(0)
-        t2 = pair[:, 1:].clamp_min(0)
+        t1 = pair[:, :-1].clamp_min(0)
+        t2 = pair[:, -1:].clamp_min(0)
         x = robust_max_torch(self._intensity(t1))
         return self._crop(x, t2)

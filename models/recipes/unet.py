@@ -33,15 +33,17 @@ class Up(nn.Module):
 
 
 class UNetLite(nn.Module):
-    """U-Net with ``len(widths)`` resolution levels; input [N, 1, H, W], H and W divisible
+    """U-Net with ``len(widths)`` resolution levels; input [N, in_channels, H, W] (one
+    channel for a 2D model, 2k + 1 neighbouring slices for a 2.5D one), H and W divisible
     by 2 ** (levels - 1). In eval mode the output is non-negative (ReLU), on the target's
     fixed scale."""
 
-    def __init__(self, widths: tuple[int, ...] = (12, 24, 48, 64)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (12, 24, 48, 64), in_channels: int = 1) -> None:
         super().__init__()
         self.widths = widths
+        self.in_channels = in_channels
         self.down = nn.ModuleList()
-        c_prev = 1
+        c_prev = in_channels
         for w in widths:
             self.down.append(nn.Sequential(conv_relu(c_prev, w), conv_relu(w, w)))
             c_prev = w
@@ -68,7 +70,7 @@ class UNetLite(nn.Module):
 
 
 def count_macs(model: nn.Module, height: int = 256, width: int = 256) -> int:
-    """Multiply-accumulates of one forward pass on a 1 x 1 x H x W input (Conv2d only;
+    """Multiply-accumulates of one forward pass on a 1 x C x H x W input (Conv2d only;
     ReLU, pooling, resize and concat are not MACs)."""
     total = 0
 
@@ -82,7 +84,7 @@ def count_macs(model: nn.Module, height: int = 256, width: int = 256) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 1, height, width))
+            model(torch.zeros(1, getattr(model, "in_channels", 1), height, width))
     finally:
         for h in handles:
             h.remove()
