@@ -161,15 +161,18 @@ def from_model_grid(grid_out: np.ndarray, gmap: GridMap) -> np.ndarray:
 
 
 def normalise(grid: np.ndarray, norm: Normalisation) -> np.ndarray:
-    """Scale a model-grid image as the model was trained to see it (float32).
+    """Scale a model-grid image (H, W), or a 2.5D stack of neighbouring slices (C, H, W), as
+    the model was trained to see it (float32).
 
     ``robust_max``: divide by the ``norm.percentile`` percentile of the non-zero pixels and
-    clip to ``[0, norm.clip_max]``; an all-zero (or all-negative) slice gives zeros.
-    Raises ValueError for an unknown method."""
+    clip to ``[0, norm.clip_max]``; an all-zero (or all-negative) slice gives zeros. A stack
+    is divided by the percentile of its centre slice (index C // 2), so neighbours keep
+    their intensity relative to it. Raises ValueError for an unknown method."""
     if norm.method != "robust_max":
         raise ValueError(f"unknown normalisation method {norm.method!r} (known: robust_max)")
     image = np.asarray(grid, dtype=np.float32)
-    positive = image[image > 0]
+    centre = image[image.shape[0] // 2] if image.ndim == 3 else image
+    positive = centre[centre > 0]
     if positive.size == 0:
         return np.zeros_like(image)
     scale = float(np.percentile(positive, norm.percentile))

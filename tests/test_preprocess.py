@@ -162,3 +162,14 @@ def test_normalise_all_zero_and_unknown_method() -> None:
     assert not normalise(-np.ones((8, 8), np.float32), Normalisation()).any()
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalise(zeros, Normalisation(method="zscore"))
+
+
+def test_normalise_stack_uses_the_centre_slice() -> None:
+    norm = Normalisation(percentile=100.0, clip_max=10.0)
+    stack = np.stack([np.full((4, 4), v, dtype=np.float32) for v in (2.0, 4.0, 8.0)])
+    out = normalise(stack, norm)
+    assert out.shape == (3, 4, 4)
+    np.testing.assert_allclose(out[:, 0, 0], [0.5, 1.0, 2.0])
+    # the centre alone decides: an empty centre gives zeros even with bright neighbours
+    stack[1] = 0
+    assert not normalise(stack, norm).any()
