@@ -84,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     log = get_logger("agent.cli")
     try:
-        agent = Agent(config)
+        agent = Agent(config, args.config)
     except GuardFailed as exc:  # a BundleError: caught first, for its own event and figures
         log.error("model_refused", model=exc.report.bundle, **exc.report.summary(),
                   fix="`iomt-agent model verify BUNDLE` prints the figures; rebuild or "

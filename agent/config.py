@@ -202,6 +202,25 @@ class LimitsSection(_Strict):
     )
 
 
+class SeriesSection(_Strict):
+    """Series assembly for 2.5D models (bundles with input.context_slices > 0)."""
+
+    idle_timeout_s: float = Field(
+        30.0, gt=0, le=3600, title="Series idle timeout",
+        description="A series with no new slice for this long is complete: its slices still "
+        "waiting for neighbours go with edge padding",
+    )
+    max_open: int = Field(
+        8, ge=1, le=256, title="Open series",
+        description="Series assembled at once; a new one closes the least recently active "
+        "(logged as series_limit)",
+    )
+    max_slices: int = Field(
+        2048, ge=1, le=65536, title="Slices per series",
+        description="More slices in one series are refused (error reason series_too_large)",
+    )
+
+
 class SealSection(_Strict):
     recipient_public_key: Path = Field(
         title="Recipient public key", description="The cloud's HPKE public key"
@@ -238,6 +257,10 @@ class Config(_Strict):
     seal: SealSection = Field(title="Sealing", description="Keys for sealed results")
     limits: LimitsSection = Field(
         default_factory=lambda: LimitsSection(), title="Limits", description="Resource caps"
+    )
+    series: SeriesSection = Field(
+        default_factory=lambda: SeriesSection(), title="Series assembly",
+        description="How 2.5D models gather a slice's neighbours",
     )
     log: LogSection = Field(
         default_factory=lambda: LogSection(), title="Logging", description="Level and format"

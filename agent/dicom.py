@@ -53,7 +53,7 @@ REASONS = frozenset({
     "not_dicom", "payload_too_large", "missing_tag", "no_pixel_data", "wrong_modality",
     "series_mismatch", "unsupported_photometric", "unsupported_bits", "pixel_budget_exceeded",
     "multiframe_unsupported", "unsupported_transfer_syntax", "pixel_decode_failed",
-    "bad_geometry",
+    "bad_geometry", "duplicate_position", "series_too_large",
 })  # fmt: skip
 JPEG_EXTRA_HINT = 'pip install "iomt-edge-agent[jpeg]"'
 # Compressed syntaxes and the package of the `jpeg` extra that decodes each (through

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -90,8 +90,9 @@ class Translator:
         self.topics = topics
         self.identity = ModelIdentity(bundle.name, bundle.version, bundle.digest(runtime))
 
-    def _error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
-               timings: dict[str, float]) -> Outcome:
+    def error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
+              timings: dict[str, float] | None = None) -> Outcome:
+        """An error report for one scan (never PHI: reason code, tag names, numbers)."""
         message_id, body = error_report(
             device_id=self.topics.device,
             reason=reason,
@@ -100,32 +101,46 @@ class Translator:
             source_topic=source_topic,
         )
         return Outcome(False, "error", message_id, str(self.topics.errors), body,
-                       reason=reason, timings_ms=timings)
+                       reason=reason, timings_ms=timings or {})
+
+    def prepare(self, payload: bytes) -> Prepared:
+        """Decode a payload against the input contract and put it on the model grid.
+        Raises ``ScanRejected``."""
+        scan = decode_scan(
+            payload,
+            self.bundle.input,
+            pixel_budget=self.limits.pixel_budget,
+            max_payload_bytes=self.limits.max_payload_bytes,
+        )
+        grid, gmap = to_model_grid(scan.pixels, scan.pixel_spacing, self.bundle.input)
+        return Prepared(scan, grid, gmap)
 
     def infer(self, payload: bytes, source_topic: str, payload_sha256: str) -> Inferred | Outcome:
-        """First half: decode, validate, preprocess, run the model. An Outcome means the scan
-        was rejected."""
-        timer = _Timer()
+        """First half for a 2D model: decode, validate, preprocess, run the model. An Outcome
+        means the scan was rejected."""
+        timer = StageTimer()
         try:
-            scan = decode_scan(
-                payload,
-                self.bundle.input,
-                pixel_budget=self.limits.pixel_budget,
-                max_payload_bytes=self.limits.max_payload_bytes,
-            )
-            timer.lap("decode")
-            grid, gmap = to_model_grid(scan.pixels, scan.pixel_spacing, self.bundle.input)
-            x = normalise(grid, self.bundle.input.normalisation)
-            timer.lap("preprocess")
+            prepared = self.prepare(payload)
         except ScanRejected as exc:
-            return self._error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
+            return self.error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
+        timer.lap("decode")
+        return self.infer_stack(prepared, [prepared.grid], source_topic, payload_sha256, timer)
+
+    def infer_stack(self, centre: Prepared, grids: Sequence[npt.NDArray[np.float32]],
+                    source_topic: str, payload_sha256: str,
+                    timer: StageTimer | None = None) -> Inferred | Outcome:
+        """First half from prepared slices: ``grids`` are the model-grid images of the 2k + 1
+        slots in slice order (one for a 2D model), ``centre`` the slice the result is for."""
+        timer = timer or StageTimer()
+        x = normalise(np.stack(grids), self.bundle.input.normalisation)
+        timer.lap("preprocess")
         try:
-            y = self.runner.run(x[np.newaxis, np.newaxis, :, :])
+            y = self.runner.run(x[np.newaxis])
         except Exception as exc:  # a runtime failure on one input must not stop the loop
-            return self._error("inference_failed", f"runtime error ({type(exc).__name__})",
+            return self.error("inference_failed", f"runtime error ({type(exc).__name__})",
                                payload_sha256, source_topic, timer.timings)
         timer.lap("infer")
-        return Inferred(scan, y[0, 0], gmap, source_topic, payload_sha256, timer)
+        return Inferred(centre.scan, y[0, 0], centre.gmap, source_topic, payload_sha256, timer)
 
     def finish(self, inferred: Inferred) -> Outcome:
         """Second half: back to the input grid, derive the output instance, seal it."""
@@ -143,7 +158,7 @@ class Translator:
                 software_version=__version__,
             )
         except Exception as exc:  # e.g. a source attribute pydicom cannot write back
-            return self._error("derive_failed", f"cannot write the result ({type(exc).__name__})",
+            return self.error("derive_failed", f"cannot write the result ({type(exc).__name__})",
                                inferred.payload_sha256, inferred.source_topic, timer.timings)
         timer.lap("derive")
         message_id = result_message_id(scan.sop_instance_uid, self.identity.digest)
@@ -159,7 +174,16 @@ class Translator:
         return first if isinstance(first, Outcome) else self.finish(first)
 
 
-class _Timer:
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded scan on the model grid (not yet normalised)."""
+
+    scan: Scan
+    grid: npt.NDArray[np.float32]  # (H, W) on the model grid
+    gmap: GridMap
+
+
+class StageTimer:
     """Stage timings in milliseconds."""
 
     def __init__(self) -> None:
@@ -184,4 +208,4 @@ class Inferred:
     gmap: GridMap
     source_topic: str
     payload_sha256: str
-    timer: _Timer
+    timer: StageTimer

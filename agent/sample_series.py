@@ -156,6 +156,7 @@ def build_series(
     template.Rows, template.Columns = rows, cols
     template.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
     template.SliceThickness = template.SpacingBetweenSlices = f"{dz:g}"
+    template.ImagesInAcquisition = n  # lets a 2.5D agent know when the series is complete
     x0, y0 = -(cols - 1) / 2 * dx, -(rows - 1) / 2 * dy
     out: list[bytes] = []
     for i in range(n):

@@ -93,6 +93,10 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         return self.send("STOPPING=1", *([f"STATUS={_clean(status)}"] if status else []))
 
+    def reloading(self) -> bool:
+        # MONOTONIC_USEC ties the reload to this moment (systemd 253's notify-reload).
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+
     def extend_timeout(self, seconds: float) -> bool:
         return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
@@ -199,6 +203,16 @@ class ServiceNotifier:
         self._last_status = text
         self._last_status_at = self._clock()
         self.notifier.status(text)
+
+    def reloading(self) -> None:
+        """``RELOADING=1``: a ``systemctl reload`` is being handled."""
+        if self.notifier.enabled and not self.is_stopping:
+            self.notifier.reloading()
+
+    def reloaded(self) -> None:
+        """``READY=1`` after a reload, whatever its outcome (the service keeps serving)."""
+        if self.notifier.enabled and not self.is_stopping and self.is_ready:
+            self.notifier.ready()
 
     def stopping(self, status: str = "stopping") -> None:
         """``STOPPING=1`` once (later calls only update STATUS=); beats stop."""

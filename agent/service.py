@@ -3,8 +3,12 @@
 Threads:
 * paho's edge network thread runs ``_on_scan``: persist to the inbox, then ack;
 * the main thread runs the processing loop (``run``: decode .. infer) and handles signals;
+  for a 2.5D model it first assembles series (``agent.stacking``);
 * the finisher thread derives, seals and commits each result (``_finisher``);
-* the outbox thread publishes queued rows to the cloud and deletes them on PUBACK.
+* the outbox thread publishes queued rows to the cloud and deletes them on PUBACK;
+* on SIGHUP (``systemctl reload``) a loader thread opens and guards the model the config
+  now names; the main thread swaps it in between scans, or reports the refusal and keeps
+  serving the model it has.
 """
 
 from __future__ import annotations
@@ -15,20 +19,23 @@ import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from agent import __version__, keys, sdnotify, seal
-from agent.backends import open_runner, runner_options
-from agent.backends.select import Choice, choose_runner
-from agent.bundle import load_bundle
-from agent.config import Config
-from agent.guard import check_guard
+from agent.backends import BackendError
+from agent.bundle import BundleError
+from agent.config import Config, ConfigError, load_config
+from agent.guard import GuardFailed
 from agent.log import get_logger
 from agent.mqtt import Connection, Message, Will
 from agent.pipeline import Inferred, Outcome, Translator, error_report
-from agent.store import InboxItem, Store, StoreFull
+from agent.serving import ServedModel, load_model
+from agent.stacking import SeriesStage
+from agent.store import Store, StoreFull
 from agent.topics import Topics
 
 log = get_logger("agent.service")
@@ -43,43 +50,34 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@dataclass
+class _Job:
+    """One item for the finisher thread, which handles them in order."""
+
+    inbox_id: int | None = None
+    first: Inferred | Outcome | None = None  # None with an inbox id: a duplicate, no output
+    started: float = 0.0
+    received_at: float = 0.0
+    sha256: str = ""
+    hold: bool = False  # keep the payload: a neighbour for slices still to come (2.5D)
+    release: list[int] = field(default_factory=list)  # held rows nobody needs any more
+    barrier: threading.Event | None = None  # set once every earlier job is committed
+
+
 class Agent:
     """One running agent. ``run()`` blocks until SIGTERM/SIGINT, then returns 0."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
         self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
         self.sd = sdnotify.ServiceNotifier.from_environ()
         self.sd.status(f"starting: loading model bundle {config.model.bundle}")
         a = config.agent
+        assert a.state_dir is not None
         self.topics = Topics(a.site, a.device_id)
-        self.bundle = load_bundle(config.model.bundle)
-        options = runner_options(config.model, self.bundle, a.state_dir)
-        self.selection: Choice | None = None
-        if config.model.backend == "auto":
-            # Every installed runtime the bundle has a file for is guarded and timed on the
-            # golden set; the fastest that passes serves. Cached per model digest, so a
-            # restart only re-runs the guard. Raises GuardFailed when none passes.
-            assert a.state_dir is not None
-            self.sd.status(f"starting: choosing a runtime for {self.bundle.name}")
-            self.runner, self.selection = choose_runner(
-                self.bundle, options, a.state_dir / "backend-choice.json"
-            )
-            self.guard = self.selection.guard
-            runtime = self.selection.runtime
-        else:
-            runtime = config.model.backend
-            self.runner = open_runner(
-                runtime, str(self.bundle.backend_file(runtime).path), options
-            )
-            try:  # never serve a model that has drifted from its fp32 reference
-                self.guard = check_guard(self.bundle, self.runner)
-            except BaseException:
-                self.runner.close()
-                raise
-        if self.guard.warning:
-            log.warning("model_guard", model=self.bundle.name, warning=self.guard.warning)
-        else:
-            log.info("model_guard_passed", model=self.bundle.name, **self.guard.summary())
+        # Raises BundleError (GuardFailed) or BackendError: the caller exits 2.
+        self.model: ServedModel = load_model(config.model, a.state_dir)
+        self._log_guard(self.model)
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
 
@@ -93,11 +91,8 @@ class Agent:
                 content_type="application/dicom",
             )
 
-        self.translator = Translator(
-            self.bundle, self.runner, sealer, limits=config.limits, topics=self.topics,
-            runtime=runtime,
-        )
-        assert a.state_dir is not None
+        self._sealer = sealer
+        self.translator = self._translator(self.model)
         self.store = Store(
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
@@ -114,9 +109,13 @@ class Agent:
         self._last_status = 0.0
         self._drain_deadline = float("inf")
         self._last_fetched = 0  # inbox rows up to here are in the finisher's hands
-        self._finishing: queue.Queue[tuple[InboxItem, Inferred | Outcome, float] | None] = (
-            queue.Queue(maxsize=FINISH_QUEUE)
-        )
+        self._finishing: queue.Queue[_Job | None] = queue.Queue(maxsize=FINISH_QUEUE)
+        self.series: SeriesStage | None = None
+        self._reload = threading.Event()  # SIGHUP: load the model the config names now
+        self._loader: threading.Thread | None = None
+        self._candidate: ServedModel | Exception | None = None
+        self.model_refused: dict[str, Any] | None = None
+        self._refused_bundle: Path = config.model.bundle
 
         offline = json.dumps({"v": 1, "state": "offline", "device_id": a.device_id}).encode()
         will = Will(self.topics.status, offline)
@@ -136,6 +135,101 @@ class Agent:
             will=will,
             on_connected=self._kick.set,
         )
+
+    # -- the model -----------------------------------------------------------------------
+    def _translator(self, model: ServedModel) -> Translator:
+        return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
+                          topics=self.topics, runtime=model.runtime)
+
+    @staticmethod
+    def _log_guard(model: ServedModel) -> None:
+        if model.guard.warning:
+            log.warning("model_guard", model=model.bundle.name, warning=model.guard.warning)
+        else:
+            log.info("model_guard_passed", model=model.bundle.name, **model.guard.summary())
+
+    def _start_series_stage(self) -> None:
+        """Series assembly for a 2.5D model, rebuilt from the inbox (held rows are the
+        neighbours already processed); none for a 2D model."""
+        self._last_fetched = 0  # pending rows are (re)admitted under the current model
+        if self.model.context == 0:
+            self.series = None
+            stale = [item.id for item in self.store.held(limit=1 << 30)]
+            if stale:  # held for an earlier 2.5D model: nobody's neighbours now
+                self.store.release(stale)
+            return
+        self.series = SeriesStage(self.translator, self.store, self.config.series)
+        reloaded = self.series.reload(time.monotonic())
+        log.info("series_assembly", context_slices=self.model.context,
+                 held_reloaded=reloaded, idle_timeout_s=self.config.series.idle_timeout_s,
+                 max_open=self.config.series.max_open, max_slices=self.config.series.max_slices)
+
+    def _load_candidate(self) -> None:
+        """Loader thread: read the config again and open + guard the model it names."""
+        settings = self.config.model
+        try:
+            if self.config_path is not None:
+                settings = load_config(self.config_path).model
+            self._candidate = load_model(settings, self.config.agent.state_dir or Path())
+        except (ConfigError, BundleError, BackendError) as exc:
+            self._candidate = exc
+        except Exception as exc:  # a broken bundle must never take the daemon down
+            self._candidate = BackendError(f"cannot load {settings.bundle}: "
+                                           f"{type(exc).__name__}: {exc}")
+        self._refused_bundle = settings.bundle
+        self._work.set()
+
+    def _finish_reload(self) -> None:
+        """Main thread: swap the loaded model in, or report why it was refused."""
+        candidate, self._candidate, self._loader = self._candidate, None, None
+        if isinstance(candidate, ServedModel):
+            self._swap(candidate)
+        elif candidate is not None:
+            self._refuse(candidate)
+        self.sd.reloaded()
+
+    def _drain_finisher(self) -> None:
+        done = threading.Event()
+        self._finishing.put(_Job(barrier=done))
+        while not done.wait(1.0):
+            self._beat()
+
+    def _swap(self, new: ServedModel) -> None:
+        self._drain_finisher()  # results of the old model are committed under its identity
+        old = self.model
+        self.model, self.translator = new, self._translator(new)
+        self.model_refused = None
+        old.close()
+        self._log_guard(new)
+        self._start_series_stage()
+        log.info("model_activated", model=new.bundle.name, version=new.bundle.version,
+                 digest=new.digest[:16], runtime=new.runtime,
+                 previous=f"{old.bundle.name} {old.bundle.version}")
+        self._publish_status(force=True)
+
+    def _refuse(self, exc: Exception) -> None:
+        bundle = self._refused_bundle
+        reason = exc.report.reason if isinstance(exc, GuardFailed) else str(exc)
+        figures = exc.report.summary() if isinstance(exc, GuardFailed) else {}
+        self.model_refused = {"bundle": str(bundle), "reason": reason, "at": _now(),
+                              **({"guard": figures} if figures else {})}
+        log.error("model_refused", bundle=str(bundle), reason=reason,
+                  serving=f"{self.model.bundle.name} {self.model.bundle.version}",
+                  fix="`iomt-agent model verify BUNDLE` prints the figures; fix the bundle or "
+                  "the config, then `systemctl reload iomt-agent`")
+        try:
+            marker = (Path(bundle) / "bundle.json").read_bytes()
+        except OSError:
+            marker = str(bundle).encode()
+        mid, body = error_report(
+            device_id=self.topics.device, reason="model_refused",
+            detail=f"{reason} (still serving {self.model.bundle.name} "
+            f"{self.model.bundle.version})",
+            payload_sha256=hashlib.sha256(marker).hexdigest(), source_topic="model")
+        self.store.complete(None, [("error", mid, str(self.topics.errors), body)],
+                            "model_refused")
+        self._kick.set()
+        self._publish_status(force=True)
 
     # -- ingest (edge network thread) ----------------------------------------------------
     def _on_scan(self, msg: Message) -> None:
@@ -222,15 +316,11 @@ class Agent:
             "site": self.topics.site,
             "device_id": self.topics.device,
             "agent_version": __version__,
-            "model": {
-                "name": self.bundle.name,
-                "version": self.bundle.version,
-                "digest": self.translator.identity.digest,
-                "runtime": self.runner.runtime,
-                "backend": self.config.model.backend,  # "auto" or the configured runtime
-                **({"selection": self.selection.summary()} if self.selection else {}),
-                "guard": self.guard.summary(),
-            },
+            "model": self.model.summary(),
+            **({"model_refused": self.model_refused} if self.model_refused else {}),
+            **({"series": {"open": self.series.assembler.open_groups,
+                           "waiting": self.series.waiting,
+                           "held": self.store.held_count()}} if self.series else {}),
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "processed": counts.get("processed", 0),
@@ -250,6 +340,13 @@ class Agent:
                 conn.publish(self.topics.status, body, qos=1, retain=True)
 
     # -- processing (main thread) --------------------------------------------------------
+    def _wait_for_outbox_room(self) -> None:
+        while self.store.outbox_full() and not self._stop.is_set():
+            self._beat()  # waiting for the cloud is not a hang
+            log.warning("outbox_full", fix="the cloud broker is not taking results")
+            with self._space:
+                self._space.wait(5.0)
+
     def _process_pending(self) -> bool:
         """Run the first half (decode .. infer) of every pending scan on this thread and hand
         each to the finisher. Returns whether there was anything to do."""
@@ -258,16 +355,37 @@ class Agent:
             self._beat()
             if self._stop.is_set():
                 return True
-            while self.store.outbox_full() and not self._stop.is_set():
-                self._beat()  # waiting for the cloud is not a hang
-                log.warning("outbox_full", fix="the cloud broker is not taking results")
-                with self._space:
-                    self._space.wait(5.0)
-            started = time.perf_counter()
-            first = self.translator.infer(item.payload, item.topic, item.sha256)
-            self._finishing.put((item, first, started))  # blocks when the finisher lags
+            self._wait_for_outbox_room()
+            job = _Job(item.id, None, time.perf_counter(), item.received_at, item.sha256)
+            if self.series is None:
+                job.first = self.translator.infer(item.payload, item.topic, item.sha256)
+                self._finishing.put(job)  # blocks when the finisher lags
+            else:
+                admitted = self.series.admit(item, time.monotonic())
+                if admitted.outcome is not None or admitted.duplicate:
+                    job.first = admitted.outcome
+                    self._finishing.put(job)
             self._last_fetched = item.id
-        return bool(items)
+        busy = bool(items)
+        if self.series is not None:
+            busy = self._process_series() or busy
+        return busy
+
+    def _process_series(self) -> bool:
+        """2.5D: run every slice whose neighbours are present (or whose series closed)."""
+        assert self.series is not None
+        busy = False
+        for result in self.series.ready(time.monotonic()):
+            self._beat()
+            self._wait_for_outbox_room()
+            item = result.item
+            self._finishing.put(_Job(item.id, result.first, result.started, item.received_at,
+                                     item.sha256, hold=True))
+            busy = True
+        released = self.series.finished()
+        if released:
+            self._finishing.put(_Job(release=released))
+        return busy
 
     def _finisher(self) -> None:
         """Second half (derive, seal) and the commit, one scan at a time, in order."""
@@ -275,18 +393,30 @@ class Agent:
             job = self._finishing.get()
             if job is None:
                 return
-            item, first, started = job
+            if job.barrier is not None:
+                job.barrier.set()
+                continue
+            if job.release:
+                self.store.release(job.release)
+                with self._space:
+                    self._space.notify_all()
+                continue
+            if job.first is None:  # the same instance is already being assembled
+                self.store.complete(job.inbox_id, [], "duplicates")
+                continue
+            first = job.first
             outcome = first if isinstance(first, Outcome) else self.translator.finish(first)
             self.store.complete(
-                item.id,
+                job.inbox_id,
                 [(outcome.kind, outcome.message_id, outcome.topic, outcome.payload)],
                 outcome.counter,
+                hold=job.hold,
             )
             self._kick.set()
             with self._space:
                 self._space.notify_all()
-            total_ms = round((time.perf_counter() - started) * 1000, 3)
-            queued_ms = round((time.time() - item.received_at) * 1000, 1)
+            total_ms = round((time.perf_counter() - job.started) * 1000, 3)
+            queued_ms = round((time.time() - job.received_at) * 1000, 1)
             if outcome.ok:
                 self._last_latency_ms = total_ms
                 log.info("slice_processed", message_id=outcome.message_id,
@@ -295,7 +425,7 @@ class Agent:
                          bytes_out=len(outcome.payload))
             else:
                 log.warning("scan_rejected", reason=outcome.reason,
-                            payload_sha256=item.sha256, message_id=outcome.message_id)
+                            payload_sha256=job.sha256, message_id=outcome.message_id)
             self._publish_status()
 
     def _beat(self) -> None:
@@ -321,18 +451,28 @@ class Agent:
         with self._space:
             self._space.notify_all()
 
+    def _handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        log.info("reload_requested", config=str(self.config_path or ""),
+                 note="only [model] is reloaded; other changes need a restart")
+        self.sd.reloading()
+        self._reload.set()
+        self._work.set()
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._handle_signal)
         signal.signal(signal.SIGINT, self._handle_signal)
+        signal.signal(signal.SIGHUP, self._handle_reload)
         publisher = threading.Thread(target=self._publisher, name="outbox", daemon=True)
         finisher = threading.Thread(target=self._finisher, name="finisher", daemon=True)
         inbox, outbox = self.store.depths()
+        m = self.model
         log.info("agent_starting", site=self.topics.site, device_id=self.topics.device,
-                 model=self.bundle.name, model_version=self.bundle.version,
-                 model_digest=self.translator.identity.digest[:16], runtime=self.runner.runtime,
-                 backend=self.config.model.backend,
-                 runtime_cached=self.selection.cached if self.selection else None,
+                 model=m.bundle.name, model_version=m.bundle.version,
+                 model_digest=m.digest[:16], runtime=m.runtime, backend=m.settings.backend,
+                 runner=m.runner.describe(),
+                 runtime_cached=m.selection.cached if m.selection else None,
                  inbox_pending=inbox, outbox_pending=outbox)
+        self._start_series_stage()
         self.cloud.start()
         self.edge.start()
         publisher.start()
@@ -350,6 +490,13 @@ class Agent:
         last_periodic = time.monotonic()
         while not self._stop.is_set():
             self._beat()
+            if self._reload.is_set() and self._loader is None:
+                self._reload.clear()
+                self._loader = threading.Thread(target=self._load_candidate, name="loader",
+                                                daemon=True)
+                self._loader.start()
+            if self._loader is not None and not self._loader.is_alive():
+                self._finish_reload()
             busy = self._process_pending()
             if not busy:
                 self._work.wait(1.0)
@@ -384,7 +531,11 @@ class Agent:
         inbox, outbox = self.store.depths()
         self._publish_offline(self.cloud)
         self.cloud.stop()
-        self.runner.close()
+        if self._loader is not None:
+            self._loader.join(30.0)
+            if isinstance(self._candidate, ServedModel):
+                self._candidate.close()
+        self.model.close()
         self.store.close()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)
         self.sd.status(f"stopped: inbox {inbox}, outbox {outbox} kept for the next start")

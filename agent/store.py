@@ -5,6 +5,8 @@
 * ``Store.complete`` writes the result to the outbox and marks the inbox row done in one
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
 * An outbox row is deleted only when the cloud broker has acknowledged it.
+* For a 2.5D model a processed scan may still be a neighbour of scans to come: it is
+  completed as ``held`` (payload kept) and ``release``d when its series is closed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     topic       TEXT    NOT NULL,
     sha256      TEXT    NOT NULL,
     payload     BLOB    NOT NULL,
-    state       TEXT    NOT NULL DEFAULT 'pending'  -- pending | done
+    state       TEXT    NOT NULL DEFAULT 'pending'  -- pending | held | done
 );
 CREATE INDEX IF NOT EXISTS inbox_pending ON inbox(state, id);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -78,7 +80,7 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._inbox_bytes = self._sum(
-            "SELECT COALESCE(SUM(LENGTH(payload)),0) FROM inbox WHERE state='pending'"
+            "SELECT COALESCE(SUM(LENGTH(payload)),0) FROM inbox WHERE state IN ('pending','held')"
         )
         self._outbox_bytes = self._sum("SELECT COALESCE(SUM(LENGTH(payload)),0) FROM outbox")
         # Done rows are kept only until the next start; they are not needed after the ack.
@@ -118,11 +120,59 @@ class Store:
             ).fetchall()
         return [InboxItem(*r) for r in rows]
 
+    def held(self, after_id: int = 0, limit: int = 16) -> list[InboxItem]:
+        """Held inbox rows (processed, kept as neighbours for a 2.5D model) in id order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, sha256, payload, received_at FROM inbox "
+                "WHERE state='held' AND id>? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [InboxItem(*r) for r in rows]
+
+    def payload(self, inbox_id: int) -> bytes | None:
+        """The payload of a pending or held row (None when it is gone)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM inbox WHERE id=? AND state IN ('pending','held')",
+                (inbox_id,),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def release(self, inbox_ids: list[int]) -> None:
+        """Held rows that no scan needs any more: drop their payloads (one transaction)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                freed = 0
+                for inbox_id in inbox_ids:
+                    row = self._db.execute(
+                        "SELECT LENGTH(payload) FROM inbox WHERE id=? AND state='held'",
+                        (inbox_id,),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    self._db.execute(
+                        "UPDATE inbox SET state='done', payload=x'' WHERE id=?", (inbox_id,)
+                    )
+                    freed += int(row[0])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._inbox_bytes -= freed
+
     def complete(
-        self, inbox_id: int | None, outputs: list[tuple[str, str, str, bytes]], counter: str
+        self,
+        inbox_id: int | None,
+        outputs: list[tuple[str, str, str, bytes]],
+        counter: str,
+        *,
+        hold: bool = False,
     ) -> list[int]:
         """Mark an inbox row done (if any) and queue ``outputs`` (kind, message_id, topic,
-        payload) in one transaction; bump ``counter``. Returns the new outbox ids."""
+        payload) in one transaction; bump ``counter``. ``hold``: keep the payload (state
+        ``held``) until ``release``. Returns the new outbox ids."""
         size = sum(len(o[3]) for o in outputs)
         with self._lock:
             ids: list[int] = []
@@ -139,9 +189,16 @@ class Store:
                     "SELECT LENGTH(payload) FROM inbox WHERE id=? AND state='pending'",
                     (inbox_id,),
                 ).fetchone()
-                self._db.execute(
-                    "UPDATE inbox SET state='done', payload=x'' WHERE id=?", (inbox_id,)
-                )
+                if hold:
+                    self._db.execute(
+                        "UPDATE inbox SET state='held' WHERE id=? AND state='pending'",
+                        (inbox_id,),
+                    )
+                    row = None  # the payload stays: its bytes still count
+                else:
+                    self._db.execute(
+                        "UPDATE inbox SET state='done', payload=x'' WHERE id=?", (inbox_id,)
+                    )
                 self._db.execute(
                     "INSERT INTO counters(name, value) VALUES (?, 1) "
                     "ON CONFLICT(name) DO UPDATE SET value=value+1",
@@ -181,6 +238,12 @@ class Store:
             self._outbox_bytes -= int(row[0])
 
     # -- status --------------------------------------------------------------------------
+    def held_count(self) -> int:
+        """Processed rows kept as neighbours for a 2.5D model."""
+        with self._lock:
+            return int(self._db.execute(
+                "SELECT COUNT(*) FROM inbox WHERE state='held'").fetchone()[0])
+
     def depths(self) -> tuple[int, int]:
         """(pending inbox rows, outbox rows)."""
         with self._lock:

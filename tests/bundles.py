@@ -78,3 +78,52 @@ def quantize_qdq(fp32: Path, int8: Path) -> None:
     quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
+
+
+def context_model(path: Path, weights: list[float], grid: int = 32) -> None:
+    """A 2.5D ONNX graph: a 1x1 conv weighting the 2k + 1 input slices (channels) into one
+    output slice, on [N, 2k + 1, grid, grid]."""
+    c = len(weights)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c, grid, grid])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1, grid, grid])
+    w = numpy_helper.from_array(np.array(weights, dtype=np.float32).reshape(1, c, 1, 1), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["output"])],
+                              "context", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def make_context_bundle(root: Path, weights: list[float], grid: int = 32,
+                        name: str = "test-context") -> Path:
+    """An fp32 2.5D bundle (context_slices = len(weights) // 2) on a grid x grid, 1 mm
+    model grid. Normalisation leaves constant slices exact: any percentile of a constant
+    slice is its value, and the clip is far above the ratios the tests use."""
+    root.mkdir(parents=True, exist_ok=True)
+    context_model(root / "model.onnx", weights, grid)
+    meta = {
+        "format": 1,
+        "name": name,
+        "version": "0.0.1",
+        "task": "test: weighted sum of a slice and its neighbours",
+        "precision": "fp32",
+        "input": {"modality": "MR", "shape": [grid, grid], "pixel_spacing_mm": [1.0, 1.0],
+                  "context_slices": len(weights) // 2, "slice_spacing_mm": 1.0,
+                  "series_description_pattern": None,
+                  "normalisation": {"method": "robust_max", "percentile": 50.0,
+                                    "clip_max": 1000.0}},
+        "output": {"modality": "MR", "scale": 1000.0,
+                   "series_description": "SYNTHETIC TEST - NOT FOR DIAGNOSTIC USE"},
+        "backends": {"onnxruntime": {"path": "model.onnx",
+                                     "sha256": _sha(root / "model.onnx")}},
+    }
+    (root / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return root
+
+
+def expected_context_output(values: list[float], weights: list[float],
+                            slots: list[int]) -> float:
+    """What the context model gives for slot indices ``slots`` (centre in the middle) of
+    constant slices with ``values``: the normalised weighted sum."""
+    centre = values[slots[len(slots) // 2]]
+    return sum(w * values[s] / centre for w, s in zip(weights, slots, strict=True))

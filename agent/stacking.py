@@ -1,0 +1,152 @@
+"""The 2.5D path between the inbox and the model: admit scans into series, build the
+neighbour stacks of the slices that are ready, and say which inbox rows can be released.
+
+The payloads stay in the inbox (durable, bounded by ``limits.inbox_max_bytes``); memory
+holds the series geometry (``agent.series``) and a small cache of decoded slices on the
+model grid, so a slice is decoded about once however many stacks it appears in when slices
+arrive roughly in order, and at most once per stack when they do not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from agent.config import SeriesSection
+from agent.dicom import ScanRejected
+from agent.log import get_logger
+from agent.pipeline import Inferred, Outcome, Prepared, StageTimer, Translator
+from agent.series import SeriesAssembler, SliceRefused, StackJob, slice_info
+from agent.store import InboxItem, Store
+
+log = get_logger("agent.stacking")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What became of one inbox row offered to the series stage."""
+
+    outcome: Outcome | None = None  # a rejection to report (the row is done)
+    duplicate: bool = False  # the same instance is already here (the row is done)
+
+
+@dataclass(frozen=True)
+class StackResult:
+    """The first half of the pipeline for one ready slice."""
+
+    item: InboxItem  # the centre slice's row (payload not kept)
+    job: StackJob
+    first: Inferred | Outcome
+    started: float  # perf_counter when its stack began
+
+
+class SeriesStage:
+    """Series assembly wired to the store and the translator (main thread only)."""
+
+    def __init__(self, translator: Translator, store: Store, settings: SeriesSection) -> None:
+        self.translator = translator
+        self.store = store
+        self.context = translator.bundle.input.context_slices
+        self.assembler = SeriesAssembler(
+            self.context,
+            max_open=settings.max_open,
+            max_slices=settings.max_slices,
+            idle_timeout_s=settings.idle_timeout_s,
+        )
+        self._cache: OrderedDict[int, Prepared] = OrderedDict()
+        self._cache_size = 4 * (2 * self.context + 1)
+        self._waiting: dict[int, InboxItem] = {}  # admitted, not yet sent (payload dropped)
+
+    def _remember(self, inbox_id: int, prepared: Prepared) -> None:
+        self._cache[inbox_id] = prepared
+        self._cache.move_to_end(inbox_id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _prepared(self, inbox_id: int) -> Prepared:
+        hit = self._cache.get(inbox_id)
+        if hit is not None:
+            self._cache.move_to_end(inbox_id)
+            return hit
+        payload = self.store.payload(inbox_id)
+        if payload is None:
+            raise ScanRejected("pixel_decode_failed", "a neighbour slice is no longer stored")
+        prepared = self.translator.prepare(payload)
+        self._remember(inbox_id, prepared)
+        return prepared
+
+    def admit(self, item: InboxItem, now: float, *, sent: bool = False) -> Admitted:
+        """Decode one inbox row and place it in its series. ``sent``: a held row reloaded
+        after a restart (already processed; only a neighbour now)."""
+        try:
+            prepared = self.translator.prepare(item.payload)
+            added = self.assembler.add(slice_info(prepared.scan), item.id, now, sent=sent)
+        except (ScanRejected, SliceRefused) as exc:
+            if sent:  # it passed before; a changed model contract now refuses it
+                self.store.release([item.id])
+                return Admitted()
+            return Admitted(outcome=self.translator.error(
+                exc.reason, str(exc), item.sha256, item.topic))
+        if not added:
+            return Admitted(duplicate=True)
+        self._remember(item.id, prepared)
+        if not sent:
+            self._waiting[item.id] = InboxItem(item.id, item.topic, item.sha256, b"",
+                                               item.received_at)
+        return Admitted()
+
+    def reload(self, now: float) -> int:
+        """Admit every held row (after a start or a model change). Returns how many."""
+        count, last = 0, 0
+        while batch := self.store.held(after_id=last, limit=16):
+            for item in batch:
+                self.admit(item, now, sent=True)
+                last = item.id
+                count += 1
+        return count
+
+    def ready(self, now: float) -> Iterator[StackResult]:
+        """Run the model on every slice whose neighbours are present (or whose series has
+        closed, with padding)."""
+        for job in self.assembler.take_ready(now):
+            item = self._waiting.pop(job.centre)
+            started = time.perf_counter()
+            timer = StageTimer()
+            try:
+                slots = [self._prepared(i) for i in job.slots]
+            except ScanRejected as exc:
+                yield StackResult(item, job, self.translator.error(
+                    exc.reason, str(exc), item.sha256, item.topic, timer.timings), started)
+                continue
+            timer.lap("decode")
+            centre = slots[len(slots) // 2]
+            first = self.translator.infer_stack(centre, [s.grid for s in slots], item.topic,
+                                                item.sha256, timer)
+            if job.padded:
+                log.info("slice_padded", series=job.group, padded_slots=job.padded,
+                         why=job.why)
+            yield StackResult(item, job, first, started)
+
+    def finished(self) -> list[int]:
+        """Inbox rows of series that are closed and fully processed (release them)."""
+        released: list[int] = []
+        for group, why, ids in self.assembler.finished():
+            log.info("series_closed", series=group, slices=len(ids), why=why)
+            if why == "evicted":
+                log.warning("series_limit", series=group, max_open=self.assembler.max_open,
+                            fix="more series arrive at once than series.max_open: raise it; "
+                            "this one was closed early (edge padding where neighbours were "
+                            "still to come)")
+            for inbox_id in ids:
+                self._cache.pop(inbox_id, None)
+            released += ids
+        return released
+
+    def next_deadline(self) -> float | None:
+        return self.assembler.next_deadline()
+
+    @property
+    def waiting(self) -> int:
+        return self.assembler.waiting
