@@ -1,8 +1,9 @@
-"""Assemble the bundle: golden.npz, bundle.json (with sha256 digests), MODEL_CARD.md, and
-the measured-numbers block of models/README.md."""
+"""Assemble a model's bundle: golden.npz, bundle.json (with sha256 digests) and
+MODEL_CARD.md. (The family's side-by-side table in models/README.md is ``recipes.compare``.)"""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -14,29 +15,22 @@ from typing import Any
 import numpy as np
 
 from recipes import config
-from recipes.export_tflite import INT8_TFLITE
+from recipes.context import model_inputs
 from recipes.metrics import psnr
-from recipes.model_card import render_model_card, render_readme_table
-from recipes.normalise import robust_max_np
+from recipes.model_card import render_model_card
 from recipes.npz import save_npz
 from recipes.runtime import make_session
 from recipes.timing import load_timings, record_timing
 
-GOLDEN_NPZ = config.BUNDLE_DIR / "golden.npz"
-BUNDLE_JSON = config.BUNDLE_DIR / "bundle.json"
-MODEL_CARD = config.BUNDLE_DIR / "MODEL_CARD.md"
-README = config.MODELS_DIR / "README.md"
 GOLDEN_SLAB_POSITIONS = (2, 9, 15, 21)  # positions inside the held-out slab
 GOLDEN_MARGIN_DB = 3.0
-README_BEGIN = "<!-- measured:begin -->"
-README_END = "<!-- measured:end -->"
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_golden() -> dict[str, Any]:
+def build_golden(spec: config.ModelSpec) -> dict[str, Any]:
     """Write golden.npz; return the int8-vs-fp32 PSNRs and the activation floor.
 
     Golden PSNR convention: full 256 x 256 slices, data range = max of reference_output
@@ -44,13 +38,16 @@ def build_golden() -> dict[str, Any]:
     PSNR, minus 3 dB, rounded down, so an agent that checks either way passes."""
     data = np.load(config.DATA_NPZ)
     idx = data["holdout_idx"][list(GOLDEN_SLAB_POSITIONS)]
-    x = np.stack([robust_max_np(s) for s in data["t1"][idx]])[:, None].astype(np.float32)
-    ref = make_session(config.FP32_ONNX).run(["output"], {"input": x})[0].astype(np.float32)
-    served = {"onnxruntime": make_session(config.INT8_ONNX).run(["output"], {"input": x})[0]}
-    if INT8_TFLITE.is_file():  # the floor must hold on every runtime the bundle serves
+    x = model_inputs(data["t1"], idx, spec.context)
+    fp32 = make_session(spec.bundle("model.fp32.onnx"))
+    ref = fp32.run(["output"], {"input": x})[0].astype(np.float32)
+    served = {"onnxruntime": make_session(spec.bundle("model.int8.onnx")).run(
+        ["output"], {"input": x})[0]}
+    int8_tflite = spec.bundle("model.int8.tflite")
+    if int8_tflite.is_file():  # the floor must hold on every runtime the bundle serves
         from agent.backends import RunnerOptions, open_runner
 
-        runner = open_runner("litert", str(INT8_TFLITE), RunnerOptions(intra_op_threads=2))
+        runner = open_runner("litert", str(int8_tflite), RunnerOptions(intra_op_threads=2))
         served["litert"] = runner.run(x)
         runner.close()
     got = served["onnxruntime"]
@@ -60,7 +57,7 @@ def build_golden() -> dict[str, Any]:
     every = [psnr(o, ref, rng) for o in served.values()] + [
         psnr(g, r, rng) for o in served.values() for g, r in zip(o, ref, strict=True)]
     floor = math.floor(min(every) - GOLDEN_MARGIN_DB)
-    save_npz(GOLDEN_NPZ, input=x, reference_output=ref)
+    save_npz(spec.bundle("golden.npz"), input=x, reference_output=ref)
     return {
         "int8_vs_fp32_psnr_db": round(pooled, 2),
         "int8_vs_fp32_psnr_slice_min_db": round(min(per_slice), 2),
@@ -71,20 +68,26 @@ def build_golden() -> dict[str, Any]:
     }
 
 
-def bundle_json(min_psnr_db: float) -> dict[str, object]:
-    """bundle.json in the format of agent/bundle.py (format 1)."""
+def _file(path: Path) -> dict[str, str]:
+    return {"path": path.name, "sha256": sha256(path)}
+
+
+def bundle_json(spec: config.ModelSpec, min_psnr_db: float, gmac: float) -> dict[str, object]:
+    """bundle.json in the format of agent/bundle.py (format 1; docs/bundle.md)."""
+    tflite = {name: spec.bundle(f"model.{name}.tflite") for name in ("int8", "fp32")}
     return {
         "format": 1,
-        "name": config.BUNDLE_NAME,
-        "version": config.BUNDLE_VERSION,
-        "task": "MR T1-weighted to T2-weighted synthesis (2D, axial)",
+        "name": spec.name,
+        "version": spec.version,
+        "task": spec.task,
         "precision": "int8",
         "input": {
             "modality": "MR",
             "shape": [config.GRID, config.GRID],
             "pixel_spacing_mm": [1.0, 1.0],
             "channels": 1,
-            "context_slices": 0,
+            "context_slices": spec.context,
+            **({"slice_spacing_mm": 1.0} if spec.context else {}),
             "series_description_pattern": "t1",
             "photometric_interpretations": ["MONOCHROME2"],
             "bits_allocated": [8, 16],
@@ -105,17 +108,15 @@ def bundle_json(min_psnr_db: float) -> dict[str, object]:
             "tensor_name": "output",
         },
         "backends": {
-            "onnxruntime": {"path": config.INT8_ONNX.name, "sha256": sha256(config.INT8_ONNX)},
-            **({"litert": {"path": INT8_TFLITE.name, "sha256": sha256(INT8_TFLITE)}}
-               if INT8_TFLITE.is_file() else {}),
+            "onnxruntime": _file(spec.bundle("model.int8.onnx")),
+            **({"litert": _file(tflite["int8"])} if tflite["int8"].is_file() else {}),
         },
-        "reference": {"path": config.FP32_ONNX.name, "sha256": sha256(config.FP32_ONNX)},
-        "golden": {
-            "path": GOLDEN_NPZ.name,
-            "sha256": sha256(GOLDEN_NPZ),
-            "min_psnr_db": min_psnr_db,
-        },
-        "model_card": MODEL_CARD.name,
+        "reference": _file(spec.bundle("model.fp32.onnx")),
+        **({"references": {"litert": _file(tflite["fp32"])}} if tflite["fp32"].is_file()
+           else {}),
+        "golden": _file(spec.bundle("golden.npz")) | {"min_psnr_db": min_psnr_db},
+        "compute": {"gmac": gmac},
+        "model_card": "MODEL_CARD.md",
     }
 
 
@@ -129,32 +130,24 @@ def to_json(meta: dict[str, object]) -> str:
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", one_line, text) + "\n"
 
 
-def update_readme(table: str) -> None:
-    """Replace the block between the README markers with the measured table."""
-    text = README.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{README} lacks the {README_BEGIN} ... {README_END} block")
-    block = f"{README_BEGIN}\n{table}\n{README_END}"
-    README.write_text(pattern.sub(lambda _m: block, text), encoding="utf-8")
-
-
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    config.add_model_argument(parser)
+    spec = config.spec(parser.parse_args().model)
     start = time.perf_counter()
-    golden = build_golden()
-    meta = bundle_json(golden["min_psnr_db"])
-    train = json.loads(config.TRAIN_LOG.read_text(encoding="utf-8"))
-    evaluation = json.loads(config.EVAL_REPORT.read_text(encoding="utf-8"))
-    quant = json.loads(config.QUANT_REPORT.read_text(encoding="utf-8"))
-    record_timing("bundle", time.perf_counter() - start)
-    timings = load_timings()
-    MODEL_CARD.write_text(
-        render_model_card(train, evaluation, quant, golden, timings), encoding="utf-8"
+    golden = build_golden(spec)
+    train = json.loads(spec.build("train.json").read_text(encoding="utf-8"))
+    evaluation = json.loads(spec.build("eval.json").read_text(encoding="utf-8"))
+    quant = json.loads(spec.build("quantize.json").read_text(encoding="utf-8"))
+    meta = bundle_json(spec, golden["min_psnr_db"], evaluation["gmac_per_slice"])
+    record_timing("bundle", time.perf_counter() - start, spec.name)
+    timings = load_timings(spec.name)
+    spec.bundle("MODEL_CARD.md").write_text(
+        render_model_card(spec, train, evaluation, quant, golden, timings), encoding="utf-8"
     )
-    BUNDLE_JSON.write_text(to_json(meta), encoding="utf-8")
-    update_readme(render_readme_table(evaluation, timings))
-    total = sum(p.stat().st_size for p in config.BUNDLE_DIR.iterdir() if p.is_file())
-    print(f"bundle {config.BUNDLE_DIR} ({total} bytes); golden: {golden}")
+    spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
+    total = sum(p.stat().st_size for p in spec.bundle_dir.iterdir() if p.is_file())
+    print(f"bundle {spec.bundle_dir} ({total} bytes); golden: {golden}")
 
 
 if __name__ == "__main__":

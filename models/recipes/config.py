@@ -2,24 +2,82 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent.parent
 BUILD_DIR = MODELS_DIR / "build"
-BUNDLE_NAME = "t1w-to-t2w-lite"
-BUNDLE_VERSION = "1.0.0"
-BUNDLE_DIR = MODELS_DIR / BUNDLE_NAME
 SAMPLES_DIR = MODELS_DIR.parent / "agent" / "samples"
-
 DATA_NPZ = BUILD_DIR / "data.npz"
-CHECKPOINT = BUILD_DIR / "model.pt"
-TRAIN_LOG = BUILD_DIR / "train.json"
-FP32_ONNX = BUNDLE_DIR / "model.fp32.onnx"
-INT8_ONNX = BUNDLE_DIR / "model.int8.onnx"
-QUANT_REPORT = BUILD_DIR / "quantize.json"
-EVAL_REPORT = BUILD_DIR / "eval.json"
 TIMINGS = BUILD_DIR / "timings.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the family: its architecture, training length and where its files go
+    (``models/<name>/`` for the bundle, ``build/<name>/`` for intermediates)."""
+
+    name: str
+    version: str
+    task: str
+    widths: tuple[int, ...]  # U-Net channel widths per level
+    context: int  # neighbouring slices each side in the input (0: 2D)
+    steps: int  # training steps
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.context + 1
+
+    @property
+    def bundle_dir(self) -> Path:
+        return MODELS_DIR / self.name
+
+    @property
+    def build_dir(self) -> Path:
+        return BUILD_DIR / self.name
+
+    def build(self, file: str) -> Path:
+        """An intermediate file of this model: ``build/<name>/<file>``."""
+        return self.build_dir / file
+
+    def bundle(self, file: str) -> Path:
+        """A file of this model's bundle: ``models/<name>/<file>``."""
+        return self.bundle_dir / file
+
+
+LITE = ModelSpec(
+    name="t1w-to-t2w-lite",
+    version="1.0.0",
+    task="MR T1-weighted to T2-weighted synthesis (2D, axial)",
+    widths=(12, 24, 48, 64),
+    context=0,
+    steps=3600,
+)
+FULL = ModelSpec(
+    name="t1w-to-t2w-full",
+    version="1.0.0",
+    task="MR T1-weighted to T2-weighted synthesis (2.5D: a slice and 2 neighbours each side, "
+    "axial)",
+    widths=(16, 32, 64, 96),
+    context=2,
+    steps=4800,
+)
+MODELS = {m.name: m for m in (LITE, FULL)}
+
+
+def spec(name: str) -> ModelSpec:
+    """The model called ``name`` (SystemExit naming the known ones otherwise)."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=LITE.name, choices=sorted(MODELS),
+                        help="which model of the family (default: %(default)s)")
+
 
 SEED = 20240917
 

@@ -13,3 +13,12 @@ def context_stack(slices: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     z = np.clip(np.asarray(idx)[:, None] + offsets[None, :], 0, len(slices) - 1)
     stack: np.ndarray = slices[z]
     return stack
+
+
+def model_inputs(t1_slices: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """Normalised model inputs [len(idx), 2k + 1, H, W] float32 for slices ``idx``: each
+    stack normalised by its centre slice, as the agent does."""
+    from recipes.normalise import robust_max_np
+
+    stacks = context_stack(t1_slices, idx, k)
+    return np.stack([robust_max_np(s) for s in stacks]).astype(np.float32)

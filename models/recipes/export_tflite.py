@@ -1,9 +1,9 @@
-"""Export the trained U-Net to LiteRT (TFLite): model.fp32.tflite and model.int8.tflite.
+"""Export a trained U-Net to LiteRT (TFLite): model.fp32.tflite and model.int8.tflite.
 
 Converter: ``litert-torch`` (torch.export -> TFLite flatbuffer) for the float model, then
 ``ai-edge-quantizer`` for a full-integer one: int8 weights per channel, int8 activations
 and int8 input/output tensors (the agent's LiteRT runner applies their scale/zero point),
-calibrated on the same 48 training slices as the ONNX int8 model. Calibration keeps the
+calibrated on the same 48 training inputs as the ONNX int8 model. Calibration keeps the
 global min/max of each tensor over the slices (as onnxruntime's MinMax does), not the
 quantizer's default moving average, which clips the output's upper range (about 9 dB
 int8-vs-fp32 PSNR lost on this model).
@@ -14,14 +14,15 @@ sees the project venv's packages (torch 2.13.0, onnxruntime, the agent) and inst
 converter there with torch pinned to the project's version. The Makefile does that under
 ``build/tflite-env``.
 
-The files: named tensors ``input`` -> ``output``, channels-last ([1, 256, 256, 1]: the
-layout TFLite kernels use, and a graph whose batch can be resized), batch 1.
+The files: named tensors ``input`` -> ``output``, channels-last ([1, 256, 256, C], C = 1 for
+a 2D model and 2k + 1 for a 2.5D one: the layout TFLite kernels use, and a graph whose batch
+can be resized), batch 1.
 
 Checks (the step fails otherwise): the fp32 TFLite model reproduces model.fp32.onnx on the
 held-out slab within 1e-4 (so both come from the same weights); int8 within 0.5 dB of fp32
 against the target on the training slices (the gate of recipes/quantize.py).
 
-Report: build/tflite.json: file sizes, int8-vs-fp32 PSNR (held-out slab and the golden
+Report: build/<model>/tflite.json: file sizes, int8-vs-fp32 PSNR (held-out slab and the golden
 slices, the guard's convention), quality against the target, and batch-1 latency (median
 of 50 interleaved runs, 2 threads) of fp32/int8 on LiteRT and onnxruntime through the
 agent's own runners.
@@ -46,9 +47,6 @@ from recipes import config
 from recipes.metrics import psnr
 from recipes.timing import record_timing
 
-FP32_TFLITE = config.BUNDLE_DIR / "model.fp32.tflite"
-INT8_TFLITE = config.BUNDLE_DIR / "model.int8.tflite"
-REPORT = config.BUILD_DIR / "tflite.json"
 ENV_DIR = config.BUILD_DIR / "tflite-env"
 # The converter and quantizer releases this recipe was written against.
 CONVERTER_REQUIREMENTS = ("litert-torch==0.10.*", "ai-edge-quantizer==0.10.*")
@@ -95,10 +93,10 @@ def setup_env(env_dir: Path) -> None:
     print(f"converter env ready: {python}")
 
 
-def load_torch_model() -> Any:
+def load_torch_model(spec: config.ModelSpec) -> Any:
     from recipes.export import load_model
 
-    return load_model()
+    return load_model(spec)
 
 
 def channels_last_named(model: Any) -> Any:
@@ -119,11 +117,11 @@ def channels_last_named(model: Any) -> Any:
     return Wrapped(model).eval()
 
 
-def convert_fp32(model: Any, path: Path) -> None:
+def convert_fp32(model: Any, path: Path, channels: int) -> None:
     import litert_torch
     import torch
 
-    sample = torch.zeros(1, config.GRID, config.GRID, 1)
+    sample = torch.zeros(1, config.GRID, config.GRID, channels)
     edge = litert_torch.convert(channels_last_named(model), sample_kwargs={"input": sample})
     edge.export(str(path))
 
@@ -139,7 +137,8 @@ def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
     calib = calibrator.Calibrator(
         fp32.read_bytes(), num_threads=THREADS, qsv_update_func=qsv_utils.min_max_update
     )
-    data = [{"input": s[None, :, :, None].astype(np.float32)} for s in calibration]
+    # calibration: [N, C, H, W] model inputs; the TFLite model takes channels-last.
+    data = [{"input": np.moveaxis(s, 0, -1)[None].astype(np.float32)} for s in calibration]
     calib.calibrate({"serving_default": data}, manager)
     qt = quantizer.Quantizer(str(fp32))
     qt.load_quantization_recipe(rcp)
@@ -148,19 +147,19 @@ def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
     int8.chmod(0o644)  # the quantizer writes it executable
 
 
-def runners() -> dict[str, Any]:
+def runners(spec: config.ModelSpec) -> dict[str, Any]:
     from agent.backends import RunnerOptions
     from agent.backends.litert import LiteRTRunner
     from agent.backends.onnx import OnnxRunner
 
     opts = RunnerOptions(intra_op_threads=THREADS)
     out: dict[str, Any] = {
-        "litert_fp32": LiteRTRunner(str(FP32_TFLITE), opts),
-        "litert_int8": LiteRTRunner(str(INT8_TFLITE), opts),
-        "onnxruntime_fp32": OnnxRunner(str(config.FP32_ONNX), opts),
+        "litert_fp32": LiteRTRunner(str(spec.bundle("model.fp32.tflite")), opts),
+        "litert_int8": LiteRTRunner(str(spec.bundle("model.int8.tflite")), opts),
+        "onnxruntime_fp32": OnnxRunner(str(spec.bundle("model.fp32.onnx")), opts),
     }
-    if config.INT8_ONNX.is_file():
-        out["onnxruntime_int8"] = OnnxRunner(str(config.INT8_ONNX), opts)
+    if spec.bundle("model.int8.onnx").is_file():
+        out["onnxruntime_int8"] = OnnxRunner(str(spec.bundle("model.int8.onnx")), opts)
     return out
 
 
@@ -191,10 +190,14 @@ def main() -> None:
     parser.add_argument(
         "--setup-env", type=Path, metavar="DIR", help="create the converter venv at DIR and exit"
     )
+    config.add_model_argument(parser)
     args = parser.parse_args()
     if args.setup_env:
         setup_env(args.setup_env)
         return
+    spec = config.spec(args.model)
+    fp32_tflite, int8_tflite = spec.bundle("model.fp32.tflite"), spec.bundle("model.int8.tflite")
+    fp32_onnx, int8_onnx = spec.bundle("model.fp32.onnx"), spec.bundle("model.int8.onnx")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     start = time.perf_counter()
     import torch
@@ -203,20 +206,20 @@ def main() -> None:
     from recipes.evaluate import holdout
     from recipes.quantize import calibration_subset, training_slices
 
-    model = load_torch_model()
-    config.BUNDLE_DIR.mkdir(parents=True, exist_ok=True)
-    convert_fp32(model, FP32_TFLITE)
-    x_train, y_train, region_train = training_slices()
-    quantize_int8(FP32_TFLITE, INT8_TFLITE, calibration_subset(x_train))
+    model = load_torch_model(spec)
+    spec.bundle_dir.mkdir(parents=True, exist_ok=True)
+    convert_fp32(model, fp32_tflite, spec.in_channels)
+    x_train, y_train, region_train = training_slices(spec)
+    quantize_int8(fp32_tflite, int8_tflite, calibration_subset(x_train))
 
-    models = runners()
-    x, y, region, _z = holdout()
+    models = runners(spec)
+    x, y, region, _z = holdout(spec)
     x = x.astype(np.float32)
     preds = {name: predict(r, x) for name, r in models.items()}
     fp32_diff = float(np.abs(preds["litert_fp32"] - preds["onnxruntime_fp32"]).max())
     if fp32_diff > MAX_FP32_DIFF:
         raise SystemExit(
-            f"{FP32_TFLITE.name} differs from {config.FP32_ONNX.name} by {fp32_diff:.2e} "
+            f"{fp32_tflite.name} differs from {fp32_onnx.name} by {fp32_diff:.2e} "
             f"(> {MAX_FP32_DIFF:g}): the checkpoint is not the one the ONNX model came from"
         )
     rng_train = float(y_train.max())
@@ -258,7 +261,7 @@ def main() -> None:
         "threads": THREADS,
         "sizes_bytes": {
             p.name: p.stat().st_size
-            for p in (FP32_TFLITE, INT8_TFLITE, config.FP32_ONNX, config.INT8_ONNX)
+            for p in (fp32_tflite, int8_tflite, fp32_onnx, int8_onnx)
             if p.is_file()
         },
         "fp32_tflite_vs_onnx_max_abs_diff": fp32_diff,
@@ -267,9 +270,9 @@ def main() -> None:
         "holdout_psnr_brain_db": quality,
         "latency_batch1": latency,
     }
-    REPORT.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    spec.build("tflite.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))
-    record_timing("export_tflite", time.perf_counter() - start)
+    record_timing("export_tflite", time.perf_counter() - start, spec.name)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 
 from recipes import config
-from recipes.evaluate import RIM_PX
+from recipes.evaluate import FILES, RIM_PX
 from recipes.notice import MNI_COPYRIGHT, REFERENCES, SIMULATED_T2, TEMPLATE_SOURCE
 from recipes.simulate import tissue_signals_relative_to_csf
 
@@ -53,53 +53,38 @@ def isa_line() -> str:
 
 def machine_line() -> str:
     return (
-        f"{cpu_name()} ({isa_line()}), onnxruntime {ort.__version__} CPU execution provider, "
-        "2 intra-op threads, session.intra_op.allow_spinning=0, batch 1, median of 60 runs "
-        "(fp32 and int8 sessions alternating)"
+        f"{cpu_name()} ({isa_line()}), onnxruntime {ort.__version__} CPU execution provider "
+        "(session.intra_op.allow_spinning=0) and LiteRT with XNNPACK, through the agent's "
+        "runners, 2 threads, batch 1, median of 60 runs (every runtime x precision taking "
+        "turns)"
     )
+
+
+RUNTIME_LABELS = {"onnxruntime": "onnxruntime", "litert": "LiteRT (XNNPACK)"}
+
+
+def precision_label(ev: Json, name: str) -> str:
+    m = ev["models"][name]
+    if m["precision"] == "fp32":
+        return "fp32"
+    return f"int8 QDQ {ev['int8_variant']}" if m["runtime"] == "onnxruntime" else "int8"
 
 
 def quality_table(ev: Json) -> str:
     rows = [
-        "| precision | file | size | latency / slice | PSNR brain | PSNR full slice "
-        "| SSIM brain | MAE brain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| runtime | precision | file | size | latency / slice | PSNR brain | PSNR full slice "
+        "| SSIM brain | MAE brain | through-plane MAE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, file in (("fp32", config.FP32_ONNX.name), ("int8", config.INT8_ONNX.name)):
-        m = ev["models"][name]
-        label = name if name == "fp32" else f"int8 ({ev['int8_variant']})"
+    for name, m in ev["models"].items():
         rows.append(
-            f"| {label} | `{file}` | {m['size_bytes'] / 1024:.0f} KiB | {m['latency_ms']:.1f} ms "
-            f"| {m['psnr_brain_db']:.2f} dB | {m['psnr_full_db']:.2f} dB "
-            f"| {m['ssim_brain']:.4f} | {m['mae_brain']:.4f} |"
+            f"| {RUNTIME_LABELS[m['runtime']]} | {precision_label(ev, name)} "
+            f"| `{FILES[(m['runtime'], m['precision'])]}` | {m['size_bytes'] / 1024:.0f} KiB "
+            f"| {m['latency_ms']:.1f} ms | {m['psnr_brain_db']:.2f} dB "
+            f"| {m['psnr_full_db']:.2f} dB "
+            f"| {m['ssim_brain']:.4f} | {m['mae_brain']:.4f} | {m['through_plane_mae']:.4f} |"
         )
     return "\n".join(rows)
-
-
-def render_readme_table(ev: Json, timings: dict[str, float]) -> str:
-    """Table for models/README.md."""
-    rows = [
-        "| model | precision | runtime | GMAC / slice | size | latency / slice "
-        "| PSNR brain | SSIM brain | MAE brain |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name in ("fp32", "int8"):
-        m = ev["models"][name]
-        label = name if name == "fp32" else f"int8 QDQ {ev['int8_variant']}"
-        rows.append(
-            f"| {config.BUNDLE_NAME} | {label} | onnxruntime {ort.__version__} CPU, 2 threads "
-            f"| {ev['gmac_per_slice']:.2f} | {m['size_bytes'] / 1024:.0f} KiB "
-            f"| {m['latency_ms']:.1f} ms | {m['psnr_brain_db']:.2f} dB | {m['ssim_brain']:.4f} "
-            f"| {m['mae_brain']:.4f} |"
-        )
-    total = sum(timings.values())
-    steps = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    return (
-        "\n".join(rows) + f"\n\nHeld-out slab: {ev['holdout_slices']} axial slices, MNI z "
-        f"{ev['holdout_z_mm'][0]:+.0f} to {ev['holdout_z_mm'][1]:+.0f} mm. int8 vs fp32 output: "
-        f"{ev['int8_vs_fp32']['psnr_brain_db']:.2f} dB PSNR (brain). Machine: {machine_line()}.\n\n"
-        f"Last full build: {total / 60:.1f} min wall on 2 cores ({steps})."
-    )
 
 
 def tissue_table() -> str:
@@ -128,12 +113,29 @@ def augmentation_text(a: Json) -> str:
     )
 
 
-def summary_table(train: Json, ev: Json) -> str:
+def summary_table(spec: config.ModelSpec, train: Json, ev: Json) -> str:
     widths = tuple(train["widths"])
-    norm = (
-        f"`robust_max`: slice / percentile(slice[slice > 0], {config.NORM_PERCENTILE}), "
-        f"clipped to [0, {config.NORM_CLIP_MAX}]; an all-zero slice stays zero"
-    )
+    c = spec.in_channels
+    if spec.context:
+        norm = (
+            "`robust_max` on the stack: every slice / percentile(centre[centre > 0], "
+            f"{config.NORM_PERCENTILE}), clipped to [0, {config.NORM_CLIP_MAX}]; an all-zero "
+            "centre gives zeros"
+        )
+        inp = (f"`input`, float32 [N, {c}, 256, 256], N dynamic: the slice and its "
+               f"{spec.context} neighbours on each side along the slice normal, in slice order "
+               f"(channel {spec.context} is the slice itself)")
+    else:
+        norm = (
+            f"`robust_max`: slice / percentile(slice[slice > 0], {config.NORM_PERCENTILE}), "
+            f"clipped to [0, {config.NORM_CLIP_MAX}]; an all-zero slice stays zero"
+        )
+        inp = "`input`, float32 [N, 1, 256, 256], N dynamic"
+    files = (f"`model.int8.onnx` (served by onnxruntime, int8 QDQ {ev['int8_variant']}), "
+             "`model.fp32.onnx` (reference); ONNX opset 17")
+    if any(m["runtime"] == "litert" for m in ev["models"].values()):
+        files += ("; `model.int8.tflite` (served by LiteRT, full-integer int8), "
+                  "`model.fp32.tflite`")
     rows = [
         (
             "architecture",
@@ -143,24 +145,21 @@ def summary_table(train: Json, ev: Json) -> str:
         ),
         ("parameters", f"{train['params']:,}"),
         ("compute", f"{ev['gmac_per_slice']:.3f} GMAC per 256 x 256 slice (Conv MACs)"),
-        ("input", "`input`, float32 [N, 1, 256, 256], N dynamic"),
+        ("input", inp),
         (
             "output",
             "`output`, float32 [N, 1, 256, 256], >= 0; the agent stores "
             f"`output * {config.OUTPUT_SCALE:.0f}` as uint16",
         ),
         ("normalisation", norm),
-        (
-            "files",
-            f"`model.int8.onnx` (served, int8 QDQ {ev['int8_variant']}), "
-            "`model.fp32.onnx` (reference); ONNX opset 17",
-        ),
+        ("files", files),
     ]
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
 def render_model_card(
-    train: Json, ev: Json, quant: Json, golden: Json, timings: dict[str, float]
+    spec: config.ModelSpec, train: Json, ev: Json, quant: Json, golden: Json,
+    timings: dict[str, float],
 ) -> str:
     """MODEL_CARD.md of the bundle."""
     variants = "\n".join(
@@ -171,12 +170,31 @@ def render_model_card(
     gates = ev["gates"]
     history = train["history"]
     golden_z = ", ".join(f"{z:+.0f}" for z in golden["z_mm"])
-    fp32, int8 = ev["models"]["fp32"], ev["models"]["int8"]
+    fp32, int8 = ev["models"]["onnxruntime_fp32"], ev["models"]["onnxruntime_int8"]
+    drops = ", ".join(f"{RUNTIME_LABELS[rt]} {d:.2f} dB" for rt, d in gates["int8_drop_db"].items())
+    c = spec.in_channels
+    if spec.context:
+        what = (f"Translates one axial T1-weighted MR slice (256 x 256 at 1 mm), seen together "
+                f"with its {spec.context} neighbours on each side (a stack of {c} slices 1 mm "
+                "apart, 2.5D), into a synthetic T2-weighted slice on a fixed intensity scale "
+                "(CSF = 1.0). The agent gathers the neighbours from the series as its slices "
+                "arrive (README, 'Series assembly').")
+        scope = ("- 2.5D, axial only, 1 mm grid and 1 mm slice spacing: the agent resamples "
+                 "other in-plane grids to 256 x 256 at 1 mm but not the slice spacing; a series "
+                 "at another spacing gives the model neighbours at other distances than it was "
+                 "trained on. The first and last slices of a series (and slices next to a "
+                 "missing one) see a repeated neighbour instead (edge padding).")
+    else:
+        what = ("Translates one axial T1-weighted MR slice (256 x 256 at 1 mm) into a "
+                "synthetic T2-weighted slice on a fixed intensity scale (CSF = 1.0).")
+        scope = ("- 2D, axial only, 1 mm grid; the agent must resample other grids to "
+                 "256 x 256 at 1 mm. Each slice is translated alone, so adjacent output slices "
+                 "can be less consistent than the anatomy (see through-plane MAE).")
     z0, z1 = ev["holdout_z_mm"]
     verdict = "passed" if gates["passed"] else "FAILED"
     build_min = sum(timings.values()) / 60
     rim_px = RIM_PX
-    return f"""# {config.BUNDLE_NAME} {config.BUNDLE_VERSION} — model card
+    return f"""# {spec.name} {spec.version} — model card
 
 **NOT FOR DIAGNOSTIC USE.** A reference/demo model for the IoMT edge inference agent. It
 was trained on one SIMULATED image pair derived from an atlas template, not on patient
@@ -184,10 +202,9 @@ scans; its output is a synthetic image and must never inform a clinical decision
 
 ## What it does
 
-Translates one axial T1-weighted MR slice (256 x 256 at 1 mm) into a synthetic
-T2-weighted slice on a fixed intensity scale (CSF = 1.0).
+{what}
 
-{summary_table(train, ev)}
+{summary_table(spec, train, ev)}
 
 ## Training data
 
@@ -210,8 +227,10 @@ Source: {TEMPLATE_SOURCE}
   columns along MNI y.
 - Split: held-out slab of {ev["holdout_slices"]} contiguous slices (MNI z {z0:+.0f} to
   {z1:+.0f} mm) plus a {config.HOLDOUT_GAP}-slice gap on each side, used for neither training
-  nor calibration. Training: the other {train["train_slices"]} axial slices with at least
-  {config.MIN_BRAIN_PIXELS} brain pixels.
+  nor calibration (a 2.5D model's context may reach into the gap: its T1 only, never a
+  target). Training: the other {train["train_slices"]} axial slices with at least
+  {config.MIN_BRAIN_PIXELS} brain pixels; their neighbours past the volume's ends repeat the
+  edge slice.
 - Augmentation (on the fly): {augmentation_text(train["augment"])}
 
 ## Training
@@ -254,8 +273,12 @@ Chosen: **{quant["chosen"]}**.
 
 {quality_table(ev)}
 
-- int8 vs fp32 outputs: {ev["int8_vs_fp32"]["psnr_brain_db"]:.2f} dB PSNR in the brain,
-  {ev["int8_vs_fp32"]["psnr_full_db"]:.2f} dB on the full slice.
+- int8 vs fp32 outputs (onnxruntime): {ev["int8_vs_fp32"]["psnr_brain_db"]:.2f} dB PSNR in
+  the brain, {ev["int8_vs_fp32"]["psnr_full_db"]:.2f} dB on the full slice.
+- Through-plane consistency (fp32, onnxruntime): MAE of the difference between adjacent
+  output slices against the same difference of the reference, in the brain:
+  {fp32["through_plane_mae"]:.4f} ({fp32["through_plane_psnr_db"]:.2f} dB as a PSNR); int8
+  {int8["through_plane_mae"]:.4f}. Lower MAE = adjacent slices change as the anatomy does.
 - Where the error is: the outer {rim_px}-pixel rim of the brain holds
   {fp32["rim_share_of_pixels"] * 100:.0f} % of the brain pixels but
   {fp32["rim_share_of_squared_error"] * 100:.0f} % of the fp32 squared error. There the
@@ -266,7 +289,7 @@ Chosen: **{quant["chosen"]}**.
   {fp32["psnr_brain_slice_min_db"]:.2f} dB; int8: mean {int8["psnr_brain_slice_mean_db"]:.2f} dB,
   min {int8["psnr_brain_slice_min_db"]:.2f} dB.
 - Gates: fp32 PSNR brain >= {gates["fp32_psnr_min_db"]:.0f} dB and int8 within
-  {gates["int8_max_drop_db"]} dB of fp32 (drop: {gates["int8_drop_db"]:.2f} dB): {verdict}.
+  {gates["int8_max_drop_db"]} dB of fp32 on every runtime (drop: {drops}): {verdict}.
 - Latency: {machine_line()}.
 
 Definitions: the T2 target is compared on its own scale (CSF = 1.0). PSNR uses data range
@@ -279,7 +302,7 @@ K1 = 0.01, K2 = 0.03, same L, map averaged over the region. MAE on the target sc
 
 ## Golden set (activation gate)
 
-`golden.npz`: `input` float32 [4, 1, 256, 256], already-normalised held-out slices (MNI z
+`golden.npz`: `input` float32 [4, {c}, 256, 256], already-normalised held-out inputs (MNI z
 {golden_z} mm); `reference_output` float32 [4, 1, 256, 256], the fp32 model's outputs.
 int8 vs fp32 PSNR on it: {golden["int8_vs_fp32_psnr_db"]:.2f} dB pooled, lowest slice
 {golden["int8_vs_fp32_psnr_slice_min_db"]:.2f} dB (full slices, data range = max of
@@ -295,7 +318,7 @@ minus 3 dB, rounded down).
   susceptibility or scanner effects.
 - The held-out slab comes from the same template volume as the training slices, so the
   measured quality is optimistic for any other input.
-- 2D, axial only, 1 mm grid; the agent must resample other grids to 256 x 256 at 1 mm.
+{scope}
 
 ## Licence and notices
 

@@ -1,4 +1,4 @@
-"""Static int8 QDQ quantization of model.fp32.onnx -> model.int8.onnx.
+"""Static int8 QDQ quantization of models/<name>/model.fp32.onnx -> model.int8.onnx.
 
 Weights int8 per channel; activations calibrated (MinMax) on training slices. Variants:
 
@@ -25,6 +25,7 @@ quantize (the reference semantics); the step fails below KERNEL_MIN_PSNR_DB.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -44,15 +45,14 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from recipes import config
+from recipes.context import model_inputs
 from recipes.metrics import psnr
-from recipes.normalise import robust_max_np
 from recipes.runtime import interleaved_latency_ms, make_session, predict
 from recipes.timing import record_timing
 
 CALIBRATION_SLICES = 48
 SELECTION_DROP_DB = 0.1
 KERNEL_MIN_PSNR_DB = 55.0
-PREPROCESSED = config.BUILD_DIR / "model.fp32.pre.onnx"
 
 
 @dataclass(frozen=True)
@@ -78,28 +78,28 @@ VARIANTS = (
 
 
 class SliceReader(CalibrationDataReader):  # type: ignore[misc]
-    """Feeds normalised slices one at a time to the calibrator."""
+    """Feeds normalised inputs ([C, H, W] each) one at a time to the calibrator."""
 
-    def __init__(self, slices: np.ndarray) -> None:
-        self._it = iter(slices)
+    def __init__(self, inputs: np.ndarray) -> None:
+        self._it = iter(inputs)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         s = next(self._it, None)
-        return None if s is None else {"input": s[None, None].astype(np.float32)}
+        return None if s is None else {"input": s[None].astype(np.float32)}
 
 
-def training_slices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(normalised inputs [N,1,H,W], targets [N,1,H,W], region masks) of training slices."""
+def training_slices(spec: config.ModelSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(normalised inputs [N,C,H,W], targets [N,1,H,W], region masks) of training slices."""
     data = np.load(config.DATA_NPZ)
     idx = data["train_idx"]
-    x = np.stack([robust_max_np(s) for s in data["t1"][idx]])[:, None]
+    x = model_inputs(data["t1"], idx, spec.context)
     return x, data["t2"][idx][:, None], data["region"][idx][:, None]
 
 
 def calibration_subset(x: np.ndarray) -> np.ndarray:
-    """Evenly spaced training slices (deterministic)."""
+    """Evenly spaced training inputs [N, C, H, W] (deterministic)."""
     pick = np.linspace(0, len(x) - 1, CALIBRATION_SLICES).round().astype(int)
-    subset: np.ndarray = x[pick, 0]
+    subset: np.ndarray = x[pick]
     return subset
 
 
@@ -112,11 +112,12 @@ def first_and_last_conv(model_path: Path) -> list[str]:
     return [first.name, convs[-1].name]
 
 
-def build_variant(v: Variant, calib: np.ndarray) -> Path:
-    out = config.BUILD_DIR / f"model.int8.{v.name}.onnx"
-    exclude = first_and_last_conv(PREPROCESSED) if v.float_first_last else None
+def build_variant(spec: config.ModelSpec, v: Variant, calib: np.ndarray) -> Path:
+    out = spec.build(f"model.int8.{v.name}.onnx")
+    preprocessed = spec.build("model.fp32.pre.onnx")
+    exclude = first_and_last_conv(preprocessed) if v.float_first_last else None
     quantize_static(
-        PREPROCESSED,
+        preprocessed,
         out,
         SliceReader(calib),
         quant_format=QuantFormat.QDQ,
@@ -139,21 +140,27 @@ def reference_session(path: Path) -> ort.InferenceSession:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    config.add_model_argument(parser)
+    spec = config.spec(parser.parse_args().model)
     start = time.perf_counter()
+    fp32_path = spec.bundle("model.fp32.onnx")
+    spec.build_dir.mkdir(parents=True, exist_ok=True)
     # ONNX shape inference + graph optimisation. The symbolic pass (meant for transformers)
     # cannot merge the dynamic batch dim through Resize ('floor(1.0*batch)' vs 'batch').
-    quant_pre_process(str(config.FP32_ONNX), str(PREPROCESSED), skip_symbolic_shape=True)
-    x, y, region = training_slices()
+    quant_pre_process(str(fp32_path), str(spec.build("model.fp32.pre.onnx")),
+                      skip_symbolic_shape=True)
+    x, y, region = training_slices(spec)
     calib = calibration_subset(x)
-    paths = {v.name: build_variant(v, calib) for v in VARIANTS}
+    paths = {v.name: build_variant(spec, v, calib) for v in VARIANTS}
     safe = {v.name: v.saturation_safe for v in VARIANTS}
 
-    fp32 = make_session(config.FP32_ONNX)
+    fp32 = make_session(fp32_path)
     data_range = float(y.max())
     ref_psnr = psnr(predict(fp32, x), y, data_range, region)
     report: dict[str, object] = {"fp32_train_psnr_db": round(ref_psnr, 2), "variants": {}}
     sessions = {"fp32": fp32} | {name: make_session(p) for name, p in paths.items()}
-    latency = interleaved_latency_ms(sessions, x[len(x) // 2, 0])
+    latency = interleaved_latency_ms(sessions, x[len(x) // 2 : len(x) // 2 + 1])
     variants: dict[str, dict[str, float | bool]] = {}
     for name, path in paths.items():
         out = predict(sessions[name], x)
@@ -174,12 +181,12 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"no int8 variant within {SELECTION_DROP_DB} dB of fp32: {report}")
     chosen = min(ok, key=lambda n: (not safe[n], variants[n]["latency_ms"]))
-    shutil.copyfile(paths[chosen], config.INT8_ONNX)
+    shutil.copyfile(paths[chosen], spec.bundle("model.int8.onnx"))
     report["chosen"] = chosen
     report["calibration_slices"] = len(calib)
-    config.QUANT_REPORT.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    spec.build("quantize.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))
-    record_timing("quantize", time.perf_counter() - start)
+    record_timing("quantize", time.perf_counter() - start, spec.name)
 
 
 if __name__ == "__main__":

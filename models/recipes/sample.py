@@ -55,7 +55,7 @@ Slices are 197 x 233 zero-padded (centred) to 256 x 256: {r0} rows and {c0} colu
 before the data. Rows run along MNI x (left to right), columns along MNI y (posterior to
 anterior). 't1' is the template scaled so the slab maximum is 1000; 't2_reference' is the
 simulated T2 (CSF = 1000). These slices were held out from training and calibration of the
-t1w-to-t2w-lite model.
+reference models (t1w-to-t2w-lite, t1w-to-t2w-full).
 
 {SIMULATED_T2}
 

@@ -1,4 +1,5 @@
-"""Train the U-Net on augmented random crops of the training slices (L1 + SSIM loss)."""
+"""Train a U-Net of the family on augmented random crops of the training slices (L1 + SSIM
+loss). A 2.5D model sees each slice with its neighbours (``recipes.context``)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import torch
 
 from recipes import config
 from recipes.augment import AugmentConfig, BatchSampler
+from recipes.context import context_stack
 from recipes.losses import l1_ssim_loss
 from recipes.timing import record_timing
 from recipes.unet import UNetLite, count_macs, count_params
 
-WIDTHS = (12, 24, 48, 64)
-STEPS = 3600
 BATCH = 16
 CROP = 128
 SSIM_WEIGHT = 0.3
@@ -58,14 +58,16 @@ def learning_rate(step: int, steps: int) -> float:
     return LR * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(steps: int, threads: int) -> dict[str, object]:
+def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]:
     torch.set_num_threads(threads)
     gen = seed_everything(config.SEED)
     data = np.load(config.DATA_NPZ)
     idx = data["train_idx"]
-    sampler = BatchSampler(data["t1"][idx], data["t2"][idx], AUGMENT, gen)
+    # Neighbours may come from the gap around the held-out slab (never its targets).
+    t1 = context_stack(data["t1"], idx, spec.context)
+    sampler = BatchSampler(t1, data["t2"][idx], AUGMENT, gen)
 
-    model = UNetLite(WIDTHS)
+    model = UNetLite(spec.widths, spec.in_channels)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     history: list[dict[str, float]] = []
     running = 0.0
@@ -88,10 +90,13 @@ def train(steps: int, threads: int) -> dict[str, object]:
             running = 0.0
     wall = time.perf_counter() - start
 
-    config.BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    torch.save({"widths": WIDTHS, "state_dict": model.state_dict()}, config.CHECKPOINT)
+    spec.build_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"widths": spec.widths, "in_channels": spec.in_channels,
+                "state_dict": model.state_dict()}, spec.build("model.pt"))
     summary: dict[str, object] = {
-        "widths": list(WIDTHS),
+        "model": spec.name,
+        "widths": list(spec.widths),
+        "context_slices": spec.context,
         "params": count_params(model),
         "macs_256": count_macs(model.eval()),
         "steps": steps,
@@ -106,17 +111,19 @@ def train(steps: int, threads: int) -> dict[str, object]:
         "wall_s": round(wall, 1),
         "history": history,
     }
-    config.TRAIN_LOG.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    spec.build("train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=STEPS)
+    config.add_model_argument(parser)
+    parser.add_argument("--steps", type=int, help="training steps (default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    summary = train(args.steps, args.threads)
-    record_timing("train", float(summary["wall_s"]))  # type: ignore[arg-type]
+    spec = config.spec(args.model)
+    summary = train(spec, args.steps or spec.steps, args.threads)
+    record_timing("train", float(summary["wall_s"]), spec.name)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
