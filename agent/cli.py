@@ -299,14 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     s.add_argument("--runtime", action="append", choices=["onnxruntime", "litert"],
                    help="only this runtime (repeatable; default: both)")
-    s.add_argument("--runs", type=_runs, default=40,
+    s.add_argument("--runs", type=_runs, default=40, metavar="N",
                    help="timed batch-1 runs per row for the latency (default 40)")
     s.add_argument("--threads", type=_count_list, metavar="N[,N...]",
                    help="thread counts for the throughput (default: 1 and every core); the "
                    "latency uses the largest")
     s.add_argument("--batch", type=_count_list, metavar="N[,N...]",
                    help="batch sizes for the throughput (default 1,4)")
-    s.add_argument("--throughput-runs", type=_runs, default=8,
+    s.add_argument("--throughput-runs", type=_runs, default=8, metavar="N",
                    help="timed batches per throughput cell (default 8)")
     s.add_argument("--quick", action="store_true",
                    help="a fast pass: 10 latency runs, 3 per throughput cell "

@@ -43,11 +43,14 @@ def load_bundles(paths: list[Path]) -> list[ModelBundle]:
 
 
 def main(bundle_paths: list[Path], json_out: Path | None, options: BenchOptions,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run the bench, print the table, write the JSON. 0: it ran; 1: no row could be
-    measured; 2: a bundle cannot be read, or the JSON file cannot be written."""
+         out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the bench, print the table (``out``, default stdout), write the JSON. 0: it ran;
+    1: no row could be measured; 2: a bundle cannot be read, or the JSON file cannot be
+    written (messages on ``err``, default stderr)."""
     from agent.bench.report import render, to_json
 
+    out = out or sys.stdout
+    err = err or sys.stderr
     try:
         bundles = load_bundles(bundle_paths or default_bundles())
     except BundleError as exc:

@@ -53,12 +53,13 @@ def summarise(result: BundleResult) -> Summary:
     return Summary(ratios, best("served"), best("reference"))
 
 
-def _num(value: float | None, digits: int = 6) -> Any:
+def _num(value: float | None) -> Any:
+    """JSON-safe, 6 significant digits; infinities as "inf" / "-inf"."""
     if value is None or math.isnan(value):
         return None
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    return round(value, digits)
+    return float(f"{value:.6g}")
 
 
 def _db(value: float | None) -> str:
@@ -228,14 +229,16 @@ def _row_json(row: Row) -> dict[str, Any]:
         "status": "ok" if row.latency is not None else "skipped", "reason": row.reason,
     }
     if row.latency is not None:
-        out["latency_ms"] = {k: _num(v, 4) if isinstance(v, float) else v
-                             for k, v in asdict(row.latency).items()}
-        out["throughput"] = [{**asdict(t), "items_per_s": _num(t.items_per_s, 3)}
+        lat = row.latency
+        out["latency_ms"] = {"median": _num(lat.median_ms), "p95": _num(lat.p95_ms),
+                             "min": _num(lat.min_ms), "runs": lat.runs,
+                             "threads": lat.threads, "batch": 1}
+        out["throughput"] = [{**asdict(t), "items_per_s": _num(t.items_per_s)}
                              for t in row.throughput]
-        out["gmac_per_s"] = _num(row.gmac_per_s, 3)
+        out["gmac_per_s"] = _num(row.gmac_per_s)
         out["peak_gmac_per_s"] = row.peak_gmacs
         out["rss_mib"] = (None if row.rss is None else
-                          {k: _num(v, 2) if isinstance(v, float) else v
+                          {k: _num(v) if isinstance(v, float) else v
                            for k, v in asdict(row.rss).items()})
         out["rss_error"] = row.rss_error
         out["fidelity"] = (None if row.fidelity is None else
@@ -257,10 +260,10 @@ def _bundle_json(b: BundleResult) -> dict[str, Any]:
         "min_psnr_db": bundle.golden.min_psnr_db if bundle.golden else None,
         "rows": [_row_json(r) for r in b.rows],
         "summary": {
-            "served_over_fp32_latency": {k: _num(v, 4) for k, v in s.served_over_fp32.items()},
+            "served_over_fp32_latency": {k: _num(v) for k, v in s.served_over_fp32.items()},
             "best_served": None if s.best_served is None else s.best_served.runtime,
             "best_fp32": None if s.best_fp32 is None else s.best_fp32.runtime,
-            "best_served_over_best_fp32": _num(s.best_ratio, 4),
+            "best_served_over_best_fp32": _num(s.best_ratio),
             "auto": auto,
         },
     }
