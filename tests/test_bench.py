@@ -273,6 +273,26 @@ def test_rows_that_cannot_run_keep_their_reason(nets: dict[str, Any], tmp_path: 
     assert rows["reference"].peak_gmacs is None  # no clock, no peak, no crash
 
 
+def test_a_fixed_batch_model_keeps_its_batch_1_figures(tmp_path: Path) -> None:
+    """An ONNX file exported with batch 1 fixed: the batch-3 cell is empty with a note,
+    latency and batch-1 memory are measured."""
+    fixed = tmp_path / "fixed.onnx"
+    onnx_net(fixed)
+    model = onnx.load(str(fixed))
+    for tensor in (*model.graph.input, *model.graph.output):
+        tensor.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(fixed))
+    bundle = load_bundle(write_bundle(tmp_path / "b", {"onnx_fp32": fixed}, golden=None))
+    result = bench_bundle(bundle, BenchOptions(runs=3, threads=(1,), batches=(1, 3),
+                                               throughput_runs=3, runtimes=("onnxruntime",)),
+                          PeakEstimate(None, None, "clock unknown"))
+    row = next(r for r in result.rows if r.role == "reference")
+    assert row.latency is not None
+    assert [(t.threads, t.batch) for t in row.throughput] == [(1, 1)]
+    assert len(row.notes) == 1 and row.notes[0].startswith("batch 3 fails")
+    assert row.rss is not None and row.rss.batch1_mib > 0 and row.rss.batch_mib is None
+
+
 def test_no_litert_fp32_file_is_a_reason_not_a_crash(nets: dict[str, Any],
                                                      tmp_path: Path) -> None:
     files = {k: v for k, v in nets["files"].items() if k != "tfl_fp32"}
@@ -286,6 +306,16 @@ def test_not_a_bundle_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cli(["bench", "--bundle", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"error: {tmp_path} is not a model bundle: bundle.json not found" in err
+    assert capsys.readouterr().out == ""
+
+
+def test_a_bad_golden_set_exits_2_before_measuring(nets: dict[str, Any], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    x, ref = nets["golden"]
+    root = write_bundle(tmp_path / "b", nets["files"], golden=(x, ref[:2]))
+    assert cli(["bench", "--bundle", str(root), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "4 inputs but 2 reference outputs" in captured.err and captured.out == ""
 
 
 @pytest.mark.parametrize("flags", [["--runs", "1"], ["--batch", "0"], ["--threads", "x"],

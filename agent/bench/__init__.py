@@ -37,9 +37,15 @@ def default_bundles() -> list[Path]:
 def load_bundles(paths: list[Path]) -> list[ModelBundle]:
     """Load (and check the digests of) every bundle; ``BundleError`` names the first bad
     one."""
+    from agent.guard import load_golden
+
     if not paths:
         raise BundleError("no model bundles found under models/: pass --bundle DIR")
-    return [load_bundle(p) for p in paths]
+    bundles = [load_bundle(p) for p in paths]
+    for bundle in bundles:
+        if bundle.golden is not None:
+            load_golden(bundle)  # a malformed golden set: stop now, not half-way through
+    return bundles
 
 
 def main(bundle_paths: list[Path], json_out: Path | None, options: BenchOptions,

@@ -136,15 +136,19 @@ def bundle_lines(result: BenchResult, b: BundleResult) -> list[str]:
                  f"{'peak':>5} {'MiB':>5} {'dB':>6}")
     floor = bundle.golden.min_psnr_db if bundle.golden else None
     lines += [_row_line(r, file_w, floor) for r in b.rows]
-    timed = [r for r in b.rows if r.throughput]
-    if timed:
-        cells = [(t.threads, t.batch) for t in timed[0].throughput]
+    timed = [r for r in b.rows if r.latency is not None]
+    cells = list(dict.fromkeys((t.threads, t.batch) for r in timed for t in r.throughput))
+    if cells:
         lines += ["", f"{'items/s, threads x batch:':<28}" + "".join(
             f"{f'{t}x{n}':>9}" for t, n in cells)]
         for r in timed:
             got = {(t.threads, t.batch): t.items_per_s for t in r.throughput}
             lines.append(f"{r.runtime:<11} {r.precision:<16}" + "".join(
                 f"{_fmt(got.get(c), '.1f'):>9}" for c in cells))
+    for r in b.rows:
+        for note in r.notes:
+            text = " ".join(f"{r.runtime} {r.precision}: {note}".split())
+            lines += _wrap(text if len(text) <= 2 * WIDTH else text[: 2 * WIDTH - 3] + "...")
     lines += ["", *summary_lines(result, b)]
     return lines
 
@@ -245,6 +249,7 @@ def _row_json(row: Row) -> dict[str, Any]:
                            {k: _num(v) if isinstance(v, float) else v
                             for k, v in asdict(row.fidelity).items()})
         out["fidelity_note"] = row.fidelity_note
+        out["notes"] = list(row.notes)
     return out
 
 

@@ -93,6 +93,7 @@ class Row:
     fidelity_note: str | None = None
     gmac_per_s: float | None = None
     peak_gmacs: float | None = None  # the CPU's estimated peak for this precision
+    notes: list[str] = field(default_factory=list)  # what could not be measured, and why
 
     @property
     def key(self) -> str:
@@ -246,7 +247,18 @@ def _throughput(bundle: ModelBundle, rows: list[Row], runners: dict[str, ModelRu
             for batch in options.batches:
                 _say(options, f"{bundle.name}: throughput, {threads} thread(s), batch {batch}")
                 xb = measure.items(x, batch)
-                tasks = {k: functools.partial(_run_batch, r, xb) for k, r in current.items()}
+                tasks = {}
+                for key, runner in current.items():
+                    # A model exported with a fixed batch size may refuse this one: that
+                    # cell stays empty, the row keeps its other figures.
+                    try:
+                        runner.run(xb)
+                    except Exception as exc:  # a runtime's own errors are untyped
+                        note = f"batch {batch} fails ({type(exc).__name__}: {exc})"
+                        if note not in by_key[key].notes:
+                            by_key[key].notes.append(note)
+                        continue
+                    tasks[key] = functools.partial(_run_batch, runner, xb)
                 for key, secs in measure.take_turns(tasks, options.throughput_runs).items():
                     by_key[key].throughput.append(measure.throughput(secs, threads, batch))
         finally:
