@@ -318,6 +318,36 @@ def test_a_bad_golden_set_exits_2_before_measuring(nets: dict[str, Any], tmp_pat
     assert "4 inputs but 2 reference outputs" in captured.err and captured.out == ""
 
 
+def test_nothing_measurable_exits_1(nets: dict[str, Any], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    files = {k: v for k, v in nets["files"].items() if k.startswith("onnx")}
+    root = write_bundle(tmp_path / "b", files, golden=nets["golden"])
+    assert cli(["bench", "--bundle", str(root), "--runtime", "litert", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "bundle.json lists no int8 file for litert (backends.litert)" in captured.out
+    assert 'backend = "auto" would serve nothing' in captured.out
+    assert "no configuration could be measured" in captured.err
+
+
+def test_flags_reach_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[list[Path], Path | None, BenchOptions]] = []
+    monkeypatch.setattr("agent.bench.main",
+                        lambda paths, out, options: seen.append((paths, out, options)) or 0)
+    assert cli(["bench"]) == 0
+    paths, out, opts = seen[-1]
+    assert paths == [] and out is None  # [] = every bundle under models/
+    assert (opts.runs, opts.throughput_runs, opts.batches, opts.threads) == (40, 8, (1, 4), ())
+    assert opts.runtimes == ("onnxruntime", "litert") and opts.progress is not None
+    assert cli(["bench", "--quick", "--runs", "99", "--bundle", "a", "--bundle", "b",
+                "--json", "o.json", "--threads", "4,1,4", "--runtime", "litert",
+                "--quiet"]) == 0
+    paths, out, opts = seen[-1]
+    assert paths == [Path("a"), Path("b")] and out == Path("o.json")
+    assert (opts.runs, opts.throughput_runs, opts.auto_rounds) == (10, 3, 1)
+    assert opts.threads == (1, 4) and opts.latency_threads == 4
+    assert opts.runtimes == ("litert",) and opts.progress is None
+
+
 @pytest.mark.parametrize("flags", [["--runs", "1"], ["--batch", "0"], ["--threads", "x"],
                                    ["--runtime", "tensorrt"]])
 def test_bad_arguments_exit_2(flags: list[str]) -> None:

@@ -3,6 +3,7 @@
 | module | job |
 |---|---|
 | ``run`` | the rows of each bundle and the order of the measurements |
+| ``results`` | options and what a run produced (rows, per-bundle and machine figures) |
 | ``measure`` | configurations taking turns; latency, throughput, fidelity figures |
 | ``child`` | peak RSS of one configuration in a fresh process |
 | ``macs`` | GMAC per item counted from an ONNX graph |
@@ -18,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from agent.bench.run import BenchOptions, BenchResult, run_bench
+from agent.bench.results import BenchOptions, BenchResult
+from agent.bench.run import run_bench
 from agent.bundle import BundleError, ModelBundle, load_bundle
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent import __version__
-from agent.bench.run import BenchResult, BundleResult, Row
+from agent.bench.results import BenchResult, BundleResult, Row
 
 SCHEMA_VERSION = 1
 WIDTH = 100

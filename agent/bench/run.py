@@ -20,11 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -38,99 +33,21 @@ from agent.backends import (
     runtime_installed,
 )
 from agent.bench import measure
-from agent.bench.child import RssFigures, measure_rss
+from agent.bench.child import measure_rss
 from agent.bench.macs import MacCountError, count_macs
+from agent.bench.results import (
+    AutoChoice,
+    BenchOptions,
+    BenchResult,
+    BundleResult,
+    Machine,
+    Row,
+)
 from agent.bundle import BundleError, ModelBundle
-from agent.cpu import CpuInfo, PeakEstimate
+from agent.cpu import PeakEstimate
 from agent.guard import load_golden
 
-Progress = Callable[[str], None]
 RANDOM_INPUTS = 4  # items drawn for a bundle without a golden set
-
-
-def usable_cores() -> int:
-    """Logical CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    runs: int = 40  # timed batch-1 runs per row for the latency
-    threads: tuple[int, ...] = ()  # throughput thread counts; () = 1 and every core
-    batches: tuple[int, ...] = (1, 4)
-    throughput_runs: int = 8  # timed batches per throughput cell
-    runtimes: tuple[str, ...] = RUNTIMES
-    auto_rounds: int = 3  # choose_runner's rounds over the golden set
-    progress: Progress | None = None
-
-    @property
-    def thread_counts(self) -> tuple[int, ...]:
-        cores = usable_cores()
-        return self.threads or tuple(sorted({1, cores}))
-
-    @property
-    def latency_threads(self) -> int:
-        return max(self.thread_counts)
-
-
-@dataclass
-class Row:
-    """One bundle x runtime x precision."""
-
-    runtime: str
-    precision: str  # "fp32", or the bundle's precision for the served file
-    role: str  # "reference" (fp32) or "served"
-    path: Path | None
-    reason: str | None = None  # why it has no figures
-    latency: measure.Latency | None = None
-    throughput: list[measure.Throughput] = field(default_factory=list)
-    rss: RssFigures | None = None
-    rss_error: str | None = None
-    fidelity: measure.Fidelity | None = None
-    fidelity_note: str | None = None
-    gmac_per_s: float | None = None
-    peak_gmacs: float | None = None  # the CPU's estimated peak for this precision
-    notes: list[str] = field(default_factory=list)  # what could not be measured, and why
-
-    @property
-    def key(self) -> str:
-        return f"{self.runtime} {self.role}"
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-    @property
-    def size_bytes(self) -> int | None:
-        return self.path.stat().st_size if self.path is not None else None
-
-
-@dataclass(frozen=True)
-class AutoChoice:
-    runtime: str | None
-    reason: str
-    candidates: tuple[dict[str, Any], ...] = ()
-
-
-@dataclass
-class BundleResult:
-    bundle: ModelBundle
-    item_shape: tuple[int, int, int]
-    inputs: str  # what the timing inputs were
-    gmac: float | None
-    gmac_source: str
-    rows: list[Row]
-    auto: AutoChoice | None = None
-
-
-@dataclass(frozen=True)
-class Machine:
-    cpu: CpuInfo
-    peak: PeakEstimate
-    runtimes: dict[str, str]  # runtime -> version (installed ones)
 
 
 def _say(options: BenchOptions, text: str) -> None:
@@ -266,13 +183,15 @@ def _throughput(bundle: ModelBundle, rows: list[Row], runners: dict[str, ModelRu
                 runner.close()
 
 
-def auto_choice(bundle: ModelBundle, threads: int, rounds: int) -> AutoChoice:
-    """What ``backend = "auto"`` would serve the bundle with (no cache)."""
+def auto_choice(bundle: ModelBundle, threads: int, rounds: int,
+                runtimes: tuple[str, ...] = RUNTIMES) -> AutoChoice:
+    """What ``backend = "auto"`` would serve the bundle with (no cache), among
+    ``runtimes`` (the agent itself considers them all)."""
     from agent.backends.select import choose_runner
 
     try:
         runner, choice = choose_runner(bundle, RunnerOptions(intra_op_threads=threads), None,
-                                       rounds=rounds)
+                                       runtimes=runtimes, rounds=rounds)
     except (BundleError, BackendError) as exc:  # GuardFailed is a BundleError
         return AutoChoice(None, str(exc))
     runner.close()
@@ -324,7 +243,7 @@ def bench_bundle(bundle: ModelBundle, options: BenchOptions, peak: PeakEstimate)
             row.rss_error = str(exc)
     _say(options, f"{bundle.name}: what backend = \"auto\" would choose")
     result = BundleResult(bundle, item_shape, inputs, gmac, gmac_source, rows)
-    result.auto = auto_choice(bundle, threads, options.auto_rounds)
+    result.auto = auto_choice(bundle, threads, options.auto_rounds, options.runtimes)
     return result
 
 
@@ -344,14 +263,6 @@ def runtime_versions() -> dict[str, str]:
                 break
         found.setdefault(rt, "installed, version unknown")
     return found
-
-
-@dataclass
-class BenchResult:
-    machine: Machine
-    options: BenchOptions
-    bundles: list[BundleResult]
-    created: str
 
 
 def run_bench(bundles: list[ModelBundle], options: BenchOptions) -> BenchResult:
