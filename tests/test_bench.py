@@ -120,12 +120,17 @@ def nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def bench_json(nets: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[dict[str, Any], str]:
-    """One bench run through the CLI on the test bundle: (JSON, the text on stdout)."""
+    """One bench run through the CLI on the test bundle and a 2.5D one without a golden
+    set: (JSON, the text on stdout)."""
     d = tmp_path_factory.mktemp("bench-run")
     bundle = write_bundle(d / "bundle", nets["files"], golden=nets["golden"])
+    net_2_5d(d / "2.5d.onnx", channels=3)
+    other = write_bundle(d / "other", {"onnx_fp32": d / "2.5d.onnx"}, golden=None, context=1,
+                         name="bench-2.5d")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli(["bench", "--bundle", str(bundle), "--json", str(d / "out" / "b.json"),
+        code = cli(["bench", "--bundle", str(bundle), "--bundle", str(other),
+                    "--json", str(d / "out" / "b.json"),
                     "--runs", "6", "--throughput-runs", "3", "--threads", "1,2",
                     "--batch", "1,3", "--quiet"])
     assert code == 0
@@ -140,6 +145,10 @@ def test_json_has_a_row_per_runtime_and_precision(bench_json: tuple[dict[str, An
                                                   ) -> None:
     doc, _text = bench_json
     assert doc["schema"] == "iomt-agent-bench" and doc["schema_version"] == 1
+    assert [b["name"] for b in doc["bundles"]] == ["bench-test", "bench-2.5d"]
+    other = doc["bundles"][1]
+    assert other["item_shape"] == [3, GRID, GRID]
+    assert [r["status"] for r in other["rows"]] == ["ok", "skipped", "skipped", "skipped"]
     assert doc["options"] == {"runs": 6, "latency_threads": 2, "threads": [1, 2],
                               "batches": [1, 3], "throughput_runs": 3,
                               "runtimes": ["onnxruntime", "litert"]}
@@ -223,6 +232,11 @@ def test_the_table_fits_a_terminal(bench_json: tuple[dict[str, Any], str]) -> No
     assert any(line.startswith("int8 / fp32 latency") for line in lines)
     assert any(line.startswith('backend = "auto" would choose: ') for line in lines)
     assert any("an estimate" in line for line in lines)
+    # the second bundle: 3 channels, no served file, so no choice; then both compared
+    assert any(line.startswith("== bench-2.5d 0.0.1 (int8): 3 x 32 x 32 per item")
+               for line in lines)
+    assert any(line.startswith('backend = "auto" would serve nothing: ') for line in lines)
+    assert any(line.startswith("best served file per bundle") for line in lines)
 
 
 def test_2_5d_bundle_without_golden_set(nets: dict[str, Any], tmp_path: Path) -> None:

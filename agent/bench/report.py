@@ -100,10 +100,13 @@ def _row_line(row: Row, file_w: int, floor: float | None) -> str:
     if len(name) > file_w:
         name = name[: file_w - 1] + "~"
     head = f"{row.runtime:<11} {row.precision:<4}  {name:<{file_w}}"
-    if row.latency is None:
-        room = WIDTH - len(head) - 2
-        reason = row.reason or "not measured"
-        return f"{head}  {reason if len(reason) <= room else reason[: room - 3] + '...'}"
+    if row.latency is None:  # the reason instead of figures, at most 3 lines
+        reason = " ".join((row.reason or "not measured").split())
+        lines = textwrap.wrap(reason, WIDTH - len(head) - 2, break_on_hyphens=False)
+        if len(lines) > 3:
+            lines = [*lines[:2], lines[2][: WIDTH - len(head) - 5] + "..."]
+        pad = " " * (len(head) + 2)
+        return "\n".join([f"{head}  {lines[0]}", *(pad + line for line in lines[1:])])
     size = f"{(row.size_bytes or 0) / 1024:.0f}"
     pct = (f"{100 * row.gmac_per_s / row.peak_gmacs:.0f}%"
            if row.gmac_per_s and row.peak_gmacs else "-")
@@ -145,8 +148,10 @@ def bundle_lines(result: BenchResult, b: BundleResult) -> list[str]:
             got = {(t.threads, t.batch): t.items_per_s for t in r.throughput}
             lines.append(f"{r.runtime:<11} {r.precision:<16}" + "".join(
                 f"{_fmt(got.get(c), '.1f'):>9}" for c in cells))
-    for r in b.rows:
-        for note in r.notes:
+    for r in timed:
+        extra = [f"memory probe failed: {r.rss_error}"] if r.rss_error else []
+        extra += [f"no fidelity: {r.fidelity_note}"] if r.fidelity_note else []
+        for note in [*r.notes, *extra]:
             text = " ".join(f"{r.runtime} {r.precision}: {note}".split())
             lines += _wrap(text if len(text) <= 2 * WIDTH else text[: 2 * WIDTH - 3] + "...")
     lines += ["", *summary_lines(result, b)]
@@ -171,7 +176,7 @@ def summary_lines(result: BenchResult, b: BundleResult) -> list[str]:
     auto = b.auto
     if auto is not None:
         if auto.runtime is None:
-            lines.append(f'backend = "auto" would serve nothing: {auto.reason}')
+            lines += _wrap(f'backend = "auto" would serve nothing: {auto.reason}')
         else:
             seen = ", ".join(
                 f"{c['runtime']} {c['median_ms']:.2f} ms" if c.get("median_ms") is not None
@@ -219,8 +224,8 @@ def render(result: BenchResult) -> str:
                 best.append(f"{b.bundle.name} {s.best_served.latency.median_ms:.2f} ms "
                             f"({s.best_served.runtime})")
         if best:
-            lines += ["", "best served file per bundle (each bundle timed in its own turns): "
-                      + ", ".join(best)]
+            lines += ["", *_wrap("best served file per bundle (each bundle timed in its "
+                                 "own turns): " + ", ".join(best))]
     lines += ["", *footnotes(result)]
     return "\n".join(lines) + "\n"
 

@@ -158,7 +158,10 @@ def _throughput(bundle: ModelBundle, rows: list[Row], runners: dict[str, ModelRu
             current = runners
         else:
             for key in runners:
-                extra[key] = _open(bundle, by_key[key], threads)
+                try:
+                    extra[key] = _open(bundle, by_key[key], threads)
+                except BackendError as exc:
+                    by_key[key].notes.append(f"{threads} thread(s): cannot load ({exc})")
             current = extra
         try:
             for batch in options.batches:
