@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration lint bench mosquitto clean models
+.PHONY: demo test test-unit test-integration lint bench bench-models mosquitto clean models
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -39,6 +39,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed mosquitto
 	$(BIN)/python bench/e2e.py --slices 1000 --json bench-out/e2e.json
+
+# Every bundle under models/ x runtime x precision on this machine (no broker needed).
+bench-models: $(VENV)/.installed
+	$(BIN)/iomt-agent bench --json bench-out/models.json
 
 models:
 	$(MAKE) -C models

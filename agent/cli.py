@@ -179,6 +179,44 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAIL
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import BenchOptions, main
+
+    configure("warning", "console")  # choose_runner's info lines would break up the table
+    options = BenchOptions(
+        runs=10 if args.quick else args.runs,
+        throughput_runs=3 if args.quick else args.throughput_runs,
+        auto_rounds=1 if args.quick else 3,
+        threads=tuple(args.threads or ()), batches=tuple(args.batch or (1, 4)),
+        runtimes=tuple(args.runtime or ("onnxruntime", "litert")),
+        progress=None if args.quiet else lambda text: print(f"... {text}", file=sys.stderr,
+                                                            flush=True))
+    return main([Path(b) for b in args.bundle or ()],
+                Path(args.json) if args.json else None, options)
+
+
+def _count_list(text: str) -> list[int]:
+    """'1,4' -> [1, 4]; each a positive integer (argparse turns ValueError into exit 2)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 or v > 256 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers from 1 to 256, got {text!r}")
+    return sorted(set(values))
+
+
+def _runs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 3:
+        raise argparse.ArgumentTypeError("at least 3 (a p95 needs a few runs)")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -248,6 +286,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core)")
     m.add_argument("--json", action="store_true", help="print the full report as JSON")
     m.set_defaults(func=cmd_model_verify)
+
+    s = sub.add_parser(
+        "bench", help="time every bundle x runtime x precision on this node: latency, "
+        "throughput, peak memory, fidelity, GMAC/s vs the CPU's estimated peak",
+        description="Benchmark model bundles on this node. Rows: each bundle x installed "
+        "runtime x precision (fp32 reference, served int8); rows take turns so machine noise "
+        "hits them alike. Exit 0 when it ran, 1 when nothing could be measured, 2 for a bad "
+        "argument or bundle.")
+    s.add_argument("--bundle", action="append", metavar="DIR",
+                   help="a model bundle (repeatable; default: every bundle under models/)")
+    s.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    s.add_argument("--runtime", action="append", choices=["onnxruntime", "litert"],
+                   help="only this runtime (repeatable; default: both)")
+    s.add_argument("--runs", type=_runs, default=40, metavar="N",
+                   help="timed batch-1 runs per row for the latency (default 40)")
+    s.add_argument("--threads", type=_count_list, metavar="N[,N...]",
+                   help="thread counts for the throughput (default: 1 and every core); the "
+                   "latency uses the largest")
+    s.add_argument("--batch", type=_count_list, metavar="N[,N...]",
+                   help="batch sizes for the throughput (default 1,4)")
+    s.add_argument("--throughput-runs", type=_runs, default=8, metavar="N",
+                   help="timed batches per throughput cell (default 8)")
+    s.add_argument("--quick", action="store_true",
+                   help="a fast pass: 10 latency runs, 3 per throughput cell "
+                   "(overrides --runs and --throughput-runs)")
+    s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
