@@ -47,7 +47,7 @@ def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
     }
     gmac = report["model"].get("gmac")
     if gmac is not None:
-        meta["compute"] = {"gmac": round(gmac, 6)}
+        meta["compute"] = {"gmac": float(f"{gmac:.6g}")}
     text = json.dumps(meta, indent=2)
     # Short lists of numbers/strings on one line, as the reference bundle has them.
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",

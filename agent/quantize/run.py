@@ -18,151 +18,47 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent import __version__
-from agent.backends import BackendError, RunnerOptions, open_runner
-from agent.bundle import GoldenSet, ModelBundle, sha256_file
-from agent.contract import Contract, load_contract
-from agent.guard import GuardReport, run_guard, verify_bundle
+from agent.bundle import sha256_file
+from agent.contract import load_contract
 from agent.quantize.cpu import decide_reduce_range
-from agent.quantize.errors import BadInput, FloorNotReached, QuantizeError, require_onnx
+from agent.quantize.errors import BadInput, FloorNotReached, require_onnx
 from agent.quantize.graph import check_against_contract, count_gmac, load_onnx, quantized_nodes
 from agent.quantize.inputs import Collected, collect_inputs, list_files, split_inputs
 from agent.quantize.progress import Progress
 from agent.quantize.qdq import SETTINGS, Quantizer
-from agent.quantize.report import bundle_json, db_value, model_card, render_table
+from agent.quantize.report import db_value, render_table
 from agent.quantize.sensitivity import LayerError, layer_errors, ranking
+from agent.quantize.session import Judged, QuantizeOptions, Session
+from agent.quantize.writer import install, prepare_out, stage_dir, write_bundle
 
 MIN_CALIBRATION = 4
 REPORT_NAME = "quantize-report.json"
 
 
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """What the operator asked for (the CLI's flags)."""
-
-    fp32: Path
-    calibration_dir: Path
-    contract: Path
-    out: Path
-    tflite: bool = False
-    target_cpu: str = "host"
-    margin_db: float = 3.0
-    golden: int = 4
-    calibration: int = 64
-    check: int = 8
-    max_float_nodes: int | None = None  # None: a quarter of the quantized nodes (>= 1)
-    per_layer: bool = False
-    threads: int = 0
-    force: bool = False
+def _check_options(o: QuantizeOptions) -> None:
+    problems = [flag for flag, ok in (
+        ("--golden must be at least 1", o.golden >= 1),
+        (f"--calibration-count must be at least {MIN_CALIBRATION}",
+         o.calibration >= MIN_CALIBRATION),
+        ("--margin-db must be 0 or more", o.margin_db >= 0 and math.isfinite(o.margin_db)),
+        ("--max-float-nodes must be at least 1",
+         o.max_float_nodes is None or o.max_float_nodes >= 1),
+        ("--threads must be 0 or more", o.threads >= 0),
+    ) if not ok]
+    if problems:
+        raise BadInput("; ".join(problems))
 
 
-@dataclass
-class _Judged:
-    """A candidate int8 model and the guard's verdicts on the golden and check inputs."""
-
-    path: Path
-    float_nodes: list[str]
-    golden: GuardReport
-    check: GuardReport
-
-    @property
-    def worst_db(self) -> float:
-        return min(self.golden.worst_psnr_db or -math.inf, self.check.worst_psnr_db or -math.inf)
-
-    def step(self, target: float) -> dict[str, Any]:
-        return {"float_nodes": self.float_nodes, "golden_worst_psnr_db": db_value(
-            self.golden.worst_psnr_db), "check_worst_psnr_db": db_value(self.check.worst_psnr_db),
-            "holds": self.worst_db >= target}
-
-
-class _Session:
-    """Shared state of one quantize run."""
-
-    def __init__(self, options: QuantizeOptions, contract: Contract, work: Path,
-                 progress: Progress) -> None:
-        self.o, self.contract, self.work, self.progress = options, contract, work, progress
-        self.timings: dict[str, float] = {}
-        self.calibration: list[np.ndarray] = []
-        self.target = math.inf
-        self.runner_options = RunnerOptions(intra_op_threads=options.threads,
-                                            input_name=contract.input.tensor_name,
-                                            output_name=contract.output.tensor_name)
-
-    def timed(self, key: str, started: float) -> None:
-        self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - started, 3)
-
-    def fake_bundle(self, golden: Path) -> ModelBundle:
-        """An in-memory bundle around a golden file, for ``run_guard`` on a candidate."""
-        c = self.contract
-        return ModelBundle(
-            root=golden.parent, name=c.name, version=c.version, task=c.task, precision="int8",
-            input=c.input_contract(), output=c.output_contract(), backends={},
-            reference=None, golden=GoldenSet(golden, "", c.fidelity.min_psnr_db),
-            model_card=None)
-
-    def reference_outputs(self, x: np.ndarray, tick: Callable[[], None]) -> np.ndarray:
-        """The fp32 model's outputs, one input at a time (as the agent and the guard run)."""
-        try:
-            runner = open_runner("onnxruntime", str(self.o.fp32), self.runner_options)
-            try:
-                outs = []
-                for i in range(len(x)):
-                    outs.append(runner.run(x[i : i + 1]))
-                    tick()
-            finally:
-                runner.close()
-        except BackendError as exc:
-            raise BadInput(f"onnxruntime cannot run the float model: {exc}") from None
-        except Exception as exc:  # onnxruntime's own errors are untyped
-            raise BadInput(f"the float model fails on the contract's input shape "
-                           f"{list(x[:1].shape)}: {type(exc).__name__}: {exc}") from None
-        want = (1, 1, *self.contract.input.shape)
-        for out in outs:
-            if out.shape != want:
-                raise BadInput(f"the float model returns {list(out.shape)} for an input "
-                               f"{list(x[:1].shape)}; the contract says {list(want)}")
-        y = np.concatenate(outs).astype(np.float32)
-        if not np.all(np.isfinite(y)):
-            raise BadInput("the float model returns non-finite values on the calibration data")
-        return y
-
-    def judge(self, path: Path, float_nodes: list[str], runtime: str = "onnxruntime") -> _Judged:
-        started = time.perf_counter()
-        try:
-            runner = open_runner(runtime, str(path), self.runner_options)
-        except BackendError as exc:
-            raise QuantizeError(f"{runtime} cannot load the quantized model: {exc}") from None
-        try:
-            golden = run_guard(self.fake_bundle(self.work / "golden.npz"), runner)
-            check = run_guard(self.fake_bundle(self.work / "check.npz"), runner)
-        finally:
-            runner.close()
-        self.timed("evaluate", started)
-        return _Judged(path, float_nodes, golden, check)
-
-
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BadInput(f"--out {out} exists and is not empty: choose another directory or "
-                       "pass --force to replace it")
-    if not out.parent.is_dir():
-        raise BadInput(f"--out {out}: parent directory {out.parent} does not exist")
-
-
-def _collect(s: _Session) -> Collected:
+def _collect(s: Session) -> Collected:
     root = s.o.calibration_dir
     if not root.is_dir():
         raise BadInput(f"--calibration {root} is not a directory")
@@ -181,8 +77,8 @@ def _collect(s: _Session) -> Collected:
     return got
 
 
-def _sensitivity(s: _Session, q: Quantizer, first: _Judged, check_x: list[np.ndarray],
-                 target: float, report: dict[str, Any]) -> tuple[_Judged, list[LayerError]]:
+def _sensitivity(s: Session, q: Quantizer, first: Judged, check_x: list[np.ndarray],
+                 target: float, report: dict[str, Any]) -> tuple[Judged, list[LayerError]]:
     started = time.perf_counter()
     candidates = [name for name, _op in quantized_nodes(first.path)]
     budget = s.o.max_float_nodes or max(1, math.ceil(len(candidates) / 4))
@@ -230,41 +126,25 @@ def _sensitivity(s: _Session, q: Quantizer, first: _Judged, check_x: list[np.nda
     return chosen, errors
 
 
-def _stage_dir(out: Path) -> Path:
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    stage.chmod(0o755)  # mkdtemp makes it private; the agent's service user must read it
-    return stage
-
-
-def _install(stage: Path, out: Path) -> None:
-    """Move the finished bundle into place; a replaced one is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    stage.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Build the bundle at ``options.out``; return the report (also written there).
     Raises ``ContractError`` or a ``QuantizeError`` (``BadInput``: exit 2,
     ``FloorNotReached``: exit 1)."""
     started = time.perf_counter()
     progress = progress or Progress()
+    _check_options(options)
     require_onnx()
     contract = load_contract(options.contract)
     if options.tflite:
         from agent.quantize.tflite import require_converter
 
         require_converter()
-    _prepare_out(options.out, options.force)
+    prepare_out(options.out, options.force)
     model = load_onnx(options.fp32)
     facts = check_against_contract(model, contract, f"--fp32 {options.fp32.name}")
     decision = decide_reduce_range(options.target_cpu)
     with tempfile.TemporaryDirectory(prefix="iomt-quantize-") as tmp:
-        s = _Session(options, contract, Path(tmp), progress)
+        s = Session(options, contract, Path(tmp), progress)
         report: dict[str, Any] = {
             "format": 1, "tool": f"iomt-agent {__version__} model quantize",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -325,12 +205,12 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
             report["per_layer"] = [e.as_dict() for e in errors]
         report["fidelity"]["final"] = chosen.golden.as_dict()
         report["fidelity"]["check"] = chosen.check.summary()
-        stage_dir = _stage_dir(options.out)
+        staging = stage_dir(options.out)
         try:
-            _write_bundle(s, stage_dir, chosen, report)
-            _install(stage_dir, options.out)
+            write_bundle(s, staging, chosen, report)
+            install(staging, options.out)
         except BaseException:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
     report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
@@ -349,37 +229,6 @@ def _data_section(got: Collected, split: Any) -> dict[str, Any]:
                    for i in split.golden],
         "warnings": got.warnings,
     }
-
-
-def _write_bundle(s: _Session, stage: Path, chosen: _Judged, report: dict[str, Any]) -> None:
-    """Everything into ``stage``, then the agent's own checks on it."""
-    shutil.copyfile(s.o.fp32, stage / "model.fp32.onnx")
-    shutil.copyfile(chosen.path, stage / "model.int8.onnx")
-    shutil.copyfile(s.work / "golden.npz", stage / "golden.npz")
-    litert = None
-    if s.o.tflite:
-        from agent.quantize.tflite import export_tflite
-
-        t = time.perf_counter()
-        litert = export_tflite(s.o.fp32, s.work, stage, s.contract.input.tensor_name,
-                               s.calibration, s.judge, s.target)
-        s.timed("tflite", t)
-        report["tflite"] = litert
-    report["timings_s"] = s.timings
-    (stage / "MODEL_CARD.md").write_text(model_card(s.contract, report), encoding="utf-8")
-    (stage / "bundle.json").write_text(bundle_json(s.contract, stage, report), encoding="utf-8")
-    t = time.perf_counter()
-    report["guard"] = {}
-    runtimes = ["onnxruntime"] + (["litert"] if litert and litert.get("ok") else [])
-    with s.progress.stage("guard (agent runner)", len(runtimes)) as st:
-        for runtime in runtimes:
-            verdict = verify_bundle(stage, runtime=runtime, intra_op_threads=s.o.threads)
-            report["guard"][runtime] = verdict.summary()
-            st.tick()
-            if not verdict.ok:
-                raise QuantizeError(f"the written bundle fails the agent's guard on {runtime}: "
-                                    f"{verdict.reason}")
-    s.timed("guard", t)
 
 
 __all__ = ["QuantizeOptions", "quantize_bundle", "render_table"]
