@@ -142,6 +142,8 @@ def test_quantize_end_to_end(tmp_path: Path, dicoms: Path,
     assert "not for diagnostic use" in (out / "MODEL_CARD.md").read_text().lower()
     assert "kept in float: none" in printed.out
     assert "quantize: decode DICOM" in printed.err and "\r" not in printed.err  # not a TTY
+    assert "skipped notes.txt: not_dicom" in printed.err  # names on the console only
+    assert "notes.txt" not in (out / "quantize-report.json").read_text()
 
 
 def test_model_contract_mismatch_exits_2(tmp_path: Path, dicoms: Path,

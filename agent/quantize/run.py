@@ -42,6 +42,7 @@ from agent.quantize.writer import install, prepare_out, stage_dir, write_bundle
 
 MIN_CALIBRATION = 4
 REPORT_NAME = "quantize-report.json"
+SKIPPED_SHOWN = 20
 
 
 def _check_options(o: QuantizeOptions) -> None:
@@ -67,6 +68,13 @@ def _collect(s: Session) -> Collected:
     with s.progress.stage("decode DICOM", len(files)) as stage:
         got = collect_inputs(root, s.contract.input_contract(), files, stage.tick)
     s.timed("decode", started)
+    # File names only on the operator's console: the report travels inside the bundle.
+    for k in got.skipped[:SKIPPED_SHOWN]:
+        s.progress.note(f"skipped {k.path}: {k.reason} ({k.detail})")
+    if len(got.skipped) > SKIPPED_SHOWN:
+        s.progress.note(f"... and {len(got.skipped) - SKIPPED_SHOWN} more skipped file(s)")
+    for warning in got.warnings:
+        s.progress.note(f"warning: {warning}")
     need = s.o.golden + MIN_CALIBRATION
     if len(got.inputs) < need:
         why = ", ".join(f"{r}: {n}" for r, n in got.skipped_by_reason().items()) or "none"
