@@ -217,6 +217,30 @@ def _runs(text: str) -> int:
     return value
 
 
+def cmd_model_quantize(args: argparse.Namespace) -> int:
+    from agent.contract import ContractError
+    from agent.quantize import QuantizeError
+    from agent.quantize.run import QuantizeOptions, quantize_bundle, render_table
+
+    options = QuantizeOptions(
+        fp32=Path(args.fp32), calibration_dir=Path(args.calibration), contract=Path(args.contract),
+        out=Path(args.out), tflite=args.tflite, target_cpu=args.target_cpu,
+        margin_db=args.margin_db, golden=args.golden, calibration=args.calibration_count,
+        max_float_nodes=args.max_float_nodes, per_layer=args.per_layer, threads=args.threads,
+        force=args.force)
+    try:
+        report = quantize_bundle(options)
+    except ContractError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(render_table(report))
+    print(f"wrote {args.out} (report: {args.out}/quantize-report.json)")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -286,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core)")
     m.add_argument("--json", action="store_true", help="print the full report as JSON")
     m.set_defaults(func=cmd_model_verify)
+    _quantize_parser(msub)
 
     s = sub.add_parser(
         "bench", help="time every bundle x runtime x precision on this node: latency, "
@@ -320,6 +345,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.set_defaults(func=cmd_demo)
     return p
+
+
+def _quantize_parser(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    m = msub.add_parser("quantize", help="int8-quantize a float ONNX model on your DICOMs into "
+                        "a guarded bundle (exit 0 ok, 1 floor not reachable, 2 bad input)")
+    m.add_argument("--fp32", required=True, metavar="MODEL.onnx", help="the float model")
+    m.add_argument("--calibration", required=True, metavar="DICOM_DIR",
+                   help="DICOM files (searched recursively) for calibration and the golden set")
+    m.add_argument("--contract", required=True, metavar="CONTRACT.toml",
+                   help="name, version, input/output contract, fidelity floor")
+    m.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle to write")
+    m.add_argument("--tflite", action="store_true",
+                   help="also write model.int8.tflite (needs the convert extra)")
+    m.add_argument("--target-cpu", choices=["host", "no-dot-product", "dot-product"],
+                   default="host", help="the CPUs that will serve it, for reduce_range "
+                   "(default: this host's /proc/cpuinfo)")
+    m.add_argument("--margin-db", type=float, default=3.0,
+                   help="safety margin above the floor the build must reach (default 3)")
+    m.add_argument("--golden", type=int, default=4, help="golden inputs held out (default 4)")
+    m.add_argument("--calibration-count", type=int, default=64,
+                   help="at most this many calibration inputs (default 64)")
+    m.add_argument("--max-float-nodes", type=int, default=None,
+                   help="most nodes the sensitivity pass may keep in float (default: a quarter)")
+    m.add_argument("--per-layer", action="store_true", help="report per-layer SQNR")
+    m.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty BUNDLE_DIR")
+    m.set_defaults(func=cmd_model_quantize)
 
 
 def main(argv: list[str] | None = None) -> int:

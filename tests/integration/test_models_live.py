@@ -132,7 +132,7 @@ def test_series_assembly_across_a_sigkill(
     values = [50.0 * (i + 1) for i in range(n)]
     vol = np.stack([np.full((32, 32), v, dtype=np.uint16) for v in values])
     payloads = build_series(vol)
-    order = list(range(n)) + [2, 7, 13]  # three redelivered
+    order = [*range(n), 2, 7, 13]  # three redelivered
     random.Random(5).shuffle(order)
     half = len(order) // 2
 

@@ -1,0 +1,84 @@
+"""``reduce_range`` or not: does the CPU that will serve the model have int8 dot-product
+instructions?
+
+onnxruntime's x86 int8 kernels without VNNI (AVX2, AVX-512F) sum pairs of u8 x s8 products
+in 16 bits, which can saturate; 7-bit weights (``reduce_range``) cannot. x86 with
+``avx512_vnni`` / ``avx_vnni``, and ARM with the dot-product extension (``asimddp``), do
+not saturate, so they get full 8-bit weights. The host decides by default; an operator who
+quantizes on a workstation for a fleet of other CPUs says which kind the fleet is.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGETS = ("host", "no-dot-product", "dot-product")
+X86_DOT = ("avx512_vnni", "avx_vnni")
+ARM_DOT = ("asimddp",)
+
+
+@dataclass(frozen=True)
+class RangeDecision:
+    """The choice and the reason the report gives for it."""
+
+    reduce_range: bool
+    target: str
+    reason: str
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """Every word of the ``flags`` (x86) and ``Features`` (ARM) lines of /proc/cpuinfo."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+def host_dot_product(cpuinfo: str | None, machine: str) -> tuple[bool | None, str]:
+    """(has int8 dot-product, what was seen); None when it cannot be told."""
+    if cpuinfo is None:
+        return None, "cannot read /proc/cpuinfo"
+    flags = cpu_flags(cpuinfo)
+    arch = machine.lower()
+    if arch in ("x86_64", "amd64", "i686", "i386") or "sse2" in flags:
+        found = [f for f in X86_DOT if f in flags]
+        if found:
+            return True, f"x86 host with {', '.join(found)}"
+        return False, "x86 host without avx512_vnni/avx_vnni"
+    if arch.startswith(("aarch64", "arm")) or "asimd" in flags:
+        if any(f in flags for f in ARM_DOT):
+            return True, "ARM host with asimddp (dot product)"
+        return False, "ARM host without asimddp (dot product)"
+    return None, f"unknown CPU architecture {machine!r}"
+
+
+def decide_reduce_range(
+    target: str = "host", cpuinfo_path: Path = Path("/proc/cpuinfo"), machine: str | None = None
+) -> RangeDecision:
+    """``reduce_range`` for ``target`` (one of ``TARGETS``)."""
+    if target == "dot-product":
+        return RangeDecision(False, target, "--target-cpu dot-product: the fleet's CPUs have "
+                             "int8 dot-product instructions (VNNI / asimddp): 8-bit weights")
+    if target == "no-dot-product":
+        return RangeDecision(True, target, "--target-cpu no-dot-product: 7-bit weights, which "
+                             "cannot saturate onnxruntime's 16-bit int8 sums")
+    if target != "host":
+        raise ValueError(f"target CPU {target!r}: expected one of {', '.join(TARGETS)}")
+    try:
+        text: str | None = cpuinfo_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = None
+    has_dot, seen = host_dot_product(text, machine or platform.machine())
+    if has_dot is None:
+        return RangeDecision(True, target, f"{seen}: assuming no int8 dot-product, so 7-bit "
+                             "weights (reduce_range) to be safe; say --target-cpu dot-product "
+                             "if the fleet has VNNI / asimddp")
+    if has_dot:
+        return RangeDecision(False, target, f"{seen}: 8-bit weights (for a fleet without "
+                             "int8 dot-product, quantize with --target-cpu no-dot-product)")
+    return RangeDecision(True, target, f"{seen}: 7-bit weights (reduce_range), which cannot "
+                         "saturate onnxruntime's 16-bit int8 sums")

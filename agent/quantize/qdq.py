@@ -1,0 +1,130 @@
+"""Static int8 QDQ quantization with onnxruntime's tooling.
+
+``quant_pre_process`` first (ONNX shape inference and graph optimisation, as onnxruntime
+advises), then ``quantize_static``: QDQ format, u8 activations calibrated with MinMax over
+the calibration inputs, s8 weights per output channel, ``reduce_range`` (7-bit weights) when
+the target CPU lacks int8 dot-product. The sensitivity pass re-quantizes with some nodes
+excluded; float tensor ranges do not depend on which nodes are quantized, so the ranges of
+the first calibration are reused from onnxruntime's calibration cache (onnxruntime >= 1.23:
+``calibration_cache_path``; older ones calibrate again each time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.quantize.errors import BadInput
+
+Floats = npt.NDArray[np.float32]
+SETTINGS = {"format": "QDQ", "activations": "uint8 (asymmetric, MinMax calibration)",
+            "weights": "int8 per output channel (symmetric)"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime.quantization logs advice at WARNING through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _reader(input_name: str, inputs: Sequence[Floats], tick: Callable[[], None] | None) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        """Feeds the calibration inputs one at a time (batch of one, as the agent runs)."""
+
+        def __init__(self) -> None:
+            self._items = iter(inputs)
+
+        def get_next(self) -> dict[str, Floats] | None:
+            x = next(self._items, None)
+            if x is None:
+                return None
+            if tick is not None:
+                tick()
+            return {input_name: np.ascontiguousarray(x[None], dtype=np.float32)}
+
+    return Reader()
+
+
+class Quantizer:
+    """One float model, its calibration inputs and the settings; ``quantize`` makes an int8
+    model with the given nodes left in float."""
+
+    def __init__(self, fp32: Path, workdir: Path, input_name: str, calibration: Sequence[Floats],
+                 *, reduce_range: bool) -> None:
+        self.fp32, self.workdir, self.input_name = fp32, workdir, input_name
+        self.calibration = calibration
+        self.reduce_range = reduce_range
+        self.model = fp32  # what quantize_static reads: the pre-processed model when it worked
+        self.pre_process_note = "not run"
+        self._cache = workdir / "calibration-ranges.json"
+        self.cache_supported = "calibration_cache_path" in inspect.signature(
+            self._quantize_static()).parameters
+        self.calibrations = 0
+
+    @staticmethod
+    def _quantize_static() -> Callable[..., Any]:
+        from onnxruntime.quantization import quantize_static
+
+        return quantize_static  # type: ignore[no-any-return]
+
+    def pre_process(self) -> str:
+        """``quant_pre_process``; on failure the model is quantized as given (noted)."""
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = self.workdir / "model.fp32.pre.onnx"
+        try:
+            with _quiet():
+                # The symbolic pass is for transformer graphs; it chokes on Resize's batch dim.
+                quant_pre_process(str(self.fp32), str(pre), skip_symbolic_shape=True)
+        except Exception as exc:  # its failures are of many types
+            self.pre_process_note = (f"quant_pre_process failed ({type(exc).__name__}: {exc}); "
+                                     "quantized the model as given")
+        else:
+            self.model = pre
+            self.pre_process_note = "quant_pre_process (ONNX shape inference, optimisation)"
+        return self.pre_process_note
+
+    def quantize(self, out: Path, exclude: Sequence[str] = (),
+                 tick: Callable[[], None] | None = None) -> Path:
+        """Write the int8 QDQ model to ``out`` with ``exclude`` (node names) in float."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+        cached = self.cache_supported and self._cache.is_file()
+        kwargs: dict[str, Any] = {}
+        if self.cache_supported:
+            kwargs["calibration_cache_path"] = str(self._cache)
+        reader = None if cached else _reader(self.input_name, self.calibration, tick)
+        try:
+            with _quiet():
+                self._quantize_static()(
+                    str(self.model), str(out), reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=self.reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=list(exclude),
+                    **kwargs,
+                )
+        except Exception as exc:
+            raise BadInput(f"onnxruntime cannot quantize {self.fp32.name}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+        if not cached:
+            self.calibrations += 1
+        return out
