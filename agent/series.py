@@ -63,23 +63,31 @@ def _positive(value: object) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
+def slice_position(orientation: object, position: object) -> float | None:
+    """Distance of a slice along its normal: (row x column direction cosines), normalised,
+    dotted with ImagePositionPatient. None when either tag is absent or malformed, or the
+    direction cosines are not two orthogonal unit vectors."""
+    iop, ipp = _floats(orientation, 6), _floats(position, 3)
+    if iop is None or ipp is None:
+        return None
+    normal = np.cross(np.array(iop[:3]), np.array(iop[3:]))
+    length = float(np.linalg.norm(normal))
+    if length < 0.5:
+        return None
+    return float(np.dot(normal / length, np.array(ipp)))
+
+
 def slice_info(scan: Scan) -> SliceInfo:
     """The series geometry of a decoded scan. Raises ``ScanRejected`` ('bad_geometry') when
     the header cannot place the slice (a 2.5D model needs its neighbours)."""
     ds = scan.dataset
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    position = _floats(ds.get("ImagePositionPatient"), 3)
+    position = slice_position(orientation, ds.get("ImagePositionPatient"))
     if orientation is None or position is None:
         raise ScanRejected("bad_geometry", "a 2.5D model needs ImagePositionPatient and "
-                           "ImageOrientationPatient to find the slice's neighbours")
-    row, col = np.array(orientation[:3]), np.array(orientation[3:])
-    normal = np.cross(row, col)
-    length = float(np.linalg.norm(normal))
-    if length < 0.5:  # direction cosines must be (near) unit and orthogonal
-        raise ScanRejected("bad_geometry", "ImageOrientationPatient is not two orthogonal "
-                           "unit vectors")
-    normal /= length
-    rounded = ",".join(f"{v:.3f}" for v in (*row, *col))
+                           "ImageOrientationPatient (two orthogonal unit vectors) to find the "
+                           "slice's neighbours")
+    rounded = ",".join(f"{v:.3f}" for v in orientation)
     pixels = scan.pixels.shape
     key = (f"{scan.series_instance_uid}|{rounded}|{pixels[0]}x{pixels[1]}|"
            f"{scan.pixel_spacing[0]:.4f},{scan.pixel_spacing[1]:.4f}")
@@ -91,7 +99,7 @@ def slice_info(scan: Scan) -> SliceInfo:
     return SliceInfo(
         group=hashlib.sha256(key.encode()).hexdigest()[:16],
         sop_instance_uid=scan.sop_instance_uid,
-        position_mm=float(np.dot(normal, np.array(position))),
+        position_mm=position,
         spacing_mm=_positive(ds.get("SpacingBetweenSlices")),
         expected=count if count is not None and count > 0 else None,
     )

@@ -11,12 +11,14 @@ quantizes on a workstation for a fleet of other CPUs says which kind the fleet i
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.cpu import identify
+
 TARGETS = ("host", "no-dot-product", "dot-product")
-X86_DOT = ("avx512_vnni", "avx_vnni")
-ARM_DOT = ("asimddp",)
+X86 = ("x86_64", "amd64", "i686", "i386")
 
 
 @dataclass(frozen=True)
@@ -28,32 +30,20 @@ class RangeDecision:
     reason: str
 
 
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """Every word of the ``flags`` (x86) and ``Features`` (ARM) lines of /proc/cpuinfo."""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags
-
-
 def host_dot_product(cpuinfo: str | None, machine: str) -> tuple[bool | None, str]:
-    """(has int8 dot-product, what was seen); None when it cannot be told."""
+    """(has int8 dot-product, what was seen); None when it cannot be told. The CPU is
+    identified by ``agent.cpu`` (the same reading ``iomt-agent bench`` reports)."""
     if cpuinfo is None:
         return None, "cannot read /proc/cpuinfo"
-    flags = cpu_flags(cpuinfo)
     arch = machine.lower()
-    if arch in ("x86_64", "amd64", "i686", "i386") or "sse2" in flags:
-        found = [f for f in X86_DOT if f in flags]
-        if found:
-            return True, f"x86 host with {', '.join(found)}"
-        return False, "x86 host without avx512_vnni/avx_vnni"
-    if arch.startswith(("aarch64", "arm")) or "asimd" in flags:
-        if any(f in flags for f in ARM_DOT):
-            return True, "ARM host with asimddp (dot product)"
-        return False, "ARM host without asimddp (dot product)"
-    return None, f"unknown CPU architecture {machine!r}"
+    described = re.search(r"^\s*(flags|features)\s*:", cpuinfo, re.MULTILINE | re.IGNORECASE)
+    if not (arch in X86 or arch.startswith(("aarch64", "arm")) or described):
+        return None, f"unknown CPU architecture {machine!r}"
+    cpu = identify(cpuinfo, machine=machine)
+    kind = "ARM" if any(label.endswith("NEON") for label in cpu.isa) else "x86"
+    if cpu.int8_dot:
+        return True, f"{kind} host with {cpu.int8_dot}"
+    return False, f"{kind} host without int8 dot-product instructions (VNNI / asimddp)"
 
 
 def decide_reduce_range(

@@ -27,6 +27,7 @@ from agent.bundle import InputContract
 from agent.config import LimitsSection
 from agent.dicom import ScanRejected, decode_scan
 from agent.preprocess import normalise, to_model_grid
+from agent.series import slice_position
 
 Floats = npt.NDArray[np.float32]
 _LIMITS = LimitsSection()  # the daemon's defaults: the same files are refused here
@@ -83,23 +84,6 @@ class _Slice:
 
 def _series_hash(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:10]
-
-
-def slice_position(orientation: object, position: object) -> float | None:
-    """Distance of a slice along its normal: (row x column direction) . ImagePositionPatient.
-    None when either tag is absent or malformed."""
-    try:
-        iop = np.asarray([float(v) for v in orientation], dtype=np.float64)  # type: ignore[attr-defined]
-        ipp = np.asarray([float(v) for v in position], dtype=np.float64)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return None
-    if iop.shape != (6,) or ipp.shape != (3,) or not np.all(np.isfinite(iop)):
-        return None
-    normal = np.cross(iop[:3], iop[3:])
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6 or not np.all(np.isfinite(ipp)):
-        return None
-    return float(np.dot(normal / norm, ipp))
 
 
 def list_files(root: Path) -> list[Path]:
