@@ -105,10 +105,13 @@ def main() -> int:
 
     slab = load_demo_slab()
     bundle = load_bundle(args.bundle)
+    grids = [to_model_grid(sl.astype(np.float32), (1.0, 1.0), bundle.input)[0]
+             for sl in slab.t1]
+    k = bundle.input.context_slices  # a 2.5D model: each slice with its neighbours
     inputs = []
-    for sl in slab.t1:
-        grid, _ = to_model_grid(sl.astype(np.float32), (1.0, 1.0), bundle.input)
-        inputs.append(normalise(grid, bundle.input.normalisation)[None, None])
+    for i in range(len(grids)):
+        stack = np.stack([grids[min(max(i + d, 0), len(grids) - 1)] for d in range(-k, k + 1)])
+        inputs.append(normalise(stack, bundle.input.normalisation)[None])
 
     work = Path(tempfile.mkdtemp(prefix="iomt-bench-"))
     edge, edge_url = start_mosquitto(work, "edge")

@@ -59,7 +59,7 @@ FULL = ModelSpec(
     version="1.0.0",
     task="MR T1-weighted to T2-weighted synthesis (2.5D: a slice and 2 neighbours each side, "
     "axial)",
-    widths=(16, 32, 64, 96),
+    widths=(16, 32, 64, 128, 160),
     context=2,
     steps=4800,
 )
