@@ -229,3 +229,24 @@ def test_config_is_frozen() -> None:
     cfg = parse_config(VALID)
     with pytest.raises(ValueError, match="frozen"):
         cfg.agent.site = "other"  # type: ignore[misc]
+
+
+def test_model_runtime_options_and_series_section() -> None:
+    cfg = parse_config(VALID)
+    assert cfg.model.onnx_providers == ["tensorrt", "cuda", "cpu"]
+    assert cfg.model.graph_optimization == "all"
+    assert (cfg.series.idle_timeout_s, cfg.series.max_open, cfg.series.max_slices) == (
+        30.0, 8, 2048)
+    text = _replace('bundle = "../bundles/scale"',
+                    'bundle = "../bundles/scale"\nonnx_providers = ["cuda", "cpu"]\n'
+                    'graph_optimization = "basic"') + "\n[series]\nidle_timeout_s = 5\n"
+    cfg = parse_config(text)
+    assert cfg.model.onnx_providers == ["cuda", "cpu"] and cfg.series.idle_timeout_s == 5
+    problems = _problems(
+        _replace('bundle = "../bundles/scale"',
+                 'bundle = "../bundles/scale"\nonnx_providers = ["rocm"]\n'
+                 'graph_optimization = "max"')
+        + "\n[series]\nmax_open = 0\nidle = 3\n")
+    joined = "\n".join(problems)
+    assert "model.onnx_providers.0" in joined and "model.graph_optimization" in joined
+    assert "series.max_open" in joined and "series.idle: unknown key" in joined
