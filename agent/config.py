@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,18 +34,22 @@ def expand_credentials(path: Path, config_dir: Path) -> Path:
 class ConfigError(Exception):
     """The configuration cannot be used. ``problems`` holds one line per bad key."""
 
+    what = "configuration"  # what kind of file, for ``render``
+
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
 
     def render(self) -> str:
-        lines = [f"invalid configuration in {self.source}:"]
+        lines = [f"invalid {self.what} in {self.source}:"]
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A schema section: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -56,7 +60,7 @@ def _level(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-class BrokerConfig(_Strict):
+class BrokerConfig(Strict):
     """One MQTT broker connection."""
 
     url: str = Field(
@@ -128,7 +132,7 @@ class BrokerConfig(_Strict):
         return urlsplit(self.url).scheme == "mqtts"
 
 
-class AgentSection(_Strict):
+class AgentSection(Strict):
     site: Annotated[str, Field(title="Site id", description="Topic level naming the hospital site")]
     device_id: Annotated[
         str, Field(title="Device id", description="Topic level naming this edge node")
@@ -149,7 +153,7 @@ OnnxProvider = Literal["tensorrt", "cuda", "cpu"]
 DEFAULT_ONNX_PROVIDERS: tuple[OnnxProvider, ...] = ("tensorrt", "cuda", "cpu")
 
 
-class ModelSection(_Strict):
+class ModelSection(Strict):
     bundle: Path = Field(title="Model bundle", description="Directory holding bundle.json")
     backend: Literal["onnxruntime", "litert", "auto"] = Field(
         "onnxruntime",
@@ -178,7 +182,7 @@ class ModelSection(_Strict):
     )
 
 
-class LimitsSection(_Strict):
+class LimitsSection(Strict):
     max_payload_bytes: int = Field(
         64 * MIB, ge=1024, title="Payload cap", description="Larger scans are refused"
     )
@@ -202,7 +206,7 @@ class LimitsSection(_Strict):
     )
 
 
-class SeriesSection(_Strict):
+class SeriesSection(Strict):
     """Series assembly for 2.5D models (bundles with input.context_slices > 0)."""
 
     idle_timeout_s: float = Field(
@@ -221,7 +225,7 @@ class SeriesSection(_Strict):
     )
 
 
-class SealSection(_Strict):
+class SealSection(Strict):
     recipient_public_key: Path = Field(
         title="Recipient public key", description="The cloud's HPKE public key"
     )
@@ -230,7 +234,7 @@ class SealSection(_Strict):
     )
 
 
-class ReceiverSection(_Strict):
+class ReceiverSection(Strict):
     recipient_private_key: Path = Field(
         title="Recipient private key", description="The cloud's HPKE private key (0600)"
     )
@@ -240,7 +244,7 @@ class ReceiverSection(_Strict):
     client_id: str | None = Field(None, title="Client id", description="Receiver client id")
 
 
-class LogSection(_Strict):
+class LogSection(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", title="Log level", description="Minimum level"
     )
@@ -249,7 +253,7 @@ class LogSection(_Strict):
     )
 
 
-class Config(_Strict):
+class Config(Strict):
     agent: AgentSection = Field(title="Agent", description="Identity and state")
     edge: BrokerConfig = Field(title="Edge broker", description="Where scans arrive")
     cloud: BrokerConfig = Field(title="Cloud broker", description="Where results go")
@@ -313,15 +317,21 @@ class Config(_Strict):
         )
 
 
-def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
-    kind = str(error.get("type", ""))
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see README 'Configuration')"
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{loc}: {msg} (got {error.get('input')!r})"
+def describe_errors(exc: ValidationError, docs: str) -> list[str]:
+    """One line per problem, each starting with its key path; ``docs`` is where the keys are
+    documented (named for an unknown key)."""
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
+        kind = str(error.get("type", ""))
+        if kind == "extra_forbidden":
+            lines.append(f"{loc}: unknown key (check the spelling; see {docs})")
+        elif kind == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg} (got {error.get('input')!r})")
+    return lines
 
 
 def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:
@@ -333,7 +343,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(dict(e)) for e in exc.errors()]) from None
+        raise ConfigError(source, describe_errors(exc, "README 'Configuration'")) from None
     return config.resolve(base) if base is not None else config
 
 

@@ -15,33 +15,22 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from agent.bundle import MAX_CONTEXT_SLICES, InputContract, Normalisation, OutputContract
+from agent.config import ConfigError, Strict, describe_errors
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
-class ContractError(Exception):
+class ContractError(ConfigError):
     """CONTRACT.toml cannot be used. ``problems`` holds one line per bad key."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
-
-    def render(self) -> str:
-        lines = [f"invalid model contract in {self.source}:"]
-        lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
+    what = "model contract"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NormalisationSpec(_Strict):
+class NormalisationSpec(Strict):
     """How decoded pixel values become model input (``agent.preprocess.normalise``)."""
 
     method: Literal["robust_max"] = Field(
@@ -54,7 +43,7 @@ class NormalisationSpec(_Strict):
         1.5, gt=0, title="Clip maximum", description="normalised values are clipped to [0, this]")
 
 
-class InputSpec(_Strict):
+class InputSpec(Strict):
     """What a scan must look like to be fed to the model."""
 
     modality: str = Field(
@@ -112,7 +101,7 @@ class InputSpec(_Strict):
         return value
 
 
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     """What the model produces and how it is stored in the derived instance."""
 
     modality: str = Field(
@@ -146,7 +135,7 @@ class OutputSpec(_Strict):
         return value
 
 
-class FidelitySpec(_Strict):
+class FidelitySpec(Strict):
     """The floor that gates activation on every node (``agent.guard``)."""
 
     min_psnr_db: float = Field(
@@ -154,7 +143,7 @@ class FidelitySpec(_Strict):
         description="int8-vs-fp32 PSNR (dB) on the golden set, worst of pooled and per input")
 
 
-class Contract(_Strict):
+class Contract(Strict):
     """CONTRACT.toml: everything bundle.json holds besides its files."""
 
     name: str = Field(pattern=_NAME, title="Bundle name", description="letters, digits, . _ -")
@@ -201,17 +190,6 @@ class Contract(_Strict):
         return {"input": i, "output": o}
 
 
-def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
-    kind = str(error.get("type", ""))
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see docs/quantize.md)"
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{loc}: {msg} (got {error.get('input')!r})"
-
-
 def parse_contract(text: str, source: str = "<string>") -> Contract:
     """Parse TOML text into a Contract, or raise ContractError listing every bad key path."""
     try:
@@ -221,7 +199,7 @@ def parse_contract(text: str, source: str = "<string>") -> Contract:
     try:
         return Contract.model_validate(raw)
     except ValidationError as exc:
-        raise ContractError(source, [_describe(dict(e)) for e in exc.errors()]) from None
+        raise ContractError(source, describe_errors(exc, "docs/quantize.md")) from None
 
 
 def load_contract(path: str | Path) -> Contract:

@@ -10,6 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+# The reference bundles the repository ships: every shipped-bundle test runs on each.
+SHIPPED_BUNDLES = (MODELS_DIR / "t1w-to-t2w-lite", MODELS_DIR / "t1w-to-t2w-full")
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -27,24 +31,31 @@ def scale_model(path: Path, factor: float = 0.5) -> None:
     onnx.save(model, str(path))
 
 
-def make_scale_bundle(root: Path, factor: float = 0.5, name: str = "test-scale") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    scale_model(root / "model.int8.onnx", factor)
+def write_fp32_bundle(root: Path, model_file: str, name: str, task: str,
+                      input_contract: dict[str, object]) -> Path:
+    """bundle.json for an fp32 test model already at ``root / model_file`` (no golden set:
+    an fp32 model is its own reference)."""
     meta = {
         "format": 1,
         "name": name,
         "version": "0.0.1",
-        "task": "test: output = input * factor",
+        "task": task,
         "precision": "fp32",
-        "input": {"modality": "MR", "shape": [256, 256], "pixel_spacing_mm": [1.0, 1.0],
-                  "series_description_pattern": None},
+        "input": {"modality": "MR", "pixel_spacing_mm": [1.0, 1.0],
+                  "series_description_pattern": None, **input_contract},
         "output": {"modality": "MR", "scale": 1000.0,
                    "series_description": "SYNTHETIC TEST - NOT FOR DIAGNOSTIC USE"},
-        "backends": {"onnxruntime": {"path": "model.int8.onnx",
-                                     "sha256": _sha(root / "model.int8.onnx")}},
+        "backends": {"onnxruntime": {"path": model_file, "sha256": _sha(root / model_file)}},
     }
     (root / "bundle.json").write_text(json.dumps(meta, indent=2))
     return root
+
+
+def make_scale_bundle(root: Path, factor: float = 0.5, name: str = "test-scale") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    scale_model(root / "model.int8.onnx", factor)
+    return write_fp32_bundle(root, "model.int8.onnx", name, "test: output = input * factor",
+                             {"shape": [256, 256]})
 
 
 def smooth_inputs(n: int, seed: int, grid: int = 32) -> np.ndarray:
@@ -101,24 +112,10 @@ def make_context_bundle(root: Path, weights: list[float], grid: int = 32,
     slice is its value, and the clip is far above the ratios the tests use."""
     root.mkdir(parents=True, exist_ok=True)
     context_model(root / "model.onnx", weights, grid)
-    meta = {
-        "format": 1,
-        "name": name,
-        "version": "0.0.1",
-        "task": "test: weighted sum of a slice and its neighbours",
-        "precision": "fp32",
-        "input": {"modality": "MR", "shape": [grid, grid], "pixel_spacing_mm": [1.0, 1.0],
-                  "context_slices": len(weights) // 2, "slice_spacing_mm": 1.0,
-                  "series_description_pattern": None,
-                  "normalisation": {"method": "robust_max", "percentile": 50.0,
-                                    "clip_max": 1000.0}},
-        "output": {"modality": "MR", "scale": 1000.0,
-                   "series_description": "SYNTHETIC TEST - NOT FOR DIAGNOSTIC USE"},
-        "backends": {"onnxruntime": {"path": "model.onnx",
-                                     "sha256": _sha(root / "model.onnx")}},
-    }
-    (root / "bundle.json").write_text(json.dumps(meta, indent=2))
-    return root
+    return write_fp32_bundle(
+        root, "model.onnx", name, "test: weighted sum of a slice and its neighbours",
+        {"shape": [grid, grid], "context_slices": len(weights) // 2, "slice_spacing_mm": 1.0,
+         "normalisation": {"method": "robust_max", "percentile": 50.0, "clip_max": 1000.0}})
 
 
 def expected_context_output(values: list[float], weights: list[float],
