@@ -58,6 +58,12 @@ class SeriesStage:
         self._cache: OrderedDict[int, Prepared] = OrderedDict()
         self._cache_size = 4 * (2 * self.context + 1)
         self._waiting: dict[int, InboxItem] = {}  # admitted, not yet sent (payload dropped)
+        # (open series, waiting slices) as of the last change: other threads (the status
+        # message) read this tuple instead of walking the assembler while it changes.
+        self.counts = (0, 0)
+
+    def _count(self) -> None:
+        self.counts = (self.assembler.open_groups, self.assembler.waiting)
 
     def _remember(self, inbox_id: int, prepared: Prepared) -> None:
         self._cache[inbox_id] = prepared
@@ -95,6 +101,7 @@ class SeriesStage:
         if not sent:
             self._waiting[item.id] = InboxItem(item.id, item.topic, item.sha256, b"",
                                                item.received_at)
+        self._count()
         return Admitted()
 
     def reload(self, now: float) -> int:
@@ -128,6 +135,7 @@ class SeriesStage:
                 log.info("slice_padded", series=job.group, padded_slots=job.padded,
                          why=job.why)
             yield StackResult(item, job, first, started)
+        self._count()
 
     def finished(self) -> list[int]:
         """Inbox rows of series that are closed and fully processed (release them)."""
@@ -142,11 +150,5 @@ class SeriesStage:
             for inbox_id in ids:
                 self._cache.pop(inbox_id, None)
             released += ids
+        self._count()
         return released
-
-    def next_deadline(self) -> float | None:
-        return self.assembler.next_deadline()
-
-    @property
-    def waiting(self) -> int:
-        return self.assembler.waiting

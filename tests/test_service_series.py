@@ -125,7 +125,7 @@ def test_shuffled_duplicated_series_with_a_missing_slice(node: Path, opener) -> 
     d.accept([payloads[i] for i in order])
     d.run_until(N - 1)
     agent = d.agent
-    assert agent.series is not None and agent.series.waiting == 0
+    assert agent.series is not None and agent.series.counts == (0, 0)
     assert agent.store.held_count() == 0  # the series closed: payloads released
     counts = agent.store.counters()
     assert counts.get("duplicates") == 3 and counts.get("processed") == N - 1
