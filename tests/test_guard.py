@@ -29,11 +29,10 @@ from agent.guard import (
     run_guard,
     verify_bundle,
 )
-from tests.bundles import make_scale_bundle, quantize_qdq, smooth_inputs
+from tests.bundles import SHIPPED_BUNDLES, make_scale_bundle, quantize_qdq, smooth_inputs
 
 GRID = 32
 FLOOR_DB = 25.0
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "t1w-to-t2w-lite"
 
 
 def _sha(path: Path) -> str:
@@ -294,30 +293,31 @@ def test_cli_model_verify_exit_codes(
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
-# --- the shipped bundle (once it carries its golden set) -----------------------------
+# --- the shipped bundles ----------------------------------------------------------------
 
 
-def _shipped() -> ModelBundle:
-    if not (SHIPPED / "bundle.json").is_file():
-        pytest.skip("models/t1w-to-t2w-lite has no bundle.json yet")
-    bundle = load_bundle(SHIPPED)
-    if bundle.golden is None:
-        pytest.skip("the shipped bundle has no golden set yet")
+def _shipped(path: Path) -> ModelBundle:
+    bundle = load_bundle(path)
+    assert bundle.golden is not None, f"{path.name} ships without a golden set"
     return bundle
 
 
-def test_guard_accepts_the_shipped_bundle() -> None:
-    _shipped()
-    report = verify_bundle(SHIPPED)
+@pytest.mark.parametrize("shipped", SHIPPED_BUNDLES, ids=lambda p: p.name)
+def test_guard_accepts_the_shipped_bundle(shipped: Path) -> None:
+    _shipped(shipped)
+    report = verify_bundle(shipped)
     assert report.ok, report.reason
 
 
-def test_guard_rejects_the_shipped_int8_model_with_a_corrupted_scale(tmp_path: Path) -> None:
-    bundle = _shipped()
+@pytest.mark.parametrize("shipped", SHIPPED_BUNDLES, ids=lambda p: p.name)
+def test_guard_rejects_the_shipped_int8_model_with_a_corrupted_scale(
+    tmp_path: Path, shipped: Path
+) -> None:
+    bundle = _shipped(shipped)
     assert bundle.golden is not None
     root = tmp_path / "broken"
-    shutil.copytree(SHIPPED, root)
-    served = bundle.backend_file("onnxruntime").path.relative_to(SHIPPED.resolve())
+    shutil.copytree(shipped, root)
+    served = bundle.backend_file("onnxruntime").path.relative_to(shipped.resolve())
     corrupt_weight_scale(root / served, root / served)
     meta = json.loads((root / "bundle.json").read_text())
     meta["backends"]["onnxruntime"]["sha256"] = _sha(root / served)

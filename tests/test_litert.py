@@ -25,13 +25,12 @@ import pytest
 from agent.backends import BackendError, RunnerOptions, open_runner, runtime_installed
 from agent.bundle import load_bundle
 from agent.guard import run_guard
-from tests.bundles import quantize_qdq, smooth_inputs
+from tests.bundles import SHIPPED_BUNDLES, quantize_qdq, smooth_inputs
 
 GRID = 32
 WIDTH = 4  # channels of the hidden layer
 FILE_NAMES = {"onnxruntime": "model.int8.onnx", "litert": "model.int8.tflite"}
 FLOOR_DB = 30.0
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "t1w-to-t2w-lite"
 
 HAVE_LITERT = runtime_installed("litert")
 # Writing .tflite files needs the schema that the ai-edge-litert wheel ships.
@@ -444,20 +443,17 @@ def test_guard_passes_int8_tflite_and_refuses_a_corrupted_one(
 # --- the shipped bundle --------------------------------------------------------------
 
 
-def _shipped() -> Any:
-    if not (SHIPPED / "bundle.json").is_file():
-        pytest.skip("the reference bundle is not built yet (make -C models)")
-    bundle = load_bundle(SHIPPED)
-    if "litert" not in bundle.backends:
-        pytest.skip("the reference bundle has no LiteRT file yet (make -C models)")
-    if bundle.golden is None:
-        pytest.skip("the reference bundle has no golden set")
+def _shipped(path: Path) -> Any:
+    bundle = load_bundle(path)
+    assert "litert" in bundle.backends, f"{path.name} ships without a LiteRT file"
+    assert bundle.golden is not None, f"{path.name} ships without a golden set"
     return bundle
 
 
 @needs_litert
-def test_shipped_bundle_matches_on_both_runtimes() -> None:
-    bundle = _shipped()
+@pytest.mark.parametrize("shipped", SHIPPED_BUNDLES, ids=lambda p: p.name)
+def test_shipped_bundle_matches_on_both_runtimes(shipped: Path) -> None:
+    bundle = _shipped(shipped)
     x = np.load(bundle.golden.path)["input"]
     outputs = {}
     for runtime in ("onnxruntime", "litert"):
@@ -475,11 +471,14 @@ def test_shipped_bundle_matches_on_both_runtimes() -> None:
 
 
 @needs_litert
-def test_shipped_tflite_with_a_corrupted_weight_scale_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shipped", SHIPPED_BUNDLES, ids=lambda p: p.name)
+def test_shipped_tflite_with_a_corrupted_weight_scale_is_refused(
+    tmp_path: Path, shipped: Path
+) -> None:
     from ai_edge_litert import schema_py_generated as fb
     from ai_edge_litert.tools import flatbuffer_utils
 
-    bundle = _shipped()
+    bundle = _shipped(shipped)
     model = flatbuffer_utils.read_model(str(bundle.backend_file("litert").path))
     sg = model.subgraphs[0]
     codes = [flatbuffer_utils.get_builtin_code_from_operator_code(c)
@@ -489,7 +488,7 @@ def test_shipped_tflite_with_a_corrupted_weight_scale_is_refused(tmp_path: Path)
     weight = sg.tensors[conv.inputs[1]]
     weight.quantization.scale = [s * 10 for s in weight.quantization.scale]
     root = tmp_path / "b"
-    shutil.copytree(SHIPPED, root)
+    shutil.copytree(shipped, root)
     flatbuffer_utils.write_model(model, str(root / bundle.backend_file("litert").path.name))
     meta = json.loads((root / "bundle.json").read_text())
     meta["backends"]["litert"]["sha256"] = _sha(root / meta["backends"]["litert"]["path"])

@@ -157,6 +157,26 @@ def summary_table(spec: config.ModelSpec, train: Json, ev: Json) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
+def saturation_note(quant: Json) -> str:
+    """What the choice means on x86 CPUs without VNNI (empty when it cannot saturate)."""
+    chosen = quant["variants"][quant["chosen"]]
+    if chosen["saturation_safe"]:
+        return ""
+    safe = {n: v for n, v in quant["variants"].items() if v["saturation_safe"]}
+    best = max(safe.values(), key=lambda v: v["train_psnr_db"]) if safe else None
+    loss = quant["fp32_train_psnr_db"] - best["train_psnr_db"] if best else 0.0
+    cost = f" (the best 7-bit variant loses {loss:.1f} dB here)" if best else ""
+    return (
+        f" No saturation-safe variant qualified{cost}, so the served ONNX file has 8-bit "
+        "weights. On an x86 CPU without VNNI onnxruntime runs it on u8s8 kernels whose 16-bit "
+        "intermediate sums can saturate. The agent does not trust that to luck: every node "
+        "runs the golden set through the file on its own CPU at every load and refuses it if "
+        "it has drifted from the fp32 reference (the guard), and LiteRT's XNNPACK kernels, "
+        "which the `model.int8.tflite` file runs on, do not saturate: with "
+        "`backend = \"auto\"` the node serves whichever runtime passes its guard and is faster."
+    )
+
+
 def render_model_card(
     spec: config.ModelSpec, train: Json, ev: Json, quant: Json, golden: Json,
     timings: dict[str, float],
@@ -267,7 +287,7 @@ quantize), on this machine.
 |---|---|---|---|---|
 {variants}
 
-Chosen: **{quant["chosen"]}**.
+Chosen: **{quant["chosen"]}**.{saturation_note(quant)}
 
 ## Measured quality and speed (held-out slab)
 
