@@ -195,6 +195,11 @@ def footnotes(result: BenchResult) -> list[str]:
                   f"({', '.join(f'{f:g}' for f in sorted(floors))} dB): the guard would refuse "
                   "it." if floors else "")
     base = f" (Python, numpy and the agent alone: {min(before):.0f} MiB)" if before else ""
+    above = [r for b in result.bundles for r in b.rows
+             if r.gmac_per_s and r.peak_gmacs and r.gmac_per_s > r.peak_gmacs]
+    above_note = (" Some rows exceed it: the estimate is too low here (a clock under what the "
+                  "cores reach, or fewer MACs per cycle assumed than the cores do); read the "
+                  "percentages as relative." if above else "")
     return [
         *_wrap("Columns: median and p95 of the batch-1 latency; GMAC/s = GMAC per item / "
                "median; % of the estimated peak for the row's precision; RSS = peak resident "
@@ -204,7 +209,7 @@ def footnotes(result: BenchResult) -> list[str]:
                f"computes them.{floor_note}"),
         *_wrap("Peak estimate: an estimate from the ISA, not a measurement; real kernels lose "
                "to memory bandwidth, non-MAC operators and clocks that drop under all-core "
-               f"load. Clock: {cpu.clock_source}."),
+               f"load. Clock: {cpu.clock_source}.{above_note}"),
         *(line for a in cpu.assumptions for line in _wrap(f"  - {a}", "    ")),
         *_wrap("Timings on a busy machine are noisy: compare rows of one run (they took "
                "turns), not separate runs."),
