@@ -165,3 +165,50 @@ def test_series_assembly_across_a_sigkill(
     assert isinstance(reloaded, int)
     # The series completed (ImagesInAcquisition): every held payload was released.
     assert '"series_closed"' in agent2.text()
+
+
+FULL_BUNDLE = REFERENCE_BUNDLE.parent / "t1w-to-t2w-full"
+
+
+def test_the_shipped_2_5d_model_serves_a_shuffled_series(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
+) -> None:
+    """The real t1w-to-t2w-full bundle, end to end: each result equals the model run on that
+    slice and its neighbours (edges repeated), computed here with the agent's own stages."""
+    from agent.backends import RunnerOptions, open_runner
+    from agent.bundle import load_bundle
+    from agent.preprocess import from_model_grid, normalise, to_model_grid
+
+    edge, cloud = brokers
+    n = 8
+    slab = load_demo_slab().t1[8 : 8 + n]
+    payloads = build_series(slab)
+    config = _init(tmp_path, edge, cloud, FULL_BUNDLE)
+    receiver = spawn(["receive", "--config", str(config), "--out", str(tmp_path / "results"),
+                      "--count", str(n), "--timeout", "120"], tmp_path / "receiver.log")
+    receiver.wait_for('"mqtt_connected"')
+    agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
+    agent.wait_for('"mqtt_connected"', 2)
+    order = list(range(n))
+    random.Random(2).shuffle(order)
+    _send(config, tmp_path, [payloads[i] for i in order], "series")
+    assert receiver.proc.wait(120) == 0, receiver.text() + agent.text()
+    assert agent.terminate() == 0
+
+    bundle = load_bundle(FULL_BUNDLE)
+    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
+                         RunnerOptions(intra_op_threads=1))
+    grids = [to_model_grid(s.astype(np.float32), (1.0, 1.0), bundle.input) for s in slab]
+    index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
+    seen = set()
+    for path in (tmp_path / "results").rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        i = index[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        stack = np.stack([grids[min(max(i + d, 0), n - 1)][0] for d in range(-2, 3)])
+        y = runner.run(normalise(stack, bundle.input.normalisation)[None])[0, 0]
+        want = np.clip(from_model_grid(y, grids[i][1]), 0, None) * bundle.output.scale
+        got = ds.pixel_array.astype(np.float32)
+        assert np.abs(got - np.rint(want)).max() <= 1.0, i
+        seen.add(i)
+    runner.close()
+    assert seen == set(range(n))
