@@ -289,6 +289,11 @@ class SeriesAssembler:
             group.closing = group.closing or why
 
     # -- state ---------------------------------------------------------------------------
+    def spacing(self, group: str) -> float | None:
+        """The slice spacing of an open group (None: unknown yet, or no such group)."""
+        found = self._groups.get(group)
+        return found.spacing() if found is not None else None
+
     @property
     def open_groups(self) -> int:
         return sum(1 for g in self._groups.values() if g.closing is None)

@@ -22,6 +22,7 @@ from agent.series import SeriesAssembler, SliceRefused, StackJob, slice_info
 from agent.store import InboxItem, Store
 
 log = get_logger("agent.stacking")
+SPACING_TOLERANCE = 0.25  # a series this far off the model's slice spacing is warned about
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SeriesStage:
         self._cache_size = 4 * (2 * self.context + 1)
         self._waiting: dict[int, InboxItem] = {}  # admitted, not yet sent (payload dropped)
         self._decode_ms: dict[int, float] = {}  # decode time at admission, for its timings
+        self._spacing_checked: set[str] = set()
         # (open series, waiting slices) as of the last change: other threads (the status
         # message) read this tuple instead of walking the assembler while it changes.
         self.counts = (0, 0)
@@ -139,14 +141,32 @@ class SeriesStage:
             if job.padded:
                 log.info("slice_padded", series=job.group, padded_slots=job.padded,
                          why=job.why)
+            self._check_spacing(job.group)
             yield StackResult(item, job, first, started)
         self._count()
+
+    def _check_spacing(self, group: str) -> None:
+        """Warn once per series whose slice spacing is far from the model's (it still goes
+        through: the model then sees neighbours at distances it was not trained on)."""
+        want = self.translator.bundle.input.slice_spacing_mm
+        if want is None or group in self._spacing_checked:
+            return
+        got = self.assembler.spacing(group)
+        if got is None:
+            return
+        self._spacing_checked.add(group)
+        if abs(got - want) > SPACING_TOLERANCE * want:
+            log.warning("slice_spacing_differs", series=group, spacing_mm=round(got, 3),
+                        model_spacing_mm=want,
+                        fix="this 2.5D model was trained on another slice spacing; its "
+                        "output for this series may be poorer: use a model for this protocol")
 
     def finished(self) -> list[int]:
         """Inbox rows of series that are closed and fully processed (release them)."""
         released: list[int] = []
         for group, why, ids in self.assembler.finished():
             log.info("series_closed", series=group, slices=len(ids), why=why)
+            self._spacing_checked.discard(group)
             if why == "evicted":
                 log.warning("series_limit", series=group, max_open=self.assembler.max_open,
                             fix="more series arrive at once than series.max_open: raise it; "

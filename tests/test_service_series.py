@@ -169,3 +169,19 @@ def test_series_limits_are_reported(node: Path, opener) -> None:  # type: ignore
     assert all(b'"reason":"series_too_large"' in r for r in reasons)
     assert b"series.max_slices is 3" in reasons[0]
     d.stop()
+
+
+def test_a_series_at_another_slice_spacing_is_served_with_a_warning(node: Path) -> None:
+    import structlog
+
+    values = [100.0 * (i + 1) for i in range(5)]
+    vol = np.stack([np.full((32, 32), v, dtype=np.uint16) for v in values])
+    payloads = build_series(vol, spacing_mm=(3.0, 1.0, 1.0))  # the model wants 1 mm
+    d = Driver(node)
+    with structlog.testing.capture_logs() as logs:
+        d.accept(payloads)
+        d.run_until(5)
+    warned = [e for e in logs if e["event"] == "slice_spacing_differs"]
+    assert len(warned) == 1 and warned[0]["spacing_mm"] == 3.0
+    assert d.agent.store.counters().get("processed") == 5
+    d.stop()
