@@ -92,6 +92,15 @@ class PeakEstimate:
     formula: str  # "2 cores x 2.60 GHz x 32 (fp32) / 128 (int8) MACs per cycle per core"
 
 
+def _number(text: str | None) -> float:
+    """A /proc/cpuinfo number, 0.0 when absent or unreadable."""
+    try:
+        value = float(text or 0)
+    except ValueError:
+        return 0.0
+    return value if value == value and value > 0 else 0.0  # NaN and negatives: 0
+
+
 def _blocks(text: str) -> list[dict[str, str]]:
     """/proc/cpuinfo as one dict per blank-line separated block (keys lower-cased)."""
     blocks: list[dict[str, str]] = []
@@ -229,14 +238,15 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
                   else f"{cores} cores this process may use")
     model = first.get("model name") or platform.processor() or "unknown x86 CPU"
     indices = [int(p["processor"]) for p in procs]
-    if indices and all(i in khz for i in indices):
+    mhz = max((_number(p.get("cpu mhz")) for p in procs), default=0.0)
+    if indices and all(khz.get(i, 0) > 0 for i in indices):
         ghz = max(khz[i] for i in indices) / 1e6
         source = "cpufreq cpuinfo_max_freq"
-    elif first.get("cpu mhz"):
-        ghz = max(float(p.get("cpu mhz", 0) or 0) for p in procs) / 1000
+    elif mhz > 0:  # some VMs print 0.000
+        ghz = mhz / 1000
         source = "'cpu MHz' in /proc/cpuinfo (the current clock; turbo may be higher)"
-    elif first.get("bogomips"):
-        ghz = float(first["bogomips"]) / 2000
+    elif _number(first.get("bogomips")) > 0:
+        ghz = _number(first.get("bogomips")) / 2000
         source = "BogoMIPS / 2 (on x86 twice the TSC clock in MHz)"
     else:
         ghz, source = None, "unknown (no cpufreq, cpu MHz or BogoMIPS)"

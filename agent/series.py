@@ -5,17 +5,21 @@ one instance at a time, in any order, some twice, some never. ``SeriesAssembler`
 geometry of every slice it was given (no pixels: the payloads stay in the inbox) and
 decides when each slice is ready:
 
-* slices are grouped by Series Instance UID, orientation, matrix and pixel spacing (a
-  localizer with three orientations in one series makes three groups);
+* slices are grouped by Series Instance UID, acquisition number, orientation, matrix and
+  pixel spacing (a localizer with three orientations in one series makes three groups);
 * in a group they are ordered by their position along the slice normal (the
   ImageOrientationPatient row x column cross product, dotted with ImagePositionPatient);
-* a slice is ready as soon as the slices at +-1..k slice spacings are present;
+* a slice is ready as soon as the slices at +-1..k slice spacings are present (the spacing
+  from SpacingBetweenSlices; without it, or when the slices contradict it, the slices of a
+  series wait for it to close, since gaps between the slices that have arrived so far do
+  not tell the spacing);
 * a group *closes* when it holds as many slices as its headers announce
   (ImagesInAcquisition), when no slice has arrived for ``idle_timeout_s``, or when it is the
   least recently active group and a new one needs its place (``max_open``). Then every
   slice not yet sent goes, with the missing neighbours padded by repeating the nearest
   slice towards the centre (so the first and last slices of a series see themselves);
-* once a closed group has sent all its slices, their inbox rows can be released.
+* a sent slice whose every slot within k spacings holds a sent slice can be released
+  early; once a closed group has sent all its slices, the rest of its rows can.
 
 Pure bookkeeping: no I/O, no clock of its own (``now`` is passed in), so it is tested
 directly and the daemon rebuilds it from the inbox after a restart.
@@ -89,7 +93,10 @@ def slice_info(scan: Scan) -> SliceInfo:
                            "slice's neighbours")
     rounded = ",".join(f"{v:.3f}" for v in orientation)
     pixels = scan.pixels.shape
-    key = (f"{scan.series_instance_uid}|{rounded}|{pixels[0]}x{pixels[1]}|"
+    # Two acquisitions in one series (each announcing its own ImagesInAcquisition) are
+    # two stacks.
+    acquisition = str(ds.get("AcquisitionNumber", "") or "").strip()
+    key = (f"{scan.series_instance_uid}|{acquisition}|{rounded}|{pixels[0]}x{pixels[1]}|"
            f"{scan.pixel_spacing[0]:.4f},{scan.pixel_spacing[1]:.4f}")
     expected = ds.get("ImagesInAcquisition")
     try:
@@ -132,6 +139,7 @@ class _Member:
     inbox_id: int = field(compare=False)
     sop_instance_uid: str = field(compare=False)
     sent: bool = field(default=False, compare=False)
+    released: bool = field(default=False, compare=False)  # its payload is no longer kept
 
 
 @dataclass
@@ -143,17 +151,29 @@ class _Group:
     members: list[_Member] = field(default_factory=list)
     closing: str | None = None  # why it closed
 
-    def spacing(self) -> float | None:
-        """The slice spacing: the header's, unless the slices present are closer (a header
-        that counts the gap between slabs only); else the smallest gap seen."""
+    def observed_spacing(self) -> float | None:
+        """The smallest gap between the slices present (>= the true spacing while some are
+        missing)."""
         gaps = [b.position_mm - a.position_mm for a, b in zip(self.members, self.members[1:],
                                                               strict=False)]
-        observed = min((g for g in gaps if g > 1e-3), default=None)
-        if self.spacing_hint is not None:
-            if observed is not None and observed < 0.75 * self.spacing_hint:
-                return observed
-            return self.spacing_hint
-        return observed
+        return min((g for g in gaps if g > 1e-3), default=None)
+
+    def spacing(self) -> float | None:
+        """The slice spacing to find neighbours by, or None to wait.
+
+        While the series is open only the header's SpacingBetweenSlices is trusted, and only
+        while no two slices present are closer than it: the smallest gap seen so far is
+        twice the spacing when every other slice has arrived, and would pair a slice with
+        the wrong neighbours. Without a usable header value a slice waits for the series to
+        close. A closed series has all the slices it will get: its smallest gap is the
+        spacing (also when the header gives a gap, not the centre-to-centre distance)."""
+        observed = self.observed_spacing()
+        if self.closing is not None:
+            return observed or self.spacing_hint
+        hint = self.spacing_hint
+        if hint is not None and (observed is None or observed >= (1 - POSITION_TOLERANCE) * hint):
+            return hint
+        return None
 
     def find(self, position: float, spacing: float, tolerance: float) -> _Member | None:
         for m in self.members:  # small lists; ordered, so stop early
@@ -203,7 +223,7 @@ class SeriesAssembler:
         if any(m.sop_instance_uid == info.sop_instance_uid for m in group.members):
             self.counters.duplicates += 1
             return False
-        spacing = group.spacing() or info.spacing_mm
+        spacing = group.observed_spacing() or group.spacing_hint or info.spacing_mm
         clash = any(abs(m.position_mm - info.position_mm) < 1e-3 for m in group.members)
         if spacing is not None:
             clash = clash or group.find(info.position_mm, spacing, SAME_POSITION) is not None
@@ -231,14 +251,16 @@ class SeriesAssembler:
         self.counters.evicted += 1
 
     # -- output --------------------------------------------------------------------------
-    def take_ready(self, now: float) -> list[StackJob]:
-        """Every slice that can go now, once each (it is marked sent)."""
+    def take_ready(self, now: float, *, allow_idle: bool = True) -> list[StackJob]:
+        """Every slice that can go now, once each (it is marked sent). ``allow_idle``:
+        whether a series may close for idleness now; the caller says no while it still has
+        received scans it has not looked at (the next slice may be among them)."""
         jobs: list[StackJob] = []
         for group in self._groups.values():
             if group.closing is None:
                 if group.expected is not None and len(group.members) >= group.expected:
                     group.closing = "complete"
-                elif now - group.last_seen >= self.idle_timeout_s:
+                elif allow_idle and now - group.last_seen >= self.idle_timeout_s:
                     group.closing = "idle"
             spacing = group.spacing()
             for index, member in enumerate(group.members):
@@ -273,15 +295,36 @@ class SeriesAssembler:
                         group.closing or "neighbours")
 
     def finished(self) -> list[tuple[str, str, list[int]]]:
-        """Closed groups whose every slice has been sent: (group, why, inbox ids), and they
-        are forgotten. Their rows are no longer needed as anyone's neighbour."""
+        """Closed groups whose every slice has been sent: (group, why, inbox ids not yet
+        released), and they are forgotten. Their rows are no longer anyone's neighbour."""
         done = []
         for key, group in list(self._groups.items()):
             if group.closing is not None and all(m.sent for m in group.members):
-                done.append((key, group.closing, [m.inbox_id for m in group.members]))
+                done.append((key, group.closing,
+                             [m.inbox_id for m in group.members if not m.released]))
                 del self._groups[key]
                 self.counters.closed += 1
         return done
+
+    def releasable(self) -> list[int]:
+        """Inbox ids of sent slices of open series that no slice can need any more: every
+        slot within k spacings on both sides holds a sent slice (so a slice still to come
+        cannot land there). Lets a series larger than the inbox cap go through; the rest
+        are released when the series closes."""
+        out = []
+        for group in self._groups.values():
+            spacing = group.spacing()
+            if group.closing is not None or spacing is None:
+                continue
+            for m in group.members:
+                if not m.sent or m.released:
+                    continue
+                near = [group.find(m.position_mm + d * spacing, spacing, POSITION_TOLERANCE)
+                        for d in range(-self.context, self.context + 1) if d]
+                if all(n is not None and n.sent for n in near):
+                    m.released = True
+                    out.append(m.inbox_id)
+        return out
 
     def close_all(self, why: str = "flushed") -> None:
         """Close every open group now (its waiting slices go with padding)."""

@@ -41,6 +41,7 @@ from agent.topics import Topics
 log = get_logger("agent.service")
 
 FINISH_QUEUE = 2  # scans between the two halves of the pipeline
+FETCH_BATCH = 8  # inbox rows read per turn of the processing loop
 OUTBOX_WINDOW = 32  # rows in flight to the cloud broker at once
 STATUS_INTERVAL_S = 15.0
 DRAIN_ON_STOP_S = 10.0
@@ -115,7 +116,7 @@ class Agent:
         self._loader: threading.Thread | None = None
         self._candidate: ServedModel | Exception | None = None
         self.model_refused: dict[str, Any] | None = None
-        self._refused_bundle: Path = config.model.bundle
+        self._refused_what = ""  # the bundle (or config file) the last reload could not use
 
         offline = json.dumps({"v": 1, "state": "offline", "device_id": a.device_id}).encode()
         will = Will(self.topics.status, offline)
@@ -154,12 +155,10 @@ class Agent:
         self._last_fetched = 0  # pending rows are (re)admitted under the current model
         if self.model.context == 0:
             self.series = None
-            stale = [item.id for item in self.store.held(limit=1 << 30)]
-            if stale:  # held for an earlier 2.5D model: nobody's neighbours now
-                self.store.release(stale)
+            self.store.release_held()  # held for an earlier 2.5D model: nobody's neighbours
             return
         self.series = SeriesStage(self.translator, self.store, self.config.series)
-        reloaded = self.series.reload(time.monotonic())
+        reloaded = self.series.reload(time.monotonic(), self._beat)
         log.info("series_assembly", context_slices=self.model.context,
                  held_reloaded=reloaded, idle_timeout_s=self.config.series.idle_timeout_s,
                  max_open=self.config.series.max_open, max_slices=self.config.series.max_slices)
@@ -167,16 +166,17 @@ class Agent:
     def _load_candidate(self) -> None:
         """Loader thread: read the config again and open + guard the model it names."""
         settings = self.config.model
+        self._refused_what = str(self.config_path)  # until the config has been read
         try:
             if self.config_path is not None:
                 settings = load_config(self.config_path).model
+            self._refused_what = str(settings.bundle)
             self._candidate = load_model(settings, self.config.agent.state_dir or Path())
         except (ConfigError, BundleError, BackendError) as exc:
             self._candidate = exc
         except Exception as exc:  # a broken bundle must never take the daemon down
             self._candidate = BackendError(f"cannot load {settings.bundle}: "
                                            f"{type(exc).__name__}: {exc}")
-        self._refused_bundle = settings.bundle
         self._work.set()
 
     def _finish_reload(self) -> None:
@@ -186,7 +186,8 @@ class Agent:
             self._swap(candidate)
         elif candidate is not None:
             self._refuse(candidate)
-        self.sd.reloaded()
+        if not self._reload.is_set():  # another SIGHUP came meanwhile: that one is pending
+            self.sd.reloaded()
 
     def _drain_finisher(self) -> None:
         done = threading.Event()
@@ -208,19 +209,24 @@ class Agent:
         self._publish_status(force=True)
 
     def _refuse(self, exc: Exception) -> None:
-        bundle = self._refused_bundle
-        reason = exc.report.reason if isinstance(exc, GuardFailed) else str(exc)
+        """The reload failed: say why everywhere, keep serving the current model. A config
+        that does not parse names the config file, not a bundle."""
+        config_broken = isinstance(exc, ConfigError)
+        what = self._refused_what
+        reason = (exc.report.reason if isinstance(exc, GuardFailed)
+                  else f"the config cannot be read: {exc}" if config_broken else str(exc))
         figures = exc.report.summary() if isinstance(exc, GuardFailed) else {}
-        self.model_refused = {"bundle": str(bundle), "reason": reason, "at": _now(),
+        self.model_refused = {("config" if config_broken else "bundle"): what,
+                              "reason": reason, "at": _now(),
                               **({"guard": figures} if figures else {})}
-        log.error("model_refused", bundle=str(bundle), reason=reason,
-                  serving=f"{self.model.bundle.name} {self.model.bundle.version}",
-                  fix="`iomt-agent model verify BUNDLE` prints the figures; fix the bundle or "
-                  "the config, then `systemctl reload iomt-agent`")
+        log.error("model_refused", **{"config" if config_broken else "bundle": what},
+                  reason=reason, serving=f"{self.model.bundle.name} {self.model.bundle.version}",
+                  fix="`iomt-agent config check` / `iomt-agent model verify BUNDLE` say what is "
+                  "wrong; fix the config or the bundle, then `systemctl reload iomt-agent`")
         try:
-            marker = (Path(bundle) / "bundle.json").read_bytes()
+            marker = (Path(what) if config_broken else Path(what) / "bundle.json").read_bytes()
         except OSError:
-            marker = str(bundle).encode()
+            marker = what.encode()
         mid, body = error_report(
             device_id=self.topics.device, reason="model_refused",
             detail=f"{reason} (still serving {self.model.bundle.name} "
@@ -349,7 +355,7 @@ class Agent:
     def _process_pending(self) -> bool:
         """Run the first half (decode .. infer) of every pending scan on this thread and hand
         each to the finisher. Returns whether there was anything to do."""
-        items = self.store.pending(after_id=self._last_fetched, limit=8)
+        items = self.store.pending(after_id=self._last_fetched, limit=FETCH_BATCH)
         for item in items:
             self._beat()
             if self._stop.is_set():
@@ -367,14 +373,16 @@ class Agent:
             self._last_fetched = item.id
         busy = bool(items)
         if self.series is not None:
-            busy = self._process_series() or busy
+            # A full batch means more rows wait unread: no series may close for idleness
+            # while its next slice may be among them.
+            busy = self._process_series(allow_idle=len(items) < FETCH_BATCH) or busy
         return busy
 
-    def _process_series(self) -> bool:
+    def _process_series(self, *, allow_idle: bool) -> bool:
         """2.5D: run every slice whose neighbours are present (or whose series closed)."""
         assert self.series is not None
         busy = False
-        for result in self.series.ready(time.monotonic()):
+        for result in self.series.ready(time.monotonic(), allow_idle=allow_idle):
             self._beat()
             self._wait_for_outbox_room()
             item = result.item
@@ -530,10 +538,10 @@ class Agent:
         inbox, outbox = self.store.depths()
         self._publish_offline(self.cloud)
         self.cloud.stop()
-        if self._loader is not None:
-            self._loader.join(30.0)
-            if isinstance(self._candidate, ServedModel):
-                self._candidate.close()
+        # A loader still guarding a model is a daemon thread: it goes with the process.
+        if self._loader is not None and not self._loader.is_alive() and isinstance(
+                self._candidate, ServedModel):
+            self._candidate.close()
         self.model.close()
         self.store.close()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from agent.config import SeriesSection
@@ -109,20 +109,27 @@ class SeriesStage:
         self._count()
         return Admitted()
 
-    def reload(self, now: float) -> int:
-        """Admit every held row (after a start or a model change). Returns how many."""
+    def reload(self, now: float, beat: Callable[[], None] = lambda: None) -> int:
+        """Admit every held row (after a start or a model change); ``beat`` is called
+        between rows (the watchdog). Returns how many were admitted."""
         count, last = 0, 0
         while batch := self.store.held(after_id=last, limit=16):
             for item in batch:
-                self.admit(item, now, sent=True)
+                beat()
+                if self.admit(item, now, sent=True).duplicate:
+                    # A redelivery that was processed before its twin's series closed: the
+                    # twin serves as the neighbour, this copy is nobody's.
+                    self.store.release([item.id])
                 last = item.id
                 count += 1
+        self._count()
         return count
 
-    def ready(self, now: float) -> Iterator[StackResult]:
+    def ready(self, now: float, *, allow_idle: bool = True) -> Iterator[StackResult]:
         """Run the model on every slice whose neighbours are present (or whose series has
-        closed, with padding)."""
-        for job in self.assembler.take_ready(now):
+        closed, with padding). ``allow_idle``: False while received scans are still unread
+        (a series must not close for idleness with its next slice among them)."""
+        for job in self.assembler.take_ready(now, allow_idle=allow_idle):
             item = self._waiting.pop(job.centre)
             started = time.perf_counter()
             timer = StageTimer()
@@ -162,8 +169,12 @@ class SeriesStage:
                         "output for this series may be poorer: use a model for this protocol")
 
     def finished(self) -> list[int]:
-        """Inbox rows of series that are closed and fully processed (release them)."""
-        released: list[int] = []
+        """Inbox rows nobody needs any more (release them): those of series that are closed
+        and fully processed, and interior slices of open series whose neighbours are all
+        processed."""
+        released: list[int] = self.assembler.releasable()
+        for inbox_id in released:
+            self._cache.pop(inbox_id, None)
         for group, why, ids in self.assembler.finished():
             log.info("series_closed", series=group, slices=len(ids), why=why)
             self._spacing_checked.discard(group)

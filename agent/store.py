@@ -162,6 +162,22 @@ class Store:
                 raise
             self._inbox_bytes -= freed
 
+    def release_held(self) -> int:
+        """Release every held row (the model no longer needs neighbours); returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                freed, count = self._db.execute(
+                    "SELECT COALESCE(SUM(LENGTH(payload)),0), COUNT(*) FROM inbox "
+                    "WHERE state='held'").fetchone()
+                self._db.execute("UPDATE inbox SET state='done', payload=x'' WHERE state='held'")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._inbox_bytes -= int(freed)
+            return int(count)
+
     def complete(
         self,
         inbox_id: int | None,

@@ -142,3 +142,12 @@ def test_this_machine_is_identified() -> None:
     cpu = read_cpu()
     assert cpu.cores >= 1 and cpu.logical_cpus >= cpu.cores and cpu.groups
     assert cpu.model
+
+
+def test_a_zero_cpu_mhz_is_not_a_clock() -> None:
+    text = ("processor\t: 0\nmodel name\t: Some VM CPU\nflags\t\t: fpu avx2 fma\n"
+            "cpu MHz\t\t: 0.000\nbogomips\t: 4000.00\n")
+    cpu = identify(text, machine="x86_64")
+    assert cpu.groups[0].ghz == 2.0 and "BogoMIPS" in cpu.clock_source
+    cpu = identify(text.replace("bogomips\t: 4000.00\n", ""), machine="x86_64")
+    assert cpu.groups[0].ghz is None and estimate_peak(cpu).fp32_gmacs is None

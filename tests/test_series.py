@@ -88,11 +88,65 @@ def test_spacing_from_the_header_keeps_a_gap_a_gap() -> None:
     assert drain(a, 0) == {}
 
 
-def test_header_spacing_that_counts_slab_gaps_gives_way_to_observed_spacing() -> None:
+def test_header_spacing_that_disagrees_with_the_slices_waits_for_the_end() -> None:
+    # A header that counts the gap between slabs (too large) ...
     a = assembler()
     for i in range(5):
-        a.add(info(float(i), spacing=5.0), inbox_id=i, now=0)
-    assert drain(a, 0) == {2: (0, 1, 2, 3, 4)}
+        a.add(info(float(i), spacing=5.0, expected=5), inbox_id=i, now=0)
+    jobs = a.take_ready(0)  # complete: the slices themselves give the spacing
+    assert {j.centre: j.slots for j in jobs}[2] == (0, 1, 2, 3, 4)
+    # ... or the gap between slices, not the centre-to-centre distance (too small).
+    a = assembler(idle_timeout_s=5.0)
+    for i in range(5):
+        a.add(info(2.0 * i, spacing=0.5), inbox_id=i, now=0)
+    assert drain(a, 1) == {}  # no neighbour at +-0.5 mm: wait, do not pad
+    got = drain(a, 5)
+    assert got[2] == (0, 1, 2, 3, 4) and got[0] == (0, 0, 0, 1, 2)
+
+
+def test_without_a_header_spacing_out_of_order_slices_wait_for_the_series() -> None:
+    # Every other slice first: their smallest gap is twice the spacing, so nothing may go
+    # on neighbours until the series is complete.
+    a = assembler()
+    order = [0, 2, 4, 6, 8, 1, 3, 5, 7]
+    seen: dict[int, tuple[int, ...]] = {}
+    for t, i in enumerate(order):
+        a.add(info(float(i), spacing=None, expected=9), inbox_id=i, now=t)
+        got = drain(a, t)
+        if t < len(order) - 1:
+            assert got == {}, (t, got)
+        seen |= got
+    assert seen[4] == (2, 3, 4, 5, 6) and seen[0] == (0, 0, 0, 1, 2)
+
+
+def test_idle_close_waits_while_the_caller_has_unread_scans() -> None:
+    a = assembler(idle_timeout_s=1.0)
+    a.add(info(0.0), inbox_id=1, now=0)
+    assert a.take_ready(10, allow_idle=False) == []
+    assert [j.why for j in a.take_ready(10)] == ["idle"]
+
+
+def test_interior_slices_are_released_before_the_series_closes() -> None:
+    a = assembler()
+    for i in range(8):
+        a.add(info(float(i)), inbox_id=i, now=0)
+    assert set(drain(a, 0)) == {2, 3, 4, 5}
+    assert a.releasable() == []  # 2..5 sent, but their neighbours 0, 1, 6, 7 are not
+    a.close_all()
+    assert set(drain(a, 0)) == {0, 1, 6, 7}
+    assert a.releasable() == []  # closed series release as a whole
+    (_g, _why, ids), = a.finished()
+    assert sorted(ids) == list(range(8))
+    b = assembler()
+    for i in range(12):
+        b.add(info(float(i)), inbox_id=i, now=0)
+    drain(b, 0)  # 2..9 sent
+    assert sorted(b.releasable()) == [4, 5, 6, 7]  # every slot within 2 holds a sent slice
+    assert b.releasable() == []
+    b.close_all()
+    drain(b, 0)
+    (_g, _why, ids), = b.finished()
+    assert sorted(ids) == [0, 1, 2, 3, 8, 9, 10, 11]  # the released ones are not repeated
 
 
 def test_duplicate_position_and_series_limit_are_refused() -> None:

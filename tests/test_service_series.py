@@ -58,6 +58,11 @@ class Driver:
         for p in payloads:
             self.agent.store.accept(TOPIC, hashlib.sha256(p).hexdigest(), p)
 
+    def one_pass(self) -> None:
+        """One turn of the processing loop, committed."""
+        self.agent._process_pending()
+        self.agent._drain_finisher()
+
     def run_until(self, done: int, timeout: float = 20.0) -> None:
         """Process until ``done`` outbox rows exist (or idle timeouts have passed)."""
         deadline = time.monotonic() + timeout
@@ -142,7 +147,7 @@ def test_pending_slices_survive_a_restart(node: Path, opener) -> None:  # type: 
     first, rest = order[: N // 2], order[N // 2 :]
     d = Driver(node)
     d.accept([payloads[i] for i in first])
-    d.run_until(0, timeout=0.3)  # short of the idle timeout: most wait for neighbours
+    d.one_pass()  # well short of the idle timeout: most wait for neighbours
     held = d.agent.store.held_count()
     pending = d.agent.store.depths()[0]
     before = d.stop()
@@ -184,4 +189,81 @@ def test_a_series_at_another_slice_spacing_is_served_with_a_warning(node: Path) 
     warned = [e for e in logs if e["event"] == "slice_spacing_differs"]
     assert len(warned) == 1 and warned[0]["spacing_mm"] == 3.0
     assert d.agent.store.counters().get("processed") == 5
+    d.stop()
+
+
+def results_by_model(d: Driver, open_result, payloads: list[bytes]) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+    """Source slice indices of the result rows in the outbox, by the model that made them."""
+    index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
+    out: dict[str, list[int]] = {}
+    for row in d.agent.store.outbox(limit=1000):
+        if row.kind == "result":
+            ds = open_result(row.payload)
+            desc = str(ds.DerivationDescription)
+            model = next(m for m in ("test-context", "test-scale") if m in desc)
+            out.setdefault(model, []).append(index[ds.SourceImageSequence[0]
+                                                   .ReferencedSOPInstanceUID])
+    return out
+
+
+def test_reload_from_a_2_5d_to_a_2d_model_mid_series(node: Path, opener) -> None:  # type: ignore[no-untyped-def]
+    from tests.bundles import make_scale_bundle
+
+    payloads, _values = series()
+    d = Driver(node)
+    d.accept(payloads[:5])
+    d.one_pass()  # slice 2 has its neighbours; 0, 1, 3, 4 wait
+    assert d.agent.store.held_count() == 1 and d.agent.store.depths()[0] == 4
+    flat = make_scale_bundle(node.parent.parent / "flat", factor=0.5)
+    node.write_text(node.read_text().replace(f'bundle = "{node.parent.parent / "bundle"}"',
+                                             f'bundle = "{flat}"'))
+    d.agent._load_candidate()
+    d.agent._finish_reload()
+    assert d.agent.model.bundle.name == "test-scale" and d.agent.series is None
+    assert d.agent.store.held_count() == 0  # nobody's neighbours any more
+    d.accept(payloads[5:])
+    d.run_until(N)
+    by_model = results_by_model(d, opener, payloads)
+    # Slice 2 went through the 2.5D model before the swap; every waiting slice through the
+    # new one: each slice once, none lost.
+    assert sorted(by_model["test-context"]) == [2]
+    assert sorted(by_model["test-scale"]) == [i for i in range(N) if i != 2]
+    d.stop()
+
+
+def test_a_config_that_no_longer_parses_is_refused_and_named(node: Path) -> None:
+    d = Driver(node)
+    good = node.read_text()
+    node.write_text(good.replace("[model]", "[model]\nbakend = 1"))
+    d.agent._load_candidate()
+    d.agent._finish_reload()
+    refused = d.agent.model_refused
+    assert refused is not None and refused["config"] == str(node) and "bundle" not in refused
+    assert "model.bakend: unknown key" in refused["reason"]
+    (report,) = [r.payload for r in d.agent.store.outbox(limit=10) if r.kind == "error"]
+    assert b'"reason":"model_refused"' in report and b"still serving test-context" in report
+    assert d.agent.model.bundle.name == "test-context"
+    d.stop()
+
+
+def test_a_held_twin_is_released_when_a_restart_reloads_it(node: Path, opener) -> None:  # type: ignore[no-untyped-def]
+    payloads, values = series()
+    d = Driver(node)
+    d.accept(payloads[:5])
+    d.one_pass()
+    # A redelivered copy of the processed slice 2, committed as held (a crash between the
+    # two copies' commits leaves this behind).
+    store = d.agent.store
+    twin = store.accept(TOPIC, hashlib.sha256(payloads[2]).hexdigest(), payloads[2])
+    store.complete(twin, [], "duplicates", hold=True)
+    assert store.held_count() == 2
+    d.stop()
+    d = Driver(node)  # the restart: held rows reloaded, the twin released
+    assert d.agent.store.held_count() == 1
+    d.accept(payloads[5:])
+    d.run_until(N)
+    assert d.agent.store.held_count() == 0
+    got = check([r.payload for r in d.agent.store.outbox(limit=1000) if r.kind == "result"],
+                opener, payloads, values, lambda i: clamp_slots(i, set(range(N))))
+    assert got == dict.fromkeys(range(N), 1)  # the twin was not processed again
     d.stop()

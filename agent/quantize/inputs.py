@@ -4,10 +4,11 @@ them, and split into a calibration part and a held-out golden part.
 Each file is decoded with ``agent.dicom.decode_scan`` against the input contract, put on
 the model grid (``agent.preprocess.to_model_grid``) and normalised
 (``agent.preprocess.normalise``). A file that is not usable is skipped and counted by reason,
-never fatal. For a 2.5D contract (``context_slices`` = k > 0) slices are grouped by Series
-Instance UID, ordered along the slice normal (ImageOrientationPatient row x column, dotted
-with ImagePositionPatient) and each is stacked with its k neighbours each side, the edge
-slice repeated past a series' ends; the [2k+1, H, W] stack is normalised by its centre slice.
+never fatal. For a 2.5D contract (``context_slices`` = k > 0) the stacks are the ones the
+agent would build: the agent's own series assembly (``agent.series``) groups the slices,
+orders them along the slice normal and finds each slice's k neighbours each side by
+position, repeating the nearest slice where one is missing or past a series' ends; the
+[2k+1, H, W] stack is normalised by its centre slice.
 
 Nothing here names a patient: series are reported by a short hash of their UID, files by the
 sha256 of their bytes (the report travels inside the bundle); paths are only for the console.
@@ -16,6 +17,7 @@ sha256 of their bytes (the report travels inside the bundle); paths are only for
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from agent.bundle import InputContract
 from agent.config import LimitsSection
 from agent.dicom import ScanRejected, decode_scan
 from agent.preprocess import normalise, to_model_grid
-from agent.series import slice_position
+from agent.series import SeriesAssembler, SliceInfo, SliceRefused, slice_info, slice_position
 
 Floats = npt.NDArray[np.float32]
 _LIMITS = LimitsSection()  # the daemon's defaults: the same files are refused here
@@ -80,6 +82,7 @@ class _Slice:
     instance: int
     sha256: str
     path: str
+    info: SliceInfo | None  # where the agent's series assembly places it (2.5D only)
 
 
 def _series_hash(uid: str) -> str:
@@ -115,14 +118,31 @@ def _read(path: Path, root: Path, contract: InputContract) -> _Slice | Skipped:
         instance = int(ds.get("InstanceNumber") or 0)
     except (TypeError, ValueError):
         instance = 0
-    return _Slice(grid, _series_hash(scan.series_instance_uid), position, instance, digest, rel)
+    info = None
+    if contract.context_slices > 0:
+        try:
+            info = slice_info(scan)
+        except ScanRejected as exc:
+            return Skipped(rel, digest, exc.reason, exc.message)
+    return _Slice(grid, _series_hash(scan.series_instance_uid), position, instance, digest, rel,
+                  info)
 
 
-def _stack(series: list[_Slice], index: int, k: int) -> Floats:
-    """Slice ``index`` with its k neighbours each side, edges repeated: [2k+1, H, W]."""
-    last = len(series) - 1
-    picks = [min(max(index + d, 0), last) for d in range(-k, k + 1)]
-    return np.stack([series[i].grid for i in picks])
+def _stacks(slices: list[_Slice], k: int, skipped: list[Skipped]) -> dict[int, list[int]]:
+    """Index of each usable slice -> the indices of its 2k + 1 slots, as the agent's series
+    assembly builds them once every series is complete. Slices it refuses are skipped."""
+    assembler = SeriesAssembler(k, max_open=len(slices) + 1, max_slices=len(slices) + 1,
+                                idle_timeout_s=math.inf)
+    for i, s in enumerate(slices):
+        assert s.info is not None
+        try:
+            if not assembler.add(s.info, i, 0.0):
+                skipped.append(Skipped(s.path, s.sha256, "duplicate",
+                                       "the same SOP Instance UID as another file"))
+        except SliceRefused as exc:
+            skipped.append(Skipped(s.path, s.sha256, exc.reason, str(exc)))
+    assembler.close_all("complete")
+    return {job.centre: list(job.slots) for job in assembler.take_ready(0.0)}
 
 
 def _check_spacing(series: list[_Slice], contract: InputContract) -> str | None:
@@ -156,24 +176,24 @@ def collect_inputs(
             skipped.append(got)
         elif got.sha256 in seen:
             skipped.append(Skipped(got.path, got.sha256, "duplicate", "same bytes as another file"))
-        elif k > 0 and got.position is None:
-            skipped.append(Skipped(got.path, got.sha256, "bad_geometry",
-                                   "ImagePositionPatient/ImageOrientationPatient missing or "
-                                   "malformed: cannot place the slice in its series (2.5D)"))
         else:
             seen.add(got.sha256)
             slices.append(got)
-    by_series: dict[str, list[_Slice]] = {}
-    for s in slices:
-        by_series.setdefault(s.series, []).append(s)
+    stacks = _stacks(slices, k, skipped) if k > 0 else {i: [i] for i in range(len(slices))}
+    by_series: dict[str, list[int]] = {}
+    for i in stacks:
+        by_series.setdefault(slices[i].series, []).append(i)
     out = Collected(inputs=[], files_seen=len(files), skipped=skipped)
     for key in sorted(by_series):
-        series = sorted(by_series[key], key=lambda s: (
-            s.position if s.position is not None else 0.0, s.instance, s.sha256))
+        order = sorted(by_series[key], key=lambda i: (
+            slices[i].position if slices[i].position is not None else 0.0,
+            slices[i].instance, slices[i].sha256))
+        series = [slices[i] for i in order]
         if k > 0 and (warning := _check_spacing(series, contract)) is not None:
             out.warnings.append(warning)
-        for i, s in enumerate(series):
-            raw = _stack(series, i, k) if k > 0 else s.grid[None]
+        for i in order:
+            s = slices[i]
+            raw = np.stack([slices[j].grid for j in stacks[i]])
             array = normalise(raw, contract.normalisation).astype(np.float32, copy=False)
             if not np.any(array[k]):  # nothing above zero in the (centre) slice
                 out.skipped.append(Skipped(s.path, s.sha256, "empty_slice",
