@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.topics import TopicError, check_level
 
 MIB = 1024 * 1024
+S = TypeVar("S", bound=BaseModel)
 CREDENTIALS_PREFIX = "${CREDENTIALS_DIRECTORY}"
 
 
@@ -334,24 +335,35 @@ def describe_errors(exc: ValidationError, docs: str) -> list[str]:
     return lines
 
 
-def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:
-    """Parse TOML text into a Config, or raise ConfigError listing every bad key path."""
+def validate_toml(text: str, source: str, schema: type[S], error: type[ConfigError],
+                  docs: str) -> S:
+    """Parse TOML text and validate it against ``schema``; raise ``error`` listing every bad
+    key path (``docs``: where the keys are documented)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+        raise error(source, [f"not valid TOML: {exc}"]) from None
     try:
-        config = Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, describe_errors(exc, "README 'Configuration'")) from None
+        raise error(source, describe_errors(exc, docs)) from None
+
+
+def read_text(path: Path, error: type[ConfigError]) -> str:
+    """A TOML file's text, or ``error`` saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(str(path), [f"cannot read file: {exc.strerror}"]) from None
+
+
+def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:
+    """Parse TOML text into a Config, or raise ConfigError listing every bad key path."""
+    config = validate_toml(text, source, Config, ConfigError, "README 'Configuration'")
     return config.resolve(base) if base is not None else config
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; relative paths resolve against its directory."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
-    return parse_config(text, str(path), path.resolve().parent)
+    return parse_config(read_text(path, ConfigError), str(path), path.resolve().parent)

@@ -11,14 +11,13 @@ example. Unknown keys are errors, and every problem is reported with its key pat
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from agent.bundle import MAX_CONTEXT_SLICES, InputContract, Normalisation, OutputContract
-from agent.config import ConfigError, Strict, describe_errors
+from agent.config import ConfigError, Strict, read_text, validate_toml
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -192,21 +191,10 @@ class Contract(Strict):
 
 def parse_contract(text: str, source: str = "<string>") -> Contract:
     """Parse TOML text into a Contract, or raise ContractError listing every bad key path."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ContractError(source, [f"not valid TOML: {exc}"]) from None
-    try:
-        return Contract.model_validate(raw)
-    except ValidationError as exc:
-        raise ContractError(source, describe_errors(exc, "docs/quantize.md")) from None
+    return validate_toml(text, source, Contract, ContractError, "docs/quantize.md")
 
 
 def load_contract(path: str | Path) -> Contract:
     """Read and validate CONTRACT.toml."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ContractError(str(path), [f"cannot read file: {exc.strerror}"]) from None
-    return parse_contract(text, str(path))
+    return parse_contract(read_text(path, ContractError), str(path))

@@ -46,14 +46,14 @@ class ServedModel:
 
     def summary(self) -> dict[str, Any]:
         """The status message's ``model`` member."""
+        providers = self.runner.describe().get("providers")  # onnxruntime only
         return {
             "name": self.bundle.name,
             "version": self.bundle.version,
             "digest": self.digest,
             "runtime": self.runtime,
             "backend": self.settings.backend,  # "auto" or the configured runtime
-            **({"providers": d["providers"]} if "providers" in (d := self.runner.describe())
-               else {}),
+            **({"providers": providers} if providers else {}),
             "context_slices": self.context,
             **({"selection": self.selection.summary()} if self.selection else {}),
             "guard": self.guard.summary(),

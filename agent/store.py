@@ -110,25 +110,22 @@ class Store:
             self._inbox_bytes += len(payload)
             return int(cur.lastrowid or 0)
 
-    def pending(self, after_id: int = 0, limit: int = 16) -> list[InboxItem]:
-        """Pending inbox rows in arrival order."""
+    def _rows(self, state: str, after_id: int, limit: int) -> list[InboxItem]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, topic, sha256, payload, received_at FROM inbox "
-                "WHERE state='pending' AND id>? ORDER BY id LIMIT ?",
-                (after_id, limit),
+                "WHERE state=? AND id>? ORDER BY id LIMIT ?",
+                (state, after_id, limit),
             ).fetchall()
         return [InboxItem(*r) for r in rows]
 
+    def pending(self, after_id: int = 0, limit: int = 16) -> list[InboxItem]:
+        """Pending inbox rows in arrival order."""
+        return self._rows("pending", after_id, limit)
+
     def held(self, after_id: int = 0, limit: int = 16) -> list[InboxItem]:
         """Held inbox rows (processed, kept as neighbours for a 2.5D model) in id order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, topic, sha256, payload, received_at FROM inbox "
-                "WHERE state='held' AND id>? ORDER BY id LIMIT ?",
-                (after_id, limit),
-            ).fetchall()
-        return [InboxItem(*r) for r in rows]
+        return self._rows("held", after_id, limit)
 
     def payload(self, inbox_id: int) -> bytes | None:
         """The payload of a pending or held row (None when it is gone)."""

@@ -28,6 +28,7 @@ from scipy import ndimage
 from recipes import config
 from recipes.context import model_inputs
 from recipes.metrics import mae, psnr, ssim
+from recipes.runtime import run_batched, runner_times_ms
 from recipes.timing import record_timing
 
 sys.path.insert(0, str(config.MODELS_DIR.parent))  # the agent's runners
@@ -110,22 +111,6 @@ def open_runners(spec: config.ModelSpec) -> dict[str, ModelRunner]:
     return runners
 
 
-def predict(runner: ModelRunner, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-def latency_ms(runners: dict[str, ModelRunner], sample: np.ndarray) -> dict[str, float]:
-    """Median batch-1 latency per runner, the runners taking turns (noise hits all alike)."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for i in range(LATENCY_WARMUP + LATENCY_RUNS):
-        for name, runner in runners.items():
-            t0 = time.perf_counter()
-            runner.run(sample)
-            if i >= LATENCY_WARMUP:
-                times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: round(statistics.median(t), 2) for name, t in times.items()}
-
-
 def file_size(path: Path) -> int:
     return path.stat().st_size
 
@@ -133,8 +118,10 @@ def file_size(path: Path) -> int:
 def evaluate(spec: config.ModelSpec) -> dict[str, Any]:
     x, y, region, z_mm = holdout(spec)
     runners = open_runners(spec)
-    preds = {name: predict(r, x) for name, r in runners.items()}
-    latency = latency_ms(runners, x[len(x) // 2 : len(x) // 2 + 1])
+    preds = {name: run_batched(r, x) for name, r in runners.items()}
+    times = runner_times_ms(runners, x[len(x) // 2 : len(x) // 2 + 1], LATENCY_RUNS,
+                            LATENCY_WARMUP)
+    latency = {name: round(statistics.median(t), 2) for name, t in times.items()}
     train_log = json.loads(spec.build("train.json").read_text(encoding="utf-8"))
     quant = json.loads(spec.build("quantize.json").read_text(encoding="utf-8"))
     package = next((getattr(r, "package", "") for r in runners.values() if r.runtime == "litert"),

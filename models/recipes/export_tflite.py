@@ -45,6 +45,7 @@ import numpy as np
 
 from recipes import config
 from recipes.metrics import psnr
+from recipes.runtime import run_batched, runner_times_ms
 from recipes.timing import record_timing
 
 ENV_DIR = config.BUILD_DIR / "tflite-env"
@@ -163,19 +164,9 @@ def runners(spec: config.ModelSpec) -> dict[str, Any]:
     return out
 
 
-def predict(runner: Any, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
 def latency_ms(models: dict[str, Any], sample: np.ndarray) -> dict[str, dict[str, float]]:
-    """Batch-1 latency per runner, the runners taking turns (machine noise hits all)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(LATENCY_WARMUP + LATENCY_RUNS):
-        for name, runner in models.items():
-            t0 = time.perf_counter()
-            runner.run(sample)
-            if i >= LATENCY_WARMUP:
-                times[name].append((time.perf_counter() - t0) * 1000)
+    """Batch-1 latency per runner (median, p95), the runners taking turns."""
+    times = runner_times_ms(models, sample, LATENCY_RUNS, LATENCY_WARMUP)
     return {
         name: {
             "median_ms": round(statistics.median(t), 2),
@@ -215,7 +206,7 @@ def main() -> None:
     models = runners(spec)
     x, y, region, _z = holdout(spec)
     x = x.astype(np.float32)
-    preds = {name: predict(r, x) for name, r in models.items()}
+    preds = {name: run_batched(r, x) for name, r in models.items()}
     fp32_diff = float(np.abs(preds["litert_fp32"] - preds["onnxruntime_fp32"]).max())
     if fp32_diff > MAX_FP32_DIFF:
         raise SystemExit(
@@ -223,12 +214,11 @@ def main() -> None:
             f"(> {MAX_FP32_DIFF:g}): the checkpoint is not the one the ONNX model came from"
         )
     rng_train = float(y_train.max())
-    train_fp32 = psnr(
-        predict(models["litert_fp32"], x_train.astype(np.float32)), y_train, rng_train, region_train
-    )
-    train_int8 = psnr(
-        predict(models["litert_int8"], x_train.astype(np.float32)), y_train, rng_train, region_train
-    )
+    x_train = x_train.astype(np.float32)
+    train_fp32 = psnr(run_batched(models["litert_fp32"], x_train), y_train, rng_train,
+                      region_train)
+    train_int8 = psnr(run_batched(models["litert_int8"], x_train), y_train, rng_train,
+                      region_train)
     if train_fp32 - train_int8 > MAX_PSNR_DROP_DB:
         raise SystemExit(
             f"int8 TFLite loses {train_fp32 - train_int8:.2f} dB against fp32 on "

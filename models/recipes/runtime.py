@@ -1,11 +1,12 @@
-"""onnxruntime helpers shared by quantize and evaluate: sessions, batched inference,
-interleaved latency measurement."""
+"""Inference helpers shared by the recipe steps: onnxruntime sessions, batched inference and
+interleaved latency, for sessions and for the agent's runners (anything with ``run(x)``)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -50,3 +51,22 @@ def interleaved_latency_ms(
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1000)
     return {name: round(statistics.median(t), 2) for name, t in times.items()}
+
+
+def run_batched(runner: Any, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Run [N, C, H, W] inputs through one of the agent's runners in batches."""
+    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def runner_times_ms(runners: dict[str, Any], sample: np.ndarray, runs: int,
+                    warmup: int) -> dict[str, list[float]]:
+    """Batch-1 latencies (ms) of each of the agent's runners, the runners taking turns so
+    that machine noise hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(warmup + runs):
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.run(sample)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return times
