@@ -185,7 +185,7 @@ def saturation_note(quant: Json) -> str:
     safe = {n: v for n, v in quant["variants"].items() if v["saturation_safe"]}
     best = max(safe.values(), key=lambda v: v["train_psnr_db"]) if safe else None
     loss = quant["fp32_train_psnr_db"] - best["train_psnr_db"] if best else 0.0
-    cost = f" (the best 7-bit variant loses {loss:.1f} dB here)" if best else ""
+    cost = f" (the best saturation-safe variant loses {loss:.1f} dB here)" if best else ""
     return (
         f" No saturation-safe variant qualified{cost}, so the served ONNX file has 8-bit "
         "weights. On an x86 CPU without VNNI onnxruntime runs it on u8s8 kernels whose 16-bit "
@@ -294,6 +294,9 @@ calibrated with MinMax on {quant["calibration_slices"]} evenly spaced training s
 - `u8s8_rr_fl`: `u8s8_rr` with the first and the last conv left in float (a small share of
   the MACs; in the 2D model the first conv, one input channel and nine weights per filter,
   is where 7-bit weights cost most).
+- `u8u8`: 8-bit unsigned weights. onnxruntime's u8u8 kernels widen both operands to 16 bits
+  before they multiply, so they cannot saturate on any x86 CPU (checked under
+  `qemu-x86_64 -cpu Haswell`, `make test-cpus`); slower than u8s8 where VNNI exists.
 
 Rule: variants within {quant["selection_drop_db"]} dB of fp32 on the training slices qualify (a
 fifth of the 0.5 dB gate: the drop on the held-out slab ran about three times the drop on
