@@ -121,9 +121,8 @@ def cpu_why(cpu: CpuInfo | None) -> str:
         return "the CPU could not be identified"
     isa = ", ".join(cpu.isa) or cpu.arch or "unknown ISA"
     if cpu.int8_dot is None:
-        return (f"this CPU has no int8 dot product ({isa}): int8 multiply-accumulates run at "
-                "about twice the fp32 rate at best, less than the int8 graph's quantize "
-                "steps, float operators and memory traffic cost")
+        return (f"this CPU has no int8 dot product ({isa}), so int8 MACs are at best 2x the "
+                "fp32 rate, less than quantize steps and memory traffic cost")
     return (f"although this CPU has int8 dot products ({cpu.int8_dot}): the int8 files "
             "lose to memory traffic and float operators here, not to MACs")
 
