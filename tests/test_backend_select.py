@@ -27,7 +27,14 @@ from agent.cpu import identify
 from agent.guard import GuardFailed
 from agent.serving import ServedModel
 from tests.bundles import smooth_inputs
-from tests.test_cpu import CASCADE_LAKE_FLAGS, HASWELL_FLAGS, x86_cpuinfo
+from tests.test_cpu import (
+    A72_FEATURES,
+    A76_FEATURES,
+    CASCADE_LAKE_FLAGS,
+    HASWELL_FLAGS,
+    arm_cpuinfo,
+    x86_cpuinfo,
+)
 from tests.test_litert import FLOOR_DB, HAVE_LITERT, build_nets, needs_litert, psnr, write_bundle
 
 OPTS = RunnerOptions(intra_op_threads=1)
@@ -153,6 +160,12 @@ def test_the_reason_when_fp32_wins_says_how_much_and_why() -> None:
     text = sel.explain(ORT32, cands, "int8", VNNI)
     assert "although this CPU has int8 dot products (AVX-512 VNNI)" in text
     assert "could not be identified" in sel.explain(ORT32, cands, "int8", None)
+    pi4 = identify(arm_cpuinfo(["0xd08"] * 4, A72_FEATURES, "Raspberry Pi 4"),
+                   machine="aarch64")
+    assert "no int8 dot product (NEON)" in sel.explain(ORT32, cands, "int8", pi4)
+    pi5 = identify(arm_cpuinfo(["0xd0b"] * 4, A76_FEATURES, "Raspberry Pi 5"),
+                   machine="aarch64")
+    assert "has int8 dot products (SDOT/UDOT" in sel.explain(ORT32, cands, "int8", pi5)
 
 
 def test_the_reason_when_no_int8_file_serves_names_them() -> None:
