@@ -166,6 +166,8 @@ def test_the_reason_when_fp32_wins_says_how_much_and_why() -> None:
     pi5 = identify(arm_cpuinfo(["0xd0b"] * 4, A76_FEATURES, "Raspberry Pi 5"),
                    machine="aarch64")
     assert "has int8 dot products (SDOT/UDOT" in sel.explain(ORT32, cands, "int8", pi5)
+    on_gpu = sel.explain(ORT32, cands, "int8", pi5, "onnxruntime's cuda provider")
+    assert on_gpu.endswith("vs 35.0 ms): it runs on onnxruntime's cuda provider, not on the CPU")
 
 
 def test_the_reason_when_no_int8_file_serves_names_them() -> None:

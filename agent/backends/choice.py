@@ -128,11 +128,13 @@ def cpu_why(cpu: CpuInfo | None) -> str:
 
 
 def explain(chosen: Key, candidates: list[Candidate], served: str,
-            cpu: CpuInfo | None = None) -> str:
+            cpu: CpuInfo | None = None, accelerator: str | None = None) -> str:
     """One sentence for the status, the log line and ``iomt-agent bench``: why ``chosen``.
 
     ``candidates`` are every one considered (timed ones carry ``median_ms``); ``cpu`` is only
-    read when fp32 wins over a timed int8 file, to say why int8 did not pay here."""
+    read when fp32 wins over a timed int8 file, to say why int8 did not pay here, unless
+    the fp32 file ran on an ``accelerator`` (an onnxruntime GPU provider), which is then
+    the why."""
     timed = {c.key: c.median_ms for c in candidates if c.ok and c.median_ms is not None}
     ms = timed.get(chosen)
     if ms is None:
@@ -148,8 +150,9 @@ def explain(chosen: Key, candidates: list[Candidate], served: str,
             return (f"{chosen[1]} on {chosen[0]} ({_ms(ms)}): no {served} file can serve "
                     f"here ({why})")
         best = min(rivals, key=lambda k: rivals[k])
+        why = (f"it runs on {accelerator}, not on the CPU" if accelerator else cpu_why(cpu))
         return (f"{chosen[1]} on {chosen[0]} is {rivals[best] / ms:.2f}x faster than the best "
-                f"{served} ({label(best)} {_ms(rivals[best])} vs {_ms(ms)}): {cpu_why(cpu)}")
+                f"{served} ({label(best)} {_ms(rivals[best])} vs {_ms(ms)}): {why}")
     text = f"{chosen[1]} on {chosen[0]} ({_ms(ms)})"
     if fastest != chosen:
         return (f"{text}: within {TIE_MARGIN:.0%} of the fastest ({label(fastest)} "

@@ -265,8 +265,10 @@ def choose_runner(
         if cand != chosen:
             runner.close()
     ordered = tuple(candidates[c] for c in files)
+    providers = runners[chosen].describe().get("providers") or ["cpu"]
+    accelerator = None if providers[0] == "cpu" else f"onnxruntime's {providers[0]} provider"
     reason = explain(chosen, list(ordered), bundle.precision,
-                     cpu if cpu is not None else _read_cpu())
+                     cpu if cpu is not None else _read_cpu(), accelerator)
     choice = Choice(runtime=chosen[0], precision=chosen[1], digest=files[chosen].sha256,
                     model_key=key, threads=options.intra_op_threads, cached=False,
                     candidates=ordered, reason=reason, guard=reports[chosen],
