@@ -159,8 +159,9 @@ class ModelSection(Strict):
     backend: Literal["onnxruntime", "litert", "auto"] = Field(
         "onnxruntime",
         title="Runtime",
-        description="Inference runtime: onnxruntime, litert (the tflite extra), or auto (the "
-        "fastest installed one that passes the guard, chosen at model load and cached)",
+        description="Inference runtime: onnxruntime, litert (serving the bundle's int8 file), "
+        "or auto (every installed runtime x {int8, fp32} file that passes the guard is timed "
+        "at model load; the fastest serves, int8 on a tie; cached per model in the state dir)",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, title="Intra-op threads", description="0 = one per core"

@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 
 from agent import keys
+from agent.backends.select import servable_digests
 from agent.bundle import load_bundle
 from agent.config import load_config
 from agent.derive import result_message_id
@@ -70,9 +71,10 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         )
         config = load_config(config_path)
         model = load_bundle(config.model.bundle)
-        digest = model.digest()
+        # backend = "auto" picks the served file at start: expect any of their result ids.
+        digests = sorted(servable_digests(model))
         _say(f"[2/5] init: {config_path} (model {model.name} {model.version}, "
-             f"sha256:{digest[:12]})")
+             f"backend {config.model.backend})")
 
         series = build_series(slab.t1[:slices], spacing_mm=tuple(slab.spacing_mm),
                               first_slice_z_mm=slab.first_slice_z_mm)
@@ -81,7 +83,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         for i, payload in enumerate(series):
             (workdir / "input" / f"slice{i:03d}.dcm").write_bytes(payload)
             sop = str(pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True).SOPInstanceUID)
-            sop_of[result_message_id(sop, digest)] = sop
+            sop_of.update((result_message_id(sop, d), sop) for d in digests)
         _say(f"[3/5] sample series: {slices} axial T1w slices of the MNI152 template, "
              f"{slab.t1.shape[2]}x{slab.t1.shape[1]} at {slab.spacing_mm[0]:g} mm")
 

@@ -41,6 +41,7 @@ from agent.config import BrokerConfig, Config, ConfigError, load_config
 if TYPE_CHECKING:
     from agent.backends import ModelRunner
     from agent.bundle import ModelBundle
+    from agent.guard import GuardReport
 
 Verdict = Literal["ok", "warn", "fail"]
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -378,20 +379,27 @@ def check_model(config: Config) -> list[Finding]:
     from agent.bundle import BundleError, load_bundle
 
     subject = "model.bundle"
+    backend = config.model.backend
     try:
         bundle = load_bundle(config.model.bundle)
-        served = bundle.backend_file(config.model.backend)
+        served = None if backend == "auto" else bundle.backend_file(backend)
     except BundleError as exc:
         return [_fail("model", subject, str(exc), "install a bundle: systemd/install.sh "
                       "--bundle DIR, or fix model.bundle")]
     found = [_ok("model", subject, f"{bundle.name} {bundle.version} at {bundle.root}: "
                  "every file matches its sha256")]
     started = time.perf_counter()
+    guard: GuardReport | None = None
     try:
-        runner = open_runner(config.model.backend, str(served.path),
-                             runner_options(config.model, bundle))
+        if served is None:  # auto: what the agent would serve, chosen afresh (no cache)
+            chosen = _choose(bundle, config, found)
+            if chosen is None:
+                return found
+            runner, guard = chosen
+        else:
+            runner = open_runner(backend, str(served.path), runner_options(config.model, bundle))
     except BackendError as exc:
-        return [*found, _fail("model", config.model.backend, str(exc),
+        return [*found, _fail("model", backend, str(exc),
                               "reinstall the runtime, or use a bundle built for it")]
     try:
         channels = bundle.input_channels
@@ -399,26 +407,46 @@ def check_model(config: Config) -> list[Finding]:
         out = runner.run(zeros)
         ms = (time.perf_counter() - started) * 1000
         if not np.all(np.isfinite(out)):
-            found.append(_fail("model", config.model.backend, "output on zeros is not finite",
+            found.append(_fail("model", backend, "output on zeros is not finite",
                                "the model file is broken: rebuild the bundle"))
         else:
-            found.append(_ok("model", config.model.backend, f"runs: {list(zeros.shape)} -> "
+            found.append(_ok("model", backend, f"runs: {list(zeros.shape)} -> "
                              f"{list(out.shape)} (load and first run {ms:.0f} ms)"))
         if bundle.golden is not None:
-            found.append(_golden(bundle, runner))
+            if guard is None:
+                from agent.guard import run_guard
+
+                guard = run_guard(bundle, runner)
+            found.append(_golden(guard))
     except Exception as exc:  # a runtime's own errors are untyped
-        found.append(_fail("model", config.model.backend, f"inference failed: {exc}",
+        found.append(_fail("model", backend, f"inference failed: {exc}",
                            "check that the bundle's contract matches the model file"))
     finally:
         runner.close()
     return found
 
 
-def _golden(bundle: ModelBundle, runner: ModelRunner) -> Finding:
-    """The bundle's activation guard (``agent.guard``), the same check ``run`` makes."""
-    from agent.guard import run_guard
+def _choose(bundle: ModelBundle, config: Config,
+            found: list[Finding]) -> tuple[ModelRunner, GuardReport] | None:
+    """``backend = "auto"``: open what the agent would serve and add a finding with the
+    choice and its reason; None (a failed golden-set finding added) when nothing passes
+    the guard. Raises ``BackendError`` when no runtime can open the model."""
+    from agent.backends import runner_options
+    from agent.backends.select import choose_runner
+    from agent.guard import GuardFailed
 
-    report = run_guard(bundle, runner)
+    try:
+        runner, choice = choose_runner(bundle, runner_options(config.model, bundle), None)
+    except GuardFailed as exc:
+        found.append(_golden(exc.report))
+        return None
+    found.append(_ok("model", "backend auto", f"would serve {choice.runtime} "
+                     f"{choice.precision}: {choice.reason}"))
+    return runner, choice.guard
+
+
+def _golden(report: GuardReport) -> Finding:
+    """The bundle's activation guard (``agent.guard``), the same check ``run`` makes."""
     text = (f"{len(report.inputs)} golden slices: worst PSNR {report.worst_psnr_db} dB "
             f"vs fp32 (floor {report.min_psnr_db} dB)")
     if not report.ok:

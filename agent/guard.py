@@ -205,13 +205,17 @@ def load_golden(bundle: ModelBundle) -> tuple[npt.NDArray[np.float32], npt.NDArr
     return x.astype(np.float32, copy=False), ref.astype(np.float32, copy=False)
 
 
-def run_guard(bundle: ModelBundle, runner: ModelRunner) -> GuardReport:
+def run_guard(bundle: ModelBundle, runner: ModelRunner, *,
+              precision: str | None = None) -> GuardReport:
     """Run the golden set through ``runner`` and judge it against the bundle's floor.
 
-    Never raises for a model that runs badly (that is a failed report); raises
+    ``precision`` is that of the file ``runner`` serves when it is not the bundle's own
+    (``"fp32"`` for a reference file that ``backend = "auto"`` weighs); it labels the
+    report. Never raises for a model that runs badly (that is a failed report); raises
     ``BundleError`` when the golden set itself is malformed."""
     base: dict[str, Any] = {"bundle": bundle.name, "version": bundle.version,
-                            "precision": bundle.precision, "runtime": runner.runtime}
+                            "precision": precision or bundle.precision,
+                            "runtime": runner.runtime}
     if bundle.golden is None:
         if bundle.precision.lower() in FLOAT_PRECISIONS:
             note = "no golden set: an fp32 model is its own reference, nothing to compare"
@@ -270,7 +274,7 @@ def run_guard(bundle: ModelBundle, runner: ModelRunner) -> GuardReport:
         reason = (f"golden PSNR {_db(worst)} dB (worst of pooled {_db(pooled)} and "
                   f"{len(per_input)} input(s)) >= floor {floor:g} dB")
     else:
-        reason = (f"{bundle.precision} model {bundle.name} {bundle.version} on "
+        reason = (f"{base['precision']} model {bundle.name} {bundle.version} on "
                   f"{runner.runtime} misses its fidelity floor: golden PSNR {_db(worst)} dB "
                   f"< {floor:g} dB (pooled {_db(pooled)} dB, worst input {weakest.index}); "
                   "it has drifted from its fp32 reference: do not serve it, rebuild or "

@@ -82,13 +82,17 @@ class Translator:
         limits: LimitsSection,
         topics: Topics,
         runtime: str = "onnxruntime",
+        digest: str | None = None,
     ) -> None:
         self.bundle = bundle
         self.runner = runner
         self.sealer = sealer
         self.limits = limits
         self.topics = topics
-        self.identity = ModelIdentity(bundle.name, bundle.version, bundle.digest(runtime))
+        # The served file's digest (``digest``): an fp32 reference that ``backend = "auto"``
+        # chose has its own, so its results never share ids with the int8 file's.
+        self.identity = ModelIdentity(bundle.name, bundle.version,
+                                      digest or bundle.digest(runtime))
 
     def error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
               timings: dict[str, float] | None = None) -> Outcome:

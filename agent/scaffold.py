@@ -53,7 +53,7 @@ protocol = "{protocol}"
 
 [model]
 bundle = "{bundle}"
-backend = "onnxruntime"
+backend = "auto"                 # the fastest runtime x precision that passes the guard
 intra_op_threads = 0
 inter_op_threads = 1
 

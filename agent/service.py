@@ -140,7 +140,7 @@ class Agent:
     # -- the model -----------------------------------------------------------------------
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
-                          topics=self.topics, runtime=model.runtime)
+                          topics=self.topics, runtime=model.runtime, digest=model.digest)
 
     @staticmethod
     def _log_guard(model: ServedModel) -> None:
@@ -204,7 +204,7 @@ class Agent:
         self._log_guard(new)
         self._start_series_stage()
         log.info("model_activated", model=new.bundle.name, version=new.bundle.version,
-                 digest=new.digest[:16], runtime=new.runtime,
+                 digest=new.digest[:16], runtime=new.runtime, precision=new.precision,
                  previous=f"{old.bundle.name} {old.bundle.version}")
         self._publish_status(force=True)
 
@@ -475,7 +475,8 @@ class Agent:
         m = self.model
         log.info("agent_starting", site=self.topics.site, device_id=self.topics.device,
                  model=m.bundle.name, model_version=m.bundle.version,
-                 model_digest=m.digest[:16], runtime=m.runtime, backend=m.settings.backend,
+                 model_digest=m.digest[:16], runtime=m.runtime, precision=m.precision,
+                 backend=m.settings.backend,
                  runner=m.runner.describe(),
                  runtime_cached=m.selection.cached if m.selection else None,
                  inbox_pending=inbox, outbox_pending=outbox)

@@ -1,5 +1,5 @@
 """Load the model a config names and prove it fit to serve: the bundle (every digest), the
-runtime (or ``auto``'s choice) and the int8 accuracy guard.
+runtime (or ``auto``'s choice of runtime and precision) and the accuracy guard.
 
 Used at start (a refusal stops the agent: exit 2) and on ``systemctl reload`` (a refusal
 leaves the previous model serving: see ``agent.service``).
@@ -35,9 +35,15 @@ class ServedModel:
         return self.runner.runtime
 
     @property
+    def precision(self) -> str:
+        """The precision of the served file: the bundle's (int8), or fp32 where
+        ``backend = "auto"`` found its fp32 reference faster on this CPU."""
+        return self.selection.precision if self.selection else self.bundle.precision
+
+    @property
     def digest(self) -> str:
         """sha256 of the served model file: the model half of every idempotency key."""
-        return self.bundle.digest(self.runtime)
+        return self.selection.digest if self.selection else self.bundle.digest(self.runtime)
 
     @property
     def context(self) -> int:
@@ -52,6 +58,7 @@ class ServedModel:
             "version": self.bundle.version,
             "digest": self.digest,
             "runtime": self.runtime,
+            "precision": self.precision,
             "backend": self.settings.backend,  # "auto" or the configured runtime
             **({"providers": providers} if providers else {}),
             "context_slices": self.context,
@@ -71,9 +78,9 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
     bundle = load_bundle(settings.bundle)
     options = runner_options(settings, bundle, state_dir)
     if settings.backend == "auto":
-        # Every installed runtime the bundle has a file for is guarded and timed on the
-        # golden set; the fastest that passes serves. Cached per model digest, so a restart
-        # only re-runs the guard. Raises GuardFailed when none passes.
+        # Every installed runtime x {int8, fp32} the bundle has a file for is guarded and
+        # timed on the golden set; the fastest that passes serves (int8 on a tie). Cached per
+        # model key, so a restart only re-runs the guard. Raises GuardFailed when none passes.
         runner, selection = choose_runner(bundle, options, state_dir / BACKEND_CACHE)
         return ServedModel(bundle, runner, selection.guard, settings, selection)
     runner = open_runner(settings.backend, str(bundle.backend_file(settings.backend).path),

@@ -35,6 +35,7 @@ import numpy as np
 import pydicom
 
 from agent.backends import RunnerOptions, open_runner
+from agent.backends.select import servable_digests
 from agent.bundle import load_bundle
 from agent.config import BrokerConfig
 from agent.derive import result_message_id
@@ -133,9 +134,14 @@ def main() -> int:
         while len(payloads) < args.slices + args.paced:
             payloads += build_series(slab.t1)
         payloads = payloads[: args.slices + args.paced]
-        digest = bundle.digest()
-        ids = [result_message_id(str(pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True)
-                                     .SOPInstanceUID), digest) for p in payloads]
+        # backend = "auto" (what init writes) picks the served file at start: a result is
+        # counted under its slice's id for the first digest, whichever file served it.
+        digests = sorted(servable_digests(bundle))
+        sops = [str(pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True).SOPInstanceUID)
+                for p in payloads]
+        ids = [result_message_id(sop, digests[0]) for sop in sops]
+        alias = {result_message_id(sop, d): mid for sop, mid in zip(sops, ids, strict=True)
+                 for d in digests}
 
         arrived: dict[str, float] = {}
         lock = threading.Lock()
@@ -143,6 +149,7 @@ def main() -> int:
 
         def on_result(msg: Message) -> None:
             mid = peek_header(msg.payload).message_id
+            mid = alias.get(mid, mid)
             with lock:
                 arrived.setdefault(mid, time.perf_counter())
 

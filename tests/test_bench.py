@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.backends import RunnerOptions, open_runner
+from agent.backends.choice import pick
 from agent.bench import BenchOptions, measure
 from agent.bench.child import measure_rss
 from agent.bench.macs import count_macs
@@ -163,7 +164,7 @@ def test_json_has_a_row_per_runtime_and_precision(bench_json: tuple[dict[str, An
     else:
         for role in ("reference", "served"):
             assert rows["litert", role]["status"] == "skipped"
-            assert "iomt-edge-agent[tflite]" in rows["litert", role]["reason"]
+            assert "pip install ai-edge-litert" in rows["litert", role]["reason"]
     for key in measured:
         row = rows[key]
         assert row["status"] == "ok" and row["reason"] is None, key
@@ -216,7 +217,13 @@ def test_gmac_and_summary_agree_with_the_rows(bench_json: tuple[dict[str, Any], 
     assert summary["best_served"] in ("onnxruntime", "litert")
     auto = summary["auto"]
     assert auto["runtime"] in (["onnxruntime", "litert"] if WITH_LITERT else ["onnxruntime"])
-    assert {c["runtime"] for c in auto["candidates"]} == {"onnxruntime", "litert"}
+    assert {(c["runtime"], c["precision"]) for c in auto["candidates"]} == {
+        (rt, p) for rt in ("onnxruntime", "litert") for p in ("int8", "fp32")}
+    # whatever this CPU makes fastest, auto serves the rule's pick of its own timings
+    timed = {(c["runtime"], c["precision"]): c["median_ms"] for c in auto["candidates"]
+             if c["ok"]}
+    assert (auto["runtime"], auto["precision"]) == pick(timed, "int8")
+    assert auto["reason"].startswith(f"{auto['precision']} on {auto['runtime']}")
     peak = doc["machine"]["peak_gmac_per_s"]
     assert peak["estimate"] is True and "MACs per cycle" in peak["formula"]
 
@@ -231,6 +238,8 @@ def test_the_table_fits_a_terminal(bench_json: tuple[dict[str, Any], str]) -> No
     assert any("model.int8.onnx" in line for line in table)
     assert any(line.startswith("int8 / fp32 latency") for line in lines)
     assert any(line.startswith('backend = "auto" would choose: ') for line in lines)
+    assert any(line.startswith("  why: int8 on ") or line.startswith("  why: fp32 on ")
+               for line in lines)
     assert any("an estimate" in line for line in lines)
     # the second bundle: 3 channels, no served file, so no choice; then both compared
     assert any(line.startswith("== bench-2.5d 0.0.1 (int8): 3 x 32 x 32 per item")

@@ -138,12 +138,21 @@ def test_model_bundle_tampered_and_golden_floor(tmp_path: Path, bundle: Path) ->
     # a golden set the (x * 0.5) model meets, then one it misses
     x = np.random.default_rng(1).random((2, 1, 256, 256), dtype=np.float32)
     _add_golden(bundle, x, x * 0.5, floor=40.0)
+    assert cfg.model.backend == "auto"  # as init writes it: the doctor says what it picks
+    pinned = cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"backend": "onnxruntime"})})
     found = doctor.check_model(cfg)
+    assert [f.verdict for f in found] == ["ok", "ok", "ok", "ok"]
+    assert found[1].subject == "backend auto"
+    assert found[1].detail.startswith("would serve onnxruntime fp32: fp32 on onnxruntime")
+    assert "PSNR inf dB" in found[3].detail
+    found = doctor.check_model(pinned)
     assert [f.verdict for f in found] == ["ok", "ok", "ok"]
     assert "PSNR inf dB" in found[2].detail
     _add_golden(bundle, x, x * 0.6, floor=40.0)
-    golden = doctor.check_model(cfg)[2]
-    assert golden.verdict == "fail" and "do not serve this model" in golden.fix
+    for c in (cfg, pinned):
+        golden = doctor.check_model(c)[-1]
+        assert golden.verdict == "fail" and "do not serve this model" in golden.fix
     (bundle / "model.int8.onnx").write_bytes(b"tampered")
     found = doctor.check_model(cfg)
     assert len(found) == 1 and found[0].verdict == "fail"

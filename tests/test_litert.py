@@ -6,7 +6,7 @@ Checked: LiteRT and onnxruntime give matching outputs on the golden set; int8 I/
 quantized/dequantized inside the runner; channels-last and channels-first files; batch
 sizes other than the file's (resized, or item by item when the graph has fixed reshapes);
 the guard passes the int8 file and refuses it with a weight scale corrupted; without
-LiteRT the error names the extra."""
+LiteRT the error names the packages to install."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ HAVE_LITERT = runtime_installed("litert")
 HAVE_SCHEMA = importlib.util.find_spec("ai_edge_litert") is not None
 needs_litert = pytest.mark.skipif(
     not (HAVE_LITERT and HAVE_SCHEMA),
-    reason='LiteRT is not installed (pip install "iomt-edge-agent[tflite]")',
+    reason="LiteRT is not installed (pip install ai-edge-litert)",
 )
 
 
@@ -318,14 +318,15 @@ def nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 # --- without LiteRT ------------------------------------------------------------------
 
 
-def test_missing_litert_names_the_extra(monkeypatch: pytest.MonkeyPatch,
-                                        tmp_path: Path) -> None:
+def test_missing_litert_names_the_packages(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
     for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime",
                  "tflite_runtime.interpreter"):
         monkeypatch.setitem(sys.modules, name, None)  # None: "import X" raises ImportError
     (tmp_path / "m.tflite").write_bytes(b"not used")
-    with pytest.raises(BackendError, match=r'pip install "iomt-edge-agent\[tflite\]"'):
+    with pytest.raises(BackendError, match=r"pip install ai-edge-litert") as info:
         open_runner("litert", str(tmp_path / "m.tflite"), RunnerOptions())
+    assert "pip install tflite-runtime" in str(info.value)  # the fallback where no wheel
 
 
 def test_unknown_runtime_lists_both() -> None:

@@ -105,6 +105,20 @@ def _error_body(outcome: Outcome) -> dict[str, object]:
     return body
 
 
+def test_the_served_file_s_digest_keys_the_result(rig: Rig, series: list[bytes]) -> None:
+    """An fp32 reference that ``backend = "auto"`` chose has its own digest: its results
+    carry ids (and UIDs, provenance) of their own, never those of the int8 file."""
+    other = "ab" * 32
+    t = rig.translator
+    fp32 = Translator(rig.bundle, rig.runner, t.sealer, limits=LimitsSection(), topics=t.topics,
+                      digest=other)
+    source = pydicom.dcmread(io.BytesIO(series[0]))
+    outcome = rig.process(series[0], fp32)
+    assert outcome.ok and fp32.identity.digest == other
+    assert outcome.message_id == result_message_id(source.SOPInstanceUID, other)
+    assert outcome.message_id != result_message_id(source.SOPInstanceUID, rig.bundle.digest())
+
+
 def test_ok_outcome_is_a_sealed_derived_instance(rig: Rig, series: list[bytes]) -> None:
     payload = series[0]
     source = pydicom.dcmread(io.BytesIO(payload))

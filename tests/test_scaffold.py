@@ -47,6 +47,7 @@ def test_writes_a_loadable_directory(tmp_path: Path, bundle: Path) -> None:
     assert cfg.edge.url == "mqtt://127.0.0.1:1883" and cfg.edge.protocol == "3.1.1"
     assert cfg.cloud.tls and cfg.cloud.port == 8883 and cfg.cloud.protocol == "3.1.1"
     assert cfg.model.bundle == bundle.resolve()
+    assert cfg.model.backend == "auto"  # the fastest runtime x precision that passes the guard
     assert cfg.agent.state_dir == base / "state" and cfg.agent.state_dir.is_dir()
     assert cfg.seal.recipient_public_key == base / "keys" / "cloud-recipient.pub"
     assert cfg.seal.device_signing_key == base / "keys" / "device-signing.key"

@@ -22,7 +22,9 @@ RUNTIMES = ("onnxruntime", "litert")
 _PACKAGES = {"onnxruntime": ("onnxruntime",), "litert": ("ai_edge_litert", "tflite_runtime")}
 INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime",
-    "litert": 'pip install "iomt-edge-agent[tflite]"',
+    # A core dependency of the agent, so this only happens in a broken or a 32-bit ARM
+    # install (no ai-edge-litert wheel there; tflite-runtime is used where installed).
+    "litert": "pip install ai-edge-litert",
 }
 
 

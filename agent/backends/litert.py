@@ -1,8 +1,9 @@
 """LiteRT (TensorFlow Lite) on the CPU, through the XNNPACK delegate.
 
 The interpreter comes from ``ai_edge_litert`` (the current LiteRT wheel) or, failing that,
-from ``tflite_runtime`` (the older package; no wheels past Python 3.11). Neither is a
-dependency of the agent: the ``tflite`` extra installs LiteRT.
+from ``tflite_runtime`` (the older package; no wheels past Python 3.11). ``ai-edge-litert``
+is a dependency of the agent wherever it has a wheel; on 32-bit ARM, where it has none, an
+installed ``tflite_runtime`` serves instead.
 
 Callers see the same interface as every runner: float32 [N, C, H, W] in, float32
 [N, C', H, W] out. The runner hides what a ``.tflite`` file may differ in:
@@ -29,7 +30,7 @@ import numpy.typing as npt
 
 from agent.backends.base import Array, BackendError, ModelRunner, RunnerOptions
 
-INSTALL_HINT = 'pip install "iomt-edge-agent[tflite]"'
+INSTALL_HINT = "pip install ai-edge-litert"
 NCHW, NHWC = "NCHW", "NHWC"
 
 
@@ -42,8 +43,9 @@ def _interpreter_class() -> tuple[Any, str]:
             continue
         return module.Interpreter, package
     raise BackendError(
-        "the litert runtime needs LiteRT, which is not installed: run "
-        f"`{INSTALL_HINT}` (ai-edge-litert; tflite-runtime works too)"
+        "the litert runtime needs LiteRT, which is not installed (it is a dependency of "
+        f"the agent: the install is incomplete): run `{INSTALL_HINT}`, or where it has no "
+        "wheel (32-bit ARM) `pip install tflite-runtime`"
     )
 
 

@@ -179,10 +179,13 @@ def summary_lines(result: BenchResult, b: BundleResult) -> list[str]:
             lines += _wrap(f'backend = "auto" would serve nothing: {auto.reason}')
         else:
             seen = ", ".join(
-                f"{c['runtime']} {c['median_ms']:.2f} ms" if c.get("median_ms") is not None
-                else f"{c['runtime']} out ({c['reason'][:40]})" for c in auto.candidates)
-            lines += _wrap(f'backend = "auto" would choose: {auto.runtime} (its own timing '
-                           f"of the served files: {seen})")
+                f"{c['runtime']} {c['precision']} {c['median_ms']:.2f} ms"
+                if c.get("median_ms") is not None
+                else f"{c['runtime']} {c['precision']} out ({c['reason'][:40]})"
+                for c in auto.candidates)
+            lines += _wrap(f'backend = "auto" would choose: {auto.runtime} {auto.precision} '
+                           f"(its own timing: {seen})")
+            lines += _wrap(f"  why: {auto.reason}", "    ")
     return lines
 
 
@@ -266,7 +269,9 @@ def _row_json(row: Row) -> dict[str, Any]:
 def _bundle_json(b: BundleResult) -> dict[str, Any]:
     s = summarise(b)
     bundle = b.bundle
-    auto = None if b.auto is None else {"runtime": b.auto.runtime, "reason": b.auto.reason,
+    auto = None if b.auto is None else {"runtime": b.auto.runtime,
+                                        "precision": b.auto.precision,
+                                        "reason": b.auto.reason,
                                         "candidates": list(b.auto.candidates)}
     return {
         "name": bundle.name, "version": bundle.version, "path": str(bundle.root),

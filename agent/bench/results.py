@@ -80,9 +80,13 @@ class Row:
 
 @dataclass(frozen=True)
 class AutoChoice:
+    """What ``backend = "auto"`` would serve: runtime and precision (None: nothing), and
+    why (the selection's own sentence, or why nothing can serve)."""
+
     runtime: str | None
     reason: str
     candidates: tuple[dict[str, Any], ...] = ()
+    precision: str | None = None
 
 
 @dataclass

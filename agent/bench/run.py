@@ -13,7 +13,7 @@ keeps its reason instead of figures. For the rows that run:
 3. throughput for each thread count x batch size, the rows taking turns again;
 4. peak RSS, each row alone in a fresh process (``child``);
 5. what ``backend = "auto"`` would choose (``agent.backends.select.choose_runner``, no
-   cache: it guards and times the served files itself).
+   cache: it guards and times every runtime x {served, fp32} file itself), and why.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def auto_choice(bundle: ModelBundle, threads: int, rounds: int,
     except (BundleError, BackendError) as exc:  # GuardFailed is a BundleError
         return AutoChoice(None, str(exc))
     runner.close()
-    return AutoChoice(choice.runtime, "fastest served file that passes the guard",
-                      tuple(c.as_dict() for c in choice.candidates))
+    return AutoChoice(choice.runtime, choice.reason,
+                      tuple(c.as_dict() for c in choice.candidates), choice.precision)
 
 
 def bench_bundle(bundle: ModelBundle, options: BenchOptions, peak: PeakEstimate) -> BundleResult:

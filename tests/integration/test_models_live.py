@@ -73,11 +73,15 @@ def test_reload_refuses_a_drifted_model_and_activates_a_good_one(
     tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
 ) -> None:
     edge, cloud = brokers
-    # The bad bundle: the shipped model with a floor no int8 model can reach.
+    # The bad bundle: the shipped model with a floor no int8 model can reach, and without
+    # its fp32 files (the ONNX one is the golden set's own source: it would pass any floor,
+    # and backend = "auto", which init writes, would serve it).
     bad = tmp_path / "drifted"
     shutil.copytree(REFERENCE_BUNDLE, bad)
     meta = json.loads((bad / "bundle.json").read_text())
     meta["golden"]["min_psnr_db"] = 150.0
+    meta.pop("reference")
+    meta.pop("references")
     (bad / "bundle.json").write_text(json.dumps(meta))
     good = tmp_path / "next"
     shutil.copytree(REFERENCE_BUNDLE, good)
@@ -176,6 +180,7 @@ def test_the_shipped_2_5d_model_serves_a_shuffled_series(
     """The real t1w-to-t2w-full bundle, end to end: each result equals the model run on that
     slice and its neighbours (edges repeated), computed here with the agent's own stages."""
     from agent.backends import RunnerOptions, open_runner
+    from agent.backends.select import candidate_files
     from agent.bundle import load_bundle
     from agent.preprocess import from_model_grid, normalise, to_model_grid
 
@@ -195,9 +200,12 @@ def test_the_shipped_2_5d_model_serves_a_shuffled_series(
     assert receiver.proc.wait(120) == 0, receiver.text() + agent.text()
     assert agent.terminate() == 0
 
+    # init writes backend = "auto": expect what the file it chose on this CPU computes.
+    start = agent.events("agent_starting")[0]
+    runtime, precision = str(start["runtime"]), str(start["precision"])
     bundle = load_bundle(FULL_BUNDLE)
-    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
-                         RunnerOptions(intra_op_threads=1))
+    served = candidate_files(bundle)[(runtime, precision)]
+    runner = open_runner(runtime, str(served.path), RunnerOptions(intra_op_threads=1))
     grids = [to_model_grid(s.astype(np.float32), (1.0, 1.0), bundle.input) for s in slab]
     index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
     seen = set()
