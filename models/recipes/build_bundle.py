@@ -19,6 +19,7 @@ from recipes.context import model_inputs
 from recipes.metrics import psnr
 from recipes.model_card import render_model_card
 from recipes.npz import save_npz
+from recipes.record import restored_note, save_record
 from recipes.runtime import make_session
 from recipes.timing import load_timings, record_timing
 
@@ -143,9 +144,12 @@ def main() -> None:
     record_timing("bundle", time.perf_counter() - start, spec.name)
     timings = load_timings(spec.name)
     spec.bundle("MODEL_CARD.md").write_text(
-        render_model_card(spec, train, evaluation, quant, golden, timings), encoding="utf-8"
+        render_model_card(spec, train, evaluation, quant, golden, timings,
+                          restored_note(spec)),
+        encoding="utf-8",
     )
     spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
+    save_record(spec)  # so that a clone can redo these steps without training
     total = sum(p.stat().st_size for p in spec.bundle_dir.iterdir() if p.is_file())
     print(f"bundle {spec.bundle_dir} ({total} bytes); golden: {golden}")
 

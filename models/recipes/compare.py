@@ -93,7 +93,9 @@ def main() -> None:
         f"{g['fp32']['psnr_gain_db']:+.2f} dB (fp32) and {g['int8']['psnr_gain_db']:+.2f} dB "
         f"(int8); through-plane MAE lower by {_share(lite, full, 'fp32')} (fp32) and "
         f"{_share(lite, full, 'int8')} (int8). "
-        f"Machine: {machine_line()}.\n\nLast full build, wall time on 2 cores: "
+        f"Machine: {machine_line()}.\n\nLast build, wall time on 2 cores (train, export and "
+        "export_tflite as recorded in `records/` when the bundles were re-quantized "
+        "without training, `make requantize`): "
         + "; ".join(builds) + "."
     )
     print(json.dumps(verdict, indent=2))

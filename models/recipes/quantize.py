@@ -17,12 +17,15 @@ Weights int8 per channel; activations calibrated (MinMax) on training slices. Va
   full model's ``u8s8`` file falls to 30.7 dB against fp32 there (saturation), its ``u8u8``
   file keeps the 51.9 dB it has on a VNNI CPU. Slower than ``u8s8`` where VNNI exists.
 
-Selection, on the training slices only (the held-out slab stays untouched): variants whose
-PSNR against the target is within SELECTION_DROP_DB of fp32 qualify; among them one that
-cannot saturate on any x86 CPU is preferred (the build machine may have VNNI while edge
-nodes do not, so no measurement here would show the saturation), then the fastest.
-SELECTION_DROP_DB is a fifth of the 0.5 dB gate of recipes/evaluate.py because the drop on
-the held-out slab ran about three times the drop on the training slices.
+Selection, on the training slices only (the held-out slab stays untouched): only variants
+that cannot saturate on any x86 CPU are eligible, since the build machine may have VNNI
+while edge nodes do not and no measurement here would show the saturation (a file that
+misses its floor on a node does not serve there at all). Among them, those whose PSNR
+against the target is within SELECTION_DROP_DB of fp32 qualify and the fastest is chosen;
+when none does, the most accurate one, and recipes/evaluate.py's gate on the held-out slab
+(int8 within 0.3 dB of fp32) decides whether it ships. SELECTION_DROP_DB is a third of that
+gate because the drop on the held-out slab ran up to about three times the drop on the
+training slices.
 
 Kernel check: each variant's output with onnxruntime's integer kernels is compared with its
 output with graph optimisations off, where each QDQ group runs as dequantize -> float op ->
@@ -82,6 +85,7 @@ VARIANTS = (
     Variant("u8s8_rr", QuantType.QUInt8, QuantType.QInt8, reduce_range=True),
     Variant("u8s8_rr_fl", QuantType.QUInt8, QuantType.QInt8, True, float_first_last=True),
     Variant("u8u8", QuantType.QUInt8, QuantType.QUInt8, reduce_range=False),
+    Variant("u8u8_fl", QuantType.QUInt8, QuantType.QUInt8, False, float_first_last=True),
 )
 
 
@@ -185,10 +189,17 @@ def main() -> None:
     report["fp32_latency_ms"] = latency["fp32"]
     report["selection_drop_db"] = SELECTION_DROP_DB
 
-    ok = [n for n, v in variants.items() if ref_psnr - v["train_psnr_db"] <= SELECTION_DROP_DB]
-    if not ok:
-        raise SystemExit(f"no int8 variant within {SELECTION_DROP_DB} dB of fp32: {report}")
-    chosen = min(ok, key=lambda n: (not safe[n], variants[n]["latency_ms"]))
+    eligible = [n for n in variants if safe[n]]
+    ok = [n for n in eligible if ref_psnr - variants[n]["train_psnr_db"] <= SELECTION_DROP_DB]
+    if ok:
+        chosen = min(ok, key=lambda n: variants[n]["latency_ms"])
+        report["selection"] = (f"the fastest saturation-safe variant within "
+                               f"{SELECTION_DROP_DB} dB of fp32 on the training slices")
+    else:
+        chosen = max(eligible, key=lambda n: variants[n]["train_psnr_db"])
+        report["selection"] = (f"no saturation-safe variant within {SELECTION_DROP_DB} dB "
+                               "of fp32 on the training slices: the most accurate one "
+                               "(the held-out gate of evaluate decides)")
     shutil.copyfile(paths[chosen], spec.bundle("model.int8.onnx"))
     report["chosen"] = chosen
     report["calibration_slices"] = len(calib)
