@@ -27,6 +27,7 @@ from agent.backends import ModelRunner
 from agent.bundle import ModelBundle
 from agent.config import LimitsSection
 from agent.derive import ModelIdentity, derive_instance, result_message_id
+from agent.derived_writer import DerivedWriter
 from agent.dicom import Scan, ScanRejected, decode_scan
 from agent.preprocess import GridMap, from_model_grid, normalise, to_model_grid
 from agent.topics import Topics
@@ -89,6 +90,8 @@ class Translator:
         self.limits = limits
         self.topics = topics
         self.identity = ModelIdentity(bundle.name, bundle.version, bundle.digest(runtime))
+        # Per-series templates of the derived instance: only per-slice elements are encoded.
+        self.writer = DerivedWriter()
 
     def error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
               timings: dict[str, float] | None = None) -> Outcome:
@@ -156,6 +159,7 @@ class Translator:
                 self.bundle.output,
                 device_id=self.topics.device,
                 software_version=__version__,
+                writer=self.writer,
             )
         except Exception as exc:  # e.g. a source attribute pydicom cannot write back
             return self.error("derive_failed", f"cannot write the result ({type(exc).__name__})",

@@ -444,7 +444,7 @@ def test_derived_instance_tags() -> None:
     for keyword in COPIED:
         assert out[keyword].value == src[keyword].value, keyword
     assert out.Modality == "MR"
-    assert list(out.ImageType) == ["DERIVED", "SECONDARY"]
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
     assert out.SeriesDescription == OUT_MR.series_description
     assert out.SeriesNumber == src.SeriesNumber + 1000
     for seq in (out.SourceImageSequence, out.ReferencedImageSequence):
