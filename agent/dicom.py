@@ -48,6 +48,7 @@ from pydicom.uid import (
 )
 
 from agent.bundle import InputContract
+from agent.native_pixels import native_pixels
 
 REASONS = frozenset({
     "not_dicom", "payload_too_large", "missing_tag", "no_pixel_data", "wrong_modality",
@@ -83,6 +84,7 @@ _PHOTOMETRICS = frozenset({
 })  # fmt: skip
 _UID_CHARS = re.compile(r"[0-9.]{1,64}")
 _SPACING_RANGE_MM = (0.01, 100.0)
+_FIRST_PIXEL_TAG = 0x7FE00008  # Float Pixel Data; Pixel Data is (7FE0,0010)
 
 
 class ScanRejected(Exception):
@@ -112,15 +114,6 @@ class Scan:
     pixel_spacing: tuple[float, float]  # (row, col) mm
     pixel_spacing_assumed: bool  # True when PixelSpacing was absent and 1.0 mm was assumed
     payload_sha256: str
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """The model that made a derived instance: recorded in its provenance and UIDs."""
-
-    name: str
-    version: str
-    digest: str  # sha256 hex of the served model file
 
 
 def _known(value: object, allowed: frozenset[str]) -> str:
@@ -185,8 +178,10 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def _read_header(payload: bytes) -> tuple[Dataset, str]:
-    """Parse everything before the pixel data; return the dataset and its transfer syntax."""
+def _read_instance(payload: bytes) -> tuple[Dataset, str]:
+    """Parse the payload once (pixel data as bytes, not decoded); return the dataset and
+    its transfer syntax. Only the file meta group is read before, to refuse a deflated
+    dataset before pydicom would inflate it."""
     try:
         fp = BytesIO(payload)
         has_preamble = read_preamble(fp, force=True) is not None
@@ -199,12 +194,15 @@ def _read_header(payload: bytes) -> tuple[Dataset, str]:
             "unsupported_transfer_syntax", "Deflated Explicit VR Little Endian is not accepted"
         )
     try:
-        ds = pydicom.dcmread(BytesIO(payload), stop_before_pixels=True, force=True)
-        keys = list(ds.keys())
+        # The payload is in memory already (and capped), so reading the pixel data
+        # element costs one copy; decoding it waits until every header check has passed.
+        ds = pydicom.dcmread(BytesIO(payload), force=True)
+        # (a Dataset iterates over its elements, converting each: ask for its tags)
+        keys = [int(k) for k in ds.keys() if k < _FIRST_PIXEL_TAG]  # noqa: SIM118
     except Exception:
         raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
     # A preamble vouches for an instance; without one, random bytes can parse as elements.
-    if not keys or (not has_preamble and not {0x00080016, 0x00080060} & set(map(int, keys))):
+    if not keys or (not has_preamble and not {0x00080016, 0x00080060} & set(keys)):
         raise ScanRejected("not_dicom", "payload is not a DICOM instance")
     if syntax is not None:
         return ds, syntax
@@ -437,11 +435,7 @@ def _check_codestream(ds: Dataset, syntax: UID) -> None:
         )
 
 
-def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
-    try:
-        ds = pydicom.dcmread(BytesIO(payload), force=True)
-    except Exception:
-        raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
+def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
     if "PixelData" not in ds:
         raise ScanRejected("no_pixel_data", "the instance has no PixelData (7FE0,0010)")
     ds.file_meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
@@ -449,7 +443,8 @@ def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
     if UID(syntax).is_encapsulated:
         _check_codestream(ds, UID(syntax))
     try:
-        raw = ds.pixel_array
+        native = native_pixels(ds, syntax)
+        raw = ds.pixel_array if native is None else native
         slope = _number(ds, "RescaleSlope", 1.0)
         intercept = _number(ds, "RescaleIntercept", 0.0)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
@@ -478,7 +473,7 @@ def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
     if slope != 1.0 or intercept != 0.0:
         pixels *= np.float32(slope)
         pixels += np.float32(intercept)
-    return ds, pixels
+    return pixels
 
 
 def decode_scan(
@@ -486,9 +481,10 @@ def decode_scan(
 ) -> Scan:
     """Decode one Part-10 payload and check it against ``contract``.
 
-    Order matters for resource bounds: the size cap first, then a header-only parse, every
-    contract check and the pixel budget (Rows x Columns x frames) before any pixel data is
-    decoded. Raises ``ScanRejected`` (and nothing else) for any payload it cannot serve.
+    Order matters for resource bounds: the size cap first, then one parse (pixel data kept
+    as bytes), every contract check and the pixel budget (Rows x Columns x frames) before
+    any pixel data is decoded. Raises ``ScanRejected`` (and nothing else) for any payload
+    it cannot serve.
     """
     digest = hashlib.sha256(payload).hexdigest()
     try:
@@ -497,15 +493,15 @@ def decode_scan(
                 "payload_too_large", f"payload {len(payload)} bytes, cap {max_payload_bytes}"
             )
         with quiet_pydicom():
-            header, syntax = _read_header(payload)
-            sop_instance = _required_uid(header, "SOPInstanceUID")
-            sop_class = _required_uid(header, "SOPClassUID")
-            series = _required_uid(header, "SeriesInstanceUID")
-            study = _required_uid(header, "StudyInstanceUID")
-            _check_contract(header, contract, pixel_budget)
-            spacing, assumed = _pixel_spacing(header)
+            ds, syntax = _read_instance(payload)
+            sop_instance = _required_uid(ds, "SOPInstanceUID")
+            sop_class = _required_uid(ds, "SOPClassUID")
+            series = _required_uid(ds, "SeriesInstanceUID")
+            study = _required_uid(ds, "StudyInstanceUID")
+            _check_contract(ds, contract, pixel_budget)
+            spacing, assumed = _pixel_spacing(ds)
             _check_syntax(syntax)
-            ds, pixels = _decode_pixels(payload, syntax)
+            pixels = _decode_pixels(ds, syntax)
     except ScanRejected as exc:
         exc.payload_sha256 = digest
         raise
