@@ -29,6 +29,7 @@ from pydicom.uid import (
 
 from agent.bundle import OutputContract
 from agent.dicom import Scan, quiet_pydicom
+from agent.quantiles import percentiles
 
 if TYPE_CHECKING:
     from agent.derived_writer import DerivedWriter
@@ -87,36 +88,6 @@ def derived_uids(scan: Scan, model_digest: str) -> tuple[str, str]:
     sop = generate_uid(entropy_srcs=["iomt/sop", scan.sop_instance_uid, model_digest])
     series = generate_uid(entropy_srcs=["iomt/series", scan.series_instance_uid, model_digest])
     return str(sop), str(series)
-
-
-def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
-    """``np.percentile(values, qs)`` (method "linear") of a 1-D integer array, bit for bit,
-    from one ``np.partition`` at the order statistics it needs.
-
-    numpy's own function partitions the same way but spends most of its time in the
-    machinery around it (tens of small array calls per call); this is the arithmetic of
-    numpy's linear virtual index, ``_get_indexes`` and ``_lerp`` on Python floats,
-    which are the same IEEE doubles, so the result is identical (tests check it)."""
-    n = int(values.size)
-    picks: list[tuple[int, int, float]] = []
-    for q in qs:
-        virtual = (n - 1) * (q / 100)  # numpy's "linear" virtual index
-        previous = float(np.floor(virtual))
-        if virtual >= n - 1:
-            lo = hi = n - 1
-        elif virtual < 0:
-            lo = hi = 0
-        else:
-            lo, hi = int(previous), int(previous) + 1
-        picks.append((lo, hi, virtual - previous))
-    kth = sorted({i for lo, hi, _ in picks for i in (lo, hi)})
-    ordered = np.partition(values, kth)
-    out = []
-    for lo, hi, gamma in picks:
-        a, b = float(ordered[lo]), float(ordered[hi])
-        diff = b - a
-        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
-    return out
 
 
 def window(stored: np.ndarray, output: OutputContract) -> tuple[float, float]:

@@ -477,16 +477,22 @@ def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
 
 
 def decode_scan(
-    payload: bytes, contract: InputContract, *, pixel_budget: int, max_payload_bytes: int
+    payload: bytes,
+    contract: InputContract,
+    *,
+    pixel_budget: int,
+    max_payload_bytes: int,
+    payload_sha256: str | None = None,
 ) -> Scan:
     """Decode one Part-10 payload and check it against ``contract``.
 
     Order matters for resource bounds: the size cap first, then one parse (pixel data kept
     as bytes), every contract check and the pixel budget (Rows x Columns x frames) before
     any pixel data is decoded. Raises ``ScanRejected`` (and nothing else) for any payload
-    it cannot serve.
+    it cannot serve. ``payload_sha256``: the payload's sha256 (hex) when the caller has it
+    already (the inbox does), so it is not hashed twice.
     """
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = payload_sha256 or hashlib.sha256(payload).hexdigest()
     try:
         if len(payload) > max_payload_bytes:
             raise ScanRejected(

@@ -106,14 +106,16 @@ class Translator:
         return Outcome(False, "error", message_id, str(self.topics.errors), body,
                        reason=reason, timings_ms=timings or {})
 
-    def prepare(self, payload: bytes) -> Prepared:
+    def prepare(self, payload: bytes, payload_sha256: str | None = None) -> Prepared:
         """Decode a payload against the input contract and put it on the model grid.
-        Raises ``ScanRejected``."""
+        ``payload_sha256``: its digest when known (not hashed again). Raises
+        ``ScanRejected``."""
         scan = decode_scan(
             payload,
             self.bundle.input,
             pixel_budget=self.limits.pixel_budget,
             max_payload_bytes=self.limits.max_payload_bytes,
+            payload_sha256=payload_sha256,
         )
         grid, gmap = to_model_grid(scan.pixels, scan.pixel_spacing, self.bundle.input)
         return Prepared(scan, grid, gmap)
@@ -123,7 +125,7 @@ class Translator:
         means the scan was rejected."""
         timer = StageTimer()
         try:
-            prepared = self.prepare(payload)
+            prepared = self.prepare(payload, payload_sha256)
         except ScanRejected as exc:
             return self.error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
         timer.lap("decode")

@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from agent.bundle import InputContract, Normalisation
+from agent.quantiles import percentiles
 
 SAME_SPACING_TOLERANCE_MM = 1e-3
 
@@ -205,7 +206,7 @@ def normalise(grid: np.ndarray, norm: Normalisation) -> np.ndarray:
     positive = centre[centre > 0]
     if positive.size == 0:
         return np.zeros_like(image)
-    scale = float(np.percentile(positive, norm.percentile))
+    (scale,) = percentiles(positive, (norm.percentile,))
     if not np.isfinite(scale) or scale <= 0:
         return np.zeros_like(image)
     out = image * np.float32(1.0 / scale)
