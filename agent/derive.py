@@ -107,11 +107,13 @@ def to_uint16(stored: np.ndarray) -> np.ndarray:
     """Stored values rounded and clipped to uint16 (NaN and -inf to 0, +inf to 65535)."""
     if stored.dtype == np.uint16:
         return stored
-    # One float32 working copy, changed in place: rint keeps NaN and inf, which
-    # nan_to_num then maps as before, so the order of the steps does not change a value.
-    values = np.rint(stored.astype(np.float32))
-    np.nan_to_num(values, copy=False, nan=0.0, posinf=65535.0, neginf=0.0)
-    np.clip(values, 0, 65535, out=values)
+    # One float32 working copy (float32 first, as before: it decides how a float64 value
+    # rounds), changed in place. fmax/fmin ignore NaN, so NaN and -inf become 0 and +inf
+    # 65535 with no nan_to_num pass; clipping before rint gives the same integers.
+    values = stored.astype(np.float32)
+    np.fmax(values, 0.0, out=values)
+    np.fmin(values, 65535.0, out=values)
+    np.rint(values, out=values)
     return values.astype(np.uint16)
 
 

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from agent.bundle import InputContract, OutputContract
-from agent.derive import ModelIdentity, derive_instance, derive_instance_generic
+from agent.derive import ModelIdentity, derive_instance, derive_instance_generic, to_uint16
 from agent.derived_writer import DerivedWriter, split_elements
 from agent.dicom import Scan, decode_scan
 from agent.sample_series import build_series, load_demo_slab
@@ -245,3 +245,11 @@ def test_raise_mode_reading_fails_on_a_broken_instance() -> None:
     broken = fast.replace(uid, b"X" * len(uid))
     with pytest.raises(ValueError):
         read_strictly(broken)
+
+
+def test_to_uint16_rounds_and_clips_every_special_value() -> None:
+    values = [np.nan, np.inf, -np.inf, -0.6, 0.5, 1.5, 2.5, 65535.4, 65535.6, 70000.0]
+    expected = [0, 65535, 0, 0, 0, 2, 2, 65535, 65535, 65535]  # rint: halves to even
+    assert to_uint16(np.array(values, dtype=np.float32)).tolist() == expected
+    # float64 goes through float32 first, as before: 1.4999999999 is 1.5 there, so 2.
+    assert to_uint16(np.array([1.4999999999, 3.7], dtype=np.float64)).tolist() == [2, 4]
