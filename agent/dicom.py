@@ -1,5 +1,7 @@
-"""DICOM in and out: decode a scan under a budget, check it against the model's input
-contract, and write the derived (synthetic) instance with new UIDs and provenance.
+"""DICOM in: decode a scan under a budget and check it against the model's input contract
+(one parse; compressed frames are checked by ``agent.codestream`` before a decoder sees
+them, uncompressed ones are read by ``agent.native_pixels``). The derived instance is
+``agent.derive``'s.
 
 Nothing here may leak PHI: every ``ScanRejected`` message names tag keywords, numbers and
 standard codes only, never values a scanner copied from the patient or the study.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import itertools
 import logging
 import re
 import warnings
@@ -24,30 +25,19 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
     RLELossless,
 )
 
 from agent.bundle import InputContract
+from agent.codestream import J2K_FAMILY, JPEG_FAMILY, CodestreamError, check_codestream
 from agent.native_pixels import native_pixels
 
 REASONS = frozenset({
@@ -60,15 +50,11 @@ JPEG_EXTRA_HINT = 'pip install "iomt-edge-agent[jpeg]"'
 # Compressed syntaxes and the package of the `jpeg` extra that decodes each (through
 # pylibjpeg, pydicom's plugin). RLE also decodes without the extra (pydicom's own numpy
 # decoder); pylibjpeg-rle is only faster.
-_JPEG_FAMILY = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                JPEGLSLossless, JPEGLSNearLossless)
-_J2K_FAMILY = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 EXTRA_PLUGIN = {
-    **dict.fromkeys(_JPEG_FAMILY, "pylibjpeg-libjpeg"),
-    **dict.fromkeys(_J2K_FAMILY, "pylibjpeg-openjpeg"),
+    **dict.fromkeys(JPEG_FAMILY, "pylibjpeg-libjpeg"),
+    **dict.fromkeys(J2K_FAMILY, "pylibjpeg-openjpeg"),
     RLELossless: "pylibjpeg-rle",
 }
-_RLE_MAX_SEGMENT_FACTOR = 2  # a segment may decode to at most 2 x Rows x Columns bytes
 # Header values are echoed in messages only when they are one of these standard codes.
 _MODALITIES = frozenset({
     "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX",
@@ -313,135 +299,17 @@ def _number(ds: Dataset, keyword: str, default: float) -> float:
     return default if value is None or value == "" else float(value)
 
 
-def _jpeg_frame_header(data: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from the SOF segment of a JPEG or JPEG-LS codestream."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):  # scan or end before any frame header
-            return None
-        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-            if pos + 10 > len(data):
-                return None
-            rows = int.from_bytes(data[pos + 5 : pos + 7], "big")
-            cols = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            return rows, cols, data[pos + 9]
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2:
-            return None
-        pos += 2 + length
-    return None
-
-
-def _j2k_frame_header(data: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from the SIZ segment of a JPEG 2000 codestream (bare, or
-    in the JP2 boxes some writers wrap it in)."""
-    pos = 0
-    if data.startswith(b"\x00\x00\x00\x0cjP  "):
-        pos = 12
-        while pos + 8 <= len(data) and data[pos + 4 : pos + 8] != b"jp2c":
-            length = int.from_bytes(data[pos : pos + 4], "big")
-            if length == 1:
-                length = int.from_bytes(data[pos + 8 : pos + 16], "big")
-            if length < 8:
-                return None
-            pos += length
-        pos += 8
-    siz = pos + 4
-    if data[pos:siz] != b"\xff\x4f\xff\x51" or siz + 40 > len(data):
-        return None
-    x, y, x0, y0 = (int.from_bytes(data[siz + i : siz + i + 4], "big") for i in (4, 8, 12, 16))
-    return y - y0, x - x0, int.from_bytes(data[siz + 36 : siz + 38], "big")
-
-
-def _rle_segment_bound(segment: bytes, limit: int) -> int:
-    """Bytes a PackBits segment decodes to, counted without decoding; stops past ``limit``."""
-    pos, out, end = 0, 0, len(segment)
-    while pos < end and out <= limit:
-        header = segment[pos]
-        if header < 128:  # literal run of header + 1 bytes
-            out += min(header + 1, end - pos - 1)
-            pos += header + 2
-        elif header > 128:  # the next byte repeated 257 - header times
-            out += 257 - header if pos + 1 < end else 0
-            pos += 2
-        else:  # no-op
-            pos += 1
-    return out
-
-
-def _check_rle(frame: bytes, rows: int, cols: int, samples: int, bits: int) -> None:
-    """pydicom's numpy RLE decoder decodes every segment in full whatever its declared
-    size, and a run of two bytes becomes 128: bound both before it starts."""
-    expected = rows * cols
-    if bits % 8 or len(frame) < 64:
-        raise ScanRejected("pixel_decode_failed", f"RLE frame of {len(frame)} bytes, "
-                           f"BitsAllocated {bits}: not decodable")
-    count = int.from_bytes(frame[:4], "little")
-    offsets = [int.from_bytes(frame[4 + 4 * i : 8 + 4 * i], "little") for i in range(15)]
-    if count != samples * bits // 8 or not 1 <= count <= 15:
-        raise ScanRejected("pixel_decode_failed", f"RLE header has {count} segments, "
-                           f"{samples * bits // 8} expected")
-    bounds = [*offsets[:count], len(frame)]
-    limit = _RLE_MAX_SEGMENT_FACTOR * expected
-    for start, stop in itertools.pairwise(bounds):
-        if not 64 <= start < stop or stop - start > 2 * expected + 64:
-            raise ScanRejected("pixel_decode_failed", "RLE segment offsets are not usable")
-        if _rle_segment_bound(frame[start:stop], limit) > limit:
-            raise ScanRejected("pixel_decode_failed", f"an RLE segment decodes to more than "
-                               f"{limit} bytes for {rows} x {cols} pixels")
-
-
-def _check_codestream(ds: Dataset, syntax: UID) -> None:
-    """Check the compressed frame against Rows, Columns and SamplesPerPixel *before* a
-    decoder sees it: a decoder allocates what the codestream declares, so a 64 x 64 header
-    over a 40000 x 40000 codestream would otherwise cost gigabytes (the pixel budget only
-    saw the header)."""
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    samples = int(ds.SamplesPerPixel)
-    try:
-        items = generate_fragments(ds.PixelData)
-        next(items)  # the Basic Offset Table
-        frame = b"".join(items)  # one frame: every fragment after it
-    except Exception:
-        raise ScanRejected("pixel_decode_failed", "encapsulated pixel data is malformed") from None
-    if syntax == RLELossless:
-        _check_rle(frame, rows, cols, samples, int(ds.BitsAllocated))
-        return
-    if syntax in _JPEG_FAMILY:
-        found = _jpeg_frame_header(frame)
-    elif syntax in _J2K_FAMILY:
-        found = _j2k_frame_header(frame)
-    else:
-        return
-    if found is None:
-        raise ScanRejected("pixel_decode_failed", f"no frame header found in the {syntax.name} "
-                           "codestream")
-    if found != (rows, cols, samples):
-        raise ScanRejected(
-            "pixel_decode_failed",
-            f"codestream is {found[0]} x {found[1]} with {found[2]} component(s), the header "
-            f"says Rows {rows}, Columns {cols}, SamplesPerPixel {samples}",
-        )
-
-
 def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
     if "PixelData" not in ds:
         raise ScanRejected("no_pixel_data", "the instance has no PixelData (7FE0,0010)")
     ds.file_meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(syntax)
     if UID(syntax).is_encapsulated:
-        _check_codestream(ds, UID(syntax))
+        try:
+            check_codestream(ds.PixelData, UID(syntax), int(ds.Rows), int(ds.Columns),
+                             int(ds.SamplesPerPixel), int(ds.BitsAllocated))
+        except CodestreamError as exc:
+            raise ScanRejected("pixel_decode_failed", str(exc)) from None
     try:
         native = native_pixels(ds, syntax)
         raw = ds.pixel_array if native is None else native
