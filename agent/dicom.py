@@ -36,6 +36,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from agent import header_values
 from agent.bundle import InputContract
 from agent.codestream import J2K_FAMILY, JPEG_FAMILY, CodestreamError, check_codestream
 from agent.native_pixels import native_pixels
@@ -135,7 +136,7 @@ def quiet_pydicom() -> Iterator[None]:
 
 def _value(ds: Dataset, keyword: str) -> Any:
     try:
-        return ds.get(keyword)
+        return header_values.get(ds, keyword)
     except Exception:
         raise ScanRejected("missing_tag", f"{keyword} is present but unreadable") from None
 
@@ -295,7 +296,7 @@ def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float], bool]:
 
 
 def _number(ds: Dataset, keyword: str, default: float) -> float:
-    value = ds.get(keyword)
+    value = header_values.get(ds, keyword)
     return default if value is None or value == "" else float(value)
 
 
@@ -306,8 +307,9 @@ def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
     ds.file_meta.TransferSyntaxUID = UID(syntax)
     if UID(syntax).is_encapsulated:
         try:
-            check_codestream(ds.PixelData, UID(syntax), int(ds.Rows), int(ds.Columns),
-                             int(ds.SamplesPerPixel), int(ds.BitsAllocated))
+            check_codestream(ds.PixelData, UID(syntax), *(
+                int(header_values.get(ds, k))
+                for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")))
         except CodestreamError as exc:
             raise ScanRejected("pixel_decode_failed", str(exc)) from None
     try:
@@ -315,9 +317,11 @@ def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
         raw = ds.pixel_array if native is None else native
         slope = _number(ds, "RescaleSlope", 1.0)
         intercept = _number(ds, "RescaleIntercept", 0.0)
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-        stored_bits = int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated)
-        inverted = str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1"
+        signed = int(header_values.get(ds, "PixelRepresentation") or 0) == 1
+        bits = int(header_values.get(ds, "BitsAllocated"))
+        stored_bits = int(header_values.get(ds, "BitsStored") or bits)
+        photometric = header_values.get(ds, "PhotometricInterpretation")
+        inverted = str(photometric).strip().upper() == "MONOCHROME1"
     except Exception as exc:  # class name only: pydicom messages may quote values
         raise ScanRejected(
             "pixel_decode_failed", f"pixel data could not be decoded ({type(exc).__name__})"
@@ -331,7 +335,7 @@ def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
         raise ScanRejected(
             "pixel_decode_failed", f"the decoder plugin panicked ({type(exc).__name__})"
         ) from None
-    if raw.shape != (int(ds.Rows), int(ds.Columns)):
+    if raw.shape != (int(header_values.get(ds, "Rows")), int(header_values.get(ds, "Columns"))):
         raise ScanRejected("pixel_decode_failed", f"decoded pixel array has shape {raw.shape}")
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0.0):
         raise ScanRejected("pixel_decode_failed", "RescaleSlope/RescaleIntercept not usable")
