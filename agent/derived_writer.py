@@ -52,6 +52,7 @@ from agent.derive import (
     window,
 )
 from agent.dicom import Scan, quiet_pydicom
+from agent.header_values import canonical_number_string
 
 Element = tuple[int, bytes]  # (tag, encoded element: tag, VR, length and value)
 
@@ -67,8 +68,10 @@ _WINDOW_CENTER, _WINDOW_WIDTH, _PIXEL_DATA = 0x00281050, 0x00281051, 0x7FE00010
 # pydicom's bytes by the tests).
 _PER_SLICE = frozenset({_SOP_INSTANCE, _REFERENCED_IMAGES, _SOURCE_IMAGES, _WINDOW_CENTER,
                         _WINDOW_WIDTH, _PIXEL_DATA})  # fmt: skip
-# Copied source elements that differ in every slice: encoded each time, never memoised.
-_UNIQUE_PER_SLICE = frozenset({"InstanceNumber", "ImagePositionPatient", "SliceLocation"})
+# Copied source elements that differ in every slice: encoded each time, never memoised
+# (a plainly valid IS/DS value is its own encoding; see header_values).
+_NUMBER_VR = {"InstanceNumber": "IS", "ImagePositionPatient": "DS", "SliceLocation": "DS"}
+_UNIQUE_PER_SLICE = frozenset(_NUMBER_VR)
 
 
 def _tag(keyword: str) -> int:
@@ -78,8 +81,8 @@ def _tag(keyword: str) -> int:
     return tag
 
 
-# (tag, type-2: written empty when absent, memoised)
-_COPIED_TAGS = tuple((_tag(k), k in TYPE2_EMPTY, k not in _UNIQUE_PER_SLICE)
+# (tag, type-2: written empty when absent, memoised, VR of a per-slice number or None)
+_COPIED_TAGS = tuple((_tag(k), k in TYPE2_EMPTY, k not in _UNIQUE_PER_SLICE, _NUMBER_VR.get(k))
                      for k in COPIED)  # fmt: skip
 _MEMO_LIMIT = 4096  # distinct copied values kept (cleared when full: a cache, not a store)
 _TEMPLATE_LIMIT = 16  # output series whose templates are kept
@@ -261,8 +264,13 @@ class DerivedWriter:
         encodings = _DEFAULT_ENCODING if charset_elem is None else charset_elem.value
         charset = str(encodings)
         out: list[Element] = []
-        for tag, type2, memoised in _COPIED_TAGS:
+        for tag, type2, memoised, number_vr in _COPIED_TAGS:
             key: tuple[object, ...] | None = None
+            if number_vr is not None:
+                value = canonical_number_string(src.get_item(tag), number_vr)
+                if value is not None:
+                    out.append((tag, element(tag, number_vr.encode(), value)))
+                    continue
             if memoised:
                 raw = src.get_item(tag)
                 if isinstance(raw, RawDataElement):

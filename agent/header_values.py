@@ -42,6 +42,7 @@ _UI = re.compile(rb"[0-9][0-9.]{0,63}\x00?")
 _CS = re.compile(rb"[A-Z0-9_]{1,16} ?")
 _DS_ONE = rb"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _DS = re.compile(rb"(?:%s)(?:\\(?:%s))* ?" % (_DS_ONE, _DS_ONE))
+_IS = re.compile(rb"[+-]?[0-9]{1,12}(?:\\[+-]?[0-9]{1,12})* ?")
 
 
 class _Unread:
@@ -90,3 +91,24 @@ def get(ds: Dataset, keyword: str) -> Any:
     """``header_value`` when it can read the element, else ``ds.get(keyword)``."""
     value = header_value(ds, keyword)
     return ds.get(keyword) if value is UNREAD else value
+
+
+def canonical_number_string(raw: object, vr: str) -> bytes | None:
+    """The value bytes pydicom writes back for a raw IS or DS element it read (the value
+    with its trailing space padding restored), when the raw value is plainly valid; None
+    otherwise (the caller then lets pydicom convert and encode it).
+
+    pydicom reads such a value into IS/DSfloat objects that keep their original string
+    and writes ``str()`` of each, so a valid value round-trips to its own bytes."""
+    if not isinstance(raw, RawDataElement) or not raw.is_little_endian:
+        return None
+    if raw.VR not in (None, vr) or not isinstance(raw.value, bytes):
+        return None
+    value = raw.value
+    grammar = _DS if vr == "DS" else _IS
+    if not grammar.fullmatch(value):
+        return None
+    text = value.rstrip(b" ")
+    if vr == "DS" and any(len(p) > 16 for p in text.split(b"\\")):
+        return None
+    return text + b" " if len(text) % 2 else text

@@ -83,6 +83,27 @@ def _utf8_name(ds: Dataset) -> None:
     ds.PatientName = "Doe^Jöhn=山田^太郎"
 
 
+def _odd_numbers(ds: Dataset) -> None:
+    """Valid IS/DS strings that are not in their shortest form (kept as written)."""
+    ds.InstanceNumber = "+0002"
+    ds.ImagePositionPatient = ["+1.50", "-0.0", "1e3"]
+    ds.SliceLocation = ".5"
+
+
+def _leading_spaces(payload: bytes) -> bytes:
+    """The same instance with InstanceNumber and SliceLocation right-aligned in their
+    fields (leading spaces, which pydicom strips on reading): the writer must leave such
+    values to pydicom. Edited in the bytes, since pydicom would not write them."""
+    out = bytearray(payload)
+    for head in (b"\x20\x00\x13\x00IS", b"\x20\x00\x41\x10DS"):
+        at = out.index(head) + 6
+        length = int.from_bytes(out[at : at + 2], "little")
+        value = bytes(out[at + 2 : at + 2 + length]).strip()
+        out[at + 2 : at + 2 + length] = value.rjust(length)
+        assert out[at + 2 : at + 3] == b" " or len(value) == length
+    return bytes(out)
+
+
 def _no_type2(ds: Dataset) -> None:
     for keyword in ("PatientName", "PatientID", "StudyDate", "InstanceNumber",
                     "SpecificCharacterSet", "SliceLocation", "SeriesNumber"):
@@ -109,6 +130,8 @@ SOURCES: dict[str, Callable[[], list[bytes]]] = {
     "latin1-patient": lambda: [edited(p, _latin1_name) for p in _demo(2)],
     "utf8-patient": lambda: [edited(p, _utf8_name) for p in _demo(2)],
     "type2-absent": lambda: [edited(p, _no_type2) for p in _demo(2)],
+    "odd-number-strings": lambda: [edited(p, _odd_numbers) for p in _demo(2)],
+    "leading-space-numbers": lambda: [_leading_spaces(p) for p in _demo(2)],
 }
 
 
