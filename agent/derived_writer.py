@@ -84,7 +84,7 @@ def _tag(keyword: str) -> int:
 # (tag, type-2: written empty when absent, memoised, VR of a per-slice number or None)
 _COPIED_TAGS = tuple((_tag(k), k in TYPE2_EMPTY, k not in _UNIQUE_PER_SLICE, _NUMBER_VR.get(k))
                      for k in COPIED)  # fmt: skip
-_MEMO_LIMIT = 4096  # distinct copied values kept (cleared when full: a cache, not a store)
+_MEMO_LIMIT = 4096  # distinct copied values kept (cleared when full and per new series)
 _TEMPLATE_LIMIT = 16  # output series whose templates are kept
 _SCALARS = (str, int, float)
 
@@ -175,6 +175,16 @@ def _value_key(elem: DataElement) -> tuple[object, ...] | None:
             tuple((type(v).__name__, str(v)) for v in values))
 
 
+def _encodings(src: Dataset) -> Any:
+    """The character sets the generic writer encodes with: the copied
+    SpecificCharacterSet's value, or pydicom's default when it has none."""
+    try:
+        charset_elem = src["SpecificCharacterSet"]
+    except Exception:  # unreadable: the generic path omits it too
+        return _DEFAULT_ENCODING
+    return charset_elem.value
+
+
 class _Template:
     """The encoded parts of one output series that every slice shares."""
 
@@ -216,11 +226,13 @@ class DerivedWriter:
         pixels = np.ascontiguousarray(to_uint16(stored), dtype="<u2")
         sop_uid, series_uid = derived_uids(scan, model.digest)
         with quiet_pydicom():
-            charset, copied = self._copied(scan.dataset)
+            encodings = _encodings(scan.dataset)
+            charset = str(encodings)
             key = (modality, output, model, device_id, software_version, series_uid,
                    output_series_number(scan), pixels.shape, charset)
             template = self._template(key, scan, pixels, model, output, device_id,
                                       software_version)
+            copied = self._copied(scan.dataset, encodings, charset)
         center, width = window(pixels, output)
         elements = [*template.elements, *copied, *_references(scan),
                     (_SOP_INSTANCE, element(_SOP_INSTANCE, b"UI", _ui(sop_uid))),
@@ -250,19 +262,16 @@ class DerivedWriter:
                              software_version=software_version)
         template = _Template(encode_generic(ds))
         with self._lock:
+            # A new output series: the memo (which holds patient values) starts afresh, so
+            # it keeps only the values of the series being written, not of past patients.
+            self._memo.clear()
             self._templates[key] = template
             while len(self._templates) > _TEMPLATE_LIMIT:
                 self._templates.popitem(last=False)
         return template
 
-    def _copied(self, src: Dataset) -> tuple[object, list[Element]]:
-        """The character set key and the encoded copied elements present in the output."""
-        try:
-            charset_elem = src["SpecificCharacterSet"]
-        except Exception:  # unreadable: the generic path omits it too
-            charset_elem = None
-        encodings = _DEFAULT_ENCODING if charset_elem is None else charset_elem.value
-        charset = str(encodings)
+    def _copied(self, src: Dataset, encodings: Any, charset: str) -> list[Element]:
+        """The encoded copied elements present in the output."""
         out: list[Element] = []
         for tag, type2, memoised, number_vr in _COPIED_TAGS:
             key: tuple[object, ...] | None = None
@@ -293,7 +302,7 @@ class DerivedWriter:
                 self._memo[key] = encoded
             if encoded is not None:
                 out.append((tag, encoded))
-        return charset, out
+        return out
 
     @staticmethod
     def _encode_copied(src: Dataset, tag: int, type2: bool, encodings: Any) -> bytes | None:

@@ -276,3 +276,21 @@ def test_to_uint16_rounds_and_clips_every_special_value() -> None:
     assert to_uint16(np.array(values, dtype=np.float32)).tolist() == expected
     # float64 goes through float32 first, as before: 1.4999999999 is 1.5 there, so 2.
     assert to_uint16(np.array([1.4999999999, 3.7], dtype=np.float64)).tolist() == [2, 4]
+
+
+def test_the_memo_forgets_a_series_when_the_next_one_starts() -> None:
+    """The memo holds copied patient values; it keeps those of the series being written
+    only, not of every patient since the agent started."""
+    writer = DerivedWriter()
+    first = build_series(load_demo_slab().t1[:2], patient_name="FIRST^PATIENT")
+    second = build_series(load_demo_slab().t1[:2], patient_name="SECOND^PATIENT")
+
+    def held() -> bytes:
+        return b"".join(v for v in writer._memo.values() if v is not None)
+
+    for payload in first:
+        both(payload, writer)
+    assert b"FIRST^PATIENT" in held()
+    for payload in second:
+        both(payload, writer)
+    assert b"SECOND^PATIENT" in held() and b"FIRST^PATIENT" not in held()
