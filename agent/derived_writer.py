@@ -87,6 +87,7 @@ _COPIED_TAGS = tuple((_tag(k), k in TYPE2_EMPTY, k not in _UNIQUE_PER_SLICE, _NU
 _MEMO_LIMIT = 4096  # distinct copied values kept (cleared when full and per new series)
 _TEMPLATE_LIMIT = 16  # output series whose templates are kept
 _SCALARS = (str, int, float)
+_MISSING = b"<not in the memo>"  # a marker: memo values are encoded bytes or None
 
 
 def element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -290,8 +291,8 @@ class DerivedWriter:
                 else:
                     value_key = _value_key(raw)
                     key = None if value_key is None else (tag, charset, value_key)
-                if key is not None and key in self._memo:
-                    hit = self._memo[key]
+                hit = _MISSING if key is None else self._memo.get(key, _MISSING)
+                if hit is not _MISSING:  # (one get: another thread may clear the memo)
                     if hit is not None:
                         out.append((tag, hit))
                     continue
