@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration lint bench bench-models mosquitto clean models
+.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools clean models
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -27,10 +27,16 @@ mosquitto:
 		echo "installing mosquitto (Debian package)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
 
-test: $(VENV)/.installed mosquitto
+# dciodvfy (Debian's dicom3tools) validates the derived instances in the tests.
+dicom3tools:
+	@command -v dciodvfy >/dev/null 2>&1 || { \
+		echo "installing dicom3tools (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dicom3tools; }
+
+test: $(VENV)/.installed mosquitto dicom3tools
 	$(BIN)/python -m pytest -q
 
-test-unit: $(VENV)/.installed
+test-unit: $(VENV)/.installed dicom3tools
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(VENV)/.installed
@@ -39,6 +45,11 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed mosquitto
 	$(BIN)/python bench/e2e.py --slices 1000 --json bench-out/e2e.json
+
+# The agent's own work per slice (decode, preprocess, derive, seal); BASELINE=<checkout>
+# times another commit's code in turns with this tree.
+bench-stages: $(VENV)/.installed
+	$(BIN)/python bench/stages.py $(if $(BASELINE),--baseline $(BASELINE)) --json bench-out/stages.json
 
 # Every bundle under models/ x runtime x precision on this machine (no broker needed).
 bench-models: $(VENV)/.installed

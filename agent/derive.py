@@ -13,6 +13,7 @@ import re
 from contextlib import suppress
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -28,6 +29,10 @@ from pydicom.uid import (
 
 from agent.bundle import OutputContract
 from agent.dicom import Scan, quiet_pydicom
+from agent.quantiles import percentiles
+
+if TYPE_CHECKING:
+    from agent.derived_writer import DerivedWriter
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ _SOP_CLASS_FOR_MODALITY = {"MR": MRImageStorage, "CT": CTImageStorage}
 _SYNTHETIC_MARK = re.compile(r"synthetic|not for diagnostic", re.IGNORECASE)
 # Patient and study modules travel unchanged (the payload is sealed); then what places the
 # slice in space and in its series, so a viewer overlays the result on its source.
-_COPIED = (
+COPIED = (
     "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
     "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
     "PatientIdentityRemoved", "DeidentificationMethod",
@@ -55,15 +60,16 @@ _COPIED = (
     "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "SliceThickness", "SpacingBetweenSlices", "SliceLocation",
 )  # fmt: skip
-_TYPE2_EMPTY = (
+TYPE2_EMPTY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator",
     "InstanceNumber",
 )  # fmt: skip
 
 
-def _ds(value: float) -> str:
-    return f"{value:.6g}"  # a DS is at most 16 characters
+def format_ds(value: float) -> str:
+    """A DS value string: 6 significant digits (a DS is at most 16 characters)."""
+    return f"{value:.6g}"
 
 
 def result_message_id(source_sop_instance_uid: str, model_digest: str) -> str:
@@ -84,10 +90,12 @@ def derived_uids(scan: Scan, model_digest: str) -> tuple[str, str]:
     return str(sop), str(series)
 
 
-def _window(stored: np.ndarray, output: OutputContract) -> tuple[float, float]:
+def window(stored: np.ndarray, output: OutputContract) -> tuple[float, float]:
+    """(WindowCenter, WindowWidth) in output units from the 1st and 99th percentiles of
+    the non-zero stored values (uint16), or the full range for an all-zero image."""
     nonzero = stored[stored > 0]
     if nonzero.size:
-        low, high = (float(v) for v in np.percentile(nonzero, [1.0, 99.0]))
+        low, high = percentiles(nonzero, (1.0, 99.0))
     else:
         low, high = 0.0, 65535.0
     high = max(high, low + 1.0)
@@ -95,11 +103,18 @@ def _window(stored: np.ndarray, output: OutputContract) -> tuple[float, float]:
     return (low + high) / 2 * slope + intercept, max((high - low) * abs(slope), 1.0)
 
 
-def _to_uint16(stored: np.ndarray) -> np.ndarray:
+def to_uint16(stored: np.ndarray) -> np.ndarray:
+    """Stored values rounded and clipped to uint16 (NaN and -inf to 0, +inf to 65535)."""
     if stored.dtype == np.uint16:
         return stored
-    values = np.nan_to_num(stored.astype(np.float32), nan=0.0, posinf=65535.0, neginf=0.0)
-    return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+    # One float32 working copy (float32 first, as before: it decides how a float64 value
+    # rounds), changed in place. fmax/fmin ignore NaN, so NaN and -inf become 0 and +inf
+    # 65535 with no nan_to_num pass; clipping before rint gives the same integers.
+    values = stored.astype(np.float32)
+    np.fmax(values, 0.0, out=values)
+    np.fmin(values, 65535.0, out=values)
+    np.rint(values, out=values)
+    return values.astype(np.uint16)
 
 
 def _image_item(scan: Scan, purpose: bool) -> Dataset:
@@ -114,57 +129,60 @@ def _image_item(scan: Scan, purpose: bool) -> Dataset:
     return item
 
 
-def derive_instance(
+def check_arguments(scan: Scan, stored: np.ndarray, output: OutputContract) -> str:
+    """The output modality (upper case) after checking that it has a storage class here and
+    that ``stored`` lies on the source grid. Raises ValueError."""
+    modality = output.modality.upper()
+    if modality not in _SOP_CLASS_FOR_MODALITY:
+        raise ValueError(f"output modality {output.modality!r} is not supported (MR, CT)")
+    if stored.shape != scan.pixels.shape:
+        raise ValueError(f"stored shape {stored.shape} != source shape {scan.pixels.shape}")
+    return modality
+
+
+def output_series_number(scan: Scan) -> int:
+    """The derived series' SeriesNumber: the source's + 1000 (1000 when it has none)."""
+    try:
+        source_number = int(scan.dataset.get("SeriesNumber", 0) or 0)
+    except (TypeError, ValueError):
+        source_number = 0
+    return source_number + 1000 if 0 <= source_number < 2**31 - 1001 else 1000
+
+
+def derived_dataset(
     scan: Scan,
-    stored: np.ndarray,
+    pixels: np.ndarray,
     model: ModelIdentity,
     output: OutputContract,
     *,
     device_id: str,
     software_version: str,
-) -> bytes:
-    """Write the model's result for ``scan`` as a Part-10 instance (Explicit VR Little
-    Endian) and return its bytes.
+) -> Dataset:
+    """The whole derived instance as a pydicom Dataset (file meta included) for uint16
+    ``pixels`` on the source grid: what ``derive_instance`` writes, element for element.
 
-    ``stored`` holds stored values (before Rescale) on the source's own grid; they are
-    rounded and clipped to uint16. UIDs are derived from the source UIDs and the model
-    digest (see ``derived_uids``), the patient and study modules are the source's, and
-    the provenance (source references, model name, version and digest) is recorded. The
-    output is byte-for-byte deterministic: no timestamps of its own.
-    Raises ValueError when ``stored`` does not match the source grid or the output modality
-    has no storage class here.
-    """
-    modality = output.modality.upper()
-    if modality not in _SOP_CLASS_FOR_MODALITY:
-        raise ValueError(f"output modality {output.modality!r} is not supported (MR, CT)")
-    array = np.asarray(stored)
-    if array.shape != scan.pixels.shape:
-        raise ValueError(f"stored shape {array.shape} != source shape {scan.pixels.shape}")
-    pixels = _to_uint16(array)
+    The per-slice writer (``agent.derived_writer``) builds its per-series template from
+    this dataset, and ``derive_instance_generic`` encodes it with pydicom as a whole."""
+    modality = check_arguments(scan, pixels, output)
     sop_uid, series_uid = derived_uids(scan, model.digest)
     src = scan.dataset
     ds = Dataset()
     with quiet_pydicom():
-        for keyword in _COPIED:
+        for keyword in COPIED:
             with suppress(Exception):  # absent, or a value pydicom cannot convert: omit
                 ds[keyword] = src[keyword]
-        for keyword in _TYPE2_EMPTY:
+        for keyword in TYPE2_EMPTY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
         ds.SOPClassUID = _SOP_CLASS_FOR_MODALITY[modality]
         ds.SOPInstanceUID = sop_uid
         ds.SeriesInstanceUID = series_uid
         ds.Modality = modality
-        description = output.series_description
-        if not _SYNTHETIC_MARK.search(description):
-            description = f"SYNTHETIC - {description}"
-        ds.SeriesDescription = description[:64]
-        try:
-            source_number = int(src.get("SeriesNumber", 0) or 0)
-        except (TypeError, ValueError):
-            source_number = 0
-        ds.SeriesNumber = source_number + 1000 if 0 <= source_number < 2**31 - 1001 else 1000
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SeriesDescription = series_description(output)
+        ds.SeriesNumber = output_series_number(scan)
+        # Value 3 is required in MR and CT images (dciodvfy checks it): MR has no image
+        # flavour for a synthetic image but OTHER; a CT slice is AXIAL (cross-sectional).
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER" if modality == "MR" else "AXIAL"]
         ds.DerivationDescription = (
             f"Synthetic {modality} by model {model.name} {model.version} "
             f"(sha256:{model.digest}); not for diagnostic use"
@@ -179,6 +197,7 @@ def derive_instance(
         if modality == "MR":  # MR Image module, type 1/2: no real acquisition behind it
             ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
             ds.ScanOptions = ds.MRAcquisitionType = ds.EchoTime = ds.EchoTrainLength = ""
+            ds.RepetitionTime = ""  # type 2C: required unless an EP sequence with SK
         else:  # CT Image module; RescaleType is required unless HU
             ds.KVP = ds.AcquisitionNumber = ""
             ds.RescaleType = "HU" if output.units.upper() == "HU" else "US"
@@ -186,16 +205,77 @@ def derive_instance(
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope = _ds(output.rescale_slope)
-        ds.RescaleIntercept = _ds(output.rescale_intercept)
-        center, width = _window(pixels, output)
-        ds.WindowCenter, ds.WindowWidth = _ds(center), _ds(width)
+        ds.RescaleSlope = format_ds(output.rescale_slope)
+        ds.RescaleIntercept = format_ds(output.rescale_intercept)
+        center, width = window(pixels, output)
+        ds.WindowCenter, ds.WindowWidth = format_ds(center), format_ds(width)
         ds.PixelData = pixels.astype("<u2", copy=False).tobytes()
         ds["PixelData"].VR = "OW"
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        buffer = BytesIO()
+    return ds
+
+
+def series_description(output: OutputContract) -> str:
+    """The output contract's series description, marked synthetic when it is not yet."""
+    description = output.series_description
+    if not _SYNTHETIC_MARK.search(description):
+        description = f"SYNTHETIC - {description}"
+    return description[:64]
+
+
+def encode_generic(ds: Dataset) -> bytes:
+    """A dataset from ``derived_dataset`` as Part-10 bytes, encoded by pydicom as a whole."""
+    buffer = BytesIO()
+    with quiet_pydicom():
         pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def derive_instance_generic(
+    scan: Scan,
+    stored: np.ndarray,
+    model: ModelIdentity,
+    output: OutputContract,
+    *,
+    device_id: str,
+    software_version: str,
+) -> bytes:
+    """``derive_instance`` through pydicom's generic writer (the whole dataset built and
+    encoded per slice): the reference the per-series writer is checked against."""
+    pixels = to_uint16(np.asarray(stored))
+    return encode_generic(derived_dataset(scan, pixels, model, output, device_id=device_id,
+                                          software_version=software_version))
+
+
+def derive_instance(
+    scan: Scan,
+    stored: np.ndarray,
+    model: ModelIdentity,
+    output: OutputContract,
+    *,
+    device_id: str,
+    software_version: str,
+    writer: DerivedWriter | None = None,
+) -> bytes:
+    """Write the model's result for ``scan`` as a Part-10 instance (Explicit VR Little
+    Endian) and return its bytes.
+
+    ``stored`` holds stored values (before Rescale) on the source's own grid; they are
+    rounded and clipped to uint16. UIDs are derived from the source UIDs and the model
+    digest (see ``derived_uids``), the patient and study modules are the source's, and
+    the provenance (source references, model name, version and digest) is recorded. The
+    output is byte-for-byte deterministic: no timestamps of its own, and the same bytes as
+    ``derive_instance_generic``. ``writer`` keeps the encoded per-series template between
+    calls (one per translator; a shared default when None).
+    Raises ValueError when ``stored`` does not match the source grid or the output modality
+    has no storage class here.
+    """
+    from agent.derived_writer import default_writer  # it builds on this module
+
+    return (writer or default_writer()).write(
+        scan, np.asarray(stored), model, output, device_id=device_id,
+        software_version=software_version,
+    )

@@ -1,5 +1,7 @@
-"""DICOM in and out: decode a scan under a budget, check it against the model's input
-contract, and write the derived (synthetic) instance with new UIDs and provenance.
+"""DICOM in: decode a scan under a budget and check it against the model's input contract
+(one parse; compressed frames are checked by ``agent.codestream`` before a decoder sees
+them, uncompressed ones are read by ``agent.native_pixels``). The derived instance is
+``agent.derive``'s.
 
 Nothing here may leak PHI: every ``ScanRejected`` message names tag keywords, numbers and
 standard codes only, never values a scanner copied from the patient or the study.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import itertools
 import logging
 import re
 import warnings
@@ -24,30 +25,21 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
     RLELossless,
 )
 
+from agent import header_values
 from agent.bundle import InputContract
+from agent.codestream import J2K_FAMILY, JPEG_FAMILY, CodestreamError, check_codestream
+from agent.native_pixels import native_pixels
 
 REASONS = frozenset({
     "not_dicom", "payload_too_large", "missing_tag", "no_pixel_data", "wrong_modality",
@@ -59,15 +51,11 @@ JPEG_EXTRA_HINT = 'pip install "iomt-edge-agent[jpeg]"'
 # Compressed syntaxes and the package of the `jpeg` extra that decodes each (through
 # pylibjpeg, pydicom's plugin). RLE also decodes without the extra (pydicom's own numpy
 # decoder); pylibjpeg-rle is only faster.
-_JPEG_FAMILY = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                JPEGLSLossless, JPEGLSNearLossless)
-_J2K_FAMILY = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 EXTRA_PLUGIN = {
-    **dict.fromkeys(_JPEG_FAMILY, "pylibjpeg-libjpeg"),
-    **dict.fromkeys(_J2K_FAMILY, "pylibjpeg-openjpeg"),
+    **dict.fromkeys(JPEG_FAMILY, "pylibjpeg-libjpeg"),
+    **dict.fromkeys(J2K_FAMILY, "pylibjpeg-openjpeg"),
     RLELossless: "pylibjpeg-rle",
 }
-_RLE_MAX_SEGMENT_FACTOR = 2  # a segment may decode to at most 2 x Rows x Columns bytes
 # Header values are echoed in messages only when they are one of these standard codes.
 _MODALITIES = frozenset({
     "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX",
@@ -83,6 +71,7 @@ _PHOTOMETRICS = frozenset({
 })  # fmt: skip
 _UID_CHARS = re.compile(r"[0-9.]{1,64}")
 _SPACING_RANGE_MM = (0.01, 100.0)
+_FIRST_PIXEL_TAG = 0x7FE00008  # Float Pixel Data; Pixel Data is (7FE0,0010)
 
 
 class ScanRejected(Exception):
@@ -112,15 +101,6 @@ class Scan:
     pixel_spacing: tuple[float, float]  # (row, col) mm
     pixel_spacing_assumed: bool  # True when PixelSpacing was absent and 1.0 mm was assumed
     payload_sha256: str
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """The model that made a derived instance: recorded in its provenance and UIDs."""
-
-    name: str
-    version: str
-    digest: str  # sha256 hex of the served model file
 
 
 def _known(value: object, allowed: frozenset[str]) -> str:
@@ -156,7 +136,7 @@ def quiet_pydicom() -> Iterator[None]:
 
 def _value(ds: Dataset, keyword: str) -> Any:
     try:
-        return ds.get(keyword)
+        return header_values.get(ds, keyword)
     except Exception:
         raise ScanRejected("missing_tag", f"{keyword} is present but unreadable") from None
 
@@ -185,8 +165,10 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def _read_header(payload: bytes) -> tuple[Dataset, str]:
-    """Parse everything before the pixel data; return the dataset and its transfer syntax."""
+def _read_instance(payload: bytes) -> tuple[Dataset, str]:
+    """Parse the payload once (pixel data as bytes, not decoded); return the dataset and
+    its transfer syntax. Only the file meta group is read before, to refuse a deflated
+    dataset before pydicom would inflate it."""
     try:
         fp = BytesIO(payload)
         has_preamble = read_preamble(fp, force=True) is not None
@@ -199,12 +181,15 @@ def _read_header(payload: bytes) -> tuple[Dataset, str]:
             "unsupported_transfer_syntax", "Deflated Explicit VR Little Endian is not accepted"
         )
     try:
-        ds = pydicom.dcmread(BytesIO(payload), stop_before_pixels=True, force=True)
-        keys = list(ds.keys())
+        # The payload is in memory already (and capped), so reading the pixel data
+        # element costs one copy; decoding it waits until every header check has passed.
+        ds = pydicom.dcmread(BytesIO(payload), force=True)
+        # (a Dataset iterates over its elements, converting each: ask for its tags)
+        keys = [int(k) for k in ds.keys() if k < _FIRST_PIXEL_TAG]  # noqa: SIM118
     except Exception:
         raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
     # A preamble vouches for an instance; without one, random bytes can parse as elements.
-    if not keys or (not has_preamble and not {0x00080016, 0x00080060} & set(map(int, keys))):
+    if not keys or (not has_preamble and not {0x00080016, 0x00080060} & set(keys)):
         raise ScanRejected("not_dicom", "payload is not a DICOM instance")
     if syntax is not None:
         return ds, syntax
@@ -311,150 +296,32 @@ def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float], bool]:
 
 
 def _number(ds: Dataset, keyword: str, default: float) -> float:
-    value = ds.get(keyword)
+    value = header_values.get(ds, keyword)
     return default if value is None or value == "" else float(value)
 
 
-def _jpeg_frame_header(data: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from the SOF segment of a JPEG or JPEG-LS codestream."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):  # scan or end before any frame header
-            return None
-        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-            if pos + 10 > len(data):
-                return None
-            rows = int.from_bytes(data[pos + 5 : pos + 7], "big")
-            cols = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            return rows, cols, data[pos + 9]
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2:
-            return None
-        pos += 2 + length
-    return None
-
-
-def _j2k_frame_header(data: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from the SIZ segment of a JPEG 2000 codestream (bare, or
-    in the JP2 boxes some writers wrap it in)."""
-    pos = 0
-    if data.startswith(b"\x00\x00\x00\x0cjP  "):
-        pos = 12
-        while pos + 8 <= len(data) and data[pos + 4 : pos + 8] != b"jp2c":
-            length = int.from_bytes(data[pos : pos + 4], "big")
-            if length == 1:
-                length = int.from_bytes(data[pos + 8 : pos + 16], "big")
-            if length < 8:
-                return None
-            pos += length
-        pos += 8
-    siz = pos + 4
-    if data[pos:siz] != b"\xff\x4f\xff\x51" or siz + 40 > len(data):
-        return None
-    x, y, x0, y0 = (int.from_bytes(data[siz + i : siz + i + 4], "big") for i in (4, 8, 12, 16))
-    return y - y0, x - x0, int.from_bytes(data[siz + 36 : siz + 38], "big")
-
-
-def _rle_segment_bound(segment: bytes, limit: int) -> int:
-    """Bytes a PackBits segment decodes to, counted without decoding; stops past ``limit``."""
-    pos, out, end = 0, 0, len(segment)
-    while pos < end and out <= limit:
-        header = segment[pos]
-        if header < 128:  # literal run of header + 1 bytes
-            out += min(header + 1, end - pos - 1)
-            pos += header + 2
-        elif header > 128:  # the next byte repeated 257 - header times
-            out += 257 - header if pos + 1 < end else 0
-            pos += 2
-        else:  # no-op
-            pos += 1
-    return out
-
-
-def _check_rle(frame: bytes, rows: int, cols: int, samples: int, bits: int) -> None:
-    """pydicom's numpy RLE decoder decodes every segment in full whatever its declared
-    size, and a run of two bytes becomes 128: bound both before it starts."""
-    expected = rows * cols
-    if bits % 8 or len(frame) < 64:
-        raise ScanRejected("pixel_decode_failed", f"RLE frame of {len(frame)} bytes, "
-                           f"BitsAllocated {bits}: not decodable")
-    count = int.from_bytes(frame[:4], "little")
-    offsets = [int.from_bytes(frame[4 + 4 * i : 8 + 4 * i], "little") for i in range(15)]
-    if count != samples * bits // 8 or not 1 <= count <= 15:
-        raise ScanRejected("pixel_decode_failed", f"RLE header has {count} segments, "
-                           f"{samples * bits // 8} expected")
-    bounds = [*offsets[:count], len(frame)]
-    limit = _RLE_MAX_SEGMENT_FACTOR * expected
-    for start, stop in itertools.pairwise(bounds):
-        if not 64 <= start < stop or stop - start > 2 * expected + 64:
-            raise ScanRejected("pixel_decode_failed", "RLE segment offsets are not usable")
-        if _rle_segment_bound(frame[start:stop], limit) > limit:
-            raise ScanRejected("pixel_decode_failed", f"an RLE segment decodes to more than "
-                               f"{limit} bytes for {rows} x {cols} pixels")
-
-
-def _check_codestream(ds: Dataset, syntax: UID) -> None:
-    """Check the compressed frame against Rows, Columns and SamplesPerPixel *before* a
-    decoder sees it: a decoder allocates what the codestream declares, so a 64 x 64 header
-    over a 40000 x 40000 codestream would otherwise cost gigabytes (the pixel budget only
-    saw the header)."""
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    samples = int(ds.SamplesPerPixel)
-    try:
-        items = generate_fragments(ds.PixelData)
-        next(items)  # the Basic Offset Table
-        frame = b"".join(items)  # one frame: every fragment after it
-    except Exception:
-        raise ScanRejected("pixel_decode_failed", "encapsulated pixel data is malformed") from None
-    if syntax == RLELossless:
-        _check_rle(frame, rows, cols, samples, int(ds.BitsAllocated))
-        return
-    if syntax in _JPEG_FAMILY:
-        found = _jpeg_frame_header(frame)
-    elif syntax in _J2K_FAMILY:
-        found = _j2k_frame_header(frame)
-    else:
-        return
-    if found is None:
-        raise ScanRejected("pixel_decode_failed", f"no frame header found in the {syntax.name} "
-                           "codestream")
-    if found != (rows, cols, samples):
-        raise ScanRejected(
-            "pixel_decode_failed",
-            f"codestream is {found[0]} x {found[1]} with {found[2]} component(s), the header "
-            f"says Rows {rows}, Columns {cols}, SamplesPerPixel {samples}",
-        )
-
-
-def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
-    try:
-        ds = pydicom.dcmread(BytesIO(payload), force=True)
-    except Exception:
-        raise ScanRejected("not_dicom", "payload is not a DICOM instance") from None
+def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
     if "PixelData" not in ds:
         raise ScanRejected("no_pixel_data", "the instance has no PixelData (7FE0,0010)")
     ds.file_meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(syntax)
     if UID(syntax).is_encapsulated:
-        _check_codestream(ds, UID(syntax))
+        try:
+            check_codestream(ds.PixelData, UID(syntax), *(
+                int(header_values.get(ds, k))
+                for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")))
+        except CodestreamError as exc:
+            raise ScanRejected("pixel_decode_failed", str(exc)) from None
     try:
-        raw = ds.pixel_array
+        native = native_pixels(ds, syntax)
+        raw = ds.pixel_array if native is None else native
         slope = _number(ds, "RescaleSlope", 1.0)
         intercept = _number(ds, "RescaleIntercept", 0.0)
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-        stored_bits = int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated)
-        inverted = str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1"
+        signed = int(header_values.get(ds, "PixelRepresentation") or 0) == 1
+        bits = int(header_values.get(ds, "BitsAllocated"))
+        stored_bits = int(header_values.get(ds, "BitsStored") or bits)
+        photometric = header_values.get(ds, "PhotometricInterpretation")
+        inverted = str(photometric).strip().upper() == "MONOCHROME1"
     except Exception as exc:  # class name only: pydicom messages may quote values
         raise ScanRejected(
             "pixel_decode_failed", f"pixel data could not be decoded ({type(exc).__name__})"
@@ -468,7 +335,7 @@ def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
         raise ScanRejected(
             "pixel_decode_failed", f"the decoder plugin panicked ({type(exc).__name__})"
         ) from None
-    if raw.shape != (int(ds.Rows), int(ds.Columns)):
+    if raw.shape != (int(header_values.get(ds, "Rows")), int(header_values.get(ds, "Columns"))):
         raise ScanRejected("pixel_decode_failed", f"decoded pixel array has shape {raw.shape}")
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0.0):
         raise ScanRejected("pixel_decode_failed", "RescaleSlope/RescaleIntercept not usable")
@@ -478,34 +345,41 @@ def _decode_pixels(payload: bytes, syntax: str) -> tuple[Dataset, np.ndarray]:
     if slope != 1.0 or intercept != 0.0:
         pixels *= np.float32(slope)
         pixels += np.float32(intercept)
-    return ds, pixels
+    return pixels
 
 
 def decode_scan(
-    payload: bytes, contract: InputContract, *, pixel_budget: int, max_payload_bytes: int
+    payload: bytes,
+    contract: InputContract,
+    *,
+    pixel_budget: int,
+    max_payload_bytes: int,
+    payload_sha256: str | None = None,
 ) -> Scan:
     """Decode one Part-10 payload and check it against ``contract``.
 
-    Order matters for resource bounds: the size cap first, then a header-only parse, every
-    contract check and the pixel budget (Rows x Columns x frames) before any pixel data is
-    decoded. Raises ``ScanRejected`` (and nothing else) for any payload it cannot serve.
+    Order matters for resource bounds: the size cap first, then one parse (pixel data kept
+    as bytes), every contract check and the pixel budget (Rows x Columns x frames) before
+    any pixel data is decoded. Raises ``ScanRejected`` (and nothing else) for any payload
+    it cannot serve. ``payload_sha256``: the payload's sha256 (hex) when the caller has it
+    already (the inbox does), so it is not hashed twice.
     """
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = payload_sha256 or hashlib.sha256(payload).hexdigest()
     try:
         if len(payload) > max_payload_bytes:
             raise ScanRejected(
                 "payload_too_large", f"payload {len(payload)} bytes, cap {max_payload_bytes}"
             )
         with quiet_pydicom():
-            header, syntax = _read_header(payload)
-            sop_instance = _required_uid(header, "SOPInstanceUID")
-            sop_class = _required_uid(header, "SOPClassUID")
-            series = _required_uid(header, "SeriesInstanceUID")
-            study = _required_uid(header, "StudyInstanceUID")
-            _check_contract(header, contract, pixel_budget)
-            spacing, assumed = _pixel_spacing(header)
+            ds, syntax = _read_instance(payload)
+            sop_instance = _required_uid(ds, "SOPInstanceUID")
+            sop_class = _required_uid(ds, "SOPClassUID")
+            series = _required_uid(ds, "SeriesInstanceUID")
+            study = _required_uid(ds, "StudyInstanceUID")
+            _check_contract(ds, contract, pixel_budget)
+            spacing, assumed = _pixel_spacing(ds)
             _check_syntax(syntax)
-            ds, pixels = _decode_pixels(payload, syntax)
+            pixels = _decode_pixels(ds, syntax)
     except ScanRejected as exc:
         exc.payload_sha256 = digest
         raise

@@ -27,6 +27,7 @@ from agent.backends import ModelRunner
 from agent.bundle import ModelBundle
 from agent.config import LimitsSection
 from agent.derive import ModelIdentity, derive_instance, result_message_id
+from agent.derived_writer import DerivedWriter
 from agent.dicom import Scan, ScanRejected, decode_scan
 from agent.preprocess import GridMap, from_model_grid, normalise, to_model_grid
 from agent.topics import Topics
@@ -93,6 +94,8 @@ class Translator:
         # chose has its own, so its results never share ids with the int8 file's.
         self.identity = ModelIdentity(bundle.name, bundle.version,
                                       digest or bundle.digest(runtime))
+        # Per-series templates of the derived instance: only per-slice elements are encoded.
+        self.writer = DerivedWriter()
 
     def error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
               timings: dict[str, float] | None = None) -> Outcome:
@@ -107,14 +110,16 @@ class Translator:
         return Outcome(False, "error", message_id, str(self.topics.errors), body,
                        reason=reason, timings_ms=timings or {})
 
-    def prepare(self, payload: bytes) -> Prepared:
+    def prepare(self, payload: bytes, payload_sha256: str | None = None) -> Prepared:
         """Decode a payload against the input contract and put it on the model grid.
-        Raises ``ScanRejected``."""
+        ``payload_sha256``: its digest when known (not hashed again). Raises
+        ``ScanRejected``."""
         scan = decode_scan(
             payload,
             self.bundle.input,
             pixel_budget=self.limits.pixel_budget,
             max_payload_bytes=self.limits.max_payload_bytes,
+            payload_sha256=payload_sha256,
         )
         grid, gmap = to_model_grid(scan.pixels, scan.pixel_spacing, self.bundle.input)
         return Prepared(scan, grid, gmap)
@@ -124,7 +129,7 @@ class Translator:
         means the scan was rejected."""
         timer = StageTimer()
         try:
-            prepared = self.prepare(payload)
+            prepared = self.prepare(payload, payload_sha256)
         except ScanRejected as exc:
             return self.error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
         timer.lap("decode")
@@ -160,6 +165,7 @@ class Translator:
                 self.bundle.output,
                 device_id=self.topics.device,
                 software_version=__version__,
+                writer=self.writer,
             )
         except Exception as exc:  # e.g. a source attribute pydicom cannot write back
             return self.error("derive_failed", f"cannot write the result ({type(exc).__name__})",

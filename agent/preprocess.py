@@ -16,10 +16,12 @@ Samples that fall more than half a pixel outside the image are zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from agent.bundle import InputContract, Normalisation
+from agent.quantiles import percentiles
 
 SAME_SPACING_TOLERANCE_MM = 1e-3
 
@@ -80,12 +82,24 @@ def _axis(in_size: int, in_spacing: float, model_size: int, model_spacing: float
     return AxisMap(in_size, model_size, ratio, resampled, (model_size - resampled) // 2)
 
 
-def _sample(image: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
-    """Linear interpolation of ``image`` along ``axis`` at fractional indices ``coords``.
+@dataclass(frozen=True)
+class _Taps:
+    """The two input samples and weights of each output sample along one axis."""
+
+    lo: np.ndarray  # intp
+    hi: np.ndarray  # intp
+    w_lo: np.ndarray  # float32, 0 where the output sample is outside the image
+    w_hi: np.ndarray  # float32
+
+
+@lru_cache(maxsize=64)
+def _taps(amap: AxisMap, forward: bool) -> _Taps:
+    """Linear-interpolation taps of one axis map (cached: a series repeats its geometry).
 
     Coordinates within half a pixel of the edge take the edge value; NaN or coordinates
     further out give 0. Integral coordinates reproduce the samples exactly."""
-    n = image.shape[axis]
+    coords = amap.model_to_input() if forward else amap.input_to_model()
+    n = amap.in_size if forward else amap.model_size
     valid = np.isfinite(coords) & (coords >= -0.5) & (coords <= n - 0.5)
     x = np.clip(np.where(valid, coords, 0.0), 0, n - 1)
     lo = np.minimum(np.floor(x).astype(np.intp), max(n - 2, 0))
@@ -93,11 +107,28 @@ def _sample(image: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
     w_hi = (x - lo).astype(np.float32)
     w_lo = (1.0 - w_hi) * valid
     w_hi *= valid
-    shape = [1] * image.ndim
-    shape[axis] = coords.size
-    a: np.ndarray = np.take(image, lo, axis=axis) * w_lo.reshape(shape)
-    a += np.take(image, hi, axis=axis) * w_hi.reshape(shape)
-    return a
+    return _Taps(lo, hi, w_lo.astype(np.float32), w_hi)
+
+
+def _sample(image: np.ndarray, amap: AxisMap, forward: bool, axis: int) -> np.ndarray:
+    """Linear interpolation of ``image`` along ``axis`` (the last or the second to last).
+
+    Both passes gather whole rows: numpy copies a row at memory speed, but gathering
+    single columns out of every row is several times slower, so the columns pass works on
+    a transposed copy (and returns a transposed view; callers make the result contiguous).
+    The arithmetic is ``lo * w_lo + hi * w_hi`` in float32, in that order."""
+    taps = _taps(amap, forward)
+    last = axis == image.ndim - 1
+    work = np.ascontiguousarray(np.swapaxes(image, -1, -2)) if last else image
+    rows = work.ndim - 2
+    shape = [1] * work.ndim
+    shape[rows] = taps.lo.size
+    a: np.ndarray = np.take(work, taps.lo, axis=rows)
+    a *= taps.w_lo.reshape(shape)
+    b = np.take(work, taps.hi, axis=rows)
+    b *= taps.w_hi.reshape(shape)
+    a += b
+    return np.swapaxes(a, -1, -2) if last else a
 
 
 def _shift(image: np.ndarray, axis: int, in_size: int, out_size: int, offset: int) -> np.ndarray:
@@ -117,13 +148,13 @@ def _shift(image: np.ndarray, axis: int, in_size: int, out_size: int, offset: in
 def _forward_axis(image: np.ndarray, amap: AxisMap, axis: int) -> np.ndarray:
     if amap.ratio == 1.0:
         return _shift(image, axis, amap.in_size, amap.model_size, amap.offset)
-    return _sample(image, amap.model_to_input(), axis)
+    return _sample(image, amap, True, axis)
 
 
 def _inverse_axis(image: np.ndarray, amap: AxisMap, axis: int) -> np.ndarray:
     if amap.ratio == 1.0:
         return _shift(image, axis, amap.model_size, amap.in_size, -amap.offset)
-    return _sample(image, amap.input_to_model(), axis)
+    return _sample(image, amap, False, axis)
 
 
 def to_model_grid(
@@ -175,7 +206,7 @@ def normalise(grid: np.ndarray, norm: Normalisation) -> np.ndarray:
     positive = centre[centre > 0]
     if positive.size == 0:
         return np.zeros_like(image)
-    scale = float(np.percentile(positive, norm.percentile))
+    (scale,) = percentiles(positive, (norm.percentile,))
     if not np.isfinite(scale) or scale <= 0:
         return np.zeros_like(image)
     out = image * np.float32(1.0 / scale)

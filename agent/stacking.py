@@ -91,7 +91,7 @@ class SeriesStage:
         after a restart (already processed; only a neighbour now)."""
         started = time.perf_counter()
         try:
-            prepared = self.translator.prepare(item.payload)
+            prepared = self.translator.prepare(item.payload, item.sha256)
             added = self.assembler.add(slice_info(prepared.scan), item.id, now, sent=sent)
         except (ScanRejected, SliceRefused) as exc:
             if sent:  # it passed before; a changed model contract now refuses it

@@ -444,7 +444,7 @@ def test_derived_instance_tags() -> None:
     for keyword in COPIED:
         assert out[keyword].value == src[keyword].value, keyword
     assert out.Modality == "MR"
-    assert list(out.ImageType) == ["DERIVED", "SECONDARY"]
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
     assert out.SeriesDescription == OUT_MR.series_description
     assert out.SeriesNumber == src.SeriesNumber + 1000
     for seq in (out.SourceImageSequence, out.ReferencedImageSequence):
@@ -545,3 +545,14 @@ def test_result_message_id() -> None:
 def test_scan_rejected_refuses_unknown_reasons() -> None:
     with pytest.raises(ValueError):
         ScanRejected("made_up", "x")
+
+
+def test_a_known_digest_is_not_recomputed() -> None:
+    payload = series(1)[0]
+    given = "0" * 64  # the caller's (the inbox's) digest is trusted as given
+    assert decode_scan(payload, contract(), pixel_budget=BUDGET, max_payload_bytes=CAP,
+                       payload_sha256=given).payload_sha256 == given
+    with pytest.raises(ScanRejected) as info:
+        decode_scan(b"junk" * 100, contract(), pixel_budget=BUDGET, max_payload_bytes=CAP,
+                    payload_sha256=given)
+    assert info.value.payload_sha256 == given

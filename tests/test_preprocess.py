@@ -173,3 +173,20 @@ def test_normalise_stack_uses_the_centre_slice() -> None:
     # the centre alone decides: an empty centre gives zeros even with bright neighbours
     stack[1] = 0
     assert not normalise(stack, norm).any()
+
+
+@pytest.mark.parametrize(("size", "spacing"), [(320, 0.8), (200, 1.3), (300, 0.7)])
+def test_rows_and_columns_passes_agree(size: int, spacing: float) -> None:
+    """The columns pass works on a transposed copy: it must be the rows pass, transposed
+    (to float32 rounding: the passes then run in the other order), both directions."""
+    rng = np.random.default_rng(size)
+    image = (rng.random((2, size, size)) * 1000).astype(np.float32)
+    flipped = np.ascontiguousarray(np.swapaxes(image, -1, -2))
+    grid, gmap = to_model_grid(image, (spacing, spacing), CONTRACT)
+    grid_t, _ = to_model_grid(flipped, (spacing, spacing), CONTRACT)
+    np.testing.assert_allclose(grid, np.swapaxes(grid_t, -1, -2), rtol=1e-5, atol=1e-3)
+    assert grid.flags.c_contiguous
+    back = from_model_grid(grid[0], gmap)
+    back_t = from_model_grid(np.ascontiguousarray(grid[0].T), gmap)
+    np.testing.assert_allclose(back, back_t.T, rtol=1e-5, atol=1e-3)
+    assert back.flags.c_contiguous

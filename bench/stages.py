@@ -1,0 +1,236 @@
+"""The agent's own work per slice, stage by stage: decode, preprocess, derive, seal.
+
+Runs the real ``Translator`` (decode -> model grid -> normalise -> [model] -> back to the
+source grid -> derived instance -> sealed envelope) on the shipped demo slab and on
+320-matrix MR series (0.8 mm: resampled; 1.0 mm: cropped), with an identity model in place
+of the network so that only the agent's own work is timed. The stage times are the ones the
+``Translator`` reports (``Outcome.timings_ms``), as in ``iomt-agent demo``.
+
+With ``--baseline DIR`` (a checkout of another commit, e.g. made by
+``git worktree add /tmp/base <commit>``) the same payloads run through that code too, in
+a second process; the two take turns round by round (A, B, A, B, ...) so that the noise of
+a shared machine falls on both. Reported: per-stage medians per input and the ratio
+baseline / this tree.
+
+    python bench/stages.py [--rounds 8] [--baseline DIR] [--clock cpu|wall] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGES = ("decode", "preprocess", "derive", "seal")
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLE = ROOT / "models" / "t1w-to-t2w-lite"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                flags = Path("/proc/cpuinfo").read_text()
+                extra = "AVX-512 VNNI" if "avx512_vnni" in flags else (
+                    "AVX2" if " avx2" in flags else "no AVX2")
+                return f"{name} ({extra})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_inputs(workdir: Path) -> dict[str, list[Path]]:
+    """The payloads every run reads: the demo slab, and the slab inside a 320 matrix."""
+    sys.path.insert(0, str(ROOT))
+    from agent.sample_series import build_series, load_demo_slab
+
+    slab = load_demo_slab()
+    big = np.zeros((slab.t1.shape[0], 320, 320), dtype=np.uint16)
+    big[:, 32:288, 32:288] = slab.t1
+    series = {
+        "demo-256@1mm": build_series(slab.t1, spacing_mm=slab.spacing_mm),
+        "mr-320@0.8mm": build_series(big, spacing_mm=(1.0, 0.8, 0.8)),
+        "mr-320@1mm": build_series(big, spacing_mm=(1.0, 1.0, 1.0)),
+    }
+    out: dict[str, list[Path]] = {}
+    for name, payloads in series.items():
+        folder = workdir / name.replace("@", "_")
+        folder.mkdir(parents=True)
+        out[name] = []
+        for i, payload in enumerate(payloads):
+            path = folder / f"{i:03d}.dcm"
+            path.write_bytes(payload)
+            out[name].append(path)
+    return out
+
+
+class _ThreadClock:
+    """Stands in for the ``time`` module in ``agent.pipeline``: its stage timer then reads
+    this thread's CPU time, which a busy shared machine does not inflate with the time the
+    process waits for a core."""
+
+    perf_counter = staticmethod(time.thread_time)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
+    """Serve rounds on stdin/stdout with the ``agent`` package found under ``code``."""
+    sys.path.insert(0, str(code))
+    import hashlib
+
+    import agent
+    import agent.pipeline
+    from agent import keys, seal
+    from agent.backends.base import ModelRunner
+    from agent.bundle import load_bundle
+    from agent.config import LimitsSection
+    from agent.pipeline import Translator
+    from agent.topics import Topics
+
+    class Identity(ModelRunner):
+        runtime = "identity"
+
+        def run(self, batch: Any) -> Any:
+            return batch[:, :1].copy()
+
+    _, recipient = keys.generate_recipient_keypair()
+    device_key = keys.generate_signing_key()
+
+    def sealer(plaintext: bytes, message_id: str) -> bytes:
+        return seal.seal(plaintext, recipient=recipient, signing_key=device_key,
+                         device_id="bench", message_id=message_id)
+
+    if clock == "cpu":
+        setattr(agent.pipeline, "time", _ThreadClock())  # noqa: B010 - the stage timer reads it
+    translator = Translator(load_bundle(BUNDLE), Identity(), sealer, limits=LimitsSection(),
+                            topics=Topics("bench", "bench"))
+    payloads = {name: [Path(p).read_bytes() for p in paths] for name, paths in inputs.items()}
+    digests = {name: [hashlib.sha256(p).hexdigest() for p in ps] for name, ps in payloads.items()}
+    print(json.dumps({"ready": str(Path(agent.__file__).parent)}), flush=True)
+    for _command in sys.stdin:
+        result: dict[str, dict[str, list[float]]] = {}
+        for name, items in payloads.items():
+            times: dict[str, list[float]] = {s: [] for s in STAGES}
+            for payload, digest in zip(items, digests[name], strict=True):
+                outcome = translator.process(payload, "iomt/bench/scans/x", digest)
+                if not outcome.ok:
+                    raise SystemExit(f"{name}: {outcome.reason}")
+                for stage in STAGES:
+                    times[stage].append(outcome.timings_ms[stage])
+            result[name] = times
+        print(json.dumps(result), flush=True)
+
+
+class Runner:
+    """One child process serving rounds."""
+
+    def __init__(self, label: str, code: Path, inputs: dict[str, list[Path]],
+                 clock: str) -> None:
+        spec = json.dumps({k: [str(p) for p in v] for k, v in inputs.items()})
+        self.label = label
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", str(code), "--inputs", spec,
+             "--clock", clock],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.code = json.loads(self._line())["ready"]
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.label}: the benchmark process ended")
+        return line
+
+    def round(self) -> dict[str, dict[str, list[float]]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        result: dict[str, dict[str, list[float]]] = json.loads(self._line())
+        return result
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--baseline", type=Path, help="a checkout of the code to compare")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: the thread's CPU time per stage (robust on a shared "
+                        "machine; the default); wall: elapsed time, as the agent logs it")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, json.loads(args.inputs), args.clock)
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = write_inputs(Path(tmp))
+        runners = [Runner("this tree", ROOT, inputs, args.clock)]
+        if args.baseline:
+            runners.append(Runner("baseline", args.baseline.resolve(), inputs, args.clock))
+        samples: dict[str, dict[str, dict[str, list[float]]]] = {
+            r.label: {n: {s: [] for s in STAGES} for n in inputs} for r in runners}
+        for r in runners:
+            r.round()  # warm-up: imports, first templates, caches
+        for i in range(args.rounds):
+            for r in runners if i % 2 == 0 else runners[::-1]:
+                for name, stages in r.round().items():
+                    for stage, values in stages.items():
+                        samples[r.label][name][stage] += values
+        for r in runners:
+            r.close()
+
+    # "total" is the sum of the stage medians: on a shared machine nearly every slice has
+    # a stall in some stage, so a median of per-slice sums measures the neighbours.
+    medians = {label: {name: {s: statistics.median(v) for s, v in st.items()}
+                       for name, st in by_input.items()}
+               for label, by_input in samples.items()}
+    for by_input in medians.values():
+        for row in by_input.values():
+            row["total"] = sum(row[s] for s in STAGES)
+    print(f"CPU: {_cpu()}; {args.rounds} rounds, slices per input: "
+          f"{', '.join(f'{n} {len(p)}' for n, p in inputs.items())}; medians in ms of "
+          f"{'thread CPU time' if args.clock == 'cpu' else 'wall time'}")
+    head = f"{'input':<14} {'code':<10}" + "".join(f"{s:>11}" for s in (*STAGES, "total"))
+    print(head)
+    print("-" * len(head))
+    for name in inputs:
+        for r in runners:
+            row = medians[r.label][name]
+            print(f"{name:<14} {r.label[:10]:<10}"
+                  + "".join(f"{row[s]:>11.3f}" for s in (*STAGES, "total")))
+        if args.baseline:
+            new, old = medians["this tree"][name], medians["baseline"][name]
+            print(f"{'':<14} {'ratio':<10}" + "".join(
+                f"{old[s] / new[s]:>10.1f}x" for s in (*STAGES, "total")))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "cpu": _cpu(), "rounds": args.rounds, "clock": args.clock,
+            "code": {r.label: r.code for r in runners},
+            "medians_ms": medians,
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
