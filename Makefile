@@ -38,7 +38,7 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed mosquitto
-	$(BIN)/python bench/e2e.py --slices 1000 --json bench-out/e2e.json
+	$(BIN)/python -m bench.e2e --slices 1000 --json bench-out/e2e.json
 
 # Every bundle under models/ x runtime x precision on this machine (no broker needed).
 bench-models: $(VENV)/.installed
