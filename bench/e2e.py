@@ -14,6 +14,8 @@ Runs on one machine, everything on loopback:
     (back to back, so they share the machine's load) and reported as medians;
   * the agent's stage timings (its ``slice_processed`` log lines), CPU time per slice per
     process and per thread, RSS after all its rounds, and latency when paced at half its rate.
+``--compare DIR`` adds a second agent contestant run from another checkout's ``agent``
+package (``git archive COMMIT agent | tar -x -C DIR``): before/after in one run.
 Prints a table and writes JSON. Needs mosquitto (``make mosquitto``) and scipy (dev extra).
 
     python -m bench.e2e --slices 1000 --json bench-out/e2e.json
@@ -22,7 +24,6 @@ Prints a table and writes JSON. Needs mosquitto (``make mosquitto``) and scipy (
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -39,36 +40,13 @@ from agent.bundle import load_bundle
 from agent.config import BrokerConfig, load_config
 from agent.cpu import read_cpu
 from agent.mqtt import Connection
-from agent.scaffold import InitOptions, default_bundle, write_directory
-from agent.topics import Topic, Topics
-from bench import procs, report, rounds, slices
+from agent.scaffold import default_bundle
+from bench import contestants, procs, report, rounds, slices
 from bench.brokers import start_mosquitto
-
-NAIVE_SCANS, NAIVE_RESULTS = "bench/naive/scans/x", "bench/naive/results"
-
-
-def configure(work: Path, edge_url: str, cloud_url: str, args: argparse.Namespace) -> Path:
-    """An ``iomt-agent init`` directory, logging JSON, with the benchmark's model settings."""
-    config = write_directory(InitOptions(work / "node", edge_url, cloud_url, site="bench",
-                                         device_id="node-1", bundle=args.bundle))
-    text = config.read_text().replace('format = "auto"', 'format = "json"')
-    text = text.replace("intra_op_threads = 0", f"intra_op_threads = {args.agent_threads}")
-    if args.backend:
-        lines = [f'backend = "{args.backend}"' if ln.startswith("backend = ") else ln
-                 for ln in text.splitlines()]
-        text = "\n".join(lines) + "\n"
-    config.write_text(text)
-    return config
+from bench.contestants import Entrant
 
 
-def start_ready(config: Path, log: Path, sink: rounds.Sink) -> tuple[procs.Child, float]:
-    """Start the agent; returns it and the seconds until its status said online."""
-    agent = procs.start_agent(config, log)
-    online = sink.wait_online(after=agent.started, timeout=120)
-    return agent, online - agent.started
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=1000, help="slices per contestant in all")
     ap.add_argument("--rounds", type=int, default=5, help="rounds per contestant")
@@ -79,105 +57,98 @@ def main() -> int:
     ap.add_argument("--agent-threads", type=int, default=0,
                     help="model.intra_op_threads for the agent and the raw backend (0 = one "
                     "per core)")
+    ap.add_argument("--compare", type=Path, default=None, metavar="DIR",
+                    help="also run the agent package found in DIR (another checkout's)")
     ap.add_argument("--json", type=Path, default=Path("bench-out/e2e.json"))
-    args = ap.parse_args()
-    per_round = max(1, args.slices // args.rounds)
+    return ap.parse_args()
 
+
+def paced_latency(agent: Entrant, source: Connection, sink: rounds.Sink,
+                  payloads: list[bytes]) -> dict[str, float]:
+    """Publish at half the agent's median end-to-end rate; p50/p95 publish -> result."""
+    gap = 2.0 / agent.stats.median_rate()
+    before = sink.count(agent.result_topic)
+    sent = []
+    for p in payloads:
+        sent.append(time.perf_counter())
+        source.publish(agent.scan_topic, p, qos=1)
+        time.sleep(gap)
+    sink.wait(agent.result_topic, before + len(payloads), timeout=60 + 2 * len(payloads))
+    got = sink.arrivals(agent.result_topic)[before:]
+    lat = [(g - s) * 1000 for g, s in zip(got, sent, strict=True)]
+    return {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+            "paced_at_slices_per_s": 1 / gap, "n": len(lat)}
+
+
+def main() -> int:
+    args = parse_args()
+    per_round = max(1, args.slices // args.rounds)
     bundle = load_bundle(args.bundle)
     vols = slices.volumes()
     inputs = slices.model_inputs(vols, bundle)
-    # Built before anything is timed, with fresh UIDs for every slice of every round.
-    batches = {who: [slices.payloads(vols, per_round) for _ in range(args.rounds)]
-               for who in ("naive", "agent")}
-    warmup = {who: slices.payloads(vols, 48) for who in ("naive", "agent")}
-    paced = slices.payloads(vols, args.paced)
+    sites = {"agent": "bench", **({"agent (--compare)": "benchb"} if args.compare else {})}
 
     work = Path(tempfile.mkdtemp(prefix="iomt-bench-"))
     brokers = [start_mosquitto(work, name) for name in ("edge", "cloud")]
     (_, edge_url), (_, cloud_url) = brokers
-    topics = Topics("bench", "node-1")
-    sink = rounds.Sink(cloud_url, topics.status)
-    sink.stream(str(topics.results), rounds.envelope_id)
-    numbers = itertools.count()  # every raw array is a new result: nothing to tell apart
-    sink.stream(NAIVE_RESULTS, lambda _m: str(next(numbers)))
-    children: list[procs.Child] = []
+    sink = rounds.Sink(cloud_url)
+    for site in sites.values():
+        sink.stream(contestants.result_topic(site), rounds.envelope_id)
+        sink.status(contestants.status_topic(site))
+    contestants.watch_naive(sink)
+    entrants: list[Entrant] = []
     runner = None
     try:
-        sink.start((topics.results_filter(), topics.status, Topic(NAIVE_RESULTS)))
-        config = configure(work, edge_url, cloud_url, args)
-        log = work / "agent.log"
-        first, ready_first = start_ready(config, log, sink)
-        first.stop()
-        first.mark_log()  # the second start's lines only
-        agent, ready_second = start_ready(config, log, sink)
-        children.append(agent)
-        starting = agent.events("agent_starting")[0]
-        naive = procs.start_naive(edge_url, cloud_url, args.bundle, "bench/naive/scans/#",
-                                  NAIVE_RESULTS, work / "naive.log")
-        children.append(naive)
-        model = load_config(config).model
-        runner = open_runner(starting["runtime"],
-                             str(bundle.backend_file(starting["runtime"]).path),
+        sink.start()
+        for name, site in sites.items():
+            entrants.append(contestants.launch_agent(
+                name, work, site, edge_url, cloud_url, sink, bundle=args.bundle,
+                backend=args.backend, threads=args.agent_threads,
+                code=args.compare if site != "bench" else None))
+        agent = entrants[0]
+        naive = contestants.launch_naive(work, edge_url, cloud_url, args.bundle)
+        entrants.insert(0, naive)
+        assert agent.config is not None
+        model = load_config(agent.config).model
+        runner = open_runner(agent.runtime, str(bundle.backend_file(agent.runtime).path),
                              runner_options(model, bundle))
         source = Connection(BrokerConfig(url=edge_url), "bench-source", name="edge")
         source.start()
         source.wait_connected(10)
-        scan_topic = str(topics.scan("bench"))
 
-        # Warm-up (not timed): first-call costs, page cache, the brokers' sessions.
-        rounds.flood(source, NAIVE_SCANS, warmup["naive"], sink, NAIVE_RESULTS)
-        rounds.flood(source, scan_topic, warmup["agent"], sink, str(topics.results))
-        agent_done = len(warmup["agent"])
-
-        res = {"naive": report.Contestant(), "agent": report.Contestant(),
-               "raw": report.Contestant()}
-        events: list[dict[str, Any]] = []
-        threads_before = procs.thread_cpu_s(agent.pid)
+        # Built before anything is timed, fresh UIDs for every slice of every round.
+        batches = {e.name: [slices.payloads(vols, per_round) for _ in range(args.rounds)]
+                   for e in entrants}
+        for e in entrants:  # warm-up (not timed): first-call costs, the brokers' sessions
+            e.round(source, slices.payloads(vols, 48), sink, timed=False)
+        raw = report.Contestant()
+        threads_before = {e.name: procs.thread_cpu_s(e.child.pid) for e in entrants}
         for i in range(args.rounds):
-            c0 = procs.cpu_s(naive.pid)
-            res["naive"].rounds.append(rounds.flood(source, NAIVE_SCANS, batches["naive"][i],
-                                                    sink, NAIVE_RESULTS))
-            res["naive"].cpu_s.append(procs.cpu_s(naive.pid) - c0)
-            agent.mark_log()
-            c0 = procs.cpu_s(agent.pid)
-            res["agent"].rounds.append(rounds.flood(source, scan_topic, batches["agent"][i],
-                                                    sink, str(topics.results)))
-            res["agent"].cpu_s.append(procs.cpu_s(agent.pid) - c0)
-            agent_done += per_round
-            time.sleep(0.3)  # the last slice's log line
-            events += agent.events("slice_processed")
-            res["raw"].rounds.append(rounds.raw_round(runner, inputs, per_round))
-            print(f"round {i + 1}/{args.rounds}: script {res['naive'].rounds[-1].rate:.1f}, "
-                  f"agent {res['agent'].rounds[-1].rate:.1f}, "
-                  f"raw {res['raw'].rounds[-1].rate:.1f} slices/s", flush=True)
-        threads = report.thread_ms_per_slice(threads_before, procs.thread_cpu_s(agent.pid),
-                                             agent.pid, per_round * args.rounds)
-        rss, peak = procs.rss_mb(agent.pid)
-
-        latency = None
-        if args.paced:  # latency at half the agent's end-to-end rate
-            gap = 2.0 / res["agent"].median_rate()
-            sent = []
-            target = sink.count(str(topics.results))
-            for p in paced:
-                sent.append(time.perf_counter())
-                source.publish(scan_topic, p, qos=1)
-                time.sleep(gap)
-            sink.wait(str(topics.results), target + len(paced), timeout=60 + 2 * len(paced))
-            got = sink.arrivals(str(topics.results))[target:]
-            lat = [(g - s) * 1000 for g, s in zip(got, sent, strict=True)]
-            latency = {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                       "paced_at_slices_per_s": 1 / gap, "n": len(lat)}
+            for e in entrants:
+                e.round(source, batches[e.name][i], sink)
+            raw.rounds.append(rounds.raw_round(runner, inputs, per_round))
+            print(f"round {i + 1}/{args.rounds}: " + ", ".join(
+                f"{e.name} {e.stats.rounds[-1].rate:.1f}" for e in entrants)
+                + f", raw {raw.rounds[-1].rate:.1f} slices/s", flush=True)
+        for e in entrants:
+            e.threads = report.thread_ms_per_slice(
+                threads_before[e.name], procs.thread_cpu_s(e.child.pid), per_round * args.rounds)
+        rss = {e.name: (e.done, *procs.rss_mb(e.child.pid)) for e in entrants}
+        latency = (paced_latency(agent, source, sink, slices.payloads(vols, args.paced))
+                   if args.paced else None)
         source.stop()
     finally:
         sink.stop()
-        for child in children:
-            child.stop()
+        for e in entrants:
+            e.child.stop()
         if runner is not None:
             runner.close()
         for proc, _ in brokers:
             proc.terminate()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     cpu = read_cpu()
     result: dict[str, Any] = {
@@ -185,18 +156,21 @@ def main() -> int:
                     "cpu_model": cpu.model, "isa": list(cpu.isa), "int8_dot": cpu.int8_dot},
         "model": {"name": bundle.name, "version": bundle.version},
         "backend": model.backend,
-        "agent_runtime": starting["runtime"],
+        "agent_runtime": agent.runtime,
         "agent_intra_op_threads": args.agent_threads,
-        "naive_script": res["naive"].summary(),
-        "agent": res["agent"].summary(),
-        "raw_backend": res["raw"].summary(),
-        "agent_over_script": report.pairwise_ratio(res["agent"], res["naive"]),
-        "e2e_over_raw": report.pairwise_ratio(res["agent"], res["raw"]),
-        "agent_stages_ms": report.stage_medians(events),
-        "agent_thread_ms_per_slice": threads,
-        "agent_rss": {"rss_mb": rss, "peak_mb": peak, "after_slices": agent_done},
-        "ready_s": {"first": ready_first, "second": ready_second,
-                    "second_cached": starting.get("runtime_cached")},
+        "contestants": {e.name: {
+            **e.stats.summary(),
+            "threads_cpu_ms_per_slice": e.threads,
+            "rss_mb": {"after_slices": rss[e.name][0], "now": rss[e.name][1],
+                       "peak": rss[e.name][2]},
+            **({"stages_ms": report.stage_medians(e.events), "ready_s": e.ready_s,
+                "runtime": e.runtime} if e is not naive else {}),
+        } for e in entrants},
+        "raw_backend": raw.summary(),
+        "agent_over_script": report.pairwise_ratio(agent.stats, naive.stats),
+        "e2e_over_raw": report.pairwise_ratio(agent.stats, raw),
+        **({"agent_over_compare": report.pairwise_ratio(agent.stats, entrants[2].stats)}
+           if args.compare else {}),
         "latency_ms": latency,
     }
     report.print_table(result)

@@ -39,12 +39,15 @@ def cpu_s(pid: int) -> float:
     return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
-def thread_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds per thread id (the main thread's id is the pid)."""
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds per thread, keyed ``name:tid`` (the agent names its own threads; the
+    main thread's id is the pid, the runtimes' and paho's threads keep the process name)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError, IndexError, ValueError):
-            out[int(task.name)] = _stat_cpu_s(task / "stat")
+            tid = int(task.name)
+            name = "main" if tid == pid else (task / "comm").read_text().strip()
+            out[f"{name}:{tid}"] = _stat_cpu_s(task / "stat")
     return out
 
 
@@ -92,16 +95,23 @@ class Child:
             return self.proc.wait(5)
 
 
-def _start(argv: list[str], log: Path) -> Child:
+def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
     with log.open("ab") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # Not in the checkout: ``python -m`` puts the working directory first on sys.path.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=log.parent)
     return Child(proc, log, started)
 
 
-def start_agent(config: Path, log: Path) -> Child:
-    """``iomt-agent run`` (JSON log lines to ``log``)."""
-    return _start([sys.executable, "-m", "agent", "run", "--config", str(config)], log)
+def start_agent(config: Path, log: Path, code: Path | None = None) -> Child:
+    """``iomt-agent run`` (JSON log lines to ``log``). ``code``: a directory holding another
+    ``agent`` package to run instead of the installed one (e.g. an earlier commit's)."""
+    env = None
+    if code is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(code), os.environ.get("PYTHONPATH", "")) if p)}
+    return _start([sys.executable, "-m", "agent", "run", "--config", str(config)], log, env)
 
 
 def start_naive(edge_url: str, cloud_url: str, bundle: Path, scans: str, results: str,

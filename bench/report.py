@@ -62,48 +62,61 @@ def stage_medians(events: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def thread_ms_per_slice(before: dict[int, float], after: dict[int, float], main: int,
+def thread_ms_per_slice(before: dict[str, float], after: dict[str, float],
                         slices: int) -> dict[str, float]:
-    """CPU milliseconds per slice of each agent thread that did real work (>= 0.2 ms)."""
+    """CPU milliseconds per slice of each thread that did real work (>= 0.2 ms), busiest
+    first."""
     out = {}
-    for tid, t in sorted(after.items(), key=lambda kv: before.get(kv[0], 0) - kv[1]):
-        ms = 1000 * (t - before.get(tid, 0.0)) / slices
+    for key, t in sorted(after.items(), key=lambda kv: before.get(kv[0], 0) - kv[1]):
+        ms = 1000 * (t - before.get(key, 0.0)) / slices
         if ms >= 0.2:
-            out["main" if tid == main else f"tid {tid}"] = round(ms, 2)
+            out[key] = round(ms, 2)
     return out
 
 
 def print_table(result: dict[str, Any]) -> None:
     """The human summary of ``result`` (the JSON the benchmark writes)."""
-    a, n, r = result["agent"], result["naive_script"], result["raw_backend"]
-    st = result["agent_stages_ms"]
+    cs = result["contestants"]
+    agents = [name for name, c in cs.items() if "stages_ms" in c]
+    first = next(iter(cs.values()))
     rows = [
         ("model / agent runtime", f"{result['model']['name']} / {result['agent_runtime']} "
-                                  f"(backend = {result['backend']})"),
-        ("slices per contestant (rounds x slices)",
-         f"{len(a['slices_per_round'])} x {a['slices_per_round'][0]}"),
-        ("naive script (slices/s, median)", f"{n['slices_per_s']['median']:.1f}"),
-        ("agent end to end (slices/s, median)", f"{a['slices_per_s']['median']:.1f}"),
-        ("raw backend (slices/s, median)", f"{r['slices_per_s']['median']:.1f}"),
-        ("agent / script (median of rounds; min-max)", _ratio(result["agent_over_script"])),
-        ("end to end / raw (median of rounds; min-max)", _ratio(result["e2e_over_raw"])),
-        ("CPU ms per slice: agent / script", f"{a['cpu_ms_per_slice']:.1f} / "
-                                             f"{n['cpu_ms_per_slice']:.1f}"),
-        ("cores busy: agent / script", f"{a['cores_busy']:.2f} / {n['cores_busy']:.2f}"),
-        ("agent stages (median ms)", ", ".join(
-            f"{k} {v:.1f}" for k, v in st.items() if k not in ("total_ms", "since_received_ms"))),
-        ("agent CPU ms/slice by thread", ", ".join(
-            f"{k} {v:.1f}" for k, v in result["agent_thread_ms_per_slice"].items())),
-        (f"agent RSS after {result['agent_rss']['after_slices']} slices / peak (MB)",
-         f"{result['agent_rss']['rss_mb']:.0f} / {result['agent_rss']['peak_mb']:.0f}"),
-        ("READY: first start / second start (s)",
-         f"{result['ready_s']['first']:.2f} / {result['ready_s']['second']:.2f}"
-         f" (choice cached: {result['ready_s']['second_cached']})"),
+                                  f"(backend = {result['backend']}, intra_op_threads = "
+                                  f"{result['agent_intra_op_threads']})"),
+        ("rounds x slices per contestant",
+         f"{len(first['slices_per_round'])} x {first['slices_per_round'][0]}"),
     ]
+    for name, c in cs.items():
+        rows += [
+            (f"{name}: slices/s (median of rounds)", f"{c['slices_per_s']['median']:.1f}"),
+            (f"{name}: CPU ms per slice, cores busy",
+             f"{c['cpu_ms_per_slice']:.1f}, {c['cores_busy']:.2f}"),
+            (f"{name}: CPU ms per slice by thread",
+             ", ".join(f"{k} {v:.1f}" for k, v in c["threads_cpu_ms_per_slice"].items())),
+            (f"{name}: RSS after {c['rss_mb']['after_slices']} slices / peak (MB)",
+             f"{c['rss_mb']['now']:.0f} / {c['rss_mb']['peak']:.0f}"),
+        ]
+    for name in agents:
+        c = cs[name]
+        rows += [
+            (f"{name}: stages (median ms)", ", ".join(
+                f"{k} {v:.1f}" for k, v in c["stages_ms"].items())),
+            (f"{name}: READY first / second start (s)",
+             f"{c['ready_s']['first']:.2f} / {c['ready_s']['second']:.2f} "
+             f"(choice cached: {c['ready_s']['second_cached']})"),
+        ]
+    rows += [
+        ("raw backend: slices/s (median of rounds)",
+         f"{result['raw_backend']['slices_per_s']['median']:.1f}"),
+        ("agent / script (median of round ratios; min-max)", _ratio(result["agent_over_script"])),
+        ("end to end / raw (median of round ratios; min-max)", _ratio(result["e2e_over_raw"])),
+    ]
+    if "agent_over_compare" in result:
+        rows.append(("agent / agent (--compare)", _ratio(result["agent_over_compare"])))
     lat = result.get("latency_ms")
     if lat:
-        rows.append((f"latency p50 / p95 at {lat['paced_at_slices_per_s']:.1f} slices/s (ms)",
-                     f"{lat['p50']:.0f} / {lat['p95']:.0f}"))
+        rows.append((f"agent latency p50 / p95 at {lat['paced_at_slices_per_s']:.1f} slices/s "
+                     "(ms)", f"{lat['p50']:.0f} / {lat['p95']:.0f}"))
     width = max(len(k) for k, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

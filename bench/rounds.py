@@ -30,12 +30,10 @@ class Stream:
 class Sink:
     """One subscriber on the cloud broker that timestamps every result and status message."""
 
-    def __init__(self, cloud_url: str, status_topic: Topic) -> None:
+    def __init__(self, cloud_url: str) -> None:
         self._lock = threading.Lock()
         self._streams: dict[str, Stream] = {}
-        self._status_topic = str(status_topic)
-        self.online_at: list[float] = []  # perf_counter of each status "online" message
-        self._filters: list[str] = []
+        self._online: dict[str, list[float]] = {}  # status topic -> each "online" received
         self._conn: Connection | None = None
         self._url = cloud_url
 
@@ -43,9 +41,15 @@ class Sink:
         """Count results on ``topic`` (exact name), telling duplicates apart with ``key``."""
         self._streams[topic] = Stream(key)
 
-    def start(self, filters: tuple[Topic, ...]) -> None:
+    def status(self, topic: str) -> None:
+        """Watch an agent's status topic for ``online``."""
+        self._online[topic] = []
+
+    def start(self) -> None:
+        """Subscribe to every stream and status topic registered so far."""
+        filters = tuple(Topic(t) for t in (*self._streams, *self._online))
         self._conn = Connection(BrokerConfig(url=self._url), "bench-sink", name="cloud",
-                                subscriptions=(*filters,), on_message=self._on_message)
+                                subscriptions=filters, on_message=self._on_message)
         self._conn.start()
         if not self._conn.wait_connected(10):
             raise SystemExit("the benchmark cannot connect to its cloud broker")
@@ -56,10 +60,10 @@ class Sink:
 
     def _on_message(self, msg: Message) -> None:
         now = time.perf_counter()
-        if msg.topic == self._status_topic:
+        if msg.topic in self._online:
             if json.loads(msg.payload).get("state") == "online":
                 with self._lock:
-                    self.online_at.append(now)
+                    self._online[msg.topic].append(now)
             return
         stream = self._streams.get(msg.topic)
         if stream is None:
@@ -91,12 +95,13 @@ class Sink:
             time.sleep(0.02)
         raise SystemExit(f"{topic}: only {self.count(topic)} of {count} results arrived")
 
-    def wait_online(self, after: float, timeout: float) -> float:
-        """When the first status ``online`` after ``after`` arrived (perf_counter)."""
+    def wait_online(self, topic: str, after: float, timeout: float) -> float:
+        """When the first status ``online`` on ``topic`` after ``after`` arrived
+        (perf_counter)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                later = [t for t in self.online_at if t > after]
+                later = [t for t in self._online[topic] if t > after]
             if later:
                 return later[0]
             time.sleep(0.02)
