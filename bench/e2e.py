@@ -15,7 +15,8 @@ Runs on one machine, everything on loopback:
   * the agent's stage timings (its ``slice_processed`` log lines), CPU time per slice per
     process and per thread, RSS after all its rounds, and latency when paced at half its rate.
 ``--compare DIR`` adds a second agent contestant run from another checkout's ``agent``
-package (``git archive COMMIT agent | tar -x -C DIR``): before/after in one run.
+package (``git archive COMMIT agent | tar -x -C DIR``): before/after in one run;
+``--compare-threads N`` one with another ``model.intra_op_threads``.
 Prints a table and writes JSON. Needs mosquitto (``make mosquitto``) and scipy (dev extra).
 
     python -m bench.e2e --slices 1000 --json bench-out/e2e.json
@@ -59,6 +60,9 @@ def parse_args() -> argparse.Namespace:
                     "per core)")
     ap.add_argument("--compare", type=Path, default=None, metavar="DIR",
                     help="also run the agent package found in DIR (another checkout's)")
+    ap.add_argument("--compare-threads", type=int, default=None, metavar="N",
+                    help="also run an agent with model.intra_op_threads = N (with --compare: "
+                    "that agent)")
     ap.add_argument("--json", type=Path, default=Path("bench-out/e2e.json"))
     return ap.parse_args()
 
@@ -86,7 +90,8 @@ def main() -> int:
     bundle = load_bundle(args.bundle)
     vols = slices.volumes()
     inputs = slices.model_inputs(vols, bundle)
-    sites = {"agent": "bench", **({"agent (--compare)": "benchb"} if args.compare else {})}
+    compare = args.compare is not None or args.compare_threads is not None
+    sites = {"agent": "bench", **({"agent (--compare)": "benchb"} if compare else {})}
 
     work = Path(tempfile.mkdtemp(prefix="iomt-bench-"))
     brokers = [start_mosquitto(work, name) for name in ("edge", "cloud")]
@@ -103,8 +108,9 @@ def main() -> int:
         for name, site in sites.items():
             entrants.append(contestants.launch_agent(
                 name, work, site, edge_url, cloud_url, sink, bundle=args.bundle,
-                backend=args.backend, threads=args.agent_threads,
-                code=args.compare if site != "bench" else None))
+                backend=args.backend, code=args.compare if site != "bench" else None,
+                threads=args.agent_threads if site == "bench" or args.compare_threads is None
+                else args.compare_threads))
         agent = entrants[0]
         naive = contestants.launch_naive(work, edge_url, cloud_url, args.bundle)
         entrants.insert(0, naive)
@@ -122,11 +128,14 @@ def main() -> int:
         for e in entrants:  # warm-up (not timed): first-call costs, the brokers' sessions
             e.round(source, slices.payloads(vols, 48), sink, timed=False)
         raw = report.Contestant()
+        rounds.raw_round(runner, inputs, 5)  # warm-up
         threads_before = {e.name: procs.thread_cpu_s(e.child.pid) for e in entrants}
         for i in range(args.rounds):
             for e in entrants:
                 e.round(source, batches[e.name][i], sink)
+            c0 = procs.cpu_s(os.getpid())  # this process's other threads are idle meanwhile
             raw.rounds.append(rounds.raw_round(runner, inputs, per_round))
+            raw.cpu_s.append(procs.cpu_s(os.getpid()) - c0)
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{e.name} {e.stats.rounds[-1].rate:.1f}" for e in entrants)
                 + f", raw {raw.rounds[-1].rate:.1f} slices/s", flush=True)
@@ -170,7 +179,7 @@ def main() -> int:
         "agent_over_script": report.pairwise_ratio(agent.stats, naive.stats),
         "e2e_over_raw": report.pairwise_ratio(agent.stats, raw),
         **({"agent_over_compare": report.pairwise_ratio(agent.stats, entrants[2].stats)}
-           if args.compare else {}),
+           if compare else {}),
         "latency_ms": latency,
     }
     report.print_table(result)

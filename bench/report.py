@@ -105,9 +105,10 @@ def print_table(result: dict[str, Any]) -> None:
              f"{c['ready_s']['first']:.2f} / {c['ready_s']['second']:.2f} "
              f"(choice cached: {c['ready_s']['second_cached']})"),
         ]
+    raw = result["raw_backend"]
     rows += [
-        ("raw backend: slices/s (median of rounds)",
-         f"{result['raw_backend']['slices_per_s']['median']:.1f}"),
+        ("raw backend: slices/s (median of rounds), CPU ms per slice",
+         f"{raw['slices_per_s']['median']:.1f}, {raw['cpu_ms_per_slice']:.1f}"),
         ("agent / script (median of round ratios; min-max)", _ratio(result["agent_over_script"])),
         ("end to end / raw (median of round ratios; min-max)", _ratio(result["e2e_over_raw"])),
     ]
