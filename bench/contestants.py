@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,16 @@ def launch_agent(name: str, work: Path, site: str, edge_url: str, cloud_url: str
     for start in ("first", "second"):
         if child is not None:
             child.stop()
-            child.mark_log()  # the next start's lines only
+        offset = log.stat().st_size if log.exists() else 0
         child = procs.start_agent(config, log, code)
+        child.mark_log(offset)  # this start's lines only
         online = sink.wait_online(str(topics.status), after=child.started, timeout=180)
         ready[start] = online - child.started
+        # Of which: start -> the model guarded (imports, bundle digests, auto's choice, guard).
+        guarded = child.events("agent_starting")[0]["timestamp"]
+        ready[f"{start}_to_model_guarded"] = (
+            datetime.fromisoformat(guarded.replace("Z", "+00:00")).timestamp()
+            - child.started_wall)
     assert child is not None
     starting = child.events("agent_starting")[0]
     ready["second_cached"] = starting.get("runtime_cached")

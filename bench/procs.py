@@ -58,6 +58,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log: Path
     started: float  # perf_counter just before it was started
+    started_wall: float  # the same moment on the wall clock (log lines carry wall time)
     _log_offset: int = field(default=0)
 
     @property
@@ -67,9 +68,9 @@ class Child:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def mark_log(self) -> None:
-        """Later ``events`` calls only see lines written after this point."""
-        self._log_offset = self.log.stat().st_size
+    def mark_log(self, offset: int | None = None) -> None:
+        """Later ``events`` calls only see lines written after this point (or ``offset``)."""
+        self._log_offset = self.log.stat().st_size if offset is None else offset
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """JSON log lines with ``"event": name`` written since ``mark_log``."""
@@ -97,11 +98,11 @@ class Child:
 
 def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
     with log.open("ab") as out:
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
         # Not in the checkout: ``python -m`` puts the working directory first on sys.path.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=log.parent)
-    return Child(proc, log, started)
+    return Child(proc, log, started, started_wall)
 
 
 def start_agent(config: Path, log: Path, code: Path | None = None) -> Child:

@@ -102,8 +102,10 @@ def print_table(result: dict[str, Any]) -> None:
             (f"{name}: stages (median ms)", ", ".join(
                 f"{k} {v:.1f}" for k, v in c["stages_ms"].items())),
             (f"{name}: READY first / second start (s)",
-             f"{c['ready_s']['first']:.2f} / {c['ready_s']['second']:.2f} "
-             f"(choice cached: {c['ready_s']['second_cached']})"),
+             f"{c['ready_s']['first']:.2f} / {c['ready_s']['second']:.2f} (model guarded "
+             f"after {c['ready_s']['first_to_model_guarded']:.2f} / "
+             f"{c['ready_s']['second_to_model_guarded']:.2f}; choice cached: "
+             f"{c['ready_s']['second_cached']})"),
         ]
     raw = result["raw_backend"]
     rows += [
