@@ -522,8 +522,10 @@ class Agent:
         modeller.start()
         finisher.start()
         deadline = time.monotonic() + 10.0
+        # Polled briefly: status "online" (READY for the fleet) follows the second CONNACK
+        # by at most one poll.
         while (not (self.cloud.connected and self.edge.connected)
-               and time.monotonic() < deadline and not self._stop.wait(0.2)):
+               and time.monotonic() < deadline and not self._stop.wait(0.02)):
             self._beat()  # STATUS "waiting for brokers"; extends the start timeout
         for conn in (self.cloud, self.edge):
             if not conn.connected:
