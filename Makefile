@@ -44,7 +44,7 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed mosquitto
-	$(BIN)/python bench/e2e.py --slices 1000 --json bench-out/e2e.json
+	$(BIN)/python -m bench.e2e --slices 1000 --json bench-out/e2e.json
 
 # The agent's own work per slice (decode, preprocess, derive, seal); BASELINE=<checkout>
 # times another commit's code in turns with this tree.

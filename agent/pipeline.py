@@ -1,10 +1,11 @@
 """The processing stages of one scan, wired in one visible place.
 
-decode -> validate -> preprocess -> backend.run  |  postprocess -> derive -> seal
-(``Translator.infer``)                              (``Translator.finish``)
+decode -> validate -> preprocess  |  backend.run  |  postprocess -> derive -> seal
+(``Translator.stage``)              (``run_model``)   (``Translator.finish``)
 
-The two halves run on different threads in the daemon, so the model works on one scan
-while the previous one is written, sealed and committed.
+The three parts run on different threads in the daemon, so the model works on one scan
+while the next one is decoded and the previous one is written, sealed and committed
+(``Translator.infer`` runs the first two in one call).
 
 ``Translator.process`` never raises for bad input: a scan that cannot be processed becomes an
 error report (reason code, payload sha256, no PHI) instead of a result.
@@ -124,32 +125,52 @@ class Translator:
         grid, gmap = to_model_grid(scan.pixels, scan.pixel_spacing, self.bundle.input)
         return Prepared(scan, grid, gmap)
 
-    def infer(self, payload: bytes, source_topic: str, payload_sha256: str) -> Inferred | Outcome:
-        """First half for a 2D model: decode, validate, preprocess, run the model. An Outcome
-        means the scan was rejected."""
+    def stage(self, payload: bytes, source_topic: str, payload_sha256: str) -> ModelInput | Outcome:
+        """Everything before the model for a 2D model: decode, validate, preprocess. An
+        Outcome means the scan was rejected."""
         timer = StageTimer()
         try:
             prepared = self.prepare(payload, payload_sha256)
         except ScanRejected as exc:
             return self.error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
         timer.lap("decode")
-        return self.infer_stack(prepared, [prepared.grid], source_topic, payload_sha256, timer)
+        return self.stack(prepared, [prepared.grid], source_topic, payload_sha256, timer)
+
+    def stack(self, centre: Prepared, grids: Sequence[npt.NDArray[np.float32]],
+              source_topic: str, payload_sha256: str,
+              timer: StageTimer | None = None) -> ModelInput:
+        """The model input from prepared slices: ``grids`` are the model-grid images of the
+        2k + 1 slots in slice order (one for a 2D model), ``centre`` the slice the result is
+        for."""
+        timer = timer or StageTimer()
+        x = normalise(np.stack(grids), self.bundle.input.normalisation)
+        timer.lap("preprocess")
+        return ModelInput(centre, x[np.newaxis], source_topic, payload_sha256, timer)
+
+    def run_model(self, staged: ModelInput) -> Inferred | Outcome:
+        """The model on one staged input (the daemon's model thread)."""
+        timer = staged.timer
+        timer.restart()  # the time it waited for the model is no stage's
+        try:
+            y = self.runner.run(staged.x)
+        except Exception as exc:  # a runtime failure on one input must not stop the loop
+            return self.error("inference_failed", f"runtime error ({type(exc).__name__})",
+                              staged.payload_sha256, staged.source_topic, timer.timings)
+        timer.lap("infer")
+        centre = staged.centre
+        return Inferred(centre.scan, y[0, 0], centre.gmap, staged.source_topic,
+                        staged.payload_sha256, timer)
+
+    def infer(self, payload: bytes, source_topic: str, payload_sha256: str) -> Inferred | Outcome:
+        """Decode, validate, preprocess and run the model in one call (2D model)."""
+        staged = self.stage(payload, source_topic, payload_sha256)
+        return staged if isinstance(staged, Outcome) else self.run_model(staged)
 
     def infer_stack(self, centre: Prepared, grids: Sequence[npt.NDArray[np.float32]],
                     source_topic: str, payload_sha256: str,
                     timer: StageTimer | None = None) -> Inferred | Outcome:
-        """First half from prepared slices: ``grids`` are the model-grid images of the 2k + 1
-        slots in slice order (one for a 2D model), ``centre`` the slice the result is for."""
-        timer = timer or StageTimer()
-        x = normalise(np.stack(grids), self.bundle.input.normalisation)
-        timer.lap("preprocess")
-        try:
-            y = self.runner.run(x[np.newaxis])
-        except Exception as exc:  # a runtime failure on one input must not stop the loop
-            return self.error("inference_failed", f"runtime error ({type(exc).__name__})",
-                               payload_sha256, source_topic, timer.timings)
-        timer.lap("infer")
-        return Inferred(centre.scan, y[0, 0], centre.gmap, source_topic, payload_sha256, timer)
+        """``stack`` and ``run_model`` in one call."""
+        return self.run_model(self.stack(centre, grids, source_topic, payload_sha256, timer))
 
     def finish(self, inferred: Inferred) -> Outcome:
         """Second half: back to the input grid, derive the output instance, seal it."""
@@ -207,6 +228,17 @@ class StageTimer:
         now = time.perf_counter()
         self.timings[stage] = round((now - self._t) * 1000, 3)
         self._t = now
+
+
+@dataclass
+class ModelInput:
+    """A scan ready for the model: the normalised input tensor (1, C, H, W)."""
+
+    centre: Prepared  # the slice the result is for
+    x: npt.NDArray[np.float32]
+    source_topic: str
+    payload_sha256: str
+    timer: StageTimer
 
 
 @dataclass

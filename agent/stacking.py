@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from agent.config import SeriesSection
 from agent.dicom import ScanRejected
 from agent.log import get_logger
-from agent.pipeline import Inferred, Outcome, Prepared, StageTimer, Translator
+from agent.pipeline import ModelInput, Outcome, Prepared, StageTimer, Translator
 from agent.series import SeriesAssembler, SliceRefused, StackJob, slice_info
 from agent.store import InboxItem, Store
 
@@ -35,11 +35,11 @@ class Admitted:
 
 @dataclass(frozen=True)
 class StackResult:
-    """The first half of the pipeline for one ready slice."""
+    """One ready slice, decoded and stacked with its neighbours for the model."""
 
     item: InboxItem  # the centre slice's row (payload not kept)
     job: StackJob
-    first: Inferred | Outcome
+    first: ModelInput | Outcome
     started: float  # perf_counter when its stack began
 
 
@@ -126,8 +126,8 @@ class SeriesStage:
         return count
 
     def ready(self, now: float, *, allow_idle: bool = True) -> Iterator[StackResult]:
-        """Run the model on every slice whose neighbours are present (or whose series has
-        closed, with padding). ``allow_idle``: False while received scans are still unread
+        """Stack every slice whose neighbours are present (or whose series has closed, with
+        padding) for the model. ``allow_idle``: False while received scans are still unread
         (a series must not close for idleness with its next slice among them)."""
         for job in self.assembler.take_ready(now, allow_idle=allow_idle):
             item = self._waiting.pop(job.centre)
@@ -143,8 +143,8 @@ class SeriesStage:
             timer.timings["decode"] = round(
                 timer.timings["decode"] + self._decode_ms.pop(item.id, 0.0), 3)
             centre = slots[len(slots) // 2]
-            first = self.translator.infer_stack(centre, [s.grid for s in slots], item.topic,
-                                                item.sha256, timer)
+            first = self.translator.stack(centre, [s.grid for s in slots], item.topic,
+                                          item.sha256, timer)
             if job.padded:
                 log.info("slice_padded", series=job.group, padded_slots=job.padded,
                          why=job.why)

@@ -1,242 +1,190 @@
-"""Benchmark: raw backend throughput vs end-to-end throughput through Mosquitto.
+"""Benchmark: the agent end to end through Mosquitto, against a naive script and the raw backend.
 
-Runs in one process tree on one machine:
-  * raw: the reference model on onnxruntime, one slice at a time, same thread settings as
-    the agent (measured before and after the end-to-end phase, A/B);
-  * end to end: two Mosquitto brokers, the agent as a subprocess, N DICOM slices published
-    as fast as the broker takes them; a subscriber on the cloud broker timestamps each sealed
-    result (publish -> sealed result received);
-  * latency: a paced phase at half the measured end-to-end rate, p50/p95;
-  * the agent's RSS after the flood.
-Prints a table and writes JSON. Needs mosquitto (``make test`` installs it).
+Runs on one machine, everything on loopback:
+  * two Mosquitto brokers (edge, cloud); the agent (``iomt-agent run``) and the naive script
+    (``bench/naive_script.py``) as subprocesses, both running throughout on their own scan
+    topics, and a subscriber on the cloud broker that timestamps each result;
+  * READY: the agent is started twice with the same state dir; seconds from process start to
+    its retained status ``online`` (the model is loaded and guarded before that), the second
+    start with the runtime choice of ``backend = "auto"`` cached;
+  * rounds taking turns (script, agent, raw backend, script, agent, ...): each contestant
+    gets the same number of fresh DICOM slices (series at 256 x 256 / 1.0 mm and
+    320 x 320 / 0.8 mm taking turns), published as fast as the broker takes them; throughput
+    = slices / (first publish -> last result received). Ratios are taken round by round
+    (back to back, so they share the machine's load) and reported as medians;
+  * the agent's stage timings (its ``slice_processed`` log lines), CPU time per slice per
+    process and per thread, RSS after all its rounds, and latency when paced at half its rate.
+``--compare DIR`` adds a second agent contestant run from another checkout's ``agent``
+package (``git archive COMMIT agent | tar -x -C DIR``): before/after in one run;
+``--compare-threads N`` one with another ``model.intra_op_threads``.
+Prints a table and writes JSON. Needs mosquitto (``make mosquitto``) and scipy (dev extra).
 
-    python bench/e2e.py --slices 1000 --json bench-out/e2e.json
+    python -m bench.e2e --slices 1000 --json bench-out/e2e.json
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pydicom
 
-from agent.backends import RunnerOptions, open_runner
-from agent.backends.select import servable_digests
+from agent.backends import open_runner, runner_options
 from agent.bundle import load_bundle
-from agent.config import BrokerConfig
-from agent.derive import result_message_id
-from agent.mqtt import Connection, Message
-from agent.preprocess import normalise, to_model_grid
-from agent.sample_series import build_series, load_demo_slab
-from agent.scaffold import InitOptions, default_bundle, write_directory
-from agent.seal import peek_header
-from agent.topics import Topics
+from agent.config import BrokerConfig, load_config
+from agent.cpu import read_cpu
+from agent.mqtt import Connection
+from agent.scaffold import default_bundle
+from bench import contestants, procs, report, rounds, slices
+from bench.brokers import start_mosquitto
+from bench.contestants import Entrant
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=1000, help="slices per contestant in all")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per contestant")
+    ap.add_argument("--paced", type=int, default=200, help="slices in the latency phase")
+    ap.add_argument("--bundle", type=Path, default=default_bundle())
+    ap.add_argument("--backend", choices=("onnxruntime", "litert", "auto"), default=None,
+                    help="model.backend for the agent (default: what `iomt-agent init` writes)")
+    ap.add_argument("--agent-threads", type=int, default=0,
+                    help="model.intra_op_threads for the agent and the raw backend (0 = one "
+                    "per core)")
+    ap.add_argument("--compare", type=Path, default=None, metavar="DIR",
+                    help="also run the agent package found in DIR (another checkout's)")
+    ap.add_argument("--compare-threads", type=int, default=None, metavar="N",
+                    help="also run an agent with model.intra_op_threads = N (with --compare: "
+                    "that agent)")
+    ap.add_argument("--json", type=Path, default=Path("bench-out/e2e.json"))
+    return ap.parse_args()
 
 
-def start_mosquitto(workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = workdir / f"{name}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    "max_queued_messages 1000000\nmax_inflight_messages 0\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"mqtt://127.0.0.1:{port}"
-
-
-def raw_throughput(bundle_dir: Path, inputs: list[np.ndarray], threads: int, n: int) -> float:
-    bundle = load_bundle(bundle_dir)
-    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
-                         RunnerOptions(intra_op_threads=threads,
-                                       input_name=bundle.input.input_name,
-                                       output_name=bundle.output.output_name))
-    for x in inputs[:5]:
-        runner.run(x)
-    t0 = time.perf_counter()
-    for i in range(n):
-        runner.run(inputs[i % len(inputs)])
-    return n / (time.perf_counter() - t0)
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+def paced_latency(agent: Entrant, source: Connection, sink: rounds.Sink,
+                  payloads: list[bytes]) -> dict[str, float]:
+    """Publish at half the agent's median end-to-end rate; p50/p95 publish -> result."""
+    gap = 2.0 / agent.stats.median_rate()
+    before = sink.count(agent.result_topic)
+    sent = []
+    for p in payloads:
+        sent.append(time.perf_counter())
+        source.publish(agent.scan_topic, p, qos=1)
+        time.sleep(gap)
+    sink.wait(agent.result_topic, before + len(payloads), timeout=60 + 2 * len(payloads))
+    got = sink.arrivals(agent.result_topic)[before:]
+    lat = [(g - s) * 1000 for g, s in zip(got, sent, strict=True)]
+    return {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+            "paced_at_slices_per_s": 1 / gap, "n": len(lat)}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slices", type=int, default=1000)
-    ap.add_argument("--paced", type=int, default=200, help="slices in the latency phase")
-    ap.add_argument("--raw", type=int, default=300, help="slices per raw phase")
-    ap.add_argument("--bundle", type=Path, default=default_bundle())
-    ap.add_argument("--json", type=Path, default=Path("bench-out/e2e.json"))
-    ap.add_argument("--agent-threads", type=int, default=0,
-                    help="model.intra_op_threads for the agent (raw is always measured at 0 = "
-                    "one per core, the runtime's best)")
-    args = ap.parse_args()
-
-    slab = load_demo_slab()
+    args = parse_args()
+    per_round = max(1, args.slices // args.rounds)
     bundle = load_bundle(args.bundle)
-    grids = [to_model_grid(sl.astype(np.float32), (1.0, 1.0), bundle.input)[0]
-             for sl in slab.t1]
-    k = bundle.input.context_slices  # a 2.5D model: each slice with its neighbours
-    inputs = []
-    for i in range(len(grids)):
-        stack = np.stack([grids[min(max(i + d, 0), len(grids) - 1)] for d in range(-k, k + 1)])
-        inputs.append(normalise(stack, bundle.input.normalisation)[None])
+    vols = slices.volumes()
+    inputs = slices.model_inputs(vols, bundle)
+    compare = args.compare is not None or args.compare_threads is not None
+    sites = {"agent": "bench", **({"agent (--compare)": "benchb"} if compare else {})}
 
     work = Path(tempfile.mkdtemp(prefix="iomt-bench-"))
-    edge, edge_url = start_mosquitto(work, "edge")
-    cloud, cloud_url = start_mosquitto(work, "cloud")
-    agent = None
+    brokers = [start_mosquitto(work, name) for name in ("edge", "cloud")]
+    (_, edge_url), (_, cloud_url) = brokers
+    sink = rounds.Sink(cloud_url)
+    for site in sites.values():
+        sink.stream(contestants.result_topic(site), rounds.envelope_id)
+        sink.status(contestants.status_topic(site))
+    contestants.watch_naive(sink)
+    entrants: list[Entrant] = []
+    runner = None
     try:
-        config_path = write_directory(InitOptions(work / "node", edge_url, cloud_url,
-                                                  site="bench", device_id="node-1",
-                                                  bundle=args.bundle))
-        text = config_path.read_text().replace('format = "auto"', 'format = "json"')
-        text = text.replace("intra_op_threads = 0", f"intra_op_threads = {args.agent_threads}")
-        config_path.write_text(text)
-        threads = 0
-
-        raw_a = raw_throughput(args.bundle, inputs, threads, args.raw)
-
-        # Payloads with fresh UIDs for every slice.
-        payloads: list[bytes] = []
-        while len(payloads) < args.slices + args.paced:
-            payloads += build_series(slab.t1)
-        payloads = payloads[: args.slices + args.paced]
-        # backend = "auto" (what init writes) picks the served file at start: a result is
-        # counted under its slice's id for the first digest, whichever file served it.
-        digests = sorted(servable_digests(bundle))
-        sops = [str(pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True).SOPInstanceUID)
-                for p in payloads]
-        ids = [result_message_id(sop, digests[0]) for sop in sops]
-        alias = {result_message_id(sop, d): mid for sop, mid in zip(sops, ids, strict=True)
-                 for d in digests}
-
-        arrived: dict[str, float] = {}
-        lock = threading.Lock()
-        topics = Topics("bench", "node-1")
-
-        def on_result(msg: Message) -> None:
-            mid = peek_header(msg.payload).message_id
-            mid = alias.get(mid, mid)
-            with lock:
-                arrived.setdefault(mid, time.perf_counter())
-
-        sink = Connection(BrokerConfig(url=cloud_url), "bench-sink", name="cloud",
-                          subscriptions=(topics.results_filter(),), on_message=on_result)
         sink.start()
-        sink.wait_connected(10)
-        log = (work / "agent.log").open("wb")
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                                  str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-        while (work / "agent.log").read_text().count("mqtt_connected") < 2:
-            time.sleep(0.1)
+        for name, site in sites.items():
+            entrants.append(contestants.launch_agent(
+                name, work, site, edge_url, cloud_url, sink, bundle=args.bundle,
+                backend=args.backend, code=args.compare if site != "bench" else None,
+                threads=args.agent_threads if site == "bench" or args.compare_threads is None
+                else args.compare_threads))
+        agent = entrants[0]
+        naive = contestants.launch_naive(work, edge_url, cloud_url, args.bundle)
+        entrants.insert(0, naive)
+        assert agent.config is not None
+        model = load_config(agent.config).model
+        runner = open_runner(agent.runtime, str(bundle.backend_file(agent.runtime).path),
+                             runner_options(model, bundle))
         source = Connection(BrokerConfig(url=edge_url), "bench-source", name="edge")
         source.start()
         source.wait_connected(10)
 
-        def wait_for(keys: list[str], timeout: float) -> None:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                with lock:
-                    if all(k in arrived for k in keys):
-                        return
-                time.sleep(0.05)
-            raise SystemExit(f"only {sum(k in arrived for k in keys)} of {len(keys)} arrived")
-
-        # Flood phase: throughput.
-        flood = payloads[: args.slices]
-        sent_at: dict[str, float] = {}
-        t0 = time.perf_counter()
-        for p, mid in zip(flood, ids[: args.slices], strict=True):
-            sent_at[mid] = time.perf_counter()
-            source.publish(topics.scan("bench"), p, qos=1)
-        wait_for(ids[: args.slices], timeout=args.slices * 2.0)
-        t_end = max(arrived[m] for m in ids[: args.slices])
-        e2e = args.slices / (t_end - t0)
-        rss, hwm = rss_mb(agent.pid)
-
-        # Paced phase: latency at half the end-to-end rate.
-        gap = 2.0 / e2e
-        paced_ids = ids[args.slices :]
-        for p, mid in zip(payloads[args.slices :], paced_ids, strict=True):
-            sent_at[mid] = time.perf_counter()
-            source.publish(topics.scan("bench"), p, qos=1)
-            time.sleep(gap)
-        wait_for(paced_ids, timeout=60)
-        lat = [(arrived[m] - sent_at[m]) * 1000 for m in paced_ids]
+        # Built before anything is timed, fresh UIDs for every slice of every round.
+        batches = {e.name: [slices.payloads(vols, per_round) for _ in range(args.rounds)]
+                   for e in entrants}
+        for e in entrants:  # warm-up (not timed): first-call costs, the brokers' sessions
+            e.round(source, slices.payloads(vols, 48), sink, timed=False)
+        raw = report.Contestant()
+        rounds.raw_round(runner, inputs, 5)  # warm-up
+        threads_before = {e.name: procs.thread_cpu_s(e.child.pid) for e in entrants}
+        for i in range(args.rounds):
+            for e in entrants:
+                e.round(source, batches[e.name][i], sink)
+            c0 = procs.cpu_s(os.getpid())  # this process's other threads are idle meanwhile
+            raw.rounds.append(rounds.raw_round(runner, inputs, per_round))
+            raw.cpu_s.append(procs.cpu_s(os.getpid()) - c0)
+            print(f"round {i + 1}/{args.rounds}: " + ", ".join(
+                f"{e.name} {e.stats.rounds[-1].rate:.1f}" for e in entrants)
+                + f", raw {raw.rounds[-1].rate:.1f} slices/s", flush=True)
+        for e in entrants:
+            e.threads = report.thread_ms_per_slice(
+                threads_before[e.name], procs.thread_cpu_s(e.child.pid), per_round * args.rounds)
+        rss = {e.name: (e.done, *procs.rss_mb(e.child.pid)) for e in entrants}
+        latency = (paced_latency(agent, source, sink, slices.payloads(vols, args.paced))
+                   if args.paced else None)
         source.stop()
-        sink.stop()
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(30)
-        agent = None
-        raw_b = raw_throughput(args.bundle, inputs, threads, args.raw)
     finally:
-        if agent is not None:
-            agent.kill()
-        for proc in (edge, cloud):
+        sink.stop()
+        for e in entrants:
+            e.child.stop()
+        if runner is not None:
+            runner.close()
+        for proc, _ in brokers:
             proc.terminate()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
-    raw = statistics.mean([raw_a, raw_b])
-    result = {
+    cpu = read_cpu()
+    result: dict[str, Any] = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor()},
-        "model": {"name": bundle.name, "version": bundle.version, "digest": bundle.digest()},
-        "slices": args.slices,
+                    "cpu_model": cpu.model, "isa": list(cpu.isa), "int8_dot": cpu.int8_dot},
+        "model": {"name": bundle.name, "version": bundle.version},
+        "backend": model.backend,
+        "agent_runtime": agent.runtime,
         "agent_intra_op_threads": args.agent_threads,
-        "raw_slices_per_s": {"before": raw_a, "after": raw_b, "mean": raw},
-        "e2e_slices_per_s": e2e,
-        "e2e_over_raw": e2e / raw,
-        "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                       "paced_at_slices_per_s": 1 / gap, "n": len(lat)},
-        "agent_rss_mb_after_flood": rss,
-        "agent_peak_rss_mb": hwm,
+        "contestants": {e.name: {
+            **e.stats.summary(),
+            "threads_cpu_ms_per_slice": e.threads,
+            "rss_mb": {"after_slices": rss[e.name][0], "now": rss[e.name][1],
+                       "peak": rss[e.name][2]},
+            **({"stages_ms": report.stage_medians(e.events), "ready_s": e.ready_s,
+                "runtime": e.runtime} if e is not naive else {}),
+        } for e in entrants},
+        "raw_backend": raw.summary(),
+        "agent_over_script": report.pairwise_ratio(agent.stats, naive.stats),
+        "e2e_over_raw": report.pairwise_ratio(agent.stats, raw),
+        **({"agent_over_compare": report.pairwise_ratio(agent.stats, entrants[2].stats)}
+           if compare else {}),
+        "latency_ms": latency,
     }
-    rows = [
-        ("raw backend (slices/s, before / after)", f"{raw_a:.1f} / {raw_b:.1f}"),
-        (f"end to end, {args.slices} slices (slices/s)", f"{e2e:.1f}"),
-        ("end to end / raw", f"{e2e / raw:.2f}"),
-        (f"latency p50 / p95 at {1 / gap:.1f} slices/s (ms)",
-         f"{result['latency_ms']['p50']:.0f} / {result['latency_ms']['p95']:.0f}"),
-        ("agent RSS after flood / peak (MB)", f"{rss:.0f} / {hwm:.0f}"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    report.print_table(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    args.json.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.json}")
     return 0
 

@@ -241,3 +241,30 @@ def test_320_by_320_at_0_8_mm_keeps_its_grid(rig: Rig) -> None:
     inside = r2 < 0.85
     error = np.abs(out - _expected(source))[inside]
     assert error.max() < 0.02 * out.max(), error.max()
+
+
+def test_staged_parts_give_what_one_call_gives(rig: Rig, series: list[bytes]) -> None:
+    """The daemon runs stage | run_model | finish on three threads; the parts in turn give
+    the result process() gives, and time spent waiting between them is no stage's."""
+    from agent.pipeline import Inferred, ModelInput
+
+    payload = series[1]
+    sha = hashlib.sha256(payload).hexdigest()
+    staged = rig.translator.stage(payload, SOURCE_TOPIC, sha)
+    assert isinstance(staged, ModelInput)
+    assert staged.x.shape == (1, 1, *rig.bundle.input.shape) and staged.x.dtype == np.float32
+    assert set(staged.timer.timings) == {"decode", "preprocess"}
+    inferred = rig.translator.run_model(staged)
+    assert isinstance(inferred, Inferred)
+    outcome = rig.translator.finish(inferred)
+    whole = rig.process(payload)
+    assert outcome.ok and outcome.message_id == whole.message_id
+    a = pydicom.dcmread(io.BytesIO(rig.open(outcome.payload).plaintext)).pixel_array
+    b = pydicom.dcmread(io.BytesIO(rig.open(whole.payload).plaintext)).pixel_array
+    assert np.array_equal(a, b)
+    assert set(outcome.timings_ms) == {"decode", "preprocess", "infer", "derive", "seal"}
+
+
+def test_stage_rejects_a_bad_payload_without_running_the_model(rig: Rig) -> None:
+    staged = rig.translator.stage(b"not dicom", SOURCE_TOPIC, "0" * 64)
+    assert isinstance(staged, Outcome) and not staged.ok and staged.kind == "error"

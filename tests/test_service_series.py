@@ -46,12 +46,15 @@ def series(n: int = N) -> tuple[list[bytes], list[float]]:
 
 
 class Driver:
-    """One Agent, its finisher thread running, fed by hand instead of by a broker."""
+    """One Agent, its model and finisher threads running, fed by hand instead of by a
+    broker."""
 
     def __init__(self, config: Path) -> None:
         self.agent = Agent(load_config(config), config)
         self.agent._start_series_stage()
+        self.modeller = threading.Thread(target=self.agent._modeller, daemon=True)
         self.finisher = threading.Thread(target=self.agent._finisher, daemon=True)
+        self.modeller.start()
         self.finisher.start()
 
     def accept(self, payloads: list[bytes]) -> None:
@@ -68,13 +71,15 @@ class Driver:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.agent._process_pending()
-            if self.agent.store.depths()[1] >= done and self.agent._finishing.empty():
+            if (self.agent.store.depths()[1] >= done and self.agent._to_model.empty()
+                    and self.agent._finishing.empty()):
                 break
             time.sleep(0.05)
         self.agent._drain_finisher()
 
     def stop(self) -> list[bytes]:
-        self.agent._finishing.put(None)
+        self.agent._to_model.put(None)
+        self.modeller.join(10)
         self.finisher.join(10)
         rows = [r.payload for r in self.agent.store.outbox(limit=1000) if r.kind == "result"]
         self.agent.model.close()
