@@ -38,12 +38,19 @@ class UNetLite(nn.Module):
     by 2 ** (levels - 1). In eval mode the output is non-negative (ReLU), on the target's
     fixed scale."""
 
-    def __init__(self, widths: tuple[int, ...] = (12, 24, 48, 64), in_channels: int = 1) -> None:
+    def __init__(self, widths: tuple[int, ...] = (12, 24, 48, 64), in_channels: int = 1,
+                 stem: int = 1) -> None:
         super().__init__()
         self.widths = widths
         self.in_channels = in_channels
+        self.stem = stem
+        # stem > 1: space-to-depth in, depth-to-space out, so that no conv runs at full
+        # resolution on a handful of channels (where int8 kernels without dot product
+        # spend their time on memory traffic and requantization, not on MACs).
+        self.unshuffle = nn.PixelUnshuffle(stem) if stem > 1 else nn.Identity()
+        self.shuffle = nn.PixelShuffle(stem) if stem > 1 else nn.Identity()
         self.down = nn.ModuleList()
-        c_prev = in_channels
+        c_prev = in_channels * stem * stem
         for w in widths:
             self.down.append(nn.Sequential(conv_relu(c_prev, w), conv_relu(w, w)))
             c_prev = w
@@ -51,9 +58,10 @@ class UNetLite(nn.Module):
         self.up = nn.ModuleList(
             Up(widths[i + 1], widths[i], widths[i]) for i in reversed(range(len(widths) - 1))
         )
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], stem * stem, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.unshuffle(x)
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.down):
             if i > 0:
@@ -63,7 +71,7 @@ class UNetLite(nn.Module):
         skips.pop()
         for up in self.up:
             x = up(x, skips.pop())
-        out: torch.Tensor = self.head(x)
+        out: torch.Tensor = self.shuffle(self.head(x))
         # Linear head while training (a ReLU there can die and stall training); the
         # exported (eval) graph ends in a ReLU so the output is never negative.
         return out if self.training else torch.relu(out)
