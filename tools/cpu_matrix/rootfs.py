@@ -160,9 +160,11 @@ def _pip_paths() -> list[Path]:
     paths = []
     for value in values:
         for token in re.split(r"[\s='\"]+", value.partition("=")[2] if "=" in value else value):
-            token = token.removeprefix("file://")
-            if token.startswith("/") and Path(token).exists():
-                paths.append(Path(token))
+            path = Path(token.removeprefix("file://"))
+            if path.name == "simple":  # a local index: its pages link to ../../files/...
+                path = path.parent
+            if path.is_absolute() and path.exists() and path not in paths:
+                paths.append(path)
     return paths
 
 
