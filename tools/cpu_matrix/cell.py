@@ -120,7 +120,8 @@ def test_rows() -> dict[str, Any]:
     counts: dict[str, int] = {}
     for entry in outcomes.results.values():
         counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
-    return {"files": list(CELL_TESTS), "deselect": DESELECT, "exit_code": int(code), "counts": counts,
+    return {"files": list(CELL_TESTS), "deselect": DESELECT, "exit_code": int(code),
+            "counts": counts,
             "ok": int(code) == 0 and counts.get("failed", 0) == 0 and bool(outcomes.results),
             "seconds": round(time.monotonic() - started, 1),
             "slowest": sorted(outcomes.results, key=lambda k: -float(

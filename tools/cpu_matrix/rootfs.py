@@ -124,16 +124,26 @@ def ensure_rootfs() -> Path:
     return root
 
 
-def unmount_below(root: Path) -> None:
-    """Unmount whatever is mounted at or under ``root`` (left by a killed run), deepest first."""
+def mounts_below(root: Path) -> list[str]:
+    """Mount points at or under ``root``, deepest first."""
     prefix = str(root.resolve())
     points = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         point = line.split()[1].replace("\\040", " ")
         if point == prefix or point.startswith(prefix + "/"):
             points.append(point)
-    for point in sorted(points, key=len, reverse=True):
+    return sorted(points, key=len, reverse=True)
+
+
+def unmount_below(root: Path) -> None:
+    """Unmount whatever is mounted at or under ``root`` (left by a killed run). Raises
+    ``SetupError`` if something stays mounted: the host's /dev or package indexes must
+    never be reachable through the rootfs when it is deleted or rebuilt."""
+    for point in mounts_below(root):
         subprocess.run(["umount", "-l", point], check=False)
+    left = mounts_below(root)
+    if left:
+        raise SetupError(f"could not unmount {', '.join(left)}: unmount them by hand")
 
 
 def copy_source(repo: Path, root: Path) -> None:
