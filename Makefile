@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration test-cpus cpu-tools lint bench bench-models mosquitto clean models
+.PHONY: demo test test-unit test-integration lint bench bench-models mosquitto clean models
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -35,6 +35,7 @@ test-unit: $(VENV)/.installed
 
 # The CPU matrix (tools/cpu_matrix): qemu-user-static runs the x86 venv as Haswell and an
 # arm64 rootfs that debootstrap builds; both installed when missing.
+.PHONY: cpu-tools test-cpus
 cpu-tools:
 	@{ command -v qemu-x86_64-static && command -v qemu-aarch64-static \
 		&& { command -v debootstrap || test -x /usr/sbin/debootstrap; }; } >/dev/null 2>&1 || { \
