@@ -39,6 +39,21 @@ test: $(VENV)/.installed mosquitto dicom3tools
 test-unit: $(VENV)/.installed dicom3tools
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# The CPU matrix (tools/cpu_matrix): qemu-user-static runs the x86 venv as Haswell and an
+# arm64 rootfs that debootstrap builds; both installed when missing.
+.PHONY: cpu-tools test-cpus
+cpu-tools:
+	@{ command -v qemu-x86_64-static && command -v qemu-aarch64-static \
+		&& { command -v debootstrap || test -x /usr/sbin/debootstrap; }; } >/dev/null 2>&1 || { \
+		echo "installing qemu-user-static and debootstrap (Debian packages)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq qemu-user-static debootstrap; }
+
+# The int8 guard on every bundle x runtime (and the quantizing tests) on native, Haswell,
+# cortex-a72 and cortex-a76; the rootfs and wheels are cached in $$IOMT_CPU_CACHE.
+test-cpus: $(VENV)/.installed cpu-tools
+	$(SUDO) env IOMT_CPU_CACHE="$${IOMT_CPU_CACHE-}" IOMT_CPU_MIRROR="$${IOMT_CPU_MIRROR-}" \
+		$(BIN)/python -m tools.cpu_matrix --json bench-out/cpus.json
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy

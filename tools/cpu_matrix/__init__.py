@@ -1,0 +1,1 @@
+"""The CPU matrix check (`make test-cpus`): the int8 guard under emulated CPUs."""
