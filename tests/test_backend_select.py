@@ -26,7 +26,7 @@ from agent.config import ModelSection
 from agent.cpu import identify
 from agent.guard import GuardFailed
 from agent.serving import ServedModel
-from tests.bundles import smooth_inputs
+from tests.bundles import quantize_qdq
 from tests.test_cpu import (
     A72_FEATURES,
     A76_FEATURES,
@@ -46,36 +46,11 @@ VNNI = identify(x86_cpuinfo("Intel Xeon", CASCADE_LAKE_FLAGS, cores=2, threads_p
                 machine="x86_64")
 
 
-def quantize_safe(fp32: Path, int8: Path) -> None:
-    """The test net's int8 ONNX twin with 7-bit weights (``reduce_range``): u8 x s8 pairs
-    cannot saturate the 16-bit sums of AVX2 kernels without VNNI, so the file passes its
-    guard on every CPU (full-range weights miss the floor there: 25.5 dB under
-    ``qemu-x86_64 -cpu Haswell``)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._batches = iter(smooth_inputs(16, seed=1)[:, None])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {"input": batch}
-
-    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-
-
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("select-nets")
     built = build_nets(d)
-    quantize_safe(built["files"]["onnx_fp32"], d / "net.int8.safe.onnx")
+    quantize_qdq(built["files"]["onnx_fp32"], d / "net.int8.safe.onnx")
     built["files"]["onnx_int8"] = d / "net.int8.safe.onnx"
     return built
 
