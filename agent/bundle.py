@@ -12,14 +12,31 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-BUNDLE_FORMAT = 1
-MAX_CONTEXT_SLICES = 8
+from pydantic import ValidationError
+
+from agent.bundle_manifest import (
+    BUNDLE_FORMAT,
+    MAX_CONTEXT_SLICES,
+    BundleManifest,
+    FileEntry,
+    InputSpec,
+    OutputSpec,
+)
+from agent.config import describe_errors
+
+__all__ = ["BUNDLE_FORMAT", "MAX_CONTEXT_SLICES", "BundleError", "BundleFile", "GoldenSet",
+           "InputContract", "ModelBundle", "Normalisation", "OutputContract", "input_contract",
+           "load_bundle", "output_contract", "read_manifest", "sha256_file"]
 
 
 class BundleError(Exception):
-    """A bundle is missing, malformed, or a file does not match its recorded digest."""
+    """A bundle is missing, malformed, or a file does not match its recorded digest.
+    ``problems``: one line per bad key of bundle.json, each starting with its key path."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass(frozen=True)
@@ -131,114 +148,93 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file(root: Path, spec: dict[str, Any], where: str, verify: bool) -> BundleFile:
-    try:
-        rel, digest = str(spec["path"]), str(spec["sha256"]).lower()
-    except (KeyError, TypeError):
-        raise BundleError(f"{where}: expected an object with 'path' and 'sha256'") from None
-    path = (root / rel).resolve()
-    if root.resolve() not in path.parents:
-        raise BundleError(f"{where}.path {rel!r} points outside the bundle")
+def _file(root: Path, entry: FileEntry, where: str, verify: bool) -> BundleFile:
+    path = (root / entry.path).resolve()
+    if root.resolve() not in path.parents:  # a symlink that leaves the bundle
+        raise BundleError(f"{where}.path {entry.path!r} points outside the bundle")
     if not path.is_file():
-        raise BundleError(f"{where}.path: file {rel} is missing from bundle {root}")
+        raise BundleError(f"{where}.path: file {entry.path} is missing from bundle {root}")
     if verify:
         actual = sha256_file(path)
-        if actual != digest:
+        if actual != entry.sha256:
             raise BundleError(
-                f"{where}: {rel} has sha256 {actual[:16]}..., bundle.json says {digest[:16]}..."
-                " (file corrupted or replaced; rebuild or re-download the bundle)"
-            )
-    return BundleFile(path=path, sha256=digest)
+                f"{where}: {entry.path} has sha256 {actual[:16]}..., bundle.json says "
+                f"{entry.sha256[:16]}... (file corrupted or replaced; rebuild or re-download "
+                "the bundle)")
+    return BundleFile(path=path, sha256=entry.sha256)
+
+
+def input_contract(spec: InputSpec) -> InputContract:
+    """The runtime view of bundle.json's (or CONTRACT.toml's) ``input`` section."""
+    return InputContract(
+        modality=spec.modality, shape=spec.shape, pixel_spacing_mm=spec.pixel_spacing_mm,
+        channels=spec.channels, context_slices=spec.context_slices,
+        slice_spacing_mm=spec.slice_spacing_mm,
+        series_description_pattern=spec.series_description_pattern,
+        photometric_interpretations=tuple(spec.photometric_interpretations),
+        bits_allocated=tuple(spec.bits_allocated),
+        normalisation=Normalisation(**spec.normalisation.model_dump()),
+        input_name=spec.tensor_name)
+
+
+def output_contract(spec: OutputSpec) -> OutputContract:
+    """The runtime view of the ``output`` section."""
+    return OutputContract(
+        modality=spec.modality, scale=spec.scale, rescale_slope=spec.rescale_slope,
+        rescale_intercept=spec.rescale_intercept, units=spec.units,
+        series_description=spec.series_description, output_name=spec.tensor_name)
+
+
+def read_manifest(root: str | Path) -> BundleManifest:
+    """bundle.json of ``root`` checked against the schema, or BundleError naming every bad
+    key path."""
+    meta_path = Path(root) / "bundle.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{root} is not a model bundle: bundle.json not found")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{meta_path}: cannot read JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object at the top level")
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: format {meta.get('format')!r}, this agent reads "
+                          f"format {BUNDLE_FORMAT} (a newer bundle needs a newer agent)")
+    try:
+        return BundleManifest.model_validate(meta)
+    except ValidationError as exc:
+        problems = describe_errors(exc, "docs/bundle.md")
+        raise BundleError(f"{meta_path}: " + "; ".join(problems), problems) from None
 
 
 def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
     """Read and check a bundle directory. Raises BundleError with a message that says what
     to fix."""
     root = Path(root)
-    meta_path = root / "bundle.json"
-    if not meta_path.is_file():
-        raise BundleError(f"{root} is not a model bundle: bundle.json not found")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{meta_path}: cannot read JSON ({exc})") from None
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: format {meta.get('format')!r}, expected {BUNDLE_FORMAT}")
-    try:
-        inp = meta["input"]
-        out = meta["output"]
-        norm = Normalisation(**inp.get("normalisation", {}))
-        input_contract = InputContract(
-            modality=inp["modality"],
-            shape=(int(inp["shape"][0]), int(inp["shape"][1])),
-            pixel_spacing_mm=(
-                float(inp["pixel_spacing_mm"][0]),
-                float(inp["pixel_spacing_mm"][1]),
-            ),
-            channels=int(inp.get("channels", 1)),
-            context_slices=int(inp.get("context_slices", 0)),
-            slice_spacing_mm=(None if inp.get("slice_spacing_mm") is None
-                              else float(inp["slice_spacing_mm"])),
-            series_description_pattern=inp.get("series_description_pattern"),
-            photometric_interpretations=tuple(
-                inp.get("photometric_interpretations", ["MONOCHROME2"])
-            ),
-            bits_allocated=tuple(int(b) for b in inp.get("bits_allocated", [8, 16])),
-            normalisation=norm,
-            input_name=inp.get("tensor_name", "input"),
-        )
-        output_contract = OutputContract(
-            modality=out["modality"],
-            scale=float(out["scale"]),
-            rescale_slope=float(out.get("rescale_slope", 1.0)),
-            rescale_intercept=float(out.get("rescale_intercept", 0.0)),
-            units=str(out.get("units", "arbitrary")),
-            series_description=str(
-                out.get("series_description", OutputContract.series_description)
-            ),
-            output_name=out.get("tensor_name", "output"),
-        )
-        backends = {
-            name: _file(root, spec, f"backends.{name}", verify)
-            for name, spec in meta["backends"].items()
-        }
-        reference = None
-        if "reference" in meta:
-            reference = _file(root, meta["reference"], "reference", verify)
-        references = {
-            name: _file(root, spec, f"references.{name}", verify)
-            for name, spec in meta.get("references", {}).items()
-        }
-        gmac = meta.get("compute", {}).get("gmac")
-        golden = None
-        if "golden" in meta:
-            g = _file(root, meta["golden"], "golden", verify)
-            golden = GoldenSet(g.path, g.sha256, float(meta["golden"]["min_psnr_db"]))
-        if not 0 <= input_contract.context_slices <= MAX_CONTEXT_SLICES:
-            raise BundleError(f"{meta_path}: input.context_slices must be 0 (2D) to "
-                              f"{MAX_CONTEXT_SLICES}, got {input_contract.context_slices}")
-        if input_contract.channels < 1:
-            raise BundleError(f"{meta_path}: input.channels must be at least 1")
-        spacing = input_contract.slice_spacing_mm
-        if spacing is not None and not spacing > 0:
-            raise BundleError(f"{meta_path}: input.slice_spacing_mm must be positive")
-        card = root / meta["model_card"] if meta.get("model_card") else None
-        return ModelBundle(
-            root=root,
-            name=str(meta["name"]),
-            version=str(meta["version"]),
-            task=str(meta.get("task", "")),
-            precision=str(meta.get("precision", "int8")),
-            input=input_contract,
-            output=output_contract,
-            backends=backends,
-            reference=reference,
-            golden=golden,
-            model_card=card,
-            references=references,
-            gmac=None if gmac is None else float(gmac),
-        )
-    except KeyError as exc:
-        raise BundleError(f"{meta_path}: missing key {exc.args[0]!r}") from None
-    except (TypeError, ValueError, IndexError) as exc:
-        raise BundleError(f"{meta_path}: malformed value ({exc})") from None
+    m = read_manifest(root)
+    backends: dict[str, BundleFile] = {
+        name: _file(root, entry, f"backends.{name}", verify)
+                for name, entry in m.backends.items()}
+    references: dict[str, BundleFile] = {
+        name: _file(root, entry, f"references.{name}", verify)
+                  for name, entry in m.references.items()}
+    reference = None if m.reference is None else _file(root, m.reference, "reference", verify)
+    golden = None
+    if m.golden is not None:
+        g = _file(root, m.golden, "golden", verify)
+        golden = GoldenSet(g.path, g.sha256, m.golden.min_psnr_db)
+    return ModelBundle(
+        root=root,
+        name=m.name,
+        version=m.version,
+        task=m.task,
+        precision=m.precision,
+        input=input_contract(m.input),
+        output=output_contract(m.output),
+        backends=backends,
+        reference=reference,
+        golden=golden,
+        model_card=None if m.model_card is None else root / m.model_card,
+        references=references,
+        gmac=None if m.compute is None else m.compute.gmac,
+    )

@@ -10,128 +10,23 @@ example. Unknown keys are errors, and every problem is reported with its key pat
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from agent.bundle import MAX_CONTEXT_SLICES, InputContract, Normalisation, OutputContract
+from agent.bundle import InputContract, OutputContract, input_contract, output_contract
+from agent.bundle_manifest import _NAME, NOT_FOR_DIAGNOSTIC_USE, InputSpec, OutputSpec
 from agent.config import ConfigError, Strict, read_text, validate_toml
 
-NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+__all__ = ["NOT_FOR_DIAGNOSTIC_USE", "Contract", "ContractError", "load_contract",
+           "parse_contract"]
 
 
 class ContractError(ConfigError):
     """CONTRACT.toml cannot be used. ``problems`` holds one line per bad key."""
 
     what = "model contract"
-
-
-class NormalisationSpec(Strict):
-    """How decoded pixel values become model input (``agent.preprocess.normalise``)."""
-
-    method: Literal["robust_max"] = Field(
-        "robust_max", title="Method",
-        description="robust_max: divide by a percentile of the non-zero pixels, then clip")
-    percentile: float = Field(
-        99.5, gt=0, le=100, title="Percentile",
-        description="the percentile of the (centre) slice's non-zero pixels that maps to 1.0")
-    clip_max: float = Field(
-        1.5, gt=0, title="Clip maximum", description="normalised values are clipped to [0, this]")
-
-
-class InputSpec(Strict):
-    """What a scan must look like to be fed to the model."""
-
-    modality: str = Field(
-        min_length=1, max_length=16, title="Modality", description="DICOM Modality, e.g. MR or CT")
-    shape: tuple[int, int] = Field(
-        title="Model grid", description="[rows, columns] of the model input")
-    pixel_spacing_mm: tuple[float, float] = Field(
-        title="Model pixel spacing", description="[row, column] spacing of the model grid, mm")
-    channels: int = Field(
-        1, ge=1, le=1, title="Channels per slice",
-        description="samples per slice; the agent decodes grey-scale DICOM, so 1")
-    context_slices: int = Field(
-        0, ge=0, le=MAX_CONTEXT_SLICES, title="Context slices (2.5D)",
-        description="0 = 2D; k = the model also sees k neighbouring slices each side")
-    slice_spacing_mm: float | None = Field(
-        None, gt=0, title="Slice spacing (2.5D)",
-        description="the slice spacing the 2.5D model was trained on, mm")
-    series_description_pattern: str | None = Field(
-        None, title="Series description pattern",
-        description="regular expression (case-insensitive search) a scan's SeriesDescription "
-        "must match; unset: any series")
-    photometric_interpretations: tuple[Literal["MONOCHROME1", "MONOCHROME2"], ...] = Field(
-        ("MONOCHROME2",), min_length=1, title="Photometric interpretations",
-        description="accepted PhotometricInterpretation values (MONOCHROME1 is inverted)")
-    bits_allocated: tuple[Literal[8, 16, 32], ...] = Field(
-        (8, 16), min_length=1, title="Bits allocated", description="accepted BitsAllocated values")
-    normalisation: NormalisationSpec = Field(
-        default_factory=NormalisationSpec, title="Normalisation",
-        description="how pixel values become model input")
-    tensor_name: str = Field(
-        "input", min_length=1, title="Input tensor", description="the model's input tensor name")
-
-    @field_validator("shape")
-    @classmethod
-    def _shape(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if not all(1 <= v <= 4096 for v in value):
-            raise ValueError("rows and columns must be between 1 and 4096")
-        return value
-
-    @field_validator("pixel_spacing_mm")
-    @classmethod
-    def _spacing(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 < v <= 100 for v in value):
-            raise ValueError("spacings must be positive mm, at most 100")
-        return value
-
-    @field_validator("series_description_pattern")
-    @classmethod
-    def _pattern(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a regular expression ({exc})") from None
-        return value
-
-
-class OutputSpec(Strict):
-    """What the model produces and how it is stored in the derived instance."""
-
-    modality: str = Field(
-        min_length=1, max_length=16, title="Modality", description="Modality of the output")
-    scale: float = Field(
-        gt=0, title="Output scale", description="model output 1.0 == this stored value")
-    rescale_slope: float = Field(
-        1.0, title="Rescale slope", description="RescaleSlope written to the output")
-    rescale_intercept: float = Field(
-        0.0, title="Rescale intercept", description="RescaleIntercept written to the output")
-    units: str = Field("arbitrary", title="Units", description="what the rescaled values mean")
-    series_description: str = Field(
-        f"SYNTHETIC - {NOT_FOR_DIAGNOSTIC_USE}", title="Series description",
-        description=f"SeriesDescription of the output; must say {NOT_FOR_DIAGNOSTIC_USE}")
-    tensor_name: str = Field(
-        "output", min_length=1, title="Output tensor", description="the model's output tensor")
-
-    @field_validator("rescale_slope")
-    @classmethod
-    def _slope(cls, value: float) -> float:
-        if value == 0:
-            raise ValueError("must not be 0")
-        return value
-
-    @field_validator("series_description")
-    @classmethod
-    def _label(cls, value: str) -> str:
-        if NOT_FOR_DIAGNOSTIC_USE not in value.upper():
-            raise ValueError(f"must contain {NOT_FOR_DIAGNOSTIC_USE!r}: every output is "
-                             "labelled synthetic")
-        return value
 
 
 class FidelitySpec(Strict):
@@ -159,34 +54,10 @@ class Contract(Strict):
 
     def input_contract(self) -> InputContract:
         """The contract as the agent reads it back from bundle.json."""
-        i = self.input
-        return InputContract(
-            modality=i.modality, shape=i.shape, pixel_spacing_mm=i.pixel_spacing_mm,
-            channels=i.channels, context_slices=i.context_slices,
-            slice_spacing_mm=i.slice_spacing_mm,
-            series_description_pattern=i.series_description_pattern,
-            photometric_interpretations=tuple(i.photometric_interpretations),
-            bits_allocated=tuple(i.bits_allocated),
-            normalisation=Normalisation(**i.normalisation.model_dump()),
-            input_name=i.tensor_name)
+        return input_contract(self.input)
 
     def output_contract(self) -> OutputContract:
-        o = self.output
-        return OutputContract(
-            modality=o.modality, scale=o.scale, rescale_slope=o.rescale_slope,
-            rescale_intercept=o.rescale_intercept, units=o.units,
-            series_description=o.series_description, output_name=o.tensor_name)
-
-    def bundle_sections(self) -> dict[str, Any]:
-        """``input`` and ``output`` of bundle.json (format 1, see agent/bundle.py)."""
-        i, o = self.input.model_dump(), self.output.model_dump()
-        for section in (i, o):
-            for key, value in section.items():
-                if isinstance(value, tuple):
-                    section[key] = list(value)
-        if i["slice_spacing_mm"] is None:
-            del i["slice_spacing_mm"]
-        return {"input": i, "output": o}
+        return output_contract(self.output)
 
 
 def parse_contract(text: str, source: str = "<string>") -> Contract:

@@ -47,9 +47,7 @@ def test_a_good_contract_maps_onto_the_bundle_contract() -> None:
     assert ic.normalisation.percentile == 99.0 and ic.bits_allocated == (16,)
     assert c.input_channels == 5
     assert c.output_contract().rescale_intercept == -1024.0
-    sections = c.bundle_sections()
-    assert sections["input"]["shape"] == [128, 128]
-    assert sections["output"]["tensor_name"] == "output"
+    assert c.input.shape == (128, 128) and c.output.tensor_name == "output"
     assert c.fidelity.min_psnr_db == 38.5
 
 

@@ -3,13 +3,18 @@ the table it prints (the same figures as quantize-report.json)."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import BUNDLE_FORMAT, sha256_file
+from agent.bundle import sha256_file
+from agent.bundle_manifest import (
+    BUNDLE_FORMAT,
+    BundleManifest,
+    ComputeSpec,
+    FileEntry,
+    GoldenEntry,
+)
 from agent.contract import Contract
 
 
@@ -20,39 +25,29 @@ def db_value(value: float | None) -> float | str | None:
     return "inf" if math.isinf(value) else round(value, 2)
 
 
-def _file(stage: Path, name: str) -> dict[str, str]:
-    return {"path": name, "sha256": sha256_file(stage / name)}
+def _file(stage: Path, name: str) -> FileEntry:
+    return FileEntry(path=name, sha256=sha256_file(stage / name))
 
 
 def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
-    """bundle.json (format 1, ``agent/bundle.py``) for the files in ``stage``."""
+    """bundle.json (``agent.bundle_manifest``) for the files in ``stage``."""
     backends = {"onnxruntime": _file(stage, "model.int8.onnx")}
-    references: dict[str, Any] = {}
+    references = {}
     if (stage / "model.int8.tflite").is_file():
         backends["litert"] = _file(stage, "model.int8.tflite")
     if (stage / "model.fp32.tflite").is_file():
         references["litert"] = _file(stage, "model.fp32.tflite")
-    meta: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "name": contract.name,
-        "version": contract.version,
-        "task": contract.task,
-        "precision": "int8",
-        **contract.bundle_sections(),
-        "backends": backends,
-        "reference": _file(stage, "model.fp32.onnx"),
-        **({"references": references} if references else {}),
-        "golden": {**_file(stage, "golden.npz"), "min_psnr_db": contract.fidelity.min_psnr_db},
-        "model_card": "MODEL_CARD.md",
-    }
     gmac = report["model"].get("gmac")
-    if gmac is not None:
-        meta["compute"] = {"gmac": float(f"{gmac:.6g}")}
-    text = json.dumps(meta, indent=2)
-    # Short lists of numbers/strings on one line, as the reference bundle has them.
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",
-                  lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]",
-                  text) + "\n"
+    golden = _file(stage, "golden.npz")
+    manifest = BundleManifest(
+        format=BUNDLE_FORMAT, name=contract.name, version=contract.version,
+        task=contract.task, precision="int8", input=contract.input, output=contract.output,
+        backends=backends, reference=_file(stage, "model.fp32.onnx"), references=references,
+        golden=GoldenEntry(path=golden.path, sha256=golden.sha256,
+                           min_psnr_db=contract.fidelity.min_psnr_db),
+        compute=None if gmac is None else ComputeSpec(gmac=float(f"{gmac:.6g}")),
+        model_card="MODEL_CARD.md")
+    return manifest.to_json()
 
 
 def _fmt(value: Any, spec: str = ".2f") -> str:

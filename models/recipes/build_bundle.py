@@ -7,13 +7,13 @@ import argparse
 import hashlib
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.bundle_manifest import BundleManifest
 from recipes import config
 from recipes.context import model_inputs
 from recipes.metrics import psnr
@@ -122,13 +122,8 @@ def bundle_json(spec: config.ModelSpec, min_psnr_db: float, gmac: float) -> dict
 
 
 def to_json(meta: dict[str, object]) -> str:
-    """Indented JSON with short lists of numbers/strings kept on one line."""
-    text = json.dumps(meta, indent=2)
-
-    def one_line(m: re.Match[str]) -> str:
-        return "[" + ", ".join(item.strip() for item in m.group(1).split(",")) + "]"
-
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", one_line, text) + "\n"
+    """bundle.json's text, checked against and written by the agent's schema of it."""
+    return BundleManifest.model_validate(meta).to_json()
 
 
 def main() -> None:
