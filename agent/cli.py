@@ -24,7 +24,7 @@ def _load(path: str) -> Config:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from agent.scaffold import InitOptions, write_directory
+    from agent.ops.scaffold import InitOptions, write_directory
 
     try:
         path = write_directory(
@@ -53,7 +53,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args.path)
-    from agent.bundle import BundleError, load_bundle
+    from agent.model.bundle import BundleError, load_bundle
 
     problems = []
     try:
@@ -77,10 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     configure(config.log.level, config.log.format)
     from agent.backends import BackendError
-    from agent.bundle import BundleError
-    from agent.guard import GuardFailed
-    from agent.keys import KeyFileError
-    from agent.service import Agent
+    from agent.crypto.keys import KeyFileError
+    from agent.daemon.service import Agent
+    from agent.model.bundle import BundleError
+    from agent.model.guard import GuardFailed
 
     log = get_logger("agent.cli")
     try:
@@ -97,8 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from agent.mqtt import Connection
-    from agent.topics import Topics
+    from agent.transport.mqtt import Connection
+    from agent.transport.topics import Topics
 
     config = _load(args.config)
     configure(config.log.level, config.log.format)
@@ -139,8 +139,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from agent.keys import KeyFileError
-    from agent.receiver import receive
+    from agent.cloud.receiver import receive
+    from agent.crypto.keys import KeyFileError
 
     config = _load(args.config)
     configure(config.log.level, config.log.format)
@@ -160,15 +160,15 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from agent.doctor import main as doctor
+    from agent.ops.doctor import main as doctor
 
     return doctor(args.config, timeout=args.timeout)
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
     from agent.backends import BackendError
-    from agent.bundle import BundleError
-    from agent.guard import report_json, verify_bundle
+    from agent.model.bundle import BundleError
+    from agent.model.guard import report_json, verify_bundle
 
     try:
         report = verify_bundle(args.bundle, runtime=args.runtime, intra_op_threads=args.threads)
@@ -218,7 +218,7 @@ def _runs(text: str) -> int:
 
 
 def cmd_model_quantize(args: argparse.Namespace) -> int:
-    from agent.contract import ContractError
+    from agent.model.contract import ContractError
     from agent.quantize import QuantizeError
     from agent.quantize.run import QuantizeOptions, quantize_bundle, render_table
 
@@ -242,7 +242,7 @@ def cmd_model_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.demo.run import run_demo
 
     configure("warning", "console")
     return run_demo(Path(args.workdir), slices=args.slices,

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.topics import TopicError, check_level
+from agent.transport.topics import TopicError, check_level
 
 MIB = 1024 * 1024
 S = TypeVar("S", bound=BaseModel)

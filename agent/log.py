@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from agent.sdnotify import syslog_prefix_processors
+from agent.daemon.sdnotify import syslog_prefix_processors
 
 PHI_KEYS = frozenset(
     {

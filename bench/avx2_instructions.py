@@ -39,7 +39,7 @@ CHILD = """
 import sys
 import numpy as np
 from agent.backends import RunnerOptions, open_runner
-from agent.bundle import load_bundle
+from agent.model.bundle import load_bundle
 bundle = load_bundle(sys.argv[1])
 runtime, precision, runs = sys.argv[2], sys.argv[3], int(sys.argv[4])
 path = (bundle.backend_file(runtime).path if precision == "int8"

@@ -11,9 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.mqtt import Connection
-from agent.scaffold import InitOptions, write_directory
-from agent.topics import Topics
+from agent.ops.scaffold import InitOptions, write_directory
+from agent.transport.mqtt import Connection
+from agent.transport.topics import Topics
 from bench import procs, report, rounds
 
 

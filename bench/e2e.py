@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from agent.backends import open_runner, runner_options
-from agent.bundle import load_bundle
 from agent.config import BrokerConfig, load_config
 from agent.cpu import read_cpu
-from agent.mqtt import Connection
-from agent.scaffold import default_bundle
+from agent.model.bundle import load_bundle
+from agent.ops.scaffold import default_bundle
+from agent.transport.mqtt import Connection
 from bench import contestants, procs, report, rounds, slices
 from bench.brokers import start_mosquitto
 from bench.contestants import Entrant

@@ -13,9 +13,9 @@ import numpy as np
 
 from agent.backends import ModelRunner
 from agent.config import BrokerConfig
-from agent.mqtt import Connection, Message
-from agent.seal import peek_header
-from agent.topics import Topic
+from agent.crypto.seal import peek_header
+from agent.transport.mqtt import Connection, Message
+from agent.transport.topics import Topic
 
 
 @dataclass

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from agent.bundle import ModelBundle
-from agent.preprocess import normalise, to_model_grid
-from agent.sample_series import build_series, load_demo_slab
+from agent.demo.sample_series import build_series, load_demo_slab
+from agent.model.bundle import ModelBundle
+from agent.model.preprocess import normalise, to_model_grid
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def _cpu() -> str:
 def write_inputs(workdir: Path) -> dict[str, list[Path]]:
     """The payloads every run reads: the demo slab, and the slab inside a 320 matrix."""
     sys.path.insert(0, str(ROOT))
-    from agent.sample_series import build_series, load_demo_slab
+    from agent.demo.sample_series import build_series, load_demo_slab
 
     slab = load_demo_slab()
     big = np.zeros((slab.t1.shape[0], 320, 320), dtype=np.uint16)
@@ -75,7 +75,7 @@ def write_inputs(workdir: Path) -> dict[str, list[Path]]:
 
 
 class _ThreadClock:
-    """Stands in for the ``time`` module in ``agent.pipeline``: its stage timer then reads
+    """Stands in for the ``time`` module in ``agent.daemon.pipeline``: its stage timer then reads
     this thread's CPU time, which a busy shared machine does not inflate with the time the
     process waits for a core."""
 
@@ -91,13 +91,13 @@ def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
     import hashlib
 
     import agent
-    import agent.pipeline
-    from agent import keys, seal
+    import agent.daemon.pipeline
     from agent.backends.base import ModelRunner
-    from agent.bundle import load_bundle
     from agent.config import LimitsSection
-    from agent.pipeline import Translator
-    from agent.topics import Topics
+    from agent.crypto import keys, seal
+    from agent.daemon.pipeline import Translator
+    from agent.model.bundle import load_bundle
+    from agent.transport.topics import Topics
 
     class Identity(ModelRunner):
         runtime = "identity"
@@ -113,7 +113,7 @@ def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
                          device_id="bench", message_id=message_id)
 
     if clock == "cpu":
-        setattr(agent.pipeline, "time", _ThreadClock())  # noqa: B010 - the stage timer reads it
+        setattr(agent.daemon.pipeline, "time", _ThreadClock())  # noqa: B010 - the stage timer reads it
     translator = Translator(load_bundle(BUNDLE), Identity(), sealer, limits=LimitsSection(),
                             topics=Topics("bench", "bench"))
     payloads = {name: [Path(p).read_bytes() for p in paths] for name, paths in inputs.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import BrokerConfig, Config, ConfigError, load_config, parse_config
-from agent.scaffold import InitOptions, write_directory
+from agent.ops.scaffold import InitOptions, write_directory
 from tests.bundles import make_scale_bundle
 
 VALID = """\

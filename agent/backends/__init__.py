@@ -1,8 +1,14 @@
 """Inference runtimes behind one small interface (see ``base.ModelRunner``).
 
+| module | job |
+|---|---|
+| ``base`` | the interface: float32 NCHW in and out, session built once; ``BackendError`` |
+| ``onnx`` | onnxruntime (CPU provider; TensorRT/CUDA where installed) |
+| ``litert`` | LiteRT through XNNPACK (``ai_edge_litert``, ``tflite_runtime`` as fallback) |
+
 Each runtime lives in its own module and imports its library lazily, so an agent that never
-uses a runtime never pays for importing it. ``select.choose_runner`` picks one of them for
-``backend = "auto"``.
+uses a runtime never pays for importing it. This package imports nothing above it;
+``agent.model.select`` picks a runtime for ``backend = "auto"``.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from typing import TYPE_CHECKING
 from agent.backends.base import BackendError, ModelRunner, RunnerOptions
 
 if TYPE_CHECKING:
-    from agent.bundle import ModelBundle
     from agent.config import ModelSection
+    from agent.model.bundle import ModelBundle
 
-# In order of preference when two are equally fast (see agent.backends.select).
+# In order of preference when two are equally fast (see agent.model.select).
 RUNTIMES = ("onnxruntime", "litert")
 _PACKAGES = {"onnxruntime": ("onnxruntime",), "litert": ("ai_edge_litert", "tflite_runtime")}
 INSTALL_HINTS = {

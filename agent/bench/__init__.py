@@ -21,7 +21,7 @@ from typing import TextIO
 
 from agent.bench.results import BenchOptions, BenchResult
 from agent.bench.run import run_bench
-from agent.bundle import BundleError, ModelBundle, load_bundle
+from agent.model.bundle import BundleError, ModelBundle, load_bundle
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2
 
@@ -39,7 +39,7 @@ def default_bundles() -> list[Path]:
 def load_bundles(paths: list[Path]) -> list[ModelBundle]:
     """Load (and check the digests of) every bundle; ``BundleError`` names the first bad
     one."""
-    from agent.guard import load_golden
+    from agent.model.guard import load_golden
 
     if not paths:
         raise BundleError("no model bundles found under models/: pass --bundle DIR")

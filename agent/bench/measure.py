@@ -6,7 +6,7 @@ that a burst of load from another process hits them all alike (the machine this 
 written on is shared with a training job). Each configuration runs twice untimed first
 (allocations and thread pools on the first run are not the model's latency).
 
-Fidelity follows the guard's convention (``agent.guard``): PSNR with the data range
+Fidelity follows the guard's convention (``agent.model.guard``): PSNR with the data range
 L = max(ref) - min(0, min(ref)) over the whole reference set (1.0 when that is not
 positive), and the figure that counts is the worst of the pooled PSNR and every per-input
 PSNR; plus the largest absolute difference.

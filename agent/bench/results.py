@@ -12,8 +12,8 @@ from typing import Any
 from agent.backends import RUNTIMES
 from agent.bench import measure
 from agent.bench.child import RssFigures
-from agent.bundle import ModelBundle
 from agent.cpu import CpuInfo, PeakEstimate
+from agent.model.bundle import ModelBundle
 
 Progress = Callable[[str], None]
 

@@ -12,7 +12,7 @@ keeps its reason instead of figures. For the rows that run:
 2. batch-1 latency at the largest thread count, the rows taking turns (``measure``);
 3. throughput for each thread count x batch size, the rows taking turns again;
 4. peak RSS, each row alone in a fresh process (``child``);
-5. what ``backend = "auto"`` would choose (``agent.backends.select.choose_runner``, no
+5. what ``backend = "auto"`` would choose (``agent.model.select.choose_runner``, no
    cache: it guards and times every runtime x {served, fp32} file itself), and why.
 """
 
@@ -43,9 +43,9 @@ from agent.bench.results import (
     Machine,
     Row,
 )
-from agent.bundle import BundleError, ModelBundle
 from agent.cpu import PeakEstimate
-from agent.guard import load_golden
+from agent.model.bundle import BundleError, ModelBundle
+from agent.model.guard import load_golden
 
 RANDOM_INPUTS = 4  # items drawn for a bundle without a golden set
 
@@ -190,7 +190,7 @@ def auto_choice(bundle: ModelBundle, threads: int, rounds: int,
                 runtimes: tuple[str, ...] = RUNTIMES) -> AutoChoice:
     """What ``backend = "auto"`` would serve the bundle with (no cache), among
     ``runtimes`` (the agent itself considers them all)."""
-    from agent.backends.select import choose_runner
+    from agent.model.select import choose_runner
 
     try:
         runner, choice = choose_runner(bundle, RunnerOptions(intra_op_threads=threads), None,

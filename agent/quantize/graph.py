@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.contract import Contract
+from agent.model.contract import Contract
 from agent.quantize.errors import BadInput
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})

@@ -1,11 +1,11 @@
 """Model inputs from an operator's DICOM directory, pre-processed exactly as the agent serves
 them, and split into a calibration part and a held-out golden part.
 
-Each file is decoded with ``agent.dicom.decode_scan`` against the input contract, put on
-the model grid (``agent.preprocess.to_model_grid``) and normalised
-(``agent.preprocess.normalise``). A file that is not usable is skipped and counted by reason,
+Each file is decoded with ``agent.dicom.decode.decode_scan`` against the input contract, put on
+the model grid (``agent.model.preprocess.to_model_grid``) and normalised
+(``agent.model.preprocess.normalise``). A file that is not usable is skipped and counted by reason,
 never fatal. For a 2.5D contract (``context_slices`` = k > 0) the stacks are the ones the
-agent would build: the agent's own series assembly (``agent.series``) groups the slices,
+agent would build: the agent's own series assembly (``agent.dicom.series``) groups the slices,
 orders them along the slice normal and finds each slice's k neighbours each side by
 position, repeating the nearest slice where one is missing or past a series' ends; the
 [2k+1, H, W] stack is normalised by its centre slice.
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle import InputContract
 from agent.config import LimitsSection
-from agent.dicom import ScanRejected, decode_scan
-from agent.preprocess import normalise, to_model_grid
-from agent.series import SeriesAssembler, SliceInfo, SliceRefused, slice_info, slice_position
+from agent.dicom.decode import ScanRejected, decode_scan
+from agent.dicom.series import SeriesAssembler, SliceInfo, SliceRefused, slice_info, slice_position
+from agent.model.bundle import InputContract
+from agent.model.preprocess import normalise, to_model_grid
 
 Floats = npt.NDArray[np.float32]
 _LIMITS = LimitsSection()  # the daemon's defaults: the same files are refused here

@@ -7,15 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import sha256_file
-from agent.bundle_manifest import (
+from agent.model.bundle import sha256_file
+from agent.model.contract import Contract
+from agent.model.manifest import (
     BUNDLE_FORMAT,
     BundleManifest,
     ComputeSpec,
     FileEntry,
     GoldenEntry,
 )
-from agent.contract import Contract
 
 
 def db_value(value: float | None) -> float | str | None:
@@ -30,7 +30,7 @@ def _file(stage: Path, name: str) -> FileEntry:
 
 
 def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
-    """bundle.json (``agent.bundle_manifest``) for the files in ``stage``."""
+    """bundle.json (``agent.model.manifest``) for the files in ``stage``."""
     backends = {"onnxruntime": _file(stage, "model.int8.onnx")}
     references = {}
     if (stage / "model.int8.tflite").is_file():

@@ -10,8 +10,8 @@ guarded int8 bundle. The steps, in order (each fails with a message that says wh
 5. if they do not, the sensitivity pass (``sensitivity.py``) keeps the nodes that lose most
    in float, one more at a time, then drops those not needed;
 6. write the bundle in a staging directory beside ``--out``, load it with
-   ``agent.bundle.load_bundle`` and run ``agent.guard`` on it through the agent's runner(s),
-   then move it into place.
+   ``agent.model.bundle.load_bundle`` and run ``agent.model.guard`` on it through the
+   agent's runner(s), then move it into place.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.bundle import sha256_file
-from agent.contract import load_contract
+from agent.model.bundle import sha256_file
+from agent.model.contract import load_contract
 from agent.quantize.cpu import decide_reduce_range
 from agent.quantize.errors import BadInput, FloorNotReached, require_onnx
 from agent.quantize.graph import check_against_contract, count_gmac, load_onnx, quantized_nodes

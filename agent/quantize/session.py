@@ -1,5 +1,5 @@
 """One quantize run's options and shared state, and how a candidate model is judged: the
-agent's own guard (``agent.guard.run_guard``) through the agent's runner, on the golden set
+agent's own guard (``agent.model.guard.run_guard``) through the agent's runner, on the golden set
 and on the check set (a few calibration inputs)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from agent.backends import BackendError, RunnerOptions, open_runner
-from agent.bundle import GoldenSet, ModelBundle
-from agent.contract import Contract
-from agent.guard import GuardReport, run_guard
+from agent.model.bundle import GoldenSet, ModelBundle
+from agent.model.contract import Contract
+from agent.model.guard import GuardReport, run_guard
 from agent.quantize.errors import BadInput, QuantizeError
 from agent.quantize.progress import Progress
 from agent.quantize.report import db_value

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.guard import verify_bundle
+from agent.model.guard import verify_bundle
 from agent.quantize.errors import BadInput, QuantizeError
 from agent.quantize.report import bundle_json, model_card
 from agent.quantize.session import Judged, Session

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle_manifest import BundleManifest
+from agent.model.manifest import BundleManifest
 from recipes import config
 from recipes.context import model_inputs
 from recipes.metrics import psnr
@@ -74,7 +74,7 @@ def _file(path: Path) -> dict[str, str]:
 
 
 def bundle_json(spec: config.ModelSpec, min_psnr_db: float, gmac: float) -> dict[str, object]:
-    """bundle.json in the format of agent/bundle.py (format 1; docs/bundle.md)."""
+    """bundle.json in the format of agent/model/bundle.py (format 1; docs/bundle.md)."""
     tflite = {name: spec.bundle(f"model.{name}.tflite") for name in ("int8", "fp32")}
     return {
         "format": 1,

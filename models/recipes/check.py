@@ -13,7 +13,7 @@ from recipes.runtime import make_session
 from recipes.sample import SAMPLE_NPZ
 
 sys.path.insert(0, str(config.MODELS_DIR.parent))
-from agent.bundle import load_bundle
+from agent.model.bundle import load_bundle
 
 
 def check_bundle(spec: config.ModelSpec) -> str:

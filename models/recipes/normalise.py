@@ -3,7 +3,7 @@
 model input = slice / percentile(slice[slice > 0], 99.5), clipped to [0, 1.5];
 an all-zero slice stays all zeros. A 2.5D stack of neighbouring slices is divided by the
 percentile of its centre slice, so that the neighbours keep their intensities relative to
-it. The agent applies exactly this before inference (``agent.preprocess.normalise``).
+it. The agent applies exactly this before inference (``agent.model.preprocess.normalise``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import BrokerConfig
-from agent.mqtt import Connection, Message
-from agent.topics import Topic
+from agent.transport.mqtt import Connection, Message
+from agent.transport.topics import Topic
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_BUNDLE = Path(os.environ.get("IOMT_TEST_BUNDLE", REPO / "models" / "t1w-to-t2w-lite"))

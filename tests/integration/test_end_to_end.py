@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from agent.sample_series import build_series, load_demo_slab
+from agent.demo.sample_series import build_series, load_demo_slab
 from tests.conftest import Mosquitto
 from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
 
@@ -269,9 +269,9 @@ def test_mqtt_311_sessions_against_mosquitto(
 def test_receive_rejects_forged_and_tampered_results_and_keeps_running(
     tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
 ) -> None:
-    from agent import keys, seal
     from agent.config import BrokerConfig
-    from agent.mqtt import Connection
+    from agent.crypto import keys, seal
+    from agent.transport.mqtt import Connection
 
     edge, cloud = brokers
     config = _init(tmp_path, edge, cloud)

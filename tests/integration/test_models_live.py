@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from agent.sample_series import build_series, load_demo_slab
+from agent.demo.sample_series import build_series, load_demo_slab
 from tests.bundles import expected_context_output, make_context_bundle
 from tests.conftest import Mosquitto
 from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
@@ -180,9 +180,9 @@ def test_the_shipped_2_5d_model_serves_a_shuffled_series(
     """The real t1w-to-t2w-full bundle, end to end: each result equals the model run on that
     slice and its neighbours (edges repeated), computed here with the agent's own stages."""
     from agent.backends import RunnerOptions, open_runner
-    from agent.backends.select import candidate_files
-    from agent.bundle import load_bundle
-    from agent.preprocess import from_model_grid, normalise, to_model_grid
+    from agent.model.bundle import load_bundle
+    from agent.model.preprocess import from_model_grid, normalise, to_model_grid
+    from agent.model.select import candidate_files
 
     edge, cloud = brokers
     n = 8

@@ -1,4 +1,4 @@
-"""agent.mqtt.Connection against a real Mosquitto: protocols, persistent sessions with
+"""agent.transport.mqtt.Connection against a real Mosquitto: protocols, persistent sessions with
 manual ack, publish completion, concurrency and the last will."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import BrokerConfig
-from agent.mqtt import Connection, Message, Will
-from agent.topics import Topic
+from agent.transport.mqtt import Connection, Message, Will
+from agent.transport.topics import Topic
 from tests.conftest import Mosquitto
 
 pytestmark = pytest.mark.integration
@@ -314,8 +314,8 @@ _VICTIM = textwrap.dedent(
     """
     import sys, threading, time
     from agent.config import BrokerConfig
-    from agent.mqtt import Connection, Will
-    from agent.topics import Topic
+    from agent.transport.mqtt import Connection, Will
+    from agent.transport.topics import Topic
 
     url, protocol, cid, topic = sys.argv[1:5]
     status = Topic(topic)

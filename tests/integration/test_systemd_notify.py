@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.scaffold import InitOptions, write_directory
+from agent.ops.scaffold import InitOptions, write_directory
 from tests.bundles import make_scale_bundle
 from tests.conftest import Mosquitto, mosquitto_binary
 

@@ -4,7 +4,7 @@
 * what the CPU offers, as this process sees it (numpy's runtime dispatch flags on x86,
   ``getauxval(AT_HWCAP)`` on arm64): the evidence that the emulator gave the kernels the
   CPU we meant;
-* the agent's own int8 guard (``agent.guard.verify_bundle``, what ``iomt-agent model
+* the agent's own int8 guard (``agent.model.guard.verify_bundle``, what ``iomt-agent model
   verify`` and the agent at load run) on every bundle under ``models/`` x every runtime;
 * the test files whose models are quantized here, on this CPU (``CELL_TESTS``), through
   pytest in this process, each test's outcome recorded.
@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 # The tests that quantize small models themselves and judge them with the guard. Their
 # tests of the shipped bundles are left out (DESELECT): the guard rows run the same check on
 # the same files, and under emulation they are the slowest third of these files.
-CELL_TESTS = ("tests/test_guard.py", "tests/test_litert.py", "tests/test_quantize.py")
+CELL_TESTS = ("tests/model/test_guard.py", "tests/backends/test_litert.py",
+              "tests/quantize/test_quantize.py")
 DESELECT = "not shipped"
 
 
@@ -64,8 +65,8 @@ def guard_rows() -> list[dict[str, Any]]:
     """``verify_bundle`` on every shipped bundle x runtime; a runtime that is missing or
     cannot open the file is a failed row, not a skipped one."""
     from agent.backends import RUNTIMES, runtime_installed
-    from agent.bundle import BundleError, load_bundle
-    from agent.guard import verify_bundle
+    from agent.model.bundle import BundleError, load_bundle
+    from agent.model.guard import verify_bundle
 
     rows = []
     for path in sorted(p.parent for p in (REPO / "models").glob("*/bundle.json")):

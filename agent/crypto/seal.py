@@ -1,0 +1,278 @@
+"""Sealed envelopes: HPKE-encrypted, Ed25519-signed results for the cloud receiver.
+
+Layout of envelope format v1 (all integers big-endian; exact spec in ``docs/protocol.md``)::
+
+    b"IOMT" | u8 version=1 | u16 len(H) | H | u32 len(C) | C | signature (64 bytes)
+
+``H`` is the header as canonical JSON, ``C`` is the single-shot HPKE base-mode ciphertext
+(encapsulated key || AEAD ciphertext) with ``info = b"iomt-envelope-v1" || H``, and the
+signature is Ed25519 by the device key over every byte before it.
+
+``open_envelope`` checks the framing, then the signature (with the key of the device named
+in the header), then decrypts. Error messages never contain plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.crypto.keys import RecipientKind, RecipientPrivateKey, RecipientPublicKey
+
+MAGIC = b"IOMT"
+VERSION = 1
+INFO_PREFIX = b"iomt-envelope-v1"
+SIGNATURE_LEN = 64
+MAX_FIELD_LEN = 256
+
+SUITES: dict[str, RecipientKind] = {
+    "mlkem768-x25519-hkdfsha256-aes256gcm": "mlkem768-x25519",
+    "x25519-hkdfsha256-aes256gcm": "x25519",
+}
+_SUITE_FOR_KIND: dict[RecipientKind, str] = {v: k for k, v in SUITES.items()}
+_HPKE: dict[RecipientKind, hpke.Suite] = {
+    "mlkem768-x25519": hpke.Suite(
+        hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM
+    ),
+    "x25519": hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+}
+
+_HEADER_KEYS = frozenset(
+    {"v", "suite", "recipient_key_id", "device_id", "message_id", "created", "content_type"}
+)
+_CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{32}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_PREFIX = struct.Struct(">4sBH")  # magic, version, header length
+_U32 = struct.Struct(">I")
+
+Reason = Literal[
+    "malformed",
+    "unsupported_version",
+    "unknown_device",
+    "bad_signature",
+    "unknown_recipient",
+    "decrypt_failed",
+    "unsupported_suite",
+]
+
+
+class EnvelopeError(Exception):
+    """An envelope could not be parsed, authenticated or decrypted.
+
+    ``reason`` is a stable machine-readable code (see ``Reason``); the message never
+    contains plaintext.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason: Reason = reason
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    """The cleartext header of an envelope (authenticated only after ``open_envelope``)."""
+
+    v: int
+    suite: str
+    recipient_key_id: str
+    device_id: str
+    message_id: str
+    created: datetime
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Opened(EnvelopeHeader):
+    """A verified and decrypted envelope: the header fields plus the plaintext."""
+
+    plaintext: bytes = field(repr=False)
+
+
+def format_created(when: datetime) -> str:
+    """Format an aware datetime as RFC 3339 UTC with milliseconds, e.g. ``...T10:00:00.000Z``."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("created must be timezone-aware")
+    utc = when.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _canonical_json(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _check_text(name: str, value: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_FIELD_LEN:
+        raise ValueError(f"{name} must be a non-empty string of at most {MAX_FIELD_LEN} chars")
+    if _CONTROL_RE.search(value):
+        raise ValueError(f"{name} must not contain control characters")
+
+
+def seal(
+    plaintext: bytes,
+    *,
+    recipient: RecipientPublicKey,
+    signing_key: Ed25519PrivateKey,
+    device_id: str,
+    message_id: str,
+    content_type: str = "application/dicom",
+    created: datetime | None = None,
+) -> bytes:
+    """Encrypt ``plaintext`` to ``recipient`` and sign the envelope with ``signing_key``.
+
+    The suite follows the recipient key's kind. ``created`` defaults to now and must be
+    timezone-aware. Raises ``ValueError`` for invalid arguments.
+    """
+    for name, value in (
+        ("device_id", device_id),
+        ("message_id", message_id),
+        ("content_type", content_type),
+    ):
+        _check_text(name, value)
+    header = _canonical_json(
+        {
+            "v": VERSION,
+            "suite": _SUITE_FOR_KIND[recipient.kind],
+            "recipient_key_id": recipient.key_id,
+            "device_id": device_id,
+            "message_id": message_id,
+            "created": format_created(datetime.now(UTC) if created is None else created),
+            "content_type": content_type,
+        }
+    )
+    ciphertext = _HPKE[recipient.kind].encrypt(
+        plaintext, recipient.hpke_key(), info=INFO_PREFIX + header
+    )
+    out = bytearray(_PREFIX.pack(MAGIC, VERSION, len(header)))
+    out += header
+    out += _U32.pack(len(ciphertext))
+    out += ciphertext
+    out += signing_key.sign(bytes(out))
+    return bytes(out)
+
+
+def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """Check the framing; return (header bytes, ciphertext, signature)."""
+    if len(data) < 5 or data[:4] != MAGIC:
+        raise EnvelopeError("malformed", "not an IOMT envelope (bad magic)")
+    if data[4] != VERSION:
+        raise EnvelopeError("unsupported_version", f"envelope version {data[4]} (supported: 1)")
+    if len(data) < _PREFIX.size:
+        raise EnvelopeError("malformed", "truncated before header length")
+    _, _, hlen = _PREFIX.unpack_from(data)
+    pos = _PREFIX.size + hlen
+    if len(data) < pos + _U32.size:
+        raise EnvelopeError("malformed", "truncated header")
+    (clen,) = _U32.unpack_from(data, pos)
+    pos += _U32.size
+    if len(data) != pos + clen + SIGNATURE_LEN:
+        raise EnvelopeError(
+            "malformed", f"length mismatch: {len(data)} bytes, framing says {pos + clen + 64}"
+        )
+    return data[_PREFIX.size : _PREFIX.size + hlen], data[pos : pos + clen], data[pos + clen :]
+
+
+def _parse_header(raw: bytes) -> EnvelopeHeader:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise EnvelopeError("malformed", "header is not UTF-8 JSON") from None
+    if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS:
+        raise EnvelopeError("malformed", "header does not have exactly the v1 fields")
+    try:
+        canonical = _canonical_json(obj) == raw
+    except UnicodeEncodeError:  # lone surrogates from \uXXXX escapes
+        canonical = False
+    if not canonical:
+        raise EnvelopeError("malformed", "header is not canonical JSON")
+    if type(obj["v"]) is not int or obj["v"] != VERSION:
+        raise EnvelopeError("malformed", "header v does not match the envelope version")
+    for name in ("suite", "device_id", "message_id", "content_type"):
+        try:
+            _check_text(name, obj[name])
+        except ValueError as e:
+            raise EnvelopeError("malformed", f"header {e}") from None
+    if not isinstance(obj["recipient_key_id"], str) or not _KEY_ID_RE.fullmatch(
+        obj["recipient_key_id"]
+    ):
+        raise EnvelopeError("malformed", "header recipient_key_id is not 32 lowercase hex")
+    if not isinstance(obj["created"], str) or not _CREATED_RE.fullmatch(obj["created"]):
+        raise EnvelopeError("malformed", "header created is not YYYY-MM-DDTHH:MM:SS.mmmZ")
+    try:
+        created = datetime.strptime(obj["created"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise EnvelopeError("malformed", "header created is not a valid time") from None
+    return EnvelopeHeader(
+        v=obj["v"],
+        suite=obj["suite"],
+        recipient_key_id=obj["recipient_key_id"],
+        device_id=obj["device_id"],
+        message_id=obj["message_id"],
+        created=created,
+        content_type=obj["content_type"],
+    )
+
+
+def peek_header(data: bytes) -> EnvelopeHeader:
+    """Parse the header WITHOUT verifying anything (for logging and routing only)."""
+    raw_header, _, _ = _split(data)
+    return _parse_header(raw_header)
+
+
+def open_envelope(
+    data: bytes,
+    *,
+    recipients: Mapping[str, RecipientPrivateKey],
+    trusted_devices: Mapping[str, Ed25519PublicKey],
+) -> Opened:
+    """Verify and decrypt an envelope.
+
+    ``recipients`` maps key id -> recipient private key, ``trusted_devices`` maps device id
+    -> Ed25519 public key. The signature is checked first, with the key of the header's
+    device; then the ciphertext is decrypted with the key named by ``recipient_key_id``.
+    Raises ``EnvelopeError`` (see its ``reason``).
+    """
+    raw_header, ciphertext, signature = _split(data)
+    header = _parse_header(raw_header)
+    device_key = trusted_devices.get(header.device_id)
+    if device_key is None:
+        raise EnvelopeError("unknown_device", f"device {header.device_id!r} is not trusted")
+    try:
+        device_key.verify(signature, data[: len(data) - SIGNATURE_LEN])
+    except InvalidSignature:
+        raise EnvelopeError(
+            "bad_signature", f"signature does not verify for device {header.device_id!r}"
+        ) from None
+    kind = SUITES.get(header.suite)
+    if kind is None:
+        raise EnvelopeError("unsupported_suite", f"suite {header.suite!r} is not supported")
+    key = recipients.get(header.recipient_key_id)
+    if key is None or key.kind != kind:
+        raise EnvelopeError(
+            "unknown_recipient", f"no {kind} private key with id {header.recipient_key_id}"
+        )
+    try:
+        plaintext = _HPKE[kind].decrypt(ciphertext, key.hpke_key(), info=INFO_PREFIX + raw_header)
+    except (InvalidTag, ValueError):
+        raise EnvelopeError(
+            "decrypt_failed", f"HPKE decryption failed for key {header.recipient_key_id}"
+        ) from None
+    return Opened(
+        v=header.v,
+        suite=header.suite,
+        recipient_key_id=header.recipient_key_id,
+        device_id=header.device_id,
+        message_id=header.message_id,
+        created=header.created,
+        content_type=header.content_type,
+        plaintext=plaintext,
+    )

@@ -1,0 +1,10 @@
+"""The running service: ingest, processing, outbox, status, signals, reload.
+
+| module | job |
+|---|---|
+| ``service`` | the daemon: brokers, store and stage threads; status, signals, reload |
+| ``pipeline`` | the processing stages of one scan, wired in one place |
+| ``stacking`` | the 2.5D path: series admission, neighbour stacks, release |
+| ``store`` | the durable inbox and outbox (SQLite WAL) |
+| ``sdnotify`` | systemd: READY, STATUS, WATCHDOG, STOPPING; credentials |
+"""

@@ -1,0 +1,236 @@
+"""``iomt-agent demo``: the main job on one machine.
+
+Two embedded amqtt brokers (edge and cloud) on free loopback ports, ``init`` into the
+workdir, the bundled T1-weighted MNI152 series sent as a scanner gateway would, the agent
+running as a subprocess, the cloud receiver verifying and decrypting the results, then a
+summary and a PNG montage (input | synthetic output | reference).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from agent.cloud.receiver import ResultReceiver
+from agent.config import load_config
+from agent.crypto import keys
+from agent.crypto.seal import EnvelopeError
+from agent.demo.embedded_broker import EmbeddedBroker
+from agent.demo.png import montage, write_gray_png
+from agent.demo.sample_series import DemoSlab, build_series, load_demo_slab
+from agent.dicom.derive import result_message_id
+from agent.model.bundle import load_bundle
+from agent.model.select import servable_digests
+from agent.ops.scaffold import InitOptions, write_directory
+from agent.transport.mqtt import Connection, Message
+from agent.transport.topics import Topics
+
+RESULT_TIMEOUT_S = 180.0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95)) if values else float("nan")
+
+
+def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> int:
+    slab = load_demo_slab()
+    slices = max(1, min(slices, slab.t1.shape[0]))
+    for sub in ("keys", "state", "results", "input"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    edge, cloud = EmbeddedBroker(), EmbeddedBroker()
+    edge.start()
+    cloud.start()
+    _say(f"[1/5] embedded brokers: edge {edge.url}, cloud {cloud.url} (amqtt, MQTT 3.1.1)")
+    agent_proc: subprocess.Popen[bytes] | None = None
+    try:
+        config_path = write_directory(
+            InitOptions(workdir, edge.url, cloud.url, site="demo-site", device_id="edge-1",
+                        bundle=bundle, protocol="3.1.1", force=True)
+        )
+        config = load_config(config_path)
+        model = load_bundle(config.model.bundle)
+        # backend = "auto" picks the served file at start: expect any of their result ids.
+        digests = sorted(servable_digests(model))
+        _say(f"[2/5] init: {config_path} (model {model.name} {model.version}, "
+             f"backend {config.model.backend})")
+
+        series = build_series(slab.t1[:slices], spacing_mm=tuple(slab.spacing_mm),
+                              first_slice_z_mm=slab.first_slice_z_mm)
+        (workdir / "input").mkdir()
+        sop_of: dict[str, str] = {}
+        for i, payload in enumerate(series):
+            (workdir / "input" / f"slice{i:03d}.dcm").write_bytes(payload)
+            sop = str(pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True).SOPInstanceUID)
+            sop_of.update((result_message_id(sop, d), sop) for d in digests)
+        _say(f"[3/5] sample series: {slices} axial T1w slices of the MNI152 template, "
+             f"{slab.t1.shape[2]}x{slab.t1.shape[1]} at {slab.spacing_mm[0]:g} mm")
+
+        # The cloud consumer subscribes first: a broker keeps results only for known sessions.
+        assert config.receiver is not None
+        rkey = keys.load_recipient_private_key(config.receiver.recipient_private_key)
+        receiver = ResultReceiver(
+            recipients={rkey.key_id: rkey},
+            trusted_devices={d: keys.load_verify_key(p)
+                             for d, p in config.receiver.trusted_devices.items()},
+            out_dir=workdir / "results",
+        )
+        topics = Topics(config.agent.site, config.agent.device_id)
+        sent_at: dict[str, float] = {}
+        latency_ms: dict[str, float] = {}
+        rejected: list[str] = []
+        all_in = threading.Event()
+        lock = threading.Lock()
+
+        def on_result(msg: Message) -> None:
+            try:
+                got = receiver.handle(msg.payload)
+            except EnvelopeError as exc:
+                rejected.append(exc.reason)
+            else:
+                if got is not None:
+                    with lock:
+                        sop = sop_of.get(got.message_id)
+                        if sop in sent_at:
+                            latency_ms[got.message_id] = (time.perf_counter() - sent_at[sop]) * 1e3
+                        if len(latency_ms) >= slices:
+                            all_in.set()
+            consumer.ack(msg)
+
+        consumer = Connection(config.cloud, "demo-cloud-consumer", name="cloud",
+                              subscriptions=(topics.results_filter(),), on_message=on_result,
+                              manual_ack=True)
+        consumer.start()
+        consumer.wait_connected(10)
+
+        log_path = workdir / "agent.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with log_path.open("wb") as log_file:
+            agent_proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(config_path)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            )
+        _wait_for_log(log_path, '"mqtt_connected"', count=2, timeout=60, proc=agent_proc)
+        _say(f"[4/5] agent running (pid {agent_proc.pid}, log {log_path})")
+
+        gateway = Connection(config.edge, "demo-scanner-gateway", name="edge")
+        gateway.start()
+        gateway.wait_connected(10)
+        t0 = time.perf_counter()
+        for payload in series:
+            sop = str(pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True).SOPInstanceUID)
+            sent_at[sop] = time.perf_counter()
+            gateway.publish(topics.scan("scanner-1"), payload, qos=1)
+        all_in.wait(RESULT_TIMEOUT_S)
+        elapsed = time.perf_counter() - t0
+        gateway.stop()
+        consumer.stop()
+    finally:
+        code = _stop_agent(agent_proc)
+        edge.stop()
+        cloud.stop()
+
+    verified = len(latency_ms)
+    stages = _stage_medians(workdir / "agent.log")
+    _say("[5/5] results verified and decrypted by the cloud consumer\n")
+    rows = [
+        ("slices sent", f"{slices}"),
+        ("results verified + decrypted", f"{verified}"),
+        ("results rejected", f"{len(rejected)}"),
+        *[(f"median {k} (ms)", f"{v:.1f}") for k, v in stages.items()],
+        ("end-to-end latency p50 / p95 (ms)",
+         f"{_median(list(latency_ms.values())):.0f} / {_p95(list(latency_ms.values())):.0f}"),
+        ("throughput (slices/s)", f"{verified / elapsed:.1f}" if elapsed > 0 else "-"),
+        ("agent exit code after SIGTERM", f"{code}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        _say(f"  {name:<{width}}  {value}")
+    png = _write_montage(workdir, slab, slices)
+    _say(f"\noutput series: {workdir / 'results'}\nmontage (input | synthetic T2w | "
+         f"simulated reference): {png}")
+    ok = verified == slices and not rejected and code == 0
+    _say("demo OK" if ok else "demo FAILED: not every slice came back verified")
+    return 0 if ok else 1
+
+
+def _wait_for_log(path: Path, needle: str, *, count: int, timeout: float,
+                  proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if text.count(needle) >= count:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {proc.returncode}; see {path}:\n{text[-2000:]}")
+        time.sleep(0.2)
+    raise RuntimeError(f"agent did not connect within {timeout:.0f} s; see {path}")
+
+
+def _stop_agent(proc: subprocess.Popen[bytes] | None) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _stage_medians(log_path: Path) -> dict[str, float]:
+    stages: dict[str, list[float]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"slice_processed"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for name, ms in event.get("stages_ms", {}).items():
+            stages.setdefault(name, []).append(float(ms))
+        stages.setdefault("total per slice", []).append(float(event.get("total_ms", 0)))
+    return {k: _median(v) for k, v in stages.items()}
+
+
+def _write_montage(workdir: Path, slab: DemoSlab, slices: int) -> Path:
+    outputs = sorted(
+        (pydicom.dcmread(p) for p in (workdir / "results").rglob("*.dcm")),
+        key=lambda ds: int(ds.InstanceNumber),
+    )
+    t1 = slab.t1
+    ref = slab.t2_reference
+    picks = sorted({0, slices // 2, slices - 1}) if slices > 2 else list(range(slices))
+    rows = []
+    for i in picks:
+        if i >= len(outputs):
+            continue
+        row = [t1[i], outputs[i].pixel_array]
+        if ref is not None:
+            row.append(ref[i])
+        rows.append(row)
+    path = workdir / "montage.png"
+    if rows:
+        write_gray_png(path, montage(rows))
+    return path

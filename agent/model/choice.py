@@ -1,0 +1,167 @@
+"""What ``backend = "auto"`` weighed and what it chose: one ``Candidate`` per runtime x
+precision, the ranking rule (``pick``) and the sentence that says why (``explain``).
+
+Pure: no runtime is opened here, so the rule and the wording are tested with plain numbers
+(``agent.model.select`` does the opening, guarding and timing).
+
+The ranking: the lowest median latency wins, except that a candidate within ``TIE_MARGIN``
+of the fastest wins when it comes earlier in the preference order: the bundle's served
+precision (int8) before fp32, then ``RUNTIMES`` order. So fp32 serves only where it is
+faster than every int8 file that passes the guard by more than the margin, and noise
+between two near-equal candidates does not flip the choice from one start to the next.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.backends import RUNTIMES
+
+if TYPE_CHECKING:
+    from agent.cpu import CpuInfo
+    from agent.model.guard import GuardReport
+
+FP32 = "fp32"
+TIE_MARGIN = 0.05  # a preferred candidate this much slower than the fastest still wins
+Key = tuple[str, str]  # (runtime, precision)
+
+
+def label(key: Key) -> str:
+    """``"litert int8"``: how a candidate is named in reasons and reports."""
+    return f"{key[0]} {key[1]}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One runtime x precision in a selection: whether it could serve, and its figures."""
+
+    runtime: str
+    precision: str
+    ok: bool
+    reason: str
+    median_ms: float | None = None
+    worst_psnr_db: float | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.runtime, self.precision)
+
+    def as_dict(self) -> dict[str, Any]:
+        db = self.worst_psnr_db
+        psnr: float | str | None = db
+        if db is not None:
+            psnr = round(db, 3) if math.isfinite(db) else (None if math.isnan(db) else "inf")
+        return {"runtime": self.runtime, "precision": self.precision, "ok": self.ok,
+                "reason": self.reason, "median_ms": self.median_ms, "worst_psnr_db": psnr}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
+        psnr = d.get("worst_psnr_db")
+        return cls(runtime=str(d["runtime"]), precision=str(d["precision"]), ok=bool(d["ok"]),
+                   reason=str(d["reason"]), median_ms=d.get("median_ms"),
+                   worst_psnr_db=math.inf if psnr == "inf" else psnr)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``choose_runner`` picked and why (for status and logs)."""
+
+    runtime: str
+    precision: str  # "int8" (the bundle's served files) or "fp32" (its references)
+    digest: str  # sha256 of the served file: the model half of every idempotency key
+    model_key: str  # the cache key: digest of the bundle's model files
+    threads: int
+    cached: bool  # True: taken from the cache, only the guard ran
+    candidates: tuple[Candidate, ...]
+    reason: str  # one sentence: why this candidate (see ``explain``)
+    guard: GuardReport = field(repr=False)  # the chosen runner's guard report
+    chosen_at: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe, for the status message and the selection log line."""
+        return {
+            "mode": "auto",
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "reason": self.reason,
+            "cached": self.cached,
+            "chosen_at": self.chosen_at,
+            "model_key": self.model_key[:16],
+            "candidates": [c.as_dict() for c in self.candidates],
+        }
+
+
+def _rank(key: Key, served: str) -> tuple[int, int]:
+    runtime, precision = key
+    order = RUNTIMES.index(runtime) if runtime in RUNTIMES else len(RUNTIMES)
+    return (0 if precision == served else 1, order)
+
+
+def pick(medians: dict[Key, float], served: str) -> Key:
+    """The candidate to serve among timed ones (``medians``: ms, lower is better);
+    ``served`` is the bundle's own precision, preferred on a tie (see the module doc)."""
+    if not medians:
+        raise ValueError("nothing to choose from")
+    fastest = min(medians.values())
+    for key in sorted(medians, key=lambda k: _rank(k, served)):
+        if medians[key] <= fastest * (1 + TIE_MARGIN):
+            return key
+    return min(medians, key=lambda k: medians[k])  # not reached: the fastest qualifies
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
+
+
+def cpu_why(cpu: CpuInfo | None) -> str:
+    """Why int8 may not pay on this CPU, from what ``agent.cpu`` read of it."""
+    if cpu is None:
+        return "the CPU could not be identified"
+    isa = ", ".join(cpu.isa) or cpu.arch or "unknown ISA"
+    if cpu.int8_dot is None:
+        return (f"this CPU has no int8 dot product ({isa}), so int8 MACs are at best 2x the "
+                "fp32 rate, less than quantize steps and memory traffic cost")
+    return (f"although this CPU has int8 dot products ({cpu.int8_dot}): the int8 files "
+            "lose to memory traffic and float operators here, not to MACs")
+
+
+def explain(chosen: Key, candidates: list[Candidate], served: str,
+            cpu: CpuInfo | None = None, accelerator: str | None = None) -> str:
+    """One sentence for the status, the log line and ``iomt-agent bench``: why ``chosen``.
+
+    ``candidates`` are every one considered (timed ones carry ``median_ms``); ``cpu`` is only
+    read when fp32 wins over a timed int8 file, to say why int8 did not pay here, unless
+    the fp32 file ran on an ``accelerator`` (an onnxruntime GPU provider), which is then
+    the why."""
+    timed = {c.key: c.median_ms for c in candidates if c.ok and c.median_ms is not None}
+    ms = timed.get(chosen)
+    if ms is None:
+        return f"{label(chosen)}: the only candidate"
+    fastest = min(timed, key=lambda k: timed[k])
+    others = {k: v for k, v in timed.items() if k != chosen}
+    if chosen[1] != served:  # fp32 won
+        rivals = {k: v for k, v in others.items() if k[1] == served}
+        if not rivals:
+            out = [f"{label(c.key)}: {c.reason}" for c in candidates
+                   if c.precision == served and not c.ok]
+            why = "; ".join(out) or f"the bundle has no {served} file for an installed runtime"
+            return (f"{chosen[1]} on {chosen[0]} ({_ms(ms)}): no {served} file can serve "
+                    f"here ({why})")
+        best = min(rivals, key=lambda k: rivals[k])
+        why = (f"it runs on {accelerator}, not on the CPU" if accelerator else cpu_why(cpu))
+        return (f"{chosen[1]} on {chosen[0]} is {rivals[best] / ms:.2f}x faster than the best "
+                f"{served} ({label(best)} {_ms(rivals[best])} vs {_ms(ms)}): {why}")
+    text = f"{chosen[1]} on {chosen[0]} ({_ms(ms)})"
+    if fastest != chosen:
+        return (f"{text}: within {TIE_MARGIN:.0%} of the fastest ({label(fastest)} "
+                f"{_ms(timed[fastest])}), and {served} before fp32, then "
+                f"{' before '.join(RUNTIMES)}, is preferred on a tie")
+    fp32 = {k: v for k, v in others.items() if k[1] != served}
+    if fp32:
+        best = min(fp32, key=lambda k: fp32[k])
+        return (f"{text}: the fastest; {fp32[best] / ms:.2f}x faster than the best fp32 "
+                f"({label(best)} {_ms(fp32[best])})")
+    return f"{text}: the fastest" + (f" of {len(timed)} that pass the guard"
+                                     if len(timed) > 1 else " that passes the guard")

@@ -1,0 +1,286 @@
+"""``backend = "auto"``: serve the bundle on the fastest installed runtime x precision that
+passes the guard, and remember the choice.
+
+The candidates are every runtime the bundle has a file for and whose library is
+installed, each in two precisions: the served files (``bundle.json`` ``backends``:
+``onnxruntime`` -> ``model.int8.onnx``, ``litert`` -> ``model.int8.tflite``) and the fp32
+references (``reference`` -> ``model.fp32.onnx`` for onnxruntime, ``references.litert`` ->
+``model.fp32.tflite``). An fp32 bundle has only its served files. ``choose_runner``:
+
+1. opens each candidate's runner (a file the runtime cannot load drops out, with the reason);
+2. runs the guard on it (``agent.model.guard.run_guard``, the fp32 files too): a candidate whose
+   outputs miss the bundle's fidelity floor is never chosen, however fast;
+3. times the survivors on the bundle's golden inputs, batch of one, the candidates taking
+   turns round by round so that machine noise hits them alike (inputs of the contract's
+   shape when the bundle has no golden set);
+4. keeps the one with the lowest median latency, int8 winning a tie within
+   ``TIE_MARGIN`` (``agent.model.choice.pick``), and says why in one sentence
+   (``explain``: where fp32 wins, how much faster and what about this CPU makes it so).
+
+int8 is expected to win; on a CPU without int8 dot products (AVX2 without VNNI, a
+Cortex-A72) an fp32 file can be faster, and then it serves, and the status, the log line
+and ``iomt-agent bench`` say so.
+
+The choice is cached (``agent.model.choice_cache``; the caller gives the path, under the
+agent's state dir) keyed by the bundle's model key: the sha256 of its model files'
+digests taken together, so that replacing any of them starts a new selection. An entry
+also records the precision, the thread count and the runtimes that were installed; a
+change in the last two starts a new selection. On a cache hit only the cached candidate is
+opened, and the guard still runs on it: if it now fails (or the runtime cannot open the
+file) the entry is dropped and every candidate is tried again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.backends import (
+    INSTALL_HINTS,
+    RUNTIMES,
+    BackendError,
+    ModelRunner,
+    RunnerOptions,
+    open_runner,
+    runtime_installed,
+)
+from agent.cpu import CpuInfo, read_cpu
+from agent.log import get_logger
+from agent.model.bundle import BundleFile, ModelBundle
+from agent.model.choice import FP32, TIE_MARGIN, Candidate, Choice, Key, explain, label, pick
+from agent.model.choice_cache import forget, read_cache, remember
+from agent.model.guard import FLOAT_PRECISIONS, GuardFailed, GuardReport, load_golden, run_guard
+
+log = get_logger("agent.model.select")
+
+DEFAULT_ROUNDS = 5
+Floats = npt.NDArray[np.float32]
+# (runners by candidate, inputs, rounds) -> median batch-1 ms by candidate
+Timer = Callable[[dict[Key, ModelRunner], Floats, int], dict[Key, float]]
+
+__all__ = ["DEFAULT_ROUNDS", "TIE_MARGIN", "Candidate", "Choice", "candidate_files",
+           "choose_runner", "model_key", "servable_digests"]
+
+
+def model_key(bundle: ModelBundle) -> str:
+    """The cache key: sha256 over the digests of the bundle's model files (served and
+    fp32 references) and of its golden set and floor."""
+    lines = [f"{rt}={f.sha256}" for rt, f in sorted(bundle.backends.items())]
+    if bundle.reference is not None:
+        lines.append(f"reference={bundle.reference.sha256}")
+    lines += [f"reference.{rt}={f.sha256}" for rt, f in sorted(bundle.references.items())]
+    if bundle.golden is not None:
+        lines.append(f"golden={bundle.golden.sha256}:{bundle.golden.min_psnr_db:g}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def candidate_files(bundle: ModelBundle,
+                    runtimes: tuple[str, ...] = RUNTIMES) -> dict[Key, BundleFile]:
+    """Every runtime x precision the bundle has a file for, in preference order: the
+    served precision first, then fp32 (none for an fp32 bundle: its served files are)."""
+    served = bundle.precision
+    files = {(rt, served): bundle.backends[rt] for rt in runtimes if rt in bundle.backends}
+    if served.lower() not in FLOAT_PRECISIONS:
+        for rt in runtimes:
+            ref = bundle.reference_file(rt)
+            if ref is not None:
+                files[(rt, FP32)] = ref
+    return files
+
+
+def servable_digests(bundle: ModelBundle) -> set[str]:
+    """The digests of every file ``auto`` may serve: a consumer that predicts result ids
+    (the demo, the e2e bench) accepts the id of whichever it chose."""
+    return {f.sha256 for f in candidate_files(bundle).values()}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _options(bundle: ModelBundle, options: RunnerOptions) -> RunnerOptions:
+    return replace(options, input_name=bundle.input.input_name,
+                   output_name=bundle.output.output_name)
+
+
+def _timing_inputs(bundle: ModelBundle) -> Floats:
+    if bundle.golden is not None:
+        x, _ref = load_golden(bundle)
+        return x
+    channels = bundle.input_channels
+    rng = np.random.default_rng(0)
+    return rng.random((2, channels, *bundle.input.shape), dtype=np.float32)
+
+
+def measure_medians(runners: dict[Key, ModelRunner], x: Floats, rounds: int) -> dict[Key, float]:
+    """Median batch-1 latency (ms) per runner over ``rounds`` passes of the inputs (the
+    default ``Timer``)."""
+    times: dict[Key, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for r in range(rounds):
+        for key in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+            runner = runners[key]
+            for i in range(len(x)):
+                t0 = time.perf_counter()
+                runner.run(x[i : i + 1])
+                times[key].append((time.perf_counter() - t0) * 1000)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def _read_cpu() -> CpuInfo | None:
+    try:
+        return read_cpu()
+    except Exception:  # the CPU reading only words the reason; never fail a selection on it
+        return None
+
+
+def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, key: str,
+                files: dict[Key, BundleFile],
+                installed: list[str]) -> tuple[ModelRunner, Choice] | None:
+    entry = read_cache(cache_path).get(key)
+    if not isinstance(entry, dict):
+        return None
+    cand = (str(entry.get("runtime")), str(entry.get("precision")))
+    if (cand not in files or cand[0] not in installed
+            or entry.get("threads") != options.intra_op_threads
+            or sorted(entry.get("installed", [])) != sorted(installed)):
+        return None
+    try:
+        runner = open_runner(cand[0], str(files[cand].path), options)
+    except BackendError as exc:
+        log.warning("backend_cache_stale", model=bundle.name, candidate=label(cand),
+                    error=str(exc))
+        forget(cache_path, key)
+        return None
+    report = run_guard(bundle, runner, precision=cand[1])
+    if not report.ok:
+        runner.close()
+        log.warning("backend_cache_stale", model=bundle.name, candidate=label(cand),
+                    error=report.reason)
+        forget(cache_path, key)
+        return None
+    try:
+        candidates = tuple(Candidate.from_dict(c) for c in entry.get("candidates", []))
+    except (KeyError, TypeError):
+        candidates = ()
+    choice = Choice(runtime=cand[0], precision=cand[1], digest=files[cand].sha256,
+                    model_key=key, threads=options.intra_op_threads, cached=True,
+                    candidates=candidates, reason=str(entry.get("reason", "")),
+                    guard=report, chosen_at=str(entry.get("chosen_at", "")))
+    return runner, choice
+
+
+def _guarded(bundle: ModelBundle, options: RunnerOptions, files: dict[Key, BundleFile],
+             installed: list[str]) -> tuple[dict[Key, ModelRunner], dict[Key, Candidate],
+                                            dict[Key, GuardReport]]:
+    """Open and guard every candidate: the runners that pass, the rest's reasons."""
+    out: dict[Key, Candidate] = {}
+    reports: dict[Key, GuardReport] = {}
+    runners: dict[Key, ModelRunner] = {}
+    for cand, file in files.items():
+        rt, precision = cand
+        if rt not in installed:
+            out[cand] = Candidate(rt, precision, False, f"not installed ({INSTALL_HINTS[rt]})")
+            continue
+        try:
+            runner = open_runner(rt, str(file.path), options)
+        except BackendError as exc:
+            out[cand] = Candidate(rt, precision, False, f"cannot load the model: {exc}")
+            continue
+        report = run_guard(bundle, runner, precision=precision)
+        reports[cand] = report
+        if report.ok:
+            runners[cand] = runner
+        else:
+            runner.close()
+            out[cand] = Candidate(rt, precision, False, report.reason,
+                                  worst_psnr_db=report.worst_psnr_db)
+    return runners, out, reports
+
+
+def choose_runner(
+    bundle: ModelBundle,
+    options: RunnerOptions,
+    cache_path: Path | None = None,
+    *,
+    runtimes: tuple[str, ...] | None = None,
+    rounds: int = DEFAULT_ROUNDS,
+    timer: Timer | None = None,
+    cpu: CpuInfo | None = None,
+) -> tuple[ModelRunner, Choice]:
+    """Open the bundle on the fastest installed runtime x precision that passes the guard.
+
+    ``runtimes`` narrows the candidates (default: every runtime in ``RUNTIMES``); ``timer``
+    replaces the timing (``measure_medians``) and ``cpu`` the reading of this CPU (used for
+    the reason when fp32 wins), for tests. Returns the open runner (the caller closes it)
+    and the choice. Raises ``GuardFailed`` when candidates ran the golden set but none
+    reached the floor (the report of the closest one, its reason naming every
+    candidate's), ``BackendError`` when none could open its model at all."""
+    options = _options(bundle, options)
+    files = candidate_files(bundle, runtimes or RUNTIMES)
+    if not files:
+        raise BackendError(
+            f"bundle {bundle.name} has no file for any runtime this agent knows "
+            f"({', '.join(runtimes or RUNTIMES)}); it has: {', '.join(sorted(bundle.backends))}"
+        )
+    installed = [rt for rt in dict.fromkeys(k[0] for k in files) if runtime_installed(rt)]
+    key = model_key(bundle)
+    if cache_path is not None:
+        hit = _from_cache(bundle, options, cache_path, key, files, installed)
+        if hit is not None:
+            log.info("backend_selected", model=bundle.name, **hit[1].summary())
+            return hit
+
+    runners, candidates, reports = _guarded(bundle, options, files, installed)
+    if not runners:
+        why = "; ".join(f"{label(c.key)}: {c.reason}" for c in candidates.values())
+        if reports:  # every candidate that could open its model missed the floor
+            closest = max(reports.values(), key=lambda r: r.worst_psnr_db or -math.inf)
+            raise GuardFailed(replace(closest, reason=(
+                f"no runtime serves {bundle.name} {bundle.version} within its fidelity "
+                f"floor: {why}")))
+        raise BackendError(f"no runtime can serve {bundle.name} {bundle.version}: {why}")
+
+    try:
+        medians = (timer or measure_medians)(runners, _timing_inputs(bundle), max(1, rounds))
+    except Exception:
+        for runner in runners.values():
+            runner.close()
+        raise
+    chosen = pick(medians, bundle.precision)
+    for cand, runner in runners.items():
+        candidates[cand] = Candidate(
+            cand[0], cand[1], True, "chosen" if cand == chosen else "passes the guard, slower",
+            median_ms=round(medians[cand], 3), worst_psnr_db=reports[cand].worst_psnr_db)
+        if cand != chosen:
+            runner.close()
+    ordered = tuple(candidates[c] for c in files)
+    providers = runners[chosen].describe().get("providers") or ["cpu"]
+    accelerator = None if providers[0] == "cpu" else f"onnxruntime's {providers[0]} provider"
+    reason = explain(chosen, list(ordered), bundle.precision,
+                     cpu if cpu is not None else _read_cpu(), accelerator)
+    choice = Choice(runtime=chosen[0], precision=chosen[1], digest=files[chosen].sha256,
+                    model_key=key, threads=options.intra_op_threads, cached=False,
+                    candidates=ordered, reason=reason, guard=reports[chosen],
+                    chosen_at=_now())
+    if cache_path is not None:
+        entry: dict[str, Any] = {
+            "runtime": chosen[0], "precision": chosen[1], "reason": reason,
+            "threads": options.intra_op_threads, "installed": installed,
+            "chosen_at": choice.chosen_at, "bundle": bundle.name, "version": bundle.version,
+            "candidates": [c.as_dict() for c in ordered]}
+        remember(cache_path, key, entry)
+    # Loud where int8 did not pay: the site engineer sees it in journalctl.
+    say = log.info if chosen[1] == bundle.precision else log.warning
+    say("backend_selected", model=bundle.name, **choice.summary())
+    return runners[chosen], choice

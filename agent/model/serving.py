@@ -1,0 +1,93 @@
+"""Load the model a config names and prove it fit to serve: the bundle (every digest), the
+runtime (or ``auto``'s choice of runtime and precision) and the accuracy guard.
+
+Used at start (a refusal stops the agent: exit 2) and on ``systemctl reload`` (a refusal
+leaves the previous model serving: see ``agent.daemon.service``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.backends import ModelRunner, open_runner, runner_options
+from agent.config import ModelSection
+from agent.model.bundle import ModelBundle, load_bundle
+from agent.model.guard import GuardReport, check_guard
+from agent.model.select import Choice, choose_runner
+
+BACKEND_CACHE = "backend-choice.json"  # under the state dir
+
+
+@dataclass
+class ServedModel:
+    """A bundle open on a runtime that passed the guard."""
+
+    bundle: ModelBundle
+    runner: ModelRunner
+    guard: GuardReport
+    settings: ModelSection  # the [model] section it was loaded with
+    selection: Choice | None = None  # backend = "auto" only
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.runtime
+
+    @property
+    def precision(self) -> str:
+        """The precision of the served file: the bundle's (int8), or fp32 where
+        ``backend = "auto"`` found its fp32 reference faster on this CPU."""
+        return self.selection.precision if self.selection else self.bundle.precision
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the served model file: the model half of every idempotency key."""
+        return self.selection.digest if self.selection else self.bundle.digest(self.runtime)
+
+    @property
+    def context(self) -> int:
+        """Neighbours each side the model needs (0: a 2D model)."""
+        return self.bundle.input.context_slices
+
+    def summary(self) -> dict[str, Any]:
+        """The status message's ``model`` member."""
+        providers = self.runner.describe().get("providers")  # onnxruntime only
+        return {
+            "name": self.bundle.name,
+            "version": self.bundle.version,
+            "digest": self.digest,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "backend": self.settings.backend,  # "auto" or the configured runtime
+            **({"providers": providers} if providers else {}),
+            "context_slices": self.context,
+            **({"selection": self.selection.summary()} if self.selection else {}),
+            "guard": self.guard.summary(),
+        }
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
+    """Open ``settings.bundle`` on the configured runtime and run the guard.
+
+    Raises ``BundleError`` (``GuardFailed`` when the guard refuses it) or ``BackendError``;
+    nothing is left open when it raises."""
+    bundle = load_bundle(settings.bundle)
+    options = runner_options(settings, bundle, state_dir)
+    if settings.backend == "auto":
+        # Every installed runtime x {int8, fp32} the bundle has a file for is guarded and
+        # timed on the golden set; the fastest that passes serves (int8 on a tie). Cached per
+        # model key, so a restart only re-runs the guard. Raises GuardFailed when none passes.
+        runner, selection = choose_runner(bundle, options, state_dir / BACKEND_CACHE)
+        return ServedModel(bundle, runner, selection.guard, settings, selection)
+    runner = open_runner(settings.backend, str(bundle.backend_file(settings.backend).path),
+                         options)
+    try:  # never serve a model that has drifted from its fp32 reference
+        guard = check_guard(bundle, runner)
+    except BaseException:
+        runner.close()
+        raise
+    return ServedModel(bundle, runner, guard, settings)

@@ -1,0 +1,120 @@
+"""``iomt-agent init``: a ready-to-run directory with a config and development keys."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import parse_config
+from agent.crypto import keys
+
+BUNDLE_NAME = "t1w-to-t2w-lite"
+
+
+def default_bundle() -> Path | None:
+    """The reference bundle of a source checkout or editable install, if there is one."""
+    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        candidate = base / "models" / BUNDLE_NAME
+        if (candidate / "bundle.json").is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    directory: Path
+    edge_url: str
+    cloud_url: str
+    site: str = "site-1"
+    device_id: str = "edge-1"
+    bundle: Path | None = None
+    protocol: str = "5"
+    recipient_kind: keys.RecipientKind = keys.DEFAULT_RECIPIENT_KIND
+    force: bool = False
+
+
+TEMPLATE = """\
+# iomt-edge-agent configuration (written by `iomt-agent init`).
+# Relative paths are relative to this file. Reference: README.md, section Configuration.
+
+[agent]
+site = "{site}"
+device_id = "{device_id}"
+state_dir = "state"
+
+[edge]            # where scanner gateways publish DICOM scans
+url = "{edge_url}"
+protocol = "{protocol}"
+
+[cloud]           # where sealed results go
+url = "{cloud_url}"
+protocol = "{protocol}"
+
+[model]
+bundle = "{bundle}"
+backend = "auto"                 # the fastest runtime x precision that passes the guard
+intra_op_threads = 0
+inter_op_threads = 1
+
+[seal]
+recipient_public_key = "keys/cloud-recipient.pub"
+device_signing_key = "keys/device-signing.key"
+
+[limits]
+max_payload_bytes = 67108864     # 64 MiB
+pixel_budget = 16777216          # rows x columns x frames
+inbox_max_bytes = 2147483648
+outbox_max_bytes = 2147483648
+
+[log]
+level = "info"
+format = "auto"
+
+# The cloud side, for `iomt-agent receive` (a development convenience: in production the
+# recipient private key lives only in the cloud, never on the edge node).
+[receiver]
+recipient_private_key = "keys/cloud-recipient.key"
+trusted_devices = {{ "{device_id}" = "keys/device-signing.pub" }}
+"""
+
+
+def write_directory(opts: InitOptions) -> Path:
+    """Create the directory; returns the config path. Refuses to overwrite without force."""
+    bundle = opts.bundle or default_bundle()
+    if bundle is None:
+        raise FileNotFoundError(
+            f"no model bundle given and models/{BUNDLE_NAME} not found: pass --bundle PATH"
+        )
+    config_path = opts.directory / "agent.toml"
+    if config_path.exists() and not opts.force:
+        raise FileExistsError(f"{config_path} exists; pass --force to overwrite it")
+    # JSON string escapes are valid TOML basic-string escapes; the template adds the quotes.
+    def q(value: str) -> str:
+        return json.dumps(value)[1:-1]
+
+    text = TEMPLATE.format(
+        site=q(opts.site),
+        device_id=q(opts.device_id),
+        edge_url=q(opts.edge_url),
+        cloud_url=q(opts.cloud_url),
+        protocol=q(opts.protocol),
+        bundle=q(str(bundle.resolve())),
+    )
+    # Validate before writing anything, so a bad flag leaves nothing behind.
+    parse_config(text, "agent.toml (from init flags)")
+    key_dir = opts.directory / "keys"
+    key_dir.mkdir(parents=True, exist_ok=True)
+    (opts.directory / "state").mkdir(exist_ok=True)
+    ow = opts.force
+    device = keys.generate_signing_key()
+    keys.save_private_key(key_dir / "device-signing.key", device, overwrite=ow)
+    keys.save_public_key(key_dir / "device-signing.pub", device.public_key(), overwrite=ow)
+    recipient, recipient_pub = keys.generate_recipient_keypair(opts.recipient_kind)
+    keys.save_private_key(key_dir / "cloud-recipient.key", recipient, overwrite=ow)
+    keys.save_public_key(key_dir / "cloud-recipient.pub", recipient_pub, overwrite=ow)
+    operator = keys.generate_signing_key()
+    keys.save_private_key(key_dir / "operator.key", operator, overwrite=ow)
+    keys.save_public_key(key_dir / "operator.pub", operator.public_key(), overwrite=ow)
+    config_path.write_text(text, encoding="utf-8")
+    return config_path

@@ -1,0 +1,264 @@
+"""The only module that imports paho: connections with persistent sessions and manual ack.
+
+``Connection`` wraps one paho client: MQTT v5 (``clean_start=False`` and a session expiry)
+or 3.1.1 (``clean_session=False``), QoS 1, automatic reconnect, optional manual ack of
+received messages, and publish completion callbacks that carry the broker's verdict (the v5
+PUBACK reason code; a 3.1.1 PUBACK has none and always means success).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import BrokerConfig
+from agent.log import get_logger
+from agent.transport.topics import Topic
+
+log = get_logger("agent.transport.mqtt")
+
+
+class MqttError(Exception):
+    """Base of the MQTT errors."""
+
+
+class ConnectFailed(MqttError):
+    """The broker refused or could not be reached."""
+
+
+class PublishFailed(MqttError):
+    """paho refused to queue a publish."""
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    retain: bool
+    dup: bool
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: Topic
+    payload: bytes
+    retain: bool = True
+
+
+PublishDone = Callable[[bool, str], None]  # (accepted by broker, reason text)
+
+
+def describe_rc(rc: MQTTErrorCode | int) -> str:
+    """A readable sentence for a paho return code."""
+    return str(paho.error_string(int(rc)))
+
+
+class Connection:
+    """One broker connection. Callbacks run on paho's network thread: keep them short."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        client_id: str,
+        *,
+        name: str,
+        subscriptions: tuple[Topic, ...] = (),
+        on_message: Callable[[Message], None] | None = None,
+        manual_ack: bool = False,
+        will: Will | None = None,
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = name
+        self._subscriptions = subscriptions
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self._v5 = cfg.protocol == "5"
+        self._connected = threading.Event()
+        self._pending: dict[int, PublishDone] = {}
+        self._early: dict[int, tuple[bool, str]] = {}
+        self._fire_and_forget: set[int] = set()
+        self._pending_lock = threading.Lock()
+        self.last_error: str | None = None
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else False,
+            manual_ack=manual_ack,
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(64)
+        if cfg.username:
+            password = None
+            if cfg.password_file:
+                password = cfg.password_file.read_text(encoding="utf-8").strip()
+            self.client.username_pw_set(cfg.username, password)
+        if cfg.tls:
+            self.client.tls_set(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if will is not None:
+            self.client.will_set(str(will.topic), will.payload, qos=1, retain=will.retain)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; paho reconnects by itself after a drop."""
+        try:
+            if self._v5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = self.cfg.session_expiry_s
+                self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
+                                          clean_start=False, properties=props)
+            else:  # 3.1.1: the persistent session comes from clean_session=False
+                self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise ConnectFailed(f"{self.name} broker {self.cfg.url}: {exc}") from exc
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the will is not sent) and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    def unsubscribe_all(self) -> None:
+        for topic in self._subscriptions:
+            self.client.unsubscribe(str(topic))
+        self._subscriptions = ()
+
+    # -- traffic -------------------------------------------------------------------------
+    def publish(
+        self,
+        topic: Topic | str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        on_done: PublishDone | None = None,
+    ) -> int:
+        """Queue a publish; ``on_done`` runs when the broker has acknowledged it (QoS 1).
+
+        Our lock is never held while calling into paho: paho calls ``on_publish`` with its
+        own message lock held, so holding ours across ``client.publish`` could deadlock.
+        """
+        info = self.client.publish(str(topic), payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishFailed(f"{self.name}: publish refused: {describe_rc(info.rc)}")
+        callback = on_done or _ignore
+        with self._pending_lock:
+            early = self._early.pop(info.mid, None)
+            if qos == 0:
+                # paho reports QoS 0 sends too; remember the mid so that report is dropped
+                # instead of lingering as a stale verdict for a later QoS 1 message.
+                if early is None:
+                    self._fire_and_forget.add(info.mid)
+            elif early is None:
+                self._pending[info.mid] = callback
+        if qos == 0:
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                callback(True, "sent")
+            return int(info.mid)
+        if early is not None:  # the PUBACK beat us to the registration
+            callback(*early)
+        return int(info.mid)
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a received message (manual-ack mode)."""
+        if message.qos > 0:
+            self.client.ack(message.mid, message.qos)
+
+    # -- paho callbacks (network thread) -------------------------------------------------
+    def _on_connect(
+        self, client: paho.Client, _userdata: object, flags: paho.ConnectFlags,
+        reason: ReasonCode, _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = f"connection refused: {reason}"
+            log.warning("mqtt_connect_refused", broker=self.name, url=self.cfg.url,
+                        reason=str(reason), fix=_connect_hint(reason))
+            return
+        log.info("mqtt_connected", broker=self.name, url=self.cfg.url,
+                 session_present=bool(flags.session_present))
+        for topic in self._subscriptions:
+            client.subscribe(str(topic), qos=1)
+        self.last_error = None
+        self._connected.set()
+        if self._on_connected_cb is not None:
+            self._on_connected_cb()
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: object) -> None:
+        self.last_error = f"cannot reach {self.cfg.host}:{self.cfg.port}"
+
+    def _on_disconnect(
+        self, _client: paho.Client, _userdata: object, _flags: paho.DisconnectFlags,
+        reason: ReasonCode, _props: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        if reason.is_failure or int(reason.value) != 0:
+            self.last_error = f"disconnected: {reason}"
+            log.warning("mqtt_disconnected", broker=self.name, reason=str(reason))
+
+    def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+        if self._on_message_cb is None:
+            return
+        message = Message(
+            msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup)
+        )
+        self._on_message_cb(message)
+
+    def _on_publish(
+        self, _client: paho.Client, _userdata: object, mid: int,
+        reason: ReasonCode, _props: Properties | None,
+    ) -> None:
+        verdict = (not reason.is_failure, str(reason))
+        with self._pending_lock:
+            if mid in self._fire_and_forget:
+                self._fire_and_forget.discard(mid)
+                return
+            done = self._pending.pop(mid, None)
+            if done is None:
+                self._early[mid] = verdict
+        if done is not None:
+            done(*verdict)
+
+
+def _ignore(_ok: bool, _reason: str) -> None:
+    return None
+
+
+def _connect_hint(reason: ReasonCode) -> str:
+    text = str(reason).lower()
+    if "not authorized" in text or "bad user" in text or "username" in text:
+        return "check username / password_file for this broker"
+    if "protocol" in text:
+        return 'the broker may not speak MQTT v5: set protocol = "3.1.1" for it'
+    if "identifier" in text:
+        return "client_id rejected: use a shorter id of letters and digits"
+    return "see the broker's log"

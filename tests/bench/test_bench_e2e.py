@@ -1,0 +1,53 @@
+"""The end-to-end benchmark's parts that run without brokers: its scans, the naive script's
+per-slice job, and the summaries (bench/; the broker rounds are `make bench`)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+
+from agent.model.bundle import load_bundle
+from agent.ops.scaffold import default_bundle
+from bench import report, slices
+from bench.naive_script import NaiveTranslator
+from bench.rounds import Flood
+
+
+def test_scans_come_at_both_matrices_over_one_field_of_view() -> None:
+    vols = slices.volumes()
+    assert [v.matrix for v in vols] == [256, 320]
+    for v in vols:
+        assert v.t1.dtype == np.uint16
+        assert abs(v.matrix * v.spacing_mm[1] - 256.0) < 1e-6  # same 256 mm field of view
+    payloads = slices.payloads(vols, 30)
+    assert len(payloads) == 30
+    headers = [pydicom.dcmread(io.BytesIO(p), stop_before_pixels=True) for p in payloads]
+    assert {h.Rows for h in headers} == {256, 320}
+    assert len({h.SOPInstanceUID for h in headers}) == 30
+
+
+def test_naive_script_returns_the_raw_array_on_the_source_grid() -> None:
+    bundle_dir = default_bundle()
+    assert bundle_dir is not None
+    vols = slices.volumes()
+    naive = NaiveTranslator(bundle_dir)
+    for vol, payload in ((v, slices.payloads([v], 1)[0]) for v in vols):
+        out = np.frombuffer(naive.translate(payload), dtype=np.uint16)
+        assert out.size == vol.matrix * vol.matrix
+        assert out.max() > 100  # the model ran on the image, not on zeros
+    assert len(slices.model_inputs(vols[:1], load_bundle(bundle_dir))) == len(vols[0].t1)
+
+
+def test_ratios_are_taken_round_by_round() -> None:
+    a, b = report.Contestant(), report.Contestant()
+    a.rounds = [Flood(10, 1.0), Flood(10, 2.0), Flood(10, 1.0)]
+    b.rounds = [Flood(10, 2.0), Flood(10, 2.0), Flood(10, 4.0)]
+    a.cpu_s = [0.5, 0.5, 0.5]
+    assert report.pairwise_ratio(a, b) == {"median": 2.0, "min": 1.0, "max": 4.0}
+    assert a.cpu_ms_per_slice() == 50.0
+    assert a.cores_busy() == 1.5 / 4.0
+    stages = report.stage_medians([{"stages_ms": {"infer": 3.0, "seal": 1.0}, "total_ms": 5},
+                                   {"stages_ms": {"infer": 5.0, "seal": 1.0}, "total_ms": 7}])
+    assert stages == {"infer": 4.0, "seal": 1.0, "sum_of_stages": 5.0, "total_ms": 6.0}

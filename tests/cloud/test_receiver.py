@@ -1,0 +1,167 @@
+"""Tests for agent.receiver.ResultReceiver: verify, decrypt, de-duplicate and file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.cloud.receiver import Received, ResultReceiver, receiver_from_config
+from agent.config import ConfigError, load_config, parse_config
+from agent.crypto import keys, seal
+from agent.crypto.seal import EnvelopeError
+from agent.demo.sample_series import build_series
+from agent.ops.scaffold import InitOptions, write_directory
+from tests.bundles import make_scale_bundle
+
+DEVICE = "edge-1"
+_RECIPIENT, _RECIPIENT_PUB = keys.generate_recipient_keypair()
+_DEVICE_KEY = keys.generate_signing_key()
+_SERIES = build_series(np.full((3, 16, 16), 500, dtype=np.uint16), patient_name="DOE^JOHN")
+
+
+def _seal(plaintext: bytes, message_id: str, *, device: str = DEVICE,
+          signing_key: Ed25519PrivateKey = _DEVICE_KEY,
+          recipient: keys.RecipientPublicKey = _RECIPIENT_PUB) -> bytes:
+    return seal.seal(plaintext, recipient=recipient, signing_key=signing_key, device_id=device,
+                     message_id=message_id)
+
+
+def _receiver(out: Path) -> ResultReceiver:
+    return ResultReceiver(recipients={_RECIPIENT.key_id: _RECIPIENT},
+                          trusted_devices={DEVICE: _DEVICE_KEY.public_key()}, out_dir=out)
+
+
+def _uids(instance: bytes) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(io.BytesIO(instance), stop_before_pixels=True)
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+
+def _reason(receiver: ResultReceiver, envelope: bytes) -> str:
+    with pytest.raises(EnvelopeError) as ei:
+        receiver.handle(envelope)
+    return ei.value.reason
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_files_study_series_sop(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    receiver = _receiver(out)
+    got = receiver.handle(_seal(_SERIES[0], "m-0"))
+    study, series, sop = _uids(_SERIES[0])
+    assert got == Received("m-0", DEVICE, out / study / series / f"{sop}.dcm", len(_SERIES[0]))
+    assert got.path.read_bytes() == _SERIES[0]
+    second = receiver.handle(_seal(_SERIES[1], "m-1"))
+    assert second is not None and second.path.parent == got.path.parent
+    assert _files(out) == sorted([got.path, second.path])  # no temporary files left
+
+
+def test_duplicates_return_none(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    receiver = _receiver(out)
+    envelope = _seal(_SERIES[0], "m-0")
+    first = receiver.handle(envelope)
+    assert first is not None
+    mtime = first.path.stat().st_mtime_ns
+    assert receiver.handle(envelope) is None
+    # A redelivery sealed afresh (new encapsulation, same message id) is a duplicate too.
+    assert receiver.handle(_seal(_SERIES[0], "m-0")) is None
+    # So is the same instance after a restart: the file is already there.
+    assert _receiver(out).handle(_seal(_SERIES[0], "m-0")) is None
+    assert first.path.stat().st_mtime_ns == mtime
+    assert _files(out) == [first.path]
+
+
+def test_tampered_bytes_are_rejected(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    receiver = _receiver(out)
+    envelope = bytearray(_seal(_SERIES[0], "m-0"))
+    for pos in (len(envelope) // 2, len(envelope) - 1, 40):
+        bad = bytearray(envelope)
+        bad[pos] ^= 0x01
+        with pytest.raises(EnvelopeError):
+            receiver.handle(bytes(bad))
+    assert _reason(receiver, bytes(envelope[:-1])) == "malformed"
+    assert _reason(receiver, b"not an envelope") == "malformed"
+    assert _files(out) == []
+    assert receiver.handle(bytes(envelope)) is not None  # the genuine one still files
+
+
+def test_unknown_device(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path / "results")
+    assert _reason(receiver, _seal(_SERIES[0], "m-0", device="edge-9")) == "unknown_device"
+    # The right name with another key is a forgery.
+    forged = _seal(_SERIES[0], "m-0", signing_key=Ed25519PrivateKey.generate())
+    assert _reason(receiver, forged) == "bad_signature"
+    assert _files(tmp_path) == []
+
+
+def test_unknown_recipient_key_id(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path / "results")
+    _, other_pub = keys.generate_recipient_keypair()
+    assert _reason(receiver, _seal(_SERIES[0], "m-0", recipient=other_pub)) == (
+        "unknown_recipient")
+    assert _files(tmp_path) == []
+
+
+def test_non_dicom_plaintext_is_malformed(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path / "results")
+    assert _reason(receiver, _seal(b"\x00" * 10, "m-0")) == "malformed"
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize("uid", ["../../../etc", "1.2.3/4", "", "1.2.abc", "1" * 65])
+def test_uids_cannot_escape_the_output_directory(tmp_path: Path, uid: str) -> None:
+    ds = pydicom.dcmread(io.BytesIO(_SERIES[0]))
+    ds.SOPInstanceUID = uid
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    receiver = _receiver(tmp_path / "results")
+    with pytest.raises(EnvelopeError) as ei:
+        receiver.handle(_seal(buffer.getvalue(), "m-evil"))
+    assert ei.value.reason == "malformed" and "SOPInstanceUID" in str(ei.value)
+    assert _files(tmp_path) == []
+
+
+def test_failed_write_is_not_remembered_as_seen(tmp_path: Path) -> None:
+    """A result that could not be written must be filed when it is redelivered."""
+    out = tmp_path / "results"
+    out.mkdir()
+    study, _, _ = _uids(_SERIES[0])
+    (out / study).write_bytes(b"")  # a file where the study directory should go
+    receiver = _receiver(out)
+    envelope = _seal(_SERIES[0], "m-0")
+    with pytest.raises(OSError):
+        receiver.handle(envelope)
+    (out / study).unlink()
+    got = receiver.handle(envelope)
+    assert got is not None and got.path.read_bytes() == _SERIES[0]
+
+
+def test_receiver_from_config(tmp_path: Path) -> None:
+    bundle = make_scale_bundle(tmp_path / "bundle")
+    cfg_path = write_directory(InitOptions(tmp_path / "node", "mqtt://127.0.0.1:1883",
+                                           "mqtt://127.0.0.1:1884", device_id=DEVICE,
+                                           bundle=bundle))
+    cfg = load_config(cfg_path)
+    receiver = receiver_from_config(cfg, tmp_path / "out")
+    kdir = tmp_path / "node" / "keys"
+    envelope = seal.seal(_SERIES[2], recipient=keys.load_recipient_public_key(
+        kdir / "cloud-recipient.pub"), signing_key=keys.load_signing_key(
+        kdir / "device-signing.key"), device_id=DEVICE, message_id="m-2")
+    got = receiver.handle(envelope)
+    assert got is not None and got.path.read_bytes() == _SERIES[2]
+    # The test keys of this module are not the configured ones.
+    assert _reason(receiver, _seal(_SERIES[0], "m-0")) == "bad_signature"
+
+    without = parse_config(cfg_path.read_text().split("[receiver]")[0])
+    with pytest.raises(ConfigError, match="receiver"):
+        receiver_from_config(without, tmp_path / "out")

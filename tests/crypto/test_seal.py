@@ -1,0 +1,292 @@
+"""Tests for agent.seal: round trip, tamper detection, header binding, error reasons."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import struct
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.crypto import keys, seal
+from agent.crypto.keys import RecipientKind, RecipientPrivateKey, RecipientPublicKey
+from agent.crypto.seal import EnvelopeError
+
+KINDS: tuple[RecipientKind, ...] = ("mlkem768-x25519", "x25519")
+PAYLOAD = bytes(random.Random(7).getrandbits(8) for _ in range(4096))
+DEVICE = "edge-01"
+_RECIPIENTS = {k: keys.generate_recipient_keypair(k) for k in KINDS}
+_DEVICE_KEY = Ed25519PrivateKey.generate()
+
+
+def _recipient(kind: RecipientKind) -> tuple[RecipientPrivateKey, RecipientPublicKey]:
+    return _RECIPIENTS[kind]
+
+
+def _seal(kind: RecipientKind, payload: bytes = PAYLOAD, **kw: object) -> bytes:
+    args: dict[str, object] = {
+        "recipient": _recipient(kind)[1],
+        "signing_key": _DEVICE_KEY,
+        "device_id": DEVICE,
+        "message_id": "m-1",
+    }
+    args.update(kw)
+    return seal.seal(payload, **args)  # type: ignore[arg-type]
+
+
+def _open(data: bytes, kind: RecipientKind = "mlkem768-x25519") -> seal.Opened:
+    priv = _recipient(kind)[0]
+    return seal.open_envelope(
+        data,
+        recipients={priv.key_id: priv},
+        trusted_devices={DEVICE: _DEVICE_KEY.public_key()},
+    )
+
+
+def _reason(data: bytes, kind: RecipientKind = "mlkem768-x25519") -> str:
+    with pytest.raises(EnvelopeError) as ei:
+        _open(data, kind)
+    return ei.value.reason
+
+
+def _split(data: bytes) -> tuple[int, int]:
+    """Return (header end, ciphertext end) offsets."""
+    (hlen,) = struct.unpack_from(">H", data, 5)
+    (clen,) = struct.unpack_from(">I", data, 7 + hlen)
+    return 7 + hlen, 7 + hlen + 4 + clen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip(kind: RecipientKind) -> None:
+    when = datetime(2025, 3, 4, 5, 6, 7, 891234, tzinfo=timezone(timedelta(hours=2)))
+    data = _seal(kind, created=when, content_type="application/json")
+    opened = _open(data, kind)
+    assert opened.plaintext == PAYLOAD
+    assert opened.device_id == DEVICE and opened.message_id == "m-1"
+    assert opened.content_type == "application/json"
+    assert opened.created == datetime(2025, 3, 4, 3, 6, 7, 891000, tzinfo=UTC)
+    assert opened.recipient_key_id == _recipient(kind)[1].key_id
+    assert (
+        opened.suite
+        == {
+            "mlkem768-x25519": "mlkem768-x25519-hkdfsha256-aes256gcm",
+            "x25519": "x25519-hkdfsha256-aes256gcm",
+        }[kind]
+    )
+    assert PAYLOAD.hex()[:32] not in repr(opened)
+    assert seal.peek_header(data) == seal.EnvelopeHeader(
+        **{k: getattr(opened, k) for k in seal.EnvelopeHeader.__dataclass_fields__}
+    )
+
+
+def test_layout_and_canonical_header() -> None:
+    data = _seal("mlkem768-x25519", created=datetime(2025, 1, 1, tzinfo=UTC))
+    assert data[:5] == b"IOMT\x01"
+    hend, cend = _split(data)
+    header = data[7:hend]
+    obj = json.loads(header)
+    assert header == json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    assert obj["created"] == "2025-01-01T00:00:00.000Z" and obj["v"] == 1
+    # enc (1120) + plaintext + GCM tag (16)
+    assert cend - hend - 4 == 1120 + len(PAYLOAD) + 16
+    assert len(data) == cend + 64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_and_large_payload(kind: RecipientKind) -> None:
+    for payload in (b"", bytes(131 * 1024)):
+        assert _open(_seal(kind, payload), kind).plaintext == payload
+
+
+def test_tamper_every_region_rejected() -> None:
+    data = _seal("x25519", payload=b"secret")
+    hend, cend = _split(data)
+    rng = random.Random(1)
+    positions = set(range(0, hend)) | set(range(cend - 40, len(data)))
+    positions |= set(rng.sample(range(hend, cend), 40))
+    for pos in sorted(positions):
+        for flip in (0x01, 0x80):
+            bad = bytearray(data)
+            bad[pos] ^= flip
+            with pytest.raises(EnvelopeError) as ei:
+                _open(bytes(bad), "x25519")
+            assert "secret" not in str(ei.value)
+            assert ei.value.reason in {
+                "malformed",
+                "unsupported_version",
+                "bad_signature",
+                "unknown_device",
+            }
+
+
+@settings(max_examples=200, deadline=None)
+@given(pos=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_tamper_hypothesis(pos: int, flip: int) -> None:
+    data = _seal("mlkem768-x25519", payload=b"abc")
+    bad = bytearray(data)
+    bad[pos % len(data)] ^= flip
+    with pytest.raises(EnvelopeError):
+        _open(bytes(bad))
+
+
+def test_signature_region_reason() -> None:
+    data = bytearray(_seal("x25519"))
+    data[-1] ^= 1
+    assert _reason(bytes(data), "x25519") == "bad_signature"
+    data = bytearray(_seal("x25519"))
+    _, cend = _split(bytes(data))
+    data[cend - 5] ^= 1  # inside the ciphertext
+    assert _reason(bytes(data), "x25519") == "bad_signature"
+
+
+@pytest.mark.parametrize("cut", [0, 3, 5, 6, 10, 100, -65, -1])
+def test_truncated_and_extended(cut: int) -> None:
+    data = _seal("x25519")
+    assert _reason(data[:cut], "x25519") == "malformed"
+    assert _reason(data + b"\x00", "x25519") == "malformed"
+
+
+def test_unsupported_version() -> None:
+    data = bytearray(_seal("x25519"))
+    data[4] = 2
+    assert _reason(bytes(data), "x25519") == "unsupported_version"
+    with pytest.raises(EnvelopeError, match="unsupported_version"):
+        seal.peek_header(bytes(data))
+
+
+def test_wrong_recipient_key_id() -> None:
+    other, _ = keys.generate_recipient_keypair("mlkem768-x25519")
+    data = _seal("mlkem768-x25519")
+    with pytest.raises(EnvelopeError) as ei:
+        seal.open_envelope(
+            data,
+            recipients={other.key_id: other},
+            trusted_devices={DEVICE: _DEVICE_KEY.public_key()},
+        )
+    assert ei.value.reason == "unknown_recipient"
+    # right id but wrong key material behind it: decryption fails
+    with pytest.raises(EnvelopeError) as ei:
+        seal.open_envelope(
+            data,
+            recipients={_recipient("mlkem768-x25519")[1].key_id: other},
+            trusted_devices={DEVICE: _DEVICE_KEY.public_key()},
+        )
+    assert ei.value.reason == "decrypt_failed"
+    # a key of the wrong kind under the right id is not used
+    wrong_kind, _ = keys.generate_recipient_keypair("x25519")
+    with pytest.raises(EnvelopeError) as ei:
+        seal.open_envelope(
+            data,
+            recipients={_recipient("mlkem768-x25519")[1].key_id: wrong_kind},
+            trusted_devices={DEVICE: _DEVICE_KEY.public_key()},
+        )
+    assert ei.value.reason == "unknown_recipient"
+
+
+def test_unknown_device() -> None:
+    data = _seal("x25519", device_id="edge-99")
+    assert _reason(data, "x25519") == "unknown_device"
+
+
+def test_signed_by_another_device_key() -> None:
+    data = _seal("x25519", signing_key=Ed25519PrivateKey.generate())
+    assert _reason(data, "x25519") == "bad_signature"
+
+
+def _resign_with_header(data: bytes, mutate: dict[str, object]) -> bytes:
+    """Replace the header (keeping the ciphertext) and re-sign with the right device key."""
+    hend, cend = _split(data)
+    obj = json.loads(data[7:hend])
+    obj.update(mutate)
+    header = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    body = b"IOMT\x01" + struct.pack(">H", len(header)) + header + data[hend:cend]
+    return body + _DEVICE_KEY.sign(body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        {"message_id": "m-2"},
+        {"content_type": "text/plain"},
+        {"created": "2030-01-01T00:00:00.000Z"},
+    ],
+)
+def test_header_is_bound_to_ciphertext(kind: RecipientKind, mutate: dict[str, object]) -> None:
+    data = _seal(kind)
+    forged = _resign_with_header(data, mutate)
+    assert seal.peek_header(forged).message_id in {"m-1", "m-2"}
+    assert _reason(forged, kind) == "decrypt_failed"
+
+
+def test_unsupported_suite_after_signature() -> None:
+    forged = _resign_with_header(_seal("x25519"), {"suite": "x448-hkdfsha512-chacha20poly1305"})
+    assert _reason(forged, "x25519") == "unsupported_suite"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"not json",
+        b"[]",
+        b'{"v":1}',
+        b'{"content_type":"a","created":"2025-01-01T00:00:00.000Z","device_id":"edge-01",'
+        b'"message_id":"m","recipient_key_id":"00","suite":"s","v":1}',
+        # not canonical (whitespace)
+        b'{"content_type": "a","created":"2025-01-01T00:00:00.000Z","device_id":"edge-01",'
+        b'"message_id":"m","recipient_key_id":"00000000000000000000000000000000","suite":"s",'
+        b'"v":1}',
+        b'{"content_type":"a","created":"2025-01-01T00:00:00Z","device_id":"edge-01",'
+        b'"message_id":"m","recipient_key_id":"00000000000000000000000000000000","suite":"s",'
+        b'"v":1}',
+        b'{"content_type":"a","created":"2025-01-01T00:00:00.000Z","device_id":"\\ud800",'
+        b'"message_id":"m","recipient_key_id":"00000000000000000000000000000000","suite":"s",'
+        b'"v":1}',
+    ],
+)
+def test_malformed_header(header: bytes) -> None:
+    body = b"IOMT\x01" + struct.pack(">H", len(header)) + header + struct.pack(">I", 0)
+    data = body + _DEVICE_KEY.sign(body)
+    assert _reason(data) == "malformed"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_only_raises_envelope_error(blob: bytes) -> None:
+    for data in (blob, b"IOMT\x01" + blob):
+        with pytest.raises(EnvelopeError):
+            _open(data)
+        with contextlib.suppress(EnvelopeError):
+            seal.peek_header(data)
+
+
+def test_seal_argument_validation() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        _seal("x25519", created=datetime(2025, 1, 1))
+    for bad in ("", "a\nb", "x" * 257):
+        with pytest.raises(ValueError):
+            _seal("x25519", device_id=bad)
+
+
+def test_keys_from_files_interoperate(tmp_path: Path) -> None:
+    priv, pub = keys.generate_recipient_keypair()
+    keys.save_private_key(tmp_path / "cloud.key", priv)
+    keys.save_public_key(tmp_path / "cloud.pub", pub)
+    data = seal.seal(
+        b"x",
+        recipient=keys.load_recipient_public_key(tmp_path / "cloud.pub"),
+        signing_key=_DEVICE_KEY,
+        device_id=DEVICE,
+        message_id="m",
+    )
+    loaded = keys.load_recipient_private_key(tmp_path / "cloud.key")
+    opened = seal.open_envelope(
+        data, recipients=keys.key_ring([loaded]), trusted_devices={DEVICE: _DEVICE_KEY.public_key()}
+    )
+    assert opened.plaintext == b"x"

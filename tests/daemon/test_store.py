@@ -1,0 +1,227 @@
+"""Tests for agent.store: the durable inbox/outbox in a real SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.daemon.store import InboxItem, OutboxItem, Store, StoreFull
+
+MIB = 1024 * 1024
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _open(path: Path, inbox: int = MIB, outbox: int = MIB) -> Store:
+    return Store(path, inbox_max_bytes=inbox, outbox_max_bytes=outbox)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "agent.db"  # the parent is created by Store
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[Store]:
+    s = _open(db)
+    yield s
+    s.close()
+
+
+def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """Read the file through a separate connection, as another process would."""
+    con = sqlite3.connect(path)
+    try:
+        return list(con.execute(sql).fetchall())
+    finally:
+        con.close()
+
+
+def test_file_uses_wal(store: Store, db: Path) -> None:
+    assert db.is_file()
+    assert _rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_accept_pending_complete_delivered(store: Store, db: Path) -> None:
+    payload = b"DICM" * 100
+    inbox_id = store.accept("iomt/s/scans/gw", _sha(payload), payload)
+    assert inbox_id > 0
+    assert store.depths() == (1, 0)
+    [item] = store.pending()
+    assert item == InboxItem(inbox_id, "iomt/s/scans/gw", _sha(payload), payload,
+                             item.received_at)
+    assert item.received_at > 0
+
+    ids = store.complete(
+        inbox_id,
+        [("result", "m-1", "iomt/s/d/results", b"sealed-1"),
+         ("error", "m-2", "iomt/s/d/errors", b'{"reason":"x"}')],
+        "processed",
+    )
+    assert len(ids) == 2 and ids[0] < ids[1]
+    assert store.pending() == []
+    assert store.depths() == (0, 2)
+    assert store.outbox() == [
+        OutboxItem(ids[0], "result", "m-1", "iomt/s/d/results", b"sealed-1"),
+        OutboxItem(ids[1], "error", "m-2", "iomt/s/d/errors", b'{"reason":"x"}'),
+    ]
+    assert store.counters() == {"processed": 1}
+    # The inbox row is marked done and its payload dropped at once.
+    assert _rows(db, "SELECT state, LENGTH(payload) FROM inbox") == [("done", 0)]
+
+    store.delivered(ids[0])
+    assert [o.id for o in store.outbox()] == [ids[1]]
+    store.delivered(ids[0])  # a second PUBACK for the same row is harmless
+    store.delivered(999_999)
+    store.delivered(ids[1])
+    assert store.outbox() == [] and store.depths() == (0, 0)
+
+
+def test_counters_accumulate(store: Store) -> None:
+    for i in range(3):
+        rid = store.accept("t", "s", bytes([i]))
+        store.complete(rid, [("result", f"m{i}", "r", b"x")], "processed")
+    rid = store.accept("t", "s", b"bad")
+    store.complete(rid, [("error", "e", "err", b"{}")], "failed")
+    assert store.counters() == {"processed": 3, "failed": 1}
+
+
+def test_complete_without_inbox_row(store: Store) -> None:
+    """An error found before the scan was stored (e.g. oversized) goes straight out."""
+    kept = store.accept("t", "s", b"keep me")
+    ids = store.complete(None, [("error", "e-1", "iomt/s/d/errors", b'{"v":1}')], "failed")
+    assert [o.message_id for o in store.outbox()] == ["e-1"] and len(ids) == 1
+    assert [p.id for p in store.pending()] == [kept]  # untouched
+    assert store.counters() == {"failed": 1}
+    assert store.depths() == (1, 1)
+
+
+def test_complete_is_atomic(store: Store, db: Path) -> None:
+    """A failure half way leaves no outbox row, the scan pending and no counter bump."""
+    rid = store.accept("t", "s", b"scan")
+    bad = [("result", "m-1", "r", b"ok"), (None, "m-2", "r", b"no")]  # kind NOT NULL fails
+    with pytest.raises(sqlite3.IntegrityError):
+        store.complete(rid, bad, "processed")  # type: ignore[arg-type]
+    assert store.outbox() == []
+    assert [p.id for p in store.pending()] == [rid]
+    assert store.counters() == {}
+    assert _rows(db, "SELECT COUNT(*) FROM outbox") == [(0,)]
+    # The store is still usable and its byte accounting was not disturbed.
+    assert not store.outbox_full()
+    store.complete(rid, [("result", "m-1", "r", b"ok")], "processed")
+    assert store.depths() == (0, 1)
+
+
+def test_pending_order_after_id_and_limit(store: Store) -> None:
+    ids = [store.accept("t", str(i), f"p{i}".encode()) for i in range(5)]
+    assert [p.id for p in store.pending()] == ids
+    assert [p.id for p in store.pending(limit=2)] == ids[:2]
+    assert [p.id for p in store.pending(after_id=ids[1], limit=2)] == ids[2:4]
+    store.complete(ids[2], [], "processed")
+    assert [p.id for p in store.pending(after_id=ids[1])] == [ids[3], ids[4]]
+
+
+def test_outbox_order_after_id_and_limit(store: Store) -> None:
+    ids = store.complete(None, [("result", f"m{i}", "r", b"x") for i in range(4)], "n")
+    assert [o.id for o in store.outbox(after_id=ids[0], limit=2)] == ids[1:3]
+
+
+def test_inbox_cap_raises_store_full(db: Path) -> None:
+    store = _open(db, inbox=MIB)
+    try:
+        half = bytes(MIB // 2)
+        first = store.accept("t", "a", half)
+        store.accept("t", "b", half)  # exactly at the cap: allowed
+        with pytest.raises(StoreFull, match="inbox"):
+            store.accept("t", "c", b"x")
+        assert store.depths() == (2, 0)  # the refused scan was not stored
+        store.complete(first, [("result", "m", "r", b"tiny")], "processed")
+        store.accept("t", "c", b"x" * 1000)  # the completed scan freed its bytes
+        with pytest.raises(StoreFull):
+            store.accept("t", "d", bytes(MIB // 2))
+    finally:
+        store.close()
+
+
+def test_outbox_cap(db: Path) -> None:
+    store = _open(db, outbox=MIB)
+    try:
+        ids = store.complete(None, [("result", "m1", "r", bytes(MIB - 10))], "processed")
+        assert not store.outbox_full()
+        more = store.complete(None, [("result", "m2", "r", bytes(10))], "processed")
+        assert store.outbox_full()
+        store.delivered(ids[0])
+        assert not store.outbox_full()
+        store.delivered(more[0])
+    finally:
+        store.close()
+
+
+def test_data_survives_reopen(db: Path) -> None:
+    store = _open(db)
+    done_id = store.accept("t", "s0", b"done scan")
+    pending_id = store.accept("t", "s1", b"pending scan")
+    out = store.complete(done_id, [("result", "m-1", "iomt/s/d/results", b"sealed")],
+                         "processed")
+    store.close()
+    assert _rows(db, "SELECT id, state FROM inbox ORDER BY id") == [
+        (done_id, "done"), (pending_id, "pending")]
+
+    store = _open(db)
+    try:
+        [item] = store.pending()
+        assert (item.id, item.sha256, item.payload) == (pending_id, "s1", b"pending scan")
+        assert store.outbox() == [OutboxItem(out[0], "result", "m-1", "iomt/s/d/results",
+                                             b"sealed")]
+        assert store.counters() == {"processed": 1}
+        assert store.depths() == (1, 1)
+        # Done rows are purged on start; new ids never reuse old ones.
+        assert _rows(db, "SELECT id FROM inbox") == [(pending_id,)]
+        assert store.accept("t", "s2", b"new") > pending_id
+    finally:
+        store.close()
+
+
+def test_byte_accounting_survives_reopen(db: Path) -> None:
+    store = _open(db, inbox=MIB, outbox=MIB)
+    store.accept("t", "a", bytes(MIB - 100))
+    store.complete(None, [("result", "m", "r", bytes(MIB))], "processed")
+    store.close()
+    store = _open(db, inbox=MIB, outbox=MIB)
+    try:
+        assert store.outbox_full()
+        with pytest.raises(StoreFull):
+            store.accept("t", "b", bytes(200))
+        store.accept("t", "c", bytes(100))
+    finally:
+        store.close()
+
+
+def test_concurrent_accept_and_complete(store: Store) -> None:
+    """One connection shared by threads: every row lands exactly once."""
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(25):
+                rid = store.accept("t", f"{n}-{i}", f"{n}-{i}".encode())
+                store.complete(rid, [("result", f"{n}-{i}", "r", b"x")], "processed")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert store.depths() == (0, 100)
+    assert store.counters() == {"processed": 100}
+    assert len({o.message_id for o in store.outbox(limit=1000)}) == 100

@@ -1,0 +1,228 @@
+"""Series assembly (agent/dicom/series.py): ordering, neighbours, closing, limits, geometry."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from agent.demo.sample_series import build_series
+from agent.dicom.decode import ScanRejected, decode_scan
+from agent.dicom.series import SeriesAssembler, SliceInfo, SliceRefused, slice_info
+from agent.model.bundle import InputContract
+
+K = 2
+
+
+def info(pos: float, *, group: str = "g", uid: str | None = None, spacing: float | None = 1.0,
+         expected: int | None = None) -> SliceInfo:
+    return SliceInfo(group, uid or f"1.2.{pos:g}", pos, spacing, expected)
+
+
+def assembler(**kw: float) -> SeriesAssembler:
+    opts = {"max_open": 4, "max_slices": 64, "idle_timeout_s": 10.0} | kw
+    return SeriesAssembler(K, **opts)  # type: ignore[arg-type]
+
+
+def drain(a: SeriesAssembler, now: float) -> dict[int, tuple[int, ...]]:
+    return {job.centre: job.slots for job in a.take_ready(now)}
+
+
+def test_a_slice_goes_when_its_neighbours_are_there() -> None:
+    a = assembler()
+    for i in (0, 1, 2, 3):
+        a.add(info(float(i)), inbox_id=i, now=0)
+    assert drain(a, 0) == {}  # slice 2 still lacks +2
+    a.add(info(4.0), inbox_id=4, now=1)
+    assert drain(a, 1) == {2: (0, 1, 2, 3, 4)}
+    assert drain(a, 2) == {}  # once only
+    assert a.waiting == 4
+
+
+def test_shuffled_duplicated_and_complete_series() -> None:
+    n = 12
+    order = list(range(n)) * 2  # every slice delivered twice
+    random.Random(7).shuffle(order)
+    a = assembler()
+    seen: dict[int, tuple[int, ...]] = {}
+    duplicates = 0
+    for t, i in enumerate(order):
+        # the inbox id of a redelivery differs; the SOP Instance UID does not
+        fresh = a.add(info(float(i) * 1.5, spacing=1.5, expected=n), inbox_id=100 * t + i, now=t)
+        duplicates += not fresh
+        for centre, slots in drain(a, t).items():
+            assert centre not in seen
+            seen[centre] = slots
+    assert duplicates == n
+    assert len(seen) == n
+    by_slice = {c % 100: tuple(s % 100 for s in slots) for c, slots in seen.items()}
+    for i in range(n):  # neighbours in slice order, edges repeated towards the centre
+        want = tuple(min(max(j, 0), n - 1) for j in range(i - K, i + K + 1))
+        assert by_slice[i] == want
+    (_group, why, ids), = a.finished()
+    assert why == "complete" and len(ids) == n
+    assert a.finished() == []
+
+
+def test_missing_slice_waits_for_the_idle_timeout_then_pads() -> None:
+    a = assembler(idle_timeout_s=5.0)
+    for i in (0, 1, 2, 4, 5, 6):  # 3 never arrives
+        a.add(info(float(i)), inbox_id=i, now=0)
+    assert drain(a, 1) == {}  # 2 lacks 3 (+1), 4 lacks 3 (-1); edges wait for the end
+    assert a.next_deadline() == 5.0
+    jobs = {j.centre: j for j in a.take_ready(5.0)}
+    assert set(jobs) == {0, 1, 2, 4, 5, 6}
+    assert jobs[2].slots == (0, 1, 2, 2, 4)  # the gap repeats the centre, +2 is real
+    assert jobs[4].slots == (2, 4, 4, 5, 6)
+    assert jobs[0].slots == (0, 0, 0, 1, 2)
+    assert all(j.why == "idle" for j in jobs.values())
+    assert [why for _g, why, _ids in a.finished()] == ["idle"]
+
+
+def test_spacing_from_the_header_keeps_a_gap_a_gap() -> None:
+    # Slices 0, 2, 4 of a 1 mm series: without the header's spacing they would look adjacent.
+    a = assembler()
+    for i in (0, 2, 4, 6, 8):
+        a.add(info(float(i), spacing=1.0), inbox_id=i, now=0)
+    assert drain(a, 0) == {}
+
+
+def test_header_spacing_that_disagrees_with_the_slices_waits_for_the_end() -> None:
+    # A header that counts the gap between slabs (too large) ...
+    a = assembler()
+    for i in range(5):
+        a.add(info(float(i), spacing=5.0, expected=5), inbox_id=i, now=0)
+    jobs = a.take_ready(0)  # complete: the slices themselves give the spacing
+    assert {j.centre: j.slots for j in jobs}[2] == (0, 1, 2, 3, 4)
+    # ... or the gap between slices, not the centre-to-centre distance (too small).
+    a = assembler(idle_timeout_s=5.0)
+    for i in range(5):
+        a.add(info(2.0 * i, spacing=0.5), inbox_id=i, now=0)
+    assert drain(a, 1) == {}  # no neighbour at +-0.5 mm: wait, do not pad
+    got = drain(a, 5)
+    assert got[2] == (0, 1, 2, 3, 4) and got[0] == (0, 0, 0, 1, 2)
+
+
+def test_without_a_header_spacing_out_of_order_slices_wait_for_the_series() -> None:
+    # Every other slice first: their smallest gap is twice the spacing, so nothing may go
+    # on neighbours until the series is complete.
+    a = assembler()
+    order = [0, 2, 4, 6, 8, 1, 3, 5, 7]
+    seen: dict[int, tuple[int, ...]] = {}
+    for t, i in enumerate(order):
+        a.add(info(float(i), spacing=None, expected=9), inbox_id=i, now=t)
+        got = drain(a, t)
+        if t < len(order) - 1:
+            assert got == {}, (t, got)
+        seen |= got
+    assert seen[4] == (2, 3, 4, 5, 6) and seen[0] == (0, 0, 0, 1, 2)
+
+
+def test_idle_close_waits_while_the_caller_has_unread_scans() -> None:
+    a = assembler(idle_timeout_s=1.0)
+    a.add(info(0.0), inbox_id=1, now=0)
+    assert a.take_ready(10, allow_idle=False) == []
+    assert [j.why for j in a.take_ready(10)] == ["idle"]
+
+
+def test_interior_slices_are_released_before_the_series_closes() -> None:
+    a = assembler()
+    for i in range(8):
+        a.add(info(float(i)), inbox_id=i, now=0)
+    assert set(drain(a, 0)) == {2, 3, 4, 5}
+    assert a.releasable() == []  # 2..5 sent, but their neighbours 0, 1, 6, 7 are not
+    a.close_all()
+    assert set(drain(a, 0)) == {0, 1, 6, 7}
+    assert a.releasable() == []  # closed series release as a whole
+    (_g, _why, ids), = a.finished()
+    assert sorted(ids) == list(range(8))
+    b = assembler()
+    for i in range(12):
+        b.add(info(float(i)), inbox_id=i, now=0)
+    drain(b, 0)  # 2..9 sent
+    assert sorted(b.releasable()) == [4, 5, 6, 7]  # every slot within 2 holds a sent slice
+    assert b.releasable() == []
+    b.close_all()
+    drain(b, 0)
+    (_g, _why, ids), = b.finished()
+    assert sorted(ids) == [0, 1, 2, 3, 8, 9, 10, 11]  # the released ones are not repeated
+
+
+def test_duplicate_position_and_series_limit_are_refused() -> None:
+    a = assembler(max_slices=3)
+    a.add(info(0.0), inbox_id=1, now=0)
+    with pytest.raises(SliceRefused) as exc:
+        a.add(info(0.0, uid="9.9"), inbox_id=2, now=0)
+    assert exc.value.reason == "duplicate_position"
+    a.add(info(1.0), inbox_id=3, now=0)
+    a.add(info(2.0), inbox_id=4, now=0)
+    with pytest.raises(SliceRefused) as exc:
+        a.add(info(3.0), inbox_id=5, now=0)
+    assert exc.value.reason == "series_too_large"
+    assert "series.max_slices is 3" in str(exc.value)
+
+
+def test_open_series_limit_closes_the_least_recent_group() -> None:
+    a = assembler(max_open=2)
+    a.add(info(0.0, group="a"), inbox_id=1, now=0)
+    a.add(info(0.0, group="b"), inbox_id=2, now=1)
+    a.add(info(1.0, group="a"), inbox_id=3, now=2)  # a is now the more recent
+    a.add(info(0.0, group="c"), inbox_id=4, now=3)  # b must make room
+    assert a.open_groups == 2 and a.counters.evicted == 1
+    jobs = a.take_ready(3)
+    assert [(j.centre, j.why) for j in jobs] == [(2, "evicted")]
+    assert [(g, ids) for g, _why, ids in a.finished()] == [("b", [2])]
+
+
+def test_restart_reloads_sent_slices_as_neighbours() -> None:
+    a = assembler()
+    for i in range(5):
+        a.add(info(float(i), expected=6), inbox_id=i, now=0, sent=i < 3)
+    assert drain(a, 0) == {}  # 3 and 4 wait for 5
+    a.add(info(5.0, expected=6), inbox_id=5, now=1)
+    assert drain(a, 1) == {3: (1, 2, 3, 4, 5), 4: (2, 3, 4, 5, 5), 5: (3, 4, 5, 5, 5)}
+
+
+def test_close_all_flushes() -> None:
+    a = assembler()
+    a.add(info(0.0), inbox_id=1, now=0)
+    a.close_all()
+    assert drain(a, 0) == {1: (1, 1, 1, 1, 1)}
+    assert a.finished()[0][1] == "flushed"
+
+
+def test_context_zero_is_not_a_series_model() -> None:
+    with pytest.raises(ValueError):
+        SeriesAssembler(0, max_open=1, max_slices=1, idle_timeout_s=1)
+
+
+# -- geometry from real instances ------------------------------------------------------
+CONTRACT = InputContract(modality="MR", shape=(32, 32), pixel_spacing_mm=(1.0, 1.0))
+
+
+def decode(payload: bytes):  # type: ignore[no-untyped-def]
+    return decode_scan(payload, CONTRACT, pixel_budget=1 << 20, max_payload_bytes=1 << 20)
+
+
+def test_slice_info_orders_along_the_normal() -> None:
+    vol = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
+    payloads = build_series(vol, spacing_mm=(2.5, 1.0, 1.0), first_slice_z_mm=-10.0)
+    infos = [slice_info(decode(p)) for p in payloads]
+    assert [i.position_mm for i in infos] == [-10.0, -7.5, -5.0, -2.5]
+    assert {i.group for i in infos} == {infos[0].group}
+    assert infos[0].spacing_mm == 2.5
+    assert infos[0].expected == 4
+    assert infos[0].sop_instance_uid not in infos[0].group  # a hash, not the UID
+
+
+def test_slice_info_groups_by_orientation_and_refuses_no_geometry() -> None:
+    vol = np.ones((2, 16, 16), dtype=np.uint16)
+    a, b = build_series(vol)
+    scan = decode(b)
+    scan.dataset.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal, same series
+    assert slice_info(decode(a)).group != slice_info(scan).group
+    del scan.dataset.ImagePositionPatient
+    with pytest.raises(ScanRejected) as exc:
+        slice_info(scan)
+    assert exc.value.reason == "bad_geometry"

@@ -1,0 +1,326 @@
+"""The int8 accuracy guard on real models: a small float conv net quantized to int8 QDQ by
+onnxruntime passes; the same int8 model with one weight scale corrupted is refused. The
+shipped reference bundle is checked the same way once it carries its golden set."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.backends import RunnerOptions, open_runner
+from agent.model.bundle import BundleError, ModelBundle, load_bundle
+from agent.model.guard import (
+    GuardFailed,
+    GuardReport,
+    check_guard,
+    report_json,
+    run_guard,
+    verify_bundle,
+)
+from tests.bundles import SHIPPED_BUNDLES, make_scale_bundle, quantize_qdq, smooth_inputs
+
+GRID = 32
+FLOOR_DB = 25.0
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def conv_net(path: Path) -> None:
+    """input [N, 1, 32, 32] -> Conv 8 -> Relu -> Conv 8 -> Relu -> Conv 1 -> output."""
+    rng = np.random.default_rng(0)
+    inits, nodes, prev = [], [], "input"
+    for i, (cout, cin) in enumerate([(8, 1), (8, 8), (1, 8)]):
+        w = rng.normal(0, 1.0 / math.sqrt(9 * cin), (cout, cin, 3, 3)).astype(np.float32)
+        b = rng.normal(0, 0.05, cout).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "output" if i == 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [out], pads=[1, 1, 1, 1]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            out = f"r{i}"
+        prev = out
+    graph = helper.make_graph(
+        nodes, "guard-test",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, GRID, GRID])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1, GRID, GRID])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def run_model(path: Path, x: np.ndarray) -> np.ndarray:
+    runner = open_runner("onnxruntime", str(path), RunnerOptions())
+    try:
+        return runner.run(x)
+    finally:
+        runner.close()
+
+
+def write_bundle(root: Path, served: Path, *, golden: tuple[np.ndarray, np.ndarray] | None,
+                 precision: str = "int8", floor: float = FLOOR_DB) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if served.parent != root:
+        shutil.copy(served, root / "model.int8.onnx")
+    meta: dict[str, object] = {
+        "format": 1, "name": "guard-test", "version": "0.0.1", "task": "test",
+        "precision": precision,
+        "input": {"modality": "MR", "shape": [GRID, GRID], "pixel_spacing_mm": [1.0, 1.0]},
+        "output": {"modality": "MR", "scale": 1000.0},
+        "backends": {"onnxruntime": {"path": "model.int8.onnx",
+                                     "sha256": _sha(root / "model.int8.onnx")}},
+    }
+    if golden is not None:
+        np.savez_compressed(root / "golden.npz", input=golden[0], reference_output=golden[1])
+        meta["golden"] = {"path": "golden.npz", "sha256": _sha(root / "golden.npz"),
+                          "min_psnr_db": floor}
+    (root / "bundle.json").write_text(json.dumps(meta))
+    return root
+
+
+def corrupt_weight_scale(src: Path, dst: Path, factor: float = 10.0) -> str:
+    """Multiply the scale of the first weight DequantizeLinear by ``factor``; returns its name."""
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and onnx.numpy_helper.to_array(inits[n.input[0]]).ndim == 4)
+    scale = inits[node.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor),
+                                           scale.name))
+    onnx.save(model, str(dst))
+    return scale.name
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    d = tmp_path_factory.mktemp("guard-models")
+    conv_net(d / "model.fp32.onnx")
+    quantize_qdq(d / "model.fp32.onnx", d / "model.int8.onnx")
+    corrupt_weight_scale(d / "model.int8.onnx", d / "model.broken.onnx")
+    x = smooth_inputs(4, seed=2)  # held out from the calibration batches
+    ref = run_model(d / "model.fp32.onnx", x)
+    np.savez(d / "golden-arrays.npz", input=x, reference_output=ref)
+    yield {"fp32": d / "model.fp32.onnx", "int8": d / "model.int8.onnx",
+           "broken": d / "model.broken.onnx", "golden": d / "golden-arrays.npz"}
+
+
+def golden_of(models: dict[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(models["golden"]) as g:
+        return g["input"], g["reference_output"]
+
+
+def guard(bundle_dir: Path) -> GuardReport:
+    bundle = load_bundle(bundle_dir)
+    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
+                         RunnerOptions())
+    try:
+        return run_guard(bundle, runner)
+    finally:
+        runner.close()
+
+
+# --- the verdicts -------------------------------------------------------------------
+
+
+def test_guard_accepts_the_int8_model(models: dict[str, Path], tmp_path: Path) -> None:
+    report = guard(write_bundle(tmp_path / "b", models["int8"], golden=golden_of(models)))
+    assert report.ok, report.reason
+    assert report.worst_psnr_db is not None and report.psnr_db is not None
+    assert FLOOR_DB <= report.worst_psnr_db <= report.psnr_db < math.inf  # int8 != fp32
+    assert len(report.inputs) == 4 and all(g.latency_ms > 0 for g in report.inputs)
+    assert report.ssim is not None and report.ssim > 0.9
+    assert report.max_abs_error is not None and report.mae is not None
+    assert 0 < report.mae <= report.max_abs_error
+    assert report.runtime == "onnxruntime" and report.min_psnr_db == FLOOR_DB
+    assert "PASS" in report.render() and f"floor {FLOOR_DB:g} dB" in report.render()
+
+
+def test_guard_rejects_the_int8_model_with_a_corrupted_scale(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    root = write_bundle(tmp_path / "b", models["broken"], golden=golden_of(models))
+    report = guard(root)
+    assert not report.ok
+    assert report.worst_psnr_db is not None and report.worst_psnr_db < FLOOR_DB - 5
+    assert "misses its fidelity floor" in report.reason and f"< {FLOOR_DB:g} dB" in report.reason
+    assert "FAIL" in report.render()
+    bundle = load_bundle(root)
+    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
+                         RunnerOptions())
+    with pytest.raises(GuardFailed) as info:
+        check_guard(bundle, runner)
+    assert isinstance(info.value, BundleError)  # `run` already maps this to exit 2
+    assert info.value.report.worst_psnr_db == report.worst_psnr_db
+
+
+def test_floor_is_compared_on_the_worst_input(models: dict[str, Path], tmp_path: Path) -> None:
+    """One bad input among good ones fails, even when the pooled PSNR would pass."""
+    x, ref = golden_of(models)
+    ref = ref.copy()
+    ref[3] += 0.05 * float(ref.max() - ref.min())  # input 3 off by a constant: ~26 dB
+    root = write_bundle(tmp_path / "b", models["int8"], golden=(x, ref), floor=30.0)
+    report = guard(root)
+    assert report.psnr_db is not None and report.worst_psnr_db is not None
+    assert report.worst_psnr_db < 30.0 <= report.psnr_db  # pooled alone would pass
+    assert not report.ok and "worst input 3" in report.reason
+
+
+def test_identical_outputs_give_infinite_psnr_and_json_stays_valid(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    report = guard(write_bundle(tmp_path / "b", models["fp32"], golden=golden_of(models),
+                                precision="fp32"))
+    assert report.ok and report.psnr_db == math.inf
+    data = json.loads(report_json(report))
+    assert data["psnr_db"] == "inf" and data["ok"] is True and len(data["inputs"]) == 4
+    json.dumps(report.summary(), allow_nan=False)
+
+
+def test_non_finite_output_fails(tmp_path: Path) -> None:
+    """output = sqrt(input - 2): NaN for every golden input."""
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["input", "two"], ["d"]), helper.make_node("Sqrt", ["d"],
+                                                                           ["output"])],
+        "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, GRID, GRID])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1, GRID, GRID])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    x = smooth_inputs(2, seed=3)
+    report = guard(write_bundle(tmp_path / "b", tmp_path / "nan.onnx", golden=(x, x)))
+    assert not report.ok and "non-finite" in report.reason
+
+
+# --- bundles without a usable golden set --------------------------------------------
+
+
+def test_int8_bundle_without_golden_set_fails(models: dict[str, Path], tmp_path: Path) -> None:
+    report = guard(write_bundle(tmp_path / "b", models["int8"], golden=None))
+    assert not report.ok and not report.has_golden
+    assert "no golden set" in report.reason
+
+
+def test_fp32_bundle_without_golden_set_passes_with_a_warning(tmp_path: Path) -> None:
+    root = make_scale_bundle(tmp_path / "scale")  # the other tests' fp32 bundle
+    bundle = load_bundle(root)
+    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
+                         RunnerOptions())
+    report = check_guard(bundle, runner)
+    assert report.ok and report.warning is not None and "no golden set" in report.warning
+    assert "warning: no golden set" in report.render()
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"input": "x"}, "no array 'reference_output'"),
+        ({"input": "x", "reference_output": "short"}, "4 inputs but 2 reference outputs"),
+        ({"input": "wrong_grid", "reference_output": "x"}, "the input contract says"),
+        ({"input": "ints", "reference_output": "x"}, "expected float32 [N, C, H, W]"),
+    ],
+)
+def test_malformed_golden_set_is_a_bundle_error(
+    models: dict[str, Path], tmp_path: Path, arrays: dict[str, str], message: str
+) -> None:
+    x, ref = golden_of(models)
+    choices = {"x": x, "short": ref[:2], "wrong_grid": np.zeros((4, 1, 16, 16), np.float32),
+               "ints": x.astype(np.int16)}
+    root = write_bundle(tmp_path / "b", models["int8"], golden=(x, ref))
+    np.savez(root / "golden.npz", **{k: choices[v] for k, v in arrays.items()})
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["golden"]["sha256"] = _sha(root / "golden.npz")
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=re.escape(message)):
+        guard(root)
+
+
+# --- `iomt-agent model verify` ------------------------------------------------------
+
+
+def test_verify_bundle(models: dict[str, Path], tmp_path: Path) -> None:
+    good = verify_bundle(write_bundle(tmp_path / "good", models["int8"], golden=golden_of(models)))
+    bad = verify_bundle(write_bundle(tmp_path / "bad", models["broken"], golden=golden_of(models)))
+    assert good.ok and not bad.ok
+    with pytest.raises(BundleError, match=r"bundle\.json not found"):
+        verify_bundle(tmp_path / "nowhere")
+
+
+def _cli_has_model_verify() -> bool:
+    from agent.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(["model", "verify", "x"])
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _cli_has_model_verify(), reason="cli.py has no `model verify` yet")
+def test_cli_model_verify_exit_codes(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    good = write_bundle(tmp_path / "good", models["int8"], golden=golden_of(models))
+    bad = write_bundle(tmp_path / "bad", models["broken"], golden=golden_of(models))
+    assert main(["model", "verify", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "PSNR" in out and "ms" in out
+    assert main(["model", "verify", str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["model", "verify", str(tmp_path / "nowhere")]) == 2
+    assert main(["model", "verify", "--json", str(good)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+# --- the shipped bundles ----------------------------------------------------------------
+
+
+def _shipped(path: Path) -> ModelBundle:
+    bundle = load_bundle(path)
+    assert bundle.golden is not None, f"{path.name} ships without a golden set"
+    return bundle
+
+
+@pytest.mark.parametrize("shipped", SHIPPED_BUNDLES, ids=lambda p: p.name)
+def test_guard_accepts_the_shipped_bundle(shipped: Path) -> None:
+    _shipped(shipped)
+    report = verify_bundle(shipped)
+    assert report.ok, report.reason
+
+
+@pytest.mark.parametrize("shipped", SHIPPED_BUNDLES, ids=lambda p: p.name)
+def test_guard_rejects_the_shipped_int8_model_with_a_corrupted_scale(
+    tmp_path: Path, shipped: Path
+) -> None:
+    bundle = _shipped(shipped)
+    assert bundle.golden is not None
+    root = tmp_path / "broken"
+    shutil.copytree(shipped, root)
+    served = bundle.backend_file("onnxruntime").path.relative_to(shipped.resolve())
+    corrupt_weight_scale(root / served, root / served)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["backends"]["onnxruntime"]["sha256"] = _sha(root / served)
+    (root / "bundle.json").write_text(json.dumps(meta))
+    report = verify_bundle(root)
+    assert not report.ok and "misses its fidelity floor" in report.reason

@@ -1,0 +1,294 @@
+"""``iomt-agent model quantize`` end to end: small float ONNX conv nets built here, calibrated
+on real DICOMs written from the shipped MNI152 slab, and the bundles they give checked with
+the agent's own loader and guard."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from agent.backends import RunnerOptions, open_runner  # noqa: E402
+from agent.cli import main  # noqa: E402
+from agent.demo.sample_series import build_series, load_demo_slab  # noqa: E402
+from agent.model.bundle import InputContract, load_bundle  # noqa: E402
+from agent.model.guard import verify_bundle  # noqa: E402
+from agent.quantize import cpu, tflite  # noqa: E402
+from agent.quantize.inputs import collect_inputs, split_inputs  # noqa: E402
+from agent.quantize.progress import Progress  # noqa: E402
+
+GRID = 64  # the MNI slab is 256 x 256 at 1 mm: 4 mm on a 64 x 64 model grid
+
+
+def conv_net(path: Path, *, channels: int = 1, grid: int | str = GRID,
+             fragile: bool = False) -> None:
+    """Conv 3x3 (channels -> 4) + Relu, Conv 1x1 (4 -> 4) + Relu, Conv 3x3 (4 -> 1).
+
+    Channels 0/1 and 2/3 of the first conv are identical filters, so with ``fragile`` the
+    middle conv (named "fragile") can add +-1000 x one twin to -+1000 x the other: exact in
+    float, but per-channel int8 weights of step ~8 leave errors far above its output."""
+    rng = np.random.default_rng(7)
+    w1 = rng.normal(0, 0.4, (4, channels, 3, 3))
+    w1[1], w1[3] = w1[0], w1[2]
+    w2 = rng.normal(0, 0.4, (4, 4, 1, 1))
+    if fragile:
+        w2[:, 0] += 1000.0
+        w2[:, 1] -= 1000.0
+    w3 = rng.normal(0, 0.4, (1, 4, 3, 3))
+    inits, nodes = [], []
+    for name, w, pad, x, y in (("conv1", w1, 1, "input", "c1"), ("fragile", w2, 0, "r1", "c2"),
+                               ("conv3", w3, 1, "r2", "output")):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"{name}_w"),
+                  numpy_helper.from_array(np.full(len(w), 0.05, np.float32), f"{name}_b")]
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [y], name=name,
+                                      pads=[pad] * 4))
+    nodes.insert(1, helper.make_node("Relu", ["c1"], ["r1"], name="relu1"))
+    nodes.insert(3, helper.make_node("Relu", ["c2"], ["r2"], name="relu2"))
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, grid, grid])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1, grid, grid])
+    model = helper.make_model(helper.make_graph(nodes, "net", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def contract(path: Path, *, floor: float = 30.0, context: int = 0) -> Path:
+    extra = f"context_slices = {context}\nslice_spacing_mm = 1.0\n" if context else ""
+    path.write_text(f"""
+name = "test-net"
+version = "0.1.0"
+task = "test: tiny conv net"
+
+[input]
+modality = "MR"
+shape = [{GRID}, {GRID}]
+pixel_spacing_mm = [4.0, 4.0]
+series_description_pattern = "t1"
+{extra}
+[output]
+modality = "MR"
+scale = 1000.0
+series_description = "SYNTHETIC TEST - NOT FOR DIAGNOSTIC USE"
+
+[fidelity]
+min_psnr_db = {floor}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dicoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MNI slab as 24 DICOM files, plus two that are not usable."""
+    root = tmp_path_factory.mktemp("dicoms")
+    slab = load_demo_slab()
+    series = build_series(slab.t1, spacing_mm=slab.spacing_mm,
+                          first_slice_z_mm=slab.first_slice_z_mm)
+    for i, payload in enumerate(series):
+        (root / f"IM{i:04d}.dcm").write_bytes(payload)
+    (root / "notes.txt").write_text("not a DICOM file")
+    (root / "IM9999.dcm").write_bytes(series[0][:600])  # truncated: header, no pixels
+    return root
+
+
+def quantize(tmp_path: Path, dicoms: Path, model: Path, contract_path: Path,
+             *extra: str) -> tuple[int, Path]:
+    out = tmp_path / "bundle"
+    code = main(["model", "quantize", "--fp32", str(model), "--calibration", str(dicoms),
+                 "--contract", str(contract_path), "--out", str(out), "--threads", "1", *extra])
+    return code, out
+
+
+def test_quantize_end_to_end(tmp_path: Path, dicoms: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    conv_net(tmp_path / "net.onnx")
+    original = (tmp_path / "net.onnx").read_bytes()
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx", contract(tmp_path / "c.toml"),
+                         "--per-layer")
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert (tmp_path / "net.onnx").read_bytes() == original  # the operator's file is untouched
+    assert (out / "model.fp32.onnx").read_bytes() == original
+    bundle = load_bundle(out)  # every sha256 checked
+    assert bundle.precision == "int8" and bundle.golden is not None
+    assert bundle.golden.min_psnr_db == 30.0
+    assert bundle.reference is not None and bundle.reference.path.name == "model.fp32.onnx"
+    # Conv MACs on 64 x 64: 4 x (1 x 3 x 3) + 4 x (4 x 1 x 1) + 1 x (4 x 3 x 3) per pixel.
+    assert bundle.gmac == pytest.approx(64 * 64 * (36 + 16 + 36) / 1e9, rel=1e-5)
+    assert verify_bundle(out, intra_op_threads=1).ok
+
+    with np.load(out / "golden.npz") as golden:
+        x, ref = golden["input"], golden["reference_output"]
+    assert x.shape == (4, 1, GRID, GRID) and ref.shape == (4, 1, GRID, GRID)
+    fp32 = open_runner("onnxruntime", str(tmp_path / "net.onnx"), RunnerOptions(1))
+    np.testing.assert_allclose(fp32.run(x), ref, rtol=1e-5, atol=1e-6)
+
+    report = json.loads((out / "quantize-report.json").read_text())
+    data = report["data"]
+    assert data["files_seen"] == 26 and data["usable_inputs"] == 24
+    assert data["golden_inputs"] == 4 and data["calibration_inputs"] == 20
+    assert sum(data["skipped"].values()) == 2 and data["skipped"]["not_dicom"] >= 1
+    assert {s["reason"] for s in data["skipped_files"]} == set(data["skipped"])
+    assert report["float_nodes"] == [] and report["guard"]["onnxruntime"]["ok"]
+    assert report["quantization"]["reduce_range_reason"]
+    assert {e["node"] for e in report["per_layer"]} >= {"conv1", "fragile", "conv3"}
+    final = report["fidelity"]["final"]
+    assert final["worst_psnr_db"] >= 33.0 and len(final["inputs"]) == 4
+    assert "not for diagnostic use" in (out / "MODEL_CARD.md").read_text().lower()
+    assert "kept in float: none" in printed.out
+    assert "quantize: decode DICOM" in printed.err and "\r" not in printed.err  # not a TTY
+    assert "skipped notes.txt: not_dicom" in printed.err  # names on the console only
+    assert "notes.txt" not in (out / "quantize-report.json").read_text()
+
+
+def test_model_contract_mismatch_exits_2(tmp_path: Path, dicoms: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    conv_net(tmp_path / "net.onnx", grid=32)
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx", contract(tmp_path / "c.toml"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "[N, 1, 32, 32]" in err and "[N, 1, 64, 64]" in err
+    assert not out.exists()
+
+
+def test_sensitivity_pass_keeps_fragile_node_in_float(tmp_path: Path, dicoms: Path) -> None:
+    conv_net(tmp_path / "net.onnx", fragile=True)
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx", contract(tmp_path / "c.toml"),
+                         "--target-cpu", "no-dot-product")
+    assert code == 0
+    report = json.loads((out / "quantize-report.json").read_text())
+    assert report["fidelity"]["all_int8"]["holds"] is False
+    assert report["fidelity"]["all_int8"]["golden_worst_psnr_db"] < 30.0
+    assert report["float_nodes"] == ["fragile"]
+    assert report["sensitivity"]["ranking"][0]["node"] == "fragile"
+    assert report["quantization"]["reduce_range"] is True
+    assert verify_bundle(out, intra_op_threads=1).ok
+    served = onnx.load(str(out / "model.int8.onnx")).graph
+    inputs = {i for n in served.node if n.name == "fragile" for i in n.input}
+    assert "fragile_w" in inputs  # its weights stayed float (no DequantizeLinear)
+
+
+def test_unreachable_floor_exits_1(tmp_path: Path, dicoms: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    conv_net(tmp_path / "net.onnx", fragile=True)
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx",
+                         contract(tmp_path / "c.toml", floor=140.0), "--max-float-nodes", "1")
+    assert code == 1
+    assert "misses the fidelity floor 140 dB" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_and_a_half_d(tmp_path: Path, dicoms: Path) -> None:
+    conv_net(tmp_path / "net.onnx", channels=3)
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx",
+                         contract(tmp_path / "c.toml", context=1), "--golden", "3")
+    assert code == 0
+    bundle = load_bundle(out)
+    assert bundle.input.context_slices == 1 and bundle.input_channels == 3
+    with np.load(out / "golden.npz") as golden:
+        assert golden["input"].shape == (3, 3, GRID, GRID)
+    assert verify_bundle(out, intra_op_threads=1).ok
+
+
+def test_series_stacks_follow_the_slice_normal(tmp_path: Path) -> None:
+    """Files named against slice order still stack as [previous, self, next], edges
+    repeated, each stack divided by its centre slice."""
+    n = 5
+    volume = np.zeros((n, 32, 32), np.uint16)
+    for i in range(n):
+        volume[i, 8:24, 8:24] = 1000 + 100 * i
+    for i, payload in enumerate(build_series(volume, series_description="t1")):
+        (tmp_path / f"{n - i:02d}.dcm").write_bytes(payload)  # reversed names
+    ic = InputContract(modality="MR", shape=(32, 32), pixel_spacing_mm=(1.0, 1.0),
+                       context_slices=1)
+    got = collect_inputs(tmp_path, ic)
+    assert len(got.inputs) == n and not got.skipped
+    for j, item in enumerate(got.inputs):
+        value = [1000 + 100 * min(max(j + d, 0), n - 1) for d in (-1, 0, 1)]
+        np.testing.assert_allclose(item.array[:, 16, 16], np.array(value) / value[1], rtol=1e-5)
+    assert [i.position_mm for i in got.inputs] == sorted(i.position_mm or 0 for i in got.inputs)
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    split = split_inputs(30, golden=4, calibration=16, check=5)
+    assert split == split_inputs(30, golden=4, calibration=16, check=5)
+    assert not set(split.golden) & set(split.calibration)
+    assert len(split.golden) == 4 and len(split.calibration) == 16
+    assert set(split.check) <= set(split.calibration) and len(split.check) == 5
+    assert 0 not in split.golden and 29 not in split.golden  # held out from inside the range
+
+
+@pytest.mark.parametrize(("text", "machine", "reduce"), [
+    ("flags\t: fpu sse2 avx2 fma\n", "x86_64", True),
+    ("flags\t: fpu sse2 avx2 avx512f avx512_vnni\n", "x86_64", False),
+    ("flags\t: fpu sse2 avx2 avx_vnni\n", "x86_64", False),
+    ("Features\t: fp asimd evtstrm crc32 cpuid\n", "aarch64", True),
+    ("Features\t: fp asimd asimddp crc32\n", "aarch64", False),
+])
+def test_reduce_range_follows_the_cpu(tmp_path: Path, text: str, machine: str,
+                                      reduce: bool) -> None:
+    (tmp_path / "cpuinfo").write_text(text)
+    decision = cpu.decide_reduce_range("host", tmp_path / "cpuinfo", machine)
+    assert decision.reduce_range is reduce and decision.reason
+    assert cpu.decide_reduce_range("host", tmp_path / "missing", machine).reduce_range
+    assert cpu.decide_reduce_range("dot-product").reduce_range is False
+    assert cpu.decide_reduce_range("no-dot-product").reduce_range is True
+
+
+def test_tflite_without_converter_fails_up_front(tmp_path: Path, dicoms: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(tflite, "converter_installed", lambda: False)
+    conv_net(tmp_path / "net.onnx")
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx", contract(tmp_path / "c.toml"),
+                         "--tflite")
+    assert code == 2
+    assert "iomt-edge-agent[convert]" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_existing_bundle_dir_needs_force(tmp_path: Path, dicoms: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    conv_net(tmp_path / "net.onnx")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "keep.txt").write_text("x")
+    code, _out = quantize(tmp_path, dicoms, tmp_path / "net.onnx", contract(tmp_path / "c.toml"))
+    assert code == 2 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "bundle" / "keep.txt").is_file()
+
+
+def test_too_few_usable_files_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.dcm").write_bytes(b"\0" * 200)
+    conv_net(tmp_path / "net.onnx")
+    code, _out = quantize(tmp_path, tmp_path / "d", tmp_path / "net.onnx",
+                          contract(tmp_path / "c.toml"))
+    err = capsys.readouterr().err
+    assert code == 2 and "0 usable input(s) from 1 file(s)" in err and "not_dicom: 1" in err
+
+
+def test_progress_bar_only_on_a_tty() -> None:
+    tty, plain = io.StringIO(), io.StringIO()
+    for stream, is_tty in ((tty, True), (plain, False)):
+        with Progress(stream, tty=is_tty).stage("calibrate", 3) as stage:
+            for _ in range(3):
+                stage.tick()
+    assert "\r" in tty.getvalue() and "[" + "#" * 28 + "] 3/3" in tty.getvalue()
+    assert plain.getvalue().splitlines()[0] == "quantize: calibrate (3)..."
+    assert "\r" not in plain.getvalue()
+
+
+@pytest.mark.skipif(not tflite.converter_installed(), reason="needs the convert extra")
+def test_tflite_export_passes_the_litert_guard(tmp_path: Path, dicoms: Path) -> None:
+    conv_net(tmp_path / "net.onnx")
+    code, out = quantize(tmp_path, dicoms, tmp_path / "net.onnx", contract(tmp_path / "c.toml"),
+                         "--tflite")
+    assert code == 0
+    bundle = load_bundle(out)
+    assert set(bundle.backends) == {"onnxruntime", "litert"} and "litert" in bundle.references
+    assert verify_bundle(out, runtime="litert", intra_op_threads=1).ok
