@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.errors import AgentError
 from agent.transport.topics import TopicError, check_level
 
 MIB = 1024 * 1024
@@ -32,7 +33,7 @@ def expand_credentials(path: Path, config_dir: Path) -> Path:
     return Path(directory + text[len(CREDENTIALS_PREFIX):])
 
 
-class ConfigError(Exception):
+class ConfigError(AgentError):
     """The configuration cannot be used. ``problems`` holds one line per bad key."""
 
     what = "configuration"  # what kind of file, for ``render``

@@ -10,10 +10,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.errors import AgentError
+
 Array = npt.NDArray[np.float32]
 
 
-class BackendError(Exception):
+class BackendError(AgentError):
     """The runtime cannot load or run the model."""
 
 

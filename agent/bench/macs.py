@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from agent.errors import AgentError
+
 # operator -> index of its weight input (Conv kinds) or of its A input (MatMul kinds)
 _WEIGHTED = {
     "Conv": 1,
@@ -30,7 +32,7 @@ _WEIGHTED = {
 _MATMUL = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "Gemm": 0}
 
 
-class MacCountError(Exception):
+class MacCountError(AgentError):
     """The graph's MACs cannot be counted (a shape that inference cannot fix)."""
 
 

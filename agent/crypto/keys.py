@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.errors import AgentError
+
 RecipientKind = Literal["mlkem768-x25519", "x25519"]
 RECIPIENT_KINDS: tuple[RecipientKind, ...] = get_args(RecipientKind)
 DEFAULT_RECIPIENT_KIND: RecipientKind = "mlkem768-x25519"
@@ -51,7 +53,7 @@ HpkePublicKey = hpke.MLKEM768X25519PublicKey | x25519.X25519PublicKey
 HpkePrivateKey = hpke.MLKEM768X25519PrivateKey | x25519.X25519PrivateKey
 
 
-class KeyFileError(Exception):
+class KeyFileError(AgentError):
     """A key file is missing, unreadable, malformed, of the wrong kind or too permissive."""
 
 

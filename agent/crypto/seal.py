@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.crypto.keys import RecipientKind, RecipientPrivateKey, RecipientPublicKey
+from agent.errors import AgentError
 
 MAGIC = b"IOMT"
 VERSION = 1
@@ -66,7 +67,7 @@ Reason = Literal[
 ]
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(AgentError):
     """An envelope could not be parsed, authenticated or decrypted.
 
     ``reason`` is a stable machine-readable code (see ``Reason``); the message never

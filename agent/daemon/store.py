@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.errors import AgentError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,7 +44,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-class StoreFull(Exception):
+class StoreFull(AgentError):
     """The inbox or outbox has reached its byte cap."""
 
 

@@ -28,13 +28,15 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from agent.errors import AgentError
+
 JPEG_FAMILY = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
                JPEGLSLossless, JPEGLSNearLossless)
 J2K_FAMILY = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 _RLE_MAX_SEGMENT_FACTOR = 2  # a segment may decode to at most 2 x Rows x Columns bytes
 
 
-class CodestreamError(ValueError):
+class CodestreamError(AgentError, ValueError):
     """The compressed frame does not match its header or is malformed (message: no PHI)."""
 
 

@@ -39,14 +39,10 @@ from pydicom.uid import (
 from agent.dicom import header_values
 from agent.dicom.codestream import J2K_FAMILY, JPEG_FAMILY, CodestreamError, check_codestream
 from agent.dicom.native_pixels import native_pixels
+from agent.errors import SCAN_REASONS, ReasonedError
 from agent.model.bundle import InputContract
 
-REASONS = frozenset({
-    "not_dicom", "payload_too_large", "missing_tag", "no_pixel_data", "wrong_modality",
-    "series_mismatch", "unsupported_photometric", "unsupported_bits", "pixel_budget_exceeded",
-    "multiframe_unsupported", "unsupported_transfer_syntax", "pixel_decode_failed",
-    "bad_geometry", "duplicate_position", "series_too_large",
-})  # fmt: skip
+REASONS = frozenset(SCAN_REASONS)  # what a scan can be reported with (agent.errors)
 JPEG_EXTRA_HINT = 'pip install "iomt-edge-agent[jpeg]"'
 # Compressed syntaxes and the package of the `jpeg` extra that decodes each (through
 # pylibjpeg, pydicom's plugin). RLE also decodes without the extra (pydicom's own numpy
@@ -74,7 +70,7 @@ _SPACING_RANGE_MM = (0.01, 100.0)
 _FIRST_PIXEL_TAG = 0x7FE00008  # Float Pixel Data; Pixel Data is (7FE0,0010)
 
 
-class ScanRejected(Exception):
+class ScanRejected(ReasonedError):
     """A payload that cannot be served. ``reason`` is a short code from ``REASONS``; the
     message is safe to log and publish (no PHI). ``payload_sha256`` is set by
     ``decode_scan``."""
@@ -82,9 +78,7 @@ class ScanRejected(Exception):
     def __init__(self, reason: str, message: str, payload_sha256: str | None = None) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+        super().__init__(reason, message)
         self.payload_sha256 = payload_sha256
 
 

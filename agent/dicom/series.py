@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent.dicom.decode import Scan, ScanRejected
+from agent.errors import ReasonedError
 
 POSITION_TOLERANCE = 0.25  # a neighbour may sit this fraction of a spacing off its slot
 SAME_POSITION = 0.05  # two slices closer than this fraction of a spacing share a slot
@@ -112,13 +113,9 @@ def slice_info(scan: Scan) -> SliceInfo:
     )
 
 
-class SliceRefused(Exception):
-    """The assembler cannot take this slice. ``reason`` is a reason code (see
-    ``agent.dicom.decode.REASONS``); the message is safe to log and publish."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class SliceRefused(ReasonedError):
+    """The assembler cannot take this slice. ``reason`` is a reason code
+    (``agent.errors``); the message is safe to log and publish."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.config import describe_errors
+from agent.errors import AgentError
 from agent.model.manifest import (
     BUNDLE_FORMAT,
     MAX_CONTEXT_SLICES,
@@ -30,7 +31,7 @@ __all__ = ["BUNDLE_FORMAT", "MAX_CONTEXT_SLICES", "BundleError", "BundleFile", "
            "load_bundle", "output_contract", "read_manifest", "sha256_file"]
 
 
-class BundleError(Exception):
+class BundleError(AgentError):
     """A bundle is missing, malformed, or a file does not match its recorded digest.
     ``problems``: one line per bad key of bundle.json, each starting with its key path."""
 

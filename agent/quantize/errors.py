@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from agent.errors import AgentError
+
 QUANTIZE_EXTRA_HINT = 'pip install "iomt-edge-agent[quantize]"'
 CONVERT_EXTRA_HINT = 'pip install "iomt-edge-agent[convert]"'
 
 
-class QuantizeError(Exception):
+class QuantizeError(AgentError):
     """Base class; ``exit_code`` is what the CLI returns."""
 
     exit_code = 1

@@ -20,13 +20,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerConfig
+from agent.errors import AgentError
 from agent.log import get_logger
 from agent.transport.topics import Topic
 
 log = get_logger("agent.transport.mqtt")
 
 
-class MqttError(Exception):
+class MqttError(AgentError):
     """Base of the MQTT errors."""
 
 
