@@ -241,6 +241,23 @@ def cmd_model_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from agent.mni_sample import write_sample
+
+    try:
+        paths = write_sample(Path(args.dir), args.count)
+    except ValueError as exc:  # --count out of range
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:  # DIR not empty, or not writable
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"wrote {len(paths)} T1w slices (MNI152 template, simulated sample; its notice is in "
+          f"each file's ImageComments) to {args.dir}")
+    print(f"next: iomt-agent send --config CONFIG {args.dir}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -344,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sample", help="write the sample T1w series (MNI152 template) for send")
+    s.add_argument("dir", help="directory to write slice001.dcm... into (new or empty)")
+    s.add_argument("--count", type=int, default=24, help="number of slices (1-24, default 24)")
+    s.set_defaults(func=cmd_sample)
     return p
 
 

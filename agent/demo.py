@@ -3,7 +3,8 @@
 Two embedded amqtt brokers (edge and cloud) on free loopback ports, ``init`` into the
 workdir, the bundled T1-weighted MNI152 series sent as a scanner gateway would, the agent
 running as a subprocess, the cloud receiver verifying and decrypting the results, then a
-summary and a PNG montage (input | synthetic output | reference).
+summary and a PNG montage (input | synthetic output | reference), each slice turned upright
+from its DICOM orientation and the columns labelled in the image.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from agent.backends.select import servable_digests
 from agent.bundle import load_bundle
 from agent.config import load_config
 from agent.derive import result_message_id
+from agent.display import radiological
 from agent.embedded_broker import EmbeddedBroker
+from agent.mni_sample import as_stored, sample_series
 from agent.mqtt import Connection, Message
 from agent.png import montage, write_gray_png
 from agent.receiver import ResultReceiver
-from agent.sample_series import DemoSlab, build_series, load_demo_slab
+from agent.sample_series import DemoSlab, load_demo_slab
 from agent.scaffold import InitOptions, write_directory
 from agent.seal import EnvelopeError
 from agent.topics import Topics
@@ -76,8 +79,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         _say(f"[2/5] init: {config_path} (model {model.name} {model.version}, "
              f"backend {config.model.backend})")
 
-        series = build_series(slab.t1[:slices], spacing_mm=tuple(slab.spacing_mm),
-                              first_slice_z_mm=slab.first_slice_z_mm)
+        series = sample_series(slices, slab)
         (workdir / "input").mkdir()
         sop_of: dict[str, str] = {}
         for i, payload in enumerate(series):
@@ -214,23 +216,28 @@ def _stage_medians(log_path: Path) -> dict[str, float]:
     return {k: _median(v) for k, v in stages.items()}
 
 
+MONTAGE_LABELS = ["T1W INPUT", "SYNTHETIC T2W", "SIMULATED T2W"]
+
+
 def _write_montage(workdir: Path, slab: DemoSlab, slices: int) -> Path:
-    outputs = sorted(
-        (pydicom.dcmread(p) for p in (workdir / "results").rglob("*.dcm")),
-        key=lambda ds: int(ds.InstanceNumber),
-    )
-    t1 = slab.t1
-    ref = slab.t2_reference
+    """Input | output | reference for the first, middle and last slice, each turned into
+    the usual axial view (anterior up, the patient's right on the left) from its header."""
+    inputs = sorted((pydicom.dcmread(p) for p in (workdir / "input").glob("*.dcm")),
+                    key=lambda ds: int(ds.InstanceNumber))
+    outputs = {int(ds.InstanceNumber): ds
+               for ds in (pydicom.dcmread(p) for p in (workdir / "results").rglob("*.dcm"))}
+    reference = as_stored(slab.t2_reference[:slices])  # laid out as the input's pixels
     picks = sorted({0, slices // 2, slices - 1}) if slices > 2 else list(range(slices))
     rows = []
     for i in picks:
-        if i >= len(outputs):
+        source = inputs[i]
+        output = outputs.get(int(source.InstanceNumber))
+        if output is None:
             continue
-        row = [t1[i], outputs[i].pixel_array]
-        if ref is not None:
-            row.append(ref[i])
-        rows.append(row)
+        rows.append([radiological(source.pixel_array, source.ImageOrientationPatient),
+                     radiological(output.pixel_array, output.ImageOrientationPatient),
+                     radiological(reference[i], source.ImageOrientationPatient)])
     path = workdir / "montage.png"
     if rows:
-        write_gray_png(path, montage(rows))
+        write_gray_png(path, montage(rows, labels=MONTAGE_LABELS))
     return path
