@@ -87,7 +87,6 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path, protocol: str) -> None:
     detail = out + "\n--- agent.log:\n" + (log.read_text() if log.exists() else "")
     assert proc.returncode == 0, detail
     assert re.search(r"^8$", out, re.M), detail  # find results -name '*.dcm' | wc -l
-    assert "0 failures" in out, detail  # the doctor
     results = sorted((try_dir / "results").rglob("*.dcm"))
     assert len(results) == 8
     sources = {pydicom.dcmread(p).SOPInstanceUID for p in (try_dir / "scans").iterdir()}
