@@ -252,8 +252,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as exc:  # DIR not empty, or not writable
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    print(f"wrote {len(paths)} T1w slices (MNI152 template, simulated sample; its notice is in "
-          f"each file's ImageComments) to {args.dir}")
+    print(f"wrote {len(paths)} T1w slices of the MNI152 template to {args.dir} (not for "
+          "diagnostic use; the template's copyright notice is in each file's ImageComments)")
     print(f"next: iomt-agent send --config CONFIG {args.dir}")
     return EXIT_OK
 

@@ -59,8 +59,8 @@ def notice() -> str:
     text = resources.files("agent").joinpath("samples", "NOTICE.txt").read_text("utf-8")
     marker = "distributed under this notice:"
     licence = text.split(marker, 1)[1] if marker in text else text
-    return ("Derived from the MNI ICBM152 2009a template (simulated sample, not for diagnostic "
-            "use). " + " ".join(licence.split()))
+    return ("Derived from the MNI ICBM152 2009a template (a sample, not for diagnostic use). "
+            + " ".join(licence.split()))
 
 
 def sample_series(count: int | None = None, slab: DemoSlab | None = None) -> list[bytes]:
