@@ -38,6 +38,16 @@ from agent.seal import EnvelopeError
 from agent.topics import Topics
 
 RESULT_TIMEOUT_S = 180.0
+REFUSALS = ("model_refused", "cannot_start")  # the agent's last words when it exits 2
+
+
+class DemoError(Exception):
+    """The demo could not run; ``str()`` is one line for the user, ``exit_code`` the status
+    (2: the agent refused its config or bundle, 1: anything else)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _say(text: str) -> None:
@@ -183,9 +193,28 @@ def _wait_for_log(path: Path, needle: str, *, count: int, timeout: float,
         if text.count(needle) >= count:
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {proc.returncode}; see {path}:\n{text[-2000:]}")
+            code = proc.returncode
+            raise DemoError(f"the agent exited with status {code} before it connected: "
+                            f"{_last_refusal(text)} (log: {path})", 2 if code == 2 else 1)
         time.sleep(0.2)
-    raise RuntimeError(f"agent did not connect within {timeout:.0f} s; see {path}")
+    raise DemoError(f"the agent did not connect to the embedded brokers within "
+                    f"{timeout:.0f} s (log: {path})")
+
+
+def _last_refusal(log_text: str) -> str:
+    """The agent's own words for why it would not start: the last refusal event's reason
+    and fix, or the last line of its log."""
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        try:
+            event = json.loads(line[line.index("{"):])
+        except (ValueError, json.JSONDecodeError):
+            continue
+        if isinstance(event, dict) and event.get("event") in REFUSALS:
+            what = event.get("reason") or event.get("error") or ""
+            fix = event.get("fix")
+            return f"{event['event']}: {what}" + (f"; fix: {fix}" if fix else "")
+    return lines[-1][-500:] if lines else "it wrote nothing"
 
 
 def _stop_agent(proc: subprocess.Popen[bytes] | None) -> int | None:
