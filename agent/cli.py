@@ -83,8 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent = Agent(config, args.config)
     except GuardFailed as exc:  # a BundleError: caught first, for its own event and figures
         summary = exc.report.summary()
-        summary["fix"] = (f"{exc.report.fix or 'rebuild the bundle'} (`iomt-agent model "
-                          "verify BUNDLE --runtime R` prints the figures)")
+        summary["fix"] = (f"{exc.report.fix or 'rebuild the bundle'}; `iomt-agent model "
+                          "verify BUNDLE --runtime R` prints the figures")
         log.error("model_refused", model=exc.report.bundle, **summary)
         return EXIT_CONFIG
     except (BundleError, KeyFileError, BackendError) as exc:
@@ -265,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")
     s.add_argument("dir", help="directory to create")
-    s.add_argument("--edge-url", required=True, help="mqtt://host:port or mqtts://host:port")
-    s.add_argument("--cloud-url", required=True, help="mqtt://host:port or mqtts://host:port")
+    s.add_argument("--edge-url", required=True,
+                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
+    s.add_argument("--cloud-url", required=True,
+                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
     s.add_argument("--site", default="site-1", help="site id (one topic level)")
     s.add_argument("--device-id", default="edge-1", help="device id (one topic level)")
     s.add_argument("--bundle", help="model bundle directory (default: models/t1w-to-t2w-lite)")

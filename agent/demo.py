@@ -74,6 +74,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
     cloud.start()
     _say(f"[1/5] embedded brokers: edge {edge.url}, cloud {cloud.url} (amqtt, MQTT 3.1.1)")
     agent_proc: subprocess.Popen[bytes] | None = None
+    clients: list[Connection] = []  # stopped before the brokers, however the demo ends
     try:
         config_path = write_directory(
             InitOptions(workdir, edge.url, cloud.url, site="demo-site", device_id="edge-1",
@@ -131,6 +132,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         consumer = Connection(config.cloud, "demo-cloud-consumer", name="cloud",
                               subscriptions=(topics.results_filter(),), on_message=on_result,
                               manual_ack=True)
+        clients.append(consumer)
         consumer.start()
         consumer.wait_connected(10)
 
@@ -155,8 +157,9 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         all_in.wait(RESULT_TIMEOUT_S)
         elapsed = time.perf_counter() - t0
         gateway.stop()
-        consumer.stop()
     finally:
+        for client in clients:
+            client.stop()
         code = _stop_agent(agent_proc)
         edge.stop()
         cloud.stop()
@@ -210,10 +213,8 @@ def _last_refusal(log_text: str) -> str:
             event = json.loads(line[line.index("{"):])
         except (ValueError, json.JSONDecodeError):
             continue
-        if isinstance(event, dict) and event.get("event") in REFUSALS:
-            what = event.get("reason") or event.get("error") or ""
-            fix = event.get("fix")
-            return f"{event['event']}: {what}" + (f"; fix: {fix}" if fix else "")
+        if isinstance(event, dict) and event.get("event") in REFUSALS:  # the reason ends
+            return f"{event['event']}: {event.get('reason') or event.get('error')}"  # in its fix
     return lines[-1][-500:] if lines else "it wrote nothing"
 
 

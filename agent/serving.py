@@ -131,7 +131,7 @@ def _name_what_passes(bundle: ModelBundle, report: GuardReport,
             other = run_guard(bundle, runner)
         finally:
             runner.close()
-        figure = f"{runtime} ({format_db(other.worst_psnr_db)} dB)"
+        figure = f"{format_db(other.worst_psnr_db)} dB"
         (passing if other.ok else failing).append((runtime, figure))
     if passing:
         runtime, figure = passing[0]
@@ -139,7 +139,7 @@ def _name_what_passes(bundle: ModelBundle, report: GuardReport,
             f'set model.backend = "{runtime}" (it passes on this CPU: {figure}) or "auto" '
             "(the fastest runtime x precision that passes here)")
     if failing and bundle.reference is not None:
-        names = ", ".join(f for _, f in failing)
+        names = ", ".join(f"{rt} {f}" for rt, f in failing)
         return report.with_fix(
             f"no other runtime's int8 file passes on this CPU either ({names}): set "
             'model.backend = "auto" to serve the bundle\'s fp32 file where it passes, or '
