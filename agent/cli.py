@@ -298,13 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("config", help="configuration tools")
     csub = s.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    c = csub.add_parser(
-        "check", help="validate a config file, its keys, bundle and runtime without starting "
-        "the agent (exit 2 when run would refuse it)",
-        description="Validate what `run` would refuse, without loading the model: the file, "
-        "every key file (private ones 0600), the broker files, the bundle (every sha256) and "
-        "the runtime. The int8 accuracy guard runs the model, so only --guard runs it. The "
-        "brokers are not contacted (`iomt-agent doctor` does that).")
+    c = csub.add_parser("check", help="validate what `run` would refuse (file, keys, bundle, "
+                        "runtime) without loading the model; exit 2 when it would",
+                        description="Checks the file, every key file (private ones 0600), "
+                        "the broker files, the bundle (every sha256) and the runtime. The int8 "
+                        "accuracy guard runs the model: only with --guard. No broker is contacted.")
     c.add_argument("path", help="path to agent.toml")
     c.add_argument("--guard", action="store_true",
                    help="also load the model as `run` does and run the int8 accuracy guard")
