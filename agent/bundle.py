@@ -73,11 +73,18 @@ class BundleFile:
 
 @dataclass(frozen=True)
 class GoldenSet:
-    """Golden inputs with fp32 reference outputs and the floor that gates activation."""
+    """Golden inputs with fp32 reference outputs and the floor that gates activation.
+
+    ``recorded_psnr_db``: the worst golden PSNR each runtime's served file gave where the
+    bundle was built (``golden.recorded_psnr_db``; optional), and ``recorded_cpu`` that
+    machine's CPU. The guard compares them with this CPU's figures to say why a model that
+    misses its floor here does (``agent.guard_cause``)."""
 
     path: Path
     sha256: str
     min_psnr_db: float
+    recorded_psnr_db: dict[str, float] = field(default_factory=dict)
+    recorded_cpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,22 @@ def _file(root: Path, spec: dict[str, Any], where: str, verify: bool) -> BundleF
         if actual != digest:
             raise BundleError(
                 f"{where}: {rel} has sha256 {actual[:16]}..., bundle.json says {digest[:16]}..."
-                " (file corrupted or replaced; rebuild or re-download the bundle)"
+                ": the file was corrupted or replaced after the bundle was built; reinstall "
+                "the bundle (copy it again from its source)"
             )
     return BundleFile(path=path, sha256=digest)
+
+
+def _golden(file: BundleFile, spec: dict[str, Any], meta_path: Path) -> GoldenSet:
+    recorded = spec.get("recorded_psnr_db", {})
+    if not isinstance(recorded, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded.values()):
+        raise BundleError(f"{meta_path}: golden.recorded_psnr_db must map runtime names to "
+                          f"numbers (dB), got {recorded!r}")
+    cpu = spec.get("recorded_cpu")
+    return GoldenSet(file.path, file.sha256, float(spec["min_psnr_db"]),
+                     recorded_psnr_db={str(k): float(v) for k, v in recorded.items()},
+                     recorded_cpu=None if cpu is None else str(cpu))
 
 
 def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
@@ -213,7 +233,7 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
         golden = None
         if "golden" in meta:
             g = _file(root, meta["golden"], "golden", verify)
-            golden = GoldenSet(g.path, g.sha256, float(meta["golden"]["min_psnr_db"]))
+            golden = _golden(g, meta["golden"], meta_path)
         if not 0 <= input_contract.context_slices <= MAX_CONTEXT_SLICES:
             raise BundleError(f"{meta_path}: input.context_slices must be 0 (2D) to "
                               f"{MAX_CONTEXT_SLICES}, got {input_contract.context_slices}")

@@ -24,6 +24,7 @@ def _load(path: str) -> Config:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from agent.bundle import BundleError
     from agent.scaffold import InitOptions, write_directory
 
     try:
@@ -43,7 +44,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
-    except (FileExistsError, FileNotFoundError) as exc:
+    except (FileExistsError, FileNotFoundError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(f"wrote {path} and development keys in {path.parent / 'keys'}")
@@ -53,23 +54,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args.path)
-    from agent.bundle import BundleError, load_bundle
+    from agent.preflight import check
 
-    problems = []
-    try:
-        load_bundle(config.model.bundle)
-    except BundleError as exc:
-        problems.append(f"model.bundle: {exc}")
-    for key_path, path in (
-        ("seal.recipient_public_key", config.seal.recipient_public_key),
-        ("seal.device_signing_key", config.seal.device_signing_key),
-    ):
-        if not path.is_file():
-            problems.append(f"{key_path}: file {path} not found")
-    if problems:
-        print(ConfigError(args.path, problems).render(), file=sys.stderr)
+    configure("error", "console")  # --guard: the model loading's own log lines
+    found = check(config, guard=args.guard)
+    for warning in found.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if found.problems:
+        print(ConfigError(args.path, found.problems).render(), file=sys.stderr)
         return EXIT_CONFIG
     print(f"{args.path}: ok")
+    for note in found.notes:
+        print(f"  {note}")
     return EXIT_OK
 
 
@@ -86,9 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         agent = Agent(config, args.config)
     except GuardFailed as exc:  # a BundleError: caught first, for its own event and figures
-        log.error("model_refused", model=exc.report.bundle, **exc.report.summary(),
-                  fix="`iomt-agent model verify BUNDLE` prints the figures; rebuild or "
-                  "reinstall the bundle")
+        summary = exc.report.summary()
+        summary["fix"] = (f"{exc.report.fix or 'rebuild the bundle'}; `iomt-agent model "
+                          "verify BUNDLE --runtime R` prints the figures")
+        log.error("model_refused", model=exc.report.bundle, **summary)
         return EXIT_CONFIG
     except (BundleError, KeyFileError, BackendError) as exc:
         log.error("cannot_start", error=str(exc))
@@ -259,11 +256,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.bundle import BundleError
+    from agent.demo import DemoError, run_demo
 
     configure("warning", "console")
-    return run_demo(Path(args.workdir), slices=args.slices,
-                    bundle=Path(args.bundle) if args.bundle else None)
+    try:
+        return run_demo(Path(args.workdir), slices=args.slices,
+                        bundle=Path(args.bundle) if args.bundle else None)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")
     s.add_argument("dir", help="directory to create")
-    s.add_argument("--edge-url", required=True, help="mqtt://host:port or mqtts://host:port")
-    s.add_argument("--cloud-url", required=True, help="mqtt://host:port or mqtts://host:port")
+    s.add_argument("--edge-url", required=True,
+                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
+    s.add_argument("--cloud-url", required=True,
+                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
     s.add_argument("--site", default="site-1", help="site id (one topic level)")
     s.add_argument("--device-id", default="edge-1", help="device id (one topic level)")
     s.add_argument("--bundle", help="model bundle directory (default: models/t1w-to-t2w-lite)")
@@ -308,12 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("config", help="configuration tools")
     csub = s.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    c = csub.add_parser("check", help="validate a config file (exit 2 when invalid)")
+    c = csub.add_parser("check", help="validate what `run` would refuse (file, keys, bundle, "
+                        "runtime) without loading the model; exit 2 when it would",
+                        description="Checks the file, every key file (private ones 0600), "
+                        "the broker files, the bundle (every sha256) and the runtime. The int8 "
+                        "accuracy guard runs the model: only with --guard. No broker is contacted.")
     c.add_argument("path", help="path to agent.toml")
+    c.add_argument("--guard", action="store_true",
+                   help="also load the model as `run` does and run the int8 accuracy guard")
     c.set_defaults(func=cmd_config_check)
 
     s = sub.add_parser("doctor", help="check this node: config, keys, certificates, brokers, "
-                       "model, disk (exit 1 on any failure)")
+                       "model, disk (exit 0 ok, 1 a check failed, 2 the config is invalid)")
     s.add_argument("--config", required=True, help="path to agent.toml")
     s.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
     s.set_defaults(func=cmd_doctor)

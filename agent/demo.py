@@ -41,6 +41,16 @@ from agent.seal import EnvelopeError
 from agent.topics import Topics
 
 RESULT_TIMEOUT_S = 180.0
+REFUSALS = ("model_refused", "cannot_start")  # the agent's last words when it exits 2
+
+
+class DemoError(Exception):
+    """The demo could not run; ``str()`` is one line for the user, ``exit_code`` the status
+    (2: the agent refused its config or bundle, 1: anything else)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _say(text: str) -> None:
@@ -67,6 +77,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
     cloud.start()
     _say(f"[1/5] embedded brokers: edge {edge.url}, cloud {cloud.url} (amqtt, MQTT 3.1.1)")
     agent_proc: subprocess.Popen[bytes] | None = None
+    clients: list[Connection] = []  # stopped before the brokers, however the demo ends
     try:
         config_path = write_directory(
             InitOptions(workdir, edge.url, cloud.url, site="demo-site", device_id="edge-1",
@@ -123,6 +134,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         consumer = Connection(config.cloud, "demo-cloud-consumer", name="cloud",
                               subscriptions=(topics.results_filter(),), on_message=on_result,
                               manual_ack=True)
+        clients.append(consumer)
         consumer.start()
         consumer.wait_connected(10)
 
@@ -147,8 +159,9 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         all_in.wait(RESULT_TIMEOUT_S)
         elapsed = time.perf_counter() - t0
         gateway.stop()
-        consumer.stop()
     finally:
+        for client in clients:
+            client.stop()
         code = _stop_agent(agent_proc)
         edge.stop()
         cloud.stop()
@@ -185,9 +198,26 @@ def _wait_for_log(path: Path, needle: str, *, count: int, timeout: float,
         if text.count(needle) >= count:
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {proc.returncode}; see {path}:\n{text[-2000:]}")
+            code = proc.returncode
+            raise DemoError(f"the agent exited with status {code} before it connected: "
+                            f"{_last_refusal(text)} (log: {path})", 2 if code == 2 else 1)
         time.sleep(0.2)
-    raise RuntimeError(f"agent did not connect within {timeout:.0f} s; see {path}")
+    raise DemoError(f"the agent did not connect to the embedded brokers within "
+                    f"{timeout:.0f} s (log: {path})")
+
+
+def _last_refusal(log_text: str) -> str:
+    """The agent's own words for why it would not start: the last refusal event's reason
+    and fix, or the last line of its log."""
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        try:
+            event = json.loads(line[line.index("{"):])
+        except (ValueError, json.JSONDecodeError):
+            continue
+        if isinstance(event, dict) and event.get("event") in REFUSALS:  # the reason ends
+            return f"{event['event']}: {event.get('reason') or event.get('error')}"  # in its fix
+    return lines[-1][-500:] if lines else "it wrote nothing"
 
 
 def _stop_agent(proc: subprocess.Popen[bytes] | None) -> int | None:

@@ -58,10 +58,21 @@ def scrub_phi(
     return event_dict
 
 
+_json_lines = False  # what configure() chose: JSON lines (True) or the console renderer
+
+
+def json_lines() -> bool:
+    """Whether the log is JSON lines, so anything else written to stderr would break it
+    (``agent.native_stderr`` keeps the runtimes' native output off it)."""
+    return _json_lines
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure structlog for the process. ``fmt``: auto | console | json."""
+    global _json_lines
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    _json_lines = not use_console and stream is sys.stderr
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if use_console

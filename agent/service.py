@@ -94,11 +94,11 @@ class Agent:
         a = config.agent
         assert a.state_dir is not None
         self.topics = Topics(a.site, a.device_id)
-        # Raises BundleError (GuardFailed) or BackendError: the caller exits 2.
-        self.model: ServedModel = load_model(config.model, a.state_dir)
-        self._log_guard(self.model)
+        # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        self.model: ServedModel = load_model(config.model, a.state_dir)
+        self._log_guard(self.model)
 
         def sealer(plaintext: bytes, message_id: str) -> bytes:
             return seal.seal(

@@ -92,7 +92,7 @@ for level in "$SITE" "$DEVICE_ID"; do
 done
 url_re='^mqtts?://[][A-Za-z0-9_.:-]+$'
 for url in "$EDGE_URL" "$CLOUD_URL"; do
-    [[ "$url" =~ $url_re ]] || die "'$url': expected mqtt://host:port or mqtts://host:port"
+    [[ "$url" =~ $url_re ]] || die "'$url': expected mqtt://host[:port] or mqtts://host[:port] (the port defaults to 1883 for mqtt, 8883 for mqtts)"
 done
 [ "$PURGE" = no ] || [ "$MODE" = uninstall ] || die "--purge goes with --uninstall"
 

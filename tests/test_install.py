@@ -262,7 +262,7 @@ def test_prefix_for_packagers(tmp_path: Path, wheel: Path, staged: Staged) -> No
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--site", "a/b"], "a site or device id"),
-    (["--edge-url", "http://x"], "expected mqtt://host:port"),
+    (["--edge-url", "http://x"], "expected mqtt://host[:port]"),
     (["--prefix", "/usr"], "use a directory of its own"),
     (["--prefix", "relative"], "expected an absolute path"),
     (["--purge"], "--purge goes with --uninstall"),

@@ -24,8 +24,22 @@ def _file(stage: Path, name: str) -> dict[str, str]:
     return {"path": name, "sha256": sha256_file(stage / name)}
 
 
+def _recorded(report: dict[str, Any]) -> dict[str, Any]:
+    """``golden.recorded_psnr_db`` / ``recorded_cpu``: the agent's guard figures on this
+    machine, once the guard has run (``report["guard"]``), so that a node whose int8
+    kernels give less can tell that from a changed file (``agent.guard_cause``)."""
+    figures = {rt: round(v["worst_psnr_db"], 2) for rt, v in report.get("guard", {}).items()
+               if isinstance(v.get("worst_psnr_db"), float)}  # "inf": nothing to compare
+    if not figures:
+        return {}
+    from agent.cpu import read_cpu
+
+    return {"recorded_psnr_db": figures, "recorded_cpu": read_cpu().label}
+
+
 def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
-    """bundle.json (format 1, ``agent/bundle.py``) for the files in ``stage``."""
+    """bundle.json (format 1, ``agent/bundle.py``) for the files in ``stage``; with the
+    guard's figures once ``report`` has them."""
     backends = {"onnxruntime": _file(stage, "model.int8.onnx")}
     references: dict[str, Any] = {}
     if (stage / "model.int8.tflite").is_file():
@@ -42,7 +56,8 @@ def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
         "backends": backends,
         "reference": _file(stage, "model.fp32.onnx"),
         **({"references": references} if references else {}),
-        "golden": {**_file(stage, "golden.npz"), "min_psnr_db": contract.fidelity.min_psnr_db},
+        "golden": {**_file(stage, "golden.npz"), "min_psnr_db": contract.fidelity.min_psnr_db,
+                   **_recorded(report)},
         "model_card": "MODEL_CARD.md",
     }
     gmac = report["model"].get("gmac")
