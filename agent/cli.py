@@ -89,8 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             return _run(args, stop)
         except StopRequested as exc:
-            from agent.log import get_logger
+            from agent.log import ensure_configured, get_logger
 
+            ensure_configured()  # the signal may have come before the config was read
             get_logger("agent.cli").info("agent_stopped", signal=exc.signal_name,
                                          during="start-up")
             return EXIT_OK
@@ -158,6 +159,11 @@ def cmd_receive(args: argparse.Namespace) -> int:
             summary.signal_name = stop.signal_name
             return report(summary, args.count)
         except StopRequested as exc:  # before receiving began
+            from agent.log import ensure_configured, get_logger
+
+            ensure_configured()
+            get_logger("agent.receive").info("receive_stopped", signal=exc.signal_name,
+                                             filed=0, during="start-up")
             return EXIT_INTERRUPTED if exc.signal_name == "SIGINT" else EXIT_OK
 
 

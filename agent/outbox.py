@@ -93,7 +93,8 @@ class OutboxPublisher:
 
     def _wait_s(self) -> float:
         with self._lock:
-            due = min((h.due for h in self._held.values()), default=None)
+            due = min((h.due for i, h in self._held.items() if i not in self._inflight),
+                      default=None)
         if due is None:
             return 1.0
         return min(1.0, max(0.05, due - time.monotonic()))
@@ -112,7 +113,8 @@ class OutboxPublisher:
         now = time.monotonic()
         with self._lock:
             room = self._window - len(self._inflight)
-            due = sorted(i for i, h in self._held.items() if h.due <= now)[:max(0, room)]
+            due = sorted(i for i, h in self._held.items()
+                         if h.due <= now and i not in self._inflight)[:max(0, room)]
         rows = self._store.outbox_rows(due)
         with self._lock:
             for gone in set(due) - {r.id for r in rows}:
