@@ -8,10 +8,11 @@ and (``errors=True``) error reports of the site, files each result, keeps what i
 open in the quarantine directory (tried again at the next start), and shows each error
 report. A message is acked only once it is filed, quarantined or shown.
 
-It ends when ``count`` scans are accounted for (results filed now or by an earlier run,
-and error reports: a rejected scan gives no result), at ``timeout``, on ``stop``, or when
-another receiver with the same client id takes the session over (it yields rather than
-knocking the other off in turn).
+It ends when ``count`` results are accounted for (filed now or by an earlier run: a
+result redelivered after an earlier run filed it counts, one seen twice in this run does
+not), at ``timeout``, on ``stop``, or when another receiver with the same client id takes
+the session over (it yields rather than knocking the other off in turn). Error reports are
+shown as they come and counted in the summary, not towards ``count``.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class Tally:
 
     @property
     def accounted(self) -> int:
-        """Scans accounted for, towards ``--count``."""
-        return self.filed + self.earlier + self.errors
+        """Results accounted for, towards ``--count``."""
+        return self.filed + self.earlier
 
 
 @dataclass
@@ -199,7 +200,7 @@ def receive(
     config: Config, out_dir: Path, *, count: int | None, timeout: float | None,
     errors: bool = True, stop: threading.Event | None = None,
 ) -> ReceiveSummary:
-    """Receive until ``count`` scans are accounted for, ``timeout`` seconds passed, ``stop``
+    """Receive until ``count`` results are accounted for, ``timeout`` seconds passed, ``stop``
     is set or the session is taken over. Raises ConfigError / KeyFileError for the
     ``[receiver]`` section."""
     loop = _Loop(receiver_from_config(config, out_dir), count, out_dir)
@@ -280,13 +281,10 @@ def report(summary: ReceiveSummary, count: int | None) -> int:
         return 1
     if count is None:
         return 0
-    if t.accounted < count:
-        log.error("receive_timeout", expected=count, accounted=t.accounted, filed=t.filed,
-                  already_filed=t.earlier, error_reports=t.errors)
-        return 1
-    if t.errors:
-        log.error("scans_rejected", error_reports=t.errors, results=t.filed + t.earlier,
-                  detail=f"{t.errors} of the {t.accounted} scans were rejected by the agent "
-                  "(the error_report lines above say why): no result comes for them")
-        return 1
-    return 0
+    if t.accounted >= count:
+        return 0
+    why = {"detail": f"{t.errors} scans were rejected by the agent (the error_report lines "
+           "above say why): no result comes for them"} if t.errors else {}
+    log.error("receive_timeout", expected=count, accounted=t.accounted, filed=t.filed,
+              already_filed=t.earlier, error_reports=t.errors, **why)
+    return 1

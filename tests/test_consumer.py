@@ -38,17 +38,21 @@ def test_results_filed_by_an_earlier_run_count_and_are_called_duplicates() -> No
     assert "all 3 results were filed by an earlier run" in str(done["note"])
 
 
-def test_error_reports_count_but_fail_the_run() -> None:
-    rc, logs = _run(_summary(filed=1, errors=2), 3)
+def test_a_timeout_says_how_many_scans_the_agent_rejected() -> None:
+    rc, logs = _run(_summary(Ending.TIMEOUT, filed=1, errors=2), 3)
     assert rc == 1
-    assert [e["event"] for e in logs] == ["receive_done", "scans_rejected"]
-    assert "2 of the 3 scans were rejected" in str(logs[1]["detail"])
+    assert [e["event"] for e in logs] == ["receive_done", "receive_timeout"]
+    assert logs[1]["error_reports"] == 2
+    assert "2 scans were rejected by the agent" in str(logs[1]["detail"])
+    # Error reports do not stand in for results.
+    assert _run(_summary(filed=3, errors=2), 3)[0] == 0
 
 
 def test_a_timeout_short_of_the_count() -> None:
     rc, logs = _run(_summary(Ending.TIMEOUT, filed=1), 3)
     assert rc == 1
     assert logs[-1]["event"] == "receive_timeout" and logs[-1]["accounted"] == 1
+    assert "detail" not in logs[-1]
     # Without --count a timeout is the normal end.
     assert _run(_summary(Ending.TIMEOUT, filed=1), None)[0] == 0
 
