@@ -1,21 +1,30 @@
 """``iomt-agent``: thin subcommands over the library. Exit codes: 0 ok, 1 failure, 2 bad
-configuration or usage."""
+configuration or usage.
+
+Only the standard library is imported up front, so that ``run`` and ``receive`` have their
+stop-signal handlers (``agent.signals``) in place before anything slow is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
-from agent.config import Config, ConfigError, load_config
-from agent.log import configure, get_logger
+from agent.signals import StopRequested, StopSignals
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _load(path: str) -> Config:
+    from agent.config import ConfigError, load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -25,6 +34,7 @@ def _load(path: str) -> Config:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from agent.bundle import BundleError
+    from agent.config import ConfigError
     from agent.scaffold import InitOptions, write_directory
 
     try:
@@ -54,6 +64,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args.path)
+    from agent.config import ConfigError
+    from agent.log import configure
     from agent.preflight import check
 
     configure("error", "console")  # --guard: the model loading's own log lines
@@ -70,6 +82,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    with StopSignals() as stop:  # SIGTERM / SIGINT while starting: a clean exit 0
+        try:
+            return _run(args, stop)
+        except StopRequested as exc:
+            from agent.log import ensure_configured, get_logger
+
+            ensure_configured()  # the signal may have come before the config was read
+            get_logger("agent.cli").info("agent_stopped", signal=exc.signal_name,
+                                         during="start-up")
+            return EXIT_OK
+
+
+def _run(args: argparse.Namespace, stop: StopSignals) -> int:
+    from agent.log import configure, get_logger
+
+    configure()  # until the config says otherwise: a stop while loading it is logged
     config = _load(args.config)
     configure(config.log.level, config.log.format)
     from agent.backends import BackendError
@@ -90,70 +118,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (BundleError, KeyFileError, BackendError) as exc:
         log.error("cannot_start", error=str(exc))
         return EXIT_CONFIG
+    agent.install_signal_handlers()  # from here on a stop signal is the agent's clean stop
+    stop.ready()
     return agent.run()
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from agent.mqtt import Connection
-    from agent.topics import Topics
+    from agent.log import configure
+    from agent.sender import send_files
 
     config = _load(args.config)
     configure(config.log.level, config.log.format)
-    log = get_logger("agent.send")
-    files: list[Path] = []
-    for item in args.paths:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
+    paths = [Path(item) for item in args.paths]
+    for p in paths:
+        if not (p.is_dir() or p.is_file()):
             print(f"error: {p} does not exist", file=sys.stderr)
             return EXIT_FAIL
-    topics = Topics(config.agent.site, config.agent.device_id)
-    conn = Connection(config.edge, f"iomt-{config.agent.site}-sender-{args.source}", name="edge")
-    conn.start()
-    if not conn.wait_connected(args.timeout):
-        log.error("edge_broker_unreachable", url=config.edge.url, error=conn.last_error)
-        conn.stop()
-        return EXIT_FAIL
-    acked = threading.Semaphore(0)
-    failures: list[str] = []
-
-    def done(ok: bool, reason: str) -> None:
-        if not ok:
-            failures.append(reason)
-        acked.release()
-
-    topic = topics.scan(args.source)
-    for f in files:
-        conn.publish(topic, f.read_bytes(), qos=1, on_done=done)
-    complete = all(acked.acquire(timeout=args.timeout) for _ in files)
-    conn.stop()
-    log.info("sent", files=len(files), topic=str(topic), refused=len(failures),
-             complete=complete)
-    return EXIT_OK if complete and not failures else EXIT_FAIL
+    return EXIT_OK if send_files(config, paths, args.source, args.timeout) else EXIT_FAIL
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from agent.keys import KeyFileError
-    from agent.receiver import receive
+    with StopSignals() as stop:
+        try:
+            from agent.config import ConfigError
+            from agent.consumer import receive, report
+            from agent.keys import KeyFileError
+            from agent.log import configure, get_logger
 
-    config = _load(args.config)
-    configure(config.log.level, config.log.format)
-    log = get_logger("agent.receive")
-    try:
-        filed, dups, rejected = receive(
-            config, Path(args.out), count=args.count, timeout=args.timeout
-        )
-    except (KeyFileError, ConfigError) as exc:
-        log.error("cannot_receive", error=str(exc))
-        return EXIT_CONFIG
-    log.info("receive_done", filed=filed, duplicates=dups, rejected=rejected)
-    if args.count is not None and filed < args.count:
-        log.error("receive_timeout", expected=args.count, filed=filed)
-        return EXIT_FAIL
-    return EXIT_OK
+            config = _load(args.config)
+            configure(config.log.level, config.log.format)
+            stop.ready()
+            try:
+                summary = receive(config, Path(args.out), count=args.count,
+                                  timeout=args.timeout, errors=args.errors, stop=stop.event)
+            except (KeyFileError, ConfigError) as exc:
+                get_logger("agent.receive").error("cannot_receive", error=str(exc))
+                return EXIT_CONFIG
+            summary.signal_name = stop.signal_name
+            return report(summary, args.count)
+        except StopRequested as exc:  # before receiving began
+            from agent.log import ensure_configured, get_logger
+
+            ensure_configured()
+            get_logger("agent.receive").info("receive_stopped", signal=exc.signal_name,
+                                             filed=0, during="start-up")
+            return EXIT_INTERRUPTED if exc.signal_name == "SIGINT" else EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -178,6 +187,7 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import BenchOptions, main
+    from agent.log import configure
 
     configure("warning", "console")  # choose_runner's info lines would break up the table
     options = BenchOptions(
@@ -258,6 +268,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.bundle import BundleError
     from agent.demo import DemoError, run_demo
+    from agent.log import configure
 
     configure("warning", "console")
     try:
@@ -309,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("receive", help="the cloud consumer: verify, decrypt and file results")
     s.add_argument("--config", required=True, help="path to agent.toml (needs [receiver])")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--count", type=int, help="exit 0 after this many results")
+    s.add_argument("--count", type=int, help="stop after this many scans are accounted for: "
+                   "results (filed now or by an earlier run) and error reports; exit 0 when "
+                   "all were results")
     s.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    s.add_argument("--no-errors", dest="errors", action="store_false",
+                   help="do not subscribe to the agents' error reports (shown by default)")
     s.set_defaults(func=cmd_receive)
 
     s = sub.add_parser("config", help="configuration tools")
@@ -411,4 +426,8 @@ def _quantize_parser(msub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C in a short command: one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

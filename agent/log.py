@@ -100,5 +100,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def ensure_configured() -> None:
+    """``configure()``'s defaults, unless the process has configured logging already."""
+    if not structlog.is_configured():
+        configure()
+
+
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)

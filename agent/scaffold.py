@@ -89,6 +89,7 @@ format = "auto"
 [receiver]
 recipient_private_key = "keys/cloud-recipient.key"
 trusted_devices = {{ "{device_id}" = "keys/device-signing.pub" }}
+# client_id = "iomt-{site}-cloud-receiver"  # its persistent session: one receiver per id
 """
 
 
