@@ -89,7 +89,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             *syslog_prefix_processors(stream),  # "<4>..." = warning, for journald
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (message and newline together): a flush by another thread, as
+        # agent.native_stderr does before it swaps fd 2, can then never split a line.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # paho and amqtt log through the standard library; keep them quiet and on the same stream.

@@ -55,7 +55,7 @@ def _relay(read_fd: int, out_fd: int, runtime: str) -> None:
     config = structlog.get_config()
     stream = os.fdopen(os.dup(out_fd), "w", encoding="utf-8", errors="replace")
     log: Any = structlog.wrap_logger(
-        structlog.PrintLogger(stream), processors=config["processors"],
+        structlog.WriteLogger(stream), processors=config["processors"],
         wrapper_class=config["wrapper_class"], context_class=config["context_class"])
     pending = b""
     try:
