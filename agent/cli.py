@@ -1,21 +1,30 @@
 """``iomt-agent``: thin subcommands over the library. Exit codes: 0 ok, 1 failure, 2 bad
-configuration or usage."""
+configuration or usage.
+
+Only the standard library is imported up front, so that ``run`` and ``receive`` have their
+stop-signal handlers (``agent.signals``) in place before anything slow is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
-from agent.config import Config, ConfigError, load_config
-from agent.log import configure, get_logger
+from agent.signals import StopRequested, StopSignals
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _load(path: str) -> Config:
+    from agent.config import ConfigError, load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -24,6 +33,8 @@ def _load(path: str) -> Config:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError
+    from agent.model.bundle import BundleError
     from agent.ops.scaffold import InitOptions, write_directory
 
     try:
@@ -43,7 +54,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
-    except (FileExistsError, FileNotFoundError) as exc:
+    except (FileExistsError, FileNotFoundError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(f"wrote {path} and development keys in {path.parent / 'keys'}")
@@ -53,27 +64,40 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args.path)
-    from agent.model.bundle import BundleError, load_bundle
+    from agent.config import ConfigError
+    from agent.log import configure
+    from agent.ops.preflight import check
 
-    problems = []
-    try:
-        load_bundle(config.model.bundle)
-    except BundleError as exc:
-        problems.append(f"model.bundle: {exc}")
-    for key_path, path in (
-        ("seal.recipient_public_key", config.seal.recipient_public_key),
-        ("seal.device_signing_key", config.seal.device_signing_key),
-    ):
-        if not path.is_file():
-            problems.append(f"{key_path}: file {path} not found")
-    if problems:
-        print(ConfigError(args.path, problems).render(), file=sys.stderr)
+    configure("error", "console")  # --guard: the model loading's own log lines
+    found = check(config, guard=args.guard)
+    for warning in found.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if found.problems:
+        print(ConfigError(args.path, found.problems).render(), file=sys.stderr)
         return EXIT_CONFIG
     print(f"{args.path}: ok")
+    for note in found.notes:
+        print(f"  {note}")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    with StopSignals() as stop:  # SIGTERM / SIGINT while starting: a clean exit 0
+        try:
+            return _run(args, stop)
+        except StopRequested as exc:
+            from agent.log import ensure_configured, get_logger
+
+            ensure_configured()  # the signal may have come before the config was read
+            get_logger("agent.cli").info("agent_stopped", signal=exc.signal_name,
+                                         during="start-up")
+            return EXIT_OK
+
+
+def _run(args: argparse.Namespace, stop: StopSignals) -> int:
+    from agent.log import configure, get_logger
+
+    configure()  # until the config says otherwise: a stop while loading it is logged
     config = _load(args.config)
     configure(config.log.level, config.log.format)
     from agent.backends import BackendError
@@ -86,77 +110,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         agent = Agent(config, args.config)
     except GuardFailed as exc:  # a BundleError: caught first, for its own event and figures
-        log.error("model_refused", model=exc.report.bundle, **exc.report.summary(),
-                  fix="`iomt-agent model verify BUNDLE` prints the figures; rebuild or "
-                  "reinstall the bundle")
+        summary = exc.report.summary()
+        summary["fix"] = (f"{exc.report.fix or 'rebuild the bundle'}; `iomt-agent model "
+                          "verify BUNDLE --runtime R` prints the figures")
+        log.error("model_refused", model=exc.report.bundle, **summary)
         return EXIT_CONFIG
     except (BundleError, KeyFileError, BackendError) as exc:
         log.error("cannot_start", error=str(exc))
         return EXIT_CONFIG
+    agent.install_signal_handlers()  # from here on a stop signal is the agent's clean stop
+    stop.ready()
     return agent.run()
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from agent.transport.mqtt import Connection
-    from agent.transport.topics import Topics
+    from agent.log import configure
+    from agent.ops.sender import send_files
 
     config = _load(args.config)
     configure(config.log.level, config.log.format)
-    log = get_logger("agent.send")
-    files: list[Path] = []
-    for item in args.paths:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
+    paths = [Path(item) for item in args.paths]
+    for p in paths:
+        if not (p.is_dir() or p.is_file()):
             print(f"error: {p} does not exist", file=sys.stderr)
             return EXIT_FAIL
-    topics = Topics(config.agent.site, config.agent.device_id)
-    conn = Connection(config.edge, f"iomt-{config.agent.site}-sender-{args.source}", name="edge")
-    conn.start()
-    if not conn.wait_connected(args.timeout):
-        log.error("edge_broker_unreachable", url=config.edge.url, error=conn.last_error)
-        conn.stop()
-        return EXIT_FAIL
-    acked = threading.Semaphore(0)
-    failures: list[str] = []
-
-    def done(ok: bool, reason: str) -> None:
-        if not ok:
-            failures.append(reason)
-        acked.release()
-
-    topic = topics.scan(args.source)
-    for f in files:
-        conn.publish(topic, f.read_bytes(), qos=1, on_done=done)
-    complete = all(acked.acquire(timeout=args.timeout) for _ in files)
-    conn.stop()
-    log.info("sent", files=len(files), topic=str(topic), refused=len(failures),
-             complete=complete)
-    return EXIT_OK if complete and not failures else EXIT_FAIL
+    return EXIT_OK if send_files(config, paths, args.source, args.timeout) else EXIT_FAIL
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from agent.cloud.receiver import receive
-    from agent.crypto.keys import KeyFileError
+    with StopSignals() as stop:
+        try:
+            from agent.cloud.consumer import receive, report
+            from agent.config import ConfigError
+            from agent.crypto.keys import KeyFileError
+            from agent.log import configure, get_logger
 
-    config = _load(args.config)
-    configure(config.log.level, config.log.format)
-    log = get_logger("agent.receive")
-    try:
-        filed, dups, rejected = receive(
-            config, Path(args.out), count=args.count, timeout=args.timeout
-        )
-    except (KeyFileError, ConfigError) as exc:
-        log.error("cannot_receive", error=str(exc))
-        return EXIT_CONFIG
-    log.info("receive_done", filed=filed, duplicates=dups, rejected=rejected)
-    if args.count is not None and filed < args.count:
-        log.error("receive_timeout", expected=args.count, filed=filed)
-        return EXIT_FAIL
-    return EXIT_OK
+            config = _load(args.config)
+            configure(config.log.level, config.log.format)
+            stop.ready()
+            try:
+                summary = receive(config, Path(args.out), count=args.count,
+                                  timeout=args.timeout, errors=args.errors, stop=stop.event)
+            except (KeyFileError, ConfigError) as exc:
+                get_logger("agent.receive").error("cannot_receive", error=str(exc))
+                return EXIT_CONFIG
+            summary.signal_name = stop.signal_name
+            return report(summary, args.count)
+        except StopRequested as exc:  # before receiving began
+            from agent.log import ensure_configured, get_logger
+
+            ensure_configured()
+            get_logger("agent.receive").info("receive_stopped", signal=exc.signal_name,
+                                             filed=0, during="start-up")
+            return EXIT_INTERRUPTED if exc.signal_name == "SIGINT" else EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -181,6 +187,7 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import BenchOptions, main
+    from agent.log import configure
 
     configure("warning", "console")  # choose_runner's info lines would break up the table
     options = BenchOptions(
@@ -241,12 +248,38 @@ def cmd_model_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from agent.demo.mni_sample import write_sample
+
+    try:
+        paths = write_sample(Path(args.dir), args.count)
+    except ValueError as exc:  # --count out of range
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:  # DIR not empty, or not writable
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"wrote {len(paths)} T1w slices of the MNI152 template to {args.dir} (not for "
+          "diagnostic use; the template's copyright notice is in each file's ImageComments)")
+    print(f"next: iomt-agent send --config CONFIG {args.dir}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo.run import run_demo
+    from agent.demo.run import DemoError, run_demo
+    from agent.log import configure
+    from agent.model.bundle import BundleError
 
     configure("warning", "console")
-    return run_demo(Path(args.workdir), slices=args.slices,
-                    bundle=Path(args.bundle) if args.bundle else None)
+    try:
+        return run_demo(Path(args.workdir), slices=args.slices,
+                        bundle=Path(args.bundle) if args.bundle else None)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")
     s.add_argument("dir", help="directory to create")
-    s.add_argument("--edge-url", required=True, help="mqtt://host:port or mqtts://host:port")
-    s.add_argument("--cloud-url", required=True, help="mqtt://host:port or mqtts://host:port")
+    s.add_argument("--edge-url", required=True,
+                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
+    s.add_argument("--cloud-url", required=True,
+                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
     s.add_argument("--site", default="site-1", help="site id (one topic level)")
     s.add_argument("--device-id", default="edge-1", help="device id (one topic level)")
     s.add_argument("--bundle", help="model bundle directory (default: models/t1w-to-t2w-lite)")
@@ -285,18 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("receive", help="the cloud consumer: verify, decrypt and file results")
     s.add_argument("--config", required=True, help="path to agent.toml (needs [receiver])")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--count", type=int, help="exit 0 after this many results")
+    s.add_argument("--count", type=int, help="stop after this many scans are accounted for: "
+                   "results (filed now or by an earlier run) and error reports; exit 0 when "
+                   "all were results")
     s.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    s.add_argument("--no-errors", dest="errors", action="store_false",
+                   help="do not subscribe to the agents' error reports (shown by default)")
     s.set_defaults(func=cmd_receive)
 
     s = sub.add_parser("config", help="configuration tools")
     csub = s.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    c = csub.add_parser("check", help="validate a config file (exit 2 when invalid)")
+    c = csub.add_parser("check", help="validate what `run` would refuse (file, keys, bundle, "
+                        "runtime) without loading the model; exit 2 when it would",
+                        description="Checks the file, every key file (private ones 0600), "
+                        "the broker files, the bundle (every sha256) and the runtime. The int8 "
+                        "accuracy guard runs the model: only with --guard. No broker is contacted.")
     c.add_argument("path", help="path to agent.toml")
+    c.add_argument("--guard", action="store_true",
+                   help="also load the model as `run` does and run the int8 accuracy guard")
     c.set_defaults(func=cmd_config_check)
 
     s = sub.add_parser("doctor", help="check this node: config, keys, certificates, brokers, "
-                       "model, disk (exit 1 on any failure)")
+                       "model, disk (exit 0 ok, 1 a check failed, 2 the config is invalid)")
     s.add_argument("--config", required=True, help="path to agent.toml")
     s.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
     s.set_defaults(func=cmd_doctor)
@@ -344,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sample", help="write the sample T1w series (MNI152 template) for send")
+    s.add_argument("dir", help="directory to write slice001.dcm... into (new or empty)")
+    s.add_argument("--count", type=int, default=24, help="number of slices (1-24, default 24)")
+    s.set_defaults(func=cmd_sample)
     return p
 
 
@@ -376,4 +426,8 @@ def _quantize_parser(msub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C in a short command: one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -62,12 +62,17 @@ def _level(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+URL_FORMAT = ("expected mqtt://host[:port] or mqtts://host[:port] (the port defaults to 1883 "
+              "for mqtt, 8883 for mqtts)")
+
+
 class BrokerConfig(Strict):
     """One MQTT broker connection."""
 
     url: str = Field(
         title="Broker URL",
-        description="mqtt://host:port (plain) or mqtts://host:port (TLS)",
+        description="mqtt://host[:port] (plain, default port 1883) or mqtts://host[:port] "
+        "(TLS, default port 8883)",
     )
     protocol: Literal["5", "3.1.1"] = Field(
         "5",
@@ -105,7 +110,7 @@ class BrokerConfig(Strict):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("expected mqtt://host:port or mqtts://host:port")
+            raise ValueError(URL_FORMAT)
         try:
             port = parts.port
         except ValueError:

@@ -84,6 +84,12 @@ class CpuInfo:
     clock_source: str
     assumptions: tuple[str, ...]
 
+    @property
+    def label(self) -> str:
+        """One line naming the CPU and what matters for int8: "AMD EPYC, x86_64, AVX-512,
+        AVX-512 VNNI" (bundle.json's ``golden.recorded_cpu``)."""
+        return ", ".join((self.model, self.arch, *self.isa))
+
 
 @dataclass(frozen=True)
 class PeakEstimate:

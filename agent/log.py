@@ -58,10 +58,21 @@ def scrub_phi(
     return event_dict
 
 
+_json_lines = False  # what configure() chose: JSON lines (True) or the console renderer
+
+
+def json_lines() -> bool:
+    """Whether the log is JSON lines, so anything else written to stderr would break it
+    (``agent.backends.native_stderr`` keeps the runtimes' native output off it)."""
+    return _json_lines
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure structlog for the process. ``fmt``: auto | console | json."""
+    global _json_lines
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    _json_lines = not use_console and stream is sys.stderr
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if use_console
@@ -78,7 +89,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             *syslog_prefix_processors(stream),  # "<4>..." = warning, for journald
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (message and newline together): a flush by another thread, as
+        # agent.native_stderr does before it swaps fd 2, can then never split a line.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # paho and amqtt log through the standard library; keep them quiet and on the same stream.
@@ -87,6 +100,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
     for noisy in ("amqtt", "transitions", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def ensure_configured() -> None:
+    """``configure()``'s defaults, unless the process has configured logging already."""
+    if not structlog.is_configured():
+        configure()
 
 
 def get_logger(name: str) -> Any:

@@ -31,6 +31,7 @@ DEVICE_ID="$(hostname -s 2>/dev/null | tr -c 'A-Za-z0-9_.\n-' '-' || true)"
 DEVICE_ID="${DEVICE_ID:-edge-1}"
 EDGE_URL="mqtt://localhost:1883"
 CLOUD_URL="mqtts://cloud.example.invalid:8883"
+URLS_GIVEN=""
 MODE=install
 PURGE=no
 START=yes
@@ -74,8 +75,8 @@ while [ $# -gt 0 ]; do
         --recipient-key) RECIPIENT_KEY="${2:?}"; shift ;;
         --site) SITE="${2:?}"; shift ;;
         --device-id) DEVICE_ID="${2:?}"; shift ;;
-        --edge-url) EDGE_URL="${2:?}"; shift ;;
-        --cloud-url) CLOUD_URL="${2:?}"; shift ;;
+        --edge-url) EDGE_URL="${2:?}"; URLS_GIVEN="$URLS_GIVEN edge"; shift ;;
+        --cloud-url) CLOUD_URL="${2:?}"; URLS_GIVEN="$URLS_GIVEN cloud"; shift ;;
         --no-start) START=no ;;
         --uninstall) MODE=uninstall ;;
         --purge) PURGE=yes ;;
@@ -91,7 +92,7 @@ for level in "$SITE" "$DEVICE_ID"; do
 done
 url_re='^mqtts?://[][A-Za-z0-9_.:-]+$'
 for url in "$EDGE_URL" "$CLOUD_URL"; do
-    [[ "$url" =~ $url_re ]] || die "'$url': expected mqtt://host:port or mqtts://host:port"
+    [[ "$url" =~ $url_re ]] || die "'$url': expected mqtt://host[:port] or mqtts://host[:port] (the port defaults to 1883 for mqtt, 8883 for mqtts)"
 done
 [ "$PURGE" = no ] || [ "$MODE" = uninstall ] || die "--purge goes with --uninstall"
 
@@ -108,7 +109,7 @@ if [ -n "$DESTDIR" ]; then
 fi
 LIVE=yes
 [ -z "$DESTDIR" ] || LIVE=no
-D="$DESTDIR"
+D="$DESTDIR"  # messages name files where they are: under the stage when there is one
 VENV="$PREFIX/venv"
 
 if [ "$LIVE" = yes ] && [ "$(id -u)" != 0 ]; then
@@ -168,7 +169,7 @@ uninstall() {
     fi
     systemctl_live daemon-reload
     rm -rf "${D}${PREFIX:?}"
-    say "removed $SERVICE and $PREFIX"
+    say "removed $SERVICE and $D$PREFIX"
     if [ "$PURGE" = yes ]; then
         rm -rf "$D$CONFDIR" "$D$STATEDIR"
         if [ "$LIVE" = yes ] && getent passwd "$SERVICE_USER" >/dev/null 2>&1; then
@@ -177,10 +178,11 @@ uninstall() {
                 groupdel "$SERVICE_GROUP" 2>/dev/null || true
             fi
         fi
-        say "purged $CONFDIR (config and keys), $STATEDIR (inbox/outbox) and user $SERVICE_USER"
+        say "purged $D$CONFDIR (config and keys), $D$STATEDIR (inbox/outbox) and user" \
+            "$SERVICE_USER"
     else
-        say "kept $CONFDIR (config and keys) and $STATEDIR (inbox/outbox; may hold results" \
-            "not yet delivered); remove them with --uninstall --purge"
+        say "kept $D$CONFDIR (config and keys) and $D$STATEDIR (inbox/outbox; may hold" \
+            "results not yet delivered); remove them with --uninstall --purge"
     fi
 }
 
@@ -208,7 +210,7 @@ install_software() {
         rm -rf "${D}${VENV:?}"
         "$PYTHON" -m venv "$D$VENV" \
             || die "cannot create a venv: install python3-venv (apt install python3-venv)"
-        say "created virtual environment $VENV"
+        say "created virtual environment $D$VENV"
     fi
     # Dependencies as needed, then the agent itself always (an upgrade from a source tree
     # may keep the version number, and pip would then skip it).
@@ -219,7 +221,7 @@ install_software() {
     "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
         --force-reinstall $PIP_ARGS "$FROM"
     chmod -R u=rwX,go=rX "$D$VENV"
-    say "installed $("$D$VENV/bin/python" -c 'import importlib.metadata as m; print("iomt-edge-agent", m.version("iomt-edge-agent"))') into $VENV"
+    say "installed $("$D$VENV/bin/python" -c 'import importlib.metadata as m; print("iomt-edge-agent", m.version("iomt-edge-agent"))') into $D$VENV"
     if [ -f "$SRC/docs/deploy.md" ]; then
         install_dir 0755 root:root "$D$PREFIX/docs"
         install_file 0644 root:root "$SRC/docs/deploy.md" "$D$PREFIX/docs/deploy.md"
@@ -233,7 +235,8 @@ install_bundle() {
     fi
     if [ -z "$BUNDLE" ]; then
         say "no model bundle given and models/$BUNDLE_NAME is not built: agent.toml points" \
-            "at $PREFIX/models/$BUNDLE_NAME; copy a bundle there or rerun with --bundle DIR"
+            "at $PREFIX/models/$BUNDLE_NAME; copy a bundle to $D$PREFIX/models/$BUNDLE_NAME" \
+            "or rerun with --bundle DIR"
         return 0
     fi
     [ -f "$BUNDLE/bundle.json" ] || die "--bundle $BUNDLE: no bundle.json there"
@@ -246,7 +249,7 @@ install_bundle() {
     [ "$(id -u)" != 0 ] || chown -R root:root "$dest.new"
     rm -rf "$dest"
     mv "$dest.new" "$dest"
-    say "installed model bundle $BUNDLE_NAME"
+    say "installed model bundle $BUNDLE_NAME into $dest"
 }
 
 generate_device_key() {
@@ -262,7 +265,8 @@ keys.save_private_key(Path(sys.argv[1]), keys.generate_signing_key())
 PY
 )
     fi
-    say "generated the device signing key (register $CONFDIR/device-signing.pub with the cloud)"
+    say "generated the device signing key (register $D$CONFDIR/device-signing.pub with the" \
+        "cloud)"
 }
 
 public_key_of() {
@@ -278,6 +282,17 @@ PY
     fi
 }
 
+# What a new agent.toml still needs: the broker URLs that were not given.
+urls_to_edit() {
+    local missing=""
+    case "$URLS_GIVEN" in *edge*) ;; *) missing="edge.url ($EDGE_URL)" ;; esac
+    case "$URLS_GIVEN" in
+        *cloud*) ;;
+        *) missing="${missing:+$missing and }cloud.url ($CLOUD_URL)" ;;
+    esac
+    [ -z "$missing" ] || printf ' (edit %s, then run the doctor)' "$missing"
+}
+
 install_config() {
     local conf="$D$CONFDIR" creds="$D$CONFDIR/credentials"
     install_dir 0750 "root:$SERVICE_GROUP" "$conf"
@@ -291,11 +306,11 @@ install_config() {
             "$SRC/systemd/agent.toml.in" >"$tmp"
         install_file 0640 "root:$SERVICE_GROUP" "$tmp" "$conf/agent.toml"
         rm -f "$tmp"
-        say "wrote $CONFDIR/agent.toml (edit the broker URLs, then run the doctor)"
+        say "wrote $D$CONFDIR/agent.toml$(urls_to_edit)"
     else
         chmod 0640 "$conf/agent.toml"
         own "root:$SERVICE_GROUP" "$conf/agent.toml"
-        say "kept $CONFDIR/agent.toml"
+        say "kept $D$CONFDIR/agent.toml"
     fi
     if [ ! -e "$creds/device-signing.key" ]; then
         generate_device_key "$creds/device-signing.key"
@@ -316,8 +331,8 @@ install_config() {
         install_file 0644 root:root "$RECIPIENT_KEY" "$conf/cloud-recipient.pub"
     fi
     if [ ! -e "$conf/cloud-recipient.pub" ]; then
-        say "missing $CONFDIR/cloud-recipient.pub: get the cloud's recipient public key from" \
-            "the cloud operator (rerun with --recipient-key FILE)"
+        say "missing $D$CONFDIR/cloud-recipient.pub: get the cloud's recipient public key" \
+            "from the cloud operator (rerun with --recipient-key FILE)"
     fi
 }
 
@@ -385,4 +400,9 @@ install_software
 install_bundle
 install_config
 install_unit
-say "check the node with: sudo $VENV/bin/iomt-agent doctor --config $CONFDIR/agent.toml"
+if [ "$LIVE" = yes ]; then
+    say "check the node with: sudo $VENV/bin/iomt-agent doctor --config $CONFDIR/agent.toml"
+else
+    say "staged under $D; on the target, check the node with:" \
+        "sudo $VENV/bin/iomt-agent doctor --config $CONFDIR/agent.toml"
+fi

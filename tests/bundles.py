@@ -126,3 +126,17 @@ def expected_context_output(values: list[float], weights: list[float],
     constant slices with ``values``: the normalised weighted sum."""
     centre = values[slots[len(slots) // 2]]
     return sum(w * values[s] / centre for w, s in zip(weights, slots, strict=True))
+
+
+def corrupt_weight_scale(src: Path, dst: Path, factor: float = 10.0) -> str:
+    """Multiply the scale of the first weight DequantizeLinear by ``factor``; returns its name."""
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and onnx.numpy_helper.to_array(inits[n.input[0]]).ndim == 4)
+    scale = inits[node.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor),
+                                           scale.name))
+    onnx.save(model, str(dst))
+    return scale.name

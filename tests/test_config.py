@@ -161,6 +161,8 @@ def test_bad_broker_urls(url: str) -> None:
     assert problems[0].startswith("edge.url: "), problems
     with pytest.raises(ValueError, match="url"):
         BrokerConfig(url=url)
+    if "://" not in url or url.startswith("http"):  # the error says the port is optional
+        assert "mqtt://host[:port]" in problems[0] and "defaults to 1883" in problems[0]
 
 
 @pytest.mark.parametrize("bad", ["a/b", "site+", "#", "+", "", "$SYS", "a b", "x" * 65])
@@ -212,8 +214,9 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_broker_defaults() -> None:
-    plain = BrokerConfig(url="mqtt://broker.local")
+    plain = BrokerConfig(url="mqtt://broker.local")  # no port: MQTT's registered ones
     assert (plain.host, plain.port, plain.tls) == ("broker.local", 1883, False)
+    assert BrokerConfig(url="mqtt://127.0.0.1").port == 1883
     tls = BrokerConfig(url="mqtts://broker.local")
     assert (tls.host, tls.port, tls.tls) == ("broker.local", 8883, True)
     explicit = BrokerConfig(url="mqtts://10.0.0.7:18883/")

@@ -59,4 +59,4 @@ def test_table_shows_each_cell_against_its_floor() -> None:
     text = report.table(cells)
     assert "AVX-512 VNNI" in text and "asimddp off" in text
     row = next(ln for ln in text.splitlines() if ln.startswith("b "))
-    assert "54.0/50 PASS" in row and "31.4/50 FAIL" in row
+    assert "54.00/50 PASS" in row and "31.40/50 FAIL" in row

@@ -54,15 +54,20 @@ def runner_options(model: ModelSection, bundle: ModelBundle,
 
 
 def open_runner(runtime: str, model_path: str, options: RunnerOptions) -> ModelRunner:
-    """Build the runner for ``runtime`` (session built once, here)."""
+    """Build the runner for ``runtime`` (session built once, here). What the runtime prints
+    natively while it loads becomes log events (``agent.backends.native_stderr``)."""
+    from agent.backends.native_stderr import native_stderr_as_events
+
     if runtime == "onnxruntime":
         from agent.backends.onnx import OnnxRunner
 
-        return OnnxRunner(model_path, options)
+        with native_stderr_as_events(runtime):
+            return OnnxRunner(model_path, options)
     if runtime == "litert":
         from agent.backends.litert import LiteRTRunner
 
-        return LiteRTRunner(model_path, options)
+        with native_stderr_as_events(runtime):
+            return LiteRTRunner(model_path, options)
     raise BackendError(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
 
 

@@ -65,7 +65,7 @@ def _num(value: float | None) -> Any:
 def _db(value: float | None) -> str:
     if value is None:
         return "-"
-    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}"
+    return "inf" if math.isinf(value) and value > 0 else f"{value:.2f}"
 
 
 def _wrap(text: str, indent: str = "  ") -> list[str]:

@@ -4,16 +4,21 @@ Library use::
 
     r = ResultReceiver(recipients={k.key_id: k}, trusted_devices={"node-1": pub}, out_dir=p)
     r.handle(envelope_bytes)   # -> Received | None (duplicate) ; raises EnvelopeError
+    r.file(envelope_bytes)     # -> Filed: new, earlier (filed by an earlier run) or repeat
+    r.quarantine(envelope_bytes)  # an envelope that cannot be opened now: kept, not lost
+    r.retry_quarantine()       # try the kept ones again (e.g. with the right key now)
+
+The MQTT consumer loop of ``iomt-agent receive`` is ``agent.cloud.consumer``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import threading
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pydicom
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,11 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.config import Config, ConfigError
 from agent.crypto import keys
 from agent.crypto.seal import EnvelopeError, open_envelope
-from agent.log import get_logger
-from agent.transport.mqtt import Connection, Message
-from agent.transport.topics import Topics
 
-log = get_logger("agent.receive")
+QUARANTINE_DIR = "quarantine"  # under the output directory
+QUARANTINE_SUFFIX = ".iomt"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,19 @@ class Received:
     message_id: str
     device_id: str
     path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class Filed:
+    """What ``ResultReceiver.file`` did with one envelope: ``new`` (written now),
+    ``earlier`` (its file was already there: filed by an earlier run) or ``repeat`` (this
+    receiver has seen it already)."""
+
+    kind: Literal["new", "earlier", "repeat"]
+    message_id: str
+    device_id: str
+    path: Path | None  # the result's file (None for a repeat)
     size: int
 
 
@@ -58,13 +74,26 @@ class ResultReceiver:
         self.out_dir = out_dir
         self._seen: set[str] = set()
 
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.out_dir / QUARANTINE_DIR
+
     def handle(self, envelope: bytes) -> Received | None:
         """Verify and decrypt one envelope; None when it is a duplicate of one already filed."""
+        filed = self.file(envelope)
+        if filed.kind != "new":
+            return None
+        assert filed.path is not None
+        return Received(filed.message_id, filed.device_id, filed.path, filed.size)
+
+    def file(self, envelope: bytes) -> Filed:
+        """Verify, decrypt and write one envelope. Raises EnvelopeError (nothing written) or
+        OSError (the write failed: nothing counts as filed)."""
         opened = open_envelope(
             envelope, recipients=self.recipients, trusted_devices=self.trusted_devices
         )
         if opened.message_id in self._seen:
-            return None
+            return Filed("repeat", opened.message_id, opened.device_id, None, 0)
         try:
             ds = pydicom.dcmread(io.BytesIO(opened.plaintext), stop_before_pixels=True)
         except Exception as exc:  # pydicom raises many types for bad input
@@ -76,9 +105,10 @@ class ResultReceiver:
             / _uid_path_part(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
             / f"{_uid_path_part(ds.get('SOPInstanceUID'), 'SOPInstanceUID')}.dcm"
         )
+        size = len(opened.plaintext)
         if path.exists():
             self._seen.add(opened.message_id)
-            return None  # filed by an earlier run
+            return Filed("earlier", opened.message_id, opened.device_id, path, size)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(opened.plaintext)
@@ -86,7 +116,34 @@ class ResultReceiver:
         # Only once the file is in place: a failed write must not turn the redelivery
         # into a "duplicate" that is acked and lost.
         self._seen.add(opened.message_id)
-        return Received(opened.message_id, opened.device_id, path, len(opened.plaintext))
+        return Filed("new", opened.message_id, opened.device_id, path, size)
+
+    def quarantine(self, envelope: bytes) -> Path:
+        """Keep an envelope that cannot be opened now (unknown recipient key or device, a
+        bad signature, ...) in ``OUT/quarantine/<sha256>.iomt``, so that nothing the
+        broker handed over is lost: ``retry_quarantine`` tries it again."""
+        name = hashlib.sha256(envelope).hexdigest()[:32] + QUARANTINE_SUFFIX
+        path = self.quarantine_dir / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(envelope)
+            tmp.replace(path)
+        return path
+
+    def retry_quarantine(self) -> Iterator[tuple[Path, Filed | EnvelopeError]]:
+        """Try each kept envelope again; one that is filed now (or was filed before) leaves
+        the quarantine, one that still fails stays."""
+        if not self.quarantine_dir.is_dir():
+            return
+        for path in sorted(self.quarantine_dir.glob("*" + QUARANTINE_SUFFIX)):
+            try:
+                filed = self.file(path.read_bytes())
+            except EnvelopeError as exc:
+                yield path, exc
+                continue
+            path.unlink()
+            yield path, filed
 
 
 def receiver_from_config(config: Config, out_dir: Path) -> ResultReceiver:
@@ -95,59 +152,3 @@ def receiver_from_config(config: Config, out_dir: Path) -> ResultReceiver:
     key = keys.load_recipient_private_key(config.receiver.recipient_private_key)
     trusted = {d: keys.load_verify_key(p) for d, p in config.receiver.trusted_devices.items()}
     return ResultReceiver(recipients={key.key_id: key}, trusted_devices=trusted, out_dir=out_dir)
-
-
-def receive(
-    config: Config, out_dir: Path, *, count: int | None, timeout: float | None
-) -> tuple[int, int, int]:
-    """Subscribe to the site's results and file them until ``count`` arrived or ``timeout``
-    seconds passed. Returns (filed, duplicates, rejected)."""
-    receiver = receiver_from_config(config, out_dir)
-    topics = Topics(config.agent.site, config.agent.device_id)
-    lock = threading.Lock()
-    done = threading.Event()
-    tally = {"filed": 0, "duplicates": 0, "rejected": 0}
-
-    def on_message(msg: Message) -> None:
-        try:
-            got = receiver.handle(msg.payload)
-        except OSError as exc:
-            # Not acked: the broker delivers it again after the next reconnect.
-            log.error("cannot_write_result", error=exc.strerror, fix="check free disk and "
-                      "permissions of the --out directory")
-            return
-        except EnvelopeError as exc:
-            with lock:
-                tally["rejected"] += 1
-            log.warning("result_rejected", reason=exc.reason, detail=str(exc), topic=msg.topic)
-        else:
-            with lock:
-                if got is None:
-                    tally["duplicates"] += 1
-                    log.info("duplicate_dropped", topic=msg.topic)
-                else:
-                    tally["filed"] += 1
-                    log.info("result_received", message_id=got.message_id,
-                             device_id=got.device_id, bytes=got.size,
-                             path=str(got.path.relative_to(out_dir)), n=tally["filed"])
-                if count is not None and tally["filed"] >= count:
-                    done.set()
-        conn.ack(msg)
-
-    rcfg = config.receiver
-    client_id = (rcfg.client_id if rcfg and rcfg.client_id
-                 else f"iomt-{config.agent.site}-cloud-receiver")
-    conn = Connection(config.cloud, client_id, name="cloud", manual_ack=True,
-                      subscriptions=(topics.results_filter(all_devices=True),),
-                      on_message=on_message)
-    conn.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while not done.is_set():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            done.wait(min(left, 1.0) if left is not None else 1.0)
-    finally:
-        conn.stop()
-    return tally["filed"], tally["duplicates"], tally["rejected"]

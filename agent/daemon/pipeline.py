@@ -46,6 +46,7 @@ class Outcome:
     topic: str
     payload: bytes
     reason: str | None = None
+    detail: str | None = None  # what the error report says (tag names and numbers, no PHI)
     timings_ms: dict[str, float] = field(default_factory=dict)
     series_key: str | None = None  # short hash of the output series, safe to log
 
@@ -109,7 +110,7 @@ class Translator:
             source_topic=source_topic,
         )
         return Outcome(False, "error", message_id, str(self.topics.errors), body,
-                       reason=reason, timings_ms=timings or {})
+                       reason=reason, detail=detail, timings_ms=timings or {})
 
     def prepare(self, payload: bytes, payload_sha256: str | None = None) -> Prepared:
         """Decode a payload against the input contract and put it on the model grid.

@@ -244,6 +244,7 @@ def status_line(
     failed: int,
     last_latency_ms: float | None = None,
     ready: bool = True,
+    unclaimed: int = 0,
 ) -> str:
     """The human STATUS= line of a running agent (see docs/deploy.md, "Status lines").
 
@@ -252,6 +253,8 @@ def status_line(
     """
     down = [b for b in brokers if not b.connected]
     counters = f"processed {processed}, rejected {failed}, inbox {inbox}, outbox {outbox}"
+    if unclaimed:
+        counters += f" ({unclaimed} waiting for a consumer to subscribe)"
     if last_latency_ms is not None:
         counters += f", last {last_latency_ms:.0f} ms"
     if not down:

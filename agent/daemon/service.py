@@ -8,7 +8,8 @@ Threads:
   the GIL, so the model works while the main thread decodes the next scan and the finisher
   writes the previous one (on 2 cores: the model on one, the rest on the other);
 * the finisher thread derives, seals and commits each result (``_finisher``);
-* the outbox thread publishes queued rows to the cloud and deletes them on PUBACK;
+* the outbox thread publishes queued rows to the cloud and deletes them on PUBACK
+  (``agent.daemon.outbox``: a row no subscriber took is kept and retried);
 * on SIGHUP (``systemctl reload``) a loader thread opens and guards the model the config
   now names; the main thread swaps it in between scans, or reports the refusal and keeps
   serving the model it has.
@@ -36,6 +37,7 @@ from agent.backends import BackendError
 from agent.config import Config, ConfigError, load_config
 from agent.crypto import keys, seal
 from agent.daemon import sdnotify
+from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Inferred, ModelInput, Outcome, Translator, error_report
 from agent.daemon.stacking import SeriesStage
 from agent.daemon.store import Store, StoreFull
@@ -51,7 +53,6 @@ log = get_logger("agent.daemon.service")
 MODEL_QUEUE = 2  # staged scans waiting for the model (each holds its input tensor)
 FINISH_QUEUE = 2  # scans between the model and the finisher
 FETCH_BATCH = 8  # inbox rows read per turn of the processing loop
-OUTBOX_WINDOW = 32  # rows in flight to the cloud broker at once
 STATUS_INTERVAL_S = 15.0
 DRAIN_ON_STOP_S = 10.0
 
@@ -96,11 +97,11 @@ class Agent:
         a = config.agent
         assert a.state_dir is not None
         self.topics = Topics(a.site, a.device_id)
-        # Raises BundleError (GuardFailed) or BackendError: the caller exits 2.
-        self.model: ServedModel = load_model(config.model, a.state_dir)
-        self._log_guard(self.model)
+        # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        self.model: ServedModel = load_model(config.model, a.state_dir)
+        self._log_guard(self.model)
 
         def sealer(plaintext: bytes, message_id: str) -> bytes:
             return seal.seal(
@@ -123,12 +124,8 @@ class Agent:
         self._work = threading.Event()  # new inbox rows
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
-        self._inflight: set[int] = set()
-        self._retry: list[int] = []
-        self._inflight_lock = threading.Lock()
         self._last_latency_ms: float | None = None
         self._last_status = 0.0
-        self._drain_deadline = float("inf")
         self._last_fetched = 0  # inbox rows up to here are in the finisher's hands
         self._to_model: queue.Queue[_Job | None] = queue.Queue(maxsize=MODEL_QUEUE)
         self._finishing: queue.Queue[_Job | None] = queue.Queue(maxsize=FINISH_QUEUE)
@@ -157,6 +154,8 @@ class Agent:
             will=will,
             on_connected=self._kick.set,
         )
+        self.outbox = OutboxPublisher(self.store, self.cloud, kick=self._kick, stop=self._stop,
+                                      space=self._space)
 
     # -- the model -----------------------------------------------------------------------
     def _translator(self, model: ServedModel) -> Translator:
@@ -287,54 +286,6 @@ class Agent:
         self._work.set()
         self._kick.set()
 
-    # -- outbox (its own thread) ---------------------------------------------------------
-    def _publisher(self) -> None:
-        _name_thread("outbox")
-        last_id = 0
-        while True:
-            self._kick.wait(1.0)
-            self._kick.clear()
-            if not self.cloud.connected:
-                if self._stop.is_set() and self._drain_deadline < time.monotonic():
-                    return
-                continue
-            with self._inflight_lock:
-                retry, self._retry = self._retry, []
-                room = OUTBOX_WINDOW - len(self._inflight)
-            if retry:  # refused by the broker: back off before trying those rows again
-                time.sleep(1.0)
-                last_id = min(last_id, min(retry) - 1)
-            if room > 0:
-                for row in self.store.outbox(after_id=last_id, limit=room):
-                    last_id = row.id
-                    with self._inflight_lock:
-                        if row.id in self._inflight:
-                            continue
-                        self._inflight.add(row.id)
-                    self.cloud.publish(row.topic, row.payload, qos=1,
-                                       on_done=self._delivery_callback(row.id))
-            if self._stop.is_set():
-                _, outbox = self.store.depths()
-                if outbox == 0 or time.monotonic() > self._drain_deadline:
-                    return
-
-    def _delivery_callback(self, outbox_id: int) -> Any:
-        def done(ok: bool, reason: str) -> None:
-            with self._inflight_lock:
-                self._inflight.discard(outbox_id)
-                if not ok:
-                    self._retry.append(outbox_id)
-            if ok:
-                self.store.delivered(outbox_id)
-                with self._space:
-                    self._space.notify_all()
-            else:
-                log.warning("cloud_refused_result", outbox_id=outbox_id, reason=reason,
-                            fix="check the cloud broker's ACL for the results topic")
-            self._kick.set()
-
-        return done
-
     # -- status --------------------------------------------------------------------------
     def status(self, state: str = "online") -> dict[str, Any]:
         inbox, outbox = self.store.depths()
@@ -351,6 +302,7 @@ class Agent:
                            "held": self.store.held_count()}} if self.series else {}),
             "inbox_depth": inbox,
             "outbox_depth": outbox,
+            "results_unclaimed": self.outbox.unclaimed,
             "processed": counts.get("processed", 0),
             "failed": counts.get("failed", 0),
             "last_latency_ms": self._last_latency_ms,
@@ -468,7 +420,7 @@ class Agent:
                          total_ms=total_ms, since_received_ms=queued_ms,
                          bytes_out=len(outcome.payload))
             else:
-                log.warning("scan_rejected", reason=outcome.reason,
+                log.warning("scan_rejected", reason=outcome.reason, detail=outcome.detail,
                             payload_sha256=job.sha256, message_id=outcome.message_id)
             self._publish_status()
 
@@ -485,7 +437,7 @@ class Agent:
                      for c in (self.edge, self.cloud)],
             inbox=inbox, outbox=outbox, processed=counts.get("processed", 0),
             failed=counts.get("failed", 0), last_latency_ms=self._last_latency_ms,
-            ready=self.sd.is_ready)
+            ready=self.sd.is_ready, unclaimed=self.outbox.unclaimed)
 
     def _handle_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", signal=signal.Signals(signum).name)
@@ -502,11 +454,15 @@ class Agent:
         self._reload.set()
         self._work.set()
 
-    def run(self) -> int:
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the agent cleanly, SIGHUP reloads the model (main thread)."""
         signal.signal(signal.SIGTERM, self._handle_signal)
         signal.signal(signal.SIGINT, self._handle_signal)
         signal.signal(signal.SIGHUP, self._handle_reload)
-        publisher = threading.Thread(target=self._publisher, name="outbox", daemon=True)
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        publisher = threading.Thread(target=self.outbox.run, name="outbox", daemon=True)
         modeller = threading.Thread(target=self._modeller, name="model", daemon=True)
         finisher = threading.Thread(target=self._finisher, name="finisher", daemon=True)
         inbox, outbox = self.store.depths()
@@ -567,7 +523,7 @@ class Agent:
         body = json.dumps(self.status("offline"), separators=(",", ":")).encode()
         done = threading.Event()
         conn.publish(self.topics.status, body, qos=1, retain=True,
-                     on_done=lambda _ok, _r: done.set())
+                     on_done=lambda _verdict: done.set())
         done.wait(3.0)
 
     def _shutdown(self, publisher: threading.Thread) -> int:
@@ -576,7 +532,7 @@ class Agent:
         self.edge.stop()
         self.sd.stopping(f"stopping: delivering queued results to the cloud broker "
                          f"(up to {DRAIN_ON_STOP_S:.0f} s)")
-        self._drain_deadline = time.monotonic() + DRAIN_ON_STOP_S
+        self.outbox.drain_deadline = time.monotonic() + DRAIN_ON_STOP_S
         self._kick.set()
         publisher.join(DRAIN_ON_STOP_S + 2)
         inbox, outbox = self.store.depths()

@@ -241,6 +241,14 @@ class Store:
             ).fetchall()
         return [OutboxItem(*r) for r in rows]
 
+    def outbox_rows(self, ids: list[int]) -> list[OutboxItem]:
+        """The outbox rows with these ids that still exist, in id order."""
+        with self._lock:
+            rows = [self._db.execute(
+                "SELECT id, kind, message_id, topic, payload FROM outbox WHERE id=?", (i,)
+            ).fetchone() for i in sorted(set(ids))]
+        return [OutboxItem(*r) for r in rows if r is not None]
+
     def delivered(self, outbox_id: int) -> None:
         """The next hop acknowledged this row: delete it."""
         with self._lock:

@@ -3,7 +3,8 @@
 Two embedded amqtt brokers (edge and cloud) on free loopback ports, ``init`` into the
 workdir, the bundled T1-weighted MNI152 series sent as a scanner gateway would, the agent
 running as a subprocess, the cloud receiver verifying and decrypting the results, then a
-summary and a PNG montage (input | synthetic output | reference).
+summary and a PNG montage (input | synthetic output | reference), each slice turned upright
+from its DICOM orientation and the columns labelled in the image.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from agent.cloud.receiver import ResultReceiver
 from agent.config import load_config
 from agent.crypto import keys
 from agent.crypto.seal import EnvelopeError
+from agent.demo.display import radiological
 from agent.demo.embedded_broker import EmbeddedBroker
+from agent.demo.mni_sample import as_stored, sample_series
 from agent.demo.png import montage, write_gray_png
-from agent.demo.sample_series import DemoSlab, build_series, load_demo_slab
+from agent.demo.sample_series import DemoSlab, load_demo_slab
 from agent.dicom.derive import result_message_id
 from agent.model.bundle import load_bundle
 from agent.model.select import servable_digests
@@ -38,6 +41,16 @@ from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import Topics
 
 RESULT_TIMEOUT_S = 180.0
+REFUSALS = ("model_refused", "cannot_start")  # the agent's last words when it exits 2
+
+
+class DemoError(Exception):
+    """The demo could not run; ``str()`` is one line for the user, ``exit_code`` the status
+    (2: the agent refused its config or bundle, 1: anything else)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _say(text: str) -> None:
@@ -64,6 +77,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
     cloud.start()
     _say(f"[1/5] embedded brokers: edge {edge.url}, cloud {cloud.url} (amqtt, MQTT 3.1.1)")
     agent_proc: subprocess.Popen[bytes] | None = None
+    clients: list[Connection] = []  # stopped before the brokers, however the demo ends
     try:
         config_path = write_directory(
             InitOptions(workdir, edge.url, cloud.url, site="demo-site", device_id="edge-1",
@@ -76,8 +90,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         _say(f"[2/5] init: {config_path} (model {model.name} {model.version}, "
              f"backend {config.model.backend})")
 
-        series = build_series(slab.t1[:slices], spacing_mm=tuple(slab.spacing_mm),
-                              first_slice_z_mm=slab.first_slice_z_mm)
+        series = sample_series(slices, slab)
         (workdir / "input").mkdir()
         sop_of: dict[str, str] = {}
         for i, payload in enumerate(series):
@@ -121,6 +134,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         consumer = Connection(config.cloud, "demo-cloud-consumer", name="cloud",
                               subscriptions=(topics.results_filter(),), on_message=on_result,
                               manual_ack=True)
+        clients.append(consumer)
         consumer.start()
         consumer.wait_connected(10)
 
@@ -145,8 +159,9 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         all_in.wait(RESULT_TIMEOUT_S)
         elapsed = time.perf_counter() - t0
         gateway.stop()
-        consumer.stop()
     finally:
+        for client in clients:
+            client.stop()
         code = _stop_agent(agent_proc)
         edge.stop()
         cloud.stop()
@@ -183,9 +198,26 @@ def _wait_for_log(path: Path, needle: str, *, count: int, timeout: float,
         if text.count(needle) >= count:
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {proc.returncode}; see {path}:\n{text[-2000:]}")
+            code = proc.returncode
+            raise DemoError(f"the agent exited with status {code} before it connected: "
+                            f"{_last_refusal(text)} (log: {path})", 2 if code == 2 else 1)
         time.sleep(0.2)
-    raise RuntimeError(f"agent did not connect within {timeout:.0f} s; see {path}")
+    raise DemoError(f"the agent did not connect to the embedded brokers within "
+                    f"{timeout:.0f} s (log: {path})")
+
+
+def _last_refusal(log_text: str) -> str:
+    """The agent's own words for why it would not start: the last refusal event's reason
+    and fix, or the last line of its log."""
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        try:
+            event = json.loads(line[line.index("{"):])
+        except (ValueError, json.JSONDecodeError):
+            continue
+        if isinstance(event, dict) and event.get("event") in REFUSALS:  # the reason ends
+            return f"{event['event']}: {event.get('reason') or event.get('error')}"  # in its fix
+    return lines[-1][-500:] if lines else "it wrote nothing"
 
 
 def _stop_agent(proc: subprocess.Popen[bytes] | None) -> int | None:
@@ -214,23 +246,28 @@ def _stage_medians(log_path: Path) -> dict[str, float]:
     return {k: _median(v) for k, v in stages.items()}
 
 
+MONTAGE_LABELS = ["T1W INPUT", "SYNTHETIC T2W", "SIMULATED T2W"]
+
+
 def _write_montage(workdir: Path, slab: DemoSlab, slices: int) -> Path:
-    outputs = sorted(
-        (pydicom.dcmread(p) for p in (workdir / "results").rglob("*.dcm")),
-        key=lambda ds: int(ds.InstanceNumber),
-    )
-    t1 = slab.t1
-    ref = slab.t2_reference
+    """Input | output | reference for the first, middle and last slice, each turned into
+    the usual axial view (anterior up, the patient's right on the left) from its header."""
+    inputs = sorted((pydicom.dcmread(p) for p in (workdir / "input").glob("*.dcm")),
+                    key=lambda ds: int(ds.InstanceNumber))
+    outputs = {int(ds.InstanceNumber): ds
+               for ds in (pydicom.dcmread(p) for p in (workdir / "results").rglob("*.dcm"))}
+    reference = as_stored(slab.t2_reference[:slices])  # laid out as the input's pixels
     picks = sorted({0, slices // 2, slices - 1}) if slices > 2 else list(range(slices))
     rows = []
     for i in picks:
-        if i >= len(outputs):
+        source = inputs[i]
+        output = outputs.get(int(source.InstanceNumber))
+        if output is None:
             continue
-        row = [t1[i], outputs[i].pixel_array]
-        if ref is not None:
-            row.append(ref[i])
-        rows.append(row)
+        rows.append([radiological(source.pixel_array, source.ImageOrientationPatient),
+                     radiological(output.pixel_array, output.ImageOrientationPatient),
+                     radiological(reference[i], source.ImageOrientationPatient)])
     path = workdir / "montage.png"
     if rows:
-        write_gray_png(path, montage(rows))
+        write_gray_png(path, montage(rows, labels=MONTAGE_LABELS))
     return path

@@ -2,8 +2,16 @@
 
 ``build_series`` writes one Part-10 instance per slice (axial, Explicit VR Little Endian)
 with the patient, study, series, frame-of-reference, image-plane and pixel modules a
-scanner gateway would send. ``load_demo_slab`` reads the packaged MNI152 slab.
+scanner gateway would send. ``load_demo_slab`` reads the packaged MNI152 slab
+(``agent.demo.mni_sample`` makes it a series whose header places every voxel where it is).
 Volume axes are ``[slice, row, col]`` and so are the spacings: ``(slice, row, col)`` mm.
+
+Geometry follows DICOM's image plane module, in patient coordinates (LPS: x to the
+patient's left, y posterior, z superior): the pixel at (row r, column c) of a slice lies at
+``ImagePositionPatient + c * column_spacing * row_cosines + r * row_spacing * column_cosines``,
+where ``ImageOrientationPatient`` = row cosines (the direction along a row, as the column
+index grows) then column cosines (down a column, as the row index grows), and
+``PixelSpacing`` = (row spacing, column spacing).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from pydicom.uid import (
 )
 
 DEMO_SLAB = "mni152_t1w_slab.npz"  # under agent/samples/
+# Rows run to the patient's left (+x), columns posterior (+y): the usual axial display.
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _SOP_CLASS = {"MR": MRImageStorage, "CT": CTImageStorage}
 
 
@@ -98,7 +108,6 @@ def _common(
     ds.SeriesNumber = 1
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = ""
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     if modality == "MR":  # MR Image module: a template, not a real acquisition
         ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
         ds.ScanOptions, ds.MRAcquisitionType = "", "3D"
@@ -123,13 +132,20 @@ def build_series(
     modality: str = "MR",
     study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
+    orientation: Sequence[float] = AXIAL,
+    first_pixel_mm: tuple[float, float] | None = None,
+    image_comments: str | None = None,
 ) -> list[bytes]:
     """Write ``volume`` (uint16 ``[slices, rows, cols]``) as a series of single-frame
     Part-10 instances, one per slice, in slice order.
 
-    ``spacing_mm`` is ``(slice, row, col)`` in mm. Slices are axial, centred in x and y, the
-    first at z = ``first_slice_z_mm`` and stepping by the slice spacing. Study and series
-    UIDs are fresh unless given; ``modality`` "MR" or "CT" picks the storage class.
+    ``spacing_mm`` is ``(slice, row, col)`` in mm. Slices are axial: ``orientation`` (the
+    ImageOrientationPatient, default ``AXIAL``) must lie in the x-y plane. The first pixel
+    of every slice is at (x, y) = ``first_pixel_mm`` (LPS mm; default: the middle of the
+    matrix at x = y = 0), the first slice at z = ``first_slice_z_mm``, the next ones stepping
+    by the slice spacing towards +z (superior). Study and series UIDs are fresh unless given;
+    ``modality`` "MR" or "CT" picks the storage class; ``image_comments`` goes into
+    ImageComments.
     """
     vol = np.asarray(volume)
     if vol.ndim != 3 or vol.dtype != np.uint16:
@@ -141,6 +157,7 @@ def build_series(
     if len(spacing_mm) != 3 or not all(float(s) > 0 for s in spacing_mm):
         raise ValueError(f"spacing_mm must be 3 positive numbers (slice, row, col): {spacing_mm}")
     dz, dy, dx = (float(s) for s in spacing_mm)
+    row_dir, col_dir = _axial_cosines(orientation)
     n, rows, cols = vol.shape
     now = datetime.now()
     template = _common(
@@ -157,7 +174,14 @@ def build_series(
     template.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
     template.SliceThickness = template.SpacingBetweenSlices = f"{dz:g}"
     template.ImagesInAcquisition = n  # lets a 2.5D agent know when the series is complete
-    x0, y0 = -(cols - 1) / 2 * dx, -(rows - 1) / 2 * dy
+    template.ImageOrientationPatient = [f"{v + 0.0:g}" for v in (*row_dir, *col_dir)]
+    if image_comments is not None:
+        template.ImageComments = image_comments
+    if first_pixel_mm is None:  # the middle of the matrix at x = y = 0
+        centre = (cols - 1) / 2 * dx * row_dir + (rows - 1) / 2 * dy * col_dir
+        x0, y0 = -float(centre[0]) + 0.0, -float(centre[1]) + 0.0
+    else:
+        x0, y0 = (float(v) for v in first_pixel_mm)
     out: list[bytes] = []
     for i in range(n):
         ds = Dataset()
@@ -177,3 +201,18 @@ def build_series(
         pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
         out.append(buffer.getvalue())
     return out
+
+
+def _axial_cosines(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(row cosines, column cosines) of an axial ImageOrientationPatient; ValueError unless
+    they are two orthogonal unit vectors in the x-y plane."""
+    iop = np.asarray([float(v) for v in orientation], dtype=np.float64)
+    if iop.shape != (6,):
+        raise ValueError(f"orientation must be 6 numbers (row, column cosines): {orientation}")
+    row, col = iop[:3], iop[3:]
+    unit = np.allclose([np.linalg.norm(row), np.linalg.norm(col)], 1.0, atol=1e-6)
+    if not unit or abs(float(row @ col)) > 1e-6 or abs(row[2]) > 1e-6 or abs(col[2]) > 1e-6:
+        raise ValueError(
+            f"orientation {orientation}: expected two orthogonal unit vectors in the x-y plane "
+            "(an axial slice)")
+    return row, col

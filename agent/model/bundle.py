@@ -91,11 +91,18 @@ class BundleFile:
 
 @dataclass(frozen=True)
 class GoldenSet:
-    """Golden inputs with fp32 reference outputs and the floor that gates activation."""
+    """Golden inputs with fp32 reference outputs and the floor that gates activation.
+
+    ``recorded_psnr_db``: the worst golden PSNR each runtime's served file gave where the
+    bundle was built (``golden.recorded_psnr_db``; optional), and ``recorded_cpu`` that
+    machine's CPU. The guard compares them with this CPU's figures to say why a model that
+    misses its floor here does (``agent.model.guard_cause``)."""
 
     path: Path
     sha256: str
     min_psnr_db: float
+    recorded_psnr_db: dict[str, float] = field(default_factory=dict)
+    recorded_cpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,8 +167,8 @@ def _file(root: Path, entry: FileEntry, where: str, verify: bool) -> BundleFile:
         if actual != entry.sha256:
             raise BundleError(
                 f"{where}: {entry.path} has sha256 {actual[:16]}..., bundle.json says "
-                f"{entry.sha256[:16]}... (file corrupted or replaced; rebuild or re-download "
-                "the bundle)")
+                f"{entry.sha256[:16]}...: the file was corrupted or replaced after the bundle "
+                "was built; reinstall the bundle (copy it again from its source)")
     return BundleFile(path=path, sha256=entry.sha256)
 
 
@@ -223,7 +230,9 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
     golden = None
     if m.golden is not None:
         g = _file(root, m.golden, "golden", verify)
-        golden = GoldenSet(g.path, g.sha256, m.golden.min_psnr_db)
+        recorded = {str(rt): db for rt, db in m.golden.recorded_psnr_db.items()}
+        golden = GoldenSet(g.path, g.sha256, m.golden.min_psnr_db, recorded_psnr_db=recorded,
+                           recorded_cpu=m.golden.recorded_cpu)
     return ModelBundle(
         root=root,
         name=m.name,

@@ -22,6 +22,10 @@ stored beside them. A model that misses the bundle's fidelity floor is refused.
 A bundle without a golden set: a quantized one (``precision`` other than fp32) fails, since
 nothing shows that it has not drifted from its reference; an fp32 one passes with a warning,
 since its served file is its own reference.
+
+A failed report says what failed (``shortfall``), why where it can (``cause``: this CPU's
+int8 kernels, a bundle that never passed; ``agent.model.guard_cause``) and what to do (``fix``);
+``reason`` joins them in one line.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,11 @@ import numpy.typing as npt
 
 from agent.backends import BackendError, ModelRunner, RunnerOptions, open_runner
 from agent.model.bundle import BundleError, ModelBundle, load_bundle
+from agent.model.guard_cause import FLOAT_PRECISIONS, diagnose, format_db
 
-FLOAT_PRECISIONS = frozenset({"fp32", "float32"})
+__all__ = ["FLOAT_PRECISIONS", "GoldenFigures", "GuardFailed", "GuardReport", "check_guard",
+           "format_db", "load_golden", "report_json", "run_guard", "verify_bundle"]
+
 Floats = npt.NDArray[np.float64]
 
 
@@ -74,6 +81,17 @@ class GuardReport:
     data_range: float | None = None
     inputs: tuple[GoldenFigures, ...] = field(default=())
     warning: str | None = None
+    shortfall: str | None = None  # a failed report: what failed, with the figures
+    cause: str | None = None  # why, where known: agent.guard_cause.CauseKind
+    explanation: str | None = None  # the cause in words
+    fix: str | None = None  # what to do about it
+
+    def with_fix(self, fix: str) -> GuardReport:
+        """The same report with another fix (one that names a runtime that passes here)."""
+        reason = self.reason
+        if self.fix and reason.endswith(self.fix):
+            reason = reason[: -len(self.fix)] + fix
+        return replace(self, fix=fix, reason=reason)
 
     @property
     def has_golden(self) -> bool:
@@ -91,6 +109,8 @@ class GuardReport:
             "max_abs_error": _json_number(self.max_abs_error),
             "golden_inputs": len(self.inputs),
             "reason": self.reason,
+            **({"cause": self.cause} if self.cause else {}),
+            **({"fix": self.fix} if self.fix else {}),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -110,10 +130,10 @@ class GuardReport:
             lines.append(f"{'input':>7} {'PSNR dB':>9} {'MAE':>10} {'max err':>10} "
                          f"{'SSIM':>7} {'ms':>8}")
             for g in self.inputs:
-                lines.append(f"{g.index:>7} {_db(g.psnr_db):>9} {g.mae:>10.4g} "
+                lines.append(f"{g.index:>7} {format_db(g.psnr_db):>9} {g.mae:>10.4g} "
                              f"{g.max_abs_error:>10.4g} {g.ssim:>7.4f} {g.latency_ms:>8.2f}")
             latencies = sorted(g.latency_ms for g in self.inputs)
-            lines.append(f"{'pooled':>7} {_db(self.psnr_db):>9} {self.mae or 0:>10.4g} "
+            lines.append(f"{'pooled':>7} {format_db(self.psnr_db):>9} {self.mae or 0:>10.4g} "
                          f"{self.max_abs_error or 0:>10.4g} {self.ssim or 0:>7.4f} "
                          f"{latencies[len(latencies) // 2]:>8.2f} (median)")
         verdict = "PASS" if self.ok else "FAIL"
@@ -136,12 +156,6 @@ def _json_number(value: Any) -> Any:
             return None
         return "inf" if math.isinf(value) else round(value, 6)
     return value
-
-
-def _db(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "inf" if math.isinf(value) else f"{value:.2f}"
 
 
 def _psnr(mse: float, data_range: float) -> float:
@@ -177,6 +191,17 @@ def _ssim(pred: Floats, ref: Floats, data_range: float) -> float:
     num = (2 * mx * my + c1) * (2 * sxy + c2)
     den = (mx * mx + my * my + c1) * (sxx + syy + c2)
     return float(np.mean(num / den))
+
+
+RUNTIME_FIX = 'serve it on another runtime or set model.backend = "auto"'
+
+
+def _failed(base: dict[str, Any], shortfall: str, *, fix: str, explanation: str | None = None,
+            cause: str | None = None, **figures: Any) -> GuardReport:
+    """A failed report; its ``reason``: what failed; why (where known): what to do."""
+    why = f"; {explanation}" if explanation else ""
+    return GuardReport(**base, **figures, ok=False, reason=f"{shortfall}{why}: {fix}",
+                       shortfall=shortfall, cause=cause, explanation=explanation, fix=fix)
 
 
 def load_golden(bundle: ModelBundle) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -220,10 +245,10 @@ def run_guard(bundle: ModelBundle, runner: ModelRunner, *,
         if bundle.precision.lower() in FLOAT_PRECISIONS:
             note = "no golden set: an fp32 model is its own reference, nothing to compare"
             return GuardReport(**base, ok=True, reason=note, warning=note)
-        return GuardReport(**base, ok=False, reason=(
+        return _failed(base, (
             f"{bundle.precision} model {bundle.name} {bundle.version} has no golden set, so "
-            "nothing shows it has not drifted from its fp32 reference: rebuild the bundle "
-            "with golden.npz and golden.min_psnr_db"))
+            "nothing shows it has not drifted from its fp32 reference"),
+            fix="rebuild the bundle with golden.npz and golden.min_psnr_db")
     x, ref = load_golden(bundle)
     floor = bundle.golden.min_psnr_db
     base["min_psnr_db"] = floor
@@ -240,20 +265,23 @@ def run_guard(bundle: ModelBundle, runner: ModelRunner, *,
             out = runner.run(x[i : i + 1])
             latencies.append((time.perf_counter() - started) * 1000)
             if out.shape != ref[i : i + 1].shape:
-                return GuardReport(**base, ok=False, reason=(
+                return _failed(base, (
                     f"golden input {i}: the model returns {list(out.shape)}, the reference "
-                    f"is {list(ref[i : i + 1].shape)}"))
+                    f"is {list(ref[i : i + 1].shape)}"), fix=(
+                    "the bundle's model file does not match its golden set: rebuild the bundle"))
             outputs.append(np.asarray(out, dtype=np.float64))
     except BackendError as exc:
-        return GuardReport(**base, ok=False, reason=f"the runtime failed on the golden set: {exc}")
+        return _failed(base, f"the runtime failed on the golden set: {exc}", fix=RUNTIME_FIX)
     except Exception as exc:  # a runtime's own errors are untyped
-        return GuardReport(**base, ok=False, reason=(
-            f"the runtime failed on the golden set ({type(exc).__name__}: {exc})"))
+        return _failed(base, (
+            f"the runtime failed on the golden set ({type(exc).__name__}: {exc})"),
+            fix=RUNTIME_FIX)
     got = np.concatenate(outputs)
     if not np.all(np.isfinite(got)):
         bad = int(np.count_nonzero(~np.isfinite(got)))
-        return GuardReport(**base, ok=False, reason=(
-            f"{bad} non-finite output value(s) on the golden set: the model file is broken"))
+        cause = diagnose(bundle, runner.runtime, base["precision"])
+        return _failed(base, f"{bad} non-finite output value(s) on the golden set on this CPU",
+                       explanation=cause.explanation, fix=cause.fix, cause=cause.kind)
     err = got - ref64
     per_input = tuple(
         GoldenFigures(
@@ -268,28 +296,21 @@ def run_guard(bundle: ModelBundle, runner: ModelRunner, *,
     )
     pooled = _psnr(float(np.mean(err**2)), data_range)
     worst = min(pooled, *(g.psnr_db for g in per_input))
-    ok = worst >= floor
     weakest = min(per_input, key=lambda g: g.psnr_db)
-    if ok:
-        reason = (f"golden PSNR {_db(worst)} dB (worst of pooled {_db(pooled)} and "
-                  f"{len(per_input)} input(s)) >= floor {floor:g} dB")
-    else:
-        reason = (f"{base['precision']} model {bundle.name} {bundle.version} on "
-                  f"{runner.runtime} misses its fidelity floor: golden PSNR {_db(worst)} dB "
-                  f"< {floor:g} dB (pooled {_db(pooled)} dB, worst input {weakest.index}); "
-                  "it has drifted from its fp32 reference: do not serve it, rebuild or "
-                  "reinstall the bundle")
-    return GuardReport(
-        **base,
-        ok=ok,
-        reason=reason,
-        psnr_db=pooled,
-        worst_psnr_db=worst,
-        mae=float(np.mean(np.abs(err))),
-        max_abs_error=float(np.max(np.abs(err))),
-        ssim=float(np.mean([g.ssim for g in per_input])),
-        inputs=per_input,
-    )
+    figures: dict[str, Any] = {
+        "psnr_db": pooled, "worst_psnr_db": worst, "mae": float(np.mean(np.abs(err))),
+        "max_abs_error": float(np.max(np.abs(err))),
+        "ssim": float(np.mean([g.ssim for g in per_input])), "inputs": per_input}
+    if worst >= floor:
+        return GuardReport(**base, **figures, ok=True, reason=(
+            f"golden PSNR {format_db(worst)} dB (worst of pooled {format_db(pooled)} and "
+            f"{len(per_input)} input(s)) >= floor {floor:g} dB"))
+    cause = diagnose(bundle, runner.runtime, base["precision"])
+    return _failed(base, (
+        f"{base['precision']} model {bundle.name} {bundle.version} on {runner.runtime} "
+        f"misses its fidelity floor on this CPU: golden PSNR {format_db(worst)} dB < "
+        f"{floor:g} dB (pooled {format_db(pooled)} dB, worst input {weakest.index})"),
+        explanation=cause.explanation, fix=cause.fix, cause=cause.kind, **figures)
 
 
 def check_guard(bundle: ModelBundle, runner: ModelRunner) -> GuardReport:

@@ -159,6 +159,14 @@ class GoldenEntry(FileEntry):
     min_psnr_db: float = Field(
         gt=0, le=150, title="Fidelity floor",
         description="int8-vs-fp32 PSNR (dB) on the golden set, worst of pooled and per input")
+    recorded_psnr_db: dict[Runtime, float] = Field(
+        default_factory=dict, title="Recorded golden PSNR",
+        description="runtime -> the worst golden PSNR (dB) its served file gave where the "
+        "bundle was built; lets the guard tell this CPU's kernels from a bundle that never "
+        "passed")
+    recorded_cpu: str | None = Field(
+        None, min_length=1, title="Recorded on",
+        description="the CPU of the machine that recorded recorded_psnr_db")
 
 
 class ComputeSpec(Strict):
@@ -209,6 +217,8 @@ class BundleManifest(Strict):
         data = self.model_dump(mode="json", exclude_none=True)
         if not data.get("references"):
             data.pop("references", None)
+        if data.get("golden") and not data["golden"].get("recorded_psnr_db"):
+            data["golden"].pop("recorded_psnr_db", None)
         text = json.dumps(data, indent=2)
         return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]",
                       lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]",

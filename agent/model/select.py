@@ -36,7 +36,7 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +60,7 @@ from agent.model.bundle import BundleFile, ModelBundle
 from agent.model.choice import FP32, TIE_MARGIN, Candidate, Choice, Key, explain, label, pick
 from agent.model.choice_cache import forget, read_cache, remember
 from agent.model.guard import FLOAT_PRECISIONS, GuardFailed, GuardReport, load_golden, run_guard
+from agent.model.guard_cause import REBUILD, REBUILD_FOR_CPU
 
 log = get_logger("agent.model.select")
 
@@ -102,6 +103,16 @@ def servable_digests(bundle: ModelBundle) -> set[str]:
     """The digests of every file ``auto`` may serve: a consumer that predicts result ids
     (the demo, the e2e bench) accepts the id of whichever it chose."""
     return {f.sha256 for f in candidate_files(bundle).values()}
+
+
+def nothing_passes_fix(reports: Iterable[GuardReport]) -> str:
+    """What to do when no candidate passes: rebuild the bundle, for this CPU where the
+    int8 files passed where it was built."""
+    causes = {r.cause for r in reports}
+    if causes & {"fp32_mismatch", "never_passed"} or "this_cpu" not in causes:
+        return REBUILD
+    return (f"the int8 files passed where the bundle was built and no fp32 file serves: "
+            f"{REBUILD_FOR_CPU}")
 
 
 def _now() -> str:
@@ -203,7 +214,9 @@ def _guarded(bundle: ModelBundle, options: RunnerOptions, files: dict[Key, Bundl
             runners[cand] = runner
         else:
             runner.close()
-            out[cand] = Candidate(rt, precision, False, report.reason,
+            # Without the report's fix: it would point at `auto`, which is choosing now.
+            why = "; ".join(t for t in (report.shortfall, report.explanation) if t)
+            out[cand] = Candidate(rt, precision, False, why or report.reason,
                                   worst_psnr_db=report.worst_psnr_db)
     return runners, out, reports
 
@@ -246,9 +259,10 @@ def choose_runner(
         why = "; ".join(f"{label(c.key)}: {c.reason}" for c in candidates.values())
         if reports:  # every candidate that could open its model missed the floor
             closest = max(reports.values(), key=lambda r: r.worst_psnr_db or -math.inf)
-            raise GuardFailed(replace(closest, reason=(
+            fix = nothing_passes_fix(reports.values())
+            raise GuardFailed(replace(closest, fix=fix, reason=(
                 f"no runtime serves {bundle.name} {bundle.version} within its fidelity "
-                f"floor: {why}")))
+                f"floor on this CPU: {why}: {fix}")))
         raise BackendError(f"no runtime can serve {bundle.name} {bundle.version}: {why}")
 
     try:

@@ -11,11 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.backends import ModelRunner, open_runner, runner_options
+from agent.backends import (
+    RUNTIMES,
+    BackendError,
+    ModelRunner,
+    RunnerOptions,
+    open_runner,
+    runner_options,
+    runtime_installed,
+)
 from agent.config import ModelSection
+from agent.log import get_logger
 from agent.model.bundle import ModelBundle, load_bundle
-from agent.model.guard import GuardReport, check_guard
+from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, run_guard
+from agent.model.guard_cause import REBUILD_FOR_CPU
 from agent.model.select import Choice, choose_runner
+
+log = get_logger("agent.model.serving")
 
 BACKEND_CACHE = "backend-choice.json"  # under the state dir
 
@@ -85,9 +97,51 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
         return ServedModel(bundle, runner, selection.guard, settings, selection)
     runner = open_runner(settings.backend, str(bundle.backend_file(settings.backend).path),
                          options)
-    try:  # never serve a model that has drifted from its fp32 reference
+    try:  # never serve a model that misses its floor on this CPU
         guard = check_guard(bundle, runner)
+    except GuardFailed as exc:
+        runner.close()
+        raise GuardFailed(_name_what_passes(bundle, exc.report, options)) from None
     except BaseException:
         runner.close()
         raise
     return ServedModel(bundle, runner, guard, settings)
+
+
+def _name_what_passes(bundle: ModelBundle, report: GuardReport,
+                      options: RunnerOptions) -> GuardReport:
+    """The refusal of the configured runtime, its fix naming the other runtimes' int8 files
+    that pass on this CPU (each guarded here; only on this failure path). A bundle that never
+    passed keeps its fix: rebuild it."""
+    if report.cause not in ("this_cpu", "unknown"):
+        return report
+    passing: list[tuple[str, str]] = []
+    failing: list[tuple[str, str]] = []
+    for runtime in RUNTIMES:
+        if runtime == report.runtime or runtime not in bundle.backends:
+            continue
+        if not runtime_installed(runtime):
+            continue
+        try:
+            runner = open_runner(runtime, str(bundle.backends[runtime].path), options)
+        except BackendError as exc:
+            log.info("guard_alternative_unavailable", runtime=runtime, error=str(exc))
+            continue
+        try:
+            other = run_guard(bundle, runner)
+        finally:
+            runner.close()
+        figure = f"{format_db(other.worst_psnr_db)} dB"
+        (passing if other.ok else failing).append((runtime, figure))
+    if passing:
+        runtime, figure = passing[0]
+        return report.with_fix(
+            f'set model.backend = "{runtime}" (it passes on this CPU: {figure}) or "auto" '
+            "(the fastest runtime x precision that passes here)")
+    if failing and bundle.reference is not None:
+        names = ", ".join(f"{rt} {f}" for rt, f in failing)
+        return report.with_fix(
+            f"no other runtime's int8 file passes on this CPU either ({names}): set "
+            'model.backend = "auto" to serve the bundle\'s fp32 file where it passes, or '
+            f"{REBUILD_FOR_CPU}")
+    return report

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 
 from agent.config import BrokerConfig, Config, ConfigError, load_config
 from agent.crypto import keys
+from agent.model.guard_cause import format_db
 
 if TYPE_CHECKING:
     from agent.backends import ModelRunner
@@ -447,12 +448,11 @@ def _choose(bundle: ModelBundle, config: Config,
 
 def _golden(report: GuardReport) -> Finding:
     """The bundle's activation guard (``agent.model.guard``), the same check ``run`` makes."""
-    text = (f"{len(report.inputs)} golden slices: worst PSNR {report.worst_psnr_db} dB "
-            f"vs fp32 (floor {report.min_psnr_db} dB)")
-    if not report.ok:
-        return _fail("model", "golden set", f"{text}: {report.reason}", "do not serve this "
-                     "model: the int8 file has drifted from its reference; reinstall or "
-                     "rebuild the bundle")
+    text = (f"{len(report.inputs)} golden slices: worst PSNR {format_db(report.worst_psnr_db)} "
+            f"dB vs fp32 (floor {format_db(report.min_psnr_db)} dB)")
+    if not report.ok:  # what failed and why; the fix on its own line
+        why = "; ".join(t for t in (report.shortfall or report.reason, report.explanation) if t)
+        return _fail("model", "golden set", f"{text}: {why}", report.fix or "rebuild the bundle")
     return _ok("model", "golden set", text)
 
 

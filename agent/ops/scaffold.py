@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.config import parse_config
 from agent.crypto import keys
+from agent.model.bundle import BundleError, load_bundle
 
 BUNDLE_NAME = "t1w-to-t2w-lite"
 
@@ -19,6 +20,18 @@ def default_bundle() -> Path | None:
         if (candidate / "bundle.json").is_file():
             return candidate
     return None
+
+
+def check_bundle(bundle: Path) -> None:
+    """Refuse a ``--bundle`` that is not a model bundle (``BundleError``, naming the flag);
+    the digests are left to ``config check`` and ``run``."""
+    if not bundle.is_dir():
+        raise BundleError(f"--bundle {bundle}: no such directory (give a model bundle "
+                          "directory, e.g. models/t1w-to-t2w-lite)")
+    try:
+        load_bundle(bundle, verify=False)
+    except BundleError as exc:
+        raise BundleError(f"--bundle {bundle}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ format = "auto"
 [receiver]
 recipient_private_key = "keys/cloud-recipient.key"
 trusted_devices = {{ "{device_id}" = "keys/device-signing.pub" }}
+# client_id = "iomt-{site}-cloud-receiver"  # its persistent session: one receiver per id
 """
 
 
@@ -86,6 +100,7 @@ def write_directory(opts: InitOptions) -> Path:
         raise FileNotFoundError(
             f"no model bundle given and models/{BUNDLE_NAME} not found: pass --bundle PATH"
         )
+    check_bundle(bundle)
     config_path = opts.directory / "agent.toml"
     if config_path.exists() and not opts.force:
         raise FileExistsError(f"{config_path} exists; pass --force to overwrite it")
@@ -105,7 +120,9 @@ def write_directory(opts: InitOptions) -> Path:
     parse_config(text, "agent.toml (from init flags)")
     key_dir = opts.directory / "keys"
     key_dir.mkdir(parents=True, exist_ok=True)
-    (opts.directory / "state").mkdir(exist_ok=True)
+    state = opts.directory / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    state.chmod(0o700)  # the inbox holds scans (PHI); also when it existed (--force)
     ow = opts.force
     device = keys.generate_signing_key()
     keys.save_private_key(key_dir / "device-signing.key", device, overwrite=ow)

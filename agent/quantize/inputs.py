@@ -1,10 +1,10 @@
 """Model inputs from an operator's DICOM directory, pre-processed exactly as the agent serves
 them, and split into a calibration part and a held-out golden part.
 
-Each file is decoded with ``agent.dicom.decode.decode_scan`` against the input contract, put on
-the model grid (``agent.model.preprocess.to_model_grid``) and normalised
-(``agent.model.preprocess.normalise``). A file that is not usable is skipped and counted by reason,
-never fatal. For a 2.5D contract (``context_slices`` = k > 0) the stacks are the ones the
+Each file is decoded with ``agent.dicom.decode.decode_scan`` against the input contract,
+put on the model grid (``agent.model.preprocess.to_model_grid``) and normalised
+(``agent.model.preprocess.normalise``). A file that is not usable is skipped and counted by
+reason, never fatal. For a 2.5D contract (``context_slices`` = k > 0) the stacks are the ones the
 agent would build: the agent's own series assembly (``agent.dicom.series``) groups the slices,
 orders them along the slice normal and finds each slice's k neighbours each side by
 position, repeating the nearest slice where one is missing or past a series' ends; the

@@ -29,8 +29,22 @@ def _file(stage: Path, name: str) -> FileEntry:
     return FileEntry(path=name, sha256=sha256_file(stage / name))
 
 
+def _recorded(report: dict[str, Any]) -> dict[str, Any]:
+    """``golden.recorded_psnr_db`` / ``recorded_cpu``: the agent's guard figures on this
+    machine, once the guard has run (``report["guard"]``), so that a node whose int8
+    kernels give less can tell that from a changed file (``agent.model.guard_cause``)."""
+    figures = {rt: round(v["worst_psnr_db"], 2) for rt, v in report.get("guard", {}).items()
+               if isinstance(v.get("worst_psnr_db"), float)}  # "inf": nothing to compare
+    if not figures:
+        return {}
+    from agent.cpu import read_cpu
+
+    return {"recorded_psnr_db": figures, "recorded_cpu": read_cpu().label}
+
+
 def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
-    """bundle.json (``agent.model.manifest``) for the files in ``stage``."""
+    """bundle.json (``agent.model.manifest``) for the files in ``stage``; with the guard's
+    figures once ``report`` has them."""
     backends = {"onnxruntime": _file(stage, "model.int8.onnx")}
     references = {}
     if (stage / "model.int8.tflite").is_file():
@@ -44,7 +58,7 @@ def bundle_json(contract: Contract, stage: Path, report: dict[str, Any]) -> str:
         task=contract.task, precision="int8", input=contract.input, output=contract.output,
         backends=backends, reference=_file(stage, "model.fp32.onnx"), references=references,
         golden=GoldenEntry(path=golden.path, sha256=golden.sha256,
-                           min_psnr_db=contract.fidelity.min_psnr_db),
+                           min_psnr_db=contract.fidelity.min_psnr_db, **_recorded(report)),
         compute=None if gmac is None else ComputeSpec(gmac=float(f"{gmac:.6g}")),
         model_card="MODEL_CARD.md")
     return manifest.to_json()

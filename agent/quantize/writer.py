@@ -73,3 +73,5 @@ def write_bundle(s: Session, stage: Path, chosen: Judged, report: dict[str, Any]
                 raise QuantizeError(f"the written bundle fails the agent's guard on {runtime}: "
                                     f"{verdict.reason}")
     s.timed("guard", t)
+    # Again, with the figures just measured (golden.recorded_psnr_db; no file digest changes).
+    (stage / "bundle.json").write_text(bundle_json(s.contract, stage, report), encoding="utf-8")

@@ -2,16 +2,25 @@
 
 ``Connection`` wraps one paho client: MQTT v5 (``clean_start=False`` and a session expiry)
 or 3.1.1 (``clean_session=False``), QoS 1, automatic reconnect, optional manual ack of
-received messages, and publish completion callbacks that carry the broker's verdict (the v5
-PUBACK reason code; a 3.1.1 PUBACK has none and always means success).
+received messages, and publish completion callbacks that carry the broker's verdict
+(``Verdict``: delivered, unclaimed or refused, from the v5 PUBACK reason code; a 3.1.1 PUBACK
+has none and always reads as delivered).
+
+A connection that the broker keeps closing right after it connected (or closes with v5
+reason 0x8E, "Session taken over") has another client with its client id; such a
+connection made with ``yield_on_takeover`` stops reconnecting (``taken_over``) instead of
+knocking the other client off in turn.
 """
 
 from __future__ import annotations
 
 import ssl
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -56,7 +65,39 @@ class Will:
     retain: bool = True
 
 
-PublishDone = Callable[[bool, str], None]  # (accepted by broker, reason text)
+class Delivery(Enum):
+    """What the broker did with a QoS 1 publish."""
+
+    DELIVERED = "delivered"  # taken; v5: at least one subscription matched (3.1.1: taken)
+    UNCLAIMED = "unclaimed"  # v5 reason 0x10: taken, but no subscription matched: discarded
+    REFUSED = "refused"  # v5 reason >= 0x80 (e.g. not authorized)
+
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+SESSION_TAKEN_OVER = 0x8E
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The broker's answer to one publish: what it did, and its reason text."""
+
+    delivery: Delivery
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        """The broker took the message (delivered or unclaimed)."""
+        return self.delivery is not Delivery.REFUSED
+
+
+PublishDone = Callable[[Verdict], None]
+
+# Takeover seen without 0x8E (Mosquitto 2.0 closes the old connection without a DISCONNECT):
+# this many connections that the broker closed within SHORT_LIVED_S of their CONNACK, within
+# TAKEOVER_WINDOW_S. Two clients with one id knock each other off about once a second.
+TAKEOVER_DROPS = 3
+SHORT_LIVED_S = 10.0
+TAKEOVER_WINDOW_S = 30.0
 
 
 def describe_rc(rc: MQTTErrorCode | int) -> str:
@@ -78,6 +119,7 @@ class Connection:
         manual_ack: bool = False,
         will: Will | None = None,
         on_connected: Callable[[], None] | None = None,
+        yield_on_takeover: bool = False,
     ) -> None:
         self.cfg = cfg
         self.name = name
@@ -87,10 +129,16 @@ class Connection:
         self._v5 = cfg.protocol == "5"
         self._connected = threading.Event()
         self._pending: dict[int, PublishDone] = {}
-        self._early: dict[int, tuple[bool, str]] = {}
+        self._early: dict[int, Verdict] = {}
         self._fire_and_forget: set[int] = set()
         self._pending_lock = threading.Lock()
         self.last_error: str | None = None
+        self.client_id = client_id
+        self._yield_on_takeover = yield_on_takeover
+        self._taken_over = threading.Event()
+        self._connected_at: float | None = None
+        self._short_drops: deque[float] = deque()
+        self.takeover_evidence = ""
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -143,6 +191,12 @@ class Connection:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def taken_over(self) -> bool:
+        """Another client with our client id took the session (``yield_on_takeover``: we
+        stopped reconnecting)."""
+        return self._taken_over.is_set()
+
     def stop(self) -> None:
         """Disconnect cleanly (the will is not sent) and stop the network thread."""
         self.client.disconnect()
@@ -184,10 +238,10 @@ class Connection:
                 self._pending[info.mid] = callback
         if qos == 0:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                callback(True, "sent")
+                callback(Verdict(Delivery.DELIVERED, "sent"))
             return int(info.mid)
         if early is not None:  # the PUBACK beat us to the registration
-            callback(*early)
+            callback(early)
         return int(info.mid)
 
     def ack(self, message: Message) -> None:
@@ -209,6 +263,7 @@ class Connection:
                  session_present=bool(flags.session_present))
         for topic in self._subscriptions:
             client.subscribe(str(topic), qos=1)
+        self._connected_at = time.monotonic()
         self.last_error = None
         self._connected.set()
         if self._on_connected_cb is not None:
@@ -218,13 +273,41 @@ class Connection:
         self.last_error = f"cannot reach {self.cfg.host}:{self.cfg.port}"
 
     def _on_disconnect(
-        self, _client: paho.Client, _userdata: object, _flags: paho.DisconnectFlags,
+        self, client: paho.Client, _userdata: object, _flags: paho.DisconnectFlags,
         reason: ReasonCode, _props: Properties | None,
     ) -> None:
         self._connected.clear()
-        if reason.is_failure or int(reason.value) != 0:
-            self.last_error = f"disconnected: {reason}"
-            log.warning("mqtt_disconnected", broker=self.name, reason=str(reason))
+        connected_at, self._connected_at = self._connected_at, None
+        if not (reason.is_failure or int(reason.value) != 0):
+            return
+        self.last_error = f"disconnected: {reason}"
+        log.warning("mqtt_disconnected", broker=self.name, reason=str(reason))
+        now = time.monotonic()
+        if connected_at is not None and now - connected_at < SHORT_LIVED_S:
+            self._short_drops.append(now)
+        while self._short_drops and now - self._short_drops[0] > TAKEOVER_WINDOW_S:
+            self._short_drops.popleft()
+        if int(reason.value) == SESSION_TAKEN_OVER:
+            self._session_contested(client, f"the broker said: {reason}")
+        elif len(self._short_drops) >= TAKEOVER_DROPS:
+            self._session_contested(
+                client, f"the broker closed the connection {len(self._short_drops)} times "
+                f"within {TAKEOVER_WINDOW_S:.0f} s, each within {SHORT_LIVED_S:.0f} s of "
+                "connecting")
+
+    def _session_contested(self, client: paho.Client, evidence: str) -> None:
+        """Another client connected with our client id (the broker closes the older
+        connection): yield, or say so and go on."""
+        self._short_drops.clear()
+        self.takeover_evidence = evidence
+        self.last_error = f"another client with client id {self.client_id} took over"
+        if self._yield_on_takeover:
+            self._taken_over.set()
+            client.disconnect()  # in a callback: paho's loop ends instead of reconnecting
+            return
+        log.error("mqtt_session_contested", broker=self.name, client_id=self.client_id,
+                  evidence=evidence, fix=f"another client probably uses client id "
+                  f"{self.client_id}: give each process its own client_id (or stop the other)")
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         if self._on_message_cb is None:
@@ -238,7 +321,12 @@ class Connection:
         self, _client: paho.Client, _userdata: object, mid: int,
         reason: ReasonCode, _props: Properties | None,
     ) -> None:
-        verdict = (not reason.is_failure, str(reason))
+        if reason.is_failure:
+            verdict = Verdict(Delivery.REFUSED, str(reason))
+        elif self._v5 and int(reason.value) == NO_MATCHING_SUBSCRIBERS:
+            verdict = Verdict(Delivery.UNCLAIMED, str(reason))
+        else:
+            verdict = Verdict(Delivery.DELIVERED, str(reason))
         with self._pending_lock:
             if mid in self._fire_and_forget:
                 self._fire_and_forget.discard(mid)
@@ -247,10 +335,10 @@ class Connection:
             if done is None:
                 self._early[mid] = verdict
         if done is not None:
-            done(*verdict)
+            done(verdict)
 
 
-def _ignore(_ok: bool, _reason: str) -> None:
+def _ignore(_verdict: Verdict) -> None:
     return None
 
 

@@ -95,6 +95,11 @@ class Topics:
         device = "+" if all_devices else self.device
         return Topic(f"iomt/{self.site}/{device}/results", filter=True)
 
+    def errors_filter(self, all_devices: bool = True) -> Topic:
+        """What the cloud consumer subscribes to for error reports."""
+        device = "+" if all_devices else self.device
+        return Topic(f"iomt/{self.site}/{device}/errors", filter=True)
+
     @property
     def status(self) -> Topic:
         return Topic(f"iomt/{self.site}/{self.device}/status")

@@ -55,9 +55,9 @@ def build_golden(spec: config.ModelSpec) -> dict[str, Any]:
     rng = float(ref.max())
     pooled = psnr(got, ref, rng)
     per_slice = [psnr(g, r, rng) for g, r in zip(got, ref, strict=True)]
-    every = [psnr(o, ref, rng) for o in served.values()] + [
-        psnr(g, r, rng) for o in served.values() for g, r in zip(o, ref, strict=True)]
-    floor = math.floor(min(every) - GOLDEN_MARGIN_DB)
+    worst = {rt: min([psnr(o, ref, rng)] + [psnr(g, r, rng) for g, r in zip(o, ref, strict=True)])
+             for rt, o in served.items()}
+    floor = math.floor(min(worst.values()) - GOLDEN_MARGIN_DB)
     save_npz(spec.bundle("golden.npz"), input=x, reference_output=ref)
     return {
         "int8_vs_fp32_psnr_db": round(pooled, 2),
@@ -65,6 +65,10 @@ def build_golden(spec: config.ModelSpec) -> dict[str, Any]:
         "min_psnr_db": float(floor),
         "int8_vs_fp32_psnr_db_by_runtime": {
             rt: round(psnr(o, ref, rng), 2) for rt, o in served.items()},
+        # The guard's figure (worst of pooled and per slice) per runtime on this machine:
+        # bundle.json's golden.recorded_psnr_db, so that a node whose int8 kernels give less
+        # can say that this CPU differs, not the file (agent/model/guard_cause.py).
+        "recorded_psnr_db": {rt: round(w, 2) for rt, w in worst.items()},
         "z_mm": [float(z) for z in data["z_mm"][idx]],
     }
 
@@ -73,8 +77,11 @@ def _file(path: Path) -> dict[str, str]:
     return {"path": path.name, "sha256": sha256(path)}
 
 
-def bundle_json(spec: config.ModelSpec, min_psnr_db: float, gmac: float) -> dict[str, object]:
-    """bundle.json in the format of agent/model/bundle.py (format 1; docs/bundle.md)."""
+def bundle_json(spec: config.ModelSpec, golden: dict[str, Any], gmac: float) -> dict[str, object]:
+    """bundle.json in the format of agent/model/manifest.py (docs/bundle.md); ``golden``
+    is what ``build_golden`` returned."""
+    from agent.cpu import read_cpu
+
     tflite = {name: spec.bundle(f"model.{name}.tflite") for name in ("int8", "fp32")}
     return {
         "format": 1,
@@ -115,7 +122,10 @@ def bundle_json(spec: config.ModelSpec, min_psnr_db: float, gmac: float) -> dict
         "reference": _file(spec.bundle("model.fp32.onnx")),
         **({"references": {"litert": _file(tflite["fp32"])}} if tflite["fp32"].is_file()
            else {}),
-        "golden": _file(spec.bundle("golden.npz")) | {"min_psnr_db": min_psnr_db},
+        "golden": _file(spec.bundle("golden.npz")) | {
+            "min_psnr_db": golden["min_psnr_db"],
+            "recorded_psnr_db": golden["recorded_psnr_db"],
+            "recorded_cpu": read_cpu().label},
         "compute": {"gmac": gmac},
         "model_card": "MODEL_CARD.md",
     }
@@ -135,7 +145,7 @@ def main() -> None:
     train = json.loads(spec.build("train.json").read_text(encoding="utf-8"))
     evaluation = json.loads(spec.build("eval.json").read_text(encoding="utf-8"))
     quant = json.loads(spec.build("quantize.json").read_text(encoding="utf-8"))
-    meta = bundle_json(spec, golden["min_psnr_db"], evaluation["gmac_per_slice"])
+    meta = bundle_json(spec, golden, evaluation["gmac_per_slice"])
     record_timing("bundle", time.perf_counter() - start, spec.name)
     timings = load_timings(spec.name)
     spec.bundle("MODEL_CARD.md").write_text(

@@ -190,8 +190,8 @@ def saturation_note(quant: Json) -> str:
         f" No saturation-safe variant qualified{cost}, so the served ONNX file has 8-bit "
         "weights. On an x86 CPU without VNNI onnxruntime runs it on u8s8 kernels whose 16-bit "
         "intermediate sums can saturate. The agent does not trust that to luck: every node "
-        "runs the golden set through the file on its own CPU at every load and refuses it if "
-        "it has drifted from the fp32 reference (the guard), and LiteRT's XNNPACK kernels, "
+        "runs the golden set through the file on its own CPU at every load and refuses it "
+        "where its output misses the floor there (the guard), and LiteRT's XNNPACK kernels, "
         "which the `model.int8.tflite` file runs on, do not saturate: with "
         "`backend = \"auto\"` the node serves whichever runtime passes its guard and is faster."
     )

@@ -165,3 +165,47 @@ def test_receiver_from_config(tmp_path: Path) -> None:
     without = parse_config(cfg_path.read_text().split("[receiver]")[0])
     with pytest.raises(ConfigError, match="receiver"):
         receiver_from_config(without, tmp_path / "out")
+
+
+def test_file_tells_new_from_filed_earlier_from_seen_again(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    envelope = _seal(_SERIES[0], "m-0")
+    first = _receiver(out)
+    new = first.file(envelope)
+    assert (new.kind, new.message_id, new.device_id) == ("new", "m-0", DEVICE)
+    assert new.path is not None and new.path.read_bytes() == _SERIES[0]
+    assert first.file(envelope).kind == "repeat"
+    # A later run (a fresh receiver) finds the file: filed earlier, with its path.
+    rerun = _receiver(out)
+    earlier = rerun.file(_seal(_SERIES[0], "m-0"))
+    assert (earlier.kind, earlier.path) == ("earlier", new.path)
+    assert rerun.file(envelope).kind == "repeat"
+
+
+def test_quarantine_keeps_what_cannot_be_opened_until_the_right_key_files_it(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "results"
+    other, other_pub = keys.generate_recipient_keypair()
+    envelopes = [_seal(s, f"m-{i}", recipient=other_pub) for i, s in enumerate(_SERIES[:2])]
+    receiver = _receiver(out)
+    kept = []
+    for envelope in envelopes:
+        assert _reason(receiver, envelope) == "unknown_recipient"
+        kept.append(receiver.quarantine(envelope))
+    assert receiver.quarantine(envelopes[0]) == kept[0]  # the same envelope: one file
+    assert sorted(kept) == sorted(receiver.quarantine_dir.iterdir())
+    assert [p.read_bytes() for p in kept] == envelopes
+    assert _files(out) == sorted(kept)  # nothing filed as a result
+    # Still the wrong key: both stay.
+    retried = list(receiver.retry_quarantine())
+    assert [type(got) for _, got in retried] == [EnvelopeError, EnvelopeError]
+    assert sorted(receiver.quarantine_dir.iterdir()) == sorted(kept)
+    # With the right key they are filed and leave the quarantine.
+    right = ResultReceiver(recipients={other.key_id: other},
+                           trusted_devices={DEVICE: _DEVICE_KEY.public_key()}, out_dir=out)
+    filed = [got for _, got in right.retry_quarantine()]
+    assert sorted(f.message_id for f in filed if not isinstance(f, EnvelopeError)) == [
+        "m-0", "m-1"]
+    assert list(right.quarantine_dir.iterdir()) == []
+    assert len([p for p in _files(out) if p.suffix == ".dcm"]) == 2

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.demo.png import montage, to_uint8, write_gray_png
+from agent.demo import bitmap_font
+from agent.demo.png import LABEL_MARGIN, montage, to_uint8, write_gray_png
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -116,3 +117,32 @@ def test_montage_png_end_to_end(tmp_path: Path) -> None:
     image = montage([[x.astype(float) + 1, y.astype(float) + 1]])
     write_gray_png(tmp_path / "m.png", image)
     np.testing.assert_array_equal(_decode(tmp_path / "m.png"), image)
+
+
+def test_montage_labels_its_columns_in_the_image(tmp_path: Path) -> None:
+    tiles = [[_ramp(20, 60, 1.0), _ramp(20, 60, 2.0)], [_ramp(20, 60, 3.0), _ramp(20, 60, 4.0)]]
+    plain = montage(tiles, gap=4)
+    out = montage(tiles, gap=4, labels=["T1W", "OUT 2"])
+    band = bitmap_font.GLYPH_H * 2 + 2 * LABEL_MARGIN  # "OUT 2" fits at twice the size
+    assert out.shape == (plain.shape[0] + band, plain.shape[1])
+    np.testing.assert_array_equal(out[band:], plain)  # the tiles, moved down
+    for col, label in enumerate(["T1W", "OUT 2"]):
+        ink = bitmap_font.render(label, 2)
+        x = col * 64 + (60 - ink.shape[1]) // 2  # centred over its column
+        drawn = out[LABEL_MARGIN : LABEL_MARGIN + ink.shape[0], x : x + ink.shape[1]]
+        np.testing.assert_array_equal(drawn == 255, ink)
+    assert int((out[:band] == 255).sum()) == sum(
+        int(bitmap_font.render(t, 2).sum()) for t in ["T1W", "OUT 2"])  # nothing else
+    write_gray_png(tmp_path / "m.png", out)
+    np.testing.assert_array_equal(_decode(tmp_path / "m.png"), out)
+
+
+def test_montage_labels_shrink_to_fit_or_are_refused() -> None:
+    tiles = [[np.ones((8, 40))]]
+    label = "ABCDEF"  # 35 pixels at size 1, 70 at size 2
+    out = montage(tiles, labels=[label])
+    assert out.shape[0] == 8 + bitmap_font.GLYPH_H + 2 * LABEL_MARGIN
+    with pytest.raises(ValueError, match="wide"):
+        montage(tiles, labels=["ABCDEFGH"])  # 47 pixels
+    with pytest.raises(ValueError, match="labels"):
+        montage(tiles, labels=["A", "B"])

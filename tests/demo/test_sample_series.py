@@ -162,3 +162,26 @@ def test_load_demo_slab_reports_a_missing_file() -> None:
         pytest.skip("the demo slab is installed")
     with pytest.raises(FileNotFoundError, match="mni152_t1w_slab"):
         load_demo_slab()
+
+
+def test_orientation_first_pixel_and_comments() -> None:
+    iop = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0)
+    payloads = build_series(phantom(2), spacing_mm=(2.0, 0.9, 0.8), first_slice_z_mm=4.0,
+                            orientation=iop, first_pixel_mm=(-30.0, 20.0), image_comments="hi")
+    first, second = read(payloads[0]), read(payloads[1])
+    assert [float(v) for v in first.ImageOrientationPatient] == list(iop)
+    assert [float(v) for v in second.ImagePositionPatient] == [-30.0, 20.0, 6.0]
+    assert first.ImageComments == "hi"
+    # centred by default in any orientation: the middle pixel at x = y = 0
+    ds = read(build_series(phantom(1), spacing_mm=(1.0, 0.9, 0.8), orientation=iop)[0])
+    ipp = np.array(ds.ImagePositionPatient, dtype=float)
+    middle = ipp + (40 - 1) / 2 * 0.8 * np.array(iop[:3]) + (48 - 1) / 2 * 0.9 * np.array(iop[3:])
+    np.testing.assert_allclose(middle[:2], [0.0, 0.0], atol=1e-4)
+    assert "ImageComments" not in ds
+
+
+@pytest.mark.parametrize("iop", [(1, 0, 0, 0, 0, 1), (1, 0, 0, 1, 0, 0), (2, 0, 0, 0, 1, 0),
+                                 (1, 0, 0, 0, 1)])
+def test_rejects_non_axial_orientations(iop: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match="orientation"):
+        build_series(phantom(1), orientation=iop)

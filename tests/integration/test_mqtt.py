@@ -17,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import BrokerConfig
-from agent.transport.mqtt import Connection, Message, Will
+from agent.transport.mqtt import Connection, Delivery, Message, Verdict, Will
 from agent.transport.topics import Topic
 from tests.conftest import Mosquitto
 
@@ -63,13 +63,15 @@ class Done:
 
     def __init__(self, expected: int = 1) -> None:
         self.results: list[tuple[bool, str]] = []
+        self.verdicts: list[Verdict] = []
         self._lock = threading.Lock()
         self._all = threading.Event()
         self.expected = expected
 
-    def __call__(self, ok: bool, reason: str) -> None:
+    def __call__(self, verdict: Verdict) -> None:
         with self._lock:
-            self.results.append((ok, reason))
+            self.verdicts.append(verdict)
+            self.results.append((verdict.ok, verdict.reason))
             if len(self.results) >= self.expected:
                 self._all.set()
 
@@ -237,22 +239,75 @@ def test_publish_on_done(connect: Callable[..., Connection], protocol: str) -> N
     conn = connect(protocol, _cid("pub"))
     v5 = protocol == "5"
 
-    def verdict(topic: str, qos: int = 1) -> tuple[bool, str]:
+    def verdict(topic: str, qos: int = 1) -> Verdict:
         done = Done()
         mid = conn.publish(Topic(topic), b"x", qos=qos, on_done=done)
         assert isinstance(mid, int) and mid > 0
-        [result] = done.wait()
-        return result
+        done.wait()
+        return done.verdicts[0]
 
-    # A v5 PUBACK carries the broker's reason; 0x10 is still a success.
-    assert verdict("done/nobody") == (True, "No matching subscribers" if v5 else "Success")
+    delivered, unclaimed, refused = Delivery.DELIVERED, Delivery.UNCLAIMED, Delivery.REFUSED
+    # A v5 PUBACK carries the broker's reason: 0x10 means taken but discarded (nobody
+    # subscribed), which 3.1.1 cannot tell from a delivery.
+    assert verdict("done/nobody") == (Verdict(unclaimed, "No matching subscribers") if v5
+                                      else Verdict(delivered, "Success"))
+    assert verdict("done/nobody").ok
     connect(protocol, _cid("sub"), subscriptions=(Topic("done/#", filter=True),),
             on_message=Inbox(), subscribed=threading.Event())
-    assert verdict("done/somebody") == (True, "Success")
+    assert verdict("done/somebody") == Verdict(delivered, "Success")
     # Mosquitto refuses client publishes to $SYS: v5 says so, 3.1.1 cannot.
-    assert verdict("$SYS/forged") == ((False, "Not authorized") if v5 else (True, "Success"))
-    assert verdict("done/q0", qos=0) == (True, "sent")
+    assert verdict("$SYS/forged") == (Verdict(refused, "Not authorized") if v5
+                                      else Verdict(delivered, "Success"))
+    assert verdict("done/q0", qos=0) == Verdict(delivered, "sent")
     assert conn.connected
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_offline_persistent_subscriber_claims_what_is_published(
+    connect: Callable[..., Connection], protocol: str
+) -> None:
+    """Once a consumer's persistent session exists the broker queues for it while it is
+    away: the PUBACK says delivered, not "no matching subscribers"."""
+    cid = _cid(f"consumer-v{protocol}")
+    subs = (Topic("claimed/#", filter=True),)
+    pub = connect(protocol, _cid("pub"))
+    done = Done()
+    pub.publish(Topic("claimed/before"), b"lost", on_done=done)
+    done.wait()
+    nobody = Delivery.UNCLAIMED if protocol == "5" else Delivery.DELIVERED
+    assert done.verdicts[0].delivery is nobody
+    sub = connect(protocol, cid, manual_ack=True, subscriptions=subs, on_message=Inbox(),
+                  subscribed=threading.Event())
+    sub.stop()  # its first start created the session: from now on the broker keeps
+    done = Done()
+    pub.publish(Topic("claimed/after"), b"kept", on_done=done)
+    done.wait()
+    assert done.verdicts[0].delivery is Delivery.DELIVERED
+    inbox = Inbox()
+    connect(protocol, cid, manual_ack=True, subscriptions=subs, on_message=inbox)
+    inbox.wait_for(lambda ms: [m.payload for m in ms] == [b"kept"])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_second_client_with_the_same_id_makes_the_yielding_one_stop(
+    connect: Callable[..., Connection], protocol: str
+) -> None:
+    """Mosquitto 2.0 closes the older connection of a client id without a DISCONNECT
+    (no 0x8E even on v5); knocked off three times within seconds of connecting, a
+    connection made with yield_on_takeover stops reconnecting instead of fighting."""
+    cid = _cid(f"twin-v{protocol}")
+    first = connect(protocol, cid, yield_on_takeover=True)
+    second = connect(protocol, cid, start=False)
+    second.client.reconnect_delay_set(min_delay=1, max_delay=1)
+    second.start()
+    deadline = time.monotonic() + 30
+    while not first.taken_over and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.taken_over
+    assert "took over" in (first.last_error or "") and first.takeover_evidence
+    # It stays off: the other one keeps the session.
+    time.sleep(2.5)
+    assert second.connected and not first.connected
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -324,7 +379,7 @@ _VICTIM = textwrap.dedent(
     conn.start()
     assert conn.wait_connected(10)
     online = threading.Event()
-    conn.publish(status, b"online", retain=True, on_done=lambda ok, _r: online.set())
+    conn.publish(status, b"online", retain=True, on_done=lambda _verdict: online.set())
     assert online.wait(10)
     print("ready", flush=True)
     time.sleep(60)

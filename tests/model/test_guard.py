@@ -29,7 +29,13 @@ from agent.model.guard import (
     run_guard,
     verify_bundle,
 )
-from tests.bundles import SHIPPED_BUNDLES, make_scale_bundle, quantize_qdq, smooth_inputs
+from tests.bundles import (
+    SHIPPED_BUNDLES,
+    corrupt_weight_scale,
+    make_scale_bundle,
+    quantize_qdq,
+    smooth_inputs,
+)
 
 GRID = 32
 FLOOR_DB = 25.0
@@ -92,20 +98,6 @@ def write_bundle(root: Path, served: Path, *, golden: tuple[np.ndarray, np.ndarr
                           "min_psnr_db": floor}
     (root / "bundle.json").write_text(json.dumps(meta))
     return root
-
-
-def corrupt_weight_scale(src: Path, dst: Path, factor: float = 10.0) -> str:
-    """Multiply the scale of the first weight DequantizeLinear by ``factor``; returns its name."""
-    model = onnx.load(str(src))
-    inits = {i.name: i for i in model.graph.initializer}
-    node = next(n for n in model.graph.node
-                if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                and onnx.numpy_helper.to_array(inits[n.input[0]]).ndim == 4)
-    scale = inits[node.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor),
-                                           scale.name))
-    onnx.save(model, str(dst))
-    return scale.name
 
 
 @pytest.fixture(scope="module")

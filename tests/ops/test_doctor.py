@@ -152,7 +152,9 @@ def test_model_bundle_tampered_and_golden_floor(tmp_path: Path, bundle: Path) ->
     _add_golden(bundle, x, x * 0.6, floor=40.0)
     for c in (cfg, pinned):
         golden = doctor.check_model(c)[-1]
-        assert golden.verdict == "fail" and "do not serve this model" in golden.fix
+        assert golden.verdict == "fail" and golden.fix.startswith("rebuild the bundle")
+        assert "PSNR 20.31 dB" in golden.detail  # two decimals, as everywhere for people
+        assert "does not match the golden set" in golden.detail  # an fp32 file: not the CPU
     (bundle / "model.int8.onnx").write_bytes(b"tampered")
     found = doctor.check_model(cfg)
     assert len(found) == 1 and found[0].verdict == "fail"

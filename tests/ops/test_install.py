@@ -48,6 +48,7 @@ USER, GROUP = _owner()
 class Staged:
     root: Path
     args: list[str]
+    output: str = ""  # what the first install printed
 
     def path(self, p: str) -> Path:
         return self.root / p.lstrip("/")
@@ -99,8 +100,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Staged:
             "--device-id", "node-7", "--edge-url", "mqtt://scanner-gw.local:1883",
             "--cloud-url", "mqtts://cloud.example:8883"]
     root = tmp_path_factory.mktemp("root")
-    run_install(root, *args)
-    return Staged(root, args)
+    return Staged(root, args, run_install(root, *args).stdout)
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def copy_of(staged: Staged, tmp_path: Path) -> Staged:
     """A private copy of the staged tree, for tests that change it."""
     root = tmp_path / "root"
     shutil.copytree(staged.root, root, symlinks=True)
-    return Staged(root, staged.args)
+    return Staged(root, staged.args, staged.output)
 
 
 def mode(p: Path) -> int:
@@ -179,6 +179,21 @@ def test_config_from_template(staged: Staged) -> None:
             in unit)
 
 
+def test_messages_name_the_staged_paths(staged: Staged) -> None:
+    root = str(staged.root)
+    lines = staged.output.splitlines()
+    assert f"install.sh: wrote {root}/etc/iomt-agent/agent.toml" in lines  # URLs were given
+    assert f"install.sh: created virtual environment {root}/opt/iomt-agent/venv" in lines
+    assert "install.sh: installed model bundle test-scale into " \
+        f"{root}/opt/iomt-agent/models/test-scale" in lines
+    assert f"install.sh: staged under {root}; on the target, check the node with: sudo " \
+        "/opt/iomt-agent/venv/bin/iomt-agent doctor --config /etc/iomt-agent/agent.toml" \
+        in lines
+    for line in lines[:-1]:  # the last one is the command for the target
+        paths = re.findall(r"(?<![\w.:/])/[\w./-]+", line)
+        assert all(p.startswith(root) for p in paths), line
+
+
 def test_rerun_is_idempotent_and_keeps_edits(copy_of: Staged, tmp_path: Path) -> None:
     s = copy_of.path
     # an upgrade that keeps the version number still replaces the code
@@ -193,7 +208,7 @@ def test_rerun_is_idempotent_and_keeps_edits(copy_of: Staged, tmp_path: Path) ->
     key.chmod(0o644)  # a mistake the next run repairs
     (s("/etc/iomt-agent/credentials") / "edge.password").write_text("secret\n")
     out = copy_of.install().stdout
-    assert "kept /etc/iomt-agent/agent.toml" in out
+    assert f"kept {copy_of.root}/etc/iomt-agent/agent.toml\n" in out
     installed = next(s("/opt/iomt-agent/venv/lib").glob("python3*/site-packages/agent/__init__.py"))
     assert "upgrade-marker-42" in installed.read_text()
     assert config.read_text() == edited
@@ -212,7 +227,7 @@ def test_uninstall_keeps_data_and_keys_unless_purge(copy_of: Staged) -> None:
     s = copy_of.path
     (s("/var/lib/iomt-agent") / "agent.db").write_bytes(b"results not yet delivered")
     out = copy_of.install("--uninstall").stdout
-    assert "kept /etc/iomt-agent" in out
+    assert f"kept {copy_of.root}/etc/iomt-agent (config and keys)" in out
     assert not s("/opt/iomt-agent").exists()
     assert not s("/etc/systemd/system/iomt-agent.service").exists()
     assert not s("/etc/systemd/system/multi-user.target.wants/iomt-agent.service").is_symlink()
@@ -230,9 +245,13 @@ def test_prefix_for_packagers(tmp_path: Path, wheel: Path, staged: Staged) -> No
     # an existing venv is reused (saves creating one again here)
     shutil.copytree(staged.path("/opt/iomt-agent/venv"), root / "usr/lib/iomt-agent/venv",
                     symlinks=True)
-    run_install(root, "--python", sys.executable, "--from", str(wheel), "--pip-args",
-                "--no-deps --no-index", "--prefix", "/usr/lib/iomt-agent",
-                "--unitdir", "/usr/lib/systemd/system", "--user", USER, "--group", GROUP)
+    out = run_install(root, "--python", sys.executable, "--from", str(wheel), "--pip-args",
+                      "--no-deps --no-index", "--prefix", "/usr/lib/iomt-agent",
+                      "--unitdir", "/usr/lib/systemd/system", "--user", USER,
+                      "--group", GROUP).stdout
+    # no URLs given: the new agent.toml has the defaults, which the message names
+    assert f"wrote {root}/etc/iomt-agent/agent.toml (edit edge.url (mqtt://localhost:1883) " \
+        "and cloud.url (mqtts://cloud.example.invalid:8883), then run the doctor)" in out
     unit = (root / "usr/lib/systemd/system/iomt-agent.service").read_text()
     assert "ExecStart=/usr/lib/iomt-agent/venv/bin/iomt-agent run" in unit
     assert f"User={USER}\n" in unit and f"Group={GROUP}\n" in unit
@@ -243,7 +262,7 @@ def test_prefix_for_packagers(tmp_path: Path, wheel: Path, staged: Staged) -> No
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--site", "a/b"], "a site or device id"),
-    (["--edge-url", "http://x"], "expected mqtt://host:port"),
+    (["--edge-url", "http://x"], "expected mqtt://host[:port]"),
     (["--prefix", "/usr"], "use a directory of its own"),
     (["--prefix", "relative"], "expected an absolute path"),
     (["--purge"], "--purge goes with --uninstall"),

@@ -61,6 +61,10 @@ def _number(value: float | None) -> float | str | None:
     return "inf" if math.isinf(value) else round(value, 3)
 
 
+def _db(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+
+
 def guard_rows() -> list[dict[str, Any]]:
     """``verify_bundle`` on every shipped bundle x runtime; a runtime that is missing or
     cannot open the file is a failed row, not a skipped one."""
@@ -90,7 +94,7 @@ def guard_rows() -> list[dict[str, Any]]:
             row["seconds"] = round(time.monotonic() - started, 1)
             rows.append(row)
             print(f"  {path.name} {runtime}: {'PASS' if row['ok'] else 'FAIL'} "
-                  f"{row.get('worst_psnr_db')} dB", file=sys.stderr, flush=True)
+                  f"{_db(row.get('worst_psnr_db'))} dB", file=sys.stderr, flush=True)
     return rows
 
 

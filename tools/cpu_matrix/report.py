@@ -55,7 +55,12 @@ def _cell_text(row: dict[str, Any] | None) -> str:
     verdict = "PASS" if row["ok"] else "FAIL"
     if row.get("worst_psnr_db") is None:
         return f"{verdict} (error)"
-    return f"{row['worst_psnr_db']}/{row['floor_db']:g} {verdict}"
+    return f"{_db(row['worst_psnr_db'])}/{row['floor_db']:g} {verdict}"
+
+
+def _db(value: Any) -> str:
+    """A PSNR for people: two decimals ("inf" stays "inf")."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _tests_text(cell: dict[str, Any]) -> str:

@@ -1,0 +1,204 @@
+"""The outbox publisher: queued results and error reports to the cloud broker.
+
+A row is deleted only when the broker's PUBACK says it was delivered. Two answers keep it:
+
+* **unclaimed** (MQTT 5 reason 0x10, "No matching subscribers"): the broker took the message
+  but had no subscription for it and discarded it, because no consumer has subscribed yet (a
+  consumer's persistent session, once created, makes the broker queue for it). The row is
+  kept and published again after a delay that doubles per try, from 1 s up to 30 s; as soon
+  as a row of the same topic is delivered, every unclaimed row of that topic is due at once.
+  ``result_unclaimed`` is logged once when the first row is held, ``results_claimed`` when
+  the last one went out; ``unclaimed`` counts the rows held now (status:
+  ``results_unclaimed``).
+* **refused** (reason >= 0x80, e.g. not authorized): logged, retried with the same backoff.
+
+MQTT 3.1.1 has no reason codes: a PUBACK there always reads as delivered, so a result that
+no subscriber took is lost (docs/protocol.md).
+
+Rows waiting for a retry do not hold up the others: new rows go out as they come, up to
+``window`` in flight at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from agent.daemon.store import OutboxItem, Store
+from agent.log import get_logger
+from agent.transport.mqtt import Connection, Delivery, PublishDone, Verdict
+
+log = get_logger("agent.daemon.outbox")
+
+WINDOW = 32  # rows in flight to the cloud broker at once
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 30.0
+
+
+def retry_delay(tries: int) -> float:
+    """Seconds before try ``tries + 1`` of a row that was not delivered ``tries`` times."""
+    return min(MAX_RETRY_S, FIRST_RETRY_S * 2.0 ** max(0, tries - 1))
+
+
+@dataclass
+class _Held:
+    """A row that the broker did not deliver: when to try it again."""
+
+    topic: str
+    tries: int
+    due: float
+    unclaimed: bool
+
+
+class OutboxPublisher:
+    """Publishes outbox rows on ``cloud``; its ``run`` is the body of the outbox thread."""
+
+    def __init__(self, store: Store, cloud: Connection, *, kick: threading.Event,
+                 stop: threading.Event, space: threading.Condition,
+                 window: int = WINDOW) -> None:
+        self._store = store
+        self._cloud = cloud
+        self._kick = kick  # set: new rows, a verdict or a reconnect
+        self._stop = stop
+        self._space = space  # notified when a row is gone (the outbox has room again)
+        self._window = window
+        self._lock = threading.Lock()
+        self._inflight: set[int] = set()
+        self._held: dict[int, _Held] = {}
+        self._claimed_topics: set[str] = set()  # delivered since their last unclaimed row
+        self._episode_start: float | None = None  # since when rows have been unclaimed
+        self._claimed_in_episode = 0
+        self.drain_deadline = float("inf")  # set on stop: deliver until then
+
+    @property
+    def unclaimed(self) -> int:
+        """Rows the broker last answered "no matching subscribers" for."""
+        with self._lock:
+            return sum(1 for h in self._held.values() if h.unclaimed)
+
+    # -- the thread ----------------------------------------------------------------------
+    def run(self) -> None:
+        last_id = 0  # rows up to here have been published at least once by this process
+        while True:
+            self._kick.wait(self._wait_s())
+            self._kick.clear()
+            if not self._cloud.connected:
+                if self._stop.is_set() and self.drain_deadline < time.monotonic():
+                    return
+                continue
+            last_id = self._publish(last_id)
+            if self._stop.is_set() and self._drained():
+                return
+
+    def _wait_s(self) -> float:
+        with self._lock:
+            due = min((h.due for i, h in self._held.items() if i not in self._inflight),
+                      default=None)
+        if due is None:
+            return 1.0
+        return min(1.0, max(0.05, due - time.monotonic()))
+
+    def _drained(self) -> bool:
+        """On stop: nothing left that could still go out now."""
+        if time.monotonic() > self.drain_deadline:
+            return True
+        _, depth = self._store.depths()
+        with self._lock:
+            waiting_for_a_consumer = (not self._inflight and depth == sum(
+                1 for h in self._held.values() if h.unclaimed))
+        return depth == 0 or waiting_for_a_consumer  # kept for the next start
+
+    def _publish(self, last_id: int) -> int:
+        now = time.monotonic()
+        with self._lock:
+            room = self._window - len(self._inflight)
+            due = sorted(i for i, h in self._held.items()
+                         if h.due <= now and i not in self._inflight)[:max(0, room)]
+        rows = self._store.outbox_rows(due)
+        with self._lock:
+            for gone in set(due) - {r.id for r in rows}:
+                self._forget(gone)
+        for row in rows:
+            self._send(row)
+        room -= len(rows)
+        if room > 0:
+            for row in self._store.outbox(after_id=last_id, limit=room):
+                last_id = row.id
+                with self._lock:
+                    if row.id in self._inflight or row.id in self._held:
+                        continue
+                self._send(row)
+        return last_id
+
+    def _send(self, row: OutboxItem) -> None:
+        with self._lock:
+            self._inflight.add(row.id)
+        self._cloud.publish(row.topic, row.payload, qos=1, on_done=self._verdict(row))
+
+    # -- verdicts (paho's network thread) ------------------------------------------------
+    def _verdict(self, row: OutboxItem) -> PublishDone:
+        def done(verdict: Verdict) -> None:
+            if verdict.delivery is Delivery.DELIVERED:
+                self._store.delivered(row.id)  # before it leaves _inflight: never sent twice
+                with self._lock:
+                    self._inflight.discard(row.id)
+                    self._delivered(row)
+                with self._space:
+                    self._space.notify_all()
+            else:
+                with self._lock:
+                    self._inflight.discard(row.id)
+                    self._hold(row, verdict)
+            self._kick.set()
+
+        return done
+
+    def _delivered(self, row: OutboxItem) -> None:
+        """A consumer takes this topic now: its unclaimed rows need not wait."""
+        held = self._held.pop(row.id, None)
+        now = time.monotonic()
+        if row.topic not in self._claimed_topics:  # once, not for each row of a backlog
+            self._claimed_topics.add(row.topic)
+            for h in self._held.values():
+                if h.unclaimed and h.topic == row.topic:
+                    h.due = now
+        if held is not None and held.unclaimed:
+            self._claimed_in_episode += 1
+            self._end_episode_if_over(now)
+
+    def _hold(self, row: OutboxItem, verdict: Verdict) -> None:
+        held = self._held.get(row.id)
+        tries = held.tries + 1 if held else 1
+        unclaimed = verdict.delivery is Delivery.UNCLAIMED
+        self._held[row.id] = _Held(row.topic, tries, time.monotonic() + retry_delay(tries),
+                                   unclaimed)
+        if unclaimed:
+            self._claimed_topics.discard(row.topic)
+            if self._episode_start is None:
+                self._episode_start = time.monotonic()
+                self._claimed_in_episode = 0
+                log.warning("result_unclaimed", kind=row.kind, topic=row.topic,
+                            message_id=row.message_id, reason=verdict.reason,
+                            fix="no consumer has subscribed to this topic on the cloud broker "
+                            "yet: start `iomt-agent receive` (its first start creates its "
+                            "persistent session); the agent keeps the rows and retries every "
+                            f"{FIRST_RETRY_S:.0f} to {MAX_RETRY_S:.0f} s")
+        else:
+            log.warning("cloud_refused_result", outbox_id=row.id, reason=verdict.reason,
+                        retry_in_s=retry_delay(tries),
+                        fix="check the cloud broker's ACL for the results topic")
+            if held is not None and held.unclaimed:
+                self._end_episode_if_over(time.monotonic())
+
+    def _forget(self, row_id: int) -> None:
+        held = self._held.pop(row_id, None)
+        if held is not None and held.unclaimed:
+            self._end_episode_if_over(time.monotonic())
+
+    def _end_episode_if_over(self, now: float) -> None:
+        if self._episode_start is None or any(h.unclaimed for h in self._held.values()):
+            return
+        log.info("results_claimed", rows=self._claimed_in_episode,
+                 unclaimed_for_s=round(now - self._episode_start, 1))
+        self._episode_start = None

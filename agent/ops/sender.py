@@ -1,0 +1,60 @@
+"""``iomt-agent send``: what a scanner gateway does, publish DICOM files to the site's scan
+topic at QoS 1 and wait for the edge broker's acks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from agent.config import Config
+from agent.log import get_logger
+from agent.transport.mqtt import Connection, Delivery, Verdict
+from agent.transport.topics import Topics
+
+log = get_logger("agent.send")
+
+
+def collect(paths: list[Path]) -> list[Path]:
+    """Files as given, directories by their files (recursively, sorted)."""
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return files
+
+
+def send_files(config: Config, paths: list[Path], source: str, timeout: float) -> bool:
+    """Publish every file; True when the broker took each one for a subscriber."""
+    files = collect(paths)
+    topics = Topics(config.agent.site, config.agent.device_id)
+    conn = Connection(config.edge, f"iomt-{config.agent.site}-sender-{source}", name="edge")
+    conn.start()
+    if not conn.wait_connected(timeout):
+        log.error("edge_broker_unreachable", url=config.edge.url, error=conn.last_error)
+        conn.stop()
+        return False
+    acked = threading.Semaphore(0)
+    refused: list[str] = []
+    unclaimed: list[str] = []
+
+    def done(verdict: Verdict) -> None:
+        if verdict.delivery is Delivery.REFUSED:
+            refused.append(verdict.reason)
+        elif verdict.delivery is Delivery.UNCLAIMED:
+            unclaimed.append(verdict.reason)
+        acked.release()
+
+    topic = topics.scan(source)
+    for f in files:
+        conn.publish(topic, f.read_bytes(), qos=1, on_done=done)
+    complete = all(acked.acquire(timeout=timeout) for _ in files)
+    conn.stop()
+    log.info("sent", files=len(files), topic=str(topic), refused=len(refused),
+             unclaimed=len(unclaimed), complete=complete,
+             note="acked by the edge broker; whether the agent accepts each scan shows in its "
+             "log (scan_rejected) and in `iomt-agent receive` (error_report)")
+    if unclaimed:
+        log.error("scans_unclaimed", files=len(unclaimed), topic=str(topic),
+                  detail="the edge broker had no subscriber for them and discarded them",
+                  fix="start `iomt-agent run` once first (its persistent session makes the "
+                  "broker keep scans for it), then send again")
+    return complete and not refused and not unclaimed
