@@ -120,8 +120,10 @@ class Connection:
         will: Will | None = None,
         on_connected: Callable[[], None] | None = None,
         yield_on_takeover: bool = False,
+        receive_maximum: int | None = None,
     ) -> None:
         self.cfg = cfg
+        self._receive_maximum = receive_maximum  # MQTT 5: unacked messages the broker may send
         self.name = name
         self._subscriptions = subscriptions
         self._on_message_cb = on_message
@@ -176,6 +178,8 @@ class Connection:
             if self._v5:
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = self.cfg.session_expiry_s
+                if self._receive_maximum is not None:
+                    props.ReceiveMaximum = self._receive_maximum
                 self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
                                           clean_start=False, properties=props)
             else:  # 3.1.1: the persistent session comes from clean_session=False

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,11 +50,8 @@ class Driver:
 
     def __init__(self, config: Path) -> None:
         self.agent = Agent(load_config(config), config)
-        self.agent._start_series_stage()
-        self.modeller = threading.Thread(target=self.agent._modeller, daemon=True)
-        self.finisher = threading.Thread(target=self.agent._finisher, daemon=True)
-        self.modeller.start()
-        self.finisher.start()
+        self.agent.prepare()
+        self.agent.stages.start()
 
     def accept(self, payloads: list[bytes]) -> None:
         for p in payloads:
@@ -63,24 +59,21 @@ class Driver:
 
     def one_pass(self) -> None:
         """One turn of the processing loop, committed."""
-        self.agent._process_pending()
-        self.agent._drain_finisher()
+        self.agent.stages.process_pending()
+        self.agent.stages.drain()
 
     def run_until(self, done: int, timeout: float = 20.0) -> None:
         """Process until ``done`` outbox rows exist (or idle timeouts have passed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.agent._process_pending()
-            if (self.agent.store.depths()[1] >= done and self.agent._to_model.empty()
-                    and self.agent._finishing.empty()):
+            self.agent.stages.process_pending()
+            if self.agent.store.depths()[1] >= done and self.agent.stages.idle:
                 break
             time.sleep(0.05)
-        self.agent._drain_finisher()
+        self.agent.stages.drain()
 
     def stop(self) -> list[bytes]:
-        self.agent._to_model.put(None)
-        self.modeller.join(10)
-        self.finisher.join(10)
+        self.agent.stages.stop(timeout=10)
         rows = [r.payload for r in self.agent.store.outbox(limit=1000) if r.kind == "result"]
         self.agent.model.close()
         self.agent.store.close()
@@ -135,7 +128,7 @@ def test_shuffled_duplicated_series_with_a_missing_slice(node: Path, opener) -> 
     d.accept([payloads[i] for i in order])
     d.run_until(N - 1)
     agent = d.agent
-    assert agent.series is not None and agent.series.counts == (0, 0)
+    assert agent.stages.series is not None and agent.stages.series.counts == (0, 0)
     assert agent.store.held_count() == 0  # the series closed: payloads released
     counts = agent.store.counters()
     assert counts.get("duplicates") == 3 and counts.get("processed") == N - 1
@@ -159,7 +152,7 @@ def test_pending_slices_survive_a_restart(node: Path, opener) -> None:  # type: 
     assert held + pending == len(first)  # nothing lost, nothing released early
 
     d = Driver(node)  # a new process on the same state dir
-    assert d.agent.series is not None
+    assert d.agent.stages.series is not None
     d.accept([payloads[i] for i in rest])
     d.run_until(N)
     after = d.stop()
@@ -222,9 +215,8 @@ def test_reload_from_a_2_5d_to_a_2d_model_mid_series(node: Path, opener) -> None
     flat = make_scale_bundle(node.parent.parent / "flat", factor=0.5)
     node.write_text(node.read_text().replace(f'bundle = "{node.parent.parent / "bundle"}"',
                                              f'bundle = "{flat}"'))
-    d.agent._load_candidate()
-    d.agent._finish_reload()
-    assert d.agent.model.bundle.name == "test-scale" and d.agent.series is None
+    d.agent.reload_now()
+    assert d.agent.model.bundle.name == "test-scale" and d.agent.stages.series is None
     assert d.agent.store.held_count() == 0  # nobody's neighbours any more
     d.accept(payloads[5:])
     d.run_until(N)
@@ -240,8 +232,7 @@ def test_a_config_that_no_longer_parses_is_refused_and_named(node: Path) -> None
     d = Driver(node)
     good = node.read_text()
     node.write_text(good.replace("[model]", "[model]\nbakend = 1"))
-    d.agent._load_candidate()
-    d.agent._finish_reload()
+    d.agent.reload_now()
     refused = d.agent.model_refused
     assert refused is not None and refused["config"] == str(node) and "bundle" not in refused
     assert "model.bakend: unknown key" in refused["reason"]

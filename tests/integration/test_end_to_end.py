@@ -165,6 +165,33 @@ def _bad_payloads(tmp: Path) -> dict[str, bytes]:
     }
 
 
+def test_a_full_inbox_holds_scans_with_the_broker_and_loses_none(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
+) -> None:
+    """Scans queued for the agent's session while it was stopped arrive in a burst at the
+    next start; a 1 MiB inbox takes about seven. The rest wait unacked with the broker
+    (paho's network thread is never blocked: the connection stays up) and all 40 results
+    come out."""
+    edge, cloud = brokers
+    config = _init(tmp_path, edge, cloud)
+    config.write_text(config.read_text().replace("inbox_max_bytes = 2147483648",
+                                                 "inbox_max_bytes = 1048576"))
+    first = spawn(["run", "--config", str(config)], tmp_path / "first.log")
+    first.wait_for('"mqtt_connected"', 2)  # the persistent sessions exist
+    assert first.terminate() == 0
+    scans = _series(tmp_path, 40)
+    sent = cli("send", "--config", str(config), str(scans))
+    assert sent.returncode == 0, sent.stderr
+    receiver = _receive(config, tmp_path, 40, timeout=180)
+    agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
+    assert receiver.proc.wait(200) == 0, receiver.text()[-2000:]
+    assert len(receiver.events("result_received")) == 40
+    assert agent.events("inbox_full"), "the burst never filled the 1 MiB inbox"
+    assert agent.events("inbox_accepting")
+    assert len(agent.events("mqtt_connected")) == 2 and not agent.events("mqtt_disconnected")
+    assert agent.terminate() == 0
+
+
 def test_malformed_payloads_go_to_the_error_topic_and_serving_goes_on(
     tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
 ) -> None:

@@ -1,0 +1,97 @@
+"""Scans from the edge broker into the inbox, acked only once they are durable.
+
+``on_message`` runs on paho's network thread, which also answers keepalives, so it never
+waits. A payload over ``limits.max_payload_bytes`` is reported on the error topic and acked.
+When the inbox is at its byte cap the message is not acked: it is held in memory, with every
+later one behind it (PUBACKs go out in the order the PUBLISHes came in), and the broker,
+which gives a client only so many unacked messages (``RECEIVE_MAXIMUM`` on MQTT 5,
+Mosquitto's ``max_inflight_messages`` on 3.1.1), stops sending. The daemon's main loop calls
+``retry`` whenever space may have been freed: held messages are stored and acked in order.
+A held message is never lost: if the agent stops first, the broker still has it unacked and
+delivers it again to the persistent session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from agent.config import LimitsSection
+from agent.daemon.pipeline import error_report
+from agent.daemon.store import Store, StoreFull
+from agent.log import get_logger
+from agent.transport.mqtt import Message
+from agent.transport.topics import Topics
+
+log = get_logger("agent.daemon.ingest")
+
+RECEIVE_MAXIMUM = 16  # unacked scans the edge broker may send us (MQTT 5 CONNECT)
+
+
+class Ingest:
+    """The edge connection's message handler. ``ack`` acknowledges a message to the
+    broker; ``stored`` runs after each scan is in the inbox (it wakes the main loop)."""
+
+    def __init__(self, store: Store, limits: LimitsSection, topics: Topics, *,
+                 ack: Callable[[Message], None], stored: Callable[[], None]) -> None:
+        self._store = store
+        self._limits = limits
+        self._topics = topics
+        self._ack = ack
+        self._stored = stored
+        self._held: deque[Message] = deque()
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        """Messages received but not yet stored (the inbox was full)."""
+        with self._lock:
+            return len(self._held)
+
+    def on_message(self, msg: Message) -> None:
+        """paho's network thread: store and ack, or hold; never waits."""
+        with self._lock:
+            if self._held:  # keep the order: behind the ones already waiting
+                self._held.append(msg)
+                return
+        try:
+            self._store_and_ack(msg)
+        except StoreFull as exc:
+            with self._lock:
+                self._held.append(msg)
+            log.warning("inbox_full", detail=str(exc), held=1,
+                        fix="raise limits.inbox_max_bytes; scans wait with the broker meanwhile")
+
+    def retry(self) -> int:
+        """Store and ack held messages in order while the inbox takes them. Returns how
+        many are still held."""
+        while True:
+            with self._lock:
+                if not self._held:
+                    return 0
+                msg = self._held[0]  # stays visible until acked: on_message queues behind it
+            try:
+                self._store_and_ack(msg)
+            except StoreFull:
+                return self.held
+            with self._lock:
+                self._held.popleft()
+                if not self._held:
+                    log.info("inbox_accepting", note="held scans stored and acked")
+
+    def _store_and_ack(self, msg: Message) -> None:
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        if len(msg.payload) > self._limits.max_payload_bytes:
+            mid, body = error_report(
+                device_id=self._topics.device, reason="payload_too_large",
+                detail=f"{len(msg.payload)} bytes exceeds limits.max_payload_bytes",
+                payload_sha256=digest, source_topic=msg.topic)
+            # An error row goes to the outbox; it is small and never refused for the cap.
+            self._store.complete(None, [("error", mid, str(self._topics.errors), body)],
+                                 "failed")
+        else:
+            self._store.accept(msg.topic, digest, msg.payload)  # raises StoreFull
+        self._ack(msg)
+        self._stored()

@@ -1,0 +1,116 @@
+"""The model reload behind SIGHUP (``systemctl reload``).
+
+A loader thread reads the config again and opens and guards the model it names while the
+current model keeps serving. The daemon's main loop asks ``poll`` once a turn; when the
+loader is done it swaps the new model in between two scans, or reports the refusal
+(``refusal``: the retained status's ``model_refused``, the log, an error report) and goes on
+serving the model it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config, ConfigError, load_config
+from agent.daemon.pipeline import error_report
+from agent.errors import AgentError
+from agent.model.guard import GuardFailed
+from agent.model.serving import ServedModel, load_model
+from agent.transport.topics import Topics
+
+Loaded = ServedModel | Exception
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Reloader:
+    """One reload at a time; a SIGHUP while one runs is kept and served after it."""
+
+    def __init__(self, config: Config, config_path: Path | None,
+                 wake: threading.Event) -> None:
+        self._config = config
+        self._config_path = config_path
+        self._wake = wake
+        self._requested = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._result: Loaded | None = None
+        self.what = ""  # the bundle (or config file) the last reload was about
+
+    def request(self) -> None:
+        """Ask for a reload (safe in a signal handler)."""
+        self._requested.set()
+        self._wake.set()
+
+    @property
+    def pending(self) -> bool:
+        """A reload was asked for and has not started yet."""
+        return self._requested.is_set()
+
+    def poll(self) -> Loaded | None:
+        """Main loop, once a turn: start the loader when a reload was asked for; return its
+        result (the model, or the error that refuses it) once it has finished."""
+        if self._requested.is_set() and self._loader is None:
+            self._requested.clear()
+            self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
+            self._loader.start()
+        if self._loader is not None and not self._loader.is_alive():
+            result, self._result, self._loader = self._result, None, None
+            return result
+        return None
+
+    def load_now(self) -> Loaded:
+        """The same load on the caller's thread."""
+        self._load()
+        result, self._result = self._result, None
+        assert result is not None
+        return result
+
+    def close(self) -> None:
+        """At shutdown: close a model that was loaded but never swapped in (a loader still
+        guarding one is a daemon thread: it goes with the process)."""
+        if self._loader is not None and not self._loader.is_alive() and isinstance(
+                self._result, ServedModel):
+            self._result.close()
+
+    def _load(self) -> None:
+        settings = self._config.model
+        self.what = str(self._config_path)  # until the config has been read
+        try:
+            if self._config_path is not None:
+                settings = load_config(self._config_path).model
+            self.what = str(settings.bundle)
+            self._result = load_model(settings, self._config.agent.state_dir or Path())
+        except AgentError as exc:
+            self._result = exc
+        except Exception as exc:  # a broken bundle must never take the daemon down
+            self._result = AgentError(f"cannot load {settings.bundle}: "
+                                      f"{type(exc).__name__}: {exc}")
+        self._wake.set()
+
+
+def refusal(exc: Exception, what: str, serving: ServedModel,
+            topics: Topics) -> tuple[dict[str, Any], tuple[str, str, str, bytes]]:
+    """What a refused reload leaves behind: the status's ``model_refused`` and the error
+    report's outbox row. A config that does not parse names the config file, not a
+    bundle."""
+    config_broken = isinstance(exc, ConfigError)
+    reason = (exc.report.reason if isinstance(exc, GuardFailed)
+              else f"the config cannot be read: {exc}" if config_broken else str(exc))
+    figures = exc.report.summary() if isinstance(exc, GuardFailed) else {}
+    refused = {("config" if config_broken else "bundle"): what, "reason": reason,
+               "at": now_iso(), **({"guard": figures} if figures else {})}
+    try:
+        marker = (Path(what) if config_broken else Path(what) / "bundle.json").read_bytes()
+    except OSError:
+        marker = what.encode()
+    mid, body = error_report(
+        device_id=topics.device, reason="model_refused",
+        detail=f"{reason} (still serving {serving.bundle.name} {serving.bundle.version})",
+        payload_sha256=hashlib.sha256(marker).hexdigest(), source_topic="model")
+    return refused, ("error", mid, str(topics.errors), body)

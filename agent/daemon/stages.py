@@ -1,0 +1,234 @@
+"""The processing stages between the inbox and the outbox, on three threads.
+
+* the caller's thread (the daemon's main loop) runs ``process_pending``: decode, validate and
+  preprocess each pending scan (for a 2.5D model, series assembly first,
+  ``agent.daemon.stacking``) and hand it to the model thread;
+* the model thread runs the model on each staged input, in order: the runtime releases the
+  GIL, so the model works while the main thread decodes the next scan and the finisher
+  writes the previous one (on 2 cores: the model on one, the rest on the other);
+* the finisher thread derives, seals and commits each result, in order: the inbox row is
+  marked done and the outbox row written in one transaction.
+
+``drain`` waits until everything handed over is committed (before a model swap, so results
+of the old model are committed under its identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.config import SeriesSection
+from agent.daemon.pipeline import Inferred, ModelInput, Outcome, Translator
+from agent.daemon.stacking import SeriesStage
+from agent.daemon.store import Store
+from agent.log import get_logger
+
+log = get_logger("agent.daemon.stages")
+
+MODEL_QUEUE = 2  # staged scans waiting for the model (each holds its input tensor)
+FINISH_QUEUE = 2  # scans between the model and the finisher
+FETCH_BATCH = 8  # inbox rows read per turn of the processing loop
+
+
+def name_thread(name: str) -> None:
+    """Name the calling thread for the OS too (``top -H``, /proc/PID/task/*/comm), so a
+    profile of the daemon shows which stage uses the CPU."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+@dataclass
+class _Job:
+    """One item for the model thread and then the finisher thread, which handle them in
+    order."""
+
+    inbox_id: int | None = None
+    # ModelInput: for the model thread; Inferred: for the finisher; Outcome: a rejection;
+    # None with an inbox id: a duplicate, no output.
+    first: ModelInput | Inferred | Outcome | None = None
+    started: float = 0.0
+    received_at: float = 0.0
+    sha256: str = ""
+    hold: bool = False  # keep the payload: a neighbour for slices still to come (2.5D)
+    release: list[int] = field(default_factory=list)  # held rows nobody needs any more
+    barrier: threading.Event | None = None  # set once every earlier job is committed
+
+
+class Stages:
+    """Decode | model | finish. ``space`` is notified whenever inbox or outbox bytes are
+    freed; ``committed`` runs on the finisher thread after each commit (the daemon kicks
+    the outbox and publishes its status there)."""
+
+    def __init__(self, store: Store, series: SeriesSection, translator: Translator, *,
+                 stop: threading.Event, space: threading.Condition,
+                 beat: Callable[[], None], committed: Callable[[], None]) -> None:
+        self.store = store
+        self.translator = translator
+        self.series: SeriesStage | None = None
+        self.last_latency_ms: float | None = None
+        self._series_settings = series
+        self._stop = stop
+        self._space = space
+        self._beat = beat
+        self._committed = committed
+        self._last_fetched = 0  # inbox rows up to here are in the later stages' hands
+        self._to_model: queue.Queue[_Job | None] = queue.Queue(maxsize=MODEL_QUEUE)
+        self._finishing: queue.Queue[_Job | None] = queue.Queue(maxsize=FINISH_QUEUE)
+        self._threads = [threading.Thread(target=self._modeller, name="model", daemon=True),
+                         threading.Thread(target=self._finisher, name="finisher", daemon=True)]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def serve(self, translator: Translator, context_slices: int) -> None:
+        """Serve through ``translator`` from now on (at start, and after a swap once
+        ``drain`` has returned). A 2.5D model gets its series assembly, rebuilt from the
+        inbox (held rows are the neighbours already processed)."""
+        self.translator = translator
+        self._last_fetched = 0  # pending rows are (re)admitted under the current model
+        if context_slices == 0:
+            self.series = None
+            self.store.release_held()  # held for an earlier 2.5D model: nobody's neighbours
+            return
+        s = self._series_settings
+        self.series = SeriesStage(translator, self.store, s)
+        reloaded = self.series.reload(time.monotonic(), self._beat)
+        log.info("series_assembly", context_slices=context_slices, held_reloaded=reloaded,
+                 idle_timeout_s=s.idle_timeout_s, max_open=s.max_open, max_slices=s.max_slices)
+
+    def start(self) -> None:
+        """Start the model and finisher threads."""
+        for thread in self._threads:
+            thread.start()
+
+    def drain(self) -> None:
+        """Wait until every job handed to the model thread so far is committed."""
+        done = threading.Event()
+        self._to_model.put(_Job(barrier=done))  # through the model thread, then the finisher
+        while not done.wait(1.0):
+            self._beat()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued between the stages."""
+        return self._to_model.empty() and self._finishing.empty()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the jobs already handed over (at most MODEL_QUEUE + 1 are run, finished
+        and committed; the rest stay pending in the inbox for the next start)."""
+        self._to_model.put(None)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
+
+    # -- the caller's thread -------------------------------------------------------------
+    def process_pending(self) -> bool:
+        """Decode, validate and preprocess every pending scan and hand each to the model
+        thread. Returns whether there was anything to do."""
+        items = self.store.pending(after_id=self._last_fetched, limit=FETCH_BATCH)
+        for item in items:
+            self._beat()
+            if self._stop.is_set():
+                return True
+            self._wait_for_outbox_room()
+            job = _Job(item.id, None, time.perf_counter(), item.received_at, item.sha256)
+            if self.series is None:
+                job.first = self.translator.stage(item.payload, item.topic, item.sha256)
+                self._to_model.put(job)  # blocks when the model lags
+            else:
+                admitted = self.series.admit(item, time.monotonic())
+                if admitted.outcome is not None or admitted.duplicate:
+                    job.first = admitted.outcome
+                    self._to_model.put(job)
+            self._last_fetched = item.id
+        busy = bool(items)
+        if self.series is not None:
+            # A full batch means more rows wait unread: no series may close for idleness
+            # while its next slice may be among them.
+            busy = self._process_series(allow_idle=len(items) < FETCH_BATCH) or busy
+        return busy
+
+    def _wait_for_outbox_room(self) -> None:
+        while self.store.outbox_full() and not self._stop.is_set():
+            self._beat()  # waiting for the cloud is not a hang
+            log.warning("outbox_full", fix="the cloud broker is not taking results")
+            with self._space:
+                self._space.wait(5.0)
+
+    def _process_series(self, *, allow_idle: bool) -> bool:
+        """2.5D: stage every slice whose neighbours are present (or whose series closed)."""
+        assert self.series is not None
+        busy = False
+        for result in self.series.ready(time.monotonic(), allow_idle=allow_idle):
+            self._beat()
+            self._wait_for_outbox_room()
+            item = result.item
+            self._to_model.put(_Job(item.id, result.first, result.started, item.received_at,
+                                    item.sha256, hold=True))
+            busy = True
+        released = self.series.finished()
+        if released:  # behind the results of those slices, so released once they are stored
+            self._to_model.put(_Job(release=released))
+        return busy
+
+    # -- the model thread ----------------------------------------------------------------
+    def _modeller(self) -> None:
+        """The model on each staged scan, in order; every job goes on to the finisher (the
+        stop marker too, after the jobs before it)."""
+        name_thread("model")
+        while True:
+            job = self._to_model.get()
+            if job is not None and isinstance(job.first, ModelInput):
+                job.first = self.translator.run_model(job.first)
+            self._finishing.put(job)  # blocks when the finisher lags
+            if job is None:
+                return
+
+    # -- the finisher thread -------------------------------------------------------------
+    def _finisher(self) -> None:
+        """Derive, seal and commit, one scan at a time, in order."""
+        name_thread("finisher")
+        while True:
+            job = self._finishing.get()
+            if job is None:
+                return
+            if job.barrier is not None:
+                job.barrier.set()
+            elif job.release:
+                self.store.release(job.release)
+                self._freed()
+            elif job.first is None:  # the same instance is already being assembled
+                self.store.complete(job.inbox_id, [], "duplicates")
+            else:
+                self._commit(job)
+
+    def _freed(self) -> None:
+        with self._space:
+            self._space.notify_all()
+
+    def _commit(self, job: _Job) -> None:
+        first = job.first
+        assert first is not None and not isinstance(first, ModelInput), "the model ran it"
+        outcome = first if isinstance(first, Outcome) else self.translator.finish(first)
+        self.store.complete(job.inbox_id,
+                            [(outcome.kind, outcome.message_id, outcome.topic, outcome.payload)],
+                            outcome.counter, hold=job.hold)
+        self._freed()
+        total_ms = round((time.perf_counter() - job.started) * 1000, 3)
+        queued_ms = round((time.time() - job.received_at) * 1000, 1)
+        if outcome.ok:
+            self.last_latency_ms = total_ms
+            log.info("slice_processed", message_id=outcome.message_id,
+                     series=outcome.series_key, stages_ms=outcome.timings_ms,
+                     total_ms=total_ms, since_received_ms=queued_ms,
+                     bytes_out=len(outcome.payload))
+        else:
+            log.warning("scan_rejected", reason=outcome.reason, detail=outcome.detail,
+                        payload_sha256=job.sha256, message_id=outcome.message_id)
+        self._committed()

@@ -1,0 +1,103 @@
+"""Ingest on a real SQLite inbox: store then ack, never wait on a full inbox, ack in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import LimitsSection
+from agent.daemon.ingest import Ingest
+from agent.daemon.store import Store
+from agent.transport.mqtt import Message
+from agent.transport.topics import Topics
+
+TOPIC = "iomt/site-1/scans/gw"
+SCAN = 400_000  # bytes: a 1 MiB inbox takes two
+
+
+def _msg(mid: int, size: int = SCAN) -> Message:
+    return Message(TOPIC, bytes([mid % 256]) * size, 1, mid, False, False)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "agent.db", inbox_max_bytes=1 << 20, outbox_max_bytes=1 << 20)
+
+
+def _ingest(store: Store, acked: list[int], limits: LimitsSection | None = None) -> Ingest:
+    return Ingest(store, limits or LimitsSection(), Topics("site-1", "edge-1"),
+                  ack=lambda m: acked.append(m.mid), stored=lambda: None)
+
+
+def test_each_scan_is_stored_before_it_is_acked(store: Store) -> None:
+    acked: list[int] = []
+    seen: list[int] = []
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
+                    ack=lambda m: (seen.append(len(store.pending(limit=10))), acked.append(m.mid)),
+                    stored=lambda: None)
+    ingest.on_message(_msg(1))
+    ingest.on_message(_msg(2))
+    assert acked == [1, 2] and seen == [1, 2]
+
+
+def test_a_full_inbox_holds_messages_without_waiting_and_acks_them_in_order(
+    store: Store,
+) -> None:
+    acked: list[int] = []
+    ingest = _ingest(store, acked)
+    start = time.monotonic()
+    for mid in range(1, 7):
+        ingest.on_message(_msg(mid))
+    assert time.monotonic() - start < 1.0  # the network thread never waited
+    assert acked == [1, 2] and ingest.held == 4
+    # A small message that would fit still waits behind the held ones (PUBACK order).
+    ingest.on_message(_msg(7, size=10))
+    assert acked == [1, 2] and ingest.held == 5
+    assert ingest.retry() == 5  # nothing freed yet
+
+    for item in store.pending(limit=10):
+        store.complete(item.id, [], "processed")
+    assert ingest.retry() == 3 and acked == [1, 2, 3, 4]
+    for item in store.pending(limit=10):
+        store.complete(item.id, [], "processed")
+    assert ingest.retry() == 0 and acked == [1, 2, 3, 4, 5, 6, 7]  # the small one fits too
+    assert ingest.held == 0
+
+
+def test_messages_arriving_while_held_ones_drain_keep_their_order(store: Store) -> None:
+    acked: list[int] = []
+    ingest = _ingest(store, acked)
+    for mid in range(1, 5):
+        ingest.on_message(_msg(mid))
+    stop = threading.Event()
+
+    def worker() -> None:  # the processing loop, freeing the inbox as it goes
+        while not stop.is_set():
+            for item in store.pending(limit=10):
+                store.complete(item.id, [], "processed")
+            ingest.retry()
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for mid in range(5, 41):  # the network thread meanwhile
+        ingest.on_message(_msg(mid, size=SCAN // 4))
+        time.sleep(0.0005)
+    deadline = time.monotonic() + 10
+    while (ingest.held or len(acked) < 40) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join()
+    assert acked == list(range(1, 41))
+
+
+def test_an_oversized_payload_is_reported_and_acked(store: Store) -> None:
+    acked: list[int] = []
+    ingest = _ingest(store, acked, LimitsSection(max_payload_bytes=1024))
+    ingest.on_message(_msg(1, size=2048))
+    assert acked == [1] and store.pending(limit=10) == []
+    (row,) = store.outbox(limit=10)
+    assert row.kind == "error" and b'"reason":"payload_too_large"' in row.payload
