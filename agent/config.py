@@ -281,6 +281,17 @@ class Config(Strict):
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
     )
 
+    def client_id(self, role: str) -> str:
+        """The MQTT client id of a connection, the key of its persistent session: the
+        config's ``<role>.client_id`` or ``iomt-{site}-{device}-{role}`` (``edge``,
+        ``cloud``); for ``receiver``, ``receiver.client_id`` or
+        ``iomt-{site}-cloud-receiver``."""
+        if role == "receiver":
+            chosen = self.receiver.client_id if self.receiver else None
+            return chosen or f"iomt-{self.agent.site}-cloud-receiver"
+        broker: BrokerConfig = getattr(self, role)
+        return broker.client_id or f"iomt-{self.agent.site}-{self.agent.device_id}-{role}"
+
     def resolve(self, base: Path) -> Config:
         """Return a copy whose relative paths are taken relative to ``base``."""
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from agent.model.fidelity import data_range, worst_psnr
+
 Floats = npt.NDArray[np.float32]
 WARMUP_RUNS = 2
 
@@ -91,10 +93,6 @@ def items(x: Floats, n: int) -> Floats:
     return np.ascontiguousarray(x[np.arange(n) % len(x)])
 
 
-def _psnr(mse: float, data_range: float) -> float:
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
 def fidelity(outputs: Floats, reference: Floats, label: str) -> Fidelity:
     """Compare outputs [N, ...] with reference outputs of the same shape (guard convention,
     see the module docstring). Non-finite outputs give -inf dB."""
@@ -103,14 +101,10 @@ def fidelity(outputs: Floats, reference: Floats, label: str) -> Fidelity:
                          f"{list(reference.shape)}")
     ref = reference.astype(np.float64)
     got = outputs.astype(np.float64)
-    data_range = float(ref.max() - min(0.0, float(ref.min())))
-    if not math.isfinite(data_range) or data_range <= 0:
-        data_range = 1.0
+    span = data_range(ref)
     if not np.all(np.isfinite(got)):
-        return Fidelity(-math.inf, -math.inf, math.inf, data_range, label)
-    err = got - ref
-    pooled = _psnr(float(np.mean(err**2)), data_range)
-    per_input = [_psnr(float(np.mean(err[i] ** 2)), data_range) for i in range(len(err))]
-    return Fidelity(psnr_db=pooled, worst_psnr_db=min(pooled, *per_input),
-                    max_abs_error=float(np.max(np.abs(err))), data_range=data_range,
+        return Fidelity(-math.inf, -math.inf, math.inf, span, label)
+    pooled, worst = worst_psnr(got, ref, span)
+    return Fidelity(psnr_db=pooled, worst_psnr_db=worst,
+                    max_abs_error=float(np.max(np.abs(got - ref))), data_range=span,
                     reference=label)

@@ -191,11 +191,6 @@ def _cannot_write(exc: OSError) -> bool:
     return False
 
 
-def client_id_of(config: Config) -> str:
-    rcfg = config.receiver
-    return rcfg.client_id if rcfg and rcfg.client_id else f"iomt-{config.agent.site}-cloud-receiver"
-
-
 def receive(
     config: Config, out_dir: Path, *, count: int | None, timeout: float | None,
     errors: bool = True, stop: threading.Event | None = None,
@@ -214,7 +209,7 @@ def receive(
         if handler(msg):
             conn.ack(msg)
 
-    client_id = client_id_of(config)
+    client_id = config.client_id("receiver")
     conn = Connection(config.cloud, client_id, name="cloud", manual_ack=True,
                       subscriptions=(results, reports) if errors else (results,),
                       on_message=on_message, yield_on_takeover=True)

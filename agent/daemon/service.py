@@ -94,7 +94,7 @@ class Agent:
         will = Will(self.topics.status, offline)
         self.edge = Connection(
             config.edge,
-            config.edge.client_id or f"iomt-{a.site}-{a.device_id}-edge",
+            config.client_id("edge"),
             name="edge",
             subscriptions=(self.topics.scans_filter(shared=a.shared_subscription),),
             on_message=self._on_scan,
@@ -106,7 +106,7 @@ class Agent:
                              stored=self._stored)
         self.cloud = Connection(
             config.cloud,
-            config.cloud.client_id or f"iomt-{a.site}-{a.device_id}-cloud",
+            config.client_id("cloud"),
             name="cloud",
             will=will,
             on_connected=self._kick.set,

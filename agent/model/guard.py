@@ -42,6 +42,8 @@ import numpy.typing as npt
 
 from agent.backends import BackendError, ModelRunner, RunnerOptions, open_runner
 from agent.model.bundle import BundleError, ModelBundle, load_bundle
+from agent.model.fidelity import data_range as golden_range
+from agent.model.fidelity import psnr_from_mse, ssim
 from agent.model.guard_cause import FLOAT_PRECISIONS, diagnose, format_db
 
 __all__ = ["FLOAT_PRECISIONS", "GoldenFigures", "GuardFailed", "GuardReport", "check_guard",
@@ -158,41 +160,6 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-def _psnr(mse: float, data_range: float) -> float:
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
-def _blur(image: Floats, kernel: Floats) -> Floats:
-    """Separable 'same' convolution with zero padding over the last two axes."""
-    pad = len(kernel) // 2
-    out = image
-    for axis in (-2, -1):
-        widths = [(0, 0)] * out.ndim
-        widths[axis] = (pad, pad)
-        padded = np.pad(out, widths)
-        n = out.shape[axis]
-        acc = np.zeros_like(out)
-        for j, w in enumerate(kernel):
-            acc += w * np.take(padded, np.arange(j, j + n), axis=axis)
-        out = acc
-    return out
-
-
-def _ssim(pred: Floats, ref: Floats, data_range: float) -> float:
-    """Mean SSIM (Wang et al. 2004) over [..., H, W]."""
-    x = np.arange(11, dtype=np.float64) - 5
-    kernel = np.exp(-(x**2) / (2 * 1.5**2))
-    kernel /= kernel.sum()
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = _blur(pred, kernel), _blur(ref, kernel)
-    sxx = _blur(pred * pred, kernel) - mx * mx
-    syy = _blur(ref * ref, kernel) - my * my
-    sxy = _blur(pred * ref, kernel) - mx * my
-    num = (2 * mx * my + c1) * (2 * sxy + c2)
-    den = (mx * mx + my * my + c1) * (sxx + syy + c2)
-    return float(np.mean(num / den))
-
-
 RUNTIME_FIX = 'serve it on another runtime or set model.backend = "auto"'
 
 
@@ -253,9 +220,7 @@ def run_guard(bundle: ModelBundle, runner: ModelRunner, *,
     floor = bundle.golden.min_psnr_db
     base["min_psnr_db"] = floor
     ref64 = ref.astype(np.float64)
-    data_range = float(ref64.max() - min(0.0, float(ref64.min())))
-    if not math.isfinite(data_range) or data_range <= 0:
-        data_range = 1.0
+    data_range = golden_range(ref64)
     base["data_range"] = data_range
     try:
         runner.run(x[:1])  # warm-up: first-run allocations are not the model's latency
@@ -286,15 +251,15 @@ def run_guard(bundle: ModelBundle, runner: ModelRunner, *,
     per_input = tuple(
         GoldenFigures(
             index=i,
-            psnr_db=_psnr(float(np.mean(err[i] ** 2)), data_range),
+            psnr_db=psnr_from_mse(float(np.mean(err[i] ** 2)), data_range),
             mae=float(np.mean(np.abs(err[i]))),
             max_abs_error=float(np.max(np.abs(err[i]))),
-            ssim=_ssim(got[i], ref64[i], data_range),
+            ssim=ssim(got[i], ref64[i], data_range),
             latency_ms=latencies[i],
         )
         for i in range(len(x))
     )
-    pooled = _psnr(float(np.mean(err**2)), data_range)
+    pooled = psnr_from_mse(float(np.mean(err**2)), data_range)
     worst = min(pooled, *(g.psnr_db for g in per_input))
     weakest = min(per_input, key=lambda g: g.psnr_db)
     figures: dict[str, Any] = {

@@ -14,7 +14,6 @@ knocking the other client off in turn.
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import BrokerConfig
 from agent.errors import AgentError
 from agent.log import get_logger
+from agent.transport.tls import client_context
 from agent.transport.topics import Topic
 
 log = get_logger("agent.transport.mqtt")
@@ -56,6 +56,14 @@ class Message:
     mid: int
     retain: bool
     dup: bool
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused CONNECT: the CONNACK's reason code and its text."""
+
+    code: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,9 @@ class Connection:
         self._fire_and_forget: set[int] = set()
         self._pending_lock = threading.Lock()
         self.last_error: str | None = None
+        # The broker's refusal of our CONNECT, kept until a CONNECT succeeds: the disconnect
+        # that follows a refusal would overwrite last_error with a less telling reason.
+        self.refusal: Refusal | None = None
         self.client_id = client_id
         self._yield_on_takeover = yield_on_takeover
         self._taken_over = threading.Event()
@@ -156,13 +167,7 @@ class Connection:
                 password = cfg.password_file.read_text(encoding="utf-8").strip()
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls:
-            self.client.tls_set(
-                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                keyfile=str(cfg.key_file) if cfg.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            self.client.tls_set_context(client_context(cfg))
         if will is not None:
             self.client.will_set(str(will.topic), will.payload, qos=1, retain=will.retain)
         self.client.on_connect = self._on_connect
@@ -260,9 +265,12 @@ class Connection:
     ) -> None:
         if reason.is_failure:
             self.last_error = f"connection refused: {reason}"
+            if self.refusal is None:
+                self.refusal = Refusal(int(reason.value), str(reason))
             log.warning("mqtt_connect_refused", broker=self.name, url=self.cfg.url,
-                        reason=str(reason), fix=_connect_hint(reason))
+                        reason=str(reason), fix=connect_hint(int(reason.value)))
             return
+        self.refusal = None
         log.info("mqtt_connected", broker=self.name, url=self.cfg.url,
                  session_present=bool(flags.session_present))
         for topic in self._subscriptions:
@@ -346,12 +354,21 @@ def _ignore(_verdict: Verdict) -> None:
     return None
 
 
-def _connect_hint(reason: ReasonCode) -> str:
-    text = str(reason).lower()
-    if "not authorized" in text or "bad user" in text or "username" in text:
-        return "check username / password_file for this broker"
-    if "protocol" in text:
-        return 'the broker may not speak MQTT v5: set protocol = "3.1.1" for it'
-    if "identifier" in text:
-        return "client_id rejected: use a shorter id of letters and digits"
+# CONNACK reason codes (MQTT 5; paho maps 3.1.1's return codes onto the same ones).
+_CREDENTIALS = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized,
+# bad authentication method
+_PROTOCOL = 0x84  # unsupported protocol version
+_CLIENT_ID = 0x85  # client identifier not valid
+
+
+def connect_hint(code: int, key: str = "this broker's") -> str:
+    """What to fix for a refused CONNECT (``code``: its reason code); ``key`` names the
+    config section (``edge``, ``cloud``) in the sentence."""
+    section = f"{key}." if key.isidentifier() else f"{key} "
+    if code in _CREDENTIALS:
+        return f"check {section}username and {section}password_file (and the broker's ACL)"
+    if code == _PROTOCOL:
+        return f'the broker may not speak MQTT 5: set {section}protocol = "3.1.1"'
+    if code == _CLIENT_ID:
+        return f"the broker refused the client id: check {section}client_id and its rules"
     return "see the broker's log"
