@@ -15,7 +15,7 @@ BUNDLE_NAME = "t1w-to-t2w-lite"
 
 def default_bundle() -> Path | None:
     """The reference bundle of a source checkout or editable install, if there is one."""
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
         candidate = base / "models" / BUNDLE_NAME
         if (candidate / "bundle.json").is_file():
             return candidate

@@ -73,15 +73,20 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path, protocol: str) -> None:
     (tmp_path / ".venv").symlink_to(venv)  # the block starts at the top of a clone
     (tmp_path / "walkthrough.sh").write_text(script)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "walkthrough.sh"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:  # the brokers and the agent are its jobs: stop whatever is left of them
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+    # Output to a file, not a pipe: the brokers it starts in the background would hold a
+    # pipe open, so a block that fails early would only be noticed at the timeout.
+    output = tmp_path / "walkthrough.out"
+    with output.open("w") as sink:
+        proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "walkthrough.sh"],
+                                cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        finally:  # the brokers and the agent are its jobs: stop whatever is left of them
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+    out = output.read_text(errors="replace")
     try_dir = tmp_path / "try"
     log = try_dir / "node1" / "agent.log"
     detail = out + "\n--- agent.log:\n" + (log.read_text() if log.exists() else "")

@@ -130,3 +130,14 @@ def test_missing_bundle_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(FileNotFoundError, match="--bundle"):
         write_directory(_opts(tmp_path / "node", None))  # type: ignore[arg-type]
     assert not (tmp_path / "node").exists()
+
+
+def test_the_reference_bundle_is_found_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.ops.scaffold import default_bundle
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: found beside the package
+    found = default_bundle()
+    assert found is not None and (found / "bundle.json").is_file()
+    assert found.name == "t1w-to-t2w-lite"
