@@ -107,10 +107,8 @@ def _run(args: argparse.Namespace, stop: StopSignals) -> int:
     configure()  # until the config says otherwise: a stop while loading it is logged
     config = _load(args.config)
     configure(config.log.level, config.log.format)
-    from agent.backends import BackendError
-    from agent.crypto.keys import KeyFileError
     from agent.daemon.service import Agent
-    from agent.model.bundle import BundleError
+    from agent.errors import AgentError
     from agent.model.guard import GuardFailed
 
     log = get_logger("agent.cli")
@@ -122,7 +120,7 @@ def _run(args: argparse.Namespace, stop: StopSignals) -> int:
                           "verify BUNDLE --runtime R` prints the figures")
         log.error("model_refused", model=exc.report.bundle, **summary)
         return EXIT_CONFIG
-    except (BundleError, KeyFileError, BackendError) as exc:
+    except AgentError as exc:  # a bundle, key file or runtime that cannot serve
         log.error("cannot_start", error=str(exc))
         return EXIT_CONFIG
     agent.install_signal_handlers()  # from here on a stop signal is the agent's clean stop
@@ -148,8 +146,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     with StopSignals() as stop:
         try:
             from agent.cloud.consumer import receive, report
-            from agent.config import ConfigError
-            from agent.crypto.keys import KeyFileError
+            from agent.errors import AgentError
             from agent.log import configure, get_logger
 
             config = _load(args.config)
@@ -158,7 +155,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
             try:
                 summary = receive(config, Path(args.out), count=args.count,
                                   timeout=args.timeout, errors=args.errors, stop=stop.event)
-            except (KeyFileError, ConfigError) as exc:
+            except AgentError as exc:  # key files, the receiver section
                 get_logger("agent.receive").error("cannot_receive", error=str(exc))
                 return EXIT_CONFIG
             summary.signal_name = stop.signal_name

@@ -13,13 +13,12 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
-    from agent.backends import BackendError
-    from agent.model.bundle import BundleError
+    from agent.errors import AgentError
     from agent.model.guard import report_json, verify_bundle
 
     try:
         report = verify_bundle(args.bundle, runtime=args.runtime, intra_op_threads=args.threads)
-    except (BundleError, BackendError) as exc:
+    except AgentError as exc:  # the bundle or the runtime
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(report_json(report) if args.json else report.render())

@@ -1,12 +1,21 @@
 """``iomt-agent model quantize``: an operator's float ONNX model, calibrated on their DICOMs,
 becomes a complete int8 bundle (golden set, report, model card) that the agent's guard
-passes. ``run.py`` wires the steps; see ``docs/quantize.md``.
+passes. See ``docs/quantize.md``.
 
-Modules: ``inputs`` (DICOMs -> model inputs, split), ``graph`` (model vs contract, GMAC),
-``cpu`` (reduce_range), ``qdq`` (onnxruntime quantization), ``session`` (options, judging a
-candidate with the guard), ``sensitivity`` (per-layer error), ``writer`` (staged bundle,
-final checks), ``report`` (bundle.json, model card, table), ``tflite`` (optional LiteRT
-export), ``progress`` (stderr progress).
+| module | job |
+|---|---|
+| ``run`` | wires the steps |
+| ``inputs`` | DICOMs -> model inputs, split into calibration and golden |
+| ``graph`` | the model against the contract; GMAC |
+| ``cpu`` | ``reduce_range`` or not, for the CPUs that will serve it |
+| ``qdq`` | onnxruntime's static QDQ quantization |
+| ``session`` | options; a candidate judged with the guard |
+| ``sensitivity`` | per-layer error; which nodes stay float |
+| ``writer`` | the staged bundle and its final checks |
+| ``report`` | bundle.json, model card, the table |
+| ``tflite`` | optional LiteRT export |
+| ``progress`` | progress on stderr |
+| ``errors`` | what it fails with, by exit status |
 """
 
 from agent.quantize.errors import BadInput, FloorNotReached, QuantizeError
