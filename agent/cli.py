@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
+from agent.cli_certs import add_certs_parser
 from agent.cli_model import (
     add_quantize_parser,
     cmd_bench,
@@ -39,19 +40,43 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _with_identity(config: Config, role: str, args: argparse.Namespace) -> Config:
+    """The config with ``--cert``/``--key`` as ``role``'s client certificate: ``send`` as the
+    scanner gateway, ``receive`` as the cloud consumer, where the brokers' ACLs say who may
+    publish scans and read results."""
+    if not args.cert:
+        return config
+    broker = getattr(config, role).model_copy(update={
+        "cert_file": Path(args.cert).resolve(),
+        "key_file": Path(args.key).resolve() if args.key else None})
+    return config.model_copy(update={role: broker})
+
+
+def _identity_flags(s: argparse.ArgumentParser, who: str) -> None:
+    s.add_argument("--cert", help=f"client certificate (PEM) for mutual TLS, e.g. {who}'s; "
+                   "default: the config's")
+    s.add_argument("--key", help="its private key (default: in the --cert file)")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from agent.config import ConfigError
     from agent.model.bundle import BundleError
+    from agent.ops.certs import PkiError
     from agent.ops.scaffold import InitOptions, write_directory
 
+    if args.certs is None and not (args.edge_url and args.cloud_url):
+        print("error: give --edge-url and --cloud-url (or --certs DIR)", file=sys.stderr)
+        return EXIT_CONFIG
+    pki = args.certs is not None  # with a PKI, site and device default to its own
     try:
         path = write_directory(
             InitOptions(
                 directory=Path(args.dir),
-                edge_url=args.edge_url,
-                cloud_url=args.cloud_url,
-                site=args.site,
-                device_id=args.device_id,
+                edge_url=args.edge_url or "",
+                cloud_url=args.cloud_url or "",
+                site=args.site or ("" if pki else "site-1"),
+                device_id=args.device_id or ("" if pki else "edge-1"),
+                certs=Path(args.certs) if pki else None,
                 bundle=Path(args.bundle) if args.bundle else None,
                 protocol=args.protocol,
                 recipient_kind=args.recipient_kind,
@@ -60,6 +85,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    except PkiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (FileExistsError, FileNotFoundError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -132,7 +160,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from agent.log import configure
     from agent.ops.sender import send_files
 
-    config = _load(args.config)
+    config = _with_identity(_load(args.config), "edge", args)
     configure(config.log.level, config.log.format)
     paths = [Path(item) for item in args.paths]
     for p in paths:
@@ -149,7 +177,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
             from agent.errors import AgentError
             from agent.log import configure, get_logger
 
-            config = _load(args.config)
+            config = _with_identity(_load(args.config), "cloud", args)
             configure(config.log.level, config.log.format)
             stop.ready()
             try:
@@ -220,12 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")
     s.add_argument("dir", help="directory to create")
-    s.add_argument("--edge-url", required=True,
+    s.add_argument("--edge-url",
                    help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
-    s.add_argument("--cloud-url", required=True,
+    s.add_argument("--cloud-url",
                    help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
-    s.add_argument("--site", default="site-1", help="site id (one topic level)")
-    s.add_argument("--device-id", default="edge-1", help="device id (one topic level)")
+    s.add_argument("--certs", metavar="PKI_DIR", help="use the mutual-TLS PKI of `certs init`: "
+                   "mqtts://localhost on its ports unless the URLs are given, its CA, the "
+                   "device's certificate and key")
+    s.add_argument("--site", help="site id (one topic level; default site-1 or the PKI's)")
+    s.add_argument("--device-id", help="device id (default edge-1 or the PKI's first)")
     s.add_argument("--bundle", help="model bundle directory (default: models/t1w-to-t2w-lite)")
     s.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     s.add_argument("--recipient-kind", choices=["mlkem768-x25519", "x25519"],
@@ -242,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="DICOM files or directories")
     s.add_argument("--source", default="gateway", help="last topic level (scanner/gateway name)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    _identity_flags(s, "the scanner gateway")
     s.set_defaults(func=cmd_send)
 
     s = sub.add_parser("receive", help="the cloud consumer: verify, decrypt and file results")
@@ -253,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
     s.add_argument("--no-errors", dest="errors", action="store_false",
                    help="do not subscribe to the agents' error reports (shown by default)")
+    _identity_flags(s, "the cloud consumer")
     s.set_defaults(func=cmd_receive)
 
     s = sub.add_parser("config", help="configuration tools")
@@ -310,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(overrides --runs and --throughput-runs)")
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     s.set_defaults(func=cmd_bench)
+
+    add_certs_parser(sub)
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")

@@ -81,7 +81,8 @@ def _mqtt_connect(role: str, cfg: BrokerConfig, client_id: str, timeout: float,
         connected, error, refusal = False, str(exc), None
     finally:
         conn.stop()
-    who = f"as {cfg.username!r}" if cfg.username else "anonymously"
+    who = (f"as {cfg.username!r}" if cfg.username
+           else "with the client certificate" if cfg.cert_file else "anonymously")
     if connected:
         return ok("broker", subject, f"{detail}; MQTT {cfg.protocol} CONNECT accepted {who}")
     if error:

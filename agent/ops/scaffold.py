@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.config import parse_config
@@ -36,11 +36,15 @@ def check_bundle(bundle: Path) -> None:
 
 @dataclass(frozen=True)
 class InitOptions:
+    """``edge_url``/``cloud_url`` may be empty with ``certs``: then ``mqtts://localhost`` on
+    the PKI's ports. With ``certs``, an empty ``site``/``device_id`` is taken from the PKI."""
+
     directory: Path
     edge_url: str
     cloud_url: str
     site: str = "site-1"
     device_id: str = "edge-1"
+    certs: Path | None = None
     bundle: Path | None = None
     protocol: str = "5"
     recipient_kind: keys.RecipientKind = keys.DEFAULT_RECIPIENT_KIND
@@ -59,11 +63,11 @@ state_dir = "state"
 [edge]            # where scanner gateways publish DICOM scans
 url = "{edge_url}"
 protocol = "{protocol}"
-
+{edge_tls}
 [cloud]           # where sealed results go
 url = "{cloud_url}"
 protocol = "{protocol}"
-
+{cloud_tls}
 [model]
 bundle = "{bundle}"
 backend = "auto"                 # the fastest runtime x precision that passes the guard
@@ -93,8 +97,49 @@ trusted_devices = {{ "{device_id}" = "keys/device-signing.pub" }}
 """
 
 
+def with_pki(opts: InitOptions) -> tuple[InitOptions, str]:
+    """``opts`` completed from the PKI of ``opts.certs`` (site, device, URLs), and the TLS
+    lines of a broker section (the device's certificate); ``PkiError`` names what does not
+    match."""
+    from agent.ops.certs import PkiError, read_manifest
+
+    assert opts.certs is not None
+    root = opts.certs.resolve()
+    pki = read_manifest(root)
+    site = opts.site or str(pki["site"])
+    devices = [str(d) for d in pki["devices"]]  # type: ignore[attr-defined]
+    device = opts.device_id or devices[0]
+    if site != pki["site"]:
+        raise PkiError(f"--site {site}: the PKI in {root} is for site {pki['site']}")
+    if device not in devices:
+        raise PkiError(f"--device-id {device}: the PKI in {root} has certificates for "
+                       f"{', '.join(devices)} (add it: certs init --force ... --device-id)")
+    ports: dict[str, int] = pki["ports"]  # type: ignore[assignment]
+    urls = {role: getattr(opts, f"{role}_url") or f"mqtts://localhost:{ports[role]}"
+            for role in ("edge", "cloud")}
+    for role, url in urls.items():
+        if not url.startswith("mqtts://"):
+            raise PkiError(f"--{role}-url {url}: with --certs the brokers speak TLS only; "
+                           "use mqtts://")
+    q = _quote
+    tls = (f'ca_file = "{q(str(root / str(pki["ca"])))}"\n'
+           f'cert_file = "{q(str(root / "clients" / f"device-{device}.pem"))}"\n'
+           f'key_file = "{q(str(root / "clients" / f"device-{device}.key"))}"\n')
+    done = replace(opts, site=site, device_id=device, edge_url=urls["edge"],
+                   cloud_url=urls["cloud"])
+    return done, tls
+
+
+def _quote(value: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes; the template adds the quotes.
+    return json.dumps(value)[1:-1]
+
+
 def write_directory(opts: InitOptions) -> Path:
     """Create the directory; returns the config path. Refuses to overwrite without force."""
+    tls = ""
+    if opts.certs is not None:
+        opts, tls = with_pki(opts)
     bundle = opts.bundle or default_bundle()
     if bundle is None:
         raise FileNotFoundError(
@@ -104,11 +149,10 @@ def write_directory(opts: InitOptions) -> Path:
     config_path = opts.directory / "agent.toml"
     if config_path.exists() and not opts.force:
         raise FileExistsError(f"{config_path} exists; pass --force to overwrite it")
-    # JSON string escapes are valid TOML basic-string escapes; the template adds the quotes.
-    def q(value: str) -> str:
-        return json.dumps(value)[1:-1]
-
+    q = _quote
     text = TEMPLATE.format(
+        edge_tls=tls,
+        cloud_tls=tls,
         site=q(opts.site),
         device_id=q(opts.device_id),
         edge_url=q(opts.edge_url),

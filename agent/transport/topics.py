@@ -100,6 +100,11 @@ class Topics:
         device = "+" if all_devices else self.device
         return Topic(f"iomt/{self.site}/{device}/errors", filter=True)
 
+    def status_filter(self, all_devices: bool = True) -> Topic:
+        """Every device's retained status at this site (the cloud consumer, the operator)."""
+        device = "+" if all_devices else self.device
+        return Topic(f"iomt/{self.site}/{device}/status", filter=True)
+
     @property
     def status(self) -> Topic:
         return Topic(f"iomt/{self.site}/{self.device}/status")
@@ -113,3 +118,14 @@ def fleet(group: str, *rest: str) -> Topic:
     """Fleet update topics (used by model roll-out): ``iomt/fleet/{group}/...``."""
     parts = [check_level(group, "group"), *(check_level(p) for p in rest)]
     return Topic("iomt/fleet/" + "/".join(parts))
+
+
+def fleet_filter(group: str | None = None) -> Topic:
+    """Every fleet topic of one group (``iomt/fleet/{group}/#``), or of all groups."""
+    middle = f"{check_level(group, 'group')}/" if group is not None else ""
+    return Topic(f"iomt/fleet/{middle}#", filter=True)
+
+
+def all_status_filter() -> Topic:
+    """Every device's status at every site (the fleet operator watches roll-outs)."""
+    return Topic("iomt/+/+/status", filter=True)
