@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import AgentError
+from agent.transport.broker_url import check_broker_url, is_loopback
 from agent.transport.topics import TopicError, check_level
 
 MIB = 1024 * 1024
@@ -62,10 +70,6 @@ def _level(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-URL_FORMAT = ("expected mqtt://host[:port] or mqtts://host[:port] (the port defaults to 1883 "
-              "for mqtt, 8883 for mqtts)")
-
-
 class BrokerConfig(Strict):
     """One MQTT broker connection."""
 
@@ -105,25 +109,22 @@ class BrokerConfig(Strict):
         description="How long the broker keeps our session and queued QoS 1 messages (v5)",
     )
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(URL_FORMAT)
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError("port must be a number from 1 to 65535") from None
-        if port == 0:  # would silently fall back to the default port
-            raise ValueError("port must be a number from 1 to 65535")
-        if parts.path not in ("", "/"):
-            raise ValueError("a broker URL has no path")
-        if parts.username is not None or parts.query or parts.fragment:
-            # They would be silently ignored; credentials belong in username/password_file.
-            raise ValueError("a broker URL has no user, query or fragment: use username and "
-                             "password_file for credentials")
-        return value
+    allow_plaintext: bool = Field(
+        False, title="Allow plaintext",
+        description="Permit mqtt:// (no TLS) to a host that is not loopback; the agent logs "
+        "a warning at start and doctor warns",
+    )
+
+    _url = field_validator("url")(check_broker_url)
+
+    @model_validator(mode="after")
+    def _plaintext_only_on_loopback(self) -> BrokerConfig:
+        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
+            raise ValueError(
+                f"{self.url} is plaintext MQTT to a host that is not loopback: use mqtts:// "
+                "(with ca_file, cert_file, key_file; `iomt-agent certs init` makes a "
+                "development PKI), or set allow_plaintext = true in this section")
+        return self
 
     @property
     def host(self) -> str:
@@ -349,7 +350,8 @@ def describe_errors(exc: ValidationError, docs: str) -> list[str]:
             lines.append(f"{loc}: required key is missing")
         else:
             msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg} (got {error.get('input')!r})")
+            got = error.get("input")  # a whole section (a check across its keys): not shown
+            lines.append(f"{loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
     return lines
 
 

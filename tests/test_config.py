@@ -17,6 +17,7 @@ device_id = "edge-1"
 
 [edge]
 url = "mqtt://edge.local:1883"
+allow_plaintext = true
 
 [cloud]
 url = "mqtts://cloud.example.org"
@@ -214,7 +215,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_broker_defaults() -> None:
-    plain = BrokerConfig(url="mqtt://broker.local")  # no port: MQTT's registered ones
+    # no port: MQTT's registered ones
+    plain = BrokerConfig(url="mqtt://broker.local", allow_plaintext=True)
     assert (plain.host, plain.port, plain.tls) == ("broker.local", 1883, False)
     assert BrokerConfig(url="mqtt://127.0.0.1").port == 1883
     tls = BrokerConfig(url="mqtts://broker.local")
@@ -253,3 +255,25 @@ def test_model_runtime_options_and_series_section() -> None:
     joined = "\n".join(problems)
     assert "model.onnx_providers.0" in joined and "model.graph_optimization" in joined
     assert "series.max_open" in joined and "series.idle: unknown key" in joined
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.", "gw.localhost", "127.0.0.1",
+                                  "127.8.9.10", "[::1]"])
+def test_plaintext_to_loopback_needs_no_permission(host: str) -> None:
+    assert not BrokerConfig(url=f"mqtt://{host}:1884").tls
+
+
+@pytest.mark.parametrize("host", ["edge.local", "10.0.0.7", "[fe80::1]", "localhost.example",
+                                  "0.0.0.0"])
+def test_plaintext_off_loopback_is_refused_unless_allowed(host: str) -> None:
+    text = _replace('url = "mqtt://edge.local:1883"\nallow_plaintext = true',
+                    f'url = "mqtt://{host}:1883"')
+    problems = _problems(text)
+    assert len(problems) == 1
+    assert problems[0].startswith("edge: ") and "not loopback" in problems[0]
+    assert "mqtts://" in problems[0] and "allow_plaintext = true" in problems[0]
+    assert "{" not in problems[0]  # the section's values are not dumped into the message
+    allowed = parse_config(text.replace(f'"mqtt://{host}:1883"',
+                                        f'"mqtt://{host}:1883"\nallow_plaintext = true'))
+    assert allowed.edge.allow_plaintext and not allowed.edge.tls
+    assert BrokerConfig(url=f"mqtts://{host}:8883").tls  # TLS needs no permission

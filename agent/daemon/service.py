@@ -37,6 +37,7 @@ from agent.daemon.stages import Stages
 from agent.daemon.store import Store
 from agent.log import get_logger
 from agent.model.serving import ServedModel, load_model
+from agent.transport.broker_url import is_loopback
 from agent.transport.mqtt import Connection, Message, Will
 from agent.transport.topics import Topics
 
@@ -263,6 +264,12 @@ class Agent:
                  runner=m.runner.describe(),
                  runtime_cached=m.selection.cached if m.selection else None,
                  inbox_pending=inbox, outbox_pending=outbox)
+        for role, broker in (("edge", self.config.edge), ("cloud", self.config.cloud)):
+            if not broker.tls and not is_loopback(broker.host):  # allow_plaintext = true
+                log.warning("plaintext_broker", broker=role, url=broker.url,
+                            risk="scans, results and status travel unencrypted and the "
+                            "broker is not authenticated", fix=f"use mqtts:// in {role}.url "
+                            "with ca_file, cert_file and key_file")
         self.prepare()
         self.cloud.start()
         self.edge.start()

@@ -23,6 +23,7 @@ from agent.ops.findings import (
     warn,
     who,
 )
+from agent.transport.broker_url import is_loopback
 
 # -- config ------------------------------------------------------------------------------
 
@@ -153,6 +154,12 @@ def _public_bytes(key: PublicKeyTypes) -> bytes:
 
 def check_broker_files(role: str, cfg: BrokerConfig, now: datetime) -> list[Finding]:
     found: list[Finding] = []
+    if not cfg.tls and not is_loopback(cfg.host):  # the config allowed it explicitly
+        found.append(warn("broker", f"{role}.url", f"{cfg.url} is plaintext MQTT off "
+                          "loopback (allow_plaintext = true): scans, results and status "
+                          "travel unencrypted and the broker is not authenticated",
+                          f"use mqtts:// in {role}.url with ca_file, cert_file, key_file "
+                          "(`iomt-agent certs init` makes a development PKI)"))
     if not cfg.tls and (cfg.ca_file or cfg.cert_file or cfg.key_file):
         found.append(warn("certificate", f"{role}.url", f"{cfg.url} is plain MQTT: the "
                            "TLS files are not used", f"use mqtts:// in {role}.url"))

@@ -97,7 +97,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Staged:
     args = ["--python", sys.executable, "--from", str(wheel), "--pip-args",
             "--no-deps --no-index", "--user", USER, "--group", GROUP, "--bundle", str(bundle),
             "--recipient-key", str(work / "recipient.pub"), "--site", "st-marys",
-            "--device-id", "node-7", "--edge-url", "mqtt://scanner-gw.local:1883",
+            "--device-id", "node-7", "--edge-url", "mqtts://scanner-gw.local:8883",
             "--cloud-url", "mqtts://cloud.example:8883"]
     root = tmp_path_factory.mktemp("root")
     return Staged(root, args, run_install(root, *args).stdout)
@@ -165,7 +165,7 @@ def test_config_from_template(staged: Staged) -> None:
     assert "@" not in text.replace("${", "")  # every placeholder filled
     config = parse_config(text, "agent.toml")
     assert (config.agent.site, config.agent.device_id) == ("st-marys", "node-7")
-    assert config.edge.url == "mqtt://scanner-gw.local:1883"
+    assert config.edge.url == "mqtts://scanner-gw.local:8883"
     assert config.cloud.url == "mqtts://cloud.example:8883"
     assert config.model.bundle == Path("/opt/iomt-agent/models/test-scale")
     assert config.agent.state_dir == Path("/var/lib/iomt-agent")
