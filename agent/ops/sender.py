@@ -52,6 +52,10 @@ def send_files(config: Config, paths: list[Path], source: str, timeout: float) -
              unclaimed=len(unclaimed), complete=complete,
              note="acked by the edge broker; whether the agent accepts each scan shows in its "
              "log (scan_rejected) and in `iomt-agent receive` (error_report)")
+    if refused:
+        log.error("scans_refused", files=len(refused), topic=str(topic), reason=refused[0],
+                  fix="the edge broker's ACL may let only the scanner gateway publish scans: "
+                  "send with its certificate (--cert, --key)")
     if unclaimed:
         log.error("scans_unclaimed", files=len(unclaimed), topic=str(topic),
                   detail="the edge broker had no subscriber for them and discarded them",

@@ -10,9 +10,7 @@ same table, and a test keeps the two equal).
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from agent.ops.certs import issue, load_ca, new_ca, write_cert, write_key
-from tests.conftest import _free_port, mosquitto_binary
+from tests.conftest import _free_port
 from tests.integration.acl_client import NOT_AUTHORIZED, AclClient
 from tests.integration.harness import REPO, cli
+from tests.integration.pki_brokers import start_brokers, stop_brokers
 
 pytestmark = pytest.mark.integration
 
@@ -150,40 +149,6 @@ class Brokers:
         return AclClient.connect(self.ports[broker], self.pki / "ca" / "ca.pem",
                                  stem.with_suffix(".pem"), stem.with_suffix(".key"),
                                  f"{identity}-{broker}")
-
-
-def start_brokers(pki: Path, log_dir: Path) -> list[subprocess.Popen[bytes]]:
-    """``mosquitto -c DIR/mosquitto/{edge,cloud}.conf``, waiting until each listens."""
-    binary = mosquitto_binary()
-    assert binary, "mosquitto is not installed: run `make test` or apt-get install mosquitto"
-    import json
-
-    ports = json.loads((pki / "pki.json").read_text())["ports"]
-    procs = []
-    for broker in ("edge", "cloud"):
-        with (log_dir / f"{broker}-broker.log").open("wb") as log:
-            procs.append(subprocess.Popen(
-                [binary, "-c", str(pki / "mosquitto" / f"{broker}.conf")],
-                stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", ports[broker]), timeout=0.2).close()
-                break
-            except OSError:
-                assert procs[-1].poll() is None, (log_dir / f"{broker}-broker.log").read_text()
-                assert time.monotonic() < deadline, f"{broker} broker does not listen"
-                time.sleep(0.05)
-    return procs
-
-
-def stop_brokers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def make_pki(directory: Path, *extra: str) -> dict[str, int]:
