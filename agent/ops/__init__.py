@@ -2,6 +2,8 @@
 
 | module | job |
 |---|---|
+| ``certs`` | ``iomt-agent certs init``: the development PKI (CA, broker and client certificates) |
+| ``mosquitto_conf`` | the brokers' Mosquitto configs and least-privilege ACLs |
 | ``scaffold`` | ``iomt-agent init``: a ready-to-run directory with a config and keys |
 | ``doctor`` | ``iomt-agent doctor``: is this node ready to serve? |
 """
