@@ -98,9 +98,9 @@ class AclClient:
         assert mid is not None
         return self._wait(mid)
 
-    def publish(self, topic: str, payload: bytes = b"acl-probe") -> int:
+    def publish(self, topic: str, payload: bytes = b"acl-probe", retain: bool = False) -> int:
         """The PUBACK reason code: 0 or 0x10 (no subscribers) when taken, 0x87 when not."""
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         return self._wait(info.mid)
 
     def wait_message(self, topic: str, timeout: float = 5) -> bool:

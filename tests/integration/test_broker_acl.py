@@ -62,6 +62,7 @@ def _matrix() -> list[Path_]:
         # the device
         (d, "edge", "read", f"iomt/{s}/scans/#", ALLOW, scan),
         (d, "edge", "read", "#", ALLOW, scan),
+        (d, "edge", "read", f"$share/{s}/iomt/{s}/scans/#", ALLOW, scan),
         (d, "edge", "read", "#", DENY, f"iomt/{s}/{o}/status"),
         (d, "edge", "publish", scan, DENY),
         (d, "edge", "publish", f"iomt/{s}/{d}/status", ALLOW),
@@ -226,6 +227,25 @@ def test_allowed_paths_carry_messages_and_denied_ones_none(brokers: Brokers) -> 
     finally:
         for c in (device, device_cloud, gateway, consumer, operator):
             c.close()
+
+
+def test_retained_status_reaches_only_those_who_may_read_it(brokers: Brokers) -> None:
+    """A retained message is checked against the read grant when a new subscription would
+    get it, as live ones are."""
+    topic = f"iomt/{SITE}/{OTHER_DEVICE}/status"
+    other = brokers.client(OTHER_DEVICE, "cloud")
+    try:
+        assert other.publish(topic, b'{"state":"online"}', retain=True) in (0, 0x10)
+    finally:
+        other.close()
+    device, consumer = brokers.client(DEVICE, "cloud"), brokers.client("cloud-consumer", "cloud")
+    try:
+        assert device.subscribe("#") == 1 and consumer.subscribe(f"iomt/{SITE}/+/status") == 1
+        assert consumer.wait_message(topic)
+        assert not device.wait_message(topic, timeout=1.5)
+    finally:
+        device.close()
+        consumer.close()
 
 
 # -- who cannot connect at all ------------------------------------------------------------
