@@ -94,7 +94,7 @@ format = "auto"
 recipient_private_key = "keys/cloud-recipient.key"
 trusted_devices = {{ "{device_id}" = "keys/device-signing.pub" }}
 # client_id = "iomt-{site}-cloud-receiver"  # its persistent session: one receiver per id
-"""
+{receiver_note}"""
 
 
 def with_pki(opts: InitOptions) -> tuple[InitOptions, str]:
@@ -137,9 +137,15 @@ def _quote(value: str) -> str:
 
 def write_directory(opts: InitOptions) -> Path:
     """Create the directory; returns the config path. Refuses to overwrite without force."""
-    tls = ""
+    tls = note = ""
     if opts.certs is not None:
+        clients = opts.certs.resolve() / "clients"
         opts, tls = with_pki(opts)
+        note = ("# Mutual TLS: the cloud broker lets only the cloud consumer read results, so "
+                "run\n# iomt-agent receive ... --cert "
+                f"{clients / 'cloud-consumer.pem'} --key {clients / 'cloud-consumer.key'}\n"
+                "# and send scans as the gateway: iomt-agent send ... --cert "
+                f"{clients / 'gateway.pem'} --key {clients / 'gateway.key'}\n")
     bundle = opts.bundle or default_bundle()
     if bundle is None:
         raise FileNotFoundError(
@@ -153,6 +159,7 @@ def write_directory(opts: InitOptions) -> Path:
     text = TEMPLATE.format(
         edge_tls=tls,
         cloud_tls=tls,
+        receiver_note=note,
         site=q(opts.site),
         device_id=q(opts.device_id),
         edge_url=q(opts.edge_url),
