@@ -22,6 +22,7 @@ class AclClient:
     """One connected identity. ``subscribe`` and ``publish`` return the broker's reason code."""
 
     client: paho.Client
+    connack: dict[str, object] = field(default_factory=dict)  # CONNACK properties
     received: list[tuple[str, bytes]] = field(default_factory=list)
     _acks: dict[int, int] = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -45,6 +46,8 @@ class AclClient:
         def on_connect(_c: paho.Client, _u: object, _f: object, rc: ReasonCode,
                        _p: Properties | None) -> None:
             state["rc"] = int(rc.value)
+            if _p is not None:
+                self.connack.update(_p.json())  # type: ignore[no-untyped-call]
             done.set()
 
         def on_disconnect(_c: paho.Client, _u: object, _f: object, rc: ReasonCode,

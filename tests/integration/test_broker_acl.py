@@ -229,6 +229,16 @@ def test_allowed_paths_carry_messages_and_denied_ones_none(brokers: Brokers) -> 
             c.close()
 
 
+@pytest.mark.parametrize("broker", ["edge", "cloud"])
+def test_brokers_announce_their_packet_size_limit(brokers: Brokers, broker: str) -> None:
+    """max_packet_size is in force: the broker announces it in its MQTT 5 CONNACK."""
+    from agent.ops.mosquitto_conf import MAX_PACKET_SIZE
+
+    client = brokers.client(DEVICE, broker)
+    client.close()
+    assert client.connack.get("MaximumPacketSize") == MAX_PACKET_SIZE
+
+
 def test_retained_status_reaches_only_those_who_may_read_it(brokers: Brokers) -> None:
     """A retained message is checked against the read grant when a new subscription would
     get it, as live ones are."""
