@@ -44,8 +44,14 @@ def _with_identity(config: Config, role: str, args: argparse.Namespace) -> Confi
     """The config with ``--cert``/``--key`` as ``role``'s client certificate: ``send`` as the
     scanner gateway, ``receive`` as the cloud consumer, where the brokers' ACLs say who may
     publish scans and read results."""
+    if args.key and not args.cert:
+        print("error: --key needs --cert (the certificate it belongs to)", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     if not args.cert:
         return config
+    if not getattr(config, role).tls:
+        print(f"error: --cert needs TLS: {role}.url is not mqtts://", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
     broker = getattr(config, role).model_copy(update={
         "cert_file": Path(args.cert).resolve(),
         "key_file": Path(args.key).resolve() if args.key else None})

@@ -179,3 +179,20 @@ def test_doctor_warns_about_allowed_plaintext_off_loopback() -> None:
     assert [(f.verdict, f.subject) for f in found] == [("warn", "edge.url")]
     assert "unencrypted" in found[0].detail and "mqtts://" in found[0].fix
     assert check_broker_files("edge", BrokerConfig(url="mqtt://127.0.0.1:1883"), now) == []
+
+
+@pytest.mark.parametrize(("command", "flags", "needle"), [
+    ("send", ["--key", "k.pem", "x.dcm"], "--key needs --cert"),
+    ("send", ["--cert", "c.pem", "x.dcm"], "edge.url is not mqtts://"),
+    ("receive", ["--out", "out", "--cert", "c.pem"], "cloud.url is not mqtts://"),
+])
+def test_identity_flags_refuse_what_would_be_ignored(
+        tmp_path: Path, bundle: Path, command: str, flags: list[str], needle: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "node"), "--edge-url", "mqtt://127.0.0.1:1",
+                 "--cloud-url", "mqtt://127.0.0.1:2", "--bundle", str(bundle)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(tmp_path / "node" / "agent.toml"), *flags])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
