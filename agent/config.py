@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.config_deid import DeidSection
 from agent.errors import AgentError
 from agent.transport.topics import TopicError, check_level
 
@@ -277,6 +278,10 @@ class Config(Strict):
     log: LogSection = Field(
         default_factory=lambda: LogSection(), title="Logging", description="Level and format"
     )
+    deid: DeidSection = Field(
+        default_factory=lambda: DeidSection(), title="De-identification",
+        description="PS3.15 Annex E profile applied before sealing (on by default)",
+    )
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
     )
@@ -332,6 +337,7 @@ class Config(Strict):
                     }
                 ),
                 "receiver": receiver,
+                "deid": self.deid.model_copy(update={"secret_file": fix(self.deid.secret_file)}),
             }
         )
 

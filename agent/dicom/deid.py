@@ -26,11 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom._uid_dict import UID_dictionary
 
 from agent.dicom.deid_table import RULES
 
