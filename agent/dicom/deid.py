@@ -144,7 +144,7 @@ class Deidentifier:
         if action == "D":
             dummy = Sequence() if vr == "SQ" else _DUMMY.get(vr, _DUMMY_TEXT)
             return DataElement(tag, vr, dummy)
-        if action == "U" or (vr == "UI" and action == "K"):
+        if action == "U" or (vr == "UI" and tag not in RULES):
             return DataElement(tag, vr, self._uids(elem.value, always=action == "U"))
         if action == "C" and vr in ("DA", "DT"):
             return DataElement(tag, vr, self._dates(elem.value, offset))
