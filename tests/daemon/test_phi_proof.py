@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,10 @@ from agent.config import load_config
 from agent.crypto import keys, seal
 from agent.daemon.service import Agent
 from agent.demo.sample_series import build_series
+from agent.dicom.derive import result_message_id
 from agent.ops.scaffold import InitOptions, write_directory
 from tests.bundles import make_scale_bundle
+from tests.site import site_uid
 
 TOPIC = "iomt/site-1/scans/gw"
 # Distinctive values: none can occur by chance in what the agent writes.
@@ -109,6 +111,8 @@ class Run:
     status: str
     files: dict[str, bytes]  # what the agent wrote outside its store
     open: object
+    digest: str  # the served model file's
+    pseudonym: Callable[[str], str]  # the site's (from its secret file)
 
 
 def run_agent(tmp: Path, deid: str, payloads: list[bytes]) -> Run:
@@ -134,6 +138,7 @@ def run_agent(tmp: Path, deid: str, payloads: list[bytes]) -> Run:
             time.sleep(0.05)
         agent.stages.drain()
         status = json.dumps(agent.status())
+        digest = agent.model.digest
         agent.stages.stop(timeout=10)
         rows = agent.store.outbox(limit=1000)
     finally:
@@ -151,7 +156,8 @@ def run_agent(tmp: Path, deid: str, payloads: list[bytes]) -> Run:
              if p.is_file() and not p.name.startswith("agent.db")}
     return Run([(r.topic, r.payload) for r in rows if r.kind == "result"],
                [(r.topic, r.payload) for r in rows if r.kind == "error"],
-               [r.message_id for r in rows], stream.getvalue(), status, files, open_result)
+               [r.message_id for r in rows], stream.getvalue(), status, files, open_result,
+               digest, site_uid(config.parent))
 
 
 def needles(payloads: list[bytes]) -> dict[str, bytes]:
@@ -208,6 +214,14 @@ def test_no_phi_outside_the_sealed_payload(deid: str, payloads: list[bytes],
           f"{len(places)} places + {len(plaintexts)} plaintexts ({len(texts)} element values), "
           f"hits outside {len(hits)}, in results raw {len(raw_hits)} / elements "
           f"{len(element_hits)}")
+    # The idempotency key is stable and keyed: the site (its secret) computes it, the
+    # source UID alone does not give it.
+    sops = [str(pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID) for p in payloads[:N_SLICES]]
+    plain = {result_message_id(uid, run.digest) for uid in sops}
+    keyed = {result_message_id(run.pseudonym(uid), run.digest) for uid in sops}
+    result_ids = set(run.message_ids) & (plain | keyed)
+    assert len(result_ids) == N_SLICES
+    assert result_ids == (plain if deid == "off" else keyed)
     if deid == "off":  # the search finds what is there: the source's identifiers
         assert {"PatientName", "PatientID", "AccessionNumber", "StudyDescription",
                 "ReferringPhysicianName", "StudyDate"} <= set(raw_hits) & set(element_hits)
