@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from datetime import date, timedelta
 
+import numpy as np
+import pydicom
 import pytest
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -13,9 +16,13 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import MRImageStorage
 
+from agent.demo.sample_series import build_series
+from agent.dicom.decode import decode_scan
 from agent.dicom.deid import Deidentifier, DeidOptions, shift_date
 from agent.dicom.deid_table import RULES, TABLE_E1_1
-from agent.dicom.derive import TYPE2_EMPTY
+from agent.dicom.derive import COPIED_DEID, TYPE2_EMPTY, ModelIdentity, derive_instance
+from agent.dicom.derived_writer import DerivedWriter
+from agent.model.bundle import InputContract, OutputContract
 
 SECRET = bytes(range(32))
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -184,3 +191,51 @@ def test_every_table_keyword_is_a_dicom_keyword() -> None:
         assert keyword_for_tag(tag) == rule.keyword
     with pytest.raises(ValueError, match="at least 16 bytes"):
         Deidentifier(b"short")
+
+
+def _source_with_every_copied_attribute() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(build_series(np.full((1, 32, 32), 500, np.uint16))[0]))
+    ds.IssuerOfPatientID, ds.PatientBirthDate, ds.PatientSex = "ZQX ISSUER", "19410312", "F"
+    ds.PatientAge, ds.PatientSize, ds.PatientWeight = "083Y", "1.62", "58"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "19730517", "101112", "S7", "A9"
+    ds.ReferringPhysicianName, ds.StudyDescription = "ZQXDOC^REF", "ZQX STUDY"
+    ds.AcquisitionDate, ds.AcquisitionTime = "19730517", "101213"
+    ds.ContentDate, ds.ContentTime = "19730517", "101314"
+    ds.BodyPartExamined, ds.PositionReferenceIndicator = "HEAD", "NA"
+    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "NO", "ZQX METHOD"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "+".join(o.names) or "basic")
+def test_every_copied_attribute_of_the_derived_instance_gets_its_action(
+        options: DeidOptions) -> None:
+    payload = _source_with_every_copied_attribute()
+    source = pydicom.dcmread(io.BytesIO(payload))
+    scan = decode_scan(payload, InputContract(modality="MR", shape=(32, 32),
+                                              pixel_spacing_mm=(1.0, 1.0), bits_allocated=(16,)),
+                       pixel_budget=1 << 20, max_payload_bytes=1 << 22)
+    deid = Deidentifier(SECRET, options, type2=TYPE2_EMPTY)
+    out = pydicom.dcmread(io.BytesIO(derive_instance(
+        scan, scan.pixels, ModelIdentity("m", "1", "ab" * 32), OutputContract(modality="MR", scale=1.0),
+        device_id="edge-1", software_version="0", deid=deid, writer=DerivedWriter())))
+    offset = deid.date_offset(source)
+    carried = [k for k in COPIED_DEID if k in source]
+    assert len(carried) == len(COPIED_DEID)  # the source carries every copied attribute
+    for keyword in carried:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        action, original, got = deid.action(tag), source[tag], out.get(tag)
+        if (action in ("X", "Z") and keyword in TYPE2_EMPTY) or action == "Z":
+            assert got is not None and got.value in ("", None), keyword
+        elif action == "X":
+            assert got is None, keyword
+        elif action == "U":
+            assert got.value == deid.uid(original.value), keyword
+        elif action == "C" and original.VR == "DA":
+            assert got.value == shift_date(original.value, offset), keyword
+        else:
+            assert got.value == original.value, (keyword, action)
+    assert out.PatientIdentityRemoved == "YES" and "ZQX METHOD" not in str(out)
+    assert out.SourceImageSequence[0].ReferencedSOPInstanceUID == deid.uid(source.SOPInstanceUID)
