@@ -218,8 +218,9 @@ def test_every_copied_attribute_of_the_derived_instance_gets_its_action(
                        pixel_budget=1 << 20, max_payload_bytes=1 << 22)
     deid = Deidentifier(SECRET, options, type2=TYPE2_EMPTY)
     out = pydicom.dcmread(io.BytesIO(derive_instance(
-        scan, scan.pixels, ModelIdentity("m", "1", "ab" * 32), OutputContract(modality="MR", scale=1.0),
-        device_id="edge-1", software_version="0", deid=deid, writer=DerivedWriter())))
+        scan, scan.pixels, ModelIdentity("m", "1", "ab" * 32),
+        OutputContract(modality="MR", scale=1.0), device_id="edge-1", software_version="0",
+        deid=deid, writer=DerivedWriter())))
     offset = deid.date_offset(source)
     carried = [k for k in COPIED_DEID if k in source]
     assert len(carried) == len(COPIED_DEID)  # the source carries every copied attribute
