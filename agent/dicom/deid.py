@@ -26,11 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from pydicom._uid_dict import UID_dictionary
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from agent.dicom.deid_table import RULES
 
@@ -170,7 +170,7 @@ class Deidentifier:
         not list): every UID mapped unless it is a registered (well-known) UID."""
         def one(v: object) -> str:
             text = str(v)
-            if not text or (not always and text in UID_dictionary):
+            if not text or (not always and UID(text).name != text):  # a registered UID
                 return text
             return self.uid(text)
 
