@@ -110,7 +110,7 @@ class Deidentifier:
         mac = self._mac("date-offset", patient_id)
         return 1 + int.from_bytes(mac[:4], "big") % MAX_DATE_SHIFT_DAYS
 
-    def action(self, tag: int, keyword: str = "") -> str:
+    def action(self, tag: int) -> str:
         """The one action (D, Z, X, K, C, U or U*) for an attribute of the output."""
         rule = RULES.get(tag)
         if rule is None:
