@@ -201,6 +201,7 @@ class Agent:
             **({"model_refused": self.model_refused} if self.model_refused else {}),
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
+            "deid": self.deid.summary() if self.deid else {"enabled": False},
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,

@@ -184,11 +184,19 @@ class Deidentifier:
             return [shift_date(str(v), offset) for v in value]
         return shift_date(str(value), offset) if value else value
 
+    def codes(self) -> list[tuple[str, str]]:
+        """The De-identification Method codes in use: 113100, then one per option."""
+        return [BASIC_PROFILE, *(OPTION_CODES[name] for name in self.options.names)]
+
+    def summary(self) -> dict[str, object]:
+        """For the status: on, and the method codes in use (never the secret)."""
+        return {"enabled": True, "codes": [value for value, _ in self.codes()]}
+
     def mark(self, ds: Dataset) -> None:
         """Add what the profile records: Patient Identity Removed, the method and its codes,
         and whether dates were kept (modified) or removed."""
         ds.PatientIdentityRemoved = "YES"
-        codes = [BASIC_PROFILE, *(OPTION_CODES[name] for name in self.options.names)]
+        codes = self.codes()
         ds.DeidentificationMethod = [meaning for _, meaning in codes]  # LO, 1-n
         items = []
         for value, meaning in codes:

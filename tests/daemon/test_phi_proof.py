@@ -222,6 +222,10 @@ def test_no_phi_outside_the_sealed_payload(deid: str, payloads: list[bytes],
     result_ids = set(run.message_ids) & (plain | keyed)
     assert len(result_ids) == N_SLICES
     assert result_ids == (plain if deid == "off" else keyed)
+    status = json.loads(run.status)["deid"]
+    assert status["enabled"] == (deid != "off")
+    assert status.get("codes") == {"off": None, "basic": ["113100"], "dates": ["113100", "113107"],
+                                   "all-options": ["113100", "113107", "113108", "113109"]}[deid]
     if deid == "off":  # the search finds what is there: the source's identifiers
         assert {"PatientName", "PatientID", "AccessionNumber", "StudyDescription",
                 "ReferringPhysicianName", "StudyDate"} <= set(raw_hits) & set(element_hits)
