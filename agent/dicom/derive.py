@@ -2,8 +2,10 @@
 
 The result of a model on one scan becomes a DICOM instance of its own, labelled synthetic
 and not for diagnostic use, that references its source and names the model (name, version,
-digest). UIDs are derived from the source UIDs and the model digest, so reprocessing the
-same scan with the same model gives the same instance.
+digest). UIDs are derived from the source UIDs (their site pseudonyms when
+de-identifying) and the model digest, so reprocessing the same scan with the same model
+gives the same instance. With a ``Deidentifier`` the copied source attributes get their
+PS3.15 Annex E actions (``agent.dicom.deid``); the agent's own attributes stay.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ is the same for every slice of a series, so ``DerivedWriter`` keeps it encoded:
 
 Every element is then joined in tag order. The result is the same bytes as
 ``derive.derive_instance_generic`` (tests compare them, and validate the instance).
+
+De-identifying (``deid``, ``agent.dicom.deid``), the template is built from the
+de-identified generic dataset, once per series (it then holds the de-identification
+markers); the copied elements go through the same ``Deidentifier.element`` as in the
+generic path, memoised under keys that include the de-identifier and the patient's date
+offset; the source references and the SOP Instance UID use the source UIDs' pseudonyms.
 """
 
 from __future__ import annotations
