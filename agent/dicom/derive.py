@@ -51,7 +51,7 @@ class ModelIdentity:
 
 _SOP_CLASS_FOR_MODALITY = {"MR": MRImageStorage, "CT": CTImageStorage}
 _SYNTHETIC_MARK = re.compile(r"synthetic|not for diagnostic", re.IGNORECASE)
-# Patient and study modules travel unchanged (the payload is sealed); then what places the
+# Patient and study modules (de-identified when deid is on; the payload is sealed); what places the
 # slice in space and in its series, so a viewer overlays the result on its source.
 COPIED = (
     "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
