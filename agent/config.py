@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config_deid import DeidSection
 from agent.errors import AgentError
 from agent.transport.broker_url import check_broker_url, is_loopback
 from agent.transport.topics import TopicError, check_level
@@ -278,6 +279,10 @@ class Config(Strict):
     log: LogSection = Field(
         default_factory=lambda: LogSection(), title="Logging", description="Level and format"
     )
+    deid: DeidSection = Field(
+        default_factory=lambda: DeidSection(), title="De-identification",
+        description="PS3.15 Annex E profile applied before sealing (on by default)",
+    )
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
     )
@@ -333,6 +338,7 @@ class Config(Strict):
                     }
                 ),
                 "receiver": receiver,
+                "deid": self.deid.model_copy(update={"secret_file": fix(self.deid.secret_file)}),
             }
         )
 

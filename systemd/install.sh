@@ -269,6 +269,17 @@ PY
         "cloud)"
 }
 
+# The site's de-identification secret (deid.secret_file): 32 random bytes as 64 hex digits.
+# Every node of one site needs the same file: copy it from the first node into
+# credentials/site-deid.key before installing the others.
+generate_site_secret() {
+    local secret="$1"
+    (umask 077 && "$D$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' \
+        >"$secret")
+    say "generated the de-identification secret $D$CONFDIR/credentials/site-deid.key (copy" \
+        "it to the site's other nodes)"
+}
+
 public_key_of() {
     if command -v openssl >/dev/null 2>&1; then
         openssl pkey -in "$1" -pubout -out "$2"
@@ -315,6 +326,9 @@ install_config() {
     if [ ! -e "$creds/device-signing.key" ]; then
         generate_device_key "$creds/device-signing.key"
     fi
+    if [ ! -e "$creds/site-deid.key" ]; then
+        generate_site_secret "$creds/site-deid.key"
+    fi
     # Secrets: root only; systemd copies them for the service (LoadCredential=).
     local f
     for f in "$creds"/* "$creds"/.[!.]*; do
@@ -337,13 +351,13 @@ install_config() {
 }
 
 # One LoadCredential= per extra secret in credentials/ (passwords, TLS client keys); the
-# unit itself loads device-signing.key.
+# unit itself loads device-signing.key and site-deid.key.
 install_credentials_dropin() {
     local dropin="$D$UNITDIR/$SERVICE.d" lines="" f name
     for f in "$D$CONFDIR/credentials"/*; do
         [ -f "$f" ] || continue
         name="$(basename "$f")"
-        [ "$name" != device-signing.key ] || continue
+        case "$name" in device-signing.key|site-deid.key) continue ;; esac
         case "$name" in
             *[!A-Za-z0-9_.-]*) say "skipping credentials/$name: use letters, digits, . _ -"; continue ;;
         esac

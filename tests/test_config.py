@@ -277,3 +277,22 @@ def test_plaintext_off_loopback_is_refused_unless_allowed(host: str) -> None:
                                         f'"mqtt://{host}:1883"\nallow_plaintext = true'))
     assert allowed.edge.allow_plaintext and not allowed.edge.tls
     assert BrokerConfig(url=f"mqtts://{host}:8883").tls  # TLS needs no permission
+
+
+def test_deid_section_defaults_options_and_key_paths(tmp_path: Path) -> None:
+    cfg = parse_config(VALID, base=tmp_path)
+    assert cfg.deid.enabled  # on by default
+    assert cfg.deid.secret_file == tmp_path / "keys" / "site-deid.key"
+    assert not (cfg.deid.retain_modified_dates or cfg.deid.retain_patient_characteristics
+                or cfg.deid.retain_device_identity)
+    text = VALID + ('[deid]\nenabled = false\nsecret_file = "/etc/iomt/deid.key"\n'
+                    "retain_modified_dates = true\nretain_patient_characteristics = true\n"
+                    "retain_device_identity = true\n")
+    cfg = parse_config(text, base=tmp_path)
+    assert not cfg.deid.enabled and cfg.deid.secret_file == Path("/etc/iomt/deid.key")
+    assert cfg.deid.retain_modified_dates and cfg.deid.retain_device_identity
+    problems = _problems(VALID + '[deid]\nretain_dates = true\nenabled = "sometimes"\n')
+    assert any(p.startswith("deid.retain_dates: unknown key") for p in problems)
+    assert any(p.startswith("deid.enabled:") for p in problems)
+    for name, info in type(cfg.deid).model_fields.items():
+        assert info.title and info.description, name

@@ -26,8 +26,17 @@ import numpy.typing as npt
 from agent import __version__
 from agent.backends import ModelRunner
 from agent.config import LimitsSection
+from agent.config_deid import DeidSection
+from agent.crypto.site_secret import load_site_secret
 from agent.dicom.decode import Scan, ScanRejected, decode_scan
-from agent.dicom.derive import ModelIdentity, derive_instance, result_message_id
+from agent.dicom.deid import Deidentifier, DeidOptions
+from agent.dicom.derive import (
+    TYPE2_EMPTY,
+    ModelIdentity,
+    derive_instance,
+    result_message_id,
+    source_uid,
+)
 from agent.dicom.derived_writer import DerivedWriter
 from agent.model.bundle import ModelBundle
 from agent.model.preprocess import GridMap, from_model_grid, normalise, to_model_grid
@@ -73,6 +82,19 @@ def error_report(
     return message_id, json.dumps(body, separators=(",", ":")).encode()
 
 
+def deidentifier(section: DeidSection) -> Deidentifier | None:
+    """The config's de-identification (None when ``enabled = false``). Raises
+    ``KeyFileError`` for a missing or unprotected secret file."""
+    if not section.enabled:
+        return None
+    options = DeidOptions(
+        retain_modified_dates=section.retain_modified_dates,
+        retain_patient_characteristics=section.retain_patient_characteristics,
+        retain_device_identity=section.retain_device_identity,
+    )
+    return Deidentifier(load_site_secret(section.secret_file), options, type2=TYPE2_EMPTY)
+
+
 class Translator:
     """Turns one DICOM payload into one sealed result (or one error report)."""
 
@@ -86,8 +108,12 @@ class Translator:
         topics: Topics,
         runtime: str = "onnxruntime",
         digest: str | None = None,
+        deid: Deidentifier | None = None,
     ) -> None:
+        """``deid``: de-identify each result before sealing (PS3.15 Annex E); its message
+        id and series key then derive from the source UIDs' pseudonyms, not the UIDs."""
         self.bundle = bundle
+        self.deid = deid
         self.runner = runner
         self.sealer = sealer
         self.limits = limits
@@ -188,15 +214,20 @@ class Translator:
                 device_id=self.topics.device,
                 software_version=__version__,
                 writer=self.writer,
+                deid=self.deid,
             )
         except Exception as exc:  # e.g. a source attribute pydicom cannot write back
             return self.error("derive_failed", f"cannot write the result ({type(exc).__name__})",
                                inferred.payload_sha256, inferred.source_topic, timer.timings)
         timer.lap("derive")
-        message_id = result_message_id(scan.sop_instance_uid, self.identity.digest)
+        # The idempotency key travels in the cleartext header: keyed by the site secret
+        # (through the pseudonym) when de-identifying, so the source UID cannot be tested.
+        message_id = result_message_id(source_uid(scan.sop_instance_uid, self.deid),
+                                       self.identity.digest)
         envelope = self.sealer(derived, message_id)
         timer.lap("seal")
-        series_key = hashlib.sha256(scan.series_instance_uid.encode()).hexdigest()[:12]
+        series_uid = source_uid(scan.series_instance_uid, self.deid)
+        series_key = hashlib.sha256(series_uid.encode()).hexdigest()[:12]
         return Outcome(True, "result", message_id, str(self.topics.results), envelope,
                        timings_ms=timer.timings, series_key=series_key)
 

@@ -31,7 +31,7 @@ from agent.crypto import keys, seal
 from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
-from agent.daemon.pipeline import Translator
+from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
@@ -61,6 +61,9 @@ class Agent:
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        self.deid = deidentifier(config.deid)  # KeyFileError too
+        log.info("deidentification", enabled=self.deid is not None,
+                 options=list(self.deid.options.names) if self.deid else [])
         self.model: ServedModel = load_model(config.model, a.state_dir)
         self._log_guard(self.model)
 
@@ -118,7 +121,8 @@ class Agent:
     # -- the model -----------------------------------------------------------------------
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
-                          topics=self.topics, runtime=model.runtime, digest=model.digest)
+                          topics=self.topics, runtime=model.runtime, digest=model.digest,
+                          deid=self.deid)
 
     @staticmethod
     def _log_guard(model: ServedModel) -> None:
@@ -198,6 +202,7 @@ class Agent:
             **({"model_refused": self.model_refused} if self.model_refused else {}),
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
+            "deid": self.deid.summary() if self.deid else {"enabled": False},
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,

@@ -28,12 +28,13 @@ from agent.cloud.receiver import ResultReceiver
 from agent.config import load_config
 from agent.crypto import keys
 from agent.crypto.seal import EnvelopeError
+from agent.daemon.pipeline import deidentifier
 from agent.demo.display import radiological
 from agent.demo.embedded_broker import EmbeddedBroker
 from agent.demo.mni_sample import as_stored, sample_series
 from agent.demo.png import montage, write_gray_png
 from agent.demo.sample_series import DemoSlab, load_demo_slab
-from agent.dicom.derive import result_message_id
+from agent.dicom.derive import result_message_id, source_uid
 from agent.model.bundle import load_bundle
 from agent.model.select import servable_digests
 from agent.ops.scaffold import InitOptions, write_directory
@@ -93,10 +94,11 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         series = sample_series(slices, slab)
         (workdir / "input").mkdir()
         sop_of: dict[str, str] = {}
+        deid = deidentifier(config.deid)  # the site's secret: its results' ids are keyed
         for i, payload in enumerate(series):
             (workdir / "input" / f"slice{i:03d}.dcm").write_bytes(payload)
             sop = str(pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True).SOPInstanceUID)
-            sop_of.update((result_message_id(sop, d), sop) for d in digests)
+            sop_of.update((result_message_id(source_uid(sop, deid), d), sop) for d in digests)
         _say(f"[3/5] sample series: {slices} axial T1w slices of the MNI152 template, "
              f"{slab.t1.shape[2]}x{slab.t1.shape[1]} at {slab.spacing_mm[0]:g} mm")
 

@@ -1,4 +1,5 @@
-"""DICOM in and out: decode and validate scans, series geometry, the derived instance.
+"""DICOM in and out: decode and validate scans, series geometry, the derived instance and
+its de-identification.
 
 | module | job |
 |---|---|
@@ -10,4 +11,6 @@
 | ``series`` | series assembly for 2.5D models (pure: geometry, neighbours, clock passed in) |
 | ``derive`` | the derived instance's content: new UIDs, provenance, labels |
 | ``derived_writer`` | the derived instance written per slice from a per-series template |
+| ``deid`` | PS3.15 Annex E de-identification, keyed by the site secret |
+| ``deid_table`` | Table E.1-1 (the subset applied) as data |
 """

@@ -2,8 +2,10 @@
 
 The result of a model on one scan becomes a DICOM instance of its own, labelled synthetic
 and not for diagnostic use, that references its source and names the model (name, version,
-digest). UIDs are derived from the source UIDs and the model digest, so reprocessing the
-same scan with the same model gives the same instance.
+digest). UIDs are derived from the source UIDs (their site pseudonyms when
+de-identifying) and the model digest, so reprocessing the same scan with the same model
+gives the same instance. With a ``Deidentifier`` the copied source attributes get their
+PS3.15 Annex E actions (``agent.dicom.deid``); the agent's own attributes stay.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -32,6 +35,7 @@ from agent.dicom.quantiles import percentiles
 from agent.model.bundle import OutputContract
 
 if TYPE_CHECKING:
+    from agent.dicom.deid import Deidentifier
     from agent.dicom.derived_writer import DerivedWriter
 
 
@@ -47,7 +51,7 @@ class ModelIdentity:
 
 _SOP_CLASS_FOR_MODALITY = {"MR": MRImageStorage, "CT": CTImageStorage}
 _SYNTHETIC_MARK = re.compile(r"synthetic|not for diagnostic", re.IGNORECASE)
-# Patient and study modules travel unchanged (the payload is sealed); then what places the
+# Patient and study modules (de-identified when deid is on; the payload is sealed); what places the
 # slice in space and in its series, so a viewer overlays the result on its source.
 COPIED = (
     "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
@@ -65,6 +69,21 @@ TYPE2_EMPTY = (
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator",
     "InstanceNumber",
 )  # fmt: skip
+# De-identified, the derived instance records its own de-identification instead.
+DEID_MARKERS = ("PatientIdentityRemoved", "DeidentificationMethod")
+COPIED_DEID = tuple(k for k in COPIED if k not in DEID_MARKERS)
+
+
+def copied_keywords(deid: Deidentifier | None) -> tuple[str, ...]:
+    """The source attributes the derived instance copies (then de-identifies, with
+    ``deid``)."""
+    return COPIED if deid is None else COPIED_DEID
+
+
+def source_uid(uid: str, deid: Deidentifier | None) -> str:
+    """A source UID as the derived instance (and its message id) refers to it: the site's
+    pseudonym when de-identifying."""
+    return uid if deid is None else deid.uid(uid)
 
 
 def format_ds(value: float) -> str:
@@ -82,11 +101,16 @@ def result_message_id(source_sop_instance_uid: str, model_digest: str) -> str:
     return hashlib.sha256(text).hexdigest()[:32]
 
 
-def derived_uids(scan: Scan, model_digest: str) -> tuple[str, str]:
+def derived_uids(scan: Scan, model_digest: str,
+                 deid: Deidentifier | None = None) -> tuple[str, str]:
     """The (SOP Instance UID, Series Instance UID) of the instance derived from ``scan``:
-    deterministic, so every slice of one source series and model shares one series."""
-    sop = generate_uid(entropy_srcs=["iomt/sop", scan.sop_instance_uid, model_digest])
-    series = generate_uid(entropy_srcs=["iomt/series", scan.series_instance_uid, model_digest])
+    deterministic, so every slice of one source series and model shares one series. With
+    ``deid`` they derive from the source UIDs' pseudonyms, so only the site can link them
+    to the source."""
+    sop = generate_uid(entropy_srcs=["iomt/sop", source_uid(scan.sop_instance_uid, deid),
+                                     model_digest])
+    series = generate_uid(entropy_srcs=["iomt/series",
+                                        source_uid(scan.series_instance_uid, deid), model_digest])
     return str(sop), str(series)
 
 
@@ -117,10 +141,10 @@ def to_uint16(stored: np.ndarray) -> np.ndarray:
     return values.astype(np.uint16)
 
 
-def _image_item(scan: Scan, purpose: bool) -> Dataset:
+def _image_item(scan: Scan, purpose: bool, deid: Deidentifier | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = scan.sop_class_uid
-    item.ReferencedSOPInstanceUID = scan.sop_instance_uid
+    item.ReferencedSOPInstanceUID = source_uid(scan.sop_instance_uid, deid)
     if purpose:  # CID 7202: "Source image for image processing operation"
         code = Dataset()
         code.CodeValue, code.CodingSchemeDesignator = "121322", "DCM"
@@ -157,20 +181,26 @@ def derived_dataset(
     *,
     device_id: str,
     software_version: str,
+    deid: Deidentifier | None = None,
 ) -> Dataset:
     """The whole derived instance as a pydicom Dataset (file meta included) for uint16
     ``pixels`` on the source grid: what ``derive_instance`` writes, element for element.
+    With ``deid`` the copied source attributes and the source references are
+    de-identified and the instance is marked so (``Deidentifier.mark``).
 
     The per-slice writer (``agent.dicom.derived_writer``) builds its per-series template from
     this dataset, and ``derive_instance_generic`` encodes it with pydicom as a whole."""
     modality = check_arguments(scan, pixels, output)
-    sop_uid, series_uid = derived_uids(scan, model.digest)
+    sop_uid, series_uid = derived_uids(scan, model.digest, deid)
     src = scan.dataset
     ds = Dataset()
     with quiet_pydicom():
-        for keyword in COPIED:
+        offset = 0 if deid is None else deid.date_offset(src)
+        for keyword in copied_keywords(deid):
             with suppress(Exception):  # absent, or a value pydicom cannot convert: omit
-                ds[keyword] = src[keyword]
+                copied = deidentified(src[keyword], deid, offset)
+                if copied is not None:
+                    ds[keyword] = copied
         for keyword in TYPE2_EMPTY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
@@ -187,8 +217,10 @@ def derived_dataset(
             f"Synthetic {modality} by model {model.name} {model.version} "
             f"(sha256:{model.digest}); not for diagnostic use"
         )
-        ds.SourceImageSequence = Sequence([_image_item(scan, purpose=True)])
-        ds.ReferencedImageSequence = Sequence([_image_item(scan, purpose=False)])
+        ds.SourceImageSequence = Sequence([_image_item(scan, True, deid)])
+        ds.ReferencedImageSequence = Sequence([_image_item(scan, False, deid)])
+        if deid is not None:
+            deid.mark(ds)
         ds.BurnedInAnnotation = "NO"
         ds.Manufacturer = "iomt-edge-agent"
         ds.ManufacturerModelName = model.name[:64]
@@ -218,6 +250,12 @@ def derived_dataset(
     return ds
 
 
+def deidentified(elem: DataElement, deid: Deidentifier | None,
+                 offset: int) -> DataElement | None:
+    """A copied source element as the derived instance holds it (None: removed)."""
+    return elem if deid is None else deid.element(elem, offset)
+
+
 def series_description(output: OutputContract) -> str:
     """The output contract's series description, marked synthetic when it is not yet."""
     description = output.series_description
@@ -242,12 +280,13 @@ def derive_instance_generic(
     *,
     device_id: str,
     software_version: str,
+    deid: Deidentifier | None = None,
 ) -> bytes:
     """``derive_instance`` through pydicom's generic writer (the whole dataset built and
     encoded per slice): the reference the per-series writer is checked against."""
     pixels = to_uint16(np.asarray(stored))
     return encode_generic(derived_dataset(scan, pixels, model, output, device_id=device_id,
-                                          software_version=software_version))
+                                          software_version=software_version, deid=deid))
 
 
 def derive_instance(
@@ -259,6 +298,7 @@ def derive_instance(
     device_id: str,
     software_version: str,
     writer: DerivedWriter | None = None,
+    deid: Deidentifier | None = None,
 ) -> bytes:
     """Write the model's result for ``scan`` as a Part-10 instance (Explicit VR Little
     Endian) and return its bytes.
@@ -269,7 +309,9 @@ def derive_instance(
     the provenance (source references, model name, version and digest) is recorded. The
     output is byte-for-byte deterministic: no timestamps of its own, and the same bytes as
     ``derive_instance_generic``. ``writer`` keeps the encoded per-series template between
-    calls (one per translator; a shared default when None).
+    calls (one per translator; a shared default when None). ``deid``: de-identify
+    (PS3.15 Annex E, see ``agent.dicom.deid``); the patient and study modules are then the
+    source's de-identified.
     Raises ValueError when ``stored`` does not match the source grid or the output modality
     has no storage class here.
     """
@@ -277,5 +319,5 @@ def derive_instance(
 
     return (writer or default_writer()).write(
         scan, np.asarray(stored), model, output, device_id=device_id,
-        software_version=software_version,
+        software_version=software_version, deid=deid,
     )

@@ -18,6 +18,12 @@ is the same for every slice of a series, so ``DerivedWriter`` keeps it encoded:
 
 Every element is then joined in tag order. The result is the same bytes as
 ``derive.derive_instance_generic`` (tests compare them, and validate the instance).
+
+De-identifying (``deid``, ``agent.dicom.deid``), the template is built from the
+de-identified generic dataset, once per series (it then holds the de-identification
+markers); the copied elements go through the same ``Deidentifier.element`` as in the
+generic path, memoised under keys that include the de-identifier and the patient's date
+offset; the source references and the SOP Instance UID use the source UIDs' pseudonyms.
 """
 
 from __future__ import annotations
@@ -38,16 +44,20 @@ from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 
 from agent.dicom.decode import Scan, quiet_pydicom
+from agent.dicom.deid import Deidentifier
 from agent.dicom.derive import (
     COPIED,
+    COPIED_DEID,
     TYPE2_EMPTY,
     ModelIdentity,
     check_arguments,
+    deidentified,
     derived_dataset,
     derived_uids,
     encode_generic,
     format_ds,
     output_series_number,
+    source_uid,
     to_uint16,
     window,
 )
@@ -81,9 +91,21 @@ def _tag(keyword: str) -> int:
     return tag
 
 
-# (tag, type-2: written empty when absent, memoised, VR of a per-slice number or None)
-_COPIED_TAGS = tuple((_tag(k), k in TYPE2_EMPTY, k not in _UNIQUE_PER_SLICE, _NUMBER_VR.get(k))
-                     for k in COPIED)  # fmt: skip
+CopiedTag = tuple[int, bool, bool, str | None]
+
+
+def _copied_tags(keywords: tuple[str, ...]) -> tuple[CopiedTag, ...]:
+    """(tag, type-2: written empty when absent, memoised, VR of a per-slice number or None)
+    of each copied keyword."""
+    return tuple((_tag(k), k in TYPE2_EMPTY, k not in _UNIQUE_PER_SLICE, _NUMBER_VR.get(k))
+                 for k in keywords)
+
+
+# Copied as they are, and de-identified (``derive.copied_keywords``). The per-slice numbers
+# (InstanceNumber, ImagePositionPatient, SliceLocation) are kept (K) by the profile, so
+# their fast path is the same either way.
+_COPIED_TAGS = _copied_tags(COPIED)
+_COPIED_TAGS_DEID = _copied_tags(COPIED_DEID)
 _MEMO_LIMIT = 4096  # distinct copied values kept (cleared when full and per new series)
 _TEMPLATE_LIMIT = 16  # output series whose templates are kept
 _SCALARS = (str, int, float)
@@ -123,10 +145,10 @@ def _purpose_of_reference() -> bytes:
     return element(0x0040A170, b"SQ", _item(code))
 
 
-def _references(scan: Scan) -> list[Element]:
+def _references(scan: Scan, deid: Deidentifier | None) -> list[Element]:
     """SourceImageSequence and ReferencedImageSequence: one item naming the source."""
     refs = (element(0x00081150, b"UI", _ui(scan.sop_class_uid))
-            + element(0x00081155, b"UI", _ui(scan.sop_instance_uid)))
+            + element(0x00081155, b"UI", _ui(source_uid(scan.sop_instance_uid, deid))))
     return [(_REFERENCED_IMAGES, element(_REFERENCED_IMAGES, b"SQ", _item(refs))),
             (_SOURCE_IMAGES,
              element(_SOURCE_IMAGES, b"SQ", _item(refs + _purpose_of_reference())))]
@@ -189,14 +211,14 @@ def _encodings(src: Dataset) -> Any:
 class _Template:
     """The encoded parts of one output series that every slice shares."""
 
-    def __init__(self, generic: bytes) -> None:
+    def __init__(self, generic: bytes, copied_tags: tuple[CopiedTag, ...]) -> None:
         meta_length = struct.unpack_from("<I", generic, len(_PREAMBLE) + 8)[0]
         meta_end = len(_PREAMBLE) + 12 + meta_length
         meta = split_elements(generic, len(_PREAMBLE), meta_end)
         self.meta_before = b"".join(b for t, b in meta
                                     if _META_GROUP_LENGTH < t < _MEDIA_SOP_INSTANCE)
         self.meta_after = b"".join(b for t, b in meta if t > _MEDIA_SOP_INSTANCE)
-        copied = {tag for tag, *_ in _COPIED_TAGS}
+        copied = {tag for tag, *_ in copied_tags}
         self.elements = [(t, b) for t, b in split_elements(generic, meta_end)
                          if t not in _PER_SLICE and t not in copied]
 
@@ -221,21 +243,25 @@ class DerivedWriter:
         *,
         device_id: str,
         software_version: str,
+        deid: Deidentifier | None = None,
     ) -> bytes:
-        """The derived instance of ``scan`` (see ``derive.derive_instance``)."""
+        """The derived instance of ``scan`` (see ``derive.derive_instance``). With ``deid``
+        the template is de-identified once per series (it holds the agent's elements and
+        the markers); per slice only the copied elements go through ``deid``, memoised."""
         modality = check_arguments(scan, stored, output)
         pixels = np.ascontiguousarray(to_uint16(stored), dtype="<u2")
-        sop_uid, series_uid = derived_uids(scan, model.digest)
+        sop_uid, series_uid = derived_uids(scan, model.digest, deid)
         with quiet_pydicom():
             encodings = _encodings(scan.dataset)
             charset = str(encodings)
             key = (modality, output, model, device_id, software_version, series_uid,
-                   output_series_number(scan), pixels.shape, charset)
+                   output_series_number(scan), pixels.shape, charset, deid)
             template = self._template(key, scan, pixels, model, output, device_id,
-                                      software_version)
-            copied = self._copied(scan.dataset, encodings, charset)
+                                      software_version, deid)
+            offset = 0 if deid is None else deid.date_offset(scan.dataset)
+            copied = self._copied(scan.dataset, encodings, charset, deid, offset)
         center, width = window(pixels, output)
-        elements = [*template.elements, *copied, *_references(scan),
+        elements = [*template.elements, *copied, *_references(scan, deid),
                     (_SOP_INSTANCE, element(_SOP_INSTANCE, b"UI", _ui(sop_uid))),
                     (_WINDOW_CENTER, element(_WINDOW_CENTER, b"DS",
                                              _ascii_text(format_ds(center)))),
@@ -253,15 +279,15 @@ class DerivedWriter:
 
     def _template(self, key: tuple[object, ...], scan: Scan, pixels: np.ndarray,
                   model: ModelIdentity, output: OutputContract, device_id: str,
-                  software_version: str) -> _Template:
+                  software_version: str, deid: Deidentifier | None) -> _Template:
         with self._lock:
             template = self._templates.get(key)
             if template is not None:
                 self._templates.move_to_end(key)
                 return template
         ds = derived_dataset(scan, pixels, model, output, device_id=device_id,
-                             software_version=software_version)
-        template = _Template(encode_generic(ds))
+                             software_version=software_version, deid=deid)
+        template = _Template(encode_generic(ds), _tags_for(deid))
         with self._lock:
             # A new output series: the memo (which holds patient values) starts afresh, so
             # it keeps only the values of the series being written, not of past patients.
@@ -271,10 +297,12 @@ class DerivedWriter:
                 self._templates.popitem(last=False)
         return template
 
-    def _copied(self, src: Dataset, encodings: Any, charset: str) -> list[Element]:
-        """The encoded copied elements present in the output."""
+    def _copied(self, src: Dataset, encodings: Any, charset: str, deid: Deidentifier | None,
+                offset: int) -> list[Element]:
+        """The encoded copied elements present in the output (de-identified with ``deid``;
+        ``offset``: its date shift for this patient, part of every memo key)."""
         out: list[Element] = []
-        for tag, type2, memoised, number_vr in _COPIED_TAGS:
+        for tag, type2, memoised, number_vr in _tags_for(deid):
             key: tuple[object, ...] | None = None
             if number_vr is not None:
                 value = canonical_number_string(src.get_item(tag), number_vr)
@@ -284,19 +312,20 @@ class DerivedWriter:
             if memoised:
                 raw = src.get_item(tag)
                 if isinstance(raw, RawDataElement):
-                    key = (tag, charset, raw.VR, raw.value, raw.is_little_endian,
-                           raw.is_implicit_VR)
+                    key = (tag, charset, deid, offset, raw.VR, raw.value,
+                           raw.is_little_endian, raw.is_implicit_VR)
                 elif raw is None:
-                    key = (tag, charset, None)
+                    key = (tag, charset, deid, offset, None)
                 else:
                     value_key = _value_key(raw)
-                    key = None if value_key is None else (tag, charset, value_key)
+                    key = (None if value_key is None
+                           else (tag, charset, deid, offset, value_key))
                 hit = _MISSING if key is None else self._memo.get(key, _MISSING)
                 if hit is not _MISSING:  # (one get: another thread may clear the memo)
                     if hit is not None:
                         out.append((tag, hit))
                     continue
-            encoded = self._encode_copied(src, tag, type2, encodings)
+            encoded = self._encode_copied(src, tag, type2, encodings, deid, offset)
             if key is not None:
                 if len(self._memo) >= _MEMO_LIMIT:
                     self._memo.clear()
@@ -306,11 +335,13 @@ class DerivedWriter:
         return out
 
     @staticmethod
-    def _encode_copied(src: Dataset, tag: int, type2: bool, encodings: Any) -> bytes | None:
-        """What the generic path writes for one copied element: the source's, an empty
-        type-2 element when the source has none (or one pydicom cannot read), or nothing."""
+    def _encode_copied(src: Dataset, tag: int, type2: bool, encodings: Any,
+                       deid: Deidentifier | None, offset: int) -> bytes | None:
+        """What the generic path writes for one copied element: the source's (then
+        de-identified), an empty type-2 element when it has none (or one pydicom cannot
+        read, or the profile removes it), or nothing."""
         try:
-            elem: DataElement | None = src[tag]
+            elem: DataElement | None = deidentified(src[tag], deid, offset)
         except Exception:
             elem = None
         if elem is None:
@@ -318,6 +349,10 @@ class DerivedWriter:
                 return None
             elem = DataElement(tag, dictionary_VR(tag), "")
         return encode_element(elem, encodings)
+
+
+def _tags_for(deid: Deidentifier | None) -> tuple[CopiedTag, ...]:
+    return _COPIED_TAGS if deid is None else _COPIED_TAGS_DEID
 
 
 _DEFAULT: DerivedWriter | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.config import parse_config
 from agent.crypto import keys
+from agent.crypto.site_secret import create_site_secret
 from agent.model.bundle import BundleError, load_bundle
 
 BUNDLE_NAME = "t1w-to-t2w-lite"
@@ -83,6 +84,13 @@ max_payload_bytes = 67108864     # 64 MiB
 pixel_budget = 16777216          # rows x columns x frames
 inbox_max_bytes = 2147483648
 outbox_max_bytes = 2147483648
+
+[deid]            # PS3.15 Annex E de-identification before sealing (README, Configuration)
+enabled = true
+secret_file = "keys/site-deid.key"   # the same file on every node of the site (0600)
+retain_modified_dates = false         # 113107: shift dates per patient instead of removing
+retain_patient_characteristics = false  # 113108: keep sex, age, size, weight
+retain_device_identity = false        # 113109: keep station name, device serial numbers
 
 [log]
 level = "info"
@@ -184,5 +192,7 @@ def write_directory(opts: InitOptions) -> Path:
     operator = keys.generate_signing_key()
     keys.save_private_key(key_dir / "operator.key", operator, overwrite=ow)
     keys.save_public_key(key_dir / "operator.pub", operator.public_key(), overwrite=ow)
+    if not (key_dir / "site-deid.key").exists():  # kept on --force: pseudonyms stay stable
+        create_site_secret(key_dir / "site-deid.key")
     config_path.write_text(text, encoding="utf-8")
     return config_path

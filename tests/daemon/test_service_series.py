@@ -17,8 +17,10 @@ import pytest
 
 from agent.config import load_config
 from agent.crypto import keys, seal
+from agent.crypto.site_secret import load_site_secret
 from agent.daemon.service import Agent
 from agent.demo.sample_series import build_series
+from agent.dicom.deid import Deidentifier
 from agent.ops.scaffold import InitOptions, write_directory
 from tests.bundles import expected_context_output, make_context_bundle
 
@@ -80,23 +82,33 @@ class Driver:
         return rows
 
 
-@pytest.fixture
-def opener(node: Path) -> Iterator[object]:
-    kdir = node.parent / "keys"
-    recipient = keys.load_recipient_private_key(kdir / "cloud-recipient.key")
-    device = keys.load_verify_key(kdir / "device-signing.pub")
+class Opener:
+    """Verifies and decrypts results as the cloud does; ``source_uid`` is what the site
+    (which holds the de-identification secret) computes to map a result back to its scan."""
 
-    def open_result(envelope: bytes) -> pydicom.Dataset:
-        opened = seal.open_envelope(envelope, recipients={recipient.key_id: recipient},
-                                    trusted_devices={"edge-1": device})
+    def __init__(self, node: Path) -> None:
+        kdir = node.parent / "keys"
+        self.recipient = keys.load_recipient_private_key(kdir / "cloud-recipient.key")
+        self.device = keys.load_verify_key(kdir / "device-signing.pub")
+        self.site = Deidentifier(load_site_secret(kdir / "site-deid.key"))
+
+    def __call__(self, envelope: bytes) -> pydicom.Dataset:
+        opened = seal.open_envelope(envelope, recipients={self.recipient.key_id: self.recipient},
+                                    trusted_devices={"edge-1": self.device})
         return pydicom.dcmread(io.BytesIO(opened.plaintext))
 
-    yield open_result
+    def source_uid(self, payload: bytes) -> str:
+        return self.site.uid(pydicom.dcmread(io.BytesIO(payload)).SOPInstanceUID)
+
+
+@pytest.fixture
+def opener(node: Path) -> Iterator[Opener]:
+    yield Opener(node)
 
 
 def check(results: list[bytes], open_result, payloads: list[bytes], values: list[float],  # type: ignore[no-untyped-def]
           slots_for) -> dict[int, int]:  # type: ignore[no-untyped-def]
-    index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
+    index = {open_result.source_uid(p): i for i, p in enumerate(payloads)}
     got: dict[int, int] = {}
     for envelope in results:
         ds = open_result(envelope)
@@ -192,7 +204,7 @@ def test_a_series_at_another_slice_spacing_is_served_with_a_warning(node: Path) 
 
 def results_by_model(d: Driver, open_result, payloads: list[bytes]) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
     """Source slice indices of the result rows in the outbox, by the model that made them."""
-    index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
+    index = {open_result.source_uid(p): i for i, p in enumerate(payloads)}
     out: dict[str, list[int]] = {}
     for row in d.agent.store.outbox(limit=1000):
         if row.kind == "result":

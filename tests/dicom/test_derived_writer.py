@@ -20,7 +20,14 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from agent.demo.sample_series import build_series, load_demo_slab
 from agent.dicom.decode import Scan, decode_scan
-from agent.dicom.derive import ModelIdentity, derive_instance, derive_instance_generic, to_uint16
+from agent.dicom.deid import Deidentifier, DeidOptions
+from agent.dicom.derive import (
+    TYPE2_EMPTY,
+    ModelIdentity,
+    derive_instance,
+    derive_instance_generic,
+    to_uint16,
+)
 from agent.dicom.derived_writer import DerivedWriter, split_elements
 from agent.dicom.series import slice_info
 from agent.model.bundle import InputContract, OutputContract
@@ -42,15 +49,18 @@ def stored_for(scan: Scan) -> np.ndarray:
 
 
 def both(payload: bytes, writer: DerivedWriter, output: OutputContract = OUT_MR,
-         before: Callable[[Scan], object] = lambda s: None) -> tuple[bytes, bytes]:
+         before: Callable[[Scan], object] = lambda s: None,
+         deid: Deidentifier | None = None) -> tuple[bytes, bytes]:
     """(fast, generic) derived bytes, each from its own decode of ``payload`` (the generic
     writer converts every copied element of the source dataset it reads)."""
     fast_scan, generic_scan = decode(payload), decode(payload)
     before(fast_scan)
     before(generic_scan)
     kw = {"device_id": "edge-07", "software_version": "0.1.0"}
-    fast = derive_instance(fast_scan, stored_for(fast_scan), MODEL, output, writer=writer, **kw)
-    generic = derive_instance_generic(generic_scan, stored_for(generic_scan), MODEL, output, **kw)
+    fast = derive_instance(fast_scan, stored_for(fast_scan), MODEL, output, writer=writer,
+                           deid=deid, **kw)
+    generic = derive_instance_generic(generic_scan, stored_for(generic_scan), MODEL, output,
+                                      deid=deid, **kw)
     return fast, generic
 
 
@@ -145,6 +155,43 @@ def test_fast_writer_bytes_equal_the_generic_writer(source: str) -> None:
         assert again == pydicom.dcmread(io.BytesIO(generic))  # same dataset read back
 
 
+DEIDS = {"basic": Deidentifier(bytes(range(32)), type2=TYPE2_EMPTY),
+         "all-options": Deidentifier(bytes(range(32)), DeidOptions(True, True, True),
+                                     type2=TYPE2_EMPTY)}
+
+
+@pytest.mark.parametrize("profile", sorted(DEIDS))
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_deidentified_fast_writer_bytes_equal_the_generic_writer(source: str,
+                                                                 profile: str) -> None:
+    writer, deid = DerivedWriter(), DEIDS[profile]
+    for payload in SOURCES[source]():
+        fast, generic = both(payload, writer, deid=deid)
+        assert fast == generic
+        ds = read_strictly(fast)
+        assert ds.PatientIdentityRemoved == "YES" and ds.PatientName == ""
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID.startswith("2.25.")
+        assert "StudyDescription" not in ds
+
+
+def test_deidentified_memo_never_mixes_patients() -> None:
+    """Two patients' series interleaved through one writer with shifted dates: each slice
+    gets its own patient's shift (the date offset is part of every memo key)."""
+    writer, deid = DerivedWriter(), DEIDS["all-options"]
+    other = [edited(p, lambda ds: (setattr(ds, "PatientID", "OTHER-9"),
+                                   setattr(ds, "SeriesInstanceUID", generate_uid())))
+             for p in _demo(2)]
+    dates: dict[str, set[str]] = {}
+    for mine, theirs in zip(_demo(2), other, strict=True):
+        for payload in (mine, theirs):
+            fast, generic = both(payload, writer, deid=deid)
+            assert fast == generic
+            patient = str(pydicom.dcmread(io.BytesIO(payload)).PatientID)
+            dates.setdefault(patient, set()).add(pydicom.dcmread(io.BytesIO(fast)).StudyDate)
+    assert len(dates) == 2 and all(len(d) == 1 for d in dates.values())
+    assert len(set.union(*dates.values())) == 2
+
+
 def test_ct_output_and_a_2_5d_scan_whose_geometry_was_read() -> None:
     writer = DerivedWriter()
     for payload in _demo(3):
@@ -234,10 +281,12 @@ def read_strictly(data: bytes) -> Dataset:
 
 
 @pytest.mark.parametrize("output", [OUT_MR, OUT_CT], ids=["MR", "CT"])
-def test_derived_instance_passes_dciodvfy(output: OutputContract, tmp_path: Path) -> None:
-    writer = DerivedWriter()
+@pytest.mark.parametrize("profile", [None, "basic", "all-options"])
+def test_derived_instance_passes_dciodvfy(output: OutputContract, profile: str | None,
+                                          tmp_path: Path) -> None:
+    writer, deid = DerivedWriter(), None if profile is None else DEIDS[profile]
     for payload in _demo(2):
-        fast, _ = both(payload, writer, output)
+        fast, _ = both(payload, writer, output, deid=deid)
         assert dciodvfy_errors(fast, tmp_path) == []
 
 

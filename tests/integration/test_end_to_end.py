@@ -15,6 +15,7 @@ import pytest
 from agent.demo.sample_series import build_series, load_demo_slab
 from tests.conftest import Mosquitto
 from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
+from tests.site import site_uid
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +82,8 @@ def test_twenty_slices_in_twenty_verified_results_out(
     assert receiver.proc.wait(120) == 0, receiver.text()
     assert len(receiver.events("result_received")) == 20
 
-    sources = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p)
+    pseudonym = site_uid(config.parent)  # results are de-identified (the default)
+    sources = {pseudonym(str(pydicom.dcmread(p).SOPInstanceUID)): pydicom.dcmread(p)
                for p in scans.iterdir()}
     out = _derived(tmp_path)
     assert len(out) == 20
@@ -91,7 +93,8 @@ def test_twenty_slices_in_twenty_verified_results_out(
         src = sources[src_uid]
         assert ds.SOPInstanceUID != src.SOPInstanceUID
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID
-        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.StudyInstanceUID == pseudonym(src.StudyInstanceUID)
+        assert ds.PatientIdentityRemoved == "YES"
         assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription.upper()
         assert "SYNTHETIC" in ds.SeriesDescription.upper()
@@ -248,9 +251,10 @@ def test_patient_name_appears_in_no_log_topic_or_error(
     assert receiver.proc.wait(90) == 0, receiver.text()
     on_cloud.wait("errors", 1)
     assert agent.terminate() == 0
-    # The results did carry the name (inside the sealed envelope) ...
-    assert any(str(ds.PatientName) == SECRET_NAME for ds in _derived(tmp_path))
-    # ... and nothing else did.
+    # De-identified (the default), the results do not carry it either ...
+    derived = _derived(tmp_path)
+    assert derived and all(str(ds.PatientName) == "" for ds in derived)
+    # ... and nothing else did (tests/daemon/test_phi_proof.py: also with it off).
     for secret in (SECRET_NAME, SECRET_ID, "SECRETNAME"):
         for log in (agent.text(), receiver.text()):
             assert secret not in log

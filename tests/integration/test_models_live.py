@@ -21,6 +21,7 @@ from agent.demo.sample_series import build_series, load_demo_slab
 from tests.bundles import expected_context_output, make_context_bundle
 from tests.conftest import Mosquitto
 from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
+from tests.site import site_uid
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +157,9 @@ def test_series_assembly_across_a_sigkill(
     assert receiver.proc.wait(120) == 0, receiver.text() + agent2.text()
     assert agent2.terminate() == 0
 
-    index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
+    pseudonym = site_uid(config.parent)  # results are de-identified (the default)
+    index = {pseudonym(pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID): i
+             for i, p in enumerate(payloads)}
     seen: set[int] = set()
     for path in (tmp_path / "results").rglob("*.dcm"):
         ds = pydicom.dcmread(path)
@@ -207,7 +210,9 @@ def test_the_shipped_2_5d_model_serves_a_shuffled_series(
     served = candidate_files(bundle)[(runtime, precision)]
     runner = open_runner(runtime, str(served.path), RunnerOptions(intra_op_threads=1))
     grids = [to_model_grid(s.astype(np.float32), (1.0, 1.0), bundle.input) for s in slab]
-    index = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID: i for i, p in enumerate(payloads)}
+    pseudonym = site_uid(config.parent)  # results are de-identified (the default)
+    index = {pseudonym(pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID): i
+             for i, p in enumerate(payloads)}
     seen = set()
     for path in (tmp_path / "results").rglob("*.dcm"):
         ds = pydicom.dcmread(path)

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from tests.conftest import _free_port, mosquitto_binary
+from tests.site import site_uid
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +95,8 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path, protocol: str) -> None:
     assert re.search(r"^8$", out, re.M), detail  # find results -name '*.dcm' | wc -l
     results = sorted((try_dir / "results").rglob("*.dcm"))
     assert len(results) == 8
-    sources = {pydicom.dcmread(p).SOPInstanceUID for p in (try_dir / "scans").iterdir()}
+    pseudonym = site_uid(try_dir / "node1")  # results are de-identified (the default)
+    sources = {pseudonym(pydicom.dcmread(p).SOPInstanceUID) for p in (try_dir / "scans").iterdir()}
     for path in results:
         ds = pydicom.dcmread(path)
         assert "SYNTHETIC" in ds.SeriesDescription

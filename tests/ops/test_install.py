@@ -19,6 +19,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.crypto import keys
+from agent.crypto.site_secret import load_site_secret
 from tests.bundles import make_scale_bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,6 +131,7 @@ def test_layout_modes_and_ownership(staged: Staged) -> None:
         "/etc/iomt-agent/agent.toml": (0o640, ("root", GROUP)),
         "/etc/iomt-agent/credentials": (0o700, ("root", "root")),
         "/etc/iomt-agent/credentials/device-signing.key": (0o600, ("root", "root")),
+        "/etc/iomt-agent/credentials/site-deid.key": (0o600, ("root", "root")),
         "/etc/iomt-agent/device-signing.pub": (0o644, ("root", "root")),
         "/etc/iomt-agent/cloud-recipient.pub": (0o644, ("root", "root")),
         "/var/lib/iomt-agent": (0o700, (USER, GROUP)),
@@ -177,6 +179,11 @@ def test_config_from_template(staged: Staged) -> None:
     unit = staged.path("/etc/systemd/system/iomt-agent.service").read_text()
     assert ("LoadCredential=device-signing.key:/etc/iomt-agent/credentials/device-signing.key"
             in unit)
+    # de-identification on, keyed by the generated site secret that the unit hands over
+    assert config.deid.enabled
+    assert str(config.deid.secret_file) == "${CREDENTIALS_DIRECTORY}/site-deid.key"
+    assert len(load_site_secret(staged.path("/etc/iomt-agent/credentials/site-deid.key"))) == 32
+    assert "LoadCredential=site-deid.key:/etc/iomt-agent/credentials/site-deid.key" in unit
 
 
 def test_messages_name_the_staged_paths(staged: Staged) -> None:

@@ -9,10 +9,12 @@ import pytest
 
 from agent.config import ConfigError, load_config
 from agent.crypto import keys, seal
+from agent.crypto.site_secret import load_site_secret
 from agent.ops.scaffold import InitOptions, write_directory
 from tests.bundles import make_scale_bundle
 
 PRIVATE = ("device-signing.key", "cloud-recipient.key", "operator.key")
+SECRET = "site-deid.key"  # the de-identification secret: kept on --force
 PUBLIC = ("device-signing.pub", "cloud-recipient.pub", "operator.pub")
 
 
@@ -60,9 +62,11 @@ def test_key_files_modes_and_pairs(tmp_path: Path, bundle: Path) -> None:
     node = tmp_path / "node"
     cfg = load_config(write_directory(_opts(node, bundle, recipient_kind="x25519")))
     kdir = node / "keys"
-    assert sorted(p.name for p in kdir.iterdir()) == sorted(PRIVATE + PUBLIC)
-    for name in PRIVATE:
+    assert sorted(p.name for p in kdir.iterdir()) == sorted((*PRIVATE, *PUBLIC, SECRET))
+    for name in (*PRIVATE, SECRET):
         assert _mode(kdir / name) == 0o600, name
+    assert cfg.deid.enabled and cfg.deid.secret_file == kdir / SECRET
+    assert len(load_site_secret(kdir / SECRET)) == 32
     for name in PUBLIC:
         assert _mode(kdir / name) == 0o644, name
     # The files hold matching pairs: what the edge seals, the configured receiver opens.
@@ -99,6 +103,8 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path, bundle: Path) -> Non
     assert load_config(path).agent.site == "second"
     for name in PRIVATE + PUBLIC:  # fresh keys, same modes
         assert (node / "keys" / name).read_bytes() != before[node / "keys" / name]
+    # ... but the same de-identification secret: the site's pseudonyms stay the same
+    assert (node / "keys" / SECRET).read_bytes() == before[node / "keys" / SECRET]
     assert _mode(node / "keys" / "device-signing.key") == 0o600
 
 
