@@ -20,6 +20,7 @@ from agent.cli_model import (
     count_list,
     runs_count,
 )
+from agent.fleet.cli import add_fleet_parser
 from agent.signals import StopRequested, StopSignals
 
 if TYPE_CHECKING:
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.set_defaults(func=cmd_demo)
+
+    add_fleet_parser(sub)
 
     s = sub.add_parser("sample", help="write the sample T1w series (MNI152 template) for send")
     s.add_argument("dir", help="directory to write slice001.dcm... into (new or empty)")

@@ -235,30 +235,38 @@ class SeriesSection(Strict):
 
 class SealSection(Strict):
     recipient_public_key: Path = Field(
-        title="Recipient public key", description="The cloud's HPKE public key"
-    )
+        title="Recipient public key", description="The cloud's HPKE public key")
     device_signing_key: Path = Field(
-        title="Device signing key", description="This node's Ed25519 private key (0600)"
-    )
+        title="Device signing key", description="This node's Ed25519 private key (0600)")
 
 
 class ReceiverSection(Strict):
     recipient_private_key: Path = Field(
-        title="Recipient private key", description="The cloud's HPKE private key (0600)"
-    )
+        title="Recipient private key", description="The cloud's HPKE private key (0600)")
     trusted_devices: dict[str, Path] = Field(
-        title="Trusted devices", description="device id -> Ed25519 public key file"
-    )
+        title="Trusted devices", description="device id -> Ed25519 public key file")
     client_id: str | None = Field(None, title="Client id", description="Receiver client id")
 
 
 class LogSection(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", title="Log level", description="Minimum level"
-    )
+        "info", title="Log level", description="Minimum level")
     format: Literal["auto", "console", "json"] = Field(
-        "auto", title="Log format", description="auto: console on a TTY, JSON lines otherwise"
-    )
+        "auto", title="Log format", description="auto: console on a TTY, JSON lines otherwise")
+
+
+class FleetSection(Strict):
+    """Signed model updates from the cloud broker (agent.fleet); without it, none."""
+
+    group: str = Field(title="Fleet group", description="Topic level of this node's rollout "
+                       "group: updates come from iomt/fleet/<group>/... on the cloud broker")
+    root: Path = Field(title="Trusted root", description="The fleet's TUF root.json (`iomt-agent "
+                       "fleet init-repo` writes it); newer roots come signed by the fleet")
+    check_interval_s: float = Field(300.0, ge=1, le=86400, title="Check interval",
+                                    description="Seconds between checks besides each new "
+                                    "timestamp message")
+
+    _group = field_validator("group")(_level)
 
 
 class Config(Strict):
@@ -278,8 +286,9 @@ class Config(Strict):
         default_factory=lambda: LogSection(), title="Logging", description="Level and format"
     )
     receiver: ReceiverSection | None = Field(
-        None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
-    )
+        None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
+    fleet: FleetSection | None = Field(
+        None, title="Fleet updates", description="Model updates over MQTT, verified with TUF")
 
     def client_id(self, role: str) -> str:
         """The MQTT client id of a connection, the key of its persistent session: the
@@ -289,8 +298,9 @@ class Config(Strict):
         if role == "receiver":
             chosen = self.receiver.client_id if self.receiver else None
             return chosen or f"iomt-{self.agent.site}-cloud-receiver"
-        broker: BrokerConfig = getattr(self, role)
-        return broker.client_id or f"iomt-{self.agent.site}-{self.agent.device_id}-{role}"
+        broker: BrokerConfig | None = getattr(self, role) if role in ("edge", "cloud") else None
+        own = broker.client_id if broker else None  # "fleet": its own connection, no key
+        return own or f"iomt-{self.agent.site}-{self.agent.device_id}-{role}"
 
     def resolve(self, base: Path) -> Config:
         """Return a copy whose relative paths are taken relative to ``base``."""
@@ -332,6 +342,8 @@ class Config(Strict):
                     }
                 ),
                 "receiver": receiver,
+                "fleet": self.fleet and self.fleet.model_copy(
+                    update={"root": fix(self.fleet.root)}),
             }
         )
 

@@ -32,9 +32,10 @@ from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator
-from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
+from agent.daemon.reload import Loaded, Reloader, now_iso, refusal, update_report
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
+from agent.errors import AgentError
 from agent.log import get_logger
 from agent.model.serving import ServedModel, load_model
 from agent.transport.mqtt import Connection, Message, Will
@@ -60,7 +61,14 @@ class Agent:
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
-        self.model: ServedModel = load_model(config.model, a.state_dir)
+        self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
+        self.fleet = None
+        if config.fleet is not None:
+            from agent.fleet.updater import FleetUpdater  # tuf only where updates are on
+
+            self.fleet = FleetUpdater(config.fleet, config.cloud, config.client_id("fleet"),
+                                      a.state_dir, notify=self._work)
+        self.model: ServedModel = self._first_model(config, a.state_dir)
         self._log_guard(self.model)
 
         def sealer(plaintext: bytes, message_id: str) -> bytes:
@@ -80,12 +88,12 @@ class Agent:
             outbox_max_bytes=config.limits.outbox_max_bytes,
         )
         self._stop = threading.Event()
-        self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
         self._last_status = 0.0
         self.model_refused: dict[str, Any] | None = None
-        self.reloader = Reloader(config, self.config_path, self._work)
+        self.reloader = Reloader(config, self.config_path, self._work,
+                                 lambda: self.fleet.store.current if self.fleet else None)
         self.stages = Stages(self.store, config.series, self._translator(self.model),
                              stop=self._stop, space=self._space, beat=self._beat,
                              committed=self._committed)
@@ -115,6 +123,35 @@ class Agent:
                                       space=self._space)
 
     # -- the model -----------------------------------------------------------------------
+    def _first_model(self, config: Config, state_dir: Path) -> ServedModel:
+        """The fleet's current bundle where one was activated (the restart after an update
+        comes up on it), else the configured one."""
+        current = self.fleet.store.current if self.fleet else None
+        if current is not None:
+            try:
+                return load_model(config.model.model_copy(update={"bundle": current}),
+                                  state_dir)
+            except AgentError as exc:
+                log.error("fleet_bundle_unusable", bundle=str(current), reason=str(exc),
+                          fix="serving the configured model.bundle instead")
+        return load_model(config.model, state_dir)
+
+    def _fleet_turn(self) -> None:
+        """Main thread: hand a prepared update to the guarded reload, queue rejection
+        reports, republish the status when the update state changed."""
+        fleet = self.fleet
+        assert fleet is not None
+        candidate = fleet.take_candidate()
+        if candidate is not None:
+            self.reloader.request_bundle(candidate.bundle, candidate)
+        for reason, detail in fleet.take_reports():
+            self.store.complete(None, [update_report(self.topics, reason, detail)],
+                                "update_rejected")
+            self._kick.set()
+        if fleet.changed.is_set():
+            fleet.changed.clear()
+            self._publish_status(force=True)
+
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest)
@@ -138,6 +175,14 @@ class Agent:
 
     def _finish_reload(self, loaded: Loaded) -> None:
         """Main thread: swap the loaded model in, or report why it was refused."""
+        candidate = self.reloader.done_tag
+        if candidate is not None and self.fleet is not None:  # a fleet update
+            if isinstance(loaded, ServedModel):
+                self.fleet.activated(candidate)  # type: ignore[arg-type]
+                self._swap(loaded)
+            else:
+                self.fleet.refused(candidate, loaded)  # type: ignore[arg-type]
+            return
         if isinstance(loaded, ServedModel):
             self._swap(loaded)
         else:
@@ -195,6 +240,7 @@ class Agent:
             "agent_version": __version__,
             "model": self.model.summary(),
             **({"model_refused": self.model_refused} if self.model_refused else {}),
+            **({"update": self.fleet.status()} if self.fleet else {}),
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
             "inbox_depth": inbox,
@@ -266,6 +312,8 @@ class Agent:
         self.prepare()
         self.cloud.start()
         self.edge.start()
+        if self.fleet is not None:
+            self.fleet.start()
         publisher.start()
         self.stages.start()
         deadline = time.monotonic() + 10.0
@@ -286,6 +334,8 @@ class Agent:
             loaded = self.reloader.poll()
             if loaded is not None:
                 self._finish_reload(loaded)
+            if self.fleet is not None:
+                self._fleet_turn()
             if self.ingest.held:
                 self.ingest.retry()  # the inbox may have room again
             busy = self.stages.process_pending()
@@ -320,6 +370,8 @@ class Agent:
         inbox, outbox = self.store.depths()
         self._publish_offline(self.cloud)
         self.cloud.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.reloader.close()
         self.model.close()
         self.store.close()

@@ -1,0 +1,91 @@
+"""``iomt-agent fleet ...``: the operator's commands (``agent.cli`` adds this parser).
+
+As in ``agent.cli``, only the standard library is imported up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def cmd_init_repo(args: argparse.Namespace) -> int:
+    from agent.fleet.repo import RepoError, init_repo
+
+    try:
+        root = init_repo(Path(args.dir), args.root_threshold, args.root_keys)
+    except RepoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"fleet repository in {args.dir}: keys in {Path(args.dir) / 'keys'} (0600; keep the "
+          f"root keys offline)\ntrusted root for the nodes: {root} (their [fleet] root)")
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from agent.config import BrokerConfig
+    from agent.errors import AgentError
+    from agent.fleet.publish import publish
+    from agent.log import configure
+
+    configure("warning", "console")
+    try:
+        broker = BrokerConfig(url=args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                              key_file=args.key_file, username=args.username,
+                              password_file=args.password_file)
+    except ValueError as exc:
+        print(f"error: --broker {args.broker}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        release = publish(Path(args.repo), Path(args.bundle), args.group, broker,
+                          chunk_bytes=args.chunk_kib * 1024, timeout=args.timeout)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"published version {release.version} to iomt/fleet/{args.group}/ on {args.broker}: "
+          f"{len(release.target)} bytes, sha256 {release.sha256}")
+    return EXIT_OK
+
+
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, metavar="URL",
+                   help="the cloud broker: mqtt://host:port or mqtts://host:port")
+    p.add_argument("--ca-file", type=Path, help="CA certificates for mqtts")
+    p.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
+    p.add_argument("--username", help="MQTT username")
+    p.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+
+
+def add_fleet_parser(sub: Any) -> None:
+    """``fleet`` and its subcommands, under the top-level parser's ``sub``."""
+    s = sub.add_parser("fleet", help="signed model updates for groups of nodes (TUF over MQTT)",
+                       description="The fleet operator's tools: a TUF repository of signing "
+                       "keys, and signed releases published retained on the cloud broker.")
+    fsub = s.add_subparsers(dest="fleet_command", required=True, metavar="SUBCOMMAND")
+    f = fsub.add_parser("init-repo", help="create a repository: keys for root, targets, "
+                        "snapshot, timestamp, and DIR/root.json for the nodes",
+                        description="Exit 0 created; 1 DIR is not empty or bad threshold.")
+    f.add_argument("dir", help="new (or empty) directory")
+    f.add_argument("--root-threshold", type=int, default=1, metavar="N",
+                   help="root signatures a new root needs (default 1)")
+    f.add_argument("--root-keys", type=int, metavar="M",
+                   help="root keys to create (default: the threshold)")
+    f.set_defaults(func=cmd_init_repo)
+    f = fsub.add_parser("publish", help="pack, sign and publish a bundle for a group",
+                        description="Checks the bundle (schema, every sha256), packs it as a "
+                        "tar, signs new targets/snapshot/timestamp versions and publishes "
+                        "them with the chunked target, retained. Exit 0 published; 1 the "
+                        "bundle, the repository or the broker refused; 2 bad --broker.")
+    f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
+    f.add_argument("--bundle", required=True, help="model bundle directory")
+    f.add_argument("--group", required=True, help="rollout group (a topic level)")
+    _broker_args(f)
+    f.add_argument("--chunk-kib", type=int, default=256, metavar="K",
+                   help="target chunk size in KiB (default 256)")
+    f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
+    f.set_defaults(func=cmd_publish)

@@ -1,0 +1,114 @@
+"""``iomt-agent fleet publish``: pack a bundle, sign a release, put it on the cloud broker.
+
+The messages of a release (``release_messages``), all retained QoS 1, in this order: every
+root version, the target's manifest and chunks, the versioned targets and snapshot, and the
+timestamp last (a node starts a refresh when the timestamp changes). Then the previous
+release's versioned metadata and chunks are cleared (an empty retained message), unless the
+new release reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.config import BrokerConfig
+from agent.errors import AgentError
+from agent.fleet.archive import pack_bundle
+from agent.fleet.repo import TARGET_NAME, Release, previous_release, record_release, sign_release
+from agent.model.bundle import load_bundle
+from agent.transport.mqtt import Connection, Verdict
+from agent.transport.topics import FleetTopics, Topic
+
+CHUNK_BYTES = 256 * 1024  # well inside the default message caps of the common brokers
+
+Messages = list[tuple[Topic, bytes]]
+
+
+class PublishError(AgentError):
+    """The broker could not be reached or refused a message."""
+
+
+def release_messages(topics: FleetTopics, release: Release,
+                     chunk_bytes: int = CHUNK_BYTES) -> Messages:
+    """Every retained message of ``release``, in publishing order."""
+    count = math.ceil(len(release.target) / chunk_bytes)
+    manifest = json.dumps({"v": 1, "length": len(release.target), "chunk_size": chunk_bytes,
+                           "chunks": count, "sha256": release.sha256},
+                          separators=(",", ":")).encode()
+    out: Messages = [(topics.metadata("root", v), data) for v, data in sorted(
+        release.roots.items())]
+    out.append((topics.target(release.sha256, TARGET_NAME), manifest))
+    out += [(topics.target_chunk(release.sha256, TARGET_NAME, i),
+             release.target[i * chunk_bytes:(i + 1) * chunk_bytes]) for i in range(count)]
+    out += [(topics.metadata("targets", release.version), release.targets),
+            (topics.metadata("snapshot", release.version), release.snapshot),
+            (topics.metadata("timestamp"), release.timestamp)]
+    return out
+
+
+def stale_messages(topics: FleetTopics, previous: dict[str, Any] | None,
+                   release: Release) -> Messages:
+    """Empty retained messages that clear what the previous release left."""
+    if previous is None:
+        return []
+    old = int(previous["version"])
+    out: Messages = [(topics.metadata("targets", old), b""),
+                     (topics.metadata("snapshot", old), b"")]
+    if previous["sha256"] != release.sha256:
+        out.append((topics.target(previous["sha256"], TARGET_NAME), b""))
+        out += [(topics.target_chunk(previous["sha256"], TARGET_NAME, i), b"")
+                for i in range(int(previous["chunks"]))]
+    return out
+
+
+def send_retained(broker: BrokerConfig, messages: Messages, *, timeout: float = 60.0,
+                  client_id: str | None = None) -> None:
+    """Publish ``messages`` retained at QoS 1 and wait until the broker took each."""
+    conn = Connection(broker, client_id or f"iomt-fleet-publisher-{time.monotonic_ns()}",
+                      name="cloud")
+    conn.start()
+    try:
+        if not conn.wait_connected(min(timeout, 15.0)):
+            raise PublishError(f"cannot reach the broker {broker.url}: "
+                               f"{conn.last_error or 'no answer'}")
+        done = threading.Semaphore(0)
+        refused: list[str] = []
+
+        def on_done(verdict: Verdict) -> None:
+            if not verdict.ok:
+                refused.append(verdict.reason)
+            done.release()
+
+        for topic, payload in messages:
+            conn.publish(topic, payload, qos=1, retain=True, on_done=on_done)
+        deadline = time.monotonic() + timeout
+        for _ in messages:
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise PublishError(f"the broker {broker.url} did not acknowledge every "
+                                   f"message within {timeout:.0f} s")
+        if refused:
+            raise PublishError(f"the broker refused {len(refused)} message(s): {refused[0]} "
+                               "(check its ACL and message_size_limit)")
+    finally:
+        conn.stop()
+
+
+def publish(repo: Path, bundle_dir: Path, group: str, broker: BrokerConfig, *,
+            chunk_bytes: int = CHUNK_BYTES, timeout: float = 60.0) -> Release:
+    """Check the bundle (strict schema, every sha256), pack it, sign a release, publish
+    it retained under ``iomt/fleet/{group}/``."""
+    bundle = load_bundle(bundle_dir)
+    topics = FleetTopics(group)
+    previous = previous_release(repo, group)
+    release = sign_release(repo, group, pack_bundle(bundle_dir),
+                           {"bundle": bundle.name, "version": bundle.version})
+    messages = release_messages(topics, release, chunk_bytes)
+    send_retained(broker, messages + stale_messages(topics, previous, release),
+                  timeout=timeout)
+    record_release(repo, release, math.ceil(len(release.target) / chunk_bytes))
+    return release

@@ -1,0 +1,296 @@
+"""The node's update path (fetcher + ngclient + unpack + bundle checks) against a real
+Mosquitto, in process: a good release becomes a candidate and then ``current``, and each
+attack is rejected with its reason while ``current`` stays what it was."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.config import BrokerConfig, FleetSection
+from agent.fleet.archive import pack_bundle
+from agent.fleet.publish import publish, release_messages, send_retained
+from agent.fleet.repo import Release, init_repo, sign_release
+from agent.fleet.updater import FleetUpdater
+from agent.transport.topics import FleetTopics
+from tests.bundles import make_scale_bundle
+from tests.conftest import Mosquitto
+
+pytestmark = pytest.mark.integration
+
+GROUP = "ward-a"
+
+
+@pytest.fixture
+def broker(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
+    return mosquitto_factory("cloud")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    init_repo(tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def _bundle(tmp: Path, version: str, factor: float = 0.5) -> Path:
+    root = make_scale_bundle(tmp / f"bundle-{version}", factor)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["version"] = version
+    (root / "bundle.json").write_text(json.dumps(meta))
+    return root
+
+
+def _node(tmp: Path, broker: Mosquitto, repo: Path, name: str = "node") -> FleetUpdater:
+    up = FleetUpdater(FleetSection(group=GROUP, root=repo / "root.json"),
+                      BrokerConfig(url=broker.url), f"fleet-{name}-{time.monotonic_ns()}",
+                      tmp / f"state-{name}", stall_s=2.0, deadline_s=10.0)
+    up.store.prepare()
+    up.conn.start()
+    assert up.conn.wait_connected(10)
+    return up
+
+
+def _settled(up: FleetUpdater) -> None:
+    """Wait until the group's timestamp has arrived and the burst has landed."""
+    assert up.cache.get(up.topics.metadata("timestamp"), 10) is not None
+    time.sleep(0.5)
+
+
+def _activate(up: FleetUpdater) -> str:
+    _settled(up)
+    up.check()
+    candidate = up.take_candidate()
+    assert candidate is not None, up.status()
+    up.activated(candidate)
+    assert up.store.current == candidate.bundle
+    return candidate.key
+
+
+def _send(broker: Mosquitto, release: Release, **kw: int) -> None:
+    send_retained(BrokerConfig(url=broker.url),
+                  release_messages(FleetTopics(GROUP), release, **kw))
+
+
+def _rejected(up: FleetUpdater, reason: str) -> dict[str, object]:
+    status = up.status()
+    assert status["state"] == "rejected", status
+    assert status["reason"] == reason, status
+    assert up.take_candidate() is None
+    assert up.take_reports()[-1][0] == reason
+    return status
+
+
+def test_a_release_becomes_current_and_the_next_replaces_it(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    cfg = BrokerConfig(url=broker.url)
+    publish(repo, _bundle(tmp_path, "1.0.0"), GROUP, cfg, chunk_bytes=1024)
+    up = _node(tmp_path, broker, repo)
+    first = _activate(up)
+    assert up.status()["state"] == "active" and up.status()["version"] == "1.0.0"
+    assert up.fetcher.bytes_received > 0
+    publish(repo, _bundle(tmp_path, "2.0.0", 0.25), GROUP, cfg, chunk_bytes=1024)
+    time.sleep(1.0)
+    second = _activate(up)
+    assert second != first
+    assert (up.store.root / "previous").resolve().name == first
+    assert json.loads((up.store.current / "bundle.json").read_text())["version"] == "2.0.0"
+    up.check()  # nothing new: no candidate, still active
+    assert up.take_candidate() is None and up.status()["state"] == "active"
+    up.conn.stop()
+
+
+def test_metadata_signed_with_another_key_is_rejected(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    rogue = tmp_path / "rogue"
+    init_repo(rogue)
+    publish(rogue, _bundle(tmp_path, "6.6.6"), GROUP, BrokerConfig(url=broker.url))
+    _settled(up)
+    up.check()
+    _rejected(up, "metadata_unsigned")
+    assert up.store.current is None
+    up.conn.stop()
+
+
+def test_unsigned_metadata_is_rejected(tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")), {})
+    doc = json.loads(release.timestamp)
+    doc["signatures"] = []
+    _send(broker, replace(release, timestamp=json.dumps(doc).encode()))
+    _settled(up)
+    up.check()
+    _rejected(up, "metadata_unsigned")
+    up.conn.stop()
+
+
+def test_a_replayed_older_release_is_rejected_also_after_a_restart(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    cfg = BrokerConfig(url=broker.url)
+    old = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                       {"bundle": "test-scale", "version": "1.0.0"})
+    _send(broker, old)
+    up = _node(tmp_path, broker, repo)
+    _activate(up)
+    publish(repo, _bundle(tmp_path, "2.0.0", 0.25), GROUP, cfg)
+    time.sleep(1.0)
+    serving = _activate(up)
+    _send(broker, old)  # the attacker re-publishes the older, validly signed release
+    time.sleep(1.0)
+    up.check()
+    _rejected(up, "metadata_replayed")
+    assert up.store.current_key == serving
+    up.conn.stop()
+    again = _node(tmp_path, broker, repo)  # same state directory: a restart
+    _settled(again)
+    again.check()
+    _rejected(again, "metadata_replayed")
+    assert again.store.current_key == serving
+    again.conn.stop()
+
+
+def test_expired_metadata_is_rejected(tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    stale = datetime.now(UTC) - timedelta(days=30)
+    _send(broker, sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")), {},
+                               now=stale))
+    _settled(up)
+    up.check()
+    _rejected(up, "metadata_expired")
+    up.conn.stop()
+
+
+def _tampered_chunks(broker: Mosquitto, release: Release, tamper: Callable[[bytes], bytes],
+                     manifest_length: int | None = None) -> None:
+    messages = release_messages(FleetTopics(GROUP), release, chunk_bytes=1024)
+    out = []
+    for topic, payload in messages:
+        if str(topic).endswith("/bundle.tar") and manifest_length is not None:
+            doc = json.loads(payload)
+            doc["length"] = manifest_length
+            doc["chunks"] = -(-manifest_length // 1024)
+            payload = json.dumps(doc).encode()
+        elif str(topic).endswith("/bundle.tar/1"):
+            payload = tamper(payload)
+        out.append((topic, payload))
+    send_retained(BrokerConfig(url=broker.url), out)
+
+
+def test_a_corrupted_chunk_is_rejected(tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                           {"bundle": "b", "version": "1.0.0"})
+    _tampered_chunks(broker, release, lambda b: bytes([b[0] ^ 0xFF]) + b[1:])
+    _settled(up)
+    up.check()
+    _rejected(up, "target_mismatch")
+    assert up.store.current is None and not any(up.store.bundles.iterdir())
+    up.conn.stop()
+
+
+def test_a_target_longer_than_signed_is_refused_before_reading_it(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                           {"bundle": "b", "version": "1.0.0"})
+    longer = len(release.target) + 10 * 1024 * 1024
+    _tampered_chunks(broker, release, lambda b: b, manifest_length=longer)
+    _settled(up)
+    up.check()
+    _rejected(up, "target_too_long")
+    assert up.fetcher.bytes_received == 0
+    up.conn.stop()
+
+
+def test_extra_bytes_in_a_chunk_are_refused(tmp_path: Path, broker: Mosquitto,
+                                            repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                           {"bundle": "b", "version": "1.0.0"})
+    _tampered_chunks(broker, release, lambda b: b + b"\0" * 4096)
+    _settled(up)
+    up.check()
+    _rejected(up, "target_too_long")
+    up.conn.stop()
+
+
+def test_a_stalled_transfer_hits_its_deadline(tmp_path: Path, broker: Mosquitto,
+                                              repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                           {"bundle": "b", "version": "1.0.0"})
+    messages = [(t, p) for t, p in release_messages(FleetTopics(GROUP), release,
+                                                    chunk_bytes=1024)
+                if not str(t).endswith("/bundle.tar/2")]  # one chunk never comes
+    send_retained(BrokerConfig(url=broker.url), messages)
+    _settled(up)
+    started = time.monotonic()
+    up.check()
+    assert time.monotonic() - started < 8
+    _rejected(up, "download_stalled")
+    up.conn.stop()
+
+
+def _evil_tar(kind: str) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo("bundle.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+        if kind == "escape":
+            info = tarfile.TarInfo("../../escaped.txt")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        else:
+            info = tarfile.TarInfo("model.int8.onnx")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["escape", "symlink"])
+def test_a_tar_that_escapes_staging_or_links_out_is_rejected(
+        tmp_path: Path, broker: Mosquitto, repo: Path, kind: str) -> None:
+    up = _node(tmp_path, broker, repo)
+    _send(broker, sign_release(repo, GROUP, _evil_tar(kind), {"bundle": "b", "version": "6"}))
+    _settled(up)
+    up.check()
+    _rejected(up, "unsafe_archive")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    up.conn.stop()
+
+
+def test_a_target_signed_for_another_group_is_rejected(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    other = sign_release(repo, "ward-b", pack_bundle(_bundle(tmp_path, "1.0.0")),
+                         {"bundle": "b", "version": "1.0.0"})
+    _send(broker, other)  # ward-b's release on ward-a's topics
+    _settled(up)
+    up.check()
+    _rejected(up, "wrong_group")
+    up.conn.stop()
+
+
+def test_a_bundle_whose_files_do_not_match_is_rejected(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    up = _node(tmp_path, broker, repo)
+    bundle = _bundle(tmp_path, "1.0.0")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "model.int8.onnx").write_bytes(b"not the model")
+    _send(broker, sign_release(repo, GROUP, pack_bundle(broken), {"bundle": "b",
+                                                                  "version": "1.0.0"}))
+    _settled(up)
+    up.check()
+    _rejected(up, "bundle_invalid")
+    up.conn.stop()
