@@ -294,3 +294,55 @@ def test_a_bundle_whose_files_do_not_match_is_rejected(
     up.check()
     _rejected(up, "bundle_invalid")
     up.conn.stop()
+
+
+def _root_v2(repo: Path, signer_files: list[str], duplicate: bool = False) -> bytes:
+    """Root version 2 (same keys), signed by the named key files only."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, Root
+
+    from agent.fleet.repo import SERIALIZER, expires
+
+    md = Metadata[Root].from_bytes((repo / "metadata" / "1.root.json").read_bytes())
+    md.signed.version = 2
+    md.signed.expires = expires("root")
+    md.signatures.clear()
+    for name in signer_files:
+        key = load_pem_private_key((repo / "keys" / name).read_bytes(), None)
+        md.sign(CryptoSigner(key), append=True)  # type: ignore[arg-type]
+    doc = json.loads(md.to_bytes(SERIALIZER))
+    if duplicate:
+        doc["signatures"] = doc["signatures"] * 2  # one key listed twice
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_a_new_root_below_the_threshold_is_rejected(
+        tmp_path: Path, broker: Mosquitto, duplicate: bool) -> None:
+    repo = tmp_path / "repo2"
+    init_repo(repo, root_threshold=2, root_keys=2)
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                           {"bundle": "b", "version": "1.0.0"})
+    root2 = _root_v2(repo, ["root-1.pem"], duplicate=duplicate)
+    _send(broker, replace(release, roots={**release.roots, 2: root2}))
+    _settled(up)
+    up.check()
+    _rejected(up, "metadata_unsigned" if not duplicate else "metadata_invalid")
+    assert up.store.current is None
+    up.conn.stop()
+
+
+def test_a_new_root_signed_by_the_threshold_is_followed(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    repo = tmp_path / "repo2"
+    init_repo(repo, root_threshold=2, root_keys=2)
+    up = _node(tmp_path, broker, repo)
+    release = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "1.0.0")),
+                           {"bundle": "test-scale", "version": "1.0.0"})
+    root2 = _root_v2(repo, ["root-1.pem", "root-2.pem"])
+    _send(broker, replace(release, roots={**release.roots, 2: root2}))
+    _activate(up)
+    assert json.loads((up.store.metadata / "root.json").read_text())["signed"]["version"] == 2
+    up.conn.stop()
