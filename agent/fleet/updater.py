@@ -148,6 +148,11 @@ class FleetUpdater:
     def _reject(self, exc: UpdateRejected, version: str | None, key: str | None) -> None:
         if key is not None:
             self._refused.add(key)  # not tried again until the agent restarts
+        with self._lock:
+            last = self._status
+        if (last["state"], last["reason"], last["version"], last.get("detail")) == (
+                "rejected", exc.reason, version, str(exc)):
+            return  # the same metadata checked again: said once already
         log.error("update_rejected", group=self.topics.group, version=version,
                   reason=exc.reason, detail=str(exc))
         with self._lock:
