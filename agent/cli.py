@@ -57,6 +57,8 @@ def cmd_init(args: argparse.Namespace) -> int:
                 protocol=args.protocol,
                 recipient_kind=args.recipient_kind,
                 force=args.force,
+                fleet_group=args.fleet_group,
+                fleet_root=Path(args.fleet_root) if args.fleet_root else None,
             )
         )
     except ConfigError as exc:
@@ -232,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipient-kind", choices=["mlkem768-x25519", "x25519"],
                    default="mlkem768-x25519", help="HPKE KEM of the cloud recipient key")
     s.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    s.add_argument("--fleet-group", metavar="G", help="with --fleet-root: take signed model "
+                   "updates for group G (a [fleet] section)")
+    s.add_argument("--fleet-root", metavar="FILE", help="the fleet's trusted root.json "
+                   "(copied to DIR/fleet/root.json)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("run", help="run the agent (the daemon)")

@@ -52,3 +52,26 @@ def test_a_missing_or_unsigned_root_fails(tmp_path: Path) -> None:
     [unsigned] = check_fleet(_config(tmp_path, bad))
     assert unsigned.verdict == "fail" and "threshold" in unsigned.detail
     assert "fleet init-repo" in unsigned.fix
+
+
+def test_init_writes_the_fleet_section(tmp_path: Path) -> None:
+    import pytest
+
+    from agent.config import ConfigError, load_config
+    from agent.ops.scaffold import InitOptions, write_directory
+    from tests.bundles import make_scale_bundle
+
+    root = init_repo(tmp_path / "repo")
+    bundle = make_scale_bundle(tmp_path / "b")
+    opts = InitOptions(tmp_path / "node", "mqtt://e", "mqtt://c", bundle=bundle,
+                       fleet_group="ward-a", fleet_root=root)
+    config = load_config(write_directory(opts))
+    assert config.fleet is not None and config.fleet.group == "ward-a"
+    assert config.fleet.root.read_bytes() == root.read_bytes()
+    assert check_fleet(config)[0].verdict == "ok"
+    with pytest.raises(ConfigError, match="go together"):
+        write_directory(InitOptions(tmp_path / "n2", "mqtt://e", "mqtt://c", bundle=bundle,
+                                    fleet_group="ward-a"))
+    with pytest.raises(ConfigError, match=r"fleet\.group"):
+        write_directory(InitOptions(tmp_path / "n3", "mqtt://e", "mqtt://c", bundle=bundle,
+                                    fleet_group="a/b", fleet_root=root))
