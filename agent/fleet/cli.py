@@ -27,18 +27,13 @@ def cmd_init_repo(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from agent.config import BrokerConfig
     from agent.errors import AgentError
     from agent.fleet.publish import publish
     from agent.log import configure
 
     configure("warning", "console")
-    try:
-        broker = BrokerConfig(url=args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
-                              key_file=args.key_file, username=args.username,
-                              password_file=args.password_file)
-    except ValueError as exc:
-        print(f"error: --broker {args.broker}: {exc}", file=sys.stderr)
+    broker = _broker(args)
+    if broker is None:
         return EXIT_CONFIG
     try:
         release = publish(Path(args.repo), Path(args.bundle), args.group, broker,
@@ -49,6 +44,38 @@ def cmd_publish(args: argparse.Namespace) -> int:
     print(f"published version {release.version} to iomt/fleet/{args.group}/ on {args.broker}: "
           f"{len(release.target)} bytes, sha256 {release.sha256}")
     return EXIT_OK
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from agent.errors import AgentError
+    from agent.fleet.publish import refresh
+    from agent.log import configure
+
+    configure("warning", "console")
+    broker = _broker(args)
+    if broker is None:
+        return EXIT_CONFIG
+    try:
+        release = refresh(Path(args.repo), args.group, broker, timeout=args.timeout)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"refreshed group {args.group}: version {release.version}, the same target "
+          f"(sha256 {release.sha256[:16]}...)")
+    return EXIT_OK
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    """The --broker flags as a BrokerConfig, or None after saying what is wrong."""
+    from agent.config import BrokerConfig
+
+    try:
+        return BrokerConfig(url=args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                            key_file=args.key_file, username=args.username,
+                            password_file=args.password_file)
+    except ValueError as exc:
+        print(f"error: --broker {args.broker}: {exc}", file=sys.stderr)
+        return None
 
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
@@ -89,3 +116,13 @@ def add_fleet_parser(sub: Any) -> None:
                    help="target chunk size in KiB (default 256)")
     f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
     f.set_defaults(func=cmd_publish)
+    f = fsub.add_parser("refresh", help="sign the group's last release again with fresh "
+                        "expiry (timestamp: 1 day, snapshot: 7 days); run it from cron",
+                        description="New targets/snapshot/timestamp versions for the same "
+                        "target: nodes download nothing. Exit 0 published; 1 refused; 2 bad "
+                        "--broker.")
+    f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
+    f.add_argument("--group", required=True, help="rollout group (a topic level)")
+    _broker_args(f)
+    f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
+    f.set_defaults(func=cmd_refresh)

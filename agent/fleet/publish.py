@@ -19,7 +19,14 @@ from typing import Any
 from agent.config import BrokerConfig
 from agent.errors import AgentError
 from agent.fleet.archive import pack_bundle
-from agent.fleet.repo import TARGET_NAME, Release, previous_release, record_release, sign_release
+from agent.fleet.repo import (
+    TARGET_NAME,
+    Release,
+    previous_release,
+    record_release,
+    resign_release,
+    sign_release,
+)
 from agent.model.bundle import load_bundle
 from agent.transport.mqtt import Connection, Verdict
 from agent.transport.topics import FleetTopics, Topic
@@ -111,4 +118,19 @@ def publish(repo: Path, bundle_dir: Path, group: str, broker: BrokerConfig, *,
     send_retained(broker, messages + stale_messages(topics, previous, release),
                   timeout=timeout)
     record_release(repo, release, math.ceil(len(release.target) / chunk_bytes))
+    return release
+
+
+def refresh(repo: Path, group: str, broker: BrokerConfig, *, timeout: float = 60.0) -> Release:
+    """Sign the group's last release again (new versions, fresh expiry) and publish its
+    metadata; the chunks on the broker stay as they are (same target)."""
+    topics = FleetTopics(group)
+    previous = previous_release(repo, group)
+    release = resign_release(repo, group)
+    metadata = [(t, p) for t, p in release_messages(topics, release)
+                if "/metadata/" in str(t)]
+    send_retained(broker, metadata + stale_messages(topics, previous, release),
+                  timeout=timeout)
+    chunks = int(previous["chunks"]) if previous else 0
+    record_release(repo, release, chunks)
     return release

@@ -179,6 +179,21 @@ def sign_release(directory: Path, group: str, tar: bytes, custom: dict[str, Any]
     return release
 
 
+def resign_release(directory: Path, group: str, now: datetime | None = None) -> Release:
+    """The group's last release signed again as new versions with fresh expiry (the same
+    target bytes, so nodes download nothing): ``fleet refresh``."""
+    keep = directory / "groups" / check_level(group, "group")
+    try:
+        targets = Metadata[Targets].from_bytes((keep / "targets.json").read_bytes()).signed
+        tar = (keep / TARGET_NAME).read_bytes()
+    except (OSError, ValueError) as exc:
+        raise RepoError(f"{keep}: no release of group {group} to refresh ({exc}): "
+                        "`fleet publish` one first") from None
+    custom = dict(targets.targets[TARGET_NAME].custom or {})
+    custom.pop("group", None)
+    return sign_release(directory, group, tar, custom, now)
+
+
 def previous_release(directory: Path, group: str) -> dict[str, Any] | None:
     """What the last publish of ``group`` put on the broker (``release.json``)."""
     path = directory / "groups" / group / "release.json"

@@ -346,3 +346,22 @@ def test_a_new_root_signed_by_the_threshold_is_followed(
     _activate(up)
     assert json.loads((up.store.metadata / "root.json").read_text())["signed"]["version"] == 2
     up.conn.stop()
+
+
+def test_refresh_renews_the_metadata_without_a_download(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    from agent.fleet.publish import refresh
+
+    cfg = BrokerConfig(url=broker.url)
+    publish(repo, _bundle(tmp_path, "1.0.0"), GROUP, cfg, chunk_bytes=1024)
+    up = _node(tmp_path, broker, repo)
+    _activate(up)
+    received = up.fetcher.bytes_received
+    release = refresh(repo, GROUP, cfg)
+    time.sleep(1.0)
+    up.check()
+    assert up.take_candidate() is None and up.status()["state"] == "active"
+    assert up.fetcher.bytes_received == received  # nothing downloaded again
+    local = json.loads((up.store.metadata / "timestamp.json").read_text())
+    assert local["signed"]["version"] == release.version == 2
+    up.conn.stop()
