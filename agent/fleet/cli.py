@@ -65,6 +65,25 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.errors import AgentError
+    from agent.fleet.overview import collect, render
+    from agent.log import configure
+
+    configure("warning", "console")
+    broker = _broker(args)
+    if broker is None:
+        return EXIT_CONFIG
+    try:
+        statuses = collect(broker, args.group, quiet_s=args.quiet)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(render(statuses))
+    print(f"{len(statuses)} device(s) in group {args.group}")
+    return EXIT_OK
+
+
 def _broker(args: argparse.Namespace) -> Any:
     """The --broker flags as a BrokerConfig, or None after saying what is wrong."""
     from agent.config import BrokerConfig
@@ -126,3 +145,12 @@ def add_fleet_parser(sub: Any) -> None:
     _broker_args(f)
     f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
     f.set_defaults(func=cmd_refresh)
+    f = fsub.add_parser("status", help="a table of the group's devices: online, model, "
+                        "update state, last error (from their retained status)",
+                        description="Exit 0 read; 1 the broker cannot be reached; 2 bad "
+                        "--broker.")
+    f.add_argument("--group", required=True, help="rollout group (a topic level)")
+    _broker_args(f)
+    f.add_argument("--quiet", type=float, default=1.0, metavar="S",
+                   help="stop reading after S seconds without a new status (default 1)")
+    f.set_defaults(func=cmd_status)

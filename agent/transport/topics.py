@@ -115,6 +115,11 @@ def fleet(group: str, *rest: str) -> Topic:
     return Topic("iomt/fleet/" + "/".join(parts))
 
 
+def every_status() -> Topic:
+    """The retained status of every device at every site (``fleet status`` reads them)."""
+    return Topic("iomt/+/+/status", filter=True)
+
+
 METADATA_ROLES = ("root", "timestamp", "snapshot", "targets")
 
 

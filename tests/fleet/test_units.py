@@ -179,3 +179,16 @@ def test_every_update_reason_is_registered_and_documented() -> None:
         UpdateRejected("no_such", "x")
     assert issubclass(UpdateRejected, errors.AgentError)
     assert issubclass(RepoError, errors.AgentError)
+
+
+def test_the_status_table() -> None:
+    from agent.fleet.overview import render
+
+    table = render([{"site": "s", "device_id": "d", "state": "online",
+                     "model": {"name": "m", "version": "2"},
+                     "update": {"group": "g", "state": "rejected", "version": "3",
+                                "reason": "guard_failed", "detail": "below the floor"}}])
+    header, line = table.splitlines()
+    assert header.split() == ["device", "online", "model", "update", "last", "error"]
+    assert line.split()[:5] == ["s/d", "yes", "m", "2", "rejected"]
+    assert line.endswith("guard_failed: below the floor")

@@ -105,6 +105,13 @@ def test_publish_activates_on_a_running_agent_and_a_guard_failure_is_rejected(
     _send(config, tmp_path, build_series(slab[14:16]), "still")
     _wait_status(cloud_rec, lambda s: s.get("processed") == 16, 120)
 
+    # The operator's table.
+    table = cli("fleet", "status", "--group", GROUP, "--broker", cloud.url)
+    assert table.returncode == 0, table.stderr
+    line = next(x for x in table.stdout.splitlines() if x.startswith("site-a/node-1"))
+    assert "yes" in line and "2.0.0" in line and "rejected 3.0.0" in line
+    assert "guard_failed" in line and "1 device(s) in group ward-a" in table.stdout
+
     # A restart comes up on the activated bundle (and takes no downgrade).
     assert agent.terminate() == 0
     again = spawn(["run", "--config", str(config)], tmp_path / "agent2.log")
