@@ -32,7 +32,7 @@ from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator
-from agent.daemon.reload import Loaded, Reloader, now_iso, refusal, update_report
+from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -121,6 +121,13 @@ class Agent:
         )
         self.outbox = OutboxPublisher(self.store, self.cloud, kick=self._kick, stop=self._stop,
                                       space=self._space)
+        self.updates = None
+        if self.fleet is not None:
+            from agent.daemon.updates import UpdateHook
+
+            self.updates = UpdateHook(self.fleet, self.reloader, self.store, self.topics,
+                                      configured=config.model.bundle, kick=self._kick,
+                                      publish_status=lambda: self._publish_status(force=True))
 
     # -- the model -----------------------------------------------------------------------
     def _first_model(self, config: Config, state_dir: Path) -> ServedModel:
@@ -135,22 +142,6 @@ class Agent:
                 log.error("fleet_bundle_unusable", bundle=str(current), reason=str(exc),
                           fix="serving the configured model.bundle instead")
         return load_model(config.model, state_dir)
-
-    def _fleet_turn(self) -> None:
-        """Main thread: hand a prepared update to the guarded reload, queue rejection
-        reports, republish the status when the update state changed."""
-        fleet = self.fleet
-        assert fleet is not None
-        candidate = fleet.take_candidate()
-        if candidate is not None:
-            self.reloader.request_bundle(candidate.bundle, candidate)
-        for reason, detail in fleet.take_reports():
-            self.store.complete(None, [update_report(self.topics, reason, detail)],
-                                "update_rejected")
-            self._kick.set()
-        if fleet.changed.is_set():
-            fleet.changed.clear()
-            self._publish_status(force=True)
 
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
@@ -175,13 +166,8 @@ class Agent:
 
     def _finish_reload(self, loaded: Loaded) -> None:
         """Main thread: swap the loaded model in, or report why it was refused."""
-        candidate = self.reloader.done_tag
-        if candidate is not None and self.fleet is not None:  # a fleet update
-            if isinstance(loaded, ServedModel):
-                self.fleet.activated(candidate)  # type: ignore[arg-type]
-                self._swap(loaded)
-            else:
-                self.fleet.refused(candidate, loaded)  # type: ignore[arg-type]
+        if self.reloader.done_tag is not None and self.updates is not None:  # fleet update
+            self.updates.finish(self.reloader.done_tag, loaded, self._swap)
             return
         if isinstance(loaded, ServedModel):
             self._swap(loaded)
@@ -334,8 +320,8 @@ class Agent:
             loaded = self.reloader.poll()
             if loaded is not None:
                 self._finish_reload(loaded)
-            if self.fleet is not None:
-                self._fleet_turn()
+            if self.updates is not None:
+                self.updates.turn()
             if self.ingest.held:
                 self.ingest.retry()  # the inbox may have room again
             busy = self.stages.process_pending()

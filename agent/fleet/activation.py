@@ -47,6 +47,24 @@ class BundleStore:
         return self._link("current")
 
     @property
+    def previous(self) -> Path | None:
+        """The bundle that served before ``current`` (a fleet bundle), or None."""
+        return self._link("previous")
+
+    def roll_back(self) -> None:
+        """``previous`` serves again (no previous: the configured bundle, so ``current``
+        goes); the failed bundle is removed."""
+        failed, back = self.current, self.previous
+        if back is not None:
+            self._swap_link("current", back)
+            (self.root / "previous").unlink()
+        else:
+            (self.root / "current").unlink(missing_ok=True)
+            self._sync()
+        if failed is not None and failed != back:
+            shutil.rmtree(failed, ignore_errors=True)
+
+    @property
     def current_key(self) -> str | None:
         current = self.current
         return current.name if current is not None else None
@@ -83,6 +101,9 @@ class BundleStore:
             tmp.unlink()
         tmp.symlink_to(target.relative_to(self.root))
         tmp.replace(self.root / name)
+        self._sync()
+
+    def _sync(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)  # the rename itself is durable before we say "active"

@@ -39,6 +39,11 @@ log = get_logger("agent.fleet.updater")
 
 SETTLE_S = 0.5  # after a timestamp message: let the rest of a burst of metadata land
 RETRY_S = 5.0  # after metadata that is not (yet) all on the broker
+# Rejections that the target's own bytes cause: that target is never tried again (its key
+# goes to fleet/refused.json). Others (a stalled or tampered transfer) are retried at the
+# next check.
+FINAL_REASONS = frozenset({"wrong_group", "unsafe_archive", "bundle_invalid", "guard_failed",
+                           "failure_rate"})
 
 
 def _now() -> str:
@@ -87,9 +92,23 @@ class FleetUpdater:
         self._candidate: Candidate | None = None
         self._in_flight: Candidate | None = None
         self._reports: list[tuple[str, str]] = []
-        self._refused: set[str] = set()
+        self._refused_file = self.store.root / "refused.json"  # kept across restarts
+        self._refused: set[str] = self._load_refused()
         self.changed = threading.Event()  # the status changed: the daemon republishes it
         self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def _load_refused(self) -> set[str]:
+        try:
+            return {str(k) for k in json.loads(self._refused_file.read_text())}
+        except (OSError, ValueError, TypeError):
+            return set()
+
+    def _refuse_key(self, key: str) -> None:
+        """Never try this target again (its sha256 prefix), also after a restart."""
+        self._refused.add(key)
+        tmp = self._refused_file.with_suffix(".new")
+        tmp.write_text(json.dumps(sorted(self._refused)))
+        tmp.replace(self._refused_file)
 
     # -- the daemon's side (main thread) -------------------------------------------------
     def start(self) -> None:
@@ -126,6 +145,17 @@ class FleetUpdater:
         self._set("active", candidate.version)
         self._in_flight = None
 
+    def rolled_back(self, candidate: Candidate, detail: str, *, to_configured: bool) -> None:
+        """The daemon swapped the previous model back in after ``candidate`` failed too
+        many scans: it is never tried again, and the status says so."""
+        self.store.roll_back()
+        self._refuse_key(candidate.key)
+        log.error("update_rolled_back", group=self.topics.group, version=candidate.version,
+                  detail=detail, back_to="model.bundle" if to_configured else "previous")
+        with self._lock:
+            self._reports.append(("failure_rate", f"{detail}: rolled back"))
+        self._set("rolled_back", candidate.version, "failure_rate", detail)
+
     def refused(self, candidate: Candidate, exc: Exception) -> None:
         """The guard (or the runtime) refused the candidate: the old model keeps serving."""
         reason = ("guard_failed" if isinstance(exc, GuardFailed) else
@@ -146,8 +176,8 @@ class FleetUpdater:
             self._notify.set()
 
     def _reject(self, exc: UpdateRejected, version: str | None, key: str | None) -> None:
-        if key is not None:
-            self._refused.add(key)  # not tried again until the agent restarts
+        if key is not None and exc.reason in FINAL_REASONS:
+            self._refuse_key(key)
         with self._lock:
             last = self._status
         if (last["state"], last["reason"], last["version"], last.get("detail")) == (
