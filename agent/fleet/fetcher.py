@@ -36,6 +36,11 @@ METADATA_URL = "fleet:/metadata/"
 TARGETS_URL = "fleet:/targets/"
 MAX_CHUNK_BYTES = 1024 * 1024  # a manifest announcing larger chunks is refused
 MANIFEST_MAX_BYTES = 4096
+# What the cache keeps of the group's metadata topics: ngclient's largest cap (targets, 5 MB)
+# per message, and a bounded number of topics, so whoever may publish there cannot fill
+# the node's memory.
+METADATA_MAX_BYTES = 5_000_000
+METADATA_MAX_TOPICS = 1024
 
 
 def metadata_topic(topics: FleetTopics, url: str) -> Topic:
@@ -74,6 +79,10 @@ class RetainedCache:
     def on_message(self, msg: Message) -> None:
         if self.topics.metadata_filter.matches(msg.topic):
             with self._changed:
+                if len(msg.payload) > METADATA_MAX_BYTES or (
+                        msg.topic not in self._metadata
+                        and len(self._metadata) >= METADATA_MAX_TOPICS):
+                    return  # dropped; a download of it would find it absent
                 if msg.payload:
                     self._metadata[msg.topic] = msg.payload
                 else:

@@ -114,3 +114,16 @@ def test_metadata_longer_than_the_cap_is_refused_and_a_missing_root_is_a_404() -
     fetcher._cache.on_message(Message(str(T.metadata("timestamp")), b"", 1, 0, True, False))
     with pytest.raises(tuf_errors.DownloadError):
         fetcher.download_bytes("fleet:/metadata/timestamp.json", 100)
+
+
+def test_the_metadata_cache_is_bounded() -> None:
+    from agent.fleet import fetcher as f
+
+    cache = RetainedCache(T, on_timestamp=lambda: None)
+    cache.on_message(Message(str(T.metadata("timestamp")), b"x" * (f.METADATA_MAX_BYTES + 1),
+                             1, 0, True, False))
+    assert cache.get(T.metadata("timestamp")) is None
+    for i in range(f.METADATA_MAX_TOPICS + 10):
+        cache.on_message(Message(str(T.metadata("root", i + 1)), b"{}", 1, 0, True, False))
+    assert cache.get(T.metadata("root", f.METADATA_MAX_TOPICS)) == b"{}"
+    assert cache.get(T.metadata("root", f.METADATA_MAX_TOPICS + 1)) is None
