@@ -38,6 +38,9 @@ from agent.transport.topics import FleetTopics
 log = get_logger("agent.fleet.updater")
 
 SETTLE_S = 0.5  # after a timestamp message: let the rest of a burst of metadata land
+# MQTT 5: chunks in flight to this node at once, so a broker holds at most this many per
+# node (8 x 256 KiB) however many nodes download together.
+RECEIVE_MAXIMUM = 8
 RETRY_S = 5.0  # after metadata that is not (yet) all on the broker
 # Rejections that the target's own bytes cause: that target is never tried again (its key
 # goes to fleet/refused.json). Others (a stalled or tampered transfer) are retried at the
@@ -83,7 +86,8 @@ class FleetUpdater:
         self.cache = RetainedCache(self.topics, on_timestamp=self._wake.set)
         self.conn = Connection(cloud.model_copy(update={"session_expiry_s": 0}), client_id,
                                name="fleet", subscriptions=(self.topics.metadata_filter,),
-                               on_message=self.cache.on_message)
+                               on_message=self.cache.on_message,
+                               receive_maximum=RECEIVE_MAXIMUM)
         self.fetcher = MqttFetcher(self.conn, self.cache, **fetcher_options)  # type: ignore[arg-type]
         current = self.store.current
         self._status: dict[str, Any] = {
