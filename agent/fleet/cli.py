@@ -65,6 +65,25 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from agent.errors import AgentError
+    from agent.fleet.publish import rollback
+    from agent.log import configure
+
+    configure("warning", "console")
+    broker = _broker(args)
+    if broker is None:
+        return EXIT_CONFIG
+    try:
+        release = rollback(Path(args.repo), args.group, args.to, broker, timeout=args.timeout)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"group {args.group} gets bundle version {args.to} again as release version "
+          f"{release.version} (sha256 {release.sha256[:16]}...)")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.errors import AgentError
     from agent.fleet.overview import collect, render
@@ -154,3 +173,14 @@ def add_fleet_parser(sub: Any) -> None:
     f.add_argument("--quiet", type=float, default=1.0, metavar="S",
                    help="stop reading after S seconds without a new status (default 1)")
     f.set_defaults(func=cmd_status)
+    f = fsub.add_parser("rollback", help="give the group an earlier bundle again, as a new "
+                        "release (a forward step in TUF versions)",
+                        description="Republishes the last bundle with version VERSION that "
+                        "this repository gave the group. Exit 0 published; 1 unknown version "
+                        "or refused; 2 bad --broker.")
+    f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
+    f.add_argument("--group", required=True, help="rollout group (a topic level)")
+    f.add_argument("--to", required=True, metavar="VERSION", help="the bundle version")
+    _broker_args(f)
+    f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
+    f.set_defaults(func=cmd_rollback)

@@ -22,6 +22,7 @@ from agent.fleet.archive import pack_bundle
 from agent.fleet.repo import (
     TARGET_NAME,
     Release,
+    earlier_bundle,
     previous_release,
     record_release,
     resign_release,
@@ -110,10 +111,27 @@ def publish(repo: Path, bundle_dir: Path, group: str, broker: BrokerConfig, *,
     """Check the bundle (strict schema, every sha256), pack it, sign a release, publish
     it retained under ``iomt/fleet/{group}/``."""
     bundle = load_bundle(bundle_dir)
+    return publish_tar(repo, group, broker, pack_bundle(bundle_dir),
+                       {"bundle": bundle.name, "version": bundle.version},
+                       chunk_bytes=chunk_bytes, timeout=timeout)
+
+
+def rollback(repo: Path, group: str, version: str, broker: BrokerConfig, *,
+             chunk_bytes: int = CHUNK_BYTES, timeout: float = 60.0) -> Release:
+    """Give ``group`` an earlier bundle again, as a new release: a forward step in TUF's
+    versions (nodes never accept older metadata), back in what serves."""
+    tar, custom = earlier_bundle(repo, group, version)
+    return publish_tar(repo, group, broker, tar, custom, chunk_bytes=chunk_bytes,
+                       timeout=timeout)
+
+
+def publish_tar(repo: Path, group: str, broker: BrokerConfig, tar: bytes,
+                custom: dict[str, Any], *, chunk_bytes: int = CHUNK_BYTES,
+                timeout: float = 60.0) -> Release:
+    """Sign ``tar`` as the group's new release and publish all of it."""
     topics = FleetTopics(group)
     previous = previous_release(repo, group)
-    release = sign_release(repo, group, pack_bundle(bundle_dir),
-                           {"bundle": bundle.name, "version": bundle.version})
+    release = sign_release(repo, group, tar, custom)
     messages = release_messages(topics, release, chunk_bytes)
     send_retained(broker, messages + stale_messages(topics, previous, release),
                   timeout=timeout)

@@ -15,6 +15,7 @@ Layout of ``DIR`` (``iomt-agent fleet init-repo``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -176,6 +177,13 @@ def sign_release(directory: Path, group: str, tar: bytes, custom: dict[str, Any]
     for name, data in (("targets.json", targets), ("snapshot.json", snapshot),
                        ("timestamp.json", timestamp), (TARGET_NAME, tar)):
         (keep / name).write_bytes(data)
+    history = keep / "history"  # every bundle the group was given, for `fleet rollback`
+    history.mkdir(exist_ok=True)
+    stem = f"{digest[:16]}"
+    if not (history / f"{stem}.tar").exists():
+        (history / f"{stem}.tar").write_bytes(tar)
+    (history / f"{stem}.json").write_text(json.dumps(
+        {**custom, "sha256": digest, "published": version}) + "\n")
     return release
 
 
@@ -192,6 +200,26 @@ def resign_release(directory: Path, group: str, now: datetime | None = None) -> 
     custom = dict(targets.targets[TARGET_NAME].custom or {})
     custom.pop("group", None)
     return sign_release(directory, group, tar, custom, now)
+
+
+def earlier_bundle(directory: Path, group: str, version: str) -> tuple[bytes, dict[str, Any]]:
+    """The tar and description of the last release of ``group`` whose bundle version is
+    ``version`` (``fleet rollback --to``)."""
+    history = directory / "groups" / check_level(group, "group") / "history"
+    found: list[tuple[int, Path, dict[str, Any]]] = []
+    for path in history.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(path.read_text())
+            if str(doc.get("version")) == version:
+                found.append((int(doc.get("published", 0)), path, doc))
+    if not found:
+        known = sorted({str(json.loads(p.read_text()).get("version"))
+                        for p in history.glob("*.json")})
+        raise RepoError(f"group {group} was never given bundle version {version} "
+                        f"(known: {', '.join(known) or 'none'})")
+    _, path, doc = max(found, key=lambda f: f[0])
+    custom = {k: v for k, v in doc.items() if k not in ("sha256", "published", "group")}
+    return path.with_suffix(".tar").read_bytes(), custom
 
 
 def previous_release(directory: Path, group: str) -> dict[str, Any] | None:

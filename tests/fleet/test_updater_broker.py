@@ -365,3 +365,25 @@ def test_refresh_renews_the_metadata_without_a_download(
     local = json.loads((up.store.metadata / "timestamp.json").read_text())
     assert local["signed"]["version"] == release.version == 2
     up.conn.stop()
+
+
+def test_rollback_republishes_an_earlier_bundle_as_a_newer_release(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    from agent.fleet.publish import rollback
+    from agent.fleet.repo import RepoError
+
+    cfg = BrokerConfig(url=broker.url)
+    publish(repo, _bundle(tmp_path, "1.0.0"), GROUP, cfg, chunk_bytes=1024)
+    up = _node(tmp_path, broker, repo)
+    first = _activate(up)
+    publish(repo, _bundle(tmp_path, "2.0.0", 0.25), GROUP, cfg, chunk_bytes=1024)
+    time.sleep(1.0)
+    _activate(up)
+    release = rollback(repo, GROUP, "1.0.0", cfg)
+    assert release.version == 3
+    time.sleep(1.0)
+    assert _activate(up) == first  # the same bundle bytes, under a newer TUF version
+    assert up.status()["version"] == "1.0.0"
+    with pytest.raises(RepoError, match=r"known: 1\.0\.0, 2\.0\.0"):
+        rollback(repo, GROUP, "0.9", cfg)
+    up.conn.stop()
