@@ -67,7 +67,8 @@ class Agent:
             from agent.fleet.updater import FleetUpdater  # tuf only where updates are on
 
             self.fleet = FleetUpdater(config.fleet, config.cloud, config.client_id("fleet"),
-                                      a.state_dir, notify=self._work)
+                                      a.state_dir, notify=self._work,
+                                      device=f"{a.site}/{a.device_id}")
         self.model: ServedModel = self._first_model(config, a.state_dir)
         self._log_guard(self.model)
 

@@ -36,8 +36,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if broker is None:
         return EXIT_CONFIG
     try:
+        canaries = None
+        if args.canary:
+            from agent.fleet.rollout import pick_canaries
+
+            canaries = pick_canaries(broker, args.group, args.canary)
+            print(f"canaries: {', '.join(canaries)}")
         release = publish(Path(args.repo), Path(args.bundle), args.group, broker,
-                          chunk_bytes=args.chunk_kib * 1024, timeout=args.timeout)
+                          chunk_bytes=args.chunk_kib * 1024, timeout=args.timeout,
+                          canaries=canaries)
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -81,6 +88,27 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(f"group {args.group} gets bundle version {args.to} again as release version "
           f"{release.version} (sha256 {release.sha256[:16]}...)")
+    return EXIT_OK
+
+
+def cmd_promote_or_halt(args: argparse.Namespace) -> int:
+    from agent.errors import AgentError
+    from agent.fleet.rollout import halt, promote
+    from agent.log import configure
+
+    configure("warning", "console")
+    broker = _broker(args)
+    if broker is None:
+        return EXIT_CONFIG
+    step = promote if args.fleet_command == "promote" else halt
+    try:
+        release = step(Path(args.repo), args.group, broker, timeout=args.timeout)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    done = "promoted to all devices" if step is promote else "halted: back to"
+    print(f"group {args.group}: {done} bundle {release.sha256[:16]}... (release version "
+          f"{release.version})")
     return EXIT_OK
 
 
@@ -150,6 +178,8 @@ def add_fleet_parser(sub: Any) -> None:
     f.add_argument("--bundle", required=True, help="model bundle directory")
     f.add_argument("--group", required=True, help="rollout group (a topic level)")
     _broker_args(f)
+    f.add_argument("--canary", type=int, metavar="N", help="only the first N online devices "
+                   "of the group take it, until `fleet promote`")
     f.add_argument("--chunk-kib", type=int, default=256, metavar="K",
                    help="target chunk size in KiB (default 256)")
     f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
@@ -184,3 +214,14 @@ def add_fleet_parser(sub: Any) -> None:
     _broker_args(f)
     f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
     f.set_defaults(func=cmd_rollback)
+    for name, text in (("promote", "give the canary release to the whole group, once every "
+                        "canary serves it (exit 1 while one does not, or after one failed)"),
+                       ("halt", "stop a canary release: the group's previous bundle again, "
+                        "as a new release")):
+        f = fsub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. Exit "
+                            "0 done; 1 refused; 2 bad --broker.")
+        f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
+        f.add_argument("--group", required=True, help="rollout group (a topic level)")
+        _broker_args(f)
+        f.add_argument("--timeout", type=float, default=60.0, help="seconds for the acks")
+        f.set_defaults(func=cmd_promote_or_halt)

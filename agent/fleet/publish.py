@@ -107,12 +107,16 @@ def send_retained(broker: BrokerConfig, messages: Messages, *, timeout: float = 
 
 
 def publish(repo: Path, bundle_dir: Path, group: str, broker: BrokerConfig, *,
-            chunk_bytes: int = CHUNK_BYTES, timeout: float = 60.0) -> Release:
+            chunk_bytes: int = CHUNK_BYTES, timeout: float = 60.0,
+            canaries: list[str] | None = None) -> Release:
     """Check the bundle (strict schema, every sha256), pack it, sign a release, publish
-    it retained under ``iomt/fleet/{group}/``."""
+    it retained under ``iomt/fleet/{group}/``. ``canaries`` ("site/device"): only those
+    devices take it until ``fleet promote``."""
     bundle = load_bundle(bundle_dir)
-    return publish_tar(repo, group, broker, pack_bundle(bundle_dir),
-                       {"bundle": bundle.name, "version": bundle.version},
+    custom: dict[str, Any] = {"bundle": bundle.name, "version": bundle.version}
+    if canaries:
+        custom["rollout"] = {"stage": "canary", "devices": sorted(canaries)}
+    return publish_tar(repo, group, broker, pack_bundle(bundle_dir), custom,
                        chunk_bytes=chunk_bytes, timeout=timeout)
 
 
@@ -139,12 +143,13 @@ def publish_tar(repo: Path, group: str, broker: BrokerConfig, tar: bytes,
     return release
 
 
-def refresh(repo: Path, group: str, broker: BrokerConfig, *, timeout: float = 60.0) -> Release:
+def refresh(repo: Path, group: str, broker: BrokerConfig, *, timeout: float = 60.0,
+            custom: dict[str, Any] | None = None) -> Release:
     """Sign the group's last release again (new versions, fresh expiry) and publish its
     metadata; the chunks on the broker stay as they are (same target)."""
     topics = FleetTopics(group)
     previous = previous_release(repo, group)
-    release = resign_release(repo, group)
+    release = resign_release(repo, group, custom=custom)
     metadata = [(t, p) for t, p in release_messages(topics, release)
                 if "/metadata/" in str(t)]
     send_retained(broker, metadata + stale_messages(topics, previous, release),

@@ -187,9 +187,24 @@ def sign_release(directory: Path, group: str, tar: bytes, custom: dict[str, Any]
     return release
 
 
-def resign_release(directory: Path, group: str, now: datetime | None = None) -> Release:
+def last_custom(directory: Path, group: str) -> dict[str, Any]:
+    """The ``custom`` of the group's last release (its bundle, version and rollout)."""
+    keep = directory / "groups" / check_level(group, "group")
+    try:
+        targets = Metadata[Targets].from_bytes((keep / "targets.json").read_bytes()).signed
+    except (OSError, ValueError) as exc:
+        raise RepoError(f"{keep}: no release of group {group} ({exc}): `fleet publish` one "
+                        "first") from None
+    custom = dict(targets.targets[TARGET_NAME].custom or {})
+    custom.pop("group", None)
+    return custom
+
+
+def resign_release(directory: Path, group: str, now: datetime | None = None,
+                   custom: dict[str, Any] | None = None) -> Release:
     """The group's last release signed again as new versions with fresh expiry (the same
-    target bytes, so nodes download nothing): ``fleet refresh``."""
+    target bytes, so nodes download nothing): ``fleet refresh``; ``custom`` replaces its
+    description (``fleet promote``)."""
     keep = directory / "groups" / check_level(group, "group")
     try:
         targets = Metadata[Targets].from_bytes((keep / "targets.json").read_bytes()).signed
@@ -197,26 +212,31 @@ def resign_release(directory: Path, group: str, now: datetime | None = None) -> 
     except (OSError, ValueError) as exc:
         raise RepoError(f"{keep}: no release of group {group} to refresh ({exc}): "
                         "`fleet publish` one first") from None
-    custom = dict(targets.targets[TARGET_NAME].custom or {})
-    custom.pop("group", None)
+    if custom is None:
+        custom = dict(targets.targets[TARGET_NAME].custom or {})
+        custom.pop("group", None)
     return sign_release(directory, group, tar, custom, now)
 
 
-def earlier_bundle(directory: Path, group: str, version: str) -> tuple[bytes, dict[str, Any]]:
+def earlier_bundle(directory: Path, group: str, version: str | None,
+                   ) -> tuple[bytes, dict[str, Any]]:
     """The tar and description of the last release of ``group`` whose bundle version is
-    ``version`` (``fleet rollback --to``)."""
+    ``version`` (``fleet rollback --to``); None: the last one given to the whole group
+    (not a canary release: ``fleet halt``)."""
     history = directory / "groups" / check_level(group, "group") / "history"
     found: list[tuple[int, Path, dict[str, Any]]] = []
     for path in history.glob("*.json"):
         with contextlib.suppress(OSError, ValueError):
             doc = json.loads(path.read_text())
-            if str(doc.get("version")) == version:
+            wide = (doc.get("rollout") or {}).get("stage", "all") == "all"
+            if str(doc.get("version")) == version or (version is None and wide):
                 found.append((int(doc.get("published", 0)), path, doc))
     if not found:
         known = sorted({str(json.loads(p.read_text()).get("version"))
                         for p in history.glob("*.json")})
         raise RepoError(f"group {group} was never given bundle version {version} "
-                        f"(known: {', '.join(known) or 'none'})")
+                        f"(known: {', '.join(known) or 'none'})" if version else
+                        f"group {group} has no release for all its devices to go back to")
     _, path, doc = max(found, key=lambda f: f[0])
     custom = {k: v for k, v in doc.items() if k not in ("sha256", "published", "group")}
     return path.with_suffix(".tar").read_bytes(), custom

@@ -74,9 +74,10 @@ class FleetUpdater:
     """One node's update thread for one group."""
 
     def __init__(self, settings: FleetSection, cloud: BrokerConfig, client_id: str,
-                 state_dir: Path, notify: threading.Event | None = None,
+                 state_dir: Path, notify: threading.Event | None = None, device: str = "",
                  **fetcher_options: float) -> None:
         self.settings = settings
+        self.device = device  # "site/device": canary releases name the devices they are for
         self._notify = notify  # set with every change: wakes the daemon's main loop
         self.store = BundleStore(state_dir)
         self.topics = FleetTopics(settings.group)
@@ -245,6 +246,12 @@ class FleetUpdater:
             self._reject(UpdateRejected("wrong_group", f"the signed target is for group "
                          f"{custom.get('group')!r}, this node is in {self.topics.group!r}"),
                          version, key)
+            return
+        rollout: dict[str, Any] = (custom["rollout"] if isinstance(custom.get("rollout"), dict)
+                                   else {})
+        if rollout.get("stage") == "canary" and self.device not in rollout.get("devices", []):
+            log.info("update_for_canaries", group=self.topics.group, version=version,
+                     note="this node takes it once the operator promotes it")
             return
         try:
             self._prepare(tuf, info, key, name, version)

@@ -21,7 +21,7 @@ from agent.fleet.archive import pack_bundle
 from agent.fleet.publish import publish, release_messages, send_retained
 from agent.fleet.repo import Release, init_repo, sign_release
 from agent.fleet.updater import FleetUpdater
-from agent.transport.topics import FleetTopics
+from agent.transport.topics import FleetTopics, Topics
 from tests.bundles import make_scale_bundle
 from tests.conftest import Mosquitto
 
@@ -52,7 +52,8 @@ def _bundle(tmp: Path, version: str, factor: float = 0.5) -> Path:
 def _node(tmp: Path, broker: Mosquitto, repo: Path, name: str = "node") -> FleetUpdater:
     up = FleetUpdater(FleetSection(group=GROUP, root=repo / "root.json"),
                       BrokerConfig(url=broker.url), f"fleet-{name}-{time.monotonic_ns()}",
-                      tmp / f"state-{name}", stall_s=2.0, deadline_s=10.0)
+                      tmp / f"state-{name}", device=f"site/{name}", stall_s=2.0,
+                      deadline_s=10.0)
     up.store.prepare()
     up.conn.start()
     assert up.conn.wait_connected(10)
@@ -387,3 +388,51 @@ def test_rollback_republishes_an_earlier_bundle_as_a_newer_release(
     with pytest.raises(RepoError, match=r"known: 1\.0\.0, 2\.0\.0"):
         rollback(repo, GROUP, "0.9", cfg)
     up.conn.stop()
+
+
+def _say(broker: Mosquitto, device: str, state: str, version: str) -> None:
+    """The retained status a daemon would publish for ``device``."""
+    status = {"v": 1, "state": "online", "site": "site", "device_id": device,
+              "model": {"name": "test-scale", "version": version},
+              "update": {"group": GROUP, "state": state, "version": version,
+                         "reason": "failure_rate" if state == "rolled_back" else None}}
+    send_retained(BrokerConfig(url=broker.url), [
+        (Topics("site", device).status, json.dumps(status).encode())])
+
+
+def test_a_canary_release_then_promote_and_halt(
+        tmp_path: Path, broker: Mosquitto, repo: Path) -> None:
+    from agent.fleet.rollout import RolloutError, halt, promote
+
+    cfg = BrokerConfig(url=broker.url)
+    publish(repo, _bundle(tmp_path, "1.0.0"), GROUP, cfg)
+    canary, other = _node(tmp_path, broker, repo, "a"), _node(tmp_path, broker, repo, "b")
+    base = _activate(canary)
+    assert _activate(other) == base
+    publish(repo, _bundle(tmp_path, "2.0.0", 0.25), GROUP, cfg, canaries=["site/a"])
+    time.sleep(1.0)
+    new = _activate(canary)
+    other.check()
+    assert other.take_candidate() is None and other.store.current_key == base
+    _say(broker, "a", "rolled_back", "2.0.0")
+    with pytest.raises(RolloutError, match=r"canary site/a rolled back 2\.0\.0"):
+        promote(repo, GROUP, cfg)
+    _say(broker, "a", "active", "2.0.0")
+    promote(repo, GROUP, cfg)
+    time.sleep(1.0)
+    assert _activate(other) == new
+    canary.check()  # the promoted release: the same target, nothing to do
+    assert canary.take_candidate() is None
+    # A second canary release, halted: the canary gets 2.0.0 back.
+    publish(repo, _bundle(tmp_path, "3.0.0", 0.125), GROUP, cfg, canaries=["site/a"])
+    time.sleep(1.0)
+    _activate(canary)
+    halt(repo, GROUP, cfg)
+    time.sleep(1.0)
+    assert _activate(canary) == new
+    other.check()
+    assert other.take_candidate() is None and other.store.current_key == new
+    with pytest.raises(RolloutError, match="no canary release"):
+        halt(repo, GROUP, cfg)
+    canary.conn.stop()
+    other.conn.stop()
