@@ -112,6 +112,20 @@ def cmd_promote_or_halt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from agent.fleet.repo import RepoError
+    from agent.fleet.rotate import rotate_key
+
+    try:
+        version = rotate_key(Path(args.repo), args.role)
+    except RepoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"new {args.role} key in {Path(args.repo) / 'keys'}; root version {version} lists "
+          "it. Run `fleet refresh` for each group so the nodes follow the new root.")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.errors import AgentError
     from agent.fleet.overview import collect, render
@@ -225,3 +239,10 @@ def add_fleet_parser(sub: Any) -> None:
         _broker_args(f)
         f.add_argument("--timeout", type=float, default=60.0, help="seconds for the acks")
         f.set_defaults(func=cmd_promote_or_halt)
+    f = fsub.add_parser("rotate-key", help="replace a role's keys, through a new root "
+                        "signed by the current root keys",
+                        description="Exit 0 rotated; 1 refused (unknown role, missing keys).")
+    f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
+    f.add_argument("--role", required=True, choices=["root", "targets", "snapshot",
+                                                      "timestamp"])
+    f.set_defaults(func=cmd_rotate_key)

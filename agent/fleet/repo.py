@@ -65,7 +65,7 @@ class Release:
     sha256: str
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -91,7 +91,7 @@ def init_repo(directory: Path, root_threshold: int = 1, root_keys: int | None = 
     for role in ROLES:
         for n in range(1, (root_keys if role == "root" else 1) + 1):
             signer = CryptoSigner.generate_ed25519()
-            _write_private(keys / f"{role}-{n}.pem", signer.private_bytes)
+            write_private(keys / f"{role}-{n}.pem", signer.private_bytes)
             root.add_key(signer.public_key, role)
             if role == "root":
                 signers.append(signer)

@@ -436,3 +436,41 @@ def test_a_canary_release_then_promote_and_halt(
         halt(repo, GROUP, cfg)
     canary.conn.stop()
     other.conn.stop()
+
+
+@pytest.mark.parametrize("role", ["timestamp", "root"])
+def test_after_a_key_rotation_the_old_key_no_longer_counts(
+        tmp_path: Path, broker: Mosquitto, repo: Path, role: str) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, Timestamp
+
+    from agent.fleet.publish import refresh
+    from agent.fleet.repo import SERIALIZER
+    from agent.fleet.rotate import rotate_key
+
+    cfg = BrokerConfig(url=broker.url)
+    publish(repo, _bundle(tmp_path, "1.0.0"), GROUP, cfg)
+    up = _node(tmp_path, broker, repo)
+    _activate(up)
+    old_timestamp_key = (repo / "keys" / "timestamp-1.pem").read_bytes()
+    assert rotate_key(repo, role) == 2
+    assert (repo / "keys" / "retired").is_dir()
+    release = refresh(repo, GROUP, cfg)
+    time.sleep(1.0)
+    up.check()
+    assert up.status()["state"] == "active", up.status()
+    trusted = json.loads((up.store.metadata / "root.json").read_text())
+    assert trusted["signed"]["version"] == 2
+    if role != "timestamp":
+        return
+    # The retired timestamp key signs a newer timestamp: not trusted any more.
+    md = Metadata[Timestamp].from_bytes(release.timestamp)
+    md.signed.version += 1
+    md.signatures.clear()
+    md.sign(CryptoSigner(load_pem_private_key(old_timestamp_key, None)))  # type: ignore[arg-type]
+    send_retained(cfg, [(FleetTopics(GROUP).metadata("timestamp"), md.to_bytes(SERIALIZER))])
+    time.sleep(1.0)
+    up.check()
+    _rejected(up, "metadata_unsigned")
+    up.conn.stop()
