@@ -474,3 +474,23 @@ def test_after_a_key_rotation_the_old_key_no_longer_counts(
     up.check()
     _rejected(up, "metadata_unsigned")
     up.conn.stop()
+
+
+@pytest.mark.parametrize("role", ["snapshot", "targets"])
+def test_mix_and_match_of_metadata_from_different_versions_is_rejected(
+        tmp_path: Path, broker: Mosquitto, repo: Path, role: str) -> None:
+    cfg = BrokerConfig(url=broker.url)
+    publish(repo, _bundle(tmp_path, "1.0.0"), GROUP, cfg)
+    up = _node(tmp_path, broker, repo)
+    serving = _activate(up)
+    older = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "2.0.0", 0.25)), {})
+    newer = sign_release(repo, GROUP, pack_bundle(_bundle(tmp_path, "3.0.0", 0.125)),
+                         {"bundle": "b", "version": "3.0.0"})
+    # The newer timestamp (and snapshot), with the older version's file in its place.
+    mixed = replace(newer, **{role: getattr(older, role)})
+    _send(broker, mixed)
+    time.sleep(1.0)
+    up.check()
+    _rejected(up, "metadata_replayed")
+    assert up.store.current_key == serving
+    up.conn.stop()
