@@ -240,7 +240,11 @@ class FleetUpdater:
         custom = info.custom if isinstance(info.custom, dict) else {}
         key = info.hashes.get("sha256", "")[:16]
         name, version = str(custom.get("bundle", "?")), str(custom.get("version", "?"))
-        if key == self.store.current_key or key in self._refused:
+        if key == self.store.current_key:
+            if self.status()["state"] != "active":  # e.g. after a refused replay: all good
+                self._set("active", _bundle_version(self.store.current))
+            return
+        if key in self._refused:
             return
         if custom.get("group") != self.topics.group:
             self._reject(UpdateRejected("wrong_group", f"the signed target is for group "

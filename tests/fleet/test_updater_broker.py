@@ -150,6 +150,14 @@ def test_a_replayed_older_release_is_rejected_also_after_a_restart(
     up.check()
     _rejected(up, "metadata_replayed")
     assert up.store.current_key == serving
+    from agent.fleet.publish import refresh
+
+    refresh(repo, GROUP, cfg)  # the operator puts current metadata back
+    time.sleep(1.0)
+    up.check()
+    assert up.status()["state"] == "active" and up.status()["version"] == "2.0.0"
+    _send(broker, old)  # and the attacker replays again
+    time.sleep(1.0)
     up.conn.stop()
     again = _node(tmp_path, broker, repo)  # same state directory: a restart
     _settled(again)
