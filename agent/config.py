@@ -7,18 +7,20 @@ directory written by ``iomt-agent init`` can be moved as a whole.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent.config_io import describe_errors, read_text, validate_toml
 from agent.errors import AgentError
 from agent.transport.topics import TopicError, check_level
 
+__all__ = ["BrokerConfig", "Config", "ConfigError", "FleetSection", "ModelSection", "Strict",
+           "describe_errors", "load_config", "parse_config", "read_text", "validate_toml"]
+
 MIB = 1024 * 1024
-S = TypeVar("S", bound=BaseModel)
 CREDENTIALS_PREFIX = "${CREDENTIALS_DIRECTORY}"
 
 
@@ -265,6 +267,11 @@ class FleetSection(Strict):
     check_interval_s: float = Field(300.0, ge=1, le=86400, title="Check interval",
                                     description="Seconds between checks besides each new "
                                     "timestamp message")
+    rollback_window: int = Field(8, ge=1, le=10000, title="Rollback window",
+                                 description="Scans watched after an activation")
+    rollback_failure_rate: float = Field(
+        0.5, ge=0, lt=1, title="Rollback failure rate",
+        description="More failed scans than this share of the window: roll back by itself")
 
     _group = field_validator("group")(_level)
 
@@ -346,45 +353,6 @@ class Config(Strict):
                     update={"root": fix(self.fleet.root)}),
             }
         )
-
-
-def describe_errors(exc: ValidationError, docs: str) -> list[str]:
-    """One line per problem, each starting with its key path; ``docs`` is where the keys are
-    documented (named for an unknown key)."""
-    lines = []
-    for error in exc.errors():
-        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
-        kind = str(error.get("type", ""))
-        if kind == "extra_forbidden":
-            lines.append(f"{loc}: unknown key (check the spelling; see {docs})")
-        elif kind == "missing":
-            lines.append(f"{loc}: required key is missing")
-        else:
-            msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg} (got {error.get('input')!r})")
-    return lines
-
-
-def validate_toml(text: str, source: str, schema: type[S], error: type[ConfigError],
-                  docs: str) -> S:
-    """Parse TOML text and validate it against ``schema``; raise ``error`` listing every bad
-    key path (``docs``: where the keys are documented)."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise error(source, [f"not valid TOML: {exc}"]) from None
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise error(source, describe_errors(exc, docs)) from None
-
-
-def read_text(path: Path, error: type[ConfigError]) -> str:
-    """A TOML file's text, or ``error`` saying why it cannot be read."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise error(str(path), [f"cannot read file: {exc.strerror}"]) from None
 
 
 def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:

@@ -2,8 +2,8 @@
 
 Each turn of the main loop: a bundle the update thread prepared goes to the guarded reload
 (``Reloader.request_bundle``); rejections become error reports; a changed update state
-republishes the status. After an activation the first ``ROLLBACK_WINDOW`` scans are
-watched: when more than ``ROLLBACK_FAILURE_RATE`` of them fail, the previous bundle (the
+republishes the status. After an activation the first ``fleet.rollback_window`` scans
+are watched: when more than ``fleet.rollback_failure_rate`` of them fail, the previous bundle (the
 fleet's ``previous``, else the configured ``model.bundle``) is loaded, guarded and swapped
 back the same way, and the status says ``rolled_back``.
 """
@@ -23,10 +23,6 @@ from agent.model.serving import ServedModel
 from agent.transport.topics import Topics
 
 log = get_logger("agent.daemon.updates")
-
-ROLLBACK_WINDOW = 8  # scans watched after an activation
-ROLLBACK_FAILURE_RATE = 0.5  # more failed than this share of them: roll back
-
 
 @dataclass(frozen=True)
 class Rollback:
@@ -77,16 +73,17 @@ class UpdateHook:
         processed, failed = self._counts()
         failed -= failed0
         seen = processed - processed0 + failed
-        if failed > ROLLBACK_WINDOW * ROLLBACK_FAILURE_RATE:
+        window, rate = (self.fleet.settings.rollback_window,
+                        self.fleet.settings.rollback_failure_rate)
+        if failed > window * rate:
             self._watch = None
             back = self.fleet.store.previous or self._configured
             detail = (f"{failed} of the first {seen} scans on {candidate.name} "
-                      f"{candidate.version} failed (more than "
-                      f"{ROLLBACK_FAILURE_RATE:.0%} of {ROLLBACK_WINDOW})")
+                      f"{candidate.version} failed (more than {rate:.0%} of {window})")
             log.error("update_failing", version=candidate.version, detail=detail,
                       back_to=str(back))
             self._reloader.request_bundle(back, Rollback(back, candidate, detail))
-        elif seen >= ROLLBACK_WINDOW:
+        elif seen >= window:
             self._watch = None  # it proved itself
 
     def finish(self, tag: object, loaded: Loaded, swap: Callable[[ServedModel], None]) -> None:

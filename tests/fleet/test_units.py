@@ -192,3 +192,11 @@ def test_the_status_table() -> None:
     assert header.split() == ["device", "online", "model", "update", "last", "error"]
     assert line.split()[:5] == ["s/d", "yes", "m", "2", "rejected"]
     assert line.endswith("guard_failed: below the floor")
+
+
+def test_rollback_settings_are_checked() -> None:
+    cfg = FleetSection(group="g", root=Path("r"), rollback_window=20, rollback_failure_rate=0.2)
+    assert (cfg.rollback_window, cfg.rollback_failure_rate) == (20, 0.2)
+    for bad in ({"rollback_window": 0}, {"rollback_failure_rate": 1.0}):
+        with pytest.raises(ValueError):
+            FleetSection(group="g", root=Path("r"), **bad)  # type: ignore[arg-type]
