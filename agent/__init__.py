@@ -5,6 +5,7 @@ results out.
 |---|---|
 | ``cli`` | the ``iomt-agent`` subcommands (thin) |
 | ``config`` | the one config schema; errors name the key path |
+| ``config_io`` | reading TOML against a schema, one line per bad key path |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |
 | ``daemon/`` | the running service: ingest, processing stages, outbox, status, store, systemd |
@@ -14,6 +15,7 @@ results out.
 | ``transport/`` | MQTT (the only paho importer) and topic names |
 | ``crypto/`` | sealed envelopes and key files |
 | ``cloud/`` | the cloud consumer |
+| ``fleet/`` | signed model updates: TUF over retained MQTT, activation, rollback, rollout |
 | ``ops/`` | ``init`` and ``doctor`` for the site engineer |
 | ``quantize/`` | ``iomt-agent model quantize`` |
 | ``bench/`` | ``iomt-agent bench`` |

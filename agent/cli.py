@@ -21,6 +21,7 @@ from agent.cli_model import (
     count_list,
     runs_count,
 )
+from agent.fleet.cli import add_fleet_parser
 from agent.signals import StopRequested, StopSignals
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ def cmd_init(args: argparse.Namespace) -> int:
                 protocol=args.protocol,
                 recipient_kind=args.recipient_kind,
                 force=args.force,
+                fleet_group=args.fleet_group,
+                fleet_root=Path(args.fleet_root) if args.fleet_root else None,
             )
         )
     except ConfigError as exc:
@@ -268,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipient-kind", choices=["mlkem768-x25519", "x25519"],
                    default="mlkem768-x25519", help="HPKE KEM of the cloud recipient key")
     s.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    s.add_argument("--fleet-group", metavar="G", help="with --fleet-root: take signed model "
+                   "updates for group G (a [fleet] section)")
+    s.add_argument("--fleet-root", metavar="FILE", help="the fleet's trusted root.json "
+                   "(copied to DIR/fleet/root.json)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("run", help="run the agent (the daemon)")
@@ -357,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.set_defaults(func=cmd_demo)
+
+    add_fleet_parser(sub)
 
     s = sub.add_parser("sample", help="write the sample T1w series (MNI152 template) for send")
     s.add_argument("dir", help="directory to write slice001.dcm... into (new or empty)")

@@ -7,27 +7,28 @@ directory written by ``iomt-agent init`` can be moved as a whole.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from agent.config_deid import DeidSection
+from agent.config_io import describe_errors, read_text, validate_toml
 from agent.errors import AgentError
 from agent.transport.broker_url import check_broker_url, is_loopback
 from agent.transport.topics import TopicError, check_level
 
+__all__ = ["BrokerConfig", "Config", "ConfigError", "FleetSection", "ModelSection", "Strict",
+           "describe_errors", "load_config", "parse_config", "read_text", "validate_toml"]
+
 MIB = 1024 * 1024
-S = TypeVar("S", bound=BaseModel)
 CREDENTIALS_PREFIX = "${CREDENTIALS_DIRECTORY}"
 
 
@@ -237,30 +238,43 @@ class SeriesSection(Strict):
 
 class SealSection(Strict):
     recipient_public_key: Path = Field(
-        title="Recipient public key", description="The cloud's HPKE public key"
-    )
+        title="Recipient public key", description="The cloud's HPKE public key")
     device_signing_key: Path = Field(
-        title="Device signing key", description="This node's Ed25519 private key (0600)"
-    )
+        title="Device signing key", description="This node's Ed25519 private key (0600)")
 
 
 class ReceiverSection(Strict):
     recipient_private_key: Path = Field(
-        title="Recipient private key", description="The cloud's HPKE private key (0600)"
-    )
+        title="Recipient private key", description="The cloud's HPKE private key (0600)")
     trusted_devices: dict[str, Path] = Field(
-        title="Trusted devices", description="device id -> Ed25519 public key file"
-    )
+        title="Trusted devices", description="device id -> Ed25519 public key file")
     client_id: str | None = Field(None, title="Client id", description="Receiver client id")
 
 
 class LogSection(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", title="Log level", description="Minimum level"
-    )
+        "info", title="Log level", description="Minimum level")
     format: Literal["auto", "console", "json"] = Field(
-        "auto", title="Log format", description="auto: console on a TTY, JSON lines otherwise"
-    )
+        "auto", title="Log format", description="auto: console on a TTY, JSON lines otherwise")
+
+
+class FleetSection(Strict):
+    """Signed model updates from the cloud broker (agent.fleet); without it, none."""
+
+    group: str = Field(title="Fleet group", description="Topic level of this node's rollout "
+                       "group: updates come from iomt/fleet/<group>/... on the cloud broker")
+    root: Path = Field(title="Trusted root", description="The fleet's TUF root.json (`iomt-agent "
+                       "fleet init-repo` writes it); newer roots come signed by the fleet")
+    check_interval_s: float = Field(300.0, ge=1, le=86400, title="Check interval",
+                                    description="Seconds between checks besides each new "
+                                    "timestamp message")
+    rollback_window: int = Field(8, ge=1, le=10000, title="Rollback window",
+                                 description="Scans watched after an activation")
+    rollback_failure_rate: float = Field(
+        0.5, ge=0, lt=1, title="Rollback failure rate",
+        description="More failed scans than this share of the window: roll back by itself")
+
+    _group = field_validator("group")(_level)
 
 
 class Config(Strict):
@@ -284,8 +298,9 @@ class Config(Strict):
         description="PS3.15 Annex E profile applied before sealing (on by default)",
     )
     receiver: ReceiverSection | None = Field(
-        None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)"
-    )
+        None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
+    fleet: FleetSection | None = Field(
+        None, title="Fleet updates", description="Model updates over MQTT, verified with TUF")
 
     def client_id(self, role: str) -> str:
         """The MQTT client id of a connection, the key of its persistent session: the
@@ -295,8 +310,9 @@ class Config(Strict):
         if role == "receiver":
             chosen = self.receiver.client_id if self.receiver else None
             return chosen or f"iomt-{self.agent.site}-cloud-receiver"
-        broker: BrokerConfig = getattr(self, role)
-        return broker.client_id or f"iomt-{self.agent.site}-{self.agent.device_id}-{role}"
+        broker: BrokerConfig | None = getattr(self, role) if role in ("edge", "cloud") else None
+        own = broker.client_id if broker else None  # "fleet": its own connection, no key
+        return own or f"iomt-{self.agent.site}-{self.agent.device_id}-{role}"
 
     def resolve(self, base: Path) -> Config:
         """Return a copy whose relative paths are taken relative to ``base``."""
@@ -339,48 +355,10 @@ class Config(Strict):
                 ),
                 "receiver": receiver,
                 "deid": self.deid.model_copy(update={"secret_file": fix(self.deid.secret_file)}),
+                "fleet": self.fleet and self.fleet.model_copy(
+                    update={"root": fix(self.fleet.root)}),
             }
         )
-
-
-def describe_errors(exc: ValidationError, docs: str) -> list[str]:
-    """One line per problem, each starting with its key path; ``docs`` is where the keys are
-    documented (named for an unknown key)."""
-    lines = []
-    for error in exc.errors():
-        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__") or "(top level)"
-        kind = str(error.get("type", ""))
-        if kind == "extra_forbidden":
-            lines.append(f"{loc}: unknown key (check the spelling; see {docs})")
-        elif kind == "missing":
-            lines.append(f"{loc}: required key is missing")
-        else:
-            msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-            got = error.get("input")  # a whole section (a check across its keys): not shown
-            lines.append(f"{loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
-    return lines
-
-
-def validate_toml(text: str, source: str, schema: type[S], error: type[ConfigError],
-                  docs: str) -> S:
-    """Parse TOML text and validate it against ``schema``; raise ``error`` listing every bad
-    key path (``docs``: where the keys are documented)."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise error(source, [f"not valid TOML: {exc}"]) from None
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise error(source, describe_errors(exc, docs)) from None
-
-
-def read_text(path: Path, error: type[ConfigError]) -> str:
-    """A TOML file's text, or ``error`` saying why it cannot be read."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise error(str(path), [f"cannot read file: {exc.strerror}"]) from None
 
 
 def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> Config:

@@ -18,6 +18,8 @@ messages say what to fix. The kinds below it live beside the code that raises th
 | ``dicom.codestream.CodestreamError`` | a compressed frame does not match its header |
 | ``quantize.errors.QuantizeError`` | ``model quantize`` cannot go on (``exit_code``) |
 | ``bench.macs.MacCountError`` | a graph's MACs cannot be counted |
+| ``fleet.verdict.UpdateRejected`` | a fleet update fails TUF, the archive or the bundle checks |
+| ``fleet.repo.RepoError`` | the operator's fleet repository cannot be used |
 
 Reason codes are the machine-readable part of what leaves the node (``reason`` of an error
 report) or what the receiver reports (``EnvelopeError.reason``). Each code is listed here
@@ -35,7 +37,14 @@ SCAN_REASONS = (
     "derive_failed",
 )  # fmt: skip
 # Reported on the error topic about the model, not about a scan.
-MODEL_REASONS = ("model_refused",)
+MODEL_REASONS = ("model_refused", "update_rejected")
+# Why a fleet update was rejected (agent.fleet): the status's ``update.reason``.
+UPDATE_REASONS = (
+    "metadata_unavailable", "metadata_unsigned", "metadata_replayed", "metadata_expired",
+    "metadata_invalid", "target_missing", "target_too_long", "target_mismatch",
+    "download_stalled", "wrong_group", "unsafe_archive", "bundle_invalid", "guard_failed",
+    "load_failed", "failure_rate",
+)  # fmt: skip
 # Why the receiver could not open a sealed envelope (agent.crypto.seal).
 ENVELOPE_REASONS = (
     "malformed", "unsupported_version", "unknown_device", "bad_signature",
@@ -43,7 +52,7 @@ ENVELOPE_REASONS = (
 )  # fmt: skip
 
 ERROR_TOPIC_REASONS = frozenset(SCAN_REASONS + MODEL_REASONS)
-REASONS = ERROR_TOPIC_REASONS | frozenset(ENVELOPE_REASONS)
+REASONS = ERROR_TOPIC_REASONS | frozenset(ENVELOPE_REASONS) | frozenset(UPDATE_REASONS)
 
 
 class AgentError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,13 @@ class Reloader:
     """One reload at a time; a SIGHUP while one runs is kept and served after it."""
 
     def __init__(self, config: Config, config_path: Path | None,
-                 wake: threading.Event) -> None:
+                 wake: threading.Event, fleet_bundle: Callable[[], Path | None] = lambda: None,
+                 ) -> None:
         self._config = config
+        self._fleet_bundle = fleet_bundle  # the fleet's current bundle overrides model.bundle
+        self._asked: tuple[Path, object] | None = None  # a fleet update: (bundle, its tag)
+        self._loading: tuple[Path, object] | None = None
+        self.done_tag: object = None  # the tag of the load poll just returned (None: SIGHUP)
         self._config_path = config_path
         self._wake = wake
         self._requested = threading.Event()
@@ -47,6 +53,12 @@ class Reloader:
         self._requested.set()
         self._wake.set()
 
+    def request_bundle(self, bundle: Path, tag: object) -> None:
+        """Load and guard ``bundle`` with the running [model] settings (a fleet update);
+        ``done_tag`` is ``tag`` when ``poll`` returns its result."""
+        self._asked = (bundle, tag)
+        self._wake.set()
+
     @property
     def pending(self) -> bool:
         """A reload was asked for and has not started yet."""
@@ -55,17 +67,21 @@ class Reloader:
     def poll(self) -> Loaded | None:
         """Main loop, once a turn: start the loader when a reload was asked for; return its
         result (the model, or the error that refuses it) once it has finished."""
-        if self._requested.is_set() and self._loader is None:
-            self._requested.clear()
+        if (self._asked is not None or self._requested.is_set()) and self._loader is None:
+            self._loading, self._asked = self._asked, None
+            if self._loading is None:
+                self._requested.clear()
             self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
             self._loader.start()
         if self._loader is not None and not self._loader.is_alive():
             result, self._result, self._loader = self._result, None, None
+            self.done_tag = self._loading[1] if self._loading else None
             return result
         return None
 
     def load_now(self) -> Loaded:
         """The same load on the caller's thread."""
+        self._loading = None
         self._load()
         result, self._result = self._result, None
         assert result is not None
@@ -82,8 +98,12 @@ class Reloader:
         settings = self._config.model
         self.what = str(self._config_path)  # until the config has been read
         try:
-            if self._config_path is not None:
+            if self._loading is not None:
+                settings = settings.model_copy(update={"bundle": self._loading[0]})
+            elif self._config_path is not None:
                 settings = load_config(self._config_path).model
+            if self._loading is None and (fleet := self._fleet_bundle()) is not None:
+                settings = settings.model_copy(update={"bundle": fleet})
             self.what = str(settings.bundle)
             self._result = load_model(settings, self._config.agent.state_dir or Path())
         except AgentError as exc:
@@ -114,3 +134,12 @@ def refusal(exc: Exception, what: str, serving: ServedModel,
         detail=f"{reason} (still serving {serving.bundle.name} {serving.bundle.version})",
         payload_sha256=hashlib.sha256(marker).hexdigest(), source_topic="model")
     return refused, ("error", mid, str(topics.errors), body)
+
+
+def update_report(topics: Topics, reason: str, detail: str) -> tuple[str, str, str, bytes]:
+    """The error report's outbox row for a rejected fleet update (``reason``: the
+    status's ``update.reason``)."""
+    mid, body = error_report(
+        device_id=topics.device, reason="update_rejected", detail=f"{reason}: {detail}",
+        payload_sha256=hashlib.sha256(detail.encode()).hexdigest(), source_topic="fleet")
+    return ("error", mid, str(topics.errors), body)

@@ -35,6 +35,7 @@ from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
+from agent.errors import AgentError
 from agent.log import get_logger
 from agent.model.serving import ServedModel, load_model
 from agent.transport.broker_url import is_loopback
@@ -61,10 +62,18 @@ class Agent:
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
         recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
         signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
+        self.fleet = None
+        if config.fleet is not None:
+            from agent.fleet.updater import FleetUpdater  # tuf only where updates are on
+
+            self.fleet = FleetUpdater(config.fleet, config.cloud, config.client_id("fleet"),
+                                      a.state_dir, notify=self._work,
+                                      device=f"{a.site}/{a.device_id}")
         self.deid = deidentifier(config.deid)  # KeyFileError too
         log.info("deidentification", enabled=self.deid is not None,
                  options=list(self.deid.options.names) if self.deid else [])
-        self.model: ServedModel = load_model(config.model, a.state_dir)
+        self.model: ServedModel = self._first_model(config, a.state_dir)
         self._log_guard(self.model)
 
         def sealer(plaintext: bytes, message_id: str) -> bytes:
@@ -84,12 +93,12 @@ class Agent:
             outbox_max_bytes=config.limits.outbox_max_bytes,
         )
         self._stop = threading.Event()
-        self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
         self._last_status = 0.0
         self.model_refused: dict[str, Any] | None = None
-        self.reloader = Reloader(config, self.config_path, self._work)
+        self.reloader = Reloader(config, self.config_path, self._work,
+                                 lambda: self.fleet.store.current if self.fleet else None)
         self.stages = Stages(self.store, config.series, self._translator(self.model),
                              stop=self._stop, space=self._space, beat=self._beat,
                              committed=self._committed)
@@ -117,8 +126,28 @@ class Agent:
         )
         self.outbox = OutboxPublisher(self.store, self.cloud, kick=self._kick, stop=self._stop,
                                       space=self._space)
+        self.updates = None
+        if self.fleet is not None:
+            from agent.daemon.updates import UpdateHook
+
+            self.updates = UpdateHook(self.fleet, self.reloader, self.store, self.topics,
+                                      configured=config.model.bundle, kick=self._kick,
+                                      publish_status=lambda: self._publish_status(force=True))
 
     # -- the model -----------------------------------------------------------------------
+    def _first_model(self, config: Config, state_dir: Path) -> ServedModel:
+        """The fleet's current bundle where one was activated (the restart after an update
+        comes up on it), else the configured one."""
+        current = self.fleet.store.current if self.fleet else None
+        if current is not None:
+            try:
+                return load_model(config.model.model_copy(update={"bundle": current}),
+                                  state_dir)
+            except AgentError as exc:
+                log.error("fleet_bundle_unusable", bundle=str(current), reason=str(exc),
+                          fix="serving the configured model.bundle instead")
+        return load_model(config.model, state_dir)
+
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
@@ -143,6 +172,9 @@ class Agent:
 
     def _finish_reload(self, loaded: Loaded) -> None:
         """Main thread: swap the loaded model in, or report why it was refused."""
+        if self.reloader.done_tag is not None and self.updates is not None:  # fleet update
+            self.updates.finish(self.reloader.done_tag, loaded, self._swap)
+            return
         if isinstance(loaded, ServedModel):
             self._swap(loaded)
         else:
@@ -200,6 +232,7 @@ class Agent:
             "agent_version": __version__,
             "model": self.model.summary(),
             **({"model_refused": self.model_refused} if self.model_refused else {}),
+            **({"update": self.fleet.status()} if self.fleet else {}),
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
             "deid": self.deid.summary() if self.deid else {"enabled": False},
@@ -278,6 +311,8 @@ class Agent:
         self.prepare()
         self.cloud.start()
         self.edge.start()
+        if self.fleet is not None:
+            self.fleet.start()
         publisher.start()
         self.stages.start()
         deadline = time.monotonic() + 10.0
@@ -298,6 +333,8 @@ class Agent:
             loaded = self.reloader.poll()
             if loaded is not None:
                 self._finish_reload(loaded)
+            if self.updates is not None:
+                self.updates.turn()
             if self.ingest.held:
                 self.ingest.retry()  # the inbox may have room again
             busy = self.stages.process_pending()
@@ -332,6 +369,8 @@ class Agent:
         inbox, outbox = self.store.depths()
         self._publish_offline(self.cloud)
         self.cloud.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.reloader.close()
         self.model.close()
         self.store.close()

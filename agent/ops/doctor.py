@@ -26,6 +26,7 @@ from typing import TextIO
 
 from agent.ops.check_broker import check_broker
 from agent.ops.check_files import check_broker_files, check_config, check_seal_keys
+from agent.ops.check_fleet import check_fleet
 from agent.ops.check_node import check_disk, check_model
 from agent.ops.findings import Finding, who
 
@@ -51,6 +52,7 @@ def run_checks(config_path: str | Path, *, timeout: float = 5.0,
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
         found += check_broker(role, cfg, f"{config.client_id(role)}-doctor", timeout)
     found += check_model(config)
+    found += check_fleet(config, now)
     found += check_disk(config)
     return found, True
 

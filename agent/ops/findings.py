@@ -20,7 +20,7 @@ GIB = 1024**3
 
 class Finding:
     verdict: Verdict
-    check: str  # config | key | certificate | broker | model | disk
+    check: str  # config | key | certificate | broker | model | fleet | disk
     subject: str  # what was checked: a key path, a broker, a file
     detail: str  # what was found
     fix: str = ""  # what to do about it (warn/fail)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from agent.transport.topics import Topic, Topics, all_status_filter, fleet_filter
+from agent.transport.topics import Topic, Topics, every_status, fleet_filter
 
 if TYPE_CHECKING:
     from agent.ops.certs import Identity, PkiOptions
@@ -73,7 +73,7 @@ def acl_rules(site: str, devices: list[str], group: str,
                 site_topics.errors_filter())]
         elif ident.role == "operator":
             rules += [Rule("cloud", "operator", ident.cn, "readwrite", fleet_filter()),
-                      Rule("cloud", "operator", ident.cn, "read", all_status_filter())]
+                      Rule("cloud", "operator", ident.cn, "read", every_status())]
     return rules
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent.config import parse_config
+from agent.config import ConfigError, parse_config
 from agent.crypto import keys
 from agent.crypto.site_secret import create_site_secret
 from agent.model.bundle import BundleError, load_bundle
@@ -50,7 +51,15 @@ class InitOptions:
     protocol: str = "5"
     recipient_kind: keys.RecipientKind = keys.DEFAULT_RECIPIENT_KIND
     force: bool = False
+    fleet_group: str | None = None  # with fleet_root: a [fleet] section (model updates)
+    fleet_root: Path | None = None
 
+
+FLEET_TEMPLATE = """
+[fleet]           # signed model updates from the cloud broker (TUF); remove to take none
+group = "{group}"
+root = "fleet/root.json"         # the fleet's trusted root (from `iomt-agent fleet init-repo`)
+"""
 
 TEMPLATE = """\
 # iomt-edge-agent configuration (written by `iomt-agent init`).
@@ -175,6 +184,13 @@ def write_directory(opts: InitOptions) -> Path:
         protocol=q(opts.protocol),
         bundle=q(str(bundle.resolve())),
     )
+    if (opts.fleet_group is None) != (opts.fleet_root is None):
+        raise ConfigError("init flags", ["--fleet-group and --fleet-root go together"])
+    if opts.fleet_root is not None and not opts.fleet_root.is_file():
+        raise FileNotFoundError(f"--fleet-root {opts.fleet_root}: no such file (the fleet's "
+                                "root.json, from `iomt-agent fleet init-repo`)")
+    if opts.fleet_group is not None:
+        text += FLEET_TEMPLATE.format(group=q(opts.fleet_group))
     # Validate before writing anything, so a bad flag leaves nothing behind.
     parse_config(text, "agent.toml (from init flags)")
     key_dir = opts.directory / "keys"
@@ -194,5 +210,8 @@ def write_directory(opts: InitOptions) -> Path:
     keys.save_public_key(key_dir / "operator.pub", operator.public_key(), overwrite=ow)
     if not (key_dir / "site-deid.key").exists():  # kept on --force: pseudonyms stay stable
         create_site_secret(key_dir / "site-deid.key")
+    if opts.fleet_root is not None:
+        (opts.directory / "fleet").mkdir(exist_ok=True)
+        shutil.copyfile(opts.fleet_root, opts.directory / "fleet" / "root.json")
     config_path.write_text(text, encoding="utf-8")
     return config_path

@@ -212,6 +212,16 @@ class Connection:
         self.client.loop_stop()
         self._connected.clear()
 
+    def subscribe(self, topic: Topic) -> None:
+        """Subscribe now (QoS 1) and after every reconnect; the broker sends the retained
+        messages that match at once (agent.fleet reads them this way)."""
+        self._subscriptions = (*self._subscriptions, topic)
+        self.client.subscribe(str(topic), qos=1)  # not connected: on_connect subscribes
+
+    def unsubscribe(self, topic: Topic) -> None:
+        self._subscriptions = tuple(t for t in self._subscriptions if t != topic)
+        self.client.unsubscribe(str(topic))
+
     def unsubscribe_all(self) -> None:
         for topic in self._subscriptions:
             self.client.unsubscribe(str(topic))

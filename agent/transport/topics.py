@@ -126,6 +126,49 @@ def fleet_filter(group: str | None = None) -> Topic:
     return Topic(f"iomt/fleet/{middle}#", filter=True)
 
 
-def all_status_filter() -> Topic:
-    """Every device's status at every site (the fleet operator watches roll-outs)."""
+def every_status() -> Topic:
+    """The retained status of every device at every site (``fleet status`` reads them)."""
     return Topic("iomt/+/+/status", filter=True)
+
+
+METADATA_ROLES = ("root", "timestamp", "snapshot", "targets")
+
+
+@dataclass(frozen=True)
+class FleetTopics:
+    """The retained topics of one rollout group (docs/protocol.md, "Fleet updates"): TUF
+    metadata under ``metadata/``, each target under ``targets/{sha256}/{name}`` (a JSON
+    manifest) with its chunks at ``.../{index}``."""
+
+    group: str
+
+    def __post_init__(self) -> None:
+        check_level(self.group, "group")
+
+    @property
+    def metadata_filter(self) -> Topic:
+        """Every metadata message of the group (small: a node keeps them all)."""
+        return Topic(f"iomt/fleet/{self.group}/metadata/#", filter=True)
+
+    def metadata(self, role: str, version: int | None = None) -> Topic:
+        """``metadata/timestamp``, or ``metadata/{role}/{version}`` (root, snapshot and
+        targets are versioned: consistent snapshots)."""
+        if role not in METADATA_ROLES:
+            raise TopicError(f"unknown metadata role {role!r}")
+        if version is None:
+            return fleet(self.group, "metadata", role)
+        if version < 1:
+            raise TopicError(f"metadata version must be >= 1, got {version}")
+        return fleet(self.group, "metadata", role, str(version))
+
+    def target(self, sha256: str, name: str) -> Topic:
+        """A target's manifest (its length and chunk count)."""
+        return fleet(self.group, "targets", check_level(sha256, "target hash"), name)
+
+    def target_chunk(self, sha256: str, name: str, index: int) -> Topic:
+        return fleet(self.group, "targets", check_level(sha256, "target hash"), name,
+                     str(index))
+
+    def target_filter(self, sha256: str, name: str) -> Topic:
+        """The manifest and every chunk of one target (``#`` matches its parent too)."""
+        return Topic(f"{self.target(sha256, name)}/#", filter=True)

@@ -1,0 +1,44 @@
+"""`iomt-agent fleet`: every subcommand has help; bad flags exit 2, refusals 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+
+SUBCOMMANDS = ("init-repo", "publish", "refresh", "status", "rollback", "promote", "halt",
+               "rotate-key")
+
+
+def test_fleet_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fleet", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fleet", name, "--help"])
+    assert info.value.code == 0
+    assert "Exit" in capsys.readouterr().out
+
+
+def test_init_repo_then_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fleet", "init-repo", str(tmp_path / "r"), "--root-threshold", "2"]) == 0
+    assert "root.json" in capsys.readouterr().out
+    assert (tmp_path / "r" / "root.json").is_file()
+    assert main(["fleet", "init-repo", str(tmp_path / "r")]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert main(["fleet", "publish", "--repo", str(tmp_path / "r"), "--bundle", "x",
+                 "--group", "g", "--broker", "http://nope"]) == 2
+    assert "--broker http://nope" in capsys.readouterr().err
+    assert main(["fleet", "publish", "--repo", str(tmp_path / "r"), "--bundle",
+                 str(tmp_path / "missing"), "--group", "g", "--broker", "mqtt://127.0.0.1:1"]) == 1
+    assert main(["fleet", "rotate-key", "--repo", str(tmp_path / "r"), "--role",
+                 "timestamp"]) == 0
+    assert (tmp_path / "r" / "metadata" / "2.root.json").is_file()

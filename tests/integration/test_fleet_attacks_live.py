@@ -1,0 +1,128 @@
+"""Attacks on fleet updates against the running agent between real Mosquitto brokers: each
+is rejected with its reason in the retained status while the activated model keeps
+serving, the agent keeps running and no scan is lost. (Each attack also has its own
+in-process test in tests/fleet/test_updater_broker.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.config import BrokerConfig
+from agent.demo.sample_series import build_series, load_demo_slab
+from agent.fleet.archive import pack_bundle
+from agent.fleet.publish import release_messages, send_retained
+from agent.fleet.repo import init_repo, sign_release
+from agent.transport.topics import FleetTopics
+from tests.conftest import Mosquitto
+from tests.fleet.test_updater_broker import _evil_tar
+from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
+from tests.integration.test_fleet_live import _publish, _update, _variant
+from tests.integration.test_models_live import _send, _wait_status
+
+pytestmark = pytest.mark.integration
+
+GROUP = "ward-a"
+
+
+@pytest.fixture
+def brokers(mosquitto_factory: Callable[[str], Mosquitto]) -> tuple[Mosquitto, Mosquitto]:
+    return mosquitto_factory("edge"), mosquitto_factory("cloud")
+
+
+def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
+        tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]) -> None:
+    edge, cloud = brokers
+    cfg = BrokerConfig(url=cloud.url)
+    topics = FleetTopics(GROUP)
+    repo = tmp_path / "repo"
+    init_repo(repo)
+    r = cli("init", str(tmp_path / "node"), "--edge-url", edge.url, "--cloud-url", cloud.url,
+            "--site", "site-a", "--device-id", "node-1", "--bundle", str(REFERENCE_BUNDLE),
+            "--fleet-group", GROUP, "--fleet-root", str(repo / "root.json"))
+    assert r.returncode == 0, r.stderr
+    config = tmp_path / "node" / "agent.toml"
+    config.write_text(config.read_text().replace('format = "auto"', 'format = "json"'))
+    rec = Recorder.start(cloud.url, "cloud", "iomt/site-a/node-1/#")
+    agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
+    agent.wait_for('"mqtt_connected"', 3)
+    slab = load_demo_slab().t1
+    sent = 0
+
+    def scans(n: int, name: str) -> None:
+        nonlocal sent
+        _send(config, tmp_path, build_series(slab[:n]), name)
+        sent += n
+
+    # Two genuine releases; the first one's messages are kept for the replay.
+    first = sign_release(repo, GROUP, pack_bundle(_variant(tmp_path, "2.0.0")),
+                         {"bundle": "t1w-to-t2w-lite", "version": "2.0.0"})
+    old_messages = release_messages(topics, first)
+    send_retained(cfg, old_messages)
+    _wait_status(rec, lambda s: _update(s).get("version") == "2.0.0"
+                 and _update(s).get("state") == "active", 180)
+    _publish(repo, _variant(tmp_path, "2.1.0"), cloud)
+    _wait_status(rec, lambda s: _update(s).get("version") == "2.1.0"
+                 and _update(s).get("state") == "active", 180)
+    scans(2, "s0")
+
+    def rejected(reason: str) -> None:
+        status = _wait_status(rec, lambda s: _update(s).get("state") == "rejected"
+                              and _update(s).get("reason") == reason, 120)
+        assert status["model"]["version"] == "2.1.0"  # type: ignore[index]
+        assert agent.proc.poll() is None
+
+    attacks: list[tuple[str, Callable[[], None]]] = []
+
+    def replay() -> None:
+        send_retained(cfg, old_messages)
+
+    def wrong_key() -> None:
+        rogue = tmp_path / "rogue"
+        init_repo(rogue)
+        rel = sign_release(rogue, GROUP, pack_bundle(_variant(tmp_path, "6.6.6")),
+                           {"bundle": "x", "version": "6.6.6"})
+        send_retained(cfg, release_messages(topics, rel))
+
+    def corrupted_chunk() -> None:
+        rel = sign_release(repo, GROUP, pack_bundle(_variant(tmp_path, "2.2.0")),
+                           {"bundle": "t1w-to-t2w-lite", "version": "2.2.0"})
+        third = str(topics.target_chunk(rel.sha256, "bundle.tar", 3))
+        msgs = [(t, (p[:100] + bytes([p[100] ^ 1]) + p[101:]) if str(t) == third else p)
+                for t, p in release_messages(topics, rel)]
+        send_retained(cfg, msgs)
+
+    def escaping_tar() -> None:
+        rel = sign_release(repo, GROUP, _evil_tar("escape"), {"bundle": "x", "version": "7"})
+        send_retained(cfg, release_messages(topics, rel))
+
+    def contract_mismatch() -> None:  # the model's input does not fit its own contract
+        bad = tmp_path / "bundle-9.0.0"
+        shutil.copytree(REFERENCE_BUNDLE, bad)
+        meta = json.loads((bad / "bundle.json").read_text())
+        meta["version"], meta["input"]["shape"] = "9.0.0", [128, 128]
+        (bad / "bundle.json").write_text(json.dumps(meta))
+        _publish(repo, bad, cloud)
+
+    attacks = [("metadata_replayed", replay), ("metadata_unsigned", wrong_key),
+               ("target_mismatch", corrupted_chunk), ("unsafe_archive", escaping_tar),
+               ("bundle_invalid", contract_mismatch)]
+    for i, (reason, attack) in enumerate(attacks):
+        attack()
+        rejected(reason)
+        scans(1, f"s{i + 1}")  # the old model serves between attacks
+
+    done = _wait_status(rec, lambda s: s.get("processed") == sent, 120)
+    assert done["failed"] == 0 and done["inbox_depth"] == 0
+    assert done["model"]["version"] == "2.1.0"  # type: ignore[index]
+    assert not list(tmp_path.rglob("escaped.txt"))
+    reports = [json.loads(m.payload) for m in rec.on("/errors")]
+    assert {rep["detail"].split(":")[0] for rep in reports} >= {r for r, _ in attacks}
+    assert agent.terminate() == 0
+    text = agent.text()
+    assert "SECRET" not in text  # no scan content in the log (the sample has no PHI)
+    rec.stop()
