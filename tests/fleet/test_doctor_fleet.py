@@ -14,9 +14,9 @@ BASE = """
 site = "s"
 device_id = "d"
 [edge]
-url = "mqtt://e"
+url = "mqtt://localhost"
 [cloud]
-url = "mqtt://c"
+url = "mqtt://127.0.0.1"
 [model]
 bundle = "b"
 [seal]
@@ -63,15 +63,15 @@ def test_init_writes_the_fleet_section(tmp_path: Path) -> None:
 
     root = init_repo(tmp_path / "repo")
     bundle = make_scale_bundle(tmp_path / "b")
-    opts = InitOptions(tmp_path / "node", "mqtt://e", "mqtt://c", bundle=bundle,
+    opts = InitOptions(tmp_path / "node", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
                        fleet_group="ward-a", fleet_root=root)
     config = load_config(write_directory(opts))
     assert config.fleet is not None and config.fleet.group == "ward-a"
     assert config.fleet.root.read_bytes() == root.read_bytes()
     assert check_fleet(config)[0].verdict == "ok"
     with pytest.raises(ConfigError, match="go together"):
-        write_directory(InitOptions(tmp_path / "n2", "mqtt://e", "mqtt://c", bundle=bundle,
+        write_directory(InitOptions(tmp_path / "n2", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
                                     fleet_group="ward-a"))
     with pytest.raises(ConfigError, match=r"fleet\.group"):
-        write_directory(InitOptions(tmp_path / "n3", "mqtt://e", "mqtt://c", bundle=bundle,
+        write_directory(InitOptions(tmp_path / "n3", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
                                     fleet_group="a/b", fleet_root=root))

@@ -138,9 +138,9 @@ def test_the_fleet_section(tmp_path: Path) -> None:
 site = "s"
 device_id = "d"
 [edge]
-url = "mqtt://e"
+url = "mqtt://localhost"
 [cloud]
-url = "mqtt://c"
+url = "mqtt://127.0.0.1"
 [model]
 bundle = "b"
 [seal]
