@@ -26,6 +26,7 @@ from pathlib import Path
 
 from agent.cloud.receiver import ResultReceiver, receiver_from_config
 from agent.config import Config
+from agent.crypto.keyring import describe
 from agent.crypto.seal import EnvelopeError
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Message
@@ -37,12 +38,12 @@ CONNECT_GRACE_S = 5.0  # the cloud broker down for this long: say so
 MAX_FIELD_CHARS = 500  # an error report comes from the wire: no field logged longer
 
 _REJECTED_FIX = {
-    "unknown_recipient": "sealed to a recipient key this receiver does not hold: set "
-    "receiver.recipient_private_key to the private half of the agent's "
-    "seal.recipient_public_key",
+    "unknown_recipient": "sealed to a recipient key this receiver does not hold: add the "
+    "private half of the agent's seal.recipient_public_key to receiver.recipient_private_key "
+    "(a list keeps the old keys while the key rotates)",
     "unknown_device": "add the device's public signing key to receiver.trusted_devices",
-    "bad_signature": "forged or damaged, or the device has a new signing key: check "
-    "receiver.trusted_devices",
+    "bad_signature": "forged or damaged, or the device has a new signing key: add it to the "
+    "device's list in receiver.trusted_devices",
 }
 
 
@@ -141,7 +142,9 @@ class _Loop:
             if got.kind == "new":
                 self.tally.filed += 1
                 log.info("result_received", message_id=got.message_id, device_id=got.device_id,
-                         bytes=got.size, path=self._rel(got.path), n=self.tally.filed)
+                         bytes=got.size, path=self._rel(got.path), n=self.tally.filed,
+                         recipient_key_id=got.recipient_key_id,
+                         signer_key_id=got.signer_key_id)
             else:
                 if got.kind == "earlier":
                     self.tally.earlier += 1
@@ -199,6 +202,8 @@ def receive(
     is set or the session is taken over. Raises ConfigError / KeyFileError for the
     ``[receiver]`` section."""
     loop = _Loop(receiver_from_config(config, out_dir), count, out_dir)
+    log.info("receiver_keys", **describe(loop.receiver.recipients,
+                                         loop.receiver.trusted_devices))
     loop.retry_quarantine()
     topics = Topics(config.agent.site, config.agent.device_id)
     results = topics.results_filter(all_devices=True)

@@ -113,5 +113,6 @@ def test_config_check_covers_receiver_keys_broker_files_and_the_runtime(
     assert code == 2
     assert "receiver.recipient_private_key" in err and "chmod 600" in err
     assert "edge.ca_file: file" in err and "missing-ca.pem not found" in err
-    assert f"warning: edge.password_file: {password} is accessible by group/others" in err
+    # `run` refuses a password file others can read, so config check does too
+    assert f"  - edge.password_file: {password} is accessible by group/others" in err
     assert "model.backend: bundle test-scale has no file for 'litert'" in err
