@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.cli_certs import add_certs_parser
+from agent.cli_keys import add_keys_parser
 from agent.cli_model import (
     add_quantize_parser,
     cmd_bench,
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     add_certs_parser(sub)
+    add_keys_parser(sub)
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
