@@ -58,6 +58,14 @@ _HPKE: dict[RecipientKind, hpke.Suite] = {
     "x25519": hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
 }
 
+
+
+def hpke_suite(kind: RecipientKind) -> hpke.Suite:
+    """The HPKE suite envelopes use for recipient keys of ``kind`` (base mode, single shot;
+    ``tests/crypto/test_hpke_vectors.py`` runs the RFC 9180 vectors through it)."""
+    return _HPKE[kind]
+
+
 _HEADER_KEYS = frozenset(
     {"v", "suite", "recipient_key_id", "device_id", "message_id", "created", "content_type"}
 )

@@ -72,13 +72,13 @@ def _material(node: Path) -> list[str]:
     for name in ("old-r.key", "new-r.key"):
         raw = keys.load_recipient_private_key(node / name).private_bytes_raw()
         out += [raw.hex(), raw[:24].hex(), base64.b64encode(raw).decode()[:32]]
-        out += [line for line in (node / name).read_text().splitlines()[1:-1]]
+        out += (node / name).read_text().splitlines()[1:-1]
     for name in ("old-d.key", "new-d.key"):
         d = keys.load_signing_key(node / name)
         raw = d.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                               serialization.NoEncryption())
         out += [raw.hex(), base64.b64encode(raw).decode()[:32]]
-        out += [line for line in (node / name).read_text().splitlines()[1:-1]]
+        out += (node / name).read_text().splitlines()[1:-1]
     out.append((node / "site-deid.key").read_text().strip())
     return [m for m in out if len(m) >= 16]
 
