@@ -73,7 +73,12 @@ def cmd_keys_id(args: argparse.Namespace) -> int:
             return EXIT_OK
         except keys.KeyFileError as exc:
             problems.append(str(exc))
-    refused = [p for p in problems if "chmod 600" in p or "not found" in p]
+    try:
+        private = "PRIVATE KEY" in path.read_bytes()[:64].decode("ascii", "replace")
+    except OSError:
+        private = False
+    # an open private key file is refused before it is parsed: say so only for one
+    refused = [p for p in problems if "not found" in p or ("chmod 600" in p and private)]
     print(f"error: {refused[0] if refused else f'{path}: not a key file of this project'}",
           file=sys.stderr)
     return EXIT_FAIL
