@@ -3,9 +3,10 @@ results out.
 
 | package / module | job |
 |---|---|
-| ``cli`` | the ``iomt-agent`` subcommands (thin); ``cli_certs``, ``cli_keys``, ``cli_model`` add theirs |
+| ``cli`` | the ``iomt-agent`` subcommands (thin) |
+| ``cli_certs``, ``cli_keys``, ``cli_model`` | the ``certs``, ``keys``, ``model`` subcommands |
 | ``config`` | the one config schema; errors name the key path |
-| ``config_deid``, ``config_receiver`` | the ``[deid]`` and ``[receiver]`` sections (apart for size) |
+| ``config_deid``, ``config_receiver`` | the ``[deid]`` and ``[receiver]`` sections |
 | ``config_io`` | reading TOML against a schema, one line per bad key path |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |
