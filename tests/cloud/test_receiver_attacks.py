@@ -1,6 +1,7 @@
 """What ``receive`` (``ResultReceiver.file``) does with an attacker's envelope: a tampered
 header, ciphertext or signature, a wrong recipient and a replayed message id are each
-rejected (or dropped as the duplicate they are), and nothing is written for them."""
+rejected (or dropped as the duplicate they are), and nothing is written for them; damaged
+DICOM inside a validly signed envelope is ``malformed``, never a crash."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.cloud.receiver import ResultReceiver
 from agent.crypto import keys, seal
@@ -132,3 +135,29 @@ def test_a_replayed_message_id_is_never_filed_twice(tmp_path: Path) -> None:
     assert again.kind == "earlier" and again.path == first.path
     assert first.path.read_bytes() == content and first.path.stat().st_mtime_ns == mtime
     assert len(list(tmp_path.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the damaged values
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.integers(min_value=0), st.binary(min_size=1, max_size=4)),
+                    min_size=1, max_size=6),
+       cut=st.none() | st.integers(min_value=0))
+def test_a_signed_envelope_around_damaged_dicom_is_malformed_never_a_crash(
+        tmp_path: Path, ops: list[tuple[int, bytes]], cut: int | None) -> None:
+    # The device's own key signed it, so only the plaintext check stands between the bytes
+    # and the output directory: whatever they are, the receiver files a valid instance or
+    # says `malformed`, and writes nothing outside OUT.
+    data = bytearray(INSTANCES[0])
+    for pos, blob in ops:
+        at = pos % len(data)
+        data[at:at + len(blob)] = blob
+    if cut is not None:
+        del data[cut % len(data):]
+    out = tmp_path / "out"
+    try:
+        filed = _receiver(out).file(_seal(bytes(data), message_id=f"m-{id(data)}"))
+    except EnvelopeError as exc:
+        assert exc.reason == "malformed"
+        return
+    assert filed.path is not None and out in filed.path.parents
