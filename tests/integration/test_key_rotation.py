@@ -23,7 +23,7 @@ from agent.demo.sample_series import build_series, load_demo_slab
 from agent.transport.mqtt import Connection
 from agent.transport.topics import Topics
 from tests.conftest import Mosquitto
-from tests.integration.harness import REFERENCE_BUNDLE, cli, spawn
+from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -100,6 +100,7 @@ def test_cloud_and_device_keys_rotate_mid_stream_and_every_result_opens(
     slab = load_demo_slab()
     payloads = build_series(np.concatenate([slab.t1] * -(-N // slab.t1.shape[0]))[:N])
 
+    status = Recorder.start(cloud.url, "status", "iomt/site-a/node-1/status")
     receiver = spawn(["receive", "--config", str(config), "--out", str(tmp_path / "results"),
                       "--count", str(N), "--timeout", "180"], tmp_path / "receiver.log")
     receiver.wait_for('"mqtt_connected"')
@@ -136,6 +137,11 @@ def test_cloud_and_device_keys_rotate_mid_stream_and_every_result_opens(
     rotated = json.loads(lines[turn])
     assert (rotated["recipient_key_id"], rotated["signing_key_id"]) == (new_r, new_d)
     assert receiver.events("result_rejected") == []
+    # The retained status names the keys in use: the old pair first, the new one at the end.
+    seals = [json.loads(m.payload)["seal"] for m in status.wait("status", 2)]
+    status.stop()
+    assert seals[0] == {"recipient_key_id": old_r, "signing_key_id": old_d}
+    assert seals[-1] == {"recipient_key_id": new_r, "signing_key_id": new_d}
     # Key ids only: no private key or secret in any log line of either process.
     logs = agent.text() + receiver.text()
     secrets = _secrets(k)
