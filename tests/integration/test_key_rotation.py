@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.cli import main
 from agent.config import BrokerConfig
 from agent.crypto import keys
 from agent.demo.sample_series import build_series, load_demo_slab
 from agent.transport.mqtt import Connection
 from agent.transport.topics import Topics
 from tests.conftest import Mosquitto
-from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
+from tests.integration.harness import REFERENCE_BUNDLE, Recorder, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -77,19 +78,20 @@ def test_cloud_and_device_keys_rotate_mid_stream_and_every_result_opens(
         tmp_path: Path, mosquitto_factory: Callable[[str], Mosquitto]) -> None:
     edge, cloud = mosquitto_factory("edge"), mosquitto_factory("cloud")
     node = tmp_path / "node"
-    r = cli("init", str(node), "--edge-url", edge.url, "--cloud-url", cloud.url,
-            "--site", "site-a", "--device-id", "node-1", "--bundle", str(REFERENCE_BUNDLE))
-    assert r.returncode == 0, r.stderr
+    assert main(["init", str(node), "--edge-url", edge.url, "--cloud-url", cloud.url,
+                 "--site", "site-a", "--device-id", "node-1",
+                 "--bundle", str(REFERENCE_BUNDLE)]) == 0
     k = node / "keys"
     for kind, stem in (("recipient", "cloud-recipient-2"), ("signing", "device-signing-2")):
-        made = cli("keys", kind, str(k / stem))
-        assert made.returncode == 0, made.stderr
+        assert main(["keys", kind, str(k / stem)]) == 0  # in-process: no interpreter start
     old_r = keys.load_recipient_public_key(k / "cloud-recipient.pub").key_id
     new_r = keys.load_recipient_public_key(k / "cloud-recipient-2.pub").key_id
     old_d = keys.signing_key_id(keys.load_verify_key(k / "device-signing.pub"))
     new_d = keys.signing_key_id(keys.load_verify_key(k / "device-signing-2.pub"))
     config = node / "agent.toml"
     text = config.read_text().replace('format = "auto"', 'format = "json"')
+    # one runtime: `auto` would time every runtime x precision first, for nothing here
+    text = text.replace('backend = "auto"', 'backend = "onnxruntime"')
     text = text.replace(
         'recipient_private_key = "keys/cloud-recipient.key"',
         'recipient_private_key = ["keys/cloud-recipient.key", "keys/cloud-recipient-2.key"]')
