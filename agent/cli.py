@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
+from agent.cli_bridges import add_gateway_parser, add_stow_flags
 from agent.cli_certs import add_certs_parser
 from agent.cli_model import (
     add_quantize_parser,
@@ -299,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-errors", dest="errors", action="store_false",
                    help="do not subscribe to the agents' error reports (shown by default)")
     _identity_flags(s, "the cloud consumer")
+    add_stow_flags(s)
     s.set_defaults(func=cmd_receive)
+
+    add_gateway_parser(sub)
 
     s = sub.add_parser("config", help="configuration tools")
     csub = s.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
