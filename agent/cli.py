@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
-from agent.cli_bridges import add_gateway_parser, add_stow_flags
+from agent.cli_bridges import add_gateway_parser, add_stow_flags, stow_settings
 from agent.cli_certs import add_certs_parser
 from agent.cli_model import (
     add_quantize_parser,
@@ -189,10 +189,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
             config = _with_identity(_load(args.config), "cloud", args)
             configure(config.log.level, config.log.format)
+            stow = stow_settings(args)
             stop.ready()
             try:
                 summary = receive(config, Path(args.out), count=args.count,
-                                  timeout=args.timeout, errors=args.errors, stop=stop.event)
+                                  timeout=args.timeout, errors=args.errors, stop=stop.event,
+                                  stow=stow)
             except AgentError as exc:  # key files, the receiver section
                 get_logger("agent.receive").error("cannot_receive", error=str(exc))
                 return EXIT_CONFIG

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent.signals import StopRequested, StopSignals
+
+if TYPE_CHECKING:
+    from agent.cloud.stow import StowSettings
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -72,3 +76,30 @@ def add_stow_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--stow-attempts", type=int, default=6, metavar="N",
                    help="tries per result within one run, with exponential backoff, before it "
                    "is left for the next run (default 6)")
+
+
+def stow_settings(args: argparse.Namespace) -> StowSettings | None:
+    """``--stow-*`` as settings (None without --stow-url); a bad combination exits 2."""
+    from agent.cloud.stow import StowSettings
+
+    def path(value: str | None) -> Path | None:
+        return Path(value).resolve() if value else None
+
+    others = [f for f in ("stow_user", "stow_password_file", "stow_token_file", "stow_cert",
+                          "stow_key", "stow_ca") if getattr(args, f)]
+    if not args.stow_url:
+        if others:
+            print(f"error: --{others[0].replace('_', '-')} needs --stow-url", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG)
+        return None
+    settings = StowSettings(
+        url=args.stow_url, user=args.stow_user, password_file=path(args.stow_password_file),
+        token_file=path(args.stow_token_file), cert=path(args.stow_cert),
+        key=path(args.stow_key), ca=path(args.stow_ca), timeout_s=args.stow_timeout,
+        attempts=args.stow_attempts)
+    problems = settings.problems()
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return settings
