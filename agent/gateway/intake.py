@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import warnings
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -95,12 +96,17 @@ class Intake:
                                 f"{len(part10)} bytes, limits.max_payload_bytes is "
                                 f"{self.max_instance_bytes}")
         try:
-            ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
-            sop_class = str(ds.get("SOPClassUID", ""))
-            sop_instance = str(ds.get("SOPInstanceUID", ""))
+            with warnings.catch_warnings():  # pydicom's warnings about bad input: not logged
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
+                sop_class = str(ds.get("SOPClassUID", "") or "")
+                sop_instance = str(ds.get("SOPInstanceUID", "") or "")
         except Exception:  # pydicom raises many kinds for bad input
             return self._refuse(CANNOT_UNDERSTAND, "not_dicom", request, part10,
                                 "the data set cannot be parsed")
+        if not (sop_class and sop_instance):
+            return self._refuse(CANNOT_UNDERSTAND, "not_dicom", request, part10,
+                                "the data set has no SOPClassUID or SOPInstanceUID")
         if sop_class != request.sop_class_uid or sop_instance != request.sop_instance_uid:
             which = "SOPClassUID" if sop_class != request.sop_class_uid else "SOPInstanceUID"
             return self._refuse(DATASET_MISMATCH, "dataset_mismatch", request, part10,
