@@ -239,6 +239,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure("warning", "console")
     try:
+        if args.dicom:
+            from agent.demo.dicom_chain import run_dicom_demo
+
+            return run_dicom_demo(Path(args.workdir), slices=args.slices)
         return run_demo(Path(args.workdir), slices=args.slices,
                         bundle=Path(args.bundle) if args.bundle else None)
     except BundleError as exc:
@@ -369,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
+    s.add_argument("--dicom", action="store_true", help="scanner -> archive instead: storescu "
+                   "-> gateway -> Mosquitto -> agent -> receive --stow-url -> Orthanc (needs "
+                   "dcmtk, mosquitto, orthanc, orthanc-dicomweb; files in WORKDIR/dicom-chain)")
     s.set_defaults(func=cmd_demo)
 
     add_fleet_parser(sub)

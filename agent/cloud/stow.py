@@ -117,6 +117,14 @@ class StowClient:
         return bool(found)
 
 
+    def instances(self) -> list[dict[str, Any]]:
+        """Every instance the archive holds (QIDO-RS, DICOM JSON with the series' description
+        and modality): what ``demo --dicom`` shows at the end."""
+        found = self._client.search_for_instances(
+            fields=["SeriesDescription", "Modality", "SeriesInstanceUID"], get_remaining=True)
+        return list(found)
+
+
 def _failure_reasons(answer: Any) -> list[int]:
     reasons = []
     for item in getattr(answer, "FailedSOPSequence", None) or []:
