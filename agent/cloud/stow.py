@@ -11,6 +11,7 @@ policy. Authentication: HTTP basic, a bearer token, or a TLS client certificate.
 from __future__ import annotations
 
 import io
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +86,10 @@ class StowClient:
                 settings.cert)
         if settings.ca is not None:
             session.verify = str(settings.ca)
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify:
+            # the flag must win, so the environment is not read; its proxies are kept.
+            session.trust_env = False
+            session.proxies.update(urllib.request.getproxies())
         self.settings = settings
         self._client = DICOMwebClient(url=settings.url.rstrip("/"), session=session,
                                       timeout=settings.timeout_s)
@@ -99,6 +104,8 @@ class StowClient:
             answer = self._client.store_instances([ds])
         except requests.HTTPError as exc:
             return _from_http_error(exc.response)
+        except requests.exceptions.SSLError as exc:  # the why matters here: certificates
+            return Stored("transient", detail=f"TLS: {_ssl_reason(exc)}")
         except (requests.ConnectionError, requests.Timeout) as exc:
             return Stored("transient", detail=f"{type(exc).__name__}: cannot reach the archive")
         except (requests.RequestException, ValueError) as exc:
@@ -123,6 +130,16 @@ class StowClient:
         found = self._client.search_for_instances(
             fields=["SeriesDescription", "Modality", "SeriesInstanceUID"], get_remaining=True)
         return list(found)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """The innermost OpenSSL reason of a TLS failure (e.g. CERTIFICATE_VERIFY_FAILED)."""
+    text = str(exc)
+    for marker in ("SSLError(", "SSL: "):
+        if marker in text:
+            text = text[text.index(marker):]
+            break
+    return text[:200]
 
 
 def _failure_reasons(answer: Any) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -20,6 +20,7 @@ from tests.integration.harness import REFERENCE_BUNDLE, Proc, cli, spawn
 from tests.integration.orthanc import (
     PASSWORD,
     USER,
+    Orthanc,
     free_port,
     persistent_broker,
     start_orthanc,
@@ -68,12 +69,18 @@ def _send(port: int, files: list[Path]) -> tuple[list[str], str]:
     return store_successes(out), out
 
 
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    archive = start_orthanc(tmp_path)
+    yield archive
+    archive.stop()
+
+
 def test_storescu_to_orthanc_through_gateway_agent_and_stow(
-    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto], orthanc: Orthanc
 ) -> None:
     edge = persistent_broker(tmp_path, "edge")
     cloud = mosquitto_factory("cloud")
-    orthanc = start_orthanc(tmp_path)
     gw_port = free_port()
     config = _config(tmp_path, edge.url, cloud.url, gw_port)
     assert cli("sample", str(tmp_path / "scans"), "--count", str(SLICES)).returncode == 0
