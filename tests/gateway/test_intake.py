@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from agent.config import BrokerConfig
 from agent.config_gateway import STORAGE_CLASSES
-from agent.errors import GATEWAY_REASONS
+from agent.errors import EXPORT_REASONS, GATEWAY_REASONS
 from agent.gateway.forwarder import Forwarder, Outcome
 from agent.gateway.intake import (
     CANNOT_UNDERSTAND,
@@ -106,10 +106,11 @@ def test_full_spool_is_out_of_resources_and_keeps_what_it_has(tmp_path: Path) ->
     assert "spool holds" in next(e for e in logs if e["event"] == "cstore_refused")["detail"]
 
 
-def test_every_gateway_reason_is_documented() -> None:
-    doc = (REPO / "docs" / "integration.md").read_text(encoding="utf-8")
-    missing = [r for r in GATEWAY_REASONS if f"`{r}`" not in doc]
-    assert not missing, f"document in docs/integration.md: {missing}"
+def test_every_gateway_and_export_reason_is_documented() -> None:
+    for name in ("integration.md", "protocol.md"):
+        doc = (REPO / "docs" / name).read_text(encoding="utf-8")
+        missing = [r for r in GATEWAY_REASONS + EXPORT_REASONS if f"`{r}`" not in doc]
+        assert not missing, f"document in docs/{name}: {missing}"
 
 
 def test_accepted_syntaxes_are_what_the_decoder_takes() -> None:
