@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,3 +82,41 @@ def test_gateway_with_dcmtk(tmp_path: Path, mosquitto_factory: Callable[..., Mos
     assert '"association_refused"' in text and "UNKNOWN-AE" in text
     assert '"outcome": "published"' in text
     assert str(ds.PatientName) not in text and str(ds.SOPInstanceUID) not in text
+
+
+def test_unclaimed_instance_is_spooled_then_drained(
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
+) -> None:
+    """MQTT 5 "no matching subscribers" (0x10): the broker discarded the publish, so the
+    instance is spooled, not counted as safe; once a subscriber is there it is drained."""
+    from agent.config import BrokerConfig
+    from agent.gateway.forwarder import Forwarder, Outcome
+    from agent.gateway.spool import Spool
+    from agent.transport.mqtt import Connection
+    from agent.transport.topics import Topics
+
+    edge = mosquitto_factory("edge")
+    conn = Connection(BrokerConfig(url=edge.url), "gw-unclaimed", name="edge")
+    spool = Spool(tmp_path / "spool.sqlite", max_bytes=10**7)
+    forwarder = Forwarder(conn, Topics("site-a", "node-1").scan("gateway"), spool,
+                          ack_timeout_s=5)
+    conn.start()
+    forwarder.start()
+    try:
+        assert conn.wait_connected(10)
+        assert forwarder.store("1.2.3", b"instance-1") is Outcome.SPOOLED
+        assert spool.count == 1
+        scans = Recorder.start(edge.url, "scans", "iomt/site-a/scans/#")
+        forwarder.kick()  # as on a reconnect; otherwise the next try comes after a backoff
+        got = scans.wait("/scans/gateway", 1, timeout=10)
+        assert got[0].payload == b"instance-1"
+        deadline = time.monotonic() + 10
+        while spool.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spool.count == 0 and forwarder.counts.drained == 1
+        assert forwarder.store("1.2.4", b"instance-2") is Outcome.PUBLISHED
+        scans.stop()
+    finally:
+        forwarder.stop()
+        conn.stop()
+        spool.close()
