@@ -41,7 +41,7 @@ def test_gateway_with_dcmtk(tmp_path: Path, mosquitto_factory: Callable[..., Mos
     assert "max_payload_bytes = 100000" in text
     config.write_text(text + f'\n[gateway]\nhost = "127.0.0.1"\nport = {port}\n'
                       f'allowed_calling_ae_titles = ["{CALLING}"]\n'
-                      'sop_classes = ["CTImageStorage"]\n')
+                      'sop_classes = ["CTImageStorage"]\nmax_associations = 1\n')
     ct = tmp_path / "ct.dcm"
     shutil.copy(get_testdata_file("CT_small.dcm"), ct)  # 39 kB, CT Image Storage
     assert cli("sample", str(tmp_path / "mr"), "--count", "1").returncode == 0
@@ -59,6 +59,22 @@ def test_gateway_with_dcmtk(tmp_path: Path, mosquitto_factory: Callable[..., Mos
         refused = _echo(port, "UNKNOWN-AE")
         assert refused.returncode != 0
         assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        # gateway.max_associations = 1: while one association is open, another is refused
+        holder = subprocess.Popen([need("echoscu", "dcmtk"), "-aet", CALLING, "-aec",
+                                   "IOMT-GW", "--repeat", "1000000", "127.0.0.1", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            gw.wait_for('"cecho"', 10)
+            second = _echo(port, CALLING)
+        finally:
+            holder.terminate()
+            holder.wait(10)
+        assert second.returncode != 0
+        assert "Local Limit Exceeded" in second.stdout + second.stderr
+        deadline = time.monotonic() + 10  # the holder's association is gone: room again
+        while _echo(port, CALLING).returncode != 0:
+            assert time.monotonic() < deadline, gw.text()[-2000:]
+            time.sleep(0.1)
 
         p = storescu(port, [ct, big_ct], calling=CALLING)
         out, _ = p.communicate(timeout=60)
