@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools dcmtk orthanc clean models
+.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools dcmtk orthanc clean models bench-gateway
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -86,6 +86,10 @@ bench-stages: $(VENV)/.installed
 # Every bundle under models/ x runtime x precision on this machine (no broker needed).
 bench-models: $(VENV)/.installed
 	$(BIN)/iomt-agent bench --json bench-out/models.json
+
+# C-STORE through the gateway: success after the broker's PUBACK vs after the spool's commit.
+bench-gateway: $(VENV)/.installed mosquitto dcmtk
+	$(BIN)/python bench/gateway.py --json bench-out/gateway.json
 
 models:
 	$(MAKE) -C models
