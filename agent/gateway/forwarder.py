@@ -20,7 +20,7 @@ from enum import Enum
 from agent.errors import AgentError
 from agent.gateway.spool import Spool
 from agent.log import get_logger
-from agent.transport.mqtt import Connection, Delivery, Verdict
+from agent.transport.mqtt import Connection, Delivery, PublishFailed, Verdict
 from agent.transport.topics import Topic
 
 log = get_logger("agent.gateway")
@@ -79,7 +79,10 @@ class Forwarder:
         # Spooled instances go first, so the broker sees a series in order once it is back.
         if self.conn.connected and self.spool.count == 0:
             wait = _Wait()
-            self.conn.publish(self.topic, payload, qos=1, on_done=wait)
+            try:
+                self.conn.publish(self.topic, payload, qos=1, on_done=wait)
+            except PublishFailed:  # paho would not queue it: the spool takes it instead
+                wait.done.set()
             if wait.done.wait(self.ack_timeout_s) and wait.verdict is not None:
                 if wait.verdict.delivery is Delivery.DELIVERED:
                     with self._lock:
@@ -135,7 +138,14 @@ class Forwarder:
         for row in self.spool.oldest(busy, room):
             with self._lock:
                 self._in_flight[row.id] = time.monotonic()
-            self.conn.publish(self.topic, row.payload, qos=1, on_done=self._on_drained(row.id))
+            try:
+                self.conn.publish(self.topic, row.payload, qos=1,
+                                  on_done=self._on_drained(row.id))
+            except PublishFailed as exc:  # kept in the spool; tried again on the next turn
+                with self._lock:
+                    self._in_flight.pop(row.id, None)
+                log.warning("gateway_drain_failed", error=str(exc))
+                return
 
     def _on_drained(self, row_id: int) -> Callable[[Verdict], None]:
         return lambda verdict: self._drained(row_id, verdict)
