@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from agent.config_deid import DeidSection
+from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
 from agent.config_receiver import ReceiverSection
 from agent.errors import AgentError
@@ -294,6 +295,8 @@ class Config(Strict):
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(
         None, title="Fleet updates", description="Model updates over MQTT, verified with TUF")
+    gateway: GatewaySection | None = Field(
+        None, title="DICOM gateway", description="`iomt-agent gateway`: C-STORE into MQTT")
 
     def client_id(self, role: str) -> str:
         """The MQTT client id of a connection, the key of its persistent session: the
