@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools dcmtk orthanc clean models bench-gateway
+.PHONY: demo test test-unit test-integration test-cluster lint bench bench-models bench-stages mosquitto dicom3tools dcmtk orthanc rabbitmq clean models bench-gateway
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -50,8 +50,19 @@ orthanc:
 		echo "installing orthanc and orthanc-dicomweb (Debian packages)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc orthanc-dicomweb; }
 
-test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc
-	$(BIN)/python -m pytest -q
+# RabbitMQ (Debian's rabbitmq-server, its MQTT plugin) is the clustered broker of the
+# failover test; the test starts its own three nodes, so the package's service is not needed.
+rabbitmq:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+		echo "installing rabbitmq-server (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq rabbitmq-server; }
+
+test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc rabbitmq
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+# The three-node RabbitMQ cluster test (about a minute to form the cluster on two cores).
+test-cluster: $(VENV)/.installed mosquitto rabbitmq
+	$(BIN)/python -m pytest -q -m cluster
 
 test-unit: $(VENV)/.installed dicom3tools
 	$(BIN)/python -m pytest -q -m "not integration"

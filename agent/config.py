@@ -24,7 +24,7 @@ from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
 from agent.config_receiver import ReceiverSection
 from agent.errors import AgentError
-from agent.transport.broker_url import check_broker_url, is_loopback
+from agent.transport.broker_url import check_broker_url, check_failover_urls, is_loopback
 from agent.transport.topics import TopicError, check_level
 
 __all__ = ["BrokerConfig", "Config", "ConfigError", "FleetSection", "ModelSection", "Strict",
@@ -82,6 +82,12 @@ class BrokerConfig(Strict):
         description="mqtt://host[:port] (plain, default port 1883) or mqtts://host[:port] "
         "(TLS, default port 8883)",
     )
+    failover_urls: list[str] = Field(
+        default_factory=list, max_length=15,
+        title="Failover URLs",
+        description="Further nodes of the same broker cluster (same scheme as url), tried in "
+        "turn after url when a connection fails or drops; one client id and session for all",
+    )
     protocol: Literal["5", "3.1.1"] = Field(
         "5",
         title="MQTT protocol version",
@@ -120,15 +126,27 @@ class BrokerConfig(Strict):
     )
 
     _url = field_validator("url")(check_broker_url)
+    _failover = field_validator("failover_urls")(check_failover_urls)
 
     @model_validator(mode="after")
     def _plaintext_only_on_loopback(self) -> BrokerConfig:
-        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
-            raise ValueError(
-                f"{self.url} is plaintext MQTT to a host that is not loopback: use mqtts:// "
-                "(with ca_file, cert_file, key_file; `iomt-agent certs init` makes a "
-                "development PKI), or set allow_plaintext = true in this section")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme != urlsplit(self.url).scheme:
+                raise ValueError(f"failover URL {url} and url {self.url} differ in scheme: "
+                                 "the nodes of one cluster share one TLS setting")
+            if (parts.scheme == "mqtt" and not self.allow_plaintext
+                    and not is_loopback(parts.hostname or "")):
+                raise ValueError(
+                    f"{url} is plaintext MQTT to a host that is not loopback: use mqtts:// "
+                    "(with ca_file, cert_file, key_file; `iomt-agent certs init` makes a "
+                    "development PKI), or set allow_plaintext = true in this section")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node of the broker: ``url`` first, then ``failover_urls``."""
+        return [self.url, *self.failover_urls]
 
     @property
     def host(self) -> str:
