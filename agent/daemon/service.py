@@ -31,7 +31,7 @@ from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
-from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
+from agent.daemon.reload import Loaded, Reloader, now_iso, refusal, sharing_refusal
 from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
@@ -75,6 +75,9 @@ class Agent:
         log.info("deidentification", enabled=self.deid is not None,
                  options=list(self.deid.options.names) if self.deid else [])
         self.model: ServedModel = self._first_model(config, a.state_dir)
+        if (refused := sharing_refusal(self.model, a.shared_subscription)) is not None:
+            self.model.close()
+            raise refused
         self._log_guard(self.model)
 
         log.info("seal_keys", **self.sealer.summary())
