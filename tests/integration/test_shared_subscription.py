@@ -34,7 +34,8 @@ def _configs(tmp: Path, edge: Mosquitto, cloud: Mosquitto) -> list[Path]:
     base = (tmp / "node" / "agent.toml").read_text()
     base = base.replace('format = "auto"', 'format = "json"')
     base = base.replace('backend = "auto"', 'backend = "onnxruntime"')
-    base = base.replace('state_dir = "state"\n', 'state_dir = "state"\nshared_subscription = true\n')
+    base = base.replace('state_dir = "state"\n',
+                        'state_dir = "state"\nshared_subscription = true\n')
     trusted = ", ".join(f'"node-{i}" = "keys/device-signing.pub"' for i in range(1, AGENTS + 1))
     base = base.replace('trusted_devices = { "node-1" = "keys/device-signing.pub" }',
                         f"trusted_devices = {{ {trusted} }}")

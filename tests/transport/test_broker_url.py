@@ -38,7 +38,7 @@ def test_bad_failover_urls_say_which(failover: list[str], says: str) -> None:
 
 
 def test_a_plaintext_failover_node_off_loopback_needs_allow_plaintext() -> None:
-    with pytest.raises(ValidationError, match="mqtt://10.0.0.9 is plaintext"):
+    with pytest.raises(ValidationError, match=r"mqtt://10\.0\.0\.9 is plaintext"):
         BrokerConfig(url="mqtt://127.0.0.1", failover_urls=["mqtt://10.0.0.9"])
     ok = BrokerConfig(url="mqtt://127.0.0.1", failover_urls=["mqtt://10.0.0.9"],
                       allow_plaintext=True)
