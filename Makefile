@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration test-cluster lint bench bench-models bench-stages mosquitto dicom3tools dcmtk orthanc rabbitmq clean models bench-gateway
+.PHONY: demo test test-unit test-integration test-cluster lint bench bench-soak bench-models bench-stages mosquitto dicom3tools dcmtk orthanc rabbitmq clean models bench-gateway
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -88,6 +88,12 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed mosquitto
 	$(BIN)/python -m bench.e2e --slices 1000 --json bench-out/e2e.json
+
+# Soak: a sustained scan rate for MINUTES (default 5) with RSS, open files, threads and
+# store size sampled; bench-out/soak.json and bench-out/soak.png (docs/reliability.md, Soak).
+bench-soak: $(VENV)/.installed mosquitto
+	$(BIN)/python -m bench.soak --minutes $(or $(MINUTES),5) --json bench-out/soak.json \
+		--png bench-out/soak.png
 
 # The agent's own work per slice (decode, preprocess, derive, seal); BASELINE=<checkout>
 # times another commit's code in turns with this tree.
