@@ -57,7 +57,9 @@ def run_checks(config_path: str | Path, *, timeout: float = 5.0,
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
         found += check_broker_files(role, cfg, now)
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
-        found += check_broker(role, cfg, f"{config.client_id(role)}-doctor", timeout)
+        for url in cfg.urls:  # each node of a cluster (failover_urls)
+            node = cfg.model_copy(update={"url": url, "failover_urls": []})
+            found += check_broker(role, node, f"{config.client_id(role)}-doctor", timeout)
     found += check_model(config)
     found += check_fleet(config, now)
     found += check_disk(config)

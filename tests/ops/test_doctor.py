@@ -289,6 +289,19 @@ def test_healthy_node_passes(tmp_path: Path, bundle: Path,
 
 
 @pytest.mark.integration
+def test_each_node_of_a_cluster_is_checked(tmp_path: Path, bundle: Path,
+                                           mosquitto_factory: Callable[[str], Mosquitto]) -> None:
+    edge, cloud = mosquitto_factory("edge"), mosquitto_factory("cloud")
+    down = _closed_url()
+    config = make_node(tmp_path, bundle, edge.url, cloud.url,
+                       f'[cloud]\nfailover_urls = ["{down}"]\n')
+    code, findings, text = run(config)
+    cloud_checks = [f for f in findings if f.check == "broker" and f.subject.startswith("cloud")]
+    assert [f.subject for f in cloud_checks] == [f"cloud {cloud.url}", f"cloud {down}"], text
+    assert [f.verdict for f in cloud_checks] == ["ok", "fail"] and code == 1
+
+
+@pytest.mark.integration
 def test_broker_credentials(tmp_path: Path, bundle: Path,
                             broker_with: Callable[[str, str], Mosquitto]) -> None:
     passwd = tmp_path / "passwd"
