@@ -68,5 +68,5 @@ def clock_behind(metadata_dir: Path, now: datetime) -> str | None:
         return None
     return (f"the system clock reads {now.isoformat(timespec='seconds')}, before "
             f"{floor.isoformat(timespec='seconds')} (the newest signed time this node has "
-            "verified, or its build date): update checks wait until the clock is set "
-            "(NTP or an RTC)")
+            "verified, or its build date): no update check runs before NTP or an RTC "
+            "corrects the clock")

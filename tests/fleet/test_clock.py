@@ -41,7 +41,7 @@ def _waiting(up: FleetUpdater) -> dict[str, object]:
     assert up.check() is False  # the update thread tries again in a few seconds
     status = up.status()
     assert status["state"] == "waiting_for_clock" and status["reason"] == "clock_behind"
-    assert "update checks wait until the clock is set" in str(status["detail"])
+    assert "no update check runs before NTP" in str(status["detail"])
     assert up.take_candidate() is None and up.take_reports() == []  # not a rejection
     return status
 

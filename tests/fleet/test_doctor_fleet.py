@@ -70,8 +70,8 @@ def test_init_writes_the_fleet_section(tmp_path: Path) -> None:
     assert config.fleet.root.read_bytes() == root.read_bytes()
     assert check_fleet(config)[0].verdict == "ok"
     with pytest.raises(ConfigError, match="go together"):
-        write_directory(InitOptions(tmp_path / "n2", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
-                                    fleet_group="ward-a"))
+        write_directory(InitOptions(tmp_path / "n2", "mqtt://localhost", "mqtt://127.0.0.1",
+                                    bundle=bundle, fleet_group="ward-a"))
     with pytest.raises(ConfigError, match=r"fleet\.group"):
-        write_directory(InitOptions(tmp_path / "n3", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
-                                    fleet_group="a/b", fleet_root=root))
+        write_directory(InitOptions(tmp_path / "n3", "mqtt://localhost", "mqtt://127.0.0.1",
+                                    bundle=bundle, fleet_group="a/b", fleet_root=root))
