@@ -1,4 +1,5 @@
-"""The doctor's [fleet] line: a good root, a missing or unsigned one, no section."""
+"""The doctor's [fleet] lines: a good root, a missing or unsigned one, no section, a clock
+behind the node's floor."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def test_a_good_root(tmp_path: Path) -> None:
     [finding] = check_fleet(_config(tmp_path, root))
     assert finding.verdict == "ok", finding
     assert "threshold 2 of 3" in finding.detail and "ward-a" in finding.detail
+
+
+def test_a_clock_behind_the_floor_is_warned(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    root = init_repo(tmp_path / "repo")
+    found = check_fleet(_config(tmp_path, root), now=datetime(1970, 1, 1, tzinfo=UTC))
+    assert [f.verdict for f in found] == ["ok", "warn"]
+    assert found[1].subject == "fleet clock" and "1970-01-01" in found[1].detail
+    assert "NTP" in found[1].fix
 
 
 def test_a_missing_or_unsigned_root_fails(tmp_path: Path) -> None:
