@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,10 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
             "--fleet-group", GROUP, "--fleet-root", str(repo / "root.json"))
     assert r.returncode == 0, r.stderr
     config = tmp_path / "node" / "agent.toml"
-    config.write_text(config.read_text().replace('format = "auto"', 'format = "json"'))
+    text = config.read_text().replace('format = "auto"', 'format = "json"')
+    assert text.rstrip().endswith('root = "fleet/root.json"         # the fleet\'s trusted '
+                                  'root (from `iomt-agent fleet init-repo`)')
+    config.write_text(text + "download_stall_s = 2\n")  # the [fleet] section is the last
     rec = Recorder.start(cloud.url, "cloud", "iomt/site-a/node-1/#")
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
     agent.wait_for('"mqtt_connected"', 3)
@@ -70,11 +74,12 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
                  and _update(s).get("state") == "active", 180)
     scans(2, "s0")
 
-    def rejected(reason: str) -> None:
+    def rejected(reason: str) -> dict[str, object]:
         status = _wait_status(rec, lambda s: _update(s).get("state") == "rejected"
                               and _update(s).get("reason") == reason, 120)
         assert status["model"]["version"] == "2.1.0"  # type: ignore[index]
         assert agent.proc.poll() is None
+        return _update(status)
 
     attacks: list[tuple[str, Callable[[], None]]] = []
 
@@ -108,12 +113,32 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
         (bad / "bundle.json").write_text(json.dumps(meta))
         _publish(repo, bad, cloud)
 
+    def expired() -> None:  # a freeze: genuine metadata, signed a month ago
+        rel = sign_release(repo, GROUP, pack_bundle(_variant(tmp_path, "2.3.0")),
+                           {"bundle": "t1w-to-t2w-lite", "version": "2.3.0"},
+                           now=datetime.now(UTC) - timedelta(days=30))
+        send_retained(cfg, release_messages(topics, rel))
+
+    def stalled() -> None:  # one chunk never comes: fleet.download_stall_s (2 s) ends it
+        rel = sign_release(repo, GROUP, pack_bundle(_variant(tmp_path, "2.4.0")),
+                           {"bundle": "t1w-to-t2w-lite", "version": "2.4.0"})
+        gap = str(topics.target_chunk(rel.sha256, "bundle.tar", 2))
+        send_retained(cfg, [(t, p) for t, p in release_messages(topics, rel) if str(t) != gap])
+
+    def other_group() -> None:  # ward-b's genuine release, shown on ward-a's topics
+        rel = sign_release(repo, "ward-b", pack_bundle(_variant(tmp_path, "2.5.0")),
+                           {"bundle": "t1w-to-t2w-lite", "version": "2.5.0"})
+        send_retained(cfg, release_messages(topics, rel))
+
     attacks = [("metadata_replayed", replay), ("metadata_unsigned", wrong_key),
-               ("target_mismatch", corrupted_chunk), ("unsafe_archive", escaping_tar),
-               ("bundle_invalid", contract_mismatch)]
+               ("metadata_expired", expired), ("download_stalled", stalled),
+               ("wrong_group", other_group), ("target_mismatch", corrupted_chunk),
+               ("unsafe_archive", escaping_tar), ("bundle_invalid", contract_mismatch)]
     for i, (reason, attack) in enumerate(attacks):
         attack()
-        rejected(reason)
+        status = rejected(reason)
+        if reason == "download_stalled":
+            assert "no data for 2 s" in str(status["detail"]), status
         scans(1, f"s{i + 1}")  # the old model serves between attacks
 
     done = _wait_status(rec, lambda s: s.get("processed") == sent, 120)
