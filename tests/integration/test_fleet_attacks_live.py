@@ -21,9 +21,9 @@ from agent.fleet.repo import init_repo, sign_release
 from agent.transport.topics import FleetTopics
 from tests.conftest import Mosquitto
 from tests.fleet.test_updater_broker import _evil_tar
-from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
+from tests.integration.harness import REFERENCE_BUNDLE, Proc, Recorder, cli, spawn
 from tests.integration.test_fleet_live import _publish, _update, _variant
-from tests.integration.test_models_live import _send, _wait_status
+from tests.integration.test_models_live import _wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -57,9 +57,17 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
     slab = load_demo_slab().t1
     sent = 0
 
+    senders: list[Proc] = []
+
     def scans(n: int, name: str) -> None:
+        """Send ``n`` slices in the background (``send`` waits for the broker's acks)."""
         nonlocal sent
-        _send(config, tmp_path, build_series(slab[:n]), name)
+        out = tmp_path / name
+        out.mkdir()
+        for i, payload in enumerate(build_series(slab[:n])):
+            (out / f"{i:03d}.dcm").write_bytes(payload)
+        senders.append(spawn(["send", "--config", str(config), str(out)],
+                             tmp_path / f"{name}.log"))
         sent += n
 
     # Two genuine releases; the first one's messages are kept for the replay.
@@ -141,6 +149,7 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
             assert "no data for 2 s" in str(status["detail"]), status
         scans(1, f"s{i + 1}")  # the old model serves between attacks
 
+    assert all(sender.proc.wait(120) == 0 for sender in senders)
     done = _wait_status(rec, lambda s: s.get("processed") == sent, 120)
     assert done["failed"] == 0 and done["inbox_depth"] == 0
     assert done["model"]["version"] == "2.1.0"  # type: ignore[index]

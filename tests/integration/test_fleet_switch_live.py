@@ -87,7 +87,8 @@ def test_a_fleet_switch_between_a_2_5d_and_a_2d_model_while_slices_flow(
     agent.wait_for('"slice_processed"')  # slice 2: its neighbours are all in
     r = cli(*publish(flat), timeout=120)
     assert r.returncode == 0, r.stderr
-    active = _wait_status(rec, lambda s: s["update"]["state"] == "active", 120)  # type: ignore[index]
+    agent.wait_for('"model_activated"', timeout=120)
+    active = _wait_status(rec, lambda s: s["model"]["name"] == "test-flat")  # type: ignore[index]
     assert active["model"]["name"] == "test-flat" and "series" not in active  # type: ignore[index]
     _send(config, tmp_path, a[5:], "a2")
 
@@ -97,7 +98,8 @@ def test_a_fleet_switch_between_a_2_5d_and_a_2d_model_while_slices_flow(
     singles = [_series(1, 300.0 + 10 * k) for k in range(C)]
     _send(config, tmp_path, [p for payloads, _v in singles for p in payloads], "c")
     assert back.proc.wait(120) == 0, back.text()
-    _wait_status(rec, lambda s: s["model"]["name"] == "test-context", 120)  # type: ignore[index]
+    agent.wait_for('"model_activated"', 2, timeout=120)
+    assert agent.events("model_activated")[-1]["model"] == "test-context"
     b, b_values = _series(B, 70.0)
     _send(config, tmp_path, b, "b")
 
