@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,10 +19,10 @@ from agent.config import BrokerConfig
 from agent.demo.sample_series import build_series, load_demo_slab
 from agent.fleet.archive import pack_bundle
 from agent.fleet.publish import release_messages, send_retained
-from agent.fleet.repo import init_repo, sign_release
+from agent.fleet.repo import Release, init_repo, sign_release
 from agent.transport.topics import FleetTopics
 from tests.conftest import Mosquitto
-from tests.fleet.test_updater_broker import _evil_tar
+from tests.fleet.test_updater_broker import _evil_tar, _root_v2
 from tests.integration.harness import REFERENCE_BUNDLE, Proc, Recorder, cli, spawn
 from tests.integration.test_fleet_live import _publish, _update, _variant
 from tests.integration.test_models_live import _wait_status
@@ -41,7 +43,7 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
     cfg = BrokerConfig(url=cloud.url)
     topics = FleetTopics(GROUP)
     repo = tmp_path / "repo"
-    init_repo(repo)
+    init_repo(repo, root_threshold=2, root_keys=2)
     r = cli("init", str(tmp_path / "node"), "--edge-url", edge.url, "--cloud-url", cloud.url,
             "--site", "site-a", "--device-id", "node-1", "--bundle", str(REFERENCE_BUNDLE),
             "--fleet-group", GROUP, "--fleet-root", str(repo / "root.json"))
@@ -82,9 +84,20 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
                  and _update(s).get("state") == "active", 180)
     scans(2, "s0")
 
-    def rejected(reason: str) -> dict[str, object]:
-        status = _wait_status(rec, lambda s: _update(s).get("state") == "rejected"
-                              and _update(s).get("reason") == reason, 120)
+    def latest_update() -> dict[str, object]:
+        return _update(json.loads(rec.on("/status")[-1].payload))
+
+    def rejected(reason: str, before: dict[str, object]) -> dict[str, object]:
+        """The first rejection set after ``before`` (the update status before the attack;
+        a status republished meanwhile still carries the older one)."""
+        deadline = time.monotonic() + 120
+        while not (found := [s for m in rec.on("/status") if (
+                u := _update(s := json.loads(m.payload))).get("state") == "rejected"
+                and str(u.get("at")) > str(before.get("at"))]):
+            assert time.monotonic() < deadline, f"no rejection for {reason}"
+            time.sleep(0.1)
+        status = found[0]
+        assert _update(status)["reason"] == reason, status
         assert status["model"]["version"] == "2.1.0"  # type: ignore[index]
         assert agent.proc.poll() is None
         return _update(status)
@@ -138,13 +151,55 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
                            {"bundle": "t1w-to-t2w-lite", "version": "2.5.0"})
         send_retained(cfg, release_messages(topics, rel))
 
+    def variant(version: str) -> Release:
+        return sign_release(repo, GROUP, pack_bundle(_variant(tmp_path, version)),
+                            {"bundle": "t1w-to-t2w-lite", "version": version})
+
+    def unsigned() -> None:  # the timestamp without its signature
+        rel = variant("2.6.0")
+        doc = json.loads(rel.timestamp)
+        doc["signatures"] = []
+        send_retained(cfg, release_messages(topics, replace(rel, timestamp=json.dumps(
+            doc).encode())))
+
+    def mix_and_match() -> None:  # a newer snapshot and timestamp, an older targets
+        older, newer = variant("2.7.0"), variant("2.8.0")
+        send_retained(cfg, release_messages(topics, replace(newer, targets=older.targets)))
+
+    def longer_than_signed() -> None:  # the manifest offers 10 MiB more than signed
+        rel = variant("2.9.0")
+        manifest = str(topics.target(rel.sha256, "bundle.tar"))
+        msgs = []
+        for t, p in release_messages(topics, rel):
+            if str(t) == manifest:
+                doc = json.loads(p)
+                doc["length"] += 10 * 1024 * 1024
+                doc["chunks"] = -(-doc["length"] // doc["chunk_size"])
+                p = json.dumps(doc).encode()
+            msgs.append((t, p))
+        send_retained(cfg, msgs)
+
+    def root_below_threshold(duplicate: bool) -> Callable[[], None]:
+        def attack() -> None:  # a new root signed by 1 of the 2 root keys (listed twice)
+            rel = variant("3.1.0" if duplicate else "3.0.0")
+            root2 = _root_v2(repo, ["root-1.pem"], duplicate=duplicate)
+            send_retained(cfg, release_messages(topics, replace(rel, roots={**rel.roots,
+                                                                             2: root2})))
+        return attack
+
     attacks = [("metadata_replayed", replay), ("metadata_unsigned", wrong_key),
-               ("metadata_expired", expired), ("download_stalled", stalled),
-               ("wrong_group", other_group), ("target_mismatch", corrupted_chunk),
-               ("unsafe_archive", escaping_tar), ("bundle_invalid", contract_mismatch)]
+               ("metadata_expired", expired), ("metadata_unsigned", unsigned),
+               ("download_stalled", stalled), ("metadata_replayed", mix_and_match),
+               ("wrong_group", other_group), ("target_too_long", longer_than_signed),
+               ("target_mismatch", corrupted_chunk), ("unsafe_archive", escaping_tar),
+               ("bundle_invalid", contract_mismatch),
+               # last: the bad root/2 stays retained, so every later check would fail
+               ("metadata_unsigned", root_below_threshold(False)),
+               ("metadata_invalid", root_below_threshold(True))]
     for i, (reason, attack) in enumerate(attacks):
+        before = latest_update()
         attack()
-        status = rejected(reason)
+        status = rejected(reason, before)
         if reason == "download_stalled":
             assert "no data for 2 s" in str(status["detail"]), status
         scans(1, f"s{i + 1}")  # the old model serves between attacks
