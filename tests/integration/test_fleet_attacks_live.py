@@ -52,7 +52,7 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
     text = config.read_text().replace('format = "auto"', 'format = "json"')
     assert text.rstrip().endswith('root = "fleet/root.json"         # the fleet\'s trusted '
                                   'root (from `iomt-agent fleet init-repo`)')
-    config.write_text(text + "download_stall_s = 2\n")  # the [fleet] section is the last
+    config.write_text(text + "download_stall_s = 1\n")  # the [fleet] section is the last
     rec = Recorder.start(cloud.url, "cloud", "iomt/site-a/node-1/#")
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
     agent.wait_for('"mqtt_connected"', 3)
@@ -140,7 +140,7 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
                            now=datetime.now(UTC) - timedelta(days=30))
         send_retained(cfg, release_messages(topics, rel))
 
-    def stalled() -> None:  # one chunk never comes: fleet.download_stall_s (2 s) ends it
+    def stalled() -> None:  # one chunk never comes: fleet.download_stall_s (1 s) ends it
         rel = sign_release(repo, GROUP, pack_bundle(_variant(tmp_path, "2.4.0")),
                            {"bundle": "t1w-to-t2w-lite", "version": "2.4.0"})
         gap = str(topics.target_chunk(rel.sha256, "bundle.tar", 2))
@@ -201,7 +201,7 @@ def test_attacks_on_a_running_agent_are_rejected_and_it_keeps_serving(
         attack()
         status = rejected(reason, before)
         if reason == "download_stalled":
-            assert "no data for 2 s" in str(status["detail"]), status
+            assert "no data for 1 s" in str(status["detail"]), status
         scans(1, f"s{i + 1}")  # the old model serves between attacks
 
     assert all(sender.proc.wait(120) == 0 for sender in senders)

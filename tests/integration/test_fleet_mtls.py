@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.bundles import make_context_bundle
 from tests.conftest import _free_port
-from tests.integration.harness import REFERENCE_BUNDLE, cli, spawn
+from tests.integration.harness import cli, spawn
 from tests.integration.pki_brokers import start_brokers, stop_brokers
-from tests.integration.test_fleet_live import _variant
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +38,15 @@ def test_only_the_operator_certificate_publishes_and_the_node_updates_over_mtls(
         tmp_path: Path, pki: Path) -> None:
     repo = tmp_path / "repo"
     assert cli("fleet", "init-repo", str(repo)).returncode == 0
+    def bundle(version: str) -> Path:  # the tests' smallest: 32 x 32, fp32, one conv
+        root = make_context_bundle(tmp_path / f"bundle-{version}", [2.0], name="test-flat")
+        meta = json.loads((root / "bundle.json").read_text())
+        meta["version"] = version
+        (root / "bundle.json").write_text(json.dumps(meta))
+        return root
+
     r = cli("init", str(tmp_path / "node"), "--certs", str(pki), "--bundle",
-            str(REFERENCE_BUNDLE), "--fleet-group", GROUP, "--fleet-root",
+            str(bundle("1.0.0")), "--fleet-group", GROUP, "--fleet-root",
             str(repo / "root.json"))
     assert r.returncode == 0, r.stderr
     config = tmp_path / "node" / "agent.toml"
@@ -56,19 +63,19 @@ def test_only_the_operator_certificate_publishes_and_the_node_updates_over_mtls(
     publish = ["fleet", "publish", "--repo", str(repo), "--group", GROUP, "--timeout", "20"]
 
     # The device's certificate: the cloud broker refuses every fleet message (0x87).
-    as_device = cli(*publish, "--bundle", str(_variant(tmp_path, "6.6.6")),
+    as_device = cli(*publish, "--bundle", str(bundle("6.6.6")),
                     *tls(f"device-{DEVICE}"), timeout=120)
     assert as_device.returncode == 1, as_device.stdout + as_device.stderr
     assert "the broker refused" in as_device.stderr
     assert "Not authorized" in as_device.stderr
 
     # The operator's: published, and the node verifies and activates it over mTLS.
-    as_operator = cli(*publish, "--bundle", str(_variant(tmp_path, "2.0.0")),
+    as_operator = cli(*publish, "--bundle", str(bundle("2.0.0")),
                       *tls("fleet-operator"), timeout=120)
     assert as_operator.returncode == 0, as_operator.stderr
     agent.wait_for('"update_active"')
     assert agent.events("update_active")[-1]["version"] == "2.0.0"
-    table = cli("fleet", "status", "--group", GROUP, *tls("fleet-operator"))
+    table = cli("fleet", "status", "--group", GROUP, "--quiet", "0.5", *tls("fleet-operator"))
     assert table.returncode == 0, table.stderr
     line = next(x for x in table.stdout.splitlines() if x.startswith(f"{SITE}/{DEVICE}"))
     assert "2.0.0" in line and "active" in line, table.stdout
