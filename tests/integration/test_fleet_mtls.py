@@ -3,7 +3,8 @@ and the brokers' configs and ACLs, Mosquitto runs them as they are, and the node
 --certs``) reads its group's fleet topics with its device certificate. ``fleet publish``
 with the device's certificate is refused by the ACL (nothing retained, the node takes
 nothing); with the fleet operator's it publishes, the node activates the release, and
-``fleet status`` (the operator's certificate) shows it."""
+``fleet status`` (the operator's certificate) shows it. With a CA that did not sign the
+broker's certificate, nothing connects."""
 
 from __future__ import annotations
 
@@ -68,6 +69,18 @@ def test_only_the_operator_certificate_publishes_and_the_node_updates_over_mtls(
     assert as_device.returncode == 1, as_device.stdout + as_device.stderr
     assert "the broker refused" in as_device.stderr
     assert "Not authorized" in as_device.stderr
+
+    # The operator's certificate, but a CA that did not sign the broker's: no connection.
+    wrong_ca = [*tls("fleet-operator")]
+    wrong_ca[wrong_ca.index("--ca") + 1] = str(clients / "fleet-operator.pem")
+    broker_log = tmp_path / "cloud-broker.log"
+    assert "unknown ca" not in broker_log.read_text()
+    unverified = cli("fleet", "publish", "--repo", str(repo), "--group", GROUP, "--timeout",
+                     "3", "--bundle", str(bundle("6.6.7")), *wrong_ca, timeout=120)
+    assert unverified.returncode == 1, unverified.stdout + unverified.stderr
+    assert "cannot reach the broker" in unverified.stderr
+    # The broker saw the client abort the handshake: our side refused its certificate.
+    assert "tlsv1 alert unknown ca" in broker_log.read_text()
 
     # The operator's: published, and the node verifies and activates it over mTLS.
     as_operator = cli(*publish, "--bundle", str(bundle("2.0.0")),
