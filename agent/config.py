@@ -280,6 +280,9 @@ class FleetSection(Strict):
     check_interval_s: float = Field(300.0, ge=1, le=86400, title="Check interval",
                                     description="Seconds between checks besides each new "
                                     "timestamp message")
+    download_stall_s: float = Field(20.0, gt=0, le=3600, title="Download stall limit",
+                                    description="Seconds without a chunk before a target "
+                                    "download is given up (download_stalled; retried later)")
     rollback_window: int = Field(8, ge=1, le=10000, title="Rollback window",
                                  description="Scans watched after an activation")
     rollback_failure_rate: float = Field(

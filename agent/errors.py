@@ -43,7 +43,7 @@ UPDATE_REASONS = (
     "metadata_unavailable", "metadata_unsigned", "metadata_replayed", "metadata_expired",
     "metadata_invalid", "target_missing", "target_too_long", "target_mismatch",
     "download_stalled", "wrong_group", "unsafe_archive", "bundle_invalid", "guard_failed",
-    "load_failed", "failure_rate",
+    "load_failed", "failure_rate", "clock_behind",
 )  # fmt: skip
 # Why the receiver could not open a sealed envelope (agent.crypto.seal).
 ENVELOPE_REASONS = (

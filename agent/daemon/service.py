@@ -70,7 +70,8 @@ class Agent:
 
             self.fleet = FleetUpdater(config.fleet, config.cloud, config.client_id("fleet"),
                                       a.state_dir, notify=self._work,
-                                      device=f"{a.site}/{a.device_id}")
+                                      device=f"{a.site}/{a.device_id}",
+                                      stall_s=config.fleet.download_stall_s)
         self.deid = deidentifier(config.deid)  # KeyFileError too
         log.info("deidentification", enabled=self.deid is not None,
                  options=list(self.deid.options.names) if self.deid else [])
