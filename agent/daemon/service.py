@@ -32,6 +32,7 @@ from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
+from agent.daemon.pressure import Pressure
 from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
@@ -91,7 +92,9 @@ class Agent:
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
             outbox_max_bytes=config.limits.outbox_max_bytes,
+            min_free_bytes=config.storage.min_free_disk_bytes,
         )
+        self.pressure = Pressure()
         self._stop = threading.Event()
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
@@ -101,7 +104,8 @@ class Agent:
                                  lambda: self.fleet.store.current if self.fleet else None)
         self.stages = Stages(self.store, config.series, self._translator(self.model),
                              stop=self._stop, space=self._space, beat=self._beat,
-                             committed=self._committed)
+                             committed=self._committed, storage=config.storage,
+                             pressure=self.pressure)
 
         offline = json.dumps({"v": 1, "state": "offline", "device_id": a.device_id}).encode()
         will = Will(self.topics.status, offline)
@@ -116,7 +120,8 @@ class Agent:
             receive_maximum=RECEIVE_MAXIMUM,
         )
         self.ingest = Ingest(self.store, config.limits, self.topics, ack=self.edge.ack,
-                             stored=self._stored)
+                             stored=self._stored, pressure=self.pressure,
+                             outbox_backpressure=config.storage.outbox_full == "backpressure")
         self.cloud = Connection(
             config.cloud,
             config.client_id("cloud"),
@@ -239,6 +244,7 @@ class Agent:
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
+            "backpressure": self.pressure.summary(),
             "processed": counts.get("processed", 0),
             "failed": counts.get("failed", 0),
             "last_latency_ms": self.stages.last_latency_ms,
@@ -341,6 +347,8 @@ class Agent:
             if not busy:
                 self._work.wait(1.0)
                 self._work.clear()
+            if self.pressure.changed():
+                self._publish_status(force=True)
             if time.monotonic() - last_periodic > STATUS_INTERVAL_S:
                 last_periodic = time.monotonic()
                 self._publish_status(force=True)
