@@ -265,6 +265,8 @@ class Agent:
         """systemd: READY=1 once both brokers are connected, WATCHDOG=1, STATUS=."""
         self.sd.beat(ready=self.edge.connected and self.cloud.connected,
                      status=self._sd_status)
+        if self.pressure.changed():  # also while a stage waits for room: say so at once
+            self._publish_status(force=True)
 
     def _sd_status(self) -> str:
         inbox, outbox = self.store.depths()
@@ -347,8 +349,6 @@ class Agent:
             if not busy:
                 self._work.wait(1.0)
                 self._work.clear()
-            if self.pressure.changed():
-                self._publish_status(force=True)
             if time.monotonic() - last_periodic > STATUS_INTERVAL_S:
                 last_periodic = time.monotonic()
                 self._publish_status(force=True)

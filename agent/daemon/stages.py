@@ -187,11 +187,15 @@ class Stages:
                           fix="the cloud broker is not taking results: the oldest were dropped "
                           "(storage.outbox_full = drop_oldest); each has an error report")
                 self._committed()  # kick the outbox: the reports go out
+        if not self.store.outbox_full():
+            return
+        self._pressure.set("processing", "outbox_full")
         while self.store.outbox_full() and not self._stop.is_set():
             self._beat()  # waiting for the cloud is not a hang
             log.warning("outbox_full", fix="the cloud broker is not taking results")
             with self._space:
                 self._space.wait(5.0)
+        self._pressure.clear("processing")
 
     def _process_series(self, *, allow_idle: bool) -> bool:
         """2.5D: stage every slice whose neighbours are present (or whose series closed)."""
