@@ -88,6 +88,12 @@ class Agent:
             )
 
         self._sealer = sealer
+        self.decoder = None
+        if config.decode.isolate:
+            from agent.dicom.sandbox import DecodeProcess
+
+            self.decoder = DecodeProcess(memory_bytes=config.decode.memory_bytes,
+                                         timeout_s=config.decode.timeout_s)
         self.store = Store(
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
@@ -156,7 +162,8 @@ class Agent:
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
-                          deid=self.deid)
+                          deid=self.deid,
+                          **({"decoder": self.decoder.decode} if self.decoder else {}))
 
     @staticmethod
     def _log_guard(model: ServedModel) -> None:
@@ -381,6 +388,8 @@ class Agent:
             self.fleet.stop()
         self.reloader.close()
         self.model.close()
+        if self.decoder is not None:
+            self.decoder.close()
         self.store.close()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)
         self.sd.status(f"stopped: inbox {inbox}, outbox {outbox} kept for the next start")
