@@ -72,7 +72,7 @@ hostile: $(VENV)/.installed mosquitto
 # tests/fuzz/crashes/, which tests/fuzz/test_corpus.py replays as regression cases.
 FUZZ_SECONDS ?= 300
 fuzz: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet "atheris>=2.3"
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
 	$(BIN)/python -m tests.fuzz.fuzz_decode -max_total_time=$(FUZZ_SECONDS) \
 		-artifact_prefix=tests/fuzz/crashes/ -rss_limit_mb=2048 -timeout=20
 

@@ -30,7 +30,7 @@ from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
 pytestmark = pytest.mark.integration
 
 NODE = "iomt/site-a/node-1"
-N = int(os.environ.get("IOMT_HOSTILE_N", "240"))
+N = int(os.environ.get("IOMT_HOSTILE_N", "160"))
 RSS_BOUND = 1536 * 1024 * 1024  # daemon and decoder process, each (peak)
 
 
