@@ -64,7 +64,7 @@ def test_time_memory_and_a_crash_each_cost_one_scan_not_the_daemon(
         sandbox: DecodeProcess, contract: InputContract) -> None:
     restarts = sandbox.restarts
     # time: an element flood parses for seconds
-    with pytest.raises(ScanRejected, match="decode.timeout_s") as slow:
+    with pytest.raises(ScanRejected, match=r"decode\.timeout_s") as slow:
         sandbox.decode(_flood(), contract, **BUDGET)
     assert slow.value.reason == "decode_budget_exceeded"
     # memory: a real 4096 x 4096 instance needs ~200 MiB to decode, the budget is 96 MiB
@@ -73,7 +73,7 @@ def test_time_memory_and_a_crash_each_cost_one_scan_not_the_daemon(
     ds.PixelData = np.ones((4096, 4096), np.uint16).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf)
-    with pytest.raises(ScanRejected, match="decode.memory_bytes") as big:
+    with pytest.raises(ScanRejected, match=r"decode\.memory_bytes") as big:
         sandbox.decode(buf.getvalue(), contract, **BUDGET)
     assert big.value.reason == "decode_budget_exceeded"
     assert decode_scan(buf.getvalue(), contract, **BUDGET).pixels.shape == (4096, 4096)

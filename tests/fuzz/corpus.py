@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import io
 import random
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,7 +61,8 @@ def _mr(ds: pydicom.Dataset) -> pydicom.Dataset:
     ds.Modality = "MR"
     ds.SeriesDescription = "t1 hostile"
     for kw, uid in (("SOPInstanceUID", "1.2.3.4.5"), ("SeriesInstanceUID", "1.2.3.4.6"),
-                    ("StudyInstanceUID", "1.2.3.4.7"), ("SOPClassUID", "1.2.840.10008.5.1.4.1.1.4")):
+                    ("StudyInstanceUID", "1.2.3.4.7"),
+                    ("SOPClassUID", "1.2.840.10008.5.1.4.1.1.4")):
         if kw not in ds:
             setattr(ds, kw, uid)
     return ds
