@@ -104,6 +104,7 @@ class DecodeProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        self._ready = False
         self._start()
 
     @property
@@ -118,11 +119,15 @@ class DecodeProcess:
             [sys.executable, "-m", "agent.dicom.sandbox", str(theirs.fileno()),
              str(self.memory_bytes)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         theirs.close()
-        parent = Connection(ours.detach())
-        if not parent.poll(START_TIMEOUT_S) or parent.recv_bytes() != _READY:
-            proc.kill()
+        self._proc, self._conn = proc, Connection(ours.detach())
+        self._ready = False  # its imports overlap the daemon's start; awaited at first use
+
+    def _await_ready(self) -> None:
+        assert self._conn is not None and self._proc is not None
+        if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv_bytes() != _READY:
+            self._proc.kill()
             raise RuntimeError("the decoder process did not start")
-        self._proc, self._conn = proc, parent
+        self._ready = True
 
     def _end(self) -> None:
         if self._proc is not None:
@@ -151,6 +156,8 @@ class DecodeProcess:
             assert self._conn is not None and self._proc is not None
             why: str | None = None
             try:
+                if not self._ready:
+                    self._await_ready()
                 self._conn.send_bytes(pickle.dumps(
                     (payload, contract, pixel_budget, max_payload_bytes, digest),
                     protocol=pickle.HIGHEST_PROTOCOL))
@@ -158,7 +165,7 @@ class DecodeProcess:
                     kind, value = pickle.loads(self._conn.recv_bytes())  # noqa: S301 (see top)
                 else:
                     why = f"decoding took longer than decode.timeout_s ({self.timeout_s:g} s)"
-            except (EOFError, OSError):
+            except (EOFError, OSError, RuntimeError):  # RuntimeError: it never started
                 try:
                     code: int | None = self._proc.wait(1)
                 except subprocess.TimeoutExpired:

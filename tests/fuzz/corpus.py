@@ -289,6 +289,20 @@ def payload(i: int, seed: int = SEED) -> bytes:
     return _BY_NAME[family(i, seed)](rng, base)
 
 
+def distinct(n: int = SIZE, seed: int = SEED) -> dict[str, tuple[int, bytes]]:
+    """The corpus proper: the first ``n`` payloads of the stream that differ from every
+    earlier one (some mutations repeat, e.g. an empty payload), by sha256."""
+    import hashlib
+
+    out: dict[str, tuple[int, bytes]] = {}
+    i = 0
+    while len(out) < n:
+        p = payload(i, seed)
+        out.setdefault(hashlib.sha256(p).hexdigest(), (i, p))
+        i += 1
+    return out
+
+
 def sample(n: int, seed: int = SEED, size: int = SIZE) -> list[int]:
     """A seeded subset of ``n`` indices that holds every family."""
     picked = sorted(random.Random(f"{seed}:sample").sample(range(size), n))

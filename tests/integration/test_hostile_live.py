@@ -37,9 +37,10 @@ RSS_BOUND = 1536 * 1024 * 1024  # daemon and decoder process, each (peak)
 def _payloads(n: int) -> dict[str, tuple[int, bytes]]:
     """sha256 -> (corpus index, payload): distinct payloads only, so that each error
     report names exactly one."""
-    indices = range(corpus.SIZE) if n >= corpus.SIZE else corpus.sample(n)
+    if n >= corpus.SIZE:
+        return corpus.distinct(n)
     out: dict[str, tuple[int, bytes]] = {}
-    for i in indices:
+    for i in corpus.sample(n):
         p = corpus.payload(i)
         out.setdefault(hashlib.sha256(p).hexdigest(), (i, p))
     return out
