@@ -30,7 +30,7 @@ from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
 pytestmark = pytest.mark.integration
 
 NODE = "iomt/site-a/node-1"
-N = int(os.environ.get("IOMT_HOSTILE_N", "160"))
+N = int(os.environ.get("IOMT_HOSTILE_N", "150"))
 RSS_BOUND = 1536 * 1024 * 1024  # daemon and decoder process, each (peak)
 
 
@@ -62,6 +62,7 @@ def test_every_hostile_payload_is_acked_and_answered_and_the_agent_stays_up(
     assert r.returncode == 0, r.stderr
     config = tmp_path / "node" / "agent.toml"
     config.write_text(config.read_text().replace('format = "auto"', 'format = "json"')
+                      .replace('backend = "auto"', 'backend = "onnxruntime"')
                       + "\n[decode]\ntimeout_s = 2.0\nmemory_bytes = 536870912\n")
     payloads = _payloads(N)
     out = Recorder.start(cloud.url, "out", f"{NODE}/+")
