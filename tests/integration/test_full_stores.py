@@ -37,8 +37,8 @@ def _init(tmp: Path, edge: Mosquitto, cloud: Mosquitto, **replace: str) -> Path:
     text = config.read_text().replace('format = "auto"', 'format = "json"').replace(
         'backend = "auto"', 'backend = "onnxruntime"')  # no runtime race at each start
     for old, new in replace.items():
-        assert old in text or old.startswith("["), old
-        text = text.replace(old, new) if old in text else text + f"\n{old}\n{new}\n"
+        assert old in text, old
+        text = text.replace(old, new)
     config.write_text(text)
     return config
 
@@ -138,7 +138,8 @@ def test_drop_oldest_reports_each_dropped_result_and_loses_no_slice(
     edge, cloud = brokers
     config = _init(tmp_path, edge, cloud, **{"outbox_max_bytes = 2147483648":
                                              "outbox_max_bytes = 1048576",
-                                             "[storage]": 'outbox_full = "drop_oldest"'})
+                                             'outbox_full = "backpressure"':
+                                             'outbox_full = "drop_oldest"'})
     paths = _scans(tmp_path, n + 1)
     errors = Recorder.start(cloud.url, "errors", f"{NODE}/errors")
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
@@ -205,7 +206,8 @@ def test_a_full_disk_holds_scans_says_so_and_resumes_by_itself(
     edge, cloud = brokers
     config = _init(tmp_path, edge, cloud, **{'state_dir = "state"':
                                              f'state_dir = "{small_disk}"',
-                                             "[storage]": "min_free_disk_bytes = 0"})
+                                             "min_free_disk_bytes = 67108864":
+                                             "min_free_disk_bytes = 0"})
     paths = _scans(tmp_path, n_before + n_full)
     status = Recorder.start(cloud.url, "status", f"{NODE}/status")
     results = Recorder.start(cloud.url, "results", f"{NODE}/results")

@@ -63,7 +63,8 @@ def test_every_hostile_payload_is_acked_and_answered_and_the_agent_stays_up(
     config = tmp_path / "node" / "agent.toml"
     config.write_text(config.read_text().replace('format = "auto"', 'format = "json"')
                       .replace('backend = "auto"', 'backend = "onnxruntime"')
-                      + "\n[decode]\ntimeout_s = 2.0\nmemory_bytes = 536870912\n")
+                      .replace("timeout_s = 10.0", "timeout_s = 2.0")
+                      .replace("memory_bytes = 1073741824", "memory_bytes = 536870912"))
     payloads = _payloads(N)
     out = Recorder.start(cloud.url, "out", f"{NODE}/+")
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
