@@ -27,13 +27,13 @@ from typing import Any
 
 from agent import __version__
 from agent.config import Config
-from agent.crypto import keys, seal
 from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.pressure import Pressure
 from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
+from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -61,8 +61,9 @@ class Agent:
         assert a.state_dir is not None
         self.topics = Topics(a.site, a.device_id)
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
-        recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
-        signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        refuse_open_secrets(("edge", config.edge), ("cloud", config.cloud))
+        self.sealer = Sealer(config.seal, a.device_id)
+        self._rekey = False  # SIGHUP: read [seal] again on the main loop
         self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
         self.fleet = None
         if config.fleet is not None:
@@ -74,26 +75,16 @@ class Agent:
         self.deid = deidentifier(config.deid)  # KeyFileError too
         log.info("deidentification", enabled=self.deid is not None,
                  options=list(self.deid.options.names) if self.deid else [])
-        self.model: ServedModel = self._first_model(config, a.state_dir)
-        self._log_guard(self.model)
-
-        def sealer(plaintext: bytes, message_id: str) -> bytes:
-            return seal.seal(
-                plaintext,
-                recipient=recipient,
-                signing_key=signing_key,
-                device_id=a.device_id,
-                message_id=message_id,
-                content_type="application/dicom",
-            )
-
-        self._sealer = sealer
-        self.decoder = None
+        self.decoder = None  # started before the model loads: its imports overlap
         if config.decode.isolate:
             from agent.dicom.sandbox import DecodeProcess
 
             self.decoder = DecodeProcess(memory_bytes=config.decode.memory_bytes,
                                          timeout_s=config.decode.timeout_s)
+        self.model: ServedModel = self._first_model(config, a.state_dir)
+        self._log_guard(self.model)
+
+        log.info("seal_keys", **self.sealer.summary())
         self.store = Store(
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
@@ -160,7 +151,7 @@ class Agent:
         return load_model(config.model, state_dir)
 
     def _translator(self, model: ServedModel) -> Translator:
-        return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
+        return Translator(model.bundle, model.runner, self.sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
                           deid=self.deid,
                           **({"decoder": self.decoder.decode} if self.decoder else {}))
@@ -248,6 +239,7 @@ class Agent:
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
             "deid": self.deid.summary() if self.deid else {"enabled": False},
+            "seal": self.sealer.summary(),
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
@@ -295,8 +287,9 @@ class Agent:
 
     def _handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
         log.info("reload_requested", config=str(self.config_path or ""),
-                 note="only [model] is reloaded; other changes need a restart")
+                 note="[model] and [seal] are reloaded; other changes need a restart")
         self.sd.reloading()
+        self._rekey = self.config_path is not None
         self.reloader.request()
 
     def install_signal_handlers(self) -> None:
@@ -345,6 +338,10 @@ class Agent:
         last_periodic = time.monotonic()
         while not self._stop.is_set():
             self._beat()
+            if self._rekey and self.config_path is not None:
+                self._rekey = False
+                if self.sealer.reload(self.config_path):
+                    self._publish_status(force=True)
             loaded = self.reloader.poll()
             if loaded is not None:
                 self._finish_reload(loaded)
