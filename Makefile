@@ -82,6 +82,24 @@ test-cpus: $(VENV)/.installed cpu-tools
 	$(SUDO) env IOMT_CPU_CACHE="$${IOMT_CPU_CACHE-}" IOMT_CPU_MIRROR="$${IOMT_CPU_MIRROR-}" \
 		$(BIN)/python -m tools.cpu_matrix --json bench-out/cpus.json
 
+# The whole hostile corpus (10,000 payloads, tests/fuzz/corpus.py) through the running agent
+# and through the decoder in-process; figures in bench-out/hostile*.json.
+.PHONY: hostile fuzz
+hostile: $(VENV)/.installed mosquitto
+	mkdir -p bench-out
+	IOMT_HOSTILE_N=10000 IOMT_HOSTILE_JSON=bench-out/hostile.json $(BIN)/python -m pytest -q -s \
+		-o timeout=3600 -W ignore tests/integration/test_hostile_live.py
+	IOMT_HOSTILE_N=10000 IOMT_HOSTILE_JSON=bench-out/hostile-decoder.json $(BIN)/python -m pytest \
+		-q -s -o timeout=3600 -W ignore tests/fuzz/test_corpus.py
+
+# Coverage-guided fuzzing of the decoder (atheris) for FUZZ_SECONDS; a crash is written to
+# tests/fuzz/crashes/, which tests/fuzz/test_corpus.py replays as regression cases.
+FUZZ_SECONDS ?= 300
+fuzz: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python -m tests.fuzz.fuzz_decode -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=tests/fuzz/crashes/ -rss_limit_mb=2048 -timeout=20
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy

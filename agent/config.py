@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config_budgets import DecodeSection, StorageSection
 from agent.config_deid import DeidSection
 from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
@@ -312,6 +313,12 @@ class Config(Strict):
         default_factory=lambda: DeidSection(), title="De-identification",
         description="PS3.15 Annex E profile applied before sealing (on by default)",
     )
+    storage: StorageSection = Field(
+        default_factory=lambda: StorageSection(), title="Full stores",
+        description="What happens when the outbox or the disk is full")
+    decode: DecodeSection = Field(
+        default_factory=lambda: DecodeSection(), title="Decoder process",
+        description="Memory and time budget of the process that decodes scans")
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.daemon.store import OutboxItem, Store
+from agent.daemon.store import DiskFull, OutboxItem, Store
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Delivery, PublishDone, Verdict
 
@@ -140,7 +140,11 @@ class OutboxPublisher:
     def _verdict(self, row: OutboxItem) -> PublishDone:
         def done(verdict: Verdict) -> None:
             if verdict.delivery is Delivery.DELIVERED:
-                self._store.delivered(row.id)  # before it leaves _inflight: never sent twice
+                try:
+                    self._store.delivered(row.id)  # before it leaves _inflight: never sent twice
+                except DiskFull:  # not deleted: sent again later (the consumer drops the copy)
+                    verdict = Verdict(Delivery.REFUSED, "delivered, but the disk is full")
+            if verdict.delivery is Delivery.DELIVERED:
                 with self._lock:
                     self._inflight.discard(row.id)
                     self._delivered(row)

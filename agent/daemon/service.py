@@ -31,6 +31,7 @@ from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
+from agent.daemon.pressure import Pressure
 from agent.daemon.reload import Loaded, Reloader, now_iso, refusal, sharing_refusal
 from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import Stages
@@ -75,6 +76,12 @@ class Agent:
         self.deid = deidentifier(config.deid)  # KeyFileError too
         log.info("deidentification", enabled=self.deid is not None,
                  options=list(self.deid.options.names) if self.deid else [])
+        self.decoder = None  # started before the model loads: its imports overlap
+        if config.decode.isolate:
+            from agent.dicom.sandbox import DecodeProcess
+
+            self.decoder = DecodeProcess(memory_bytes=config.decode.memory_bytes,
+                                         timeout_s=config.decode.timeout_s)
         self.model: ServedModel = self._first_model(config, a.state_dir)
         if (refused := sharing_refusal(self.model, a.shared_subscription)) is not None:
             self.model.close()
@@ -86,7 +93,9 @@ class Agent:
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
             outbox_max_bytes=config.limits.outbox_max_bytes,
+            min_free_bytes=config.storage.min_free_disk_bytes,
         )
+        self.pressure = Pressure()
         self._stop = threading.Event()
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
@@ -96,7 +105,8 @@ class Agent:
                                  lambda: self.fleet.store.current if self.fleet else None)
         self.stages = Stages(self.store, config.series, self._translator(self.model),
                              stop=self._stop, space=self._space, beat=self._beat,
-                             committed=self._committed)
+                             committed=self._committed, storage=config.storage,
+                             pressure=self.pressure)
 
         offline = json.dumps({"v": 1, "state": "offline", "device_id": a.device_id}).encode()
         will = Will(self.topics.status, offline)
@@ -111,7 +121,8 @@ class Agent:
             receive_maximum=RECEIVE_MAXIMUM,
         )
         self.ingest = Ingest(self.store, config.limits, self.topics, ack=self.edge.ack,
-                             stored=self._stored)
+                             stored=self._stored, pressure=self.pressure,
+                             outbox_backpressure=config.storage.outbox_full == "backpressure")
         self.cloud = Connection(
             config.cloud,
             config.client_id("cloud"),
@@ -146,7 +157,8 @@ class Agent:
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self.sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
-                          deid=self.deid)
+                          deid=self.deid,
+                          **({"decoder": self.decoder.decode} if self.decoder else {}))
 
     @staticmethod
     def _log_guard(model: ServedModel) -> None:
@@ -235,6 +247,7 @@ class Agent:
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
+            "backpressure": self.pressure.summary(),
             "processed": counts.get("processed", 0),
             "failed": counts.get("failed", 0),
             "last_latency_ms": self.stages.last_latency_ms,
@@ -255,6 +268,8 @@ class Agent:
         """systemd: READY=1 once both brokers are connected, WATCHDOG=1, STATUS=."""
         self.sd.beat(ready=self.edge.connected and self.cloud.connected,
                      status=self._sd_status)
+        if self.pressure.changed():  # also while a stage waits for room: say so at once
+            self._publish_status(force=True)
 
     def _sd_status(self) -> str:
         inbox, outbox = self.store.depths()
@@ -374,6 +389,8 @@ class Agent:
             self.fleet.stop()
         self.reloader.close()
         self.model.close()
+        if self.decoder is not None:
+            self.decoder.close()
         self.store.close()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)
         self.sd.status(f"stopped: inbox {inbox}, outbox {outbox} kept for the next start")
