@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from agent.config_deid import DeidSection
+from agent.config_domain import DomainSection
 from agent.config_io import describe_errors, read_text, validate_toml
 from agent.errors import AgentError
 from agent.transport.broker_url import check_broker_url, is_loopback
@@ -297,6 +298,7 @@ class Config(Strict):
         default_factory=lambda: DeidSection(), title="De-identification",
         description="PS3.15 Annex E profile applied before sealing (on by default)",
     )
+    domain: DomainSection = Field(default_factory=lambda: DomainSection(), title="Domain shift", description="What to do with a slice outside the model's training domain")
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(

@@ -151,7 +151,7 @@ class Agent:
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
-                          deid=self.deid)
+                          deid=self.deid, domain=self.config.domain)
 
     @staticmethod
     def _log_guard(model: ServedModel) -> None:
@@ -236,6 +236,7 @@ class Agent:
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
             "deid": self.deid.summary() if self.deid else {"enabled": False},
+            "domain": self.stages.translator.domain.summary(),
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
