@@ -15,31 +15,39 @@ model sees) inside the body (input > ``BODY_LEVEL``), on every second row and co
 * ``edge``: mean absolute difference of horizontal neighbours in the body, over the median
   (blur lowers it, noise raises it);
 * ``hf``: mean absolute second difference in the body, over the median (noise);
+* ``sharp``: mean absolute difference of neighbours over that of pixels two apart (about
+  0.5 for a smooth image, 1 for white noise: blur, a coarser matrix, noise, independent of
+  the anatomy's contrast);
 * ``air``: the share of the pixels outside the body that are not black (noise floor, a
   vendor window that lifts the background);
+* ``tilt_lr``, ``tilt_ud``: log ratio of the mean body intensity of the two halves, left
+  to right and top to bottom (a bias field beyond the training's);
 * ``out_q25`` .. ``out_q75``: quantiles of the model's own output in the body, a cheap
   proxy of its features (a wrong contrast gives an output histogram it never produced).
 
-A slice with too little body (``MIN_BODY_PIXELS`` after subsampling) is not scored. The score
+A slice with too little body (under ``MIN_BODY_SHARE`` of the subsampled grid: 1500 pixels
+of a 256 x 256 grid's 128 x 128) is not scored. The score
 warns about the *input*; it is no measure of the output's error (see docs/bundle.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-FEATURES = ("q10", "q25", "q50", "q75", "q90", "hist_w1", "edge", "hf", "air",
-            "out_q25", "out_q50", "out_q75")  # fmt: skip
+FEATURES = ("q10", "q25", "q50", "q75", "q90", "hist_w1", "edge", "hf", "sharp", "air",
+            "tilt_lr", "tilt_ud", "out_q25", "out_q50", "out_q75")  # fmt: skip
+BIMODAL = tuple(name == "air" for name in FEATURES)
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
 OUTPUT_QUANTILES = (0.25, 0.50, 0.75)
 BODY_LEVEL = 0.1  # normalised input: 1.0 is the 99.5th percentile of the slice
 AIR_LEVEL = 0.005
 HIST_BINS = 30
 HIST_MAX = 1.5  # the contract's clip maximum: the histogram covers [0, 1.5]
-MIN_BODY_PIXELS = 1500  # on the subsampled grid (6000 pixels, 60 cm2 at 1 mm, of the full)
+MIN_BODY_SHARE = 1500 / 16384  # of the subsampled grid: 1500 of 128 x 128 (a 256 x 256 grid)
 STRIDE = 2
 
 _BIN_WIDTH = HIST_MAX / HIST_BINS
@@ -65,6 +73,17 @@ def _quantiles(cdf: npt.NDArray[np.float64], qs: tuple[float, ...]) -> list[floa
     return out
 
 
+def has_body(x: npt.NDArray[np.float32]) -> bool:
+    """Whether a normalised input slice (H, W) has enough body to be scored."""
+    sub = x[::STRIDE, ::STRIDE]
+    return int(np.count_nonzero(sub > BODY_LEVEL)) >= min_body(sub.size)
+
+
+def min_body(pixels: int) -> int:
+    """The fewest body pixels a subsampled slice of ``pixels`` needs to be scored."""
+    return max(16, math.ceil(pixels * MIN_BODY_SHARE - 1e-9))
+
+
 def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
                    reference_cdf: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:
     """The ``FEATURES`` of one normalised input slice ``x`` (H, W) and the model's output
@@ -74,7 +93,7 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     sub = rows[:, ::STRIDE]
     body = sub > BODY_LEVEL
     n = int(np.count_nonzero(body))
-    if n < MIN_BODY_PIXELS:
+    if n < min_body(sub.size):
         return None
     hist = body_histogram(sub[body])
     cdf = np.cumsum(hist)
@@ -85,14 +104,27 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     d1 = np.abs(rows[:, 2:] - rows[:, 1:-1])
     d2 = np.abs(rows[:, 2:] - 2 * rows[:, 1:-1] + rows[:, :-2])
     n_rows = max(int(np.count_nonzero(row_body)), 1)
-    edge = float(d1[row_body].sum()) / n_rows / median
+    d1_sum = float(d1[row_body].sum())
+    edge = d1_sum / n_rows / median
     hf = float(d2[row_body].sum()) / n_rows / median
+    span2 = float(np.abs(rows[:, 2:] - rows[:, :-2])[row_body].sum())
+    sharp = d1_sum / max(span2, 1e-6)
+    masked = np.where(body, sub, 0)
+    tilts = []
+    for axis in (1, 0):
+        half = masked.shape[axis] // 2
+        a, b = np.split(masked, [half], axis=axis)
+        ma, mb = np.split(body, [half], axis=axis)
+        mean_a = float(a.sum()) / max(int(np.count_nonzero(ma)), 1)
+        mean_b = float(b.sum()) / max(int(np.count_nonzero(mb)), 1)
+        tilts.append(float(np.log(max(mean_a, 1e-3) / max(mean_b, 1e-3))))
     outside = ~body
     n_out = int(np.count_nonzero(outside))
     air = (float(np.count_nonzero(sub[outside] > AIR_LEVEL)) / n_out) if n_out else 0.0
     out = np.asarray(y, dtype=np.float32)[::STRIDE, ::STRIDE][body]
     out_cdf = np.cumsum(body_histogram(np.clip(out, 0.0, None)))
-    return np.array([*qs, w1, edge, hf, air, *_quantiles(out_cdf, OUTPUT_QUANTILES)],
+    return np.array([*qs, w1, edge, hf, sharp, air, *tilts,
+                     *_quantiles(out_cdf, OUTPUT_QUANTILES)],
                     dtype=np.float64)
 
 
@@ -119,16 +151,18 @@ SHRINKAGE = 0.1  # correlation matrix shrunk towards identity: stable with few s
 
 
 def fit_standardiser(features: npt.NDArray[np.float64]) -> Standardiser:
-    """The metric of ``features`` (N, len(FEATURES)): robust centre (median), spread the
-    larger of 1.4826 MAD and the standard deviation (a feature that is bimodal in
-    distribution, such as the noise floor with and without noise, keeps its whole spread),
+    """The metric of ``features`` (N, len(FEATURES)): robust centre (median), spread
+    1.4826 MAD floored at a quarter of the standard deviation (``air``, bimodal in the
+    training data with and without noise, takes its whole standard deviation), and the
     inverse of the shrunk correlation of the standardised values."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[1] != len(FEATURES) or f.shape[0] < 8:
         raise ValueError(f"need at least 8 rows of {len(FEATURES)} features, got {f.shape}")
     mean = np.median(f, axis=0)
     mad = 1.4826 * np.median(np.abs(f - mean), axis=0)
-    scale = np.maximum(np.maximum(mad, f.std(axis=0)), 1e-4)
+    spread = f.std(axis=0)
+    floor = np.where(np.array(BIMODAL), 1.0, 0.25) * spread
+    scale = np.maximum(np.maximum(mad, floor), 1e-4)
     z = np.clip((f - mean) / scale, -10, 10)
     with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature: no correlation
         corr = np.corrcoef(z, rowvar=False)

@@ -30,7 +30,8 @@ from agent.model.domain import (
 )
 
 DOMAIN_FORMAT = 1
-THRESHOLD_QUANTILE = 0.995  # of the held-out in-distribution slices' distances
+DOMAIN_FILE = "domain.json"
+THRESHOLD_QUANTILE = 0.998  # of the held-out in-distribution slices' distances
 
 
 class DomainReferenceError(AgentError):
@@ -51,6 +52,10 @@ class HeldOutSpec(Strict):
     false_alarm_rate: float | None = Field(
         None, ge=0, le=1, title="False-alarm rate",
         description="share of a second held-out set (not used for the threshold) scored >= 1")
+    out_of_fold_alarm_rate: float | None = Field(
+        None, ge=0, le=1, title="Out-of-fold alarm rate",
+        description="share of the fit slices scored >= 1 by the metric fitted without their "
+        "fold (how the threshold fares across the whole range the fit set covers)")
     source: str = Field("", title="Source", description="what the held-out slices are")
 
 
@@ -136,16 +141,31 @@ def load_reference(path: Path) -> DomainReference:
             f"{path}: " + "; ".join(describe_errors(exc, "docs/bundle.md"))) from None
 
 
+def install_reference(bundle_dir: Path, reference: DomainReference) -> None:
+    """Write ``domain.json`` into a bundle directory and add its entry (path, sha256) to
+    bundle.json; no other file and no other key changes."""
+    import hashlib
+
+    from agent.model.bundle import read_manifest
+    from agent.model.manifest import FileEntry
+
+    path = bundle_dir / DOMAIN_FILE
+    path.write_text(reference.to_json(), encoding="utf-8")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = read_manifest(bundle_dir)
+    updated = manifest.model_copy(update={"domain": FileEntry(path=DOMAIN_FILE, sha256=digest)})
+    (bundle_dir / "bundle.json").write_text(updated.to_json(), encoding="utf-8")
+
+
 def reference_histogram(inputs: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float64]:
     """The mean body histogram of normalised input slices (those with a body)."""
-    from agent.model.domain import BODY_LEVEL, MIN_BODY_PIXELS, STRIDE
+    from agent.model.domain import BODY_LEVEL, STRIDE, has_body
 
     hists = []
     for x in inputs:
-        sub = x[::STRIDE, ::STRIDE]
-        body = sub[sub > BODY_LEVEL]
-        if body.size >= MIN_BODY_PIXELS:
-            hists.append(body_histogram(body))
+        if has_body(x):
+            sub = x[::STRIDE, ::STRIDE]
+            hists.append(body_histogram(sub[sub > BODY_LEVEL]))
     if not hists:
         raise ValueError("no slice has enough body for a domain reference")
     mean: npt.NDArray[np.float64] = np.mean(hists, axis=0)
@@ -172,9 +192,9 @@ def build_reference(
 ) -> DomainReference:
     """A reference from (normalised input slice, model output) pairs: the metric from
     ``fit``; the threshold at ``THRESHOLD_QUANTILE`` of the distances of the ``held_out``
-    slices and, with ``folds`` > 1, of every fit slice under the metric fitted without its
-    fold (``fold_of[i]``: the fold of fit pair i, e.g. its slice index, taken modulo
-    ``folds``; default: the pair's index); and (optional)
+    slices; with ``folds`` > 1 the share of fit slices at or over it under the metric fitted
+    without their fold (``fold_of[i]``: the fold of fit pair i, e.g. its slice index, taken
+    modulo ``folds``; default: the pair's index); and (optional)
     the false-alarm rate on a second held-out set ``test`` that the threshold never saw."""
     shares = np.round(reference_histogram([x for x, _ in fit]), 6)
     cdf = np.cumsum(shares)
@@ -182,7 +202,10 @@ def build_reference(
     fit_f = np.array([f for _, f in indexed])
     metric = fit_standardiser(fit_f)
     held = [metric.distance(f) for f in _features(held_out, cdf)]
-    n_held = len(held)
+    if len(held) < 4:
+        raise ValueError("need at least 4 held-out slices with enough body for a threshold")
+    threshold = float(np.quantile(held, THRESHOLD_QUANTILE))
+    oof: list[float] = []
     if folds > 1:
         group = np.array([i if fold_of is None else fold_of[i] for i, _ in indexed]) % folds
         for k in range(folds):
@@ -190,16 +213,12 @@ def build_reference(
             if len(part) == 0 or len(rest) < 8:
                 continue
             fold_metric = fit_standardiser(fit_f[rest])
-            held += [fold_metric.distance(f) for f in fit_f[part]]
-    if len(held) < 4:
-        raise ValueError("need at least 4 held-out slices with enough body for a threshold")
-    threshold = float(np.quantile(held, THRESHOLD_QUANTILE))
+            oof += [fold_metric.distance(f) for f in fit_f[part]]
+    oof_rate = round(float(np.mean(np.array(oof) >= threshold)), 4) if oof else None
     false_alarm = None
     if test:
         dist = [metric.distance(f) for f in _features(test, cdf)]
         false_alarm = round(float(np.mean(np.array(dist) >= threshold)), 4) if dist else None
-    source = held_out_source + (f"; and {len(held) - n_held} fit slices out of fold "
-                                f"({folds} folds)" if folds > 1 else "")
     spec = DomainReferenceFile(
         format=1, features=list(FEATURES), mean=metric.mean.tolist(),
         scale=metric.scale.tolist(), precision=metric.precision.tolist(),
@@ -207,5 +226,6 @@ def build_reference(
         histogram=HistogramSpec(bins=HIST_BINS, shares=[float(s) for s in shares]),
         fit_slices=len(fit_f), fit_source=fit_source,
         held_out=HeldOutSpec(slices=len(held), quantile=THRESHOLD_QUANTILE,
-                             false_alarm_rate=false_alarm, source=source))
+                             false_alarm_rate=false_alarm, out_of_fold_alarm_rate=oof_rate,
+                             source=held_out_source))
     return DomainReference(spec)

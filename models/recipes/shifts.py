@@ -105,18 +105,20 @@ def rician(image: np.ndarray, sigma_frac: float, rng: np.random.Generator) -> np
     return np.sqrt(real**2 + imag**2).astype(np.float32)
 
 
-def augment_in_distribution(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment_in_distribution(stack: np.ndarray, rng: np.random.Generator, *,
+                            geometry: bool = True) -> np.ndarray:
     """One draw of the training augmentation's scanner variations ([C, H, W] or [H, W]):
     global scale 0.7-1.3, bias field up to 0.2 (p 0.6), Rician noise up to 0.02 (p 0.5),
-    one of the 8 in-plane orientations."""
+    and (``geometry``) one of the 8 in-plane orientations."""
     out = stack * np.float32(rng.uniform(0.7, 1.3))
     if rng.random() < 0.6:
         out = out * bias_field(out.shape[-2:], rng.uniform(0, 0.2), rng)
     if rng.random() < 0.5:
         out = rician(out, rng.uniform(0, 0.02), rng)
-    out = np.rot90(out, int(rng.integers(4)), axes=(-2, -1))
-    if rng.random() < 0.5:
-        out = out[..., ::-1]
+    if geometry:
+        out = np.rot90(out, int(rng.integers(4)), axes=(-2, -1))
+        if rng.random() < 0.5:
+            out = out[..., ::-1]
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
