@@ -298,7 +298,9 @@ class Config(Strict):
         default_factory=lambda: DeidSection(), title="De-identification",
         description="PS3.15 Annex E profile applied before sealing (on by default)",
     )
-    domain: DomainSection = Field(default_factory=lambda: DomainSection(), title="Domain shift", description="What to do with a slice outside the model's training domain")
+    domain: DomainSection = Field(
+        default_factory=lambda: DomainSection(), title="Domain shift",
+        description="What to do with a slice outside the model's training domain")
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(

@@ -30,8 +30,8 @@ from agent import __version__
 from agent.model.bundle import sha256_file
 from agent.model.contract import load_contract
 from agent.quantize.cpu import decide_reduce_range
-from agent.quantize.errors import BadInput, FloorNotReached, require_onnx
 from agent.quantize.domain import build_domain_reference
+from agent.quantize.errors import BadInput, FloorNotReached, require_onnx
 from agent.quantize.graph import check_against_contract, count_gmac, load_onnx, quantized_nodes
 from agent.quantize.inputs import Collected, collect_inputs, list_files, split_inputs
 from agent.quantize.progress import Progress

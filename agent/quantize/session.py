@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.model.domain_reference import DomainReference
 from agent.backends import BackendError, RunnerOptions, open_runner
 from agent.model.bundle import GoldenSet, ModelBundle
 from agent.model.contract import Contract
+from agent.model.domain_reference import DomainReference
 from agent.model.guard import GuardReport, run_guard
 from agent.quantize.errors import BadInput, QuantizeError
 from agent.quantize.progress import Progress

@@ -126,6 +126,9 @@ def bundle_json(spec: config.ModelSpec, golden: dict[str, Any], gmac: float) -> 
             "min_psnr_db": golden["min_psnr_db"],
             "recorded_psnr_db": golden["recorded_psnr_db"],
             "recorded_cpu": read_cpu().label},
+        # The domain reference (recipes.domain_reference) survives a rebuild of bundle.json.
+        **({"domain": _file(spec.bundle("domain.json"))} if spec.bundle("domain.json").is_file()
+           else {}),
         "compute": {"gmac": gmac},
         "model_card": "MODEL_CARD.md",
     }

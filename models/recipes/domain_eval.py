@@ -106,7 +106,7 @@ def row(shift: Shift | None, drops: np.ndarray, scores: np.ndarray) -> dict[str,
     return {
         "family": shift.family if shift else "in-distribution",
         "shift": shift.name if shift else "training augmentation, held-out draws",
-        "slices": int(len(drops)),
+        "slices": len(drops),
         "psnr_drop_median_db": round(float(np.median(drops)), 2),
         "harmful_share": round(float(harmful.mean()), 3),
         "score_median": round(float(np.median(scores)), 2),

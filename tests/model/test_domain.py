@@ -104,7 +104,7 @@ def test_the_shipped_bundle_carries_a_reference_and_a_replaced_one_is_refused(
     copy = tmp_path / "b"
     shutil.copytree(REFERENCE_BUNDLE, copy)
     (copy / "domain.json").write_text((copy / "domain.json").read_text() + " ")
-    with pytest.raises(BundleError, match="domain: domain.json has sha256"):
+    with pytest.raises(BundleError, match=r"domain: domain\.json has sha256"):
         load_bundle(copy)
 
 
