@@ -100,23 +100,23 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     qs = _quantiles(cdf, QUANTILES)
     median = max(qs[2], 1e-3)
     w1 = float(np.abs(cdf - reference_cdf).sum() * _BIN_WIDTH)
-    row_body = rows[:, 1:-1] > BODY_LEVEL
-    d1 = np.abs(rows[:, 2:] - rows[:, 1:-1])
-    d2 = np.abs(rows[:, 2:] - 2 * rows[:, 1:-1] + rows[:, :-2])
-    n_rows = max(int(np.count_nonzero(row_body)), 1)
-    d1_sum = float(d1[row_body].sum())
+    # Differences along each kept row: d1 = x[i+1] - x[i] at i = 1 .. W-2, so the second
+    # difference and the two-apart span come from the same array (no boolean gathers).
+    diff = np.diff(rows, axis=1)
+    row_body = (rows[:, 1:-1] > BODY_LEVEL).astype(np.float32)
+    n_rows = max(float(row_body.sum()), 1.0)
+    ahead, behind = diff[:, 1:], diff[:, :-1]
+    d1_sum = float(np.vdot(np.abs(ahead), row_body))
     edge = d1_sum / n_rows / median
-    hf = float(d2[row_body].sum()) / n_rows / median
-    span2 = float(np.abs(rows[:, 2:] - rows[:, :-2])[row_body].sum())
-    sharp = d1_sum / max(span2, 1e-6)
-    masked = np.where(body, sub, 0)
+    hf = float(np.vdot(np.abs(ahead - behind), row_body)) / n_rows / median
+    sharp = d1_sum / max(float(np.vdot(np.abs(ahead + behind), row_body)), 1e-6)
+    masked = np.where(body, sub, np.float32(0))
     tilts = []
-    for axis in (1, 0):
-        half = masked.shape[axis] // 2
-        a, b = np.split(masked, [half], axis=axis)
-        ma, mb = np.split(body, [half], axis=axis)
-        mean_a = float(a.sum()) / max(int(np.count_nonzero(ma)), 1)
-        mean_b = float(b.sum()) / max(int(np.count_nonzero(mb)), 1)
+    for axis in (0, 1):  # column sums split left | right, then row sums split top | bottom
+        sums, counts = masked.sum(axis=axis), body.sum(axis=axis)
+        half = sums.size // 2
+        mean_a = float(sums[:half].sum()) / max(int(counts[:half].sum()), 1)
+        mean_b = float(sums[half:].sum()) / max(int(counts[half:].sum()), 1)
         tilts.append(float(np.log(max(mean_a, 1e-3) / max(mean_b, 1e-3))))
     outside = ~body
     n_out = int(np.count_nonzero(outside))

@@ -76,10 +76,10 @@ def test_a_shifted_series_is_flagged_then_refused_an_in_distribution_one_is_not(
     receiver.wait_for('"mqtt_connected"')
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
     agent.wait_for('"mqtt_connected"', 2)
-    _send(config, tmp_path / "in", in_domain)
-    _send(config, tmp_path / "shifted", shifted)
+    _send(config, tmp_path / "both", in_domain + shifted)  # one send: one process start
     assert receiver.proc.wait(120) == 0, receiver.text() + agent.text()
-    status = _status(cloud_rec, lambda s: s.get("processed") == 2 * n)
+    assert agent.terminate() == 0  # its last word is a status with every count in it
+    status = _status(cloud_rec, lambda s: s["state"] == "offline" and s.get("processed") == 2 * n)
     domain = status["domain"]
     assert isinstance(domain, dict)
     assert domain["policy"] == "serve"
@@ -102,7 +102,6 @@ def test_a_shifted_series_is_flagged_then_refused_an_in_distribution_one_is_not(
     assert marked == {True: n, False: n}
     assert len(agent.events("domain_shift")) == n
     assert all(e["action"] == "served_marked" for e in agent.events("domain_shift"))
-    assert agent.terminate() == 0
 
     # The same site under policy "refuse": the shifted series becomes error reports.
     config.write_text(config.read_text() + '\n[domain]\npolicy = "refuse"\n')
@@ -113,9 +112,10 @@ def test_a_shifted_series_is_flagged_then_refused_an_in_distribution_one_is_not(
     reports = [json.loads(m.payload) for m in cloud_rec.wait("/errors", n)]
     assert {r["reason"] for r in reports} == {"domain_shift"}
     assert "training domain" in reports[0]["detail"]
-    status = _status(cloud_rec, lambda s: s.get("domain", {}).get("refused") == n)  # type: ignore[union-attr]
-    assert status["domain"]["policy"] == "refuse"  # type: ignore[index]
     assert agent.terminate() == 0
+    status = _status(cloud_rec, lambda s: s["state"] == "offline" and s.get("failed") == n)
+    assert status["domain"]["policy"] == "refuse"  # type: ignore[index]
+    assert status["domain"]["refused"] == n  # type: ignore[index]
 
     # A bundle without domain.json (the same model: the runtime choice is cached) serves,
     # unscored, and says so.
@@ -131,9 +131,9 @@ def test_a_shifted_series_is_flagged_then_refused_an_in_distribution_one_is_not(
     agent.wait_for('"mqtt_connected"', 2)
     _send(config, tmp_path / "unscored", build_series(demo.t2_reference[SLICES][:1],
                                                        series_description="T1w (really T2w)"))
-    status = _status(cloud_rec, lambda s: s.get("domain", {}).get("note") is not None)  # type: ignore[union-attr]
-    assert status["domain"] == {"policy": "refuse", "note": "no_domain_reference"}
     assert cloud_rec.wait("/results", 2 * n + 1)  # served, although it is the shifted series
     assert agent.events("domain_reference_missing")
     assert agent.terminate() == 0
+    status = _status(cloud_rec, lambda s: s["state"] == "offline" and s.get("processed") == 2 * n + 1)
+    assert status["domain"] == {"policy": "refuse", "note": "no_domain_reference"}
     cloud_rec.stop()
