@@ -5,6 +5,7 @@ results out.
 |---|---|
 | ``cli`` | the ``iomt-agent`` subcommands (thin) |
 | ``config`` | the one config schema; errors name the key path |
+| ``config_domain`` | the ``[domain]`` section: the domain-shift policy |
 | ``config_io`` | reading TOML against a schema, one line per bad key path |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |

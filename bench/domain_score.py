@@ -77,16 +77,16 @@ def main() -> None:
                 times["judge"].append((t2 - t1) * 1e6)
                 times["normalise"].append((t3 - t2) * 1e6)
     cpu = cpu_name()
-    result = {"cpu": cpu, "clock": args.clock, "load_average": list(os.getloadavg()), "cores": os.cpu_count(), "slices": len(times["score"]),
-              "grid": list(xs[0].shape),
-              "us": {k: {"median": round(statistics.median(v), 1),
-                         "p90": round(float(np.percentile(v, 90)), 1)}
-                     for k, v in times.items()}}
+    us = {k: {"median": round(statistics.median(v), 1),
+              "p90": round(float(np.percentile(v, 90)), 1)} for k, v in times.items()}
+    result = {"cpu": cpu, "clock": args.clock, "load_average": list(os.getloadavg()),
+              "cores": os.cpu_count(), "slices": len(times["score"]),
+              "grid": list(xs[0].shape), "us": us}
     print(f"CPU: {cpu} ({result['cores']} cores); {result['slices']} slices, "
           f"{xs[0].shape[0]} x {xs[0].shape[1]} model grid; clock {args.clock}, load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'step':12s} {'median us':>10s} {'p90 us':>10s}")
-    for k, v in result["us"].items():  # type: ignore[union-attr]
+    for k, v in us.items():
         print(f"{k:12s} {v['median']:10.1f} {v['p90']:10.1f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -139,6 +139,15 @@ def to_json(meta: dict[str, object]) -> str:
     return BundleManifest.model_validate(meta).to_json()
 
 
+def _domain_section(card: Path) -> str:
+    """The card's "Domain-shift score" section (recipes.domain_eval), kept across a rebuild."""
+    begin, end = "<!-- domain-shift:begin -->", "<!-- domain-shift:end -->"
+    old = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if begin not in old or end not in old:
+        return ""
+    return "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     config.add_model_argument(parser)
@@ -151,11 +160,10 @@ def main() -> None:
     meta = bundle_json(spec, golden, evaluation["gmac_per_slice"])
     record_timing("bundle", time.perf_counter() - start, spec.name)
     timings = load_timings(spec.name)
-    spec.bundle("MODEL_CARD.md").write_text(
-        render_model_card(spec, train, evaluation, quant, golden, timings,
-                          restored_note(spec)),
-        encoding="utf-8",
-    )
+    card = spec.bundle("MODEL_CARD.md")
+    text = render_model_card(spec, train, evaluation, quant, golden, timings,
+                             restored_note(spec))
+    card.write_text(text + _domain_section(card), encoding="utf-8")
     spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
     save_record(spec)  # so that a clone can redo these steps without training
     total = sum(p.stat().st_size for p in spec.bundle_dir.iterdir() if p.is_file())

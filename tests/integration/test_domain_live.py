@@ -134,6 +134,7 @@ def test_a_shifted_series_is_flagged_then_refused_an_in_distribution_one_is_not(
     assert cloud_rec.wait("/results", 2 * n + 1)  # served, although it is the shifted series
     assert agent.events("domain_reference_missing")
     assert agent.terminate() == 0
-    status = _status(cloud_rec, lambda s: s["state"] == "offline" and s.get("processed") == 2 * n + 1)
+    status = _status(cloud_rec,
+                     lambda s: s["state"] == "offline" and s.get("processed") == 2 * n + 1)
     assert status["domain"] == {"policy": "refuse", "note": "no_domain_reference"}
     cloud_rec.stop()
