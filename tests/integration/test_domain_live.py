@@ -104,7 +104,7 @@ def test_a_shifted_series_is_flagged_then_refused_an_in_distribution_one_is_not(
     assert all(e["action"] == "served_marked" for e in agent.events("domain_shift"))
 
     # The same site under policy "refuse": the shifted series becomes error reports.
-    config.write_text(config.read_text() + '\n[domain]\npolicy = "refuse"\n')
+    config.write_text(config.read_text().replace('policy = "serve"', 'policy = "refuse"', 1))
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent2.log")
     agent.wait_for('"mqtt_connected"', 2)
     refused = build_series(demo.t2_reference[SLICES], series_description="T1w (really T2w)")
