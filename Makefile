@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools clean models
+.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools dcmtk orthanc clean models bench-gateway
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -37,7 +37,20 @@ dicom3tools:
 		echo "installing dicom3tools (Debian package)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dicom3tools; }
 
-test: $(VENV)/.installed mosquitto dicom3tools
+# dcmtk's storescu is the modality of the DICOM chain test (tests/integration/test_dicom_chain.py).
+dcmtk:
+	@command -v storescu >/dev/null 2>&1 || { \
+		echo "installing dcmtk (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dcmtk; }
+
+# Orthanc with its DICOMweb plugin is the archive that `receive --stow-url` stores into.
+orthanc:
+	@{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null 2>&1 \
+		&& test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+		echo "installing orthanc and orthanc-dicomweb (Debian packages)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc orthanc-dicomweb; }
+
+test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc
 	$(BIN)/python -m pytest -q
 
 test-unit: $(VENV)/.installed dicom3tools
@@ -73,6 +86,10 @@ bench-stages: $(VENV)/.installed
 # Every bundle under models/ x runtime x precision on this machine (no broker needed).
 bench-models: $(VENV)/.installed
 	$(BIN)/iomt-agent bench --json bench-out/models.json
+
+# C-STORE through the gateway: success after the broker's PUBACK vs after the spool's commit.
+bench-gateway: $(VENV)/.installed mosquitto dcmtk
+	$(BIN)/python bench/gateway.py --json bench-out/gateway.json
 
 models:
 	$(MAKE) -C models

@@ -21,7 +21,9 @@ from pydantic import (
 
 from agent.config_deid import DeidSection
 from agent.config_domain import DomainSection
+from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
+from agent.config_receiver import ReceiverSection
 from agent.errors import AgentError
 from agent.transport.broker_url import check_broker_url, is_loopback
 from agent.transport.topics import TopicError, check_level
@@ -244,14 +246,6 @@ class SealSection(Strict):
         title="Device signing key", description="This node's Ed25519 private key (0600)")
 
 
-class ReceiverSection(Strict):
-    recipient_private_key: Path = Field(
-        title="Recipient private key", description="The cloud's HPKE private key (0600)")
-    trusted_devices: dict[str, Path] = Field(
-        title="Trusted devices", description="device id -> Ed25519 public key file")
-    client_id: str | None = Field(None, title="Client id", description="Receiver client id")
-
-
 class LogSection(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", title="Log level", description="Minimum level")
@@ -305,6 +299,8 @@ class Config(Strict):
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(
         None, title="Fleet updates", description="Model updates over MQTT, verified with TUF")
+    gateway: GatewaySection | None = Field(
+        None, title="DICOM gateway", description="`iomt-agent gateway`: C-STORE into MQTT")
 
     def client_id(self, role: str) -> str:
         """The MQTT client id of a connection, the key of its persistent session: the
@@ -321,11 +317,12 @@ class Config(Strict):
     def resolve(self, base: Path) -> Config:
         """Return a copy whose relative paths are taken relative to ``base``."""
 
-        def fix(p: Path | None) -> Path | None:
-            if p is None:
-                return None
+        def fix_path(p: Path) -> Path:
             p = expand_credentials(p, base)
             return p if p.is_absolute() else (base / p).resolve()
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else fix_path(p)
 
         def broker(b: BrokerConfig) -> BrokerConfig:
             return b.model_copy(
@@ -335,16 +332,7 @@ class Config(Strict):
                 }
             )
 
-        receiver = self.receiver
-        if receiver is not None:
-            receiver = receiver.model_copy(
-                update={
-                    "recipient_private_key": fix(receiver.recipient_private_key),
-                    "trusted_devices": {
-                        k: fix(v) for k, v in receiver.trusted_devices.items()
-                    },
-                }
-            )
+        receiver = self.receiver and self.receiver.resolved(fix_path)
         return self.model_copy(
             update={
                 "agent": self.agent.model_copy(update={"state_dir": fix(self.agent.state_dir)}),

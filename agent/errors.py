@@ -51,8 +51,17 @@ ENVELOPE_REASONS = (
     "unsupported_suite", "unknown_recipient", "decrypt_failed",
 )  # fmt: skip
 
+# Why the DICOM gateway refused a C-STORE (agent.gateway; its ``cstore_refused`` log line).
+GATEWAY_REASONS = (
+    "sop_class_not_supported", "instance_too_large", "not_dicom", "dataset_mismatch",
+    "spool_full", "broker_refused", "spool_failed",
+)  # fmt: skip
+# Why the DICOMweb export kept a result instead of storing it (agent.cloud.stow).
+EXPORT_REASONS = ("archive_refused", "archive_unreachable")
+
 ERROR_TOPIC_REASONS = frozenset(SCAN_REASONS + MODEL_REASONS)
-REASONS = ERROR_TOPIC_REASONS | frozenset(ENVELOPE_REASONS) | frozenset(UPDATE_REASONS)
+REASONS = (ERROR_TOPIC_REASONS | frozenset(ENVELOPE_REASONS) | frozenset(UPDATE_REASONS)
+           | frozenset(GATEWAY_REASONS) | frozenset(EXPORT_REASONS))
 
 
 class AgentError(Exception):

@@ -10,4 +10,5 @@
 | ``reload`` | the guarded reload: load and guard on a loader thread, swap or refuse |
 | ``updates`` | fleet updates into the guarded reload; the post-activation rollback watch |
 | ``sdnotify`` | systemd: READY, STATUS, WATCHDOG, STOPPING; credentials |
+| ``sealing`` | the seal keys: swapped by a reload, open secret files refused at start |
 """

@@ -27,12 +27,12 @@ from typing import Any
 
 from agent import __version__
 from agent.config import Config
-from agent.crypto import keys, seal
 from agent.daemon import sdnotify
 from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
+from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -60,8 +60,9 @@ class Agent:
         assert a.state_dir is not None
         self.topics = Topics(a.site, a.device_id)
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
-        recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
-        signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        refuse_open_secrets(("edge", config.edge), ("cloud", config.cloud))
+        self.sealer = Sealer(config.seal, a.device_id)
+        self._rekey = False  # SIGHUP: read [seal] again on the main loop
         self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
         self.fleet = None
         if config.fleet is not None:
@@ -76,17 +77,7 @@ class Agent:
         self.model: ServedModel = self._first_model(config, a.state_dir)
         self._log_guard(self.model)
 
-        def sealer(plaintext: bytes, message_id: str) -> bytes:
-            return seal.seal(
-                plaintext,
-                recipient=recipient,
-                signing_key=signing_key,
-                device_id=a.device_id,
-                message_id=message_id,
-                content_type="application/dicom",
-            )
-
-        self._sealer = sealer
+        log.info("seal_keys", **self.sealer.summary())
         self.store = Store(
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
@@ -149,7 +140,7 @@ class Agent:
         return load_model(config.model, state_dir)
 
     def _translator(self, model: ServedModel) -> Translator:
-        return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
+        return Translator(model.bundle, model.runner, self.sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
                           deid=self.deid, domain=self.config.domain)
 
@@ -237,6 +228,7 @@ class Agent:
                            "held": self.store.held_count()}} if series else {}),
             "deid": self.deid.summary() if self.deid else {"enabled": False},
             "domain": self.stages.translator.domain.summary(),
+            "seal": self.sealer.summary(),
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
@@ -281,8 +273,9 @@ class Agent:
 
     def _handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
         log.info("reload_requested", config=str(self.config_path or ""),
-                 note="only [model] is reloaded; other changes need a restart")
+                 note="[model] and [seal] are reloaded; other changes need a restart")
         self.sd.reloading()
+        self._rekey = self.config_path is not None
         self.reloader.request()
 
     def install_signal_handlers(self) -> None:
@@ -331,6 +324,10 @@ class Agent:
         last_periodic = time.monotonic()
         while not self._stop.is_set():
             self._beat()
+            if self._rekey and self.config_path is not None:
+                self._rekey = False
+                if self.sealer.reload(self.config_path):
+                    self._publish_status(force=True)
             loaded = self.reloader.poll()
             if loaded is not None:
                 self._finish_reload(loaded)

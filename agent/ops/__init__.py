@@ -6,4 +6,7 @@
 | ``mosquitto_conf`` | the brokers' Mosquitto configs and least-privilege ACLs |
 | ``scaffold`` | ``iomt-agent init``: a ready-to-run directory with a config and keys |
 | ``doctor`` | ``iomt-agent doctor``: is this node ready to serve? |
+| ``check_files``, ``check_broker``, ``check_node``, ``check_fleet`` | the doctor's checks |
+| ``check_security`` | the doctor's security posture: de-identification, receiver keys, links |
+| ``preflight`` | ``iomt-agent config check``: what ``run`` would refuse |
 """

@@ -99,7 +99,7 @@ def test_offline_node_lists_every_check(tmp_path: Path, bundle: Path) -> None:
     code, findings, text = run(config)
     assert code == 1
     by_check = {f.check for f in findings}
-    assert by_check == {"config", "key", "broker", "model", "disk"}
+    assert by_check == {"config", "key", "broker", "model", "disk", "deid", "security"}
     brokers = [f for f in findings if f.check == "broker"]
     assert [f.verdict for f in brokers] == ["fail", "fail"]
     assert "cannot connect to 127.0.0.1" in brokers[0].detail
