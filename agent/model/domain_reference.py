@@ -31,7 +31,7 @@ from agent.model.domain import (
 
 DOMAIN_FORMAT = 1
 DOMAIN_FILE = "domain.json"
-THRESHOLD_QUANTILE = 0.998  # of the held-out in-distribution slices' distances
+THRESHOLD_QUANTILE = 0.999  # of the held-out in-distribution slices' distances
 
 
 class DomainReferenceError(AgentError):
