@@ -9,6 +9,7 @@ results out.
 | ``config_deid``, ``config_receiver`` | the ``[deid]`` and ``[receiver]`` sections |
 | ``config_gateway`` | the ``[gateway]`` section (the DICOM C-STORE gateway) |
 | ``config_budgets`` | the ``[storage]`` and ``[decode]`` sections: full stores, decoder budget |
+| ``config_domain`` | the ``[domain]`` section: the domain-shift policy |
 | ``config_io`` | reading TOML against a schema, one line per bad key path |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |

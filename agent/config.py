@@ -21,6 +21,7 @@ from pydantic import (
 
 from agent.config_budgets import DecodeSection, StorageSection
 from agent.config_deid import DeidSection
+from agent.config_domain import DomainSection
 from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
 from agent.config_receiver import ReceiverSection
@@ -319,6 +320,9 @@ class Config(Strict):
     decode: DecodeSection = Field(
         default_factory=lambda: DecodeSection(), title="Decoder process",
         description="Memory and time budget of the process that decodes scans")
+    domain: DomainSection = Field(
+        default_factory=lambda: DomainSection(), title="Domain shift",
+        description="What to do with a slice outside the model's training domain")
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(

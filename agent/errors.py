@@ -34,7 +34,7 @@ SCAN_REASONS = (
     "series_mismatch", "unsupported_photometric", "unsupported_bits", "pixel_budget_exceeded",
     "multiframe_unsupported", "unsupported_transfer_syntax", "pixel_decode_failed",
     "bad_geometry", "duplicate_position", "series_too_large", "inference_failed",
-    "derive_failed", "decode_budget_exceeded", "outbox_overflow",
+    "derive_failed", "decode_budget_exceeded", "outbox_overflow", "domain_shift",
 )  # fmt: skip
 # Reported on the error topic about the model, not about a scan.
 MODEL_REASONS = ("model_refused", "update_rejected")

@@ -4,6 +4,7 @@
 |---|---|
 | ``service`` | the daemon: brokers, store and stage threads; status, signals, reload |
 | ``pipeline`` | the processing stages of one scan, wired in one place |
+| ``domain_check`` | the domain-shift verdict per slice and series, the policy, the status |
 | ``stacking`` | the 2.5D path: series admission, neighbour stacks, release |
 | ``store`` | the durable inbox and outbox (SQLite WAL) |
 | ``pressure`` | backpressure: why scans are not taken now (the status's ``backpressure``) |

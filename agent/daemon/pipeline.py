@@ -27,7 +27,9 @@ from agent import __version__
 from agent.backends import ModelRunner
 from agent.config import LimitsSection
 from agent.config_deid import DeidSection
+from agent.config_domain import DomainSection
 from agent.crypto.site_secret import load_site_secret
+from agent.daemon.domain_check import DomainCheck, DomainVerdict
 from agent.dicom.decode import Scan, ScanRejected, decode_scan
 from agent.dicom.deid import Deidentifier, DeidOptions
 from agent.dicom.derive import (
@@ -58,6 +60,7 @@ class Outcome:
     detail: str | None = None  # what the error report says (tag names and numbers, no PHI)
     timings_ms: dict[str, float] = field(default_factory=dict)
     series_key: str | None = None  # short hash of the output series, safe to log
+    domain: DomainVerdict | None = None  # the domain-shift verdict (a bundle with a reference)
 
     @property
     def counter(self) -> str:
@@ -110,11 +113,13 @@ class Translator:
         digest: str | None = None,
         deid: Deidentifier | None = None,
         decoder: Callable[..., Scan] = decode_scan,
+        domain: DomainSection | None = None,
     ) -> None:
         """``deid``: de-identify each result before sealing (PS3.15 Annex E); its message
         id and series key then derive from the source UIDs' pseudonyms, not the UIDs.
         ``decoder``: ``decode_scan`` or a budgeted stand-in with its signature
-        (``agent.dicom.sandbox.DecodeProcess.decode``)."""
+        (``agent.dicom.sandbox.DecodeProcess.decode``).
+        ``domain``: the site's domain-shift policy (default: serve, marked)."""
         self.decoder = decoder
         self.bundle = bundle
         self.deid = deid
@@ -128,6 +133,7 @@ class Translator:
                                       digest or bundle.digest(runtime))
         # Per-series templates of the derived instance: only per-slice elements are encoded.
         self.writer = DerivedWriter()
+        self.domain = DomainCheck(bundle.domain, domain or DomainSection())
 
     def error(self, reason: str, detail: str, payload_sha256: str, source_topic: str,
               timings: dict[str, float] | None = None) -> Outcome:
@@ -190,7 +196,7 @@ class Translator:
         timer.lap("infer")
         centre = staged.centre
         return Inferred(centre.scan, y[0, 0], centre.gmap, staged.source_topic,
-                        staged.payload_sha256, timer)
+                        staged.payload_sha256, timer, staged.x[0, staged.x.shape[1] // 2])
 
     def infer(self, payload: bytes, source_topic: str, payload_sha256: str) -> Inferred | Outcome:
         """Decode, validate, preprocess and run the model in one call (2D model)."""
@@ -207,6 +213,19 @@ class Translator:
         """Second half: back to the input grid, derive the output instance, seal it."""
         timer, scan = inferred.timer, inferred.scan
         timer.restart()
+        series_uid = source_uid(scan.series_instance_uid, self.deid)
+        series_key = hashlib.sha256(series_uid.encode()).hexdigest()[:12]
+        verdict = None
+        if inferred.x_centre is not None:
+            # The status names a flagged series by its pseudonym (de-identifying), else by key.
+            verdict = self.domain.judge(inferred.x_centre, inferred.output, series_key,
+                                        series_uid if self.deid is not None else series_key)
+            timer.lap("domain")
+        if verdict is not None and verdict.refuse:
+            refused = self.error("domain_shift", verdict.detail(), inferred.payload_sha256,
+                                 inferred.source_topic, timer.timings)
+            refused.domain, refused.series_key = verdict, series_key
+            return refused
         try:
             out = from_model_grid(inferred.output, inferred.gmap)
             stored = np.clip(out, 0.0, None) * np.float32(self.bundle.output.scale)
@@ -219,6 +238,7 @@ class Translator:
                 software_version=__version__,
                 writer=self.writer,
                 deid=self.deid,
+                domain=None if verdict is None else verdict.mark(),
             )
         except Exception as exc:  # e.g. a source attribute pydicom cannot write back
             return self.error("derive_failed", f"cannot write the result ({type(exc).__name__})",
@@ -230,10 +250,8 @@ class Translator:
                                        self.identity.digest)
         envelope = self.sealer(derived, message_id)
         timer.lap("seal")
-        series_uid = source_uid(scan.series_instance_uid, self.deid)
-        series_key = hashlib.sha256(series_uid.encode()).hexdigest()[:12]
         return Outcome(True, "result", message_id, str(self.topics.results), envelope,
-                       timings_ms=timer.timings, series_key=series_key)
+                       timings_ms=timer.timings, series_key=series_key, domain=verdict)
 
     def process(self, payload: bytes, source_topic: str, payload_sha256: str) -> Outcome:
         """Both halves in one call."""
@@ -287,3 +305,4 @@ class Inferred:
     source_topic: str
     payload_sha256: str
     timer: StageTimer
+    x_centre: npt.NDArray[np.float32] | None = None  # normalised input slice (domain score)

@@ -157,7 +157,7 @@ class Agent:
     def _translator(self, model: ServedModel) -> Translator:
         return Translator(model.bundle, model.runner, self.sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
-                          deid=self.deid,
+                          deid=self.deid, domain=self.config.domain,
                           **({"decoder": self.decoder.decode} if self.decoder else {}))
 
     @staticmethod
@@ -243,6 +243,7 @@ class Agent:
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
             "deid": self.deid.summary() if self.deid else {"enabled": False},
+            "domain": self.stages.translator.domain.summary(),
             "seal": self.sealer.summary(),
             "inbox_depth": inbox,
             "outbox_depth": outbox,

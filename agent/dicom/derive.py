@@ -48,6 +48,50 @@ class ModelIdentity:
     digest: str  # sha256 hex of the served model file
 
 
+@dataclass(frozen=True)
+class DomainMark:
+    """The domain-shift score of the slice a derived instance comes from
+    (``agent.daemon.domain_check``): recorded in a private block, and in ImageComments when
+    flagged (docs/protocol.md, "Domain shift in the derived instance")."""
+
+    score: float | None  # None: the slice had too little body to score
+    series_score: float | None
+    flagged: bool
+
+
+DOMAIN_CREATOR = "IOMT-EDGE-AGENT DOMAIN"
+DOMAIN_GROUP = 0x0071
+IMAGE_COMMENTS = 0x00204000
+DOMAIN_TAGS = (IMAGE_COMMENTS, 0x00710010, 0x00711001, 0x00711002, 0x00711003)
+DOMAIN_WARNING = ("DOMAIN SHIFT WARNING: the input lies outside the training domain of the "
+                  "model (score {score}, series {series}; 1.0 = threshold). A warning about "
+                  "the input, not a measure of this image's error. NOT FOR DIAGNOSTIC USE")
+
+
+def domain_elements(mark: DomainMark | None) -> list[DataElement]:
+    """The elements that carry ``mark``, in tag order: ImageComments (flagged only), then the
+    private block (0071,0010) creator, (0071,1001) slice score DS, (0071,1002) series score
+    DS, (0071,1003) verdict CS (FLAGGED, IN_DOMAIN or UNSCORED)."""
+    if mark is None:
+        return []
+    out = []
+    if mark.flagged:
+        text = DOMAIN_WARNING.format(score=_score(mark.score), series=_score(mark.series_score))
+        out.append(DataElement(IMAGE_COMMENTS, "LT", text))
+    out.append(DataElement(0x00710010, "LO", DOMAIN_CREATOR))
+    if mark.score is not None:
+        out.append(DataElement(0x00711001, "DS", format_ds(mark.score)))
+    if mark.series_score is not None:
+        out.append(DataElement(0x00711002, "DS", format_ds(mark.series_score)))
+    verdict = "UNSCORED" if mark.score is None else "FLAGGED" if mark.flagged else "IN_DOMAIN"
+    out.append(DataElement(0x00711003, "CS", verdict))
+    return out
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 
 _SOP_CLASS_FOR_MODALITY = {"MR": MRImageStorage, "CT": CTImageStorage}
 _SYNTHETIC_MARK = re.compile(r"synthetic|not for diagnostic", re.IGNORECASE)
@@ -182,6 +226,7 @@ def derived_dataset(
     device_id: str,
     software_version: str,
     deid: Deidentifier | None = None,
+    domain: DomainMark | None = None,
 ) -> Dataset:
     """The whole derived instance as a pydicom Dataset (file meta included) for uint16
     ``pixels`` on the source grid: what ``derive_instance`` writes, element for element.
@@ -243,6 +288,8 @@ def derived_dataset(
         ds.WindowCenter, ds.WindowWidth = format_ds(center), format_ds(width)
         ds.PixelData = pixels.astype("<u2", copy=False).tobytes()
         ds["PixelData"].VR = "OW"
+        for elem in domain_elements(domain):
+            ds.add(elem)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -281,12 +328,14 @@ def derive_instance_generic(
     device_id: str,
     software_version: str,
     deid: Deidentifier | None = None,
+    domain: DomainMark | None = None,
 ) -> bytes:
     """``derive_instance`` through pydicom's generic writer (the whole dataset built and
     encoded per slice): the reference the per-series writer is checked against."""
     pixels = to_uint16(np.asarray(stored))
     return encode_generic(derived_dataset(scan, pixels, model, output, device_id=device_id,
-                                          software_version=software_version, deid=deid))
+                                          software_version=software_version, deid=deid,
+                                          domain=domain))
 
 
 def derive_instance(
@@ -299,6 +348,7 @@ def derive_instance(
     software_version: str,
     writer: DerivedWriter | None = None,
     deid: Deidentifier | None = None,
+    domain: DomainMark | None = None,
 ) -> bytes:
     """Write the model's result for ``scan`` as a Part-10 instance (Explicit VR Little
     Endian) and return its bytes.
@@ -311,7 +361,8 @@ def derive_instance(
     ``derive_instance_generic``. ``writer`` keeps the encoded per-series template between
     calls (one per translator; a shared default when None). ``deid``: de-identify
     (PS3.15 Annex E, see ``agent.dicom.deid``); the patient and study modules are then the
-    source's de-identified.
+    source's de-identified. ``domain``: the slice's domain-shift score, recorded per
+    ``domain_elements``.
     Raises ValueError when ``stored`` does not match the source grid or the output modality
     has no storage class here.
     """
@@ -319,5 +370,5 @@ def derive_instance(
 
     return (writer or default_writer()).write(
         scan, np.asarray(stored), model, output, device_id=device_id,
-        software_version=software_version, deid=deid,
+        software_version=software_version, deid=deid, domain=domain,
     )

@@ -48,12 +48,15 @@ from agent.dicom.deid import Deidentifier
 from agent.dicom.derive import (
     COPIED,
     COPIED_DEID,
+    DOMAIN_TAGS,
     TYPE2_EMPTY,
+    DomainMark,
     ModelIdentity,
     check_arguments,
     deidentified,
     derived_dataset,
     derived_uids,
+    domain_elements,
     encode_generic,
     format_ds,
     output_series_number,
@@ -77,7 +80,7 @@ _WINDOW_CENTER, _WINDOW_WIDTH, _PIXEL_DATA = 0x00281050, 0x00281051, 0x7FE00010
 # The agent's own elements that change per slice (written here by hand, checked against
 # pydicom's bytes by the tests).
 _PER_SLICE = frozenset({_SOP_INSTANCE, _REFERENCED_IMAGES, _SOURCE_IMAGES, _WINDOW_CENTER,
-                        _WINDOW_WIDTH, _PIXEL_DATA})  # fmt: skip
+                        _WINDOW_WIDTH, _PIXEL_DATA, *DOMAIN_TAGS})  # fmt: skip
 # Copied source elements that differ in every slice: encoded each time, never memoised
 # (a plainly valid IS/DS value is its own encoding; see header_values).
 _NUMBER_VR = {"InstanceNumber": "IS", "ImagePositionPatient": "DS", "SliceLocation": "DS"}
@@ -244,6 +247,7 @@ class DerivedWriter:
         device_id: str,
         software_version: str,
         deid: Deidentifier | None = None,
+        domain: DomainMark | None = None,
     ) -> bytes:
         """The derived instance of ``scan`` (see ``derive.derive_instance``). With ``deid``
         the template is de-identified once per series (it holds the agent's elements and
@@ -260,8 +264,9 @@ class DerivedWriter:
                                       software_version, deid)
             offset = 0 if deid is None else deid.date_offset(scan.dataset)
             copied = self._copied(scan.dataset, encodings, charset, deid, offset)
+            marks = [(int(e.tag), encode_element(e, encodings)) for e in domain_elements(domain)]
         center, width = window(pixels, output)
-        elements = [*template.elements, *copied, *_references(scan, deid),
+        elements = [*template.elements, *copied, *marks, *_references(scan, deid),
                     (_SOP_INSTANCE, element(_SOP_INSTANCE, b"UI", _ui(sop_uid))),
                     (_WINDOW_CENTER, element(_WINDOW_CENTER, b"DS",
                                              _ascii_text(format_ds(center)))),

@@ -11,4 +11,6 @@
 | ``choice`` | what ``auto`` weighed and why it chose |
 | ``choice_cache`` | the file where ``auto`` remembers its choice |
 | ``serving`` | load the model a config names: bundle, runtime (or ``auto``), guard |
+| ``domain`` | the domain-shift statistics of one slice and their Mahalanobis metric |
+| ``domain_reference`` | domain.json: schema, loading, fitting, the per-slice score |
 """

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from agent.config import describe_errors
 from agent.errors import AgentError
+from agent.model.domain_reference import DomainReference, DomainReferenceError, load_reference
 from agent.model.manifest import (
     BUNDLE_FORMAT,
     MAX_CONTEXT_SLICES,
@@ -120,6 +121,7 @@ class ModelBundle:
     model_card: Path | None
     references: dict[str, BundleFile] = field(default_factory=dict)  # fp32, other runtimes
     gmac: float | None = None  # multiply-accumulates per inference of one item, 1e9
+    domain: DomainReference | None = None  # domain.json: the domain-shift score's reference
 
     def backend_file(self, runtime: str) -> BundleFile:
         try:
@@ -233,6 +235,13 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
         recorded = {str(rt): db for rt, db in m.golden.recorded_psnr_db.items()}
         golden = GoldenSet(g.path, g.sha256, m.golden.min_psnr_db, recorded_psnr_db=recorded,
                            recorded_cpu=m.golden.recorded_cpu)
+    domain = None
+    if m.domain is not None:
+        d = _file(root, m.domain, "domain", verify)
+        try:
+            domain = load_reference(d.path)
+        except DomainReferenceError as exc:
+            raise BundleError(f"domain: {exc}; rebuild the reference (docs/bundle.md)") from None
     return ModelBundle(
         root=root,
         name=m.name,
@@ -247,4 +256,5 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> ModelBundle:
         model_card=None if m.model_card is None else root / m.model_card,
         references=references,
         gmac=None if m.compute is None else m.compute.gmac,
+        domain=domain,
     )

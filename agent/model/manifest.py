@@ -200,6 +200,11 @@ class BundleManifest(Strict):
         description="runtime name -> its fp32 file (bench and backend = \"auto\" use them)")
     golden: GoldenEntry | None = Field(
         None, title="Golden set", description="golden.npz and the floor that gates activation")
+    domain: FileEntry | None = Field(
+        None, title="Domain reference",
+        description="domain.json: statistics of the training inputs and the threshold of the "
+        "domain-shift score (absent: results go out unscored, status notes "
+        "no_domain_reference)")
     compute: ComputeSpec | None = Field(
         None, title="Compute", description="cost of one inference")
     model_card: str | None = Field(

@@ -109,6 +109,10 @@ retain_modified_dates = false         # 113107: shift dates per patient instead 
 retain_patient_characteristics = false  # 113108: keep sex, age, size, weight
 retain_device_identity = false        # 113109: keep station name, device serial numbers
 
+[domain]          # an input outside the model's training domain (README, Domain shift)
+policy = "serve"                      # serve: marked result; refuse: error report domain_shift
+series_min_slices = 3
+
 [log]
 level = "info"
 format = "auto"

@@ -11,6 +11,7 @@ passes. See ``docs/quantize.md``.
 | ``qdq`` | onnxruntime's static QDQ quantization |
 | ``session`` | options; a candidate judged with the guard |
 | ``sensitivity`` | per-layer error; which nodes stay float |
+| ``domain`` | the domain reference (domain.json) from the calibration inputs |
 | ``writer`` | the staged bundle and its final checks |
 | ``report`` | bundle.json, model card, the table |
 | ``tflite`` | optional LiteRT export |

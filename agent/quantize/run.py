@@ -30,6 +30,7 @@ from agent import __version__
 from agent.model.bundle import sha256_file
 from agent.model.contract import load_contract
 from agent.quantize.cpu import decide_reduce_range
+from agent.quantize.domain import build_domain_reference
 from agent.quantize.errors import BadInput, FloorNotReached, require_onnx
 from agent.quantize.graph import check_against_contract, count_gmac, load_onnx, quantized_nodes
 from agent.quantize.inputs import Collected, collect_inputs, list_files, split_inputs
@@ -178,6 +179,10 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
             golden_y = s.reference_outputs(golden_x, stage.tick)
             check_y = s.reference_outputs(check_x, stage.tick)
         s.timed("reference", t)
+        with progress.stage("domain reference"):
+            s.domain, report["domain"] = build_domain_reference(
+                calib, np.concatenate([check_x, golden_x]), np.concatenate([check_y, golden_y]),
+                lambda fx: s.reference_outputs(fx, lambda: None))
         np.savez(s.work / "golden.npz", input=golden_x, reference_output=golden_y)
         np.savez(s.work / "check.npz", input=check_x, reference_output=check_y)
 

@@ -16,6 +16,7 @@ import numpy as np
 from agent.backends import BackendError, RunnerOptions, open_runner
 from agent.model.bundle import GoldenSet, ModelBundle
 from agent.model.contract import Contract
+from agent.model.domain_reference import DomainReference
 from agent.model.guard import GuardReport, run_guard
 from agent.quantize.errors import BadInput, QuantizeError
 from agent.quantize.progress import Progress
@@ -69,6 +70,7 @@ class Session:
         self.o, self.contract, self.work, self.progress = options, contract, work, progress
         self.timings: dict[str, float] = {}
         self.calibration: list[np.ndarray] = []
+        self.domain: DomainReference | None = None  # domain.json, when the inputs allow one
         self.target = math.inf
         self.runner_options = RunnerOptions(intra_op_threads=options.threads,
                                             input_name=contract.input.tensor_name,

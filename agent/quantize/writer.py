@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.model.domain_reference import install_reference
 from agent.model.guard import verify_bundle
 from agent.quantize.errors import BadInput, QuantizeError
 from agent.quantize.report import bundle_json, model_card
@@ -75,3 +76,5 @@ def write_bundle(s: Session, stage: Path, chosen: Judged, report: dict[str, Any]
     s.timed("guard", t)
     # Again, with the figures just measured (golden.recorded_psnr_db; no file digest changes).
     (stage / "bundle.json").write_text(bundle_json(s.contract, stage, report), encoding="utf-8")
+    if s.domain is not None:  # domain.json and its bundle.json entry; no model file changes
+        install_reference(stage, s.domain)

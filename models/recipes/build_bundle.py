@@ -126,6 +126,9 @@ def bundle_json(spec: config.ModelSpec, golden: dict[str, Any], gmac: float) -> 
             "min_psnr_db": golden["min_psnr_db"],
             "recorded_psnr_db": golden["recorded_psnr_db"],
             "recorded_cpu": read_cpu().label},
+        # The domain reference (recipes.domain_reference) survives a rebuild of bundle.json.
+        **({"domain": _file(spec.bundle("domain.json"))} if spec.bundle("domain.json").is_file()
+           else {}),
         "compute": {"gmac": gmac},
         "model_card": "MODEL_CARD.md",
     }
@@ -134,6 +137,15 @@ def bundle_json(spec: config.ModelSpec, golden: dict[str, Any], gmac: float) -> 
 def to_json(meta: dict[str, object]) -> str:
     """bundle.json's text, checked against and written by the agent's schema of it."""
     return BundleManifest.model_validate(meta).to_json()
+
+
+def _domain_section(card: Path) -> str:
+    """The card's "Domain-shift score" section (recipes.domain_eval), kept across a rebuild."""
+    begin, end = "<!-- domain-shift:begin -->", "<!-- domain-shift:end -->"
+    old = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if begin not in old or end not in old:
+        return ""
+    return "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
 
 
 def main() -> None:
@@ -148,11 +160,10 @@ def main() -> None:
     meta = bundle_json(spec, golden, evaluation["gmac_per_slice"])
     record_timing("bundle", time.perf_counter() - start, spec.name)
     timings = load_timings(spec.name)
-    spec.bundle("MODEL_CARD.md").write_text(
-        render_model_card(spec, train, evaluation, quant, golden, timings,
-                          restored_note(spec)),
-        encoding="utf-8",
-    )
+    card = spec.bundle("MODEL_CARD.md")
+    text = render_model_card(spec, train, evaluation, quant, golden, timings,
+                             restored_note(spec))
+    card.write_text(text + _domain_section(card), encoding="utf-8")
     spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
     save_record(spec)  # so that a clone can redo these steps without training
     total = sum(p.stat().st_size for p in spec.bundle_dir.iterdir() if p.is_file())

@@ -129,7 +129,8 @@ def test_ok_outcome_is_a_sealed_derived_instance(rig: Rig, series: list[bytes]) 
     assert outcome.message_id == result_message_id(source.SOPInstanceUID, rig.bundle.digest())
     assert outcome.series_key == hashlib.sha256(
         source.SeriesInstanceUID.encode()).hexdigest()[:12]
-    assert set(outcome.timings_ms) == {"decode", "preprocess", "infer", "derive", "seal"}
+    assert set(outcome.timings_ms) == {"decode", "preprocess", "infer", "domain", "derive",
+                                      "seal"}
     assert all(v >= 0 for v in outcome.timings_ms.values())
     # Sealed: nothing of the patient travels in clear.
     assert PATIENT_NAME.encode() not in outcome.payload
@@ -262,7 +263,8 @@ def test_staged_parts_give_what_one_call_gives(rig: Rig, series: list[bytes]) ->
     a = pydicom.dcmread(io.BytesIO(rig.open(outcome.payload).plaintext)).pixel_array
     b = pydicom.dcmread(io.BytesIO(rig.open(whole.payload).plaintext)).pixel_array
     assert np.array_equal(a, b)
-    assert set(outcome.timings_ms) == {"decode", "preprocess", "infer", "derive", "seal"}
+    assert set(outcome.timings_ms) == {"decode", "preprocess", "infer", "domain", "derive",
+                                      "seal"}
 
 
 def test_stage_rejects_a_bad_payload_without_running_the_model(rig: Rig) -> None:

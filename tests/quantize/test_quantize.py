@@ -121,6 +121,9 @@ def test_quantize_end_to_end(tmp_path: Path, dicoms: Path,
     # Conv MACs on 64 x 64: 4 x (1 x 3 x 3) + 4 x (4 x 1 x 1) + 1 x (4 x 3 x 3) per pixel.
     assert bundle.gmac == pytest.approx(64 * 64 * (36 + 16 + 36) / 1e9, rel=1e-5)
     assert verify_bundle(out, intra_op_threads=1).ok
+    # The domain reference from the same DICOMs: fitted on calibration, held out for the rest.
+    assert bundle.domain is not None and bundle.domain.spec.fit_slices >= 8
+    assert "calibration inputs of the operator's DICOMs" in bundle.domain.spec.fit_source
     # The guard's figure where it was built, for a node whose kernels give less to compare.
     built = load_bundle(out).golden  # bundle.json was written again after the guard
     assert built is not None and built.recorded_cpu
@@ -133,6 +136,7 @@ def test_quantize_end_to_end(tmp_path: Path, dicoms: Path,
     np.testing.assert_allclose(fp32.run(x), ref, rtol=1e-5, atol=1e-6)
 
     report = json.loads((out / "quantize-report.json").read_text())
+    assert report["domain"]["built"] is True
     data = report["data"]
     assert data["files_seen"] == 26 and data["usable_inputs"] == 24
     assert data["golden_inputs"] == 4 and data["calibration_inputs"] == 20
