@@ -50,7 +50,7 @@ def check_bundle(spec: config.ModelSpec) -> str:
 
 
 def main() -> None:
-    lines = [check_bundle(spec) for spec in config.MODELS.values()]
+    lines = [check_bundle(spec) for spec in config.SHIPPED.values()]
     sample = np.load(SAMPLE_NPZ)
     for key, dtype, shape in (
         ("t1", np.uint16, (config.HOLDOUT_COUNT, config.GRID, config.GRID)),

@@ -73,7 +73,7 @@ def update_readme(block_text: str) -> None:
 def main() -> None:
     start = time.perf_counter()
     evals = {name: json.loads(spec.build("eval.json").read_text(encoding="utf-8"))
-             for name, spec in config.MODELS.items()}
+             for name, spec in config.SHIPPED.items()}
     lite, full = evals[config.LITE.name], evals[config.FULL.name]
     verdict = gates(lite, full)
     config.BUILD_DIR.joinpath("compare.json").write_text(json.dumps(verdict, indent=2) + "\n",

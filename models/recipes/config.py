@@ -77,6 +77,8 @@ LITE_S2D = ModelSpec(
     stem=2,
 )
 MODELS = {m.name: m for m in (LITE, FULL, LITE_S2D)}
+# The bundles committed under models/ (what `make -C models check` verifies).
+SHIPPED = {m.name: m for m in (LITE, FULL)}
 
 
 def spec(name: str) -> ModelSpec:
