@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from agent.config_deid import DeidSection
+from agent.config_delivery import DeliverySection
 from agent.config_io import describe_errors, read_text, validate_toml
 from agent.errors import AgentError
 from agent.transport.broker_url import check_broker_url, is_loopback
@@ -297,6 +298,9 @@ class Config(Strict):
         default_factory=lambda: DeidSection(), title="De-identification",
         description="PS3.15 Annex E profile applied before sealing (on by default)",
     )
+    delivery: DeliverySection = Field(
+        default_factory=lambda: DeliverySection(), title="Delivery",
+        description="End-to-end receipts before the outbox forgets a result")
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(

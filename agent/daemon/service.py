@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
@@ -115,17 +116,22 @@ class Agent:
             will=will,
             receive_maximum=RECEIVE_MAXIMUM,
         )
-        self.ingest = Ingest(self.store, config.limits, self.topics, ack=self.edge.ack,
+        self.ingest = Ingest(self.store, config.limits, self.topics, ack=self._accepted,
                              stored=self._stored)
+        receipts = config.delivery.receipts
         self.cloud = Connection(
             config.cloud,
             config.client_id("cloud"),
             name="cloud",
             will=will,
-            on_connected=self._kick.set,
+            subscriptions=(self.topics.receipts,) if receipts else (),
+            on_message=(lambda m: self.outbox.on_receipt_message(m.topic, m.payload))
+            if receipts else None,
+            on_connected=lambda: self.outbox.reconnected(),
         )
-        self.outbox = OutboxPublisher(self.store, self.cloud, kick=self._kick, stop=self._stop,
-                                      space=self._space)
+        self.outbox = OutboxPublisher(
+            self.store, self.cloud, kick=self._kick, stop=self._stop, space=self._space,
+            receipt_timeout_s=config.delivery.receipt_timeout_s if receipts else None)
         self.updates = None
         if self.fleet is not None:
             from agent.daemon.updates import UpdateHook
@@ -211,6 +217,13 @@ class Agent:
     def _on_scan(self, msg: Message) -> None:
         self.ingest.on_message(msg)
 
+    def _accepted(self, msg: Message) -> None:
+        """Ack a scan that is durable in the inbox, and tell the gateway (a gateway that
+        resends until it sees this survives an edge broker that acked and then crashed)."""
+        self.edge.ack(msg)
+        body = {"v": 1, "sha256": hashlib.sha256(msg.payload).hexdigest()}
+        self.edge.publish(self.topics.accepted, json.dumps(body).encode(), qos=1)
+
     def _stored(self) -> None:
         self._work.set()
         self._kick.set()
@@ -239,6 +252,7 @@ class Agent:
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
+            "results_awaiting_receipt": self.outbox.awaiting_receipt,
             "processed": counts.get("processed", 0),
             "failed": counts.get("failed", 0),
             "last_latency_ms": self.stages.last_latency_ms,

@@ -4,7 +4,8 @@
   ``synchronous=FULL``.
 * ``Store.complete`` writes the result to the outbox and marks the inbox row done in one
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
-* An outbox row is deleted only when the cloud broker has acknowledged it.
+* An outbox row is deleted only when the cloud broker has acknowledged it or, with
+  ``delivery.receipts`` (the default), when the consumer's receipt names its message id.
 * For a 2.5D model a processed scan may still be a neighbour of scans to come: it is
   completed as ``held`` (payload kept) and ``release``d when its series is closed.
 """
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic       TEXT    NOT NULL,
     payload     BLOB    NOT NULL
 );
+CREATE INDEX IF NOT EXISTS outbox_message ON outbox(message_id);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -259,6 +261,23 @@ class Store:
                 return
             self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
             self._outbox_bytes -= int(row[0])
+
+    def receipted(self, message_id: str) -> list[int]:
+        """The consumer has filed ``message_id``: delete every row that carries it (a scan
+        sent twice queues two); returns their ids."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT id, LENGTH(payload) FROM outbox WHERE message_id=?", (message_id,)
+                ).fetchall()
+                self._db.execute("DELETE FROM outbox WHERE message_id=?", (message_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._outbox_bytes -= sum(int(r[1]) for r in rows)
+        return [int(r[0]) for r in rows]
 
     # -- status --------------------------------------------------------------------------
     def held_count(self) -> int:
