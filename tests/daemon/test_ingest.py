@@ -43,6 +43,28 @@ def test_each_scan_is_stored_before_it_is_acked(store: Store) -> None:
     assert acked == [1, 2] and seen == [1, 2]
 
 
+def test_the_inbox_row_is_committed_when_the_ack_goes_out(store: Store) -> None:
+    """At the ack the row is on disk: a second connection (another process, or the next
+    start after a crash right after the PUBACK) already sees it."""
+    import sqlite3
+
+    seen: list[int] = []
+
+    def ack(msg: Message) -> None:
+        con = sqlite3.connect(store.path)
+        try:
+            seen.append(con.execute("SELECT COUNT(*) FROM inbox WHERE state='pending'")
+                        .fetchone()[0])
+        finally:
+            con.close()
+
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
+                    stored=lambda: None)
+    ingest.on_message(_msg(1))
+    ingest.on_message(_msg(2))
+    assert seen == [1, 2]
+
+
 def test_a_full_inbox_holds_messages_without_waiting_and_acks_them_in_order(
     store: Store,
 ) -> None:

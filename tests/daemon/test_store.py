@@ -225,3 +225,46 @@ def test_concurrent_accept_and_complete(store: Store) -> None:
     assert store.depths() == (0, 100)
     assert store.counters() == {"processed": 100}
     assert len({o.message_id for o in store.outbox(limit=1000)}) == 100
+
+
+def test_a_puback_deletes_its_own_row_only(store: Store) -> None:
+    """A PUBACK for a later row says nothing about the earlier ones (they may be waiting
+    for a retry): they stay, in order."""
+    ids = [store.complete(None, [("result", f"m-{i}", "r", b"x" * 10)], "processed")[0]
+           for i in range(4)]
+    store.delivered(ids[2])
+    assert [o.id for o in store.outbox()] == [ids[0], ids[1], ids[3]]
+    store.delivered(ids[3])
+    assert [o.id for o in store.outbox()] == [ids[0], ids[1]]
+
+
+def test_a_receipt_deletes_the_rows_of_its_message_id_only(store: Store) -> None:
+    a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
+    b1 = store.complete(None, [("result", "m-b", "r", b"22")], "processed")[0]
+    c = store.complete(None, [("result", "m-c", "r", b"333")], "processed")[0]
+    b2 = store.complete(None, [("result", "m-b", "r", b"22")], "processed")[0]  # sent twice
+    assert store.receipted("m-b") == [b1, b2]
+    assert [o.id for o in store.outbox()] == [a, c]
+    assert store.receipted("m-b") == [] and store.receipted("unknown") == []
+    store.receipted("m-a")
+    store.receipted("m-c")
+    assert store.depths() == (0, 0) and not store.outbox_full()
+
+
+def test_a_crash_between_outbox_insert_and_inbox_done_leaves_neither(
+        store: Store, db: Path) -> None:
+    """The outbox insert and the inbox row's "done" are one commit: a failure at the last
+    statement (a real SQLite trigger aborting the inbox UPDATE, as a crash there would)
+    leaves the scan pending and no result queued; never the result queued twice on the
+    next start, never the scan done without its result."""
+    rid = store.accept("t", "s", b"scan")
+    con = sqlite3.connect(db)
+    con.execute("CREATE TRIGGER crash BEFORE UPDATE ON inbox "
+                "BEGIN SELECT RAISE(ABORT, 'crash'); END")
+    con.commit()
+    con.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        store.complete(rid, [("result", "m-1", "r", b"sealed")], "processed")
+    assert _rows(db, "SELECT COUNT(*) FROM outbox") == [(0,)]
+    assert _rows(db, "SELECT state FROM inbox") == [("pending",)]
+    assert _rows(db, "SELECT COUNT(*) FROM counters") == [(0,)]

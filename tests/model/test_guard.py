@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.backends import RunnerOptions, open_runner
+from agent.backends import ModelRunner, RunnerOptions, open_runner
 from agent.model.bundle import BundleError, ModelBundle, load_bundle
 from agent.model.guard import (
     GuardFailed,
@@ -316,3 +316,38 @@ def test_guard_rejects_the_shipped_int8_model_with_a_corrupted_scale(
     (root / "bundle.json").write_text(json.dumps(meta))
     report = verify_bundle(root)
     assert not report.ok and "misses its fidelity floor" in report.reason
+
+
+class FixedRunner(ModelRunner):
+    """A runner with fixed outputs (no kernels involved): the same figures on every CPU."""
+
+    runtime = "fixed"
+
+    def __init__(self, x: np.ndarray, outputs: np.ndarray) -> None:
+        self._by_input = {x[i : i + 1].tobytes(): outputs[i : i + 1] for i in range(len(x))}
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._by_input[np.ascontiguousarray(batch, dtype=np.float32).tobytes()]
+
+
+@pytest.mark.parametrize(("floor", "ok"), [(30.0, False), (25.0, True)])
+def test_the_gate_is_the_worst_input_not_the_pooled_figure(
+        tmp_path: Path, floor: float, ok: bool) -> None:
+    """Four golden inputs, three reproduced exactly and one off by 5 % of the range:
+    that input scores 26.0 dB, the pooled figure 32.0 dB. A 30 dB floor refuses it (the
+    pooled figure alone would pass), a 25 dB floor lets it through."""
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(4, seed=2)
+    ref = (0.5 * x).astype(np.float32)
+    span = float(ref.max() - min(0.0, float(ref.min())))
+    got = ref.copy()
+    got[3] += np.float32(0.05 * span)
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=floor)
+    report = run_guard(load_bundle(root), FixedRunner(x, got))
+    assert report.psnr_db == pytest.approx(20 * math.log10(1 / 0.05) + 10 * math.log10(4))
+    assert report.worst_psnr_db == pytest.approx(20 * math.log10(1 / 0.05))
+    assert report.ok is ok
+    if not ok:
+        assert "worst input 3" in report.reason
