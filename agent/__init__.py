@@ -6,6 +6,7 @@ results out.
 | ``cli`` | the ``iomt-agent`` subcommands (thin) |
 | ``config`` | the one config schema; errors name the key path |
 | ``config_io`` | reading TOML against a schema, one line per bad key path |
+| ``config_delivery`` | the ``[delivery]`` section: end-to-end receipts before the outbox forgets |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |
 | ``daemon/`` | the running service: ingest, processing stages, outbox, status, store, systemd |

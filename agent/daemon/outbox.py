@@ -79,6 +79,7 @@ class OutboxPublisher:
         self._window = window
         self._receipt_timeout_s = receipt_timeout_s  # None: a PUBACK deletes the row
         self._stop_seen: float | None = None
+        self._receipted_in_flight: set[int] = set()  # confirmed before their PUBACK came
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
         self._held: dict[int, _Held] = {}
@@ -111,6 +112,8 @@ class OutboxPublisher:
             with self._lock:
                 for row_id in ids:
                     self._held.pop(row_id, None)
+                    if row_id in self._inflight:
+                        self._receipted_in_flight.add(row_id)
             with self._space:
                 self._space.notify_all()
             self._kick.set()
@@ -249,6 +252,10 @@ class OutboxPublisher:
 
     def _awaiting(self, row: OutboxItem) -> None:
         """The broker took the row: keep it until the consumer's receipt."""
+        if row.id in self._receipted_in_flight:  # the receipt beat the PUBACK: gone
+            self._receipted_in_flight.discard(row.id)
+            self._delivered(row)
+            return
         held = self._held.get(row.id)
         tries = held.tries + 1 if held else 1
         self._delivered(row)
