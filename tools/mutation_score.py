@@ -35,11 +35,46 @@ def tally(text: str) -> dict[str, Counter[str]]:
     return per
 
 
+def _functions(source: str) -> dict[str, list[str]]:
+    """Every top-level or method body in a mutmut-instrumented file, by its mangled name."""
+    bodies: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in source.splitlines():
+        m = re.match(r"^\s*def (x[_ǁ][\wǁ]*__mutmut_(?:orig|\d+))\(", line)
+        if m:
+            current = m[1]
+            bodies[current] = []
+            continue
+        if current is not None:
+            bodies[current].append(line.strip())
+    return bodies
+
+
+def survivor_diffs(names: list[str]) -> dict[str, str]:
+    """What each surviving mutant changed (the first differing line, original -> mutant),
+    read from the instrumented copies under mutants/."""
+    cache: dict[str, dict[str, list[str]]] = {}
+    out = {}
+    for name in names:
+        module = module_of(name)
+        if module not in cache:
+            path = Path("mutants") / (module.replace(".", "/") + ".py")
+            cache[module] = _functions(path.read_text()) if path.exists() else {}
+        local = name[len(module) + 1:]
+        orig = cache[module].get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", local), [])
+        mutant = cache[module].get(local, [])
+        changed = [(a, b) for a, b in zip(orig, mutant, strict=False) if a != b]
+        out[name] = f"{changed[0][0]}  ->  {changed[0][1]}" if changed else "(signature)"
+    return out
+
+
 def main() -> int:
     mutmut = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(mutmut), "results", "--all", "true"], capture_output=True,
                          text=True, check=False).stdout
     per = tally(out)
+    survivors = [m["name"] for line in out.splitlines() if (m := _LINE.match(line))
+                 and m["status"] in ("survived", "no tests")]
     rows = []
     print(f"{'module':<28} {'killed':>6} {'survived':>8} {'no tests':>8} {'timeout':>7} "
           f"{'other':>5} {'score':>6}")
@@ -55,8 +90,13 @@ def main() -> int:
                      "score": round(score, 4)})
         print(f"{module:<28} {killed:>6} {survived:>8} {untested:>8} {c['timeout']:>7} "
               f"{other:>5} {score:>6.1%}")
+    diffs = survivor_diffs(survivors)
     Path("bench-out").mkdir(exist_ok=True)
-    Path("bench-out/mutation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    Path("bench-out/mutation.json").write_text(json.dumps(
+        {"modules": rows, "survivors": diffs}, indent=2, ensure_ascii=False) + "\n")
+    if "--survivors" in sys.argv:
+        for name, diff in diffs.items():
+            print(f"{name}: {diff}")
     return 0
 
 

@@ -268,3 +268,29 @@ def test_a_crash_between_outbox_insert_and_inbox_done_leaves_neither(
     assert _rows(db, "SELECT COUNT(*) FROM outbox") == [(0,)]
     assert _rows(db, "SELECT state FROM inbox") == [("pending",)]
     assert _rows(db, "SELECT COUNT(*) FROM counters") == [(0,)]
+
+
+def test_payload_of_pending_and_held_rows_only(store: Store) -> None:
+    a = store.accept("t", "s", b"scan-a")
+    b = store.accept("t", "s", b"scan-b")
+    assert store.payload(a) == b"scan-a"
+    store.complete(a, [], "processed", hold=True)
+    assert store.payload(a) == b"scan-a"  # held: still a neighbour
+    store.complete(b, [], "processed")
+    assert store.payload(b) is None and store.payload(999) is None
+    store.release([a])
+    assert store.payload(a) is None
+
+
+def test_release_held_frees_its_bytes(db: Path) -> None:
+    s = _open(db, inbox=MIB)
+    try:
+        rid = s.accept("t", "s", b"x" * (600 * 1024))
+        s.complete(rid, [], "processed", hold=True)
+        with pytest.raises(StoreFull):
+            s.accept("t", "s", b"y" * (600 * 1024))  # the held payload still counts
+        assert s.release_held() == 1 and s.held_count() == 0
+        s.accept("t", "s", b"y" * (600 * 1024))  # its bytes are free again
+        assert s.release_held() == 0
+    finally:
+        s.close()

@@ -230,3 +230,11 @@ def test_phi_from_the_wire_never_reaches_the_receivers_log(
     text = receiver.text()
     assert "[redacted]" in text
     assert "DOEPHI" not in text and "JANEPHI" not in text
+
+
+def test_the_receipt_wait_doubles_per_try_up_to_an_hour(store: Store) -> None:
+    cloud = Connection(BrokerConfig(url="mqtt://127.0.0.1:1"), "unused", name="cloud")
+    outbox = OutboxPublisher(store, cloud, kick=threading.Event(), stop=threading.Event(),
+                             space=threading.Condition(), receipt_timeout_s=10.0)
+    assert [outbox.receipt_delay(n) for n in (1, 2, 3, 4)] == [10.0, 20.0, 40.0, 80.0]
+    assert outbox.receipt_delay(30) == 3600.0
