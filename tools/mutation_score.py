@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 _LINE = re.compile(r"^\s*(?P<name>[\w.ǁ]+__mutmut_\d+):\s*(?P<status>.+?)\s*$")
 
@@ -50,9 +51,42 @@ def _functions(source: str) -> dict[str, list[str]]:
     return bodies
 
 
-def survivor_diffs(names: list[str]) -> dict[str, str]:
-    """What each surviving mutant changed (the first differing line, original -> mutant),
-    read from the instrumented copies under mutants/."""
+_LOG_CALL = re.compile(r"\blog\.(debug|info|warning|error|exception)\(")
+
+
+def _in_log_call(lines: list[str], i: int) -> bool:
+    """Whether line ``i`` of a function lies inside a ``log.<level>(...)`` call."""
+    for j in range(i, -1, -1):
+        if _LOG_CALL.search(lines[j]):
+            depth = 0
+            for line in lines[j:i]:
+                depth += line.count("(") - line.count(")")
+            return j == i or depth > 0
+    return False
+
+
+def classify(orig: list[str], mutant: list[str]) -> tuple[str, str]:
+    """(category, "original -> mutant") of one mutant's first changed line. Categories:
+    ``sql-case`` (an SQL keyword's case: SQLite ignores it, equivalent), ``log`` (an
+    argument of a log call), ``text`` (only the text of a message), ``logic``."""
+    for i, (a, b) in enumerate(zip(orig, mutant, strict=False)):
+        if a == b:
+            continue
+        diff = f"{a}  ->  {b}"
+        if a.lower() == b.lower() and "'" not in a and re.search(
+                r"(?i)\b(select|insert|update|delete|begin|commit|rollback)\b", a):
+            return "sql-case", diff
+        if _in_log_call(orig, i):
+            return "log", diff
+        if a.lower() == b.lower() or "XX" in b:
+            return "text", diff
+        return "logic", diff
+    return "logic", "(signature)"
+
+
+def survivor_diffs(names: list[str]) -> dict[str, tuple[str, str]]:
+    """What each surviving mutant changed (category, first changed line), read from the
+    instrumented copies under mutants/."""
     cache: dict[str, dict[str, list[str]]] = {}
     out = {}
     for name in names:
@@ -63,8 +97,7 @@ def survivor_diffs(names: list[str]) -> dict[str, str]:
         local = name[len(module) + 1:]
         orig = cache[module].get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", local), [])
         mutant = cache[module].get(local, [])
-        changed = [(a, b) for a, b in zip(orig, mutant, strict=False) if a != b]
-        out[name] = f"{changed[0][0]}  ->  {changed[0][1]}" if changed else "(signature)"
+        out[name] = classify(orig, mutant)
     return out
 
 
@@ -75,7 +108,7 @@ def main() -> int:
     per = tally(out)
     survivors = [m["name"] for line in out.splitlines() if (m := _LINE.match(line))
                  and m["status"] in ("survived", "no tests")]
-    rows = []
+    rows: list[dict[str, Any]] = []
     print(f"{'module':<28} {'killed':>6} {'survived':>8} {'no tests':>8} {'timeout':>7} "
           f"{'other':>5} {'score':>6}")
     for module in sorted(per):
@@ -91,12 +124,26 @@ def main() -> int:
         print(f"{module:<28} {killed:>6} {survived:>8} {untested:>8} {c['timeout']:>7} "
               f"{other:>5} {score:>6.1%}")
     diffs = survivor_diffs(survivors)
+    by_cat: dict[str, Counter[str]] = defaultdict(Counter)
+    for name, (cat, _) in diffs.items():
+        by_cat[module_of(name)][cat] += 1
+    print(f"\n{'module':<28} {'sql-case':>8} {'log':>5} {'text':>5} {'logic':>5} "
+          f"{'score w/o sql-case, log, text':>30}")
+    for row in rows:
+        c = by_cat[row["module"]]
+        judged = row["killed"] + c["logic"]
+        row["survivors_by_category"] = dict(c)
+        row["logic_score"] = round(row["killed"] / judged, 4) if judged else 0.0
+        print(f"{row['module']:<28} {c['sql-case']:>8} {c['log']:>5} {c['text']:>5} "
+              f"{c['logic']:>5} {row['logic_score']:>30.1%}")
     Path("bench-out").mkdir(exist_ok=True)
+    survivors_json = {n: {"category": c, "change": d} for n, (c, d) in diffs.items()}
     Path("bench-out/mutation.json").write_text(json.dumps(
-        {"modules": rows, "survivors": diffs}, indent=2, ensure_ascii=False) + "\n")
+        {"modules": rows, "survivors": survivors_json}, indent=2, ensure_ascii=False) + "\n")
     if "--survivors" in sys.argv:
-        for name, diff in diffs.items():
-            print(f"{name}: {diff}")
+        for name, (cat, diff) in diffs.items():
+            if cat == "logic" or "--all-survivors" in sys.argv:
+                print(f"{cat:<8} {name}: {diff}")
     return 0
 
 
