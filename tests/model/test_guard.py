@@ -25,6 +25,7 @@ from agent.model.guard import (
     GuardFailed,
     GuardReport,
     check_guard,
+    format_db,
     report_json,
     run_guard,
     verify_bundle,
@@ -351,3 +352,47 @@ def test_the_gate_is_the_worst_input_not_the_pooled_figure(
     assert report.ok is ok
     if not ok:
         assert "worst input 3" in report.reason
+
+
+def test_a_fixed_output_report_renders_serialises_and_takes_another_fix(tmp_path: Path) -> None:
+    """The figures of the fixed-output case above, as `model verify` prints them and as
+    its --json and the GuardFailed error carry them."""
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(4, seed=2)
+    ref = (0.5 * x).astype(np.float32)
+    got = ref.copy()
+    span = float(ref.max() - min(0.0, float(ref.min())))
+    got[3] += np.float32(0.05 * span)
+    got[2] += np.float32(0.01 * span)  # 40 dB, so that no figure is 0 or inf but input 0/1
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=30.0)
+    report = run_guard(load_bundle(root), FixedRunner(x, got))
+    assert not report.ok and report.mae and report.max_abs_error and report.ssim
+    rows = report.render().splitlines()
+    assert rows[2].split() == ["input", "PSNR", "dB", "MAE", "max", "err", "SSIM", "ms"]
+    assert rows[3].split()[:2] == ["0", "inf"] and rows[5].split()[:2] == ["2", "40.00"]
+    assert rows[6].split()[:2] == ["3", "26.02"]
+    pooled = rows[7].split()
+    assert pooled[:2] == ["pooled", format_db(report.psnr_db)]
+    assert float(pooled[2]) == pytest.approx(report.mae, rel=1e-3)
+    assert float(pooled[3]) == pytest.approx(report.max_abs_error, rel=1e-3)
+    assert float(pooled[4]) == pytest.approx(report.ssim, abs=1e-4)
+    latencies = sorted(g.latency_ms for g in report.inputs)
+    assert float(pooled[5]) == pytest.approx(latencies[2], abs=0.01) and pooled[6] == "(median)"
+    assert rows[-1] == f"FAIL: {report.reason}" and "\n".join(rows) == report.render()
+    text = report_json(report)
+    assert text.startswith('{\n  "bundle"')  # indented for people
+    data = json.loads(text)
+    assert data["inputs"][0]["psnr_db"] == "inf" and data["psnr_db"] == round(report.psnr_db, 6)
+    assert data["inputs"][3]["psnr_db"] == pytest.approx(26.0206, abs=1e-3)
+    assert data["min_psnr_db"] == 30.0 and data["ok"] is False
+    assert str(GuardFailed(report)) == report.reason
+    assert report.fix and report.reason.endswith(report.fix)
+    other = report.with_fix("serve it with onnxruntime")
+    assert other.fix == "serve it with onnxruntime"
+    assert other.reason == report.reason[: -len(report.fix)] + "serve it with onnxruntime"
+    assert other.psnr_db == report.psnr_db and other.inputs == report.inputs
+    passed = run_guard(load_bundle(root), FixedRunner(x, ref))  # exact: inf, and a pass
+    assert passed.with_fix("x").reason == passed.reason
+    assert passed.render().splitlines()[-1].startswith("PASS: ")
