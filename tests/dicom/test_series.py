@@ -226,3 +226,17 @@ def test_slice_info_groups_by_orientation_and_refuses_no_geometry() -> None:
     with pytest.raises(ScanRejected) as exc:
         slice_info(scan)
     assert exc.value.reason == "bad_geometry"
+
+
+def test_next_deadline_is_the_earliest_open_group_with_slices_waiting() -> None:
+    a = assembler(idle_timeout_s=10.0)
+    assert a.next_deadline() is None  # nothing open
+    a.add(info(0.0, group="a"), inbox_id=1, now=5)
+    a.add(info(0.0, group="b"), inbox_id=2, now=2)
+    a.add(info(0.0, group="c"), inbox_id=3, now=0, sent=True)  # done before a restart
+    assert a.next_deadline() == 12.0  # c has nothing waiting: it does not count
+    assert drain(a, 13) == {2: (2, 2, 2, 2, 2)}  # b closed for idleness: its slice went
+    assert a.next_deadline() == 15.0  # b has nothing waiting: only a counts
+    a.close_all()
+    drain(a, 16)
+    assert a.next_deadline() is None

@@ -238,3 +238,31 @@ def test_the_receipt_wait_doubles_per_try_up_to_an_hour(store: Store) -> None:
                              space=threading.Condition(), receipt_timeout_s=10.0)
     assert [outbox.receipt_delay(n) for n in (1, 2, 3, 4)] == [10.0, 20.0, 40.0, 80.0]
     assert outbox.receipt_delay(30) == 3600.0
+
+
+def test_a_receipt_for_a_row_not_yet_sent_deletes_it(store: Store) -> None:
+    cloud = Connection(BrokerConfig(url="mqtt://127.0.0.1:1"), "unused", name="cloud")
+    outbox = OutboxPublisher(store, cloud, kick=threading.Event(), stop=threading.Event(),
+                             space=threading.Condition(), receipt_timeout_s=10.0)
+    _queue(store, 2)
+    assert outbox.on_receipt("m-1") == 1 and outbox.on_receipt("m-1") == 0
+    assert [r.message_id for r in store.outbox()] == ["m-0"]
+
+
+def test_an_unclaimed_row_that_leaves_the_store_is_forgotten(
+    store: Store, mosquitto_factory: Callable[..., Mosquitto]
+) -> None:
+    """A held row deleted meanwhile (a receipt that came another way) is dropped from the
+    retry list at its next try, and the unclaimed episode ends."""
+    broker = mosquitto_factory("cloud")
+    _queue(store, 1)
+    with capture_logs() as logs:
+        pub = Publisher(store, broker.url, receipt_timeout_s=300.0)
+        try:
+            _until(lambda: pub.outbox.unclaimed == 1)
+            store.receipted("m-0")
+            _until(lambda: pub.outbox.unclaimed == 0, timeout=5)
+        finally:
+            pub.close()
+    [claimed] = [e for e in logs if e["event"] == "results_claimed"]
+    assert claimed["rows"] == 0
