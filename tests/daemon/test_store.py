@@ -294,3 +294,42 @@ def test_release_held_frees_its_bytes(db: Path) -> None:
         assert s.release_held() == 0
     finally:
         s.close()
+
+
+def test_release_and_receipts_free_their_bytes(db: Path) -> None:
+    s = _open(db, inbox=MIB, outbox=MIB)
+    try:
+        ids = [s.accept("t", "s", bytes([i]) * (300 * 1024)) for i in range(3)]
+        for rid in ids:
+            s.complete(rid, [], "processed", hold=True)
+        with pytest.raises(StoreFull):
+            s.accept("t", "s", b"x" * (300 * 1024))
+        s.release([ids[0], 999, ids[1]])  # an unknown id is skipped, not the end
+        s.accept("t", "s", b"x" * (300 * 1024))
+        s.accept("t", "s", b"y" * (300 * 1024))  # both releases freed their bytes
+        big = b"r" * (600 * 1024)
+        s.complete(None, [("result", "m-1", "r", big)], "processed")
+        s.complete(None, [("result", "m-2", "r", big)], "processed")
+        assert s.outbox_full()
+        s.receipted("m-1")
+        assert not s.outbox_full()
+        s.receipted("m-2")
+        s.complete(None, [("result", "m-3", "r", big)], "processed")
+        assert not s.outbox_full()  # 600 KiB of 1 MiB: both receipts freed theirs
+    finally:
+        s.close()
+
+
+def test_a_failed_release_or_receipt_rolls_back_and_says_why(store: Store, db: Path) -> None:
+    rid = store.accept("t", "s", b"scan")
+    store.complete(rid, [("result", "m-1", "r", b"sealed")], "processed", hold=True)
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TRIGGER no_update BEFORE UPDATE ON inbox BEGIN SELECT RAISE(ABORT, 'x'); END;"
+        "CREATE TRIGGER no_delete BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'x'); END;")
+    con.close()
+    for action in (lambda: store.release([rid]), store.release_held,
+                   lambda: store.receipted("m-1")):
+        with pytest.raises(sqlite3.IntegrityError):
+            action()
+    assert store.held_count() == 1 and store.depths() == (0, 1)
