@@ -396,3 +396,23 @@ def test_a_fixed_output_report_renders_serialises_and_takes_another_fix(tmp_path
     passed = run_guard(load_bundle(root), FixedRunner(x, ref))  # exact: inf, and a pass
     assert passed.with_fix("x").reason == passed.reason
     assert passed.render().splitlines()[-1].startswith("PASS: ")
+
+
+def test_non_finite_outputs_fail_with_a_cause_and_one_golden_input_is_enough(
+        tmp_path: Path) -> None:
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(1, seed=3)  # a golden set of one input is valid
+    ref = (0.5 * x).astype(np.float32)
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=30.0)
+    exact = run_guard(load_bundle(root), FixedRunner(x, ref))
+    assert exact.ok and len(exact.inputs) == 1
+    pooled = exact.render().splitlines()[-2].split()
+    assert pooled[:5] == ["pooled", "inf", "0", "0", "1.0000"]  # an exact match shows zeros
+    bad = ref.copy()
+    bad[0, 0, 0, 0] = np.nan
+    report = run_guard(load_bundle(root), FixedRunner(x, bad))
+    assert not report.ok and report.cause and report.explanation and report.fix
+    assert report.shortfall == "1 non-finite output value(s) on the golden set on this CPU"
+    assert report.reason == f"{report.shortfall}; {report.explanation}: {report.fix}"
