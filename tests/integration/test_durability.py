@@ -141,6 +141,7 @@ def test_with_receipts_a_puback_deletes_nothing_and_a_reconnect_resends(
     try:
         _until(lambda: len(consumer.got) == 3 and pub.outbox.awaiting_receipt == 3)
         assert store.depths()[1] == 3
+        assert pub.outbox.unclaimed == 0  # awaiting a receipt is not "unclaimed"
         assert pub.outbox.on_receipt("m-1") == 1
         assert [r.message_id for r in store.outbox()] == ["m-0", "m-2"]
         pub.outbox.on_receipt_message(RESULTS, b'{"v": 1}')  # unreadable: ignored
