@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration lint bench bench-models bench-stages mosquitto dicom3tools clean models
+.PHONY: demo test test-unit test-integration test-cluster lint bench bench-soak bench-models bench-stages mosquitto dicom3tools dcmtk orthanc rabbitmq clean models bench-gateway
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -37,8 +37,32 @@ dicom3tools:
 		echo "installing dicom3tools (Debian package)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dicom3tools; }
 
-test: $(VENV)/.installed mosquitto dicom3tools
-	$(BIN)/python -m pytest -q
+# dcmtk's storescu is the modality of the DICOM chain test (tests/integration/test_dicom_chain.py).
+dcmtk:
+	@command -v storescu >/dev/null 2>&1 || { \
+		echo "installing dcmtk (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dcmtk; }
+
+# Orthanc with its DICOMweb plugin is the archive that `receive --stow-url` stores into.
+orthanc:
+	@{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null 2>&1 \
+		&& test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+		echo "installing orthanc and orthanc-dicomweb (Debian packages)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc orthanc-dicomweb; }
+
+# RabbitMQ (Debian's rabbitmq-server, its MQTT plugin) is the clustered broker of the
+# failover test; the test starts its own three nodes, so the package's service is not needed.
+rabbitmq:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+		echo "installing rabbitmq-server (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq rabbitmq-server; }
+
+test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc rabbitmq
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+# The three-node RabbitMQ cluster test (about a minute to form the cluster on two cores).
+test-cluster: $(VENV)/.installed mosquitto rabbitmq
+	$(BIN)/python -m pytest -q -m cluster
 
 test-unit: $(VENV)/.installed dicom3tools
 	$(BIN)/python -m pytest -q -m "not integration"
@@ -58,12 +82,36 @@ test-cpus: $(VENV)/.installed cpu-tools
 	$(SUDO) env IOMT_CPU_CACHE="$${IOMT_CPU_CACHE-}" IOMT_CPU_MIRROR="$${IOMT_CPU_MIRROR-}" \
 		$(BIN)/python -m tools.cpu_matrix --json bench-out/cpus.json
 
+# The whole hostile corpus (10,000 payloads, tests/fuzz/corpus.py) through the running agent
+# and through the decoder in-process; figures in bench-out/hostile*.json.
+.PHONY: hostile fuzz
+hostile: $(VENV)/.installed mosquitto
+	mkdir -p bench-out
+	IOMT_HOSTILE_N=10000 IOMT_HOSTILE_JSON=bench-out/hostile.json $(BIN)/python -m pytest -q -s \
+		-o timeout=3600 -W ignore tests/integration/test_hostile_live.py
+	IOMT_HOSTILE_N=10000 IOMT_HOSTILE_JSON=bench-out/hostile-decoder.json $(BIN)/python -m pytest \
+		-q -s -o timeout=3600 -W ignore tests/fuzz/test_corpus.py
+
+# Coverage-guided fuzzing of the decoder (atheris) for FUZZ_SECONDS; a crash is written to
+# tests/fuzz/crashes/, which tests/fuzz/test_corpus.py replays as regression cases.
+FUZZ_SECONDS ?= 300
+fuzz: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python -m tests.fuzz.fuzz_decode -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=tests/fuzz/crashes/ -rss_limit_mb=2048 -timeout=20
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed mosquitto
 	$(BIN)/python -m bench.e2e --slices 1000 --json bench-out/e2e.json
+
+# Soak: a sustained scan rate for MINUTES (default 5) with RSS, open files, threads and
+# store size sampled; bench-out/soak.json and bench-out/soak.png (docs/reliability.md, Soak).
+bench-soak: $(VENV)/.installed mosquitto
+	$(BIN)/python -m bench.soak --minutes $(or $(MINUTES),5) --json bench-out/soak.json \
+		--png bench-out/soak.png
 
 # The agent's own work per slice (decode, preprocess, derive, seal); BASELINE=<checkout>
 # times another commit's code in turns with this tree.
@@ -73,6 +121,10 @@ bench-stages: $(VENV)/.installed
 # Every bundle under models/ x runtime x precision on this machine (no broker needed).
 bench-models: $(VENV)/.installed
 	$(BIN)/iomt-agent bench --json bench-out/models.json
+
+# C-STORE through the gateway: success after the broker's PUBACK vs after the spool's commit.
+bench-gateway: $(VENV)/.installed mosquitto dcmtk
+	$(BIN)/python bench/gateway.py --json bench-out/gateway.json
 
 models:
 	$(MAKE) -C models

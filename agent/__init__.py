@@ -4,7 +4,11 @@ results out.
 | package / module | job |
 |---|---|
 | ``cli`` | the ``iomt-agent`` subcommands (thin) |
+| ``cli_certs``, ``cli_keys``, ``cli_model`` | the ``certs``, ``keys``, ``model`` subcommands |
 | ``config`` | the one config schema; errors name the key path |
+| ``config_deid``, ``config_receiver`` | the ``[deid]`` and ``[receiver]`` sections |
+| ``config_gateway`` | the ``[gateway]`` section (the DICOM C-STORE gateway) |
+| ``config_budgets`` | the ``[storage]`` and ``[decode]`` sections: full stores, decoder budget |
 | ``config_io`` | reading TOML against a schema, one line per bad key path |
 | ``config_delivery`` | the ``[delivery]`` section: end-to-end receipts before the outbox forgets |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
@@ -15,7 +19,8 @@ results out.
 | ``backends/`` | runtime adapters (onnxruntime, LiteRT) behind one interface |
 | ``transport/`` | MQTT (the only paho importer) and topic names |
 | ``crypto/`` | sealed envelopes and key files |
-| ``cloud/`` | the cloud consumer |
+| ``cloud/`` | the cloud consumer; DICOMweb (STOW-RS) export of results |
+| ``gateway/`` | ``iomt-agent gateway``: DICOM C-STORE into MQTT, with a durable spool |
 | ``fleet/`` | signed model updates: TUF over retained MQTT, activation, rollback, rollout |
 | ``ops/`` | ``init`` and ``doctor`` for the site engineer |
 | ``quantize/`` | ``iomt-agent model quantize`` |

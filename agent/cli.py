@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
+from agent.cli_bridges import add_gateway_parser, add_stow_flags, stow_settings
 from agent.cli_certs import add_certs_parser
+from agent.cli_keys import add_keys_parser
 from agent.cli_model import (
     add_quantize_parser,
     cmd_bench,
@@ -193,10 +195,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
             config = _with_identity(_load(args.config), "cloud", args)
             configure(config.log.level, config.log.format)
+            stow = stow_settings(args)
             stop.ready()
             try:
                 summary = receive(config, Path(args.out), count=args.count,
-                                  timeout=args.timeout, errors=args.errors, stop=stop.event)
+                                  timeout=args.timeout, errors=args.errors, stop=stop.event,
+                                  stow=stow)
             except AgentError as exc:  # key files, the receiver section
                 get_logger("agent.receive").error("cannot_receive", error=str(exc))
                 return EXIT_CONFIG
@@ -241,6 +245,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure("warning", "console")
     try:
+        if args.dicom:
+            from agent.demo.dicom_chain import run_dicom_demo
+
+            return run_dicom_demo(Path(args.workdir), slices=args.slices)
         return run_demo(Path(args.workdir), slices=args.slices,
                         bundle=Path(args.bundle) if args.bundle else None)
     except BundleError as exc:
@@ -306,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-errors", dest="errors", action="store_false",
                    help="do not subscribe to the agents' error reports (shown by default)")
     _identity_flags(s, "the cloud consumer")
+    add_stow_flags(s)
     s.set_defaults(func=cmd_receive)
+
+    add_gateway_parser(sub)
 
     s = sub.add_parser("config", help="configuration tools")
     csub = s.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -365,11 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     add_certs_parser(sub)
+    add_keys_parser(sub)
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
     s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
+    s.add_argument("--dicom", action="store_true", help="scanner -> archive instead: storescu "
+                   "-> gateway -> Mosquitto -> agent -> receive --stow-url -> Orthanc (needs "
+                   "dcmtk, mosquitto, orthanc, orthanc-dicomweb; files in WORKDIR/dicom-chain)")
     s.set_defaults(func=cmd_demo)
 
     add_fleet_parser(sub)

@@ -19,11 +19,14 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config_budgets import DecodeSection, StorageSection
 from agent.config_deid import DeidSection
 from agent.config_delivery import DeliverySection
+from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
+from agent.config_receiver import ReceiverSection
 from agent.errors import AgentError
-from agent.transport.broker_url import check_broker_url, is_loopback
+from agent.transport.broker_url import check_broker_url, check_failover_urls, is_loopback
 from agent.transport.topics import TopicError, check_level
 
 __all__ = ["BrokerConfig", "Config", "ConfigError", "FleetSection", "ModelSection", "Strict",
@@ -81,6 +84,12 @@ class BrokerConfig(Strict):
         description="mqtt://host[:port] (plain, default port 1883) or mqtts://host[:port] "
         "(TLS, default port 8883)",
     )
+    failover_urls: list[str] = Field(
+        default_factory=list, max_length=15,
+        title="Failover URLs",
+        description="Further nodes of the same broker cluster (same scheme as url), tried in "
+        "turn after url when a connection fails or drops; one client id and session for all",
+    )
     protocol: Literal["5", "3.1.1"] = Field(
         "5",
         title="MQTT protocol version",
@@ -119,15 +128,27 @@ class BrokerConfig(Strict):
     )
 
     _url = field_validator("url")(check_broker_url)
+    _failover = field_validator("failover_urls")(check_failover_urls)
 
     @model_validator(mode="after")
     def _plaintext_only_on_loopback(self) -> BrokerConfig:
-        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
-            raise ValueError(
-                f"{self.url} is plaintext MQTT to a host that is not loopback: use mqtts:// "
-                "(with ca_file, cert_file, key_file; `iomt-agent certs init` makes a "
-                "development PKI), or set allow_plaintext = true in this section")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme != urlsplit(self.url).scheme:
+                raise ValueError(f"failover URL {url} and url {self.url} differ in scheme: "
+                                 "the nodes of one cluster share one TLS setting")
+            if (parts.scheme == "mqtt" and not self.allow_plaintext
+                    and not is_loopback(parts.hostname or "")):
+                raise ValueError(
+                    f"{url} is plaintext MQTT to a host that is not loopback: use mqtts:// "
+                    "(with ca_file, cert_file, key_file; `iomt-agent certs init` makes a "
+                    "development PKI), or set allow_plaintext = true in this section")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node of the broker: ``url`` first, then ``failover_urls``."""
+        return [self.url, *self.failover_urls]
 
     @property
     def host(self) -> str:
@@ -244,14 +265,6 @@ class SealSection(Strict):
         title="Device signing key", description="This node's Ed25519 private key (0600)")
 
 
-class ReceiverSection(Strict):
-    recipient_private_key: Path = Field(
-        title="Recipient private key", description="The cloud's HPKE private key (0600)")
-    trusted_devices: dict[str, Path] = Field(
-        title="Trusted devices", description="device id -> Ed25519 public key file")
-    client_id: str | None = Field(None, title="Client id", description="Receiver client id")
-
-
 class LogSection(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", title="Log level", description="Minimum level")
@@ -269,6 +282,9 @@ class FleetSection(Strict):
     check_interval_s: float = Field(300.0, ge=1, le=86400, title="Check interval",
                                     description="Seconds between checks besides each new "
                                     "timestamp message")
+    download_stall_s: float = Field(20.0, gt=0, le=3600, title="Download stall limit",
+                                    description="Seconds without a chunk before a target "
+                                    "download is given up (download_stalled; retried later)")
     rollback_window: int = Field(8, ge=1, le=10000, title="Rollback window",
                                  description="Scans watched after an activation")
     rollback_failure_rate: float = Field(
@@ -301,10 +317,18 @@ class Config(Strict):
     delivery: DeliverySection = Field(
         default_factory=lambda: DeliverySection(), title="Delivery",
         description="End-to-end receipts before the outbox forgets a result")
+    storage: StorageSection = Field(
+        default_factory=lambda: StorageSection(), title="Full stores",
+        description="What happens when the outbox or the disk is full")
+    decode: DecodeSection = Field(
+        default_factory=lambda: DecodeSection(), title="Decoder process",
+        description="Memory and time budget of the process that decodes scans")
     receiver: ReceiverSection | None = Field(
         None, title="Receiver", description="Keys for `iomt-agent receive` (the cloud side)")
     fleet: FleetSection | None = Field(
         None, title="Fleet updates", description="Model updates over MQTT, verified with TUF")
+    gateway: GatewaySection | None = Field(
+        None, title="DICOM gateway", description="`iomt-agent gateway`: C-STORE into MQTT")
 
     def client_id(self, role: str) -> str:
         """The MQTT client id of a connection, the key of its persistent session: the
@@ -321,11 +345,12 @@ class Config(Strict):
     def resolve(self, base: Path) -> Config:
         """Return a copy whose relative paths are taken relative to ``base``."""
 
-        def fix(p: Path | None) -> Path | None:
-            if p is None:
-                return None
+        def fix_path(p: Path) -> Path:
             p = expand_credentials(p, base)
             return p if p.is_absolute() else (base / p).resolve()
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else fix_path(p)
 
         def broker(b: BrokerConfig) -> BrokerConfig:
             return b.model_copy(
@@ -335,16 +360,7 @@ class Config(Strict):
                 }
             )
 
-        receiver = self.receiver
-        if receiver is not None:
-            receiver = receiver.model_copy(
-                update={
-                    "recipient_private_key": fix(receiver.recipient_private_key),
-                    "trusted_devices": {
-                        k: fix(v) for k, v in receiver.trusted_devices.items()
-                    },
-                }
-            )
+        receiver = self.receiver and self.receiver.resolved(fix_path)
         return self.model_copy(
             update={
                 "agent": self.agent.model_copy(update={"state_dir": fix(self.agent.state_dir)}),

@@ -13,12 +13,13 @@ class DeliverySection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     receipts: bool = Field(
-        True, title="Wait for receipts",
+        False, title="Wait for receipts",
         description="Keep each result and error report in the outbox until the cloud "
         "consumer (`iomt-agent receive`) confirms it on the receipts topic, not only until "
         "the broker's PUBACK: a broker that acks and then crashes before its next "
-        "persistence snapshot loses nothing. false: delete on the PUBACK (for a consumer "
-        "that sends no receipts)",
+        "persistence snapshot loses nothing (recommended with `iomt-agent receive`, which "
+        "sends them). false (the default, for consumers that send no receipts): delete on "
+        "the PUBACK",
     )
     receipt_timeout_s: float = Field(
         300.0, ge=1, le=86400, title="Receipt timeout",

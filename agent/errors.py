@@ -34,7 +34,7 @@ SCAN_REASONS = (
     "series_mismatch", "unsupported_photometric", "unsupported_bits", "pixel_budget_exceeded",
     "multiframe_unsupported", "unsupported_transfer_syntax", "pixel_decode_failed",
     "bad_geometry", "duplicate_position", "series_too_large", "inference_failed",
-    "derive_failed",
+    "derive_failed", "decode_budget_exceeded", "outbox_overflow",
 )  # fmt: skip
 # Reported on the error topic about the model, not about a scan.
 MODEL_REASONS = ("model_refused", "update_rejected")
@@ -43,7 +43,7 @@ UPDATE_REASONS = (
     "metadata_unavailable", "metadata_unsigned", "metadata_replayed", "metadata_expired",
     "metadata_invalid", "target_missing", "target_too_long", "target_mismatch",
     "download_stalled", "wrong_group", "unsafe_archive", "bundle_invalid", "guard_failed",
-    "load_failed", "failure_rate",
+    "load_failed", "failure_rate", "clock_behind",
 )  # fmt: skip
 # Why the receiver could not open a sealed envelope (agent.crypto.seal).
 ENVELOPE_REASONS = (
@@ -51,8 +51,17 @@ ENVELOPE_REASONS = (
     "unsupported_suite", "unknown_recipient", "decrypt_failed",
 )  # fmt: skip
 
+# Why the DICOM gateway refused a C-STORE (agent.gateway; its ``cstore_refused`` log line).
+GATEWAY_REASONS = (
+    "sop_class_not_supported", "instance_too_large", "not_dicom", "dataset_mismatch",
+    "spool_full", "broker_refused", "spool_failed",
+)  # fmt: skip
+# Why the DICOMweb export kept a result instead of storing it (agent.cloud.stow).
+EXPORT_REASONS = ("archive_refused", "archive_unreachable")
+
 ERROR_TOPIC_REASONS = frozenset(SCAN_REASONS + MODEL_REASONS)
-REASONS = ERROR_TOPIC_REASONS | frozenset(ENVELOPE_REASONS) | frozenset(UPDATE_REASONS)
+REASONS = (ERROR_TOPIC_REASONS | frozenset(ENVELOPE_REASONS) | frozenset(UPDATE_REASONS)
+           | frozenset(GATEWAY_REASONS) | frozenset(EXPORT_REASONS))
 
 
 class AgentError(Exception):

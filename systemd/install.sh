@@ -19,6 +19,7 @@ UNITDIR="${UNITDIR:-/etc/systemd/system}"
 CONFDIR=/etc/iomt-agent
 STATEDIR=/var/lib/iomt-agent
 SERVICE=iomt-agent.service
+GATEWAY_SERVICE=iomt-gateway.service  # installed, not enabled: docs/integration.md
 SERVICE_USER=iomt-agent
 SERVICE_GROUP=""
 PYTHON="${PYTHON:-python3}"
@@ -156,12 +157,13 @@ systemctl_live() {
 # -- uninstall -------------------------------------------------------------------------
 uninstall() {
     if [ "$LIVE" = yes ]; then
-        systemctl_live disable --now "$SERVICE" 2>/dev/null || true
+        systemctl_live disable --now "$SERVICE" "$GATEWAY_SERVICE" 2>/dev/null || true
     elif command -v systemctl >/dev/null 2>&1 && [ -e "$D$UNITDIR/$SERVICE" ]; then
         systemctl --root="$D" disable "$SERVICE" >/dev/null 2>&1 || true
     fi
     rm -f "$D$UNITDIR/multi-user.target.wants/$SERVICE"
-    rm -f "$D$UNITDIR/$SERVICE" "$D$UNITDIR/$SERVICE.d/credentials.conf"
+    rm -f "$D$UNITDIR/$SERVICE" "$D$UNITDIR/$SERVICE.d/credentials.conf" \
+        "$D$UNITDIR/$GATEWAY_SERVICE"
     if [ "$PURGE" = yes ]; then
         rm -rf "$D$UNITDIR/$SERVICE.d"
     else
@@ -382,11 +384,14 @@ install_unit() {
     install_dir 0755 root:root "$D$UNITDIR"
     local tmp
     tmp="$(mktemp)"
-    sed -e "s|/opt/iomt-agent|$PREFIX|g" \
-        -e "s|^User=iomt-agent$|User=$SERVICE_USER|" \
-        -e "s|^Group=iomt-agent$|Group=$SERVICE_GROUP|" \
-        "$SRC/systemd/$SERVICE" >"$tmp"
-    install_file 0644 root:root "$tmp" "$D$UNITDIR/$SERVICE"
+    local unit
+    for unit in "$SERVICE" "$GATEWAY_SERVICE"; do
+        sed -e "s|/opt/iomt-agent|$PREFIX|g" \
+            -e "s|^User=iomt-agent$|User=$SERVICE_USER|" \
+            -e "s|^Group=iomt-agent$|Group=$SERVICE_GROUP|" \
+            "$SRC/systemd/$unit" >"$tmp"
+        install_file 0644 root:root "$tmp" "$D$UNITDIR/$unit"
+    done
     rm -f "$tmp"
     install_credentials_dropin
     if [ "$LIVE" = yes ]; then

@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from agent.cloud.export import Exporter, ExportTally
 from agent.cloud.receiver import ResultReceiver, receiver_from_config
+from agent.cloud.stow import StowSettings
 from agent.config import Config
+from agent.crypto.keyring import describe
 from agent.crypto.seal import EnvelopeError
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Message, Verdict
@@ -38,12 +41,12 @@ MAX_FIELD_CHARS = 500  # an error report comes from the wire: no field logged lo
 RECEIPT_FLUSH_S = 3.0  # on the way out: wait this long for the broker to take the receipts
 
 _REJECTED_FIX = {
-    "unknown_recipient": "sealed to a recipient key this receiver does not hold: set "
-    "receiver.recipient_private_key to the private half of the agent's "
-    "seal.recipient_public_key",
+    "unknown_recipient": "sealed to a recipient key this receiver does not hold: add the "
+    "private half of the agent's seal.recipient_public_key to receiver.recipient_private_key "
+    "(a list keeps the old keys while the key rotates)",
     "unknown_device": "add the device's public signing key to receiver.trusted_devices",
-    "bad_signature": "forged or damaged, or the device has a new signing key: check "
-    "receiver.trusted_devices",
+    "bad_signature": "forged or damaged, or the device has a new signing key: add it to the "
+    "device's list in receiver.trusted_devices",
 }
 
 
@@ -82,6 +85,8 @@ class ReceiveSummary:
     quarantine_dir: Path
     takeover_evidence: str = ""
     signal_name: str | None = None
+    export: ExportTally | None = None  # with --stow-url
+    export_drained: bool = True
 
 
 @dataclass
@@ -89,6 +94,7 @@ class _Loop:
     receiver: ResultReceiver
     count: int | None
     out_dir: Path
+    exporter: Exporter | None = None
     tally: Tally = field(default_factory=Tally)
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
@@ -106,6 +112,8 @@ class _Loop:
             if got.kind == "new":
                 self.tally.filed += 1
                 self.tally.from_quarantine += 1
+                if self.exporter is not None and got.path is not None:
+                    self.exporter.submit(got.path)
                 log.info("result_received", message_id=got.message_id, device_id=got.device_id,
                          bytes=got.size, path=self._rel(got.path), from_quarantine=path.name)
             else:
@@ -144,7 +152,11 @@ class _Loop:
             if got.kind == "new":
                 self.tally.filed += 1
                 log.info("result_received", message_id=got.message_id, device_id=got.device_id,
-                         bytes=got.size, path=self._rel(got.path), n=self.tally.filed)
+                         bytes=got.size, path=self._rel(got.path), n=self.tally.filed,
+                         recipient_key_id=got.recipient_key_id,
+                         signer_key_id=got.signer_key_id)
+                if self.exporter is not None and got.path is not None:
+                    self.exporter.submit(got.path)
             else:
                 if got.kind == "earlier":
                     self.tally.earlier += 1
@@ -227,11 +239,22 @@ def _cannot_write(exc: OSError) -> bool:
 def receive(
     config: Config, out_dir: Path, *, count: int | None, timeout: float | None,
     errors: bool = True, stop: threading.Event | None = None,
+    stow: StowSettings | None = None,
 ) -> ReceiveSummary:
     """Receive until ``count`` results are accounted for, ``timeout`` seconds passed, ``stop``
-    is set or the session is taken over. Raises ConfigError / KeyFileError for the
-    ``[receiver]`` section."""
-    loop = _Loop(receiver_from_config(config, out_dir), count, out_dir)
+    is set or the session is taken over; with ``stow``, every filed result is also stored in
+    that DICOMweb archive (``agent.cloud.export``), and the end waits for those stores
+    (within ``timeout``). Raises ConfigError / KeyFileError for the ``[receiver]`` section."""
+    exporter = None
+    if stow is not None:
+        from agent.cloud.stow import StowClient
+
+        exporter = Exporter(StowClient(stow), out_dir, attempts=stow.attempts)
+    loop = _Loop(receiver_from_config(config, out_dir), count, out_dir, exporter)
+    log.info("receiver_keys", **describe(loop.receiver.recipients,
+                                         loop.receiver.trusted_devices))
+    if exporter is not None:
+        exporter.start()  # what earlier runs filed and the archive does not have yet
     loop.retry_quarantine()
     topics = Topics(config.agent.site, config.agent.device_id)
     results = topics.results_filter(all_devices=True)
@@ -281,8 +304,14 @@ def receive(
     finally:
         receipts.flush(RECEIPT_FLUSH_S)
         conn.stop()
+    drained = True
+    if exporter is not None:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        drained = exporter.drain(None if stop.is_set() else left)
+        exporter.stop()
     return ReceiveSummary(loop.tally, ending, ever_connected, client_id, config.cloud.url,
-                          loop.receiver.quarantine_dir, conn.takeover_evidence)
+                          loop.receiver.quarantine_dir, conn.takeover_evidence,
+                          export=exporter.tally if exporter else None, export_drained=drained)
 
 
 def report(summary: ReceiveSummary, count: int | None) -> int:
@@ -298,6 +327,7 @@ def report(summary: ReceiveSummary, count: int | None) -> int:
     if t.filed == 0 and t.earlier:
         figures["note"] = (f"all {t.earlier} results were filed by an earlier run "
                            "(duplicates of results already in the output directory)")
+    export_failed = _report_export(summary)
     if summary.ending is Ending.SIGNAL:
         log.info("receive_stopped", signal=summary.signal_name, **figures)
         return 130 if summary.signal_name == "SIGINT" else 0
@@ -314,12 +344,27 @@ def report(summary: ReceiveSummary, count: int | None) -> int:
         log.error("cloud_broker_unreachable", url=summary.url,
                   error="the cloud broker was never reached")
         return 1
-    if count is None:
-        return 0
-    if t.accounted >= count:
-        return 0
+    if count is None or t.accounted >= count:
+        return 1 if export_failed else 0
     why = {"detail": f"{t.errors} scans were rejected by the agent (the error_report lines "
            "above say why): no result comes for them"} if t.errors else {}
     log.error("receive_timeout", expected=count, accounted=t.accounted, filed=t.filed,
               already_filed=t.earlier, error_reports=t.errors, **why)
     return 1
+
+
+def _report_export(summary: ReceiveSummary) -> bool:
+    """The DICOMweb export's summary line; whether some result is not in the archive."""
+    e = summary.export
+    if e is None:
+        return False
+    log.info("stow_done", stored=e.stored, duplicates=e.duplicates, refused=e.refused,
+             unreachable=e.unreachable, pending_at_start=e.pending_at_start,
+             finished=summary.export_drained)
+    if e.refused or e.unreachable or not summary.export_drained:
+        log.error("stow_incomplete", refused=e.refused, unreachable=e.unreachable,
+                  finished=summary.export_drained,
+                  fix="every such result is kept in the output directory (refused ones "
+                  "with a record in stow/refused/): the next receive --stow-url sends them")
+        return True
+    return False

@@ -3,6 +3,9 @@
 Library use::
 
     r = ResultReceiver(recipients={k.key_id: k}, trusted_devices={"node-1": pub}, out_dir=p)
+    # while keys rotate: several recipient keys, several keys for one device
+    r = ResultReceiver(recipients={old.key_id: old, new.key_id: new},
+                       trusted_devices={"node-1": (old_pub, new_pub)}, out_dir=p)
     r.handle(envelope_bytes)   # -> Received | None (duplicate) ; raises EnvelopeError
     r.file(envelope_bytes)     # -> Filed: new, earlier (filed by an earlier run) or repeat
     r.quarantine(envelope_bytes)  # an envelope that cannot be opened now: kept, not lost
@@ -25,8 +28,8 @@ import pydicom
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Config, ConfigError
-from agent.crypto import keys
-from agent.crypto.seal import EnvelopeError, open_envelope
+from agent.crypto import keyring, keys
+from agent.crypto.seal import DeviceKeys, EnvelopeError, open_envelope
 
 QUARANTINE_DIR = "quarantine"  # under the output directory
 QUARANTINE_SUFFIX = ".iomt"
@@ -51,6 +54,8 @@ class Filed:
     device_id: str
     path: Path | None  # the result's file (None for a repeat)
     size: int
+    recipient_key_id: str = ""  # the recipient key it was sealed to
+    signer_key_id: str = ""  # the device key that signed it
 
 
 def _uid_path_part(value: object, what: str) -> str:
@@ -67,11 +72,14 @@ class ResultReceiver:
         self,
         *,
         recipients: Mapping[str, keys.RecipientPrivateKey],
-        trusted_devices: Mapping[str, Ed25519PublicKey],
+        trusted_devices: Mapping[str, DeviceKeys],
         out_dir: Path,
     ) -> None:
         self.recipients = dict(recipients)
-        self.trusted_devices = dict(trusted_devices)
+        self.trusted_devices: dict[str, tuple[Ed25519PublicKey, ...]] = {
+            d: (k,) if isinstance(k, Ed25519PublicKey) else tuple(k)
+            for d, k in trusted_devices.items()
+        }
         self.out_dir = out_dir
         self._seen: set[str] = set()
 
@@ -93,8 +101,10 @@ class ResultReceiver:
         opened = open_envelope(
             envelope, recipients=self.recipients, trusted_devices=self.trusted_devices
         )
+        ids = {"recipient_key_id": opened.recipient_key_id,
+               "signer_key_id": opened.signer_key_id}
         if opened.message_id in self._seen:
-            return Filed("repeat", opened.message_id, opened.device_id, None, 0)
+            return Filed("repeat", opened.message_id, opened.device_id, None, 0, **ids)
         try:
             ds = pydicom.dcmread(io.BytesIO(opened.plaintext), stop_before_pixels=True)
         except Exception as exc:  # pydicom raises many types for bad input
@@ -109,13 +119,13 @@ class ResultReceiver:
         size = len(opened.plaintext)
         if path.exists():
             self._seen.add(opened.message_id)
-            return Filed("earlier", opened.message_id, opened.device_id, path, size)
+            return Filed("earlier", opened.message_id, opened.device_id, path, size, **ids)
         path.parent.mkdir(parents=True, exist_ok=True)
         _durable_write(path, opened.plaintext)
         # Only once the file is in place: a failed write must not turn the redelivery
         # into a "duplicate" that is acked and lost.
         self._seen.add(opened.message_id)
-        return Filed("new", opened.message_id, opened.device_id, path, size)
+        return Filed("new", opened.message_id, opened.device_id, path, size, **ids)
 
     def quarantine(self, envelope: bytes) -> Path:
         """Keep an envelope that cannot be opened now (unknown recipient key or device, a
@@ -164,6 +174,6 @@ def _durable_write(path: Path, data: bytes) -> None:
 def receiver_from_config(config: Config, out_dir: Path) -> ResultReceiver:
     if config.receiver is None:
         raise ConfigError("config", ["receiver: section required for `iomt-agent receive`"])
-    key = keys.load_recipient_private_key(config.receiver.recipient_private_key)
-    trusted = {d: keys.load_verify_key(p) for d, p in config.receiver.trusted_devices.items()}
-    return ResultReceiver(recipients={key.key_id: key}, trusted_devices=trusted, out_dir=out_dir)
+    recipients = keyring.load_recipient_keys(config.receiver.recipient_key_files())
+    trusted = keyring.load_device_keys(config.receiver.device_key_files())
+    return ResultReceiver(recipients=recipients, trusted_devices=trusted, out_dir=out_dir)

@@ -4,4 +4,6 @@
 |---|---|
 | ``seal`` | the sealed envelope: HPKE-encrypted, Ed25519-signed |
 | ``keys`` | key files: generation, key ids, permissions |
+| ``keyring`` | several keys at once while keys rotate: recipient keys, device keys |
+| ``site_secret`` | the site's de-identification secret (0600) |
 """

@@ -62,6 +62,12 @@ def key_id_for(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).digest()[:16].hex()
 
 
+def signing_key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """The key id of an Ed25519 key: ``key_id_for`` its raw 32-byte public key."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return key_id_for(public.public_bytes_raw())
+
+
 class RecipientPublicKey:
     """An HPKE recipient public key together with its kind, raw bytes and key id."""
 
@@ -276,15 +282,31 @@ def _read(path: Path, private: bool) -> bytes:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
-        if private and os.name == "posix" and st.st_mode & 0o077:
-            raise KeyFileError(
-                f"{path}: private key file is accessible by group/others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run 'chmod 600 {path}'"
-            )
+        if private:
+            _refuse_open_mode(path, st)
         try:
             return f.read()
         except OSError as e:
             raise KeyFileError(f"{path}: cannot read key file: {e.strerror}") from None
+
+
+def _refuse_open_mode(path: Path, st: os.stat_result) -> None:
+    if os.name == "posix" and st.st_mode & 0o077:
+        raise KeyFileError(
+            f"{path}: private key file is accessible by group/others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run 'chmod 600 {path}'"
+        )
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a secret file the agent does not parse itself (a TLS client key, an MQTT
+    password file) when group or others may access it; raises ``KeyFileError`` naming the
+    file and the fix. A missing file is left to the part that reads it."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return
+    _refuse_open_mode(Path(path), st)
 
 
 def save_private_key(

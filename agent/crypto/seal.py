@@ -8,8 +8,14 @@ Layout of envelope format v1 (all integers big-endian; exact spec in ``docs/prot
 (encapsulated key || AEAD ciphertext) with ``info = b"iomt-envelope-v1" || H``, and the
 signature is Ed25519 by the device key over every byte before it.
 
-``open_envelope`` checks the framing, then the signature (with the key of the device named
-in the header), then decrypts. Error messages never contain plaintext.
+``open_envelope`` checks the framing, then the signature (with the keys trusted for the
+device named in the header), then decrypts with the recipient key the header names. Error
+messages never contain plaintext.
+
+Key rotation needs no change of the wire format: the header names the recipient key by key
+id, so a receiver that holds several recipient keys picks the right one, and a receiver that
+trusts several signing keys for one device (its old and its new key while it rotates) accepts
+a signature by any of them; ``Opened.signer_key_id`` says which one signed.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -26,7 +32,12 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.crypto.keys import RecipientKind, RecipientPrivateKey, RecipientPublicKey
+from agent.crypto.keys import (
+    RecipientKind,
+    RecipientPrivateKey,
+    RecipientPublicKey,
+    signing_key_id,
+)
 from agent.errors import AgentError
 
 MAGIC = b"IOMT"
@@ -46,6 +57,14 @@ _HPKE: dict[RecipientKind, hpke.Suite] = {
     ),
     "x25519": hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
 }
+
+
+
+def hpke_suite(kind: RecipientKind) -> hpke.Suite:
+    """The HPKE suite envelopes use for recipient keys of ``kind`` (base mode, single shot;
+    ``tests/crypto/test_hpke_vectors.py`` runs the RFC 9180 vectors through it)."""
+    return _HPKE[kind]
+
 
 _HEADER_KEYS = frozenset(
     {"v", "suite", "recipient_key_id", "device_id", "message_id", "created", "content_type"}
@@ -92,11 +111,17 @@ class EnvelopeHeader:
     content_type: str
 
 
+# What a receiver trusts for one device: its signing key, or several while it rotates.
+DeviceKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey]
+
+
 @dataclass(frozen=True)
 class Opened(EnvelopeHeader):
-    """A verified and decrypted envelope: the header fields plus the plaintext."""
+    """A verified and decrypted envelope: the header fields plus the plaintext and the key
+    id of the device key whose signature verified."""
 
     plaintext: bytes = field(repr=False)
+    signer_key_id: str = ""
 
 
 def format_created(when: datetime) -> str:
@@ -233,26 +258,27 @@ def open_envelope(
     data: bytes,
     *,
     recipients: Mapping[str, RecipientPrivateKey],
-    trusted_devices: Mapping[str, Ed25519PublicKey],
+    trusted_devices: Mapping[str, DeviceKeys],
 ) -> Opened:
     """Verify and decrypt an envelope.
 
     ``recipients`` maps key id -> recipient private key, ``trusted_devices`` maps device id
-    -> Ed25519 public key. The signature is checked first, with the key of the header's
-    device; then the ciphertext is decrypted with the key named by ``recipient_key_id``.
-    Raises ``EnvelopeError`` (see its ``reason``).
+    -> its Ed25519 public key (or a sequence of them while the device's key rotates). The
+    signature is checked first, with the keys of the header's device; then the ciphertext
+    is decrypted with the key named by ``recipient_key_id``. Raises ``EnvelopeError`` (see
+    its ``reason``).
     """
     raw_header, ciphertext, signature = _split(data)
     header = _parse_header(raw_header)
-    device_key = trusted_devices.get(header.device_id)
-    if device_key is None:
+    trusted = trusted_devices.get(header.device_id)
+    if trusted is None:
         raise EnvelopeError("unknown_device", f"device {header.device_id!r} is not trusted")
-    try:
-        device_key.verify(signature, data[: len(data) - SIGNATURE_LEN])
-    except InvalidSignature:
+    signed = data[: len(data) - SIGNATURE_LEN]
+    signer = _verifying_key(trusted, signature, signed)
+    if signer is None:
         raise EnvelopeError(
             "bad_signature", f"signature does not verify for device {header.device_id!r}"
-        ) from None
+        )
     kind = SUITES.get(header.suite)
     if kind is None:
         raise EnvelopeError("unsupported_suite", f"suite {header.suite!r} is not supported")
@@ -276,4 +302,18 @@ def open_envelope(
         created=header.created,
         content_type=header.content_type,
         plaintext=plaintext,
+        signer_key_id=signing_key_id(signer),
     )
+
+
+def _verifying_key(
+    trusted: DeviceKeys, signature: bytes, signed: bytes
+) -> Ed25519PublicKey | None:
+    """The first of the device's trusted keys whose signature verifies, or None."""
+    for key in (trusted,) if isinstance(trusted, Ed25519PublicKey) else trusted:
+        try:
+            key.verify(signature, signed)
+        except InvalidSignature:
+            continue
+        return key
+    return None

@@ -6,7 +6,9 @@
 | ``pipeline`` | the processing stages of one scan, wired in one place |
 | ``stacking`` | the 2.5D path: series admission, neighbour stacks, release |
 | ``store`` | the durable inbox and outbox (SQLite WAL) |
+| ``pressure`` | backpressure: why scans are not taken now (the status's ``backpressure``) |
 | ``reload`` | the guarded reload: load and guard on a loader thread, swap or refuse |
 | ``updates`` | fleet updates into the guarded reload; the post-activation rollback watch |
 | ``sdnotify`` | systemd: READY, STATUS, WATCHDOG, STOPPING; credentials |
+| ``sealing`` | the seal keys: swapped by a reload, open secret files refused at start |
 """

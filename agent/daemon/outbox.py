@@ -15,7 +15,7 @@ A row is deleted only when the broker's PUBACK says it was delivered. Two answer
 MQTT 3.1.1 has no reason codes: a PUBACK there always reads as delivered, so without
 receipts a result that no subscriber took is lost (docs/protocol.md).
 
-**Receipts** (``receipt_timeout_s`` set: ``delivery.receipts``, the default): a PUBACK only
+**Receipts** (``receipt_timeout_s`` set: ``delivery.receipts = true``, recommended): a PUBACK only
 means the broker has the message in memory, and Mosquitto writes its persistence as
 snapshots, so a broker that acks and then crashes can lose it. With receipts a delivered
 row stays in the store, *awaiting* the consumer's receipt (``on_receipt``, which deletes
@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.daemon.store import OutboxItem, Store
+from agent.daemon.store import DiskFull, OutboxItem, Store
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Delivery, PublishDone, Verdict
 
@@ -107,7 +107,11 @@ class OutboxPublisher:
 
     def on_receipt(self, message_id: str) -> int:
         """The consumer filed ``message_id``: its rows are gone for good. Any thread."""
-        ids = self._store.receipted(message_id)
+        try:
+            ids = self._store.receipted(message_id)
+        except DiskFull:  # kept: sent again later, and the consumer confirms it again
+            log.warning("receipt_not_applied", message_id=message_id, reason="disk full")
+            return 0
         if ids:
             with self._lock:
                 for row_id in ids:
@@ -219,11 +223,17 @@ class OutboxPublisher:
     def _verdict(self, row: OutboxItem) -> PublishDone:
         def done(verdict: Verdict) -> None:
             if verdict.delivery is Delivery.DELIVERED and self._receipt_timeout_s is not None:
-                with self._lock:
+                with self._lock:  # kept until the consumer's receipt
                     self._inflight.discard(row.id)
                     self._awaiting(row)
-            elif verdict.delivery is Delivery.DELIVERED:
-                self._store.delivered(row.id)  # before it leaves _inflight: never sent twice
+                self._kick.set()
+                return
+            if verdict.delivery is Delivery.DELIVERED:
+                try:
+                    self._store.delivered(row.id)  # before it leaves _inflight: never sent twice
+                except DiskFull:  # not deleted: sent again later (the consumer drops the copy)
+                    verdict = Verdict(Delivery.REFUSED, "delivered, but the disk is full")
+            if verdict.delivery is Delivery.DELIVERED:
                 with self._lock:
                     self._inflight.discard(row.id)
                     self._delivered(row)

@@ -109,9 +109,13 @@ class Translator:
         runtime: str = "onnxruntime",
         digest: str | None = None,
         deid: Deidentifier | None = None,
+        decoder: Callable[..., Scan] = decode_scan,
     ) -> None:
         """``deid``: de-identify each result before sealing (PS3.15 Annex E); its message
-        id and series key then derive from the source UIDs' pseudonyms, not the UIDs."""
+        id and series key then derive from the source UIDs' pseudonyms, not the UIDs.
+        ``decoder``: ``decode_scan`` or a budgeted stand-in with its signature
+        (``agent.dicom.sandbox.DecodeProcess.decode``)."""
+        self.decoder = decoder
         self.bundle = bundle
         self.deid = deid
         self.runner = runner
@@ -142,7 +146,7 @@ class Translator:
         """Decode a payload against the input contract and put it on the model grid.
         ``payload_sha256``: its digest when known (not hashed again). Raises
         ``ScanRejected``."""
-        scan = decode_scan(
+        scan = self.decoder(
             payload,
             self.bundle.input,
             pixel_budget=self.limits.pixel_budget,

@@ -105,13 +105,31 @@ class Reloader:
             if self._loading is None and (fleet := self._fleet_bundle()) is not None:
                 settings = settings.model_copy(update={"bundle": fleet})
             self.what = str(settings.bundle)
-            self._result = load_model(settings, self._config.agent.state_dir or Path())
+            model = load_model(settings, self._config.agent.state_dir or Path())
+            self._result = model
+            refused = sharing_refusal(model, self._config.agent.shared_subscription)
+            if refused is not None:
+                model.close()
+                self._result = refused
         except AgentError as exc:
             self._result = exc
         except Exception as exc:  # a broken bundle must never take the daemon down
             self._result = AgentError(f"cannot load {settings.bundle}: "
                                       f"{type(exc).__name__}: {exc}")
         self._wake.set()
+
+
+def sharing_refusal(model: ServedModel, shared: bool) -> AgentError | None:
+    """Why ``model`` cannot serve a shared subscription, or None. A 2.5D model needs every
+    slice of a series on one agent, and a shared subscription deals a series' slices to the
+    site's agents in turn (docs/reliability.md, "Scale-out on one site")."""
+    if not shared or model.context == 0:
+        return None
+    return AgentError(
+        f"model {model.bundle.name} is 2.5D (context_slices = {model.context}) and "
+        "agent.shared_subscription = true: the site's agents would each get only some "
+        "slices of a series and none would have all the neighbours; set "
+        "agent.shared_subscription = false (one agent serves a 2.5D model at a site)")
 
 
 def refusal(exc: Exception, what: str, serving: ServedModel,

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import threading
@@ -28,12 +27,13 @@ from typing import Any
 
 from agent import __version__
 from agent.config import Config
-from agent.crypto import keys, seal
 from agent.daemon import sdnotify
-from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
+from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest, confirming_ack
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
-from agent.daemon.reload import Loaded, Reloader, now_iso, refusal
+from agent.daemon.pressure import Pressure
+from agent.daemon.reload import Loaded, Reloader, now_iso, refusal, sharing_refusal
+from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import Stages
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -61,8 +61,9 @@ class Agent:
         assert a.state_dir is not None
         self.topics = Topics(a.site, a.device_id)
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
-        recipient = keys.load_recipient_public_key(config.seal.recipient_public_key)
-        signing_key = keys.load_signing_key(config.seal.device_signing_key)
+        refuse_open_secrets(("edge", config.edge), ("cloud", config.cloud))
+        self.sealer = Sealer(config.seal, a.device_id)
+        self._rekey = False  # SIGHUP: read [seal] again on the main loop
         self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
         self.fleet = None
         if config.fleet is not None:
@@ -70,29 +71,31 @@ class Agent:
 
             self.fleet = FleetUpdater(config.fleet, config.cloud, config.client_id("fleet"),
                                       a.state_dir, notify=self._work,
-                                      device=f"{a.site}/{a.device_id}")
+                                      device=f"{a.site}/{a.device_id}",
+                                      stall_s=config.fleet.download_stall_s)
         self.deid = deidentifier(config.deid)  # KeyFileError too
         log.info("deidentification", enabled=self.deid is not None,
                  options=list(self.deid.options.names) if self.deid else [])
+        self.decoder = None  # started before the model loads: its imports overlap
+        if config.decode.isolate:
+            from agent.dicom.sandbox import DecodeProcess
+
+            self.decoder = DecodeProcess(memory_bytes=config.decode.memory_bytes,
+                                         timeout_s=config.decode.timeout_s)
         self.model: ServedModel = self._first_model(config, a.state_dir)
+        if (refused := sharing_refusal(self.model, a.shared_subscription)) is not None:
+            self.model.close()
+            raise refused
         self._log_guard(self.model)
 
-        def sealer(plaintext: bytes, message_id: str) -> bytes:
-            return seal.seal(
-                plaintext,
-                recipient=recipient,
-                signing_key=signing_key,
-                device_id=a.device_id,
-                message_id=message_id,
-                content_type="application/dicom",
-            )
-
-        self._sealer = sealer
+        log.info("seal_keys", **self.sealer.summary())
         self.store = Store(
             a.state_dir / "agent.db",
             inbox_max_bytes=config.limits.inbox_max_bytes,
             outbox_max_bytes=config.limits.outbox_max_bytes,
+            min_free_bytes=config.storage.min_free_disk_bytes,
         )
+        self.pressure = Pressure()
         self._stop = threading.Event()
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
@@ -102,7 +105,8 @@ class Agent:
                                  lambda: self.fleet.store.current if self.fleet else None)
         self.stages = Stages(self.store, config.series, self._translator(self.model),
                              stop=self._stop, space=self._space, beat=self._beat,
-                             committed=self._committed)
+                             committed=self._committed, storage=config.storage,
+                             pressure=self.pressure)
 
         offline = json.dumps({"v": 1, "state": "offline", "device_id": a.device_id}).encode()
         will = Will(self.topics.status, offline)
@@ -116,14 +120,12 @@ class Agent:
             will=will,
             receive_maximum=RECEIVE_MAXIMUM,
         )
-        self.ingest = Ingest(self.store, config.limits, self.topics, ack=self._accepted,
-                             stored=self._stored)
+        self.ingest = Ingest(self.store, config.limits, self.topics, stored=self._stored,
+                             ack=confirming_ack(self.edge, self.topics), pressure=self.pressure,
+                             outbox_backpressure=config.storage.outbox_full == "backpressure")
         receipts = config.delivery.receipts
         self.cloud = Connection(
-            config.cloud,
-            config.client_id("cloud"),
-            name="cloud",
-            will=will,
+            config.cloud, config.client_id("cloud"), name="cloud", will=will,
             subscriptions=(self.topics.receipts,) if receipts else (),
             on_message=(lambda m: self.outbox.on_receipt_message(m.topic, m.payload))
             if receipts else None,
@@ -155,9 +157,10 @@ class Agent:
         return load_model(config.model, state_dir)
 
     def _translator(self, model: ServedModel) -> Translator:
-        return Translator(model.bundle, model.runner, self._sealer, limits=self.config.limits,
+        return Translator(model.bundle, model.runner, self.sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
-                          deid=self.deid)
+                          deid=self.deid,
+                          **({"decoder": self.decoder.decode} if self.decoder else {}))
 
     @staticmethod
     def _log_guard(model: ServedModel) -> None:
@@ -217,13 +220,6 @@ class Agent:
     def _on_scan(self, msg: Message) -> None:
         self.ingest.on_message(msg)
 
-    def _accepted(self, msg: Message) -> None:
-        """Ack a scan that is durable in the inbox, and tell the gateway (a gateway that
-        resends until it sees this survives an edge broker that acked and then crashed)."""
-        self.edge.ack(msg)
-        body = {"v": 1, "sha256": hashlib.sha256(msg.payload).hexdigest()}
-        self.edge.publish(self.topics.accepted, json.dumps(body).encode(), qos=1)
-
     def _stored(self) -> None:
         self._work.set()
         self._kick.set()
@@ -249,10 +245,12 @@ class Agent:
             **({"series": {"open": series.counts[0], "waiting": series.counts[1],
                            "held": self.store.held_count()}} if series else {}),
             "deid": self.deid.summary() if self.deid else {"enabled": False},
+            "seal": self.sealer.summary(),
             "inbox_depth": inbox,
             "outbox_depth": outbox,
             "results_unclaimed": self.outbox.unclaimed,
             "results_awaiting_receipt": self.outbox.awaiting_receipt,
+            "backpressure": self.pressure.summary(),
             "processed": counts.get("processed", 0),
             "failed": counts.get("failed", 0),
             "last_latency_ms": self.stages.last_latency_ms,
@@ -273,6 +271,8 @@ class Agent:
         """systemd: READY=1 once both brokers are connected, WATCHDOG=1, STATUS=."""
         self.sd.beat(ready=self.edge.connected and self.cloud.connected,
                      status=self._sd_status)
+        if self.pressure.changed():  # also while a stage waits for room: say so at once
+            self._publish_status(force=True)
 
     def _sd_status(self) -> str:
         inbox, outbox = self.store.depths()
@@ -294,8 +294,9 @@ class Agent:
 
     def _handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
         log.info("reload_requested", config=str(self.config_path or ""),
-                 note="only [model] is reloaded; other changes need a restart")
+                 note="[model] and [seal] are reloaded; other changes need a restart")
         self.sd.reloading()
+        self._rekey = self.config_path is not None
         self.reloader.request()
 
     def install_signal_handlers(self) -> None:
@@ -344,6 +345,10 @@ class Agent:
         last_periodic = time.monotonic()
         while not self._stop.is_set():
             self._beat()
+            if self._rekey and self.config_path is not None:
+                self._rekey = False
+                if self.sealer.reload(self.config_path):
+                    self._publish_status(force=True)
             loaded = self.reloader.poll()
             if loaded is not None:
                 self._finish_reload(loaded)
@@ -387,6 +392,8 @@ class Agent:
             self.fleet.stop()
         self.reloader.close()
         self.model.close()
+        if self.decoder is not None:
+            self.decoder.close()
         self.store.close()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)
         self.sd.status(f"stopped: inbox {inbox}, outbox {outbox} kept for the next start")

@@ -9,6 +9,11 @@
 * the finisher thread derives, seals and commits each result, in order: the inbox row is
   marked done and the outbox row written in one transaction.
 
+When the outbox is at its cap, decoding waits for room (``storage.outbox_full =
+"backpressure"``) or the oldest results are dropped, each replaced by an error report
+(``"drop_oldest"``). A commit that finds the disk full is retried every second until it
+succeeds (the scan stays pending meanwhile; nothing is lost or committed twice).
+
 ``drain`` waits until everything handed over is committed (before a model swap, so results
 of the old model are committed under its identity).
 """
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import hashlib
 import queue
 import sys
 import threading
@@ -25,9 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import SeriesSection
+from agent.config_budgets import StorageSection
 from agent.daemon.pipeline import Inferred, ModelInput, Outcome, Translator
+from agent.daemon.pressure import Pressure
 from agent.daemon.stacking import SeriesStage
-from agent.daemon.store import Store
+from agent.daemon.store import DiskFull, OutboxItem, Store
 from agent.log import get_logger
 
 log = get_logger("agent.daemon.stages")
@@ -35,6 +44,7 @@ log = get_logger("agent.daemon.stages")
 MODEL_QUEUE = 2  # staged scans waiting for the model (each holds its input tensor)
 FINISH_QUEUE = 2  # scans between the model and the finisher
 FETCH_BATCH = 8  # inbox rows read per turn of the processing loop
+DISK_RETRY_S = 1.0  # a commit that found the disk full is tried again after this
 
 
 def name_thread(name: str) -> None:
@@ -69,7 +79,9 @@ class Stages:
 
     def __init__(self, store: Store, series: SeriesSection, translator: Translator, *,
                  stop: threading.Event, space: threading.Condition,
-                 beat: Callable[[], None], committed: Callable[[], None]) -> None:
+                 beat: Callable[[], None], committed: Callable[[], None],
+                 storage: StorageSection | None = None,
+                 pressure: Pressure | None = None) -> None:
         self.store = store
         self.translator = translator
         self.series: SeriesStage | None = None
@@ -79,6 +91,8 @@ class Stages:
         self._space = space
         self._beat = beat
         self._committed = committed
+        self._storage = storage or StorageSection()
+        self._pressure = pressure or Pressure()
         self._last_fetched = 0  # inbox rows up to here are in the later stages' hands
         self._to_model: queue.Queue[_Job | None] = queue.Queue(maxsize=MODEL_QUEUE)
         self._finishing: queue.Queue[_Job | None] = queue.Queue(maxsize=FINISH_QUEUE)
@@ -140,12 +154,12 @@ class Stages:
             job = _Job(item.id, None, time.perf_counter(), item.received_at, item.sha256)
             if self.series is None:
                 job.first = self.translator.stage(item.payload, item.topic, item.sha256)
-                self._to_model.put(job)  # blocks when the model lags
+                self._hand_over(job)  # blocks when the model lags
             else:
                 admitted = self.series.admit(item, time.monotonic())
                 if admitted.outcome is not None or admitted.duplicate:
                     job.first = admitted.outcome
-                    self._to_model.put(job)
+                    self._hand_over(job)
             self._last_fetched = item.id
         busy = bool(items)
         if self.series is not None:
@@ -154,12 +168,34 @@ class Stages:
             busy = self._process_series(allow_idle=len(items) < FETCH_BATCH) or busy
         return busy
 
+    def _hand_over(self, job: _Job) -> None:
+        """To the model thread; beats while it waits (a finisher waiting for disk space
+        holds up the queues: a wait, not a hang)."""
+        while True:
+            try:
+                self._to_model.put(job, timeout=1.0)
+                return
+            except queue.Full:
+                self._beat()
+
     def _wait_for_outbox_room(self) -> None:
+        if self._storage.outbox_full == "drop_oldest" and self.store.outbox_full():
+            dropped = self.store.drop_oldest(self._overflow_report)
+            if dropped:
+                log.error("outbox_overflow", dropped=len(dropped),
+                          message_ids=[d.message_id for d in dropped[:8]],
+                          fix="the cloud broker is not taking results: the oldest were dropped "
+                          "(storage.outbox_full = drop_oldest); each has an error report")
+                self._committed()  # kick the outbox: the reports go out
+        if not self.store.outbox_full():
+            return
+        self._pressure.set("processing", "outbox_full")
         while self.store.outbox_full() and not self._stop.is_set():
             self._beat()  # waiting for the cloud is not a hang
             log.warning("outbox_full", fix="the cloud broker is not taking results")
             with self._space:
                 self._space.wait(5.0)
+        self._pressure.clear("processing")
 
     def _process_series(self, *, allow_idle: bool) -> bool:
         """2.5D: stage every slice whose neighbours are present (or whose series closed)."""
@@ -201,12 +237,38 @@ class Stages:
             if job.barrier is not None:
                 job.barrier.set()
             elif job.release:
-                self.store.release(job.release)
+                self._while_disk_full(functools.partial(self.store.release, job.release))
                 self._freed()
             elif job.first is None:  # the same instance is already being assembled
-                self.store.complete(job.inbox_id, [], "duplicates")
+                self._complete(job.inbox_id, [], "duplicates")
             else:
                 self._commit(job)
+
+    def _overflow_report(self, item: OutboxItem) -> tuple[str, str, str, bytes]:
+        """The outbox row replacing a dropped result: an error report naming it."""
+        outcome = self.translator.error(
+            "outbox_overflow",
+            f"result {item.message_id} dropped: the outbox was at limits.outbox_max_bytes "
+            f"{self.store.outbox_max_bytes} (storage.outbox_full = drop_oldest)",
+            hashlib.sha256(item.payload).hexdigest(), "outbox")
+        return outcome.kind, outcome.message_id, outcome.topic, outcome.payload
+
+    def _complete(self, inbox_id: int | None, outputs: list[tuple[str, str, str, bytes]],
+                  counter: str, *, hold: bool = False) -> None:
+        """``store.complete``, retried while the disk is full (the job stays here)."""
+        self._while_disk_full(functools.partial(self.store.complete, inbox_id, outputs,
+                                                counter, hold=hold))
+
+    def _while_disk_full(self, write: Callable[[], object]) -> None:
+        """Run one store write, again every DISK_RETRY_S while the disk is full."""
+        while True:
+            try:
+                write()
+                break
+            except DiskFull:
+                self._pressure.set("finisher", "disk_full")
+                time.sleep(DISK_RETRY_S)
+        self._pressure.clear("finisher")
 
     def _freed(self) -> None:
         with self._space:
@@ -216,9 +278,9 @@ class Stages:
         first = job.first
         assert first is not None and not isinstance(first, ModelInput), "the model ran it"
         outcome = first if isinstance(first, Outcome) else self.translator.finish(first)
-        self.store.complete(job.inbox_id,
-                            [(outcome.kind, outcome.message_id, outcome.topic, outcome.payload)],
-                            outcome.counter, hold=job.hold)
+        self._complete(job.inbox_id,
+                       [(outcome.kind, outcome.message_id, outcome.topic, outcome.payload)],
+                       outcome.counter, hold=job.hold)
         self._freed()
         total_ms = round((time.perf_counter() - job.started) * 1000, 3)
         queued_ms = round((time.time() - job.received_at) * 1000, 1)

@@ -5,16 +5,21 @@
 * ``Store.complete`` writes the result to the outbox and marks the inbox row done in one
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
 * An outbox row is deleted only when the cloud broker has acknowledged it or, with
-  ``delivery.receipts`` (the default), when the consumer's receipt names its message id.
+  ``delivery.receipts = true``, when the consumer's receipt names its message id.
+* The disk: below ``min_free_bytes`` free on the store's filesystem ``accept`` refuses
+  (``DiskFull``) so that commits and deletes still find room; SQLite's own "disk is full"
+  becomes ``DiskFull`` too, its transaction rolled back (the caller retries later).
 * For a 2.5D model a processed scan may still be a neighbour of scans to come: it is
   completed as ``held`` (payload kept) and ``release``d when its series is closed.
 """
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +55,15 @@ class StoreFull(AgentError):
     """The inbox or outbox has reached its byte cap."""
 
 
+class DiskFull(StoreFull):
+    """The store's filesystem is (nearly) full: nothing was written."""
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(exc)
+
+
 @dataclass(frozen=True)
 class InboxItem:
     id: int
@@ -71,9 +85,11 @@ class OutboxItem:
 class Store:
     """Inbox + outbox. Thread-safe: one connection guarded by a lock (writes are short)."""
 
-    def __init__(self, path: Path, *, inbox_max_bytes: int, outbox_max_bytes: int) -> None:
+    def __init__(self, path: Path, *, inbox_max_bytes: int, outbox_max_bytes: int,
+                 min_free_bytes: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.min_free_bytes = min_free_bytes
         self.inbox_max_bytes = inbox_max_bytes
         self.outbox_max_bytes = outbox_max_bytes
         self._lock = threading.Lock()
@@ -99,6 +115,14 @@ class Store:
         with self._lock:
             self._db.close()
 
+    def free_disk_bytes(self) -> int:
+        """Bytes free on the store's filesystem (for unprivileged writers)."""
+        return int(shutil.disk_usage(self.path.parent).free)
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+            self._db.execute("ROLLBACK")
+
     # -- inbox ---------------------------------------------------------------------------
     def accept(self, topic: str, sha256: str, payload: bytes) -> int:
         """Persist a received scan; return its row id. Raises StoreFull at the cap."""
@@ -107,10 +131,19 @@ class Store:
                 raise StoreFull(
                     f"inbox holds {self._inbox_bytes} bytes (cap {self.inbox_max_bytes})"
                 )
-            cur = self._db.execute(
-                "INSERT INTO inbox(received_at, topic, sha256, payload) VALUES (?,?,?,?)",
-                (time.time(), topic, sha256, payload),
-            )
+            free = self.free_disk_bytes()
+            if free - len(payload) < self.min_free_bytes:
+                raise DiskFull(f"{free} bytes free on the state directory's filesystem, "
+                               f"storage.min_free_disk_bytes {self.min_free_bytes}")
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO inbox(received_at, topic, sha256, payload) VALUES (?,?,?,?)",
+                    (time.time(), topic, sha256, payload),
+                )
+            except sqlite3.OperationalError as exc:
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
             self._inbox_bytes += len(payload)
             return int(cur.lastrowid or 0)
 
@@ -158,8 +191,13 @@ class Store:
                     )
                     freed += int(row[0])
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._inbox_bytes -= freed
 
@@ -173,8 +211,13 @@ class Store:
                     "WHERE state='held'").fetchone()
                 self._db.execute("UPDATE inbox SET state='done', payload=x'' WHERE state='held'")
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._inbox_bytes -= int(freed)
             return int(count)
@@ -222,8 +265,13 @@ class Store:
                     (counter,),
                 )
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             if row is not None:
                 self._inbox_bytes -= int(row[0])
@@ -259,7 +307,12 @@ class Store:
             ).fetchone()
             if row is None:
                 return
-            self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
+            try:
+                self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
+            except sqlite3.OperationalError as exc:
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
             self._outbox_bytes -= int(row[0])
 
     def receipted(self, message_id: str) -> list[int]:
@@ -273,11 +326,55 @@ class Store:
                 ).fetchall()
                 self._db.execute("DELETE FROM outbox WHERE message_id=?", (message_id,))
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._db.execute("ROLLBACK")
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._outbox_bytes -= sum(int(r[1]) for r in rows)
         return [int(r[0]) for r in rows]
+
+    def drop_oldest(self, report: Callable[[OutboxItem], tuple[str, str, str, bytes]]
+                    ) -> list[OutboxItem]:
+        """The outbox is at its cap (``storage.outbox_full = "drop_oldest"``): delete the
+        oldest result rows until it is below, each replaced by the row ``report`` makes
+        for it (an error report), in one transaction. Returns the dropped rows."""
+        dropped: list[OutboxItem] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                freed = added = 0
+                after = 0
+                while self._outbox_bytes - freed + added >= self.outbox_max_bytes:
+                    r = self._db.execute(
+                        "SELECT id, kind, message_id, topic, payload FROM outbox "
+                        "WHERE kind='result' AND id>? ORDER BY id LIMIT 1", (after,)).fetchone()
+                    if r is None:
+                        break
+                    item = OutboxItem(*r)
+                    after = item.id
+                    self._db.execute("DELETE FROM outbox WHERE id=?", (item.id,))
+                    kind, message_id, topic, payload = report(item)
+                    self._db.execute(
+                        "INSERT INTO outbox(created_at, kind, message_id, topic, payload) "
+                        "VALUES (?,?,?,?,?)", (time.time(), kind, message_id, topic, payload))
+                    freed += len(item.payload)
+                    added += len(payload)
+                    dropped.append(item)
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
+            except BaseException:
+                self._rollback()
+                raise
+            self._outbox_bytes += added - freed
+        return dropped
 
     # -- status --------------------------------------------------------------------------
     def held_count(self) -> int:

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from agent.cloud.receiver import ResultReceiver
+from agent.cloud.receiver import receiver_from_config
 from agent.config import load_config
-from agent.crypto import keys
 from agent.crypto.seal import EnvelopeError
 from agent.daemon.pipeline import deidentifier
 from agent.demo.display import radiological
@@ -104,13 +103,7 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
 
         # The cloud consumer subscribes first: a broker keeps results only for known sessions.
         assert config.receiver is not None
-        rkey = keys.load_recipient_private_key(config.receiver.recipient_private_key)
-        receiver = ResultReceiver(
-            recipients={rkey.key_id: rkey},
-            trusted_devices={d: keys.load_verify_key(p)
-                             for d, p in config.receiver.trusted_devices.items()},
-            out_dir=workdir / "results",
-        )
+        receiver = receiver_from_config(config, workdir / "results")
         topics = Topics(config.agent.site, config.agent.device_id)
         sent_at: dict[str, float] = {}
         latency_ms: dict[str, float] = {}

@@ -4,6 +4,7 @@ its de-identification.
 | module | job |
 |---|---|
 | ``decode`` | decode a scan under a budget and check it against the model contract (one parse) |
+| ``sandbox`` | decoding in a child process under a memory and a time budget |
 | ``header_values`` | the header values decode checks, read from the raw element bytes |
 | ``native_pixels`` | uncompressed pixel data straight from its bytes |
 | ``codestream`` | compressed frames checked against the header before any decoder sees them |

@@ -377,6 +377,9 @@ def decode_scan(
     except ScanRejected as exc:
         exc.payload_sha256 = digest
         raise
+    except MemoryError:  # in the decoder process: past decode.memory_bytes
+        raise ScanRejected("decode_budget_exceeded",
+                           "decoding needed more than decode.memory_bytes", digest) from None
     except Exception as exc:  # last line of defence: the loop must go on
         raise ScanRejected(
             "pixel_decode_failed", f"unexpected decoder failure ({type(exc).__name__})", digest

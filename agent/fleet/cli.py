@@ -146,26 +146,58 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> Any:
-    """The --broker flags as a BrokerConfig, or None after saying what is wrong."""
+    """The --broker flags as a BrokerConfig, or None after saying what is wrong. TLS is
+    the one client context of ``agent.transport.tls`` (TLS >= 1.2, the server's
+    certificate and host name verified); plaintext MQTT to a host that is not loopback is
+    refused unless ``--allow-plaintext``."""
     from agent.config import BrokerConfig
 
-    try:
-        return BrokerConfig(url=args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
-                            key_file=args.key_file, username=args.username,
-                            password_file=args.password_file)
-    except ValueError as exc:
-        print(f"error: --broker {args.broker}: {exc}", file=sys.stderr)
+    if args.key_file and not args.cert_file:
+        print("error: --key needs --cert (the certificate it belongs to)", file=sys.stderr)
         return None
+    try:
+        broker = BrokerConfig(url=args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                              key_file=args.key_file, username=args.username,
+                              password_file=args.password_file,
+                              allow_plaintext=args.allow_plaintext)
+    except ValueError as exc:
+        print(f"error: --broker {args.broker}: {_first_error(exc)}", file=sys.stderr)
+        return None
+    if not broker.tls and (args.cert_file or args.ca_file):
+        print(f"error: --cert and --ca need TLS: --broker {args.broker} is not mqtts://",
+              file=sys.stderr)
+        return None
+    if not broker.tls and args.allow_plaintext:
+        print(f"warning: --allow-plaintext: signed fleet metadata and your MQTT credentials "
+              f"cross the network to {broker.host} unencrypted", file=sys.stderr)
+    return broker
+
+
+def _first_error(exc: ValueError) -> str:
+    """A pydantic validation error's own sentence (one line), else the exception's text."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        found = errors()
+        if found:
+            return str(found[0].get("msg", exc)).removeprefix("Value error, ")
+    return str(exc)
 
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", required=True, metavar="URL",
-                   help="the cloud broker: mqtt://host:port or mqtts://host:port")
-    p.add_argument("--ca-file", type=Path, help="CA certificates for mqtts")
-    p.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
-    p.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
+                   help="the cloud broker: mqtts://host:port (or mqtt:// to loopback)")
+    p.add_argument("--ca", "--ca-file", dest="ca_file", type=Path, metavar="PEM",
+                   help="CA certificates that signed the broker's certificate (mqtts; "
+                   "default: the system store)")
+    p.add_argument("--cert", "--cert-file", dest="cert_file", type=Path, metavar="PEM",
+                   help="client certificate for mutual TLS: the fleet operator's "
+                   "(`certs init` writes clients/fleet-operator.pem)")
+    p.add_argument("--key", "--key-file", dest="key_file", type=Path, metavar="PEM",
+                   help="its private key (default: in the --cert file)")
     p.add_argument("--username", help="MQTT username")
     p.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="permit mqtt:// (no TLS) to a host that is not loopback (warned)")
 
 
 def add_fleet_parser(sub: Any) -> None:

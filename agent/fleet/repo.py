@@ -38,6 +38,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.errors import AgentError
+from agent.fleet.clock import issued_now
 from agent.transport.topics import check_level
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -169,7 +170,8 @@ def sign_release(directory: Path, group: str, tar: bytes, custom: dict[str, Any]
                              meta={"targets.json": MetaFile(version=version)}),
                     signers_for(directory, "snapshot", root))
     timestamp = sign(Timestamp(version=version, expires=expires("timestamp", now),
-                               snapshot_meta=MetaFile(version=version)),
+                               snapshot_meta=MetaFile(version=version),
+                               unrecognized_fields=issued_now(now)),
                      signers_for(directory, "timestamp", root))
     release = Release(group, version, chain, targets, snapshot, timestamp, tar, digest)
     keep = directory / "groups" / group

@@ -26,6 +26,7 @@ from tuf.ngclient import Updater
 from agent.config import BrokerConfig, FleetSection
 from agent.fleet.activation import BundleStore
 from agent.fleet.archive import extract_bundle
+from agent.fleet.clock import Clock, clock_behind, system_clock
 from agent.fleet.fetcher import METADATA_URL, TARGETS_URL, MqttFetcher, RetainedCache
 from agent.fleet.repo import TARGET_NAME
 from agent.fleet.verdict import UpdateRejected, from_tuf
@@ -75,8 +76,9 @@ class FleetUpdater:
 
     def __init__(self, settings: FleetSection, cloud: BrokerConfig, client_id: str,
                  state_dir: Path, notify: threading.Event | None = None, device: str = "",
-                 **fetcher_options: float) -> None:
+                 clock: Clock = system_clock, **fetcher_options: float) -> None:
         self.settings = settings
+        self._clock = clock  # checked against agent.fleet.clock's floor before each check
         self.device = device  # "site/device": canary releases name the devices they are for
         self._notify = notify  # set with every change: wakes the daemon's main loop
         self.store = BundleStore(state_dir)
@@ -215,7 +217,10 @@ class FleetUpdater:
 
     def check(self) -> bool:
         """One check: refresh, and prepare a new target if there is one; a rejection goes
-        to the status. False: the metadata is not all on the broker yet (try again soon)."""
+        to the status. False: the metadata is not all on the broker yet, or the clock is
+        behind what this node has verified (try again soon)."""
+        if not self._clock_trusted():
+            return False
         try:
             self._check()
         except UpdateRejected as exc:
@@ -227,6 +232,23 @@ class FleetUpdater:
             self._reject(UpdateRejected("metadata_invalid", f"{type(exc).__name__}: {exc}"),
                          None, None)
         return True
+
+    def _clock_trusted(self) -> bool:
+        """Expiry is evaluated only when the clock is not behind the floor
+        (``agent.fleet.clock``); until then the status says ``waiting_for_clock``."""
+        behind = clock_behind(self.store.metadata, self._clock())
+        state = self.status()["state"]
+        if behind is None:
+            if state == "waiting_for_clock":
+                log.info("update_clock_set", group=self.topics.group)
+                current = self.store.current
+                self._set("active" if current else "idle", _bundle_version(current))
+            return True
+        if state != "waiting_for_clock":
+            log.warning("update_waiting_for_clock", group=self.topics.group, detail=behind)
+            self._set("waiting_for_clock", _bundle_version(self.store.current),
+                      "clock_behind", behind)
+        return False
 
     def _check(self) -> None:
         try:

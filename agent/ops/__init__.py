@@ -8,4 +8,7 @@
 | ``sender`` | ``iomt-agent send``: publish DICOM files as a scanner gateway would |
 | ``gateway`` | a gateway that keeps each scan until the agent's receipt (``send --confirm``) |
 | ``doctor`` | ``iomt-agent doctor``: is this node ready to serve? |
+| ``check_files``, ``check_broker``, ``check_node``, ``check_fleet`` | the doctor's checks |
+| ``check_security`` | the doctor's security posture: de-identification, receiver keys, links |
+| ``preflight`` | ``iomt-agent config check``: what ``run`` would refuse |
 """

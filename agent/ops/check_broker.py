@@ -58,7 +58,8 @@ def check_broker(role: str, cfg: BrokerConfig, client_id: str, timeout: float) -
 
 def _mqtt_connect(role: str, cfg: BrokerConfig, client_id: str, timeout: float,
                   detail: str) -> Finding:
-    from agent.transport.mqtt import Connection, MqttError, connect_hint
+    from agent.transport.hints import connect_hint
+    from agent.transport.mqtt import Connection, MqttError
 
     subject = f"{role} {cfg.url}"
     # Session expiry 0: the doctor leaves no persistent session (MQTT 5) behind.

@@ -1,5 +1,6 @@
 """The doctor's check of ``[fleet]``: the trusted root a node verifies updates against, and
-what the fleet has activated on this node. Nothing when the section is absent."""
+what the fleet has activated on this node, and whether the clock can be trusted for
+expiry (``agent.fleet.clock``). Nothing when the section is absent."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def check_fleet(config: Config, now: datetime | None = None) -> list[Finding]:
     from tuf.api.metadata import Metadata, Root
 
     from agent.fleet.activation import BundleStore
+    from agent.fleet.clock import clock_behind
 
     now = now or datetime.now(UTC)
     subject = "fleet.root"
@@ -49,6 +51,10 @@ def check_fleet(config: Config, now: datetime | None = None) -> list[Finding]:
                           "rotate the root (a new root signed by the old keys)"))
     else:
         found.append(ok("fleet", subject, detail))
+    behind = clock_behind(store.metadata, now)
+    if behind is not None:
+        found.append(warn("fleet", "fleet clock", behind, "set the clock: NTP "
+                          "(systemd-timesyncd) or an RTC; the model serving keeps serving"))
     if store.current is not None:
         found.append(ok("fleet", "fleet bundle", f"serving the fleet's bundle {store.current} "
                         "(it overrides model.bundle)"))

@@ -11,7 +11,11 @@ site engineer, one line per check, each ``ok`` or what is wrong and how to fix i
 * the model bundle: present, every file's sha256 as recorded, loads in the runtime, runs on
   zeros, and passes its golden set (int8 output against the fp32 reference, the bundle's
   PSNR floor) when the bundle carries one;
-* free disk for the inbox/outbox stores.
+* free disk for the inbox/outbox stores;
+* the security posture (``agent.ops.check_security``): de-identification on with its site
+  secret present and 0600 (or a warning that it is off), the receiver's keys by key id,
+  and one summary line: each broker link (mutual TLS / TLS / plaintext), de-identification,
+  the seal key. Plaintext off loopback and de-identification off are warnings.
 
 Exit status: 0 when nothing failed (warnings allowed), 1 when a check failed, 2 when the
 config cannot be read at all.
@@ -28,6 +32,7 @@ from agent.ops.check_broker import check_broker
 from agent.ops.check_files import check_broker_files, check_config, check_seal_keys
 from agent.ops.check_fleet import check_fleet
 from agent.ops.check_node import check_disk, check_model
+from agent.ops.check_security import check_deid, check_posture, check_receiver_keys
 from agent.ops.findings import Finding, who
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -47,13 +52,18 @@ def run_checks(config_path: str | Path, *, timeout: float = 5.0,
     if config is None:
         return found, False
     found += check_seal_keys(config)
+    found += check_receiver_keys(config)
+    found += check_deid(config)
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
         found += check_broker_files(role, cfg, now)
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
-        found += check_broker(role, cfg, f"{config.client_id(role)}-doctor", timeout)
+        for url in cfg.urls:  # each node of a cluster (failover_urls)
+            node = cfg.model_copy(update={"url": url, "failover_urls": []})
+            found += check_broker(role, node, f"{config.client_id(role)}-doctor", timeout)
     found += check_model(config)
     found += check_fleet(config, now)
     found += check_disk(config)
+    found += check_posture(config)  # last: the summary of what the lines above found
     return found, True
 
 

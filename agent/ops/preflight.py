@@ -3,7 +3,9 @@
 Without ``--guard`` nothing runs a model: the checks are the config file (already parsed
 by the caller), every key file the config names (present, of the right kind, private ones
 not accessible to group/others: what ``run`` refuses before it loads the model), the
-broker files (CA, client certificate and key, password), the bundle (``bundle.json`` and
+de-identification secret where de-identification is on (a warning where it is off), the
+broker files (CA, client certificate and key, password: a key or password file that group
+or others may read is refused, as ``run`` refuses it), the bundle (``bundle.json`` and
 the sha256 of every file) and the runtime (``model.backend`` installed, with a file in the
 bundle). The int8 accuracy guard needs the model to run, so it is left out unless asked
 for: ``--guard`` loads the model as ``run`` does (``agent.model.serving.load_model``, ``auto``'s
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from agent.config import BrokerConfig, Config
 from agent.crypto import keys
+from agent.crypto.site_secret import load_site_secret
 
 GUARD_NOT_RUN = ("the int8 accuracy guard was not run (it runs the model): add --guard to "
                  "run it as `run` would")
@@ -49,12 +52,17 @@ def check_keys(config: Config, out: Findings) -> None:
     _key(out, "seal.recipient_public_key", config.seal.recipient_public_key,
          keys.load_recipient_public_key)
     _key(out, "seal.device_signing_key", config.seal.device_signing_key, keys.load_signing_key)
+    if config.deid.enabled:
+        _key(out, "deid.secret_file", config.deid.secret_file, load_site_secret)
+    else:
+        out.warnings.append("deid.enabled = false: results carry the patient and study "
+                            "modules as the scan has them (sealed, but the cloud sees them)")
     if config.receiver is not None:
-        if config.receiver.recipient_private_key is not None:
-            _key(out, "receiver.recipient_private_key", config.receiver.recipient_private_key,
-                 keys.load_recipient_private_key)
-        for device, path in config.receiver.trusted_devices.items():
-            _key(out, f"receiver.trusted_devices.{device}", path, keys.load_verify_key)
+        for path in config.receiver.recipient_key_files():
+            _key(out, "receiver.recipient_private_key", path, keys.load_recipient_private_key)
+        for device, paths in config.receiver.device_key_files().items():
+            for path in paths:
+                _key(out, f"receiver.trusted_devices.{device}", path, keys.load_verify_key)
 
 
 def _readable(path: Path) -> str | None:
@@ -78,7 +86,7 @@ def check_broker_files(role: str, cfg: BrokerConfig, out: Findings) -> None:
             continue
         mode = stat.S_IMODE(path.stat().st_mode)
         if name in ("key_file", "password_file") and os.name == "posix" and mode & 0o077:
-            out.warnings.append(f"{role}.{name}: {path} is accessible by group/others "
+            out.problems.append(f"{role}.{name}: {path} is accessible by group/others "
                                 f"(mode {mode:04o}): run 'chmod 600 {path}'")
 
 

@@ -94,6 +94,14 @@ pixel_budget = 16777216          # rows x columns x frames
 inbox_max_bytes = 2147483648
 outbox_max_bytes = 2147483648
 
+[storage]         # when the outbox or the disk is full (docs/reliability.md)
+outbox_full = "backpressure"     # or "drop_oldest": drop the oldest results, report each
+min_free_disk_bytes = 67108864   # 64 MiB kept free on the state directory's filesystem
+
+[decode]          # each scan is decoded in a child process under these budgets
+memory_bytes = 1073741824        # 1 GiB beyond its start-up footprint
+timeout_s = 10.0
+
 [deid]            # PS3.15 Annex E de-identification before sealing (README, Configuration)
 enabled = true
 secret_file = "keys/site-deid.key"   # the same file on every node of the site (0600)

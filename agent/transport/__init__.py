@@ -2,8 +2,9 @@
 
 | module | job |
 |---|---|
-| ``mqtt`` | the only module that imports paho: persistent sessions, manual ack, PUBACK verdicts |
+| ``mqtt`` | the only module that imports paho: sessions, manual ack, PUBACK verdicts, failover |
 | ``tls`` | the one TLS client context (TLS >= 1.2, server verified, client certificate) |
-| ``broker_url`` | what a broker URL may be; whether its host is loopback |
+| ``broker_url`` | what a broker URL may be; loopback or not; a cluster's nodes in turn |
+| ``hints`` | what to fix for a refused CONNECT, by reason code |
 | ``topics`` | every MQTT topic, built and validated in one place |
 """

@@ -40,3 +40,38 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_failover_urls(values: list[str]) -> list[str]:
+    """Each failover URL must be a usable broker URL; the error names the one that is not."""
+    for i, value in enumerate(values):
+        try:
+            check_broker_url(value)
+        except ValueError as exc:
+            raise ValueError(f"failover URL {i + 1} ({value!r}): {exc}") from None
+    return values
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """The host and port a checked broker URL names (default port by scheme)."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+class Nodes:
+    """The nodes of one broker (``url``, then ``failover_urls``), taken in turn: ``current``
+    is the one to connect to; ``advance`` moves on after a failure (``None`` with one node)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self._urls = list(urls)
+        self._index = 0
+
+    @property
+    def current(self) -> str:
+        return self._urls[self._index]
+
+    def advance(self) -> str | None:
+        if len(self._urls) < 2:
+            return None
+        self._index = (self._index + 1) % len(self._urls)
+        return self.current

@@ -10,6 +10,10 @@ A connection that the broker keeps closing right after it connected (or closes w
 reason 0x8E, "Session taken over") has another client with its client id; such a
 connection made with ``yield_on_takeover`` stops reconnecting (``taken_over``) instead of
 knocking the other client off in turn.
+
+With ``failover_urls`` (a cluster's nodes), a failed attempt or a dropped connection moves
+to the next node; the client id, the persistent session and the publishes paho still holds
+unacknowledged (sent again, DUP set) go with it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import BrokerConfig
 from agent.errors import AgentError
 from agent.log import get_logger
+from agent.transport.broker_url import Nodes, host_port
+from agent.transport.hints import connect_hint
 from agent.transport.tls import client_context
 from agent.transport.topics import Topic
 
@@ -147,6 +153,7 @@ class Connection:
         # that follows a refusal would overwrite last_error with a less telling reason.
         self.refusal: Refusal | None = None
         self.client_id = client_id
+        self._nodes = Nodes(cfg.urls)
         self._yield_on_takeover = yield_on_takeover
         self._taken_over = threading.Event()
         self._connected_at: float | None = None
@@ -176,6 +183,11 @@ class Connection:
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
 
+    @property
+    def url(self) -> str:
+        """The broker node this connection uses (or tries) now."""
+        return self._nodes.current
+
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself after a drop."""
@@ -185,12 +197,12 @@ class Connection:
                 props.SessionExpiryInterval = self.cfg.session_expiry_s
                 if self._receive_maximum is not None:
                     props.ReceiveMaximum = self._receive_maximum
-                self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
+                self.client.connect_async(*host_port(self.url), self.cfg.keepalive_s,
                                           clean_start=False, properties=props)
             else:  # 3.1.1: the persistent session comes from clean_session=False
-                self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)
+                self.client.connect_async(*host_port(self.url), self.cfg.keepalive_s)
         except (OSError, ValueError) as exc:
-            raise ConnectFailed(f"{self.name} broker {self.cfg.url}: {exc}") from exc
+            raise ConnectFailed(f"{self.name} broker {self.url}: {exc}") from exc
         self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -277,11 +289,11 @@ class Connection:
             self.last_error = f"connection refused: {reason}"
             if self.refusal is None:
                 self.refusal = Refusal(int(reason.value), str(reason))
-            log.warning("mqtt_connect_refused", broker=self.name, url=self.cfg.url,
+            log.warning("mqtt_connect_refused", broker=self.name, url=self.url,
                         reason=str(reason), fix=connect_hint(int(reason.value)))
             return
         self.refusal = None
-        log.info("mqtt_connected", broker=self.name, url=self.cfg.url,
+        log.info("mqtt_connected", broker=self.name, url=self.url,
                  session_present=bool(flags.session_present))
         for topic in self._subscriptions:
             client.subscribe(str(topic), qos=1)
@@ -291,8 +303,17 @@ class Connection:
         if self._on_connected_cb is not None:
             self._on_connected_cb()
 
-    def _on_connect_fail(self, _client: paho.Client, _userdata: object) -> None:
-        self.last_error = f"cannot reach {self.cfg.host}:{self.cfg.port}"
+    def _on_connect_fail(self, client: paho.Client, _userdata: object) -> None:
+        self.last_error = f"cannot reach {self.url}"
+        self._fail_over(client)
+
+    def _fail_over(self, client: paho.Client) -> None:
+        """The next reconnect goes to the cluster's next node. paho's host setter refuses
+        while its state still reads connected (inside on_disconnect), so the fields are set."""
+        url = self._nodes.advance()
+        if url is not None:
+            client._host, client._port = host_port(url)
+            log.info("mqtt_failover", broker=self.name, to=url, after=self.last_error)
 
     def _on_disconnect(
         self, client: paho.Client, _userdata: object, _flags: paho.DisconnectFlags,
@@ -316,6 +337,8 @@ class Connection:
                 client, f"the broker closed the connection {len(self._short_drops)} times "
                 f"within {TAKEOVER_WINDOW_S:.0f} s, each within {SHORT_LIVED_S:.0f} s of "
                 "connecting")
+        if not self._taken_over.is_set():
+            self._fail_over(client)
 
     def _session_contested(self, client: paho.Client, evidence: str) -> None:
         """Another client connected with our client id (the broker closes the older
@@ -362,23 +385,3 @@ class Connection:
 
 def _ignore(_verdict: Verdict) -> None:
     return None
-
-
-# CONNACK reason codes (MQTT 5; paho maps 3.1.1's return codes onto the same ones).
-_CREDENTIALS = frozenset({0x86, 0x87, 0x8C})  # bad user name or password, not authorized,
-# bad authentication method
-_PROTOCOL = 0x84  # unsupported protocol version
-_CLIENT_ID = 0x85  # client identifier not valid
-
-
-def connect_hint(code: int, key: str = "this broker's") -> str:
-    """What to fix for a refused CONNECT (``code``: its reason code); ``key`` names the
-    config section (``edge``, ``cloud``) in the sentence."""
-    section = f"{key}." if key.isidentifier() else f"{key} "
-    if code in _CREDENTIALS:
-        return f"check {section}username and {section}password_file (and the broker's ACL)"
-    if code == _PROTOCOL:
-        return f'the broker may not speak MQTT 5: set {section}protocol = "3.1.1"'
-    if code == _CLIENT_ID:
-        return f"the broker refused the client id: check {section}client_id and its rules"
-    return "see the broker's log"

@@ -42,3 +42,24 @@ def test_init_repo_then_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["fleet", "rotate-key", "--repo", str(tmp_path / "r"), "--role",
                  "timestamp"]) == 0
     assert (tmp_path / "r" / "metadata" / "2.root.json").is_file()
+
+
+def test_broker_flags_refuse_plaintext_to_another_host_and_keys_without_tls(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "r"
+    assert main(["fleet", "init-repo", str(repo)]) == 0
+    publish = ["fleet", "publish", "--repo", str(repo), "--bundle", str(tmp_path / "none"),
+               "--group", "g"]
+    capsys.readouterr()
+    assert main([*publish, "--broker", "mqtt://broker.example:1883"]) == 2
+    err = capsys.readouterr().err
+    assert "plaintext MQTT to a host that is not loopback" in err and "mqtts://" in err
+    assert main(["fleet", "status", "--group", "g", "--broker", "mqtt://10.0.0.7"]) == 2
+    capsys.readouterr()
+    assert main([*publish, "--broker", "mqtt://127.0.0.1:1", "--cert", "op.pem"]) == 2
+    assert "need TLS" in capsys.readouterr().err
+    assert main([*publish, "--broker", "mqtts://127.0.0.1:1", "--key", "op.key"]) == 2
+    assert "--key needs --cert" in capsys.readouterr().err
+    # Explicitly allowed: accepted with a warning (the missing bundle fails next, exit 1).
+    assert main([*publish, "--broker", "mqtt://broker.example:1883", "--allow-plaintext"]) == 1
+    assert "warning: --allow-plaintext" in capsys.readouterr().err

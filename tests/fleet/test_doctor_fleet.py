@@ -1,4 +1,5 @@
-"""The doctor's [fleet] line: a good root, a missing or unsigned one, no section."""
+"""The doctor's [fleet] lines: a good root, a missing or unsigned one, no section, a clock
+behind the node's floor."""
 
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ def test_a_good_root(tmp_path: Path) -> None:
     assert "threshold 2 of 3" in finding.detail and "ward-a" in finding.detail
 
 
+def test_a_clock_behind_the_floor_is_warned(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    root = init_repo(tmp_path / "repo")
+    found = check_fleet(_config(tmp_path, root), now=datetime(1970, 1, 1, tzinfo=UTC))
+    assert [f.verdict for f in found] == ["ok", "warn"]
+    assert found[1].subject == "fleet clock" and "1970-01-01" in found[1].detail
+    assert "NTP" in found[1].fix
+
+
 def test_a_missing_or_unsigned_root_fails(tmp_path: Path) -> None:
     [missing] = check_fleet(_config(tmp_path, tmp_path / "nope.json"))
     assert missing.verdict == "fail" and "cannot read" in missing.detail
@@ -70,8 +81,8 @@ def test_init_writes_the_fleet_section(tmp_path: Path) -> None:
     assert config.fleet.root.read_bytes() == root.read_bytes()
     assert check_fleet(config)[0].verdict == "ok"
     with pytest.raises(ConfigError, match="go together"):
-        write_directory(InitOptions(tmp_path / "n2", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
-                                    fleet_group="ward-a"))
+        write_directory(InitOptions(tmp_path / "n2", "mqtt://localhost", "mqtt://127.0.0.1",
+                                    bundle=bundle, fleet_group="ward-a"))
     with pytest.raises(ConfigError, match=r"fleet\.group"):
-        write_directory(InitOptions(tmp_path / "n3", "mqtt://localhost", "mqtt://127.0.0.1", bundle=bundle,
-                                    fleet_group="a/b", fleet_root=root))
+        write_directory(InitOptions(tmp_path / "n3", "mqtt://localhost", "mqtt://127.0.0.1",
+                                    bundle=bundle, fleet_group="a/b", fleet_root=root))

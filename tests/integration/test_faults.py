@@ -54,7 +54,9 @@ def _node(tmp: Path, edge: Broker, cloud: Broker) -> Path:
             "--site", "site-a", "--device-id", "node-1", "--bundle", str(bundle))
     assert r.returncode == 0, r.stderr
     config = tmp / "node" / "agent.toml"
-    config.write_text(config.read_text().replace('format = "auto"', 'format = "json"'))
+    # As docs/reliability.md recommends: the outbox keeps a result until the receipt.
+    config.write_text(config.read_text().replace('format = "auto"', 'format = "json"')
+                      + "\n[delivery]\nreceipts = true\n")
     return config
 
 

@@ -3,7 +3,8 @@ publish` -> the agent downloads, verifies, guards and activates the new bundle w
 keep flowing (none lost); a release whose model fails the guard is rejected with the
 reason in the status while the previous model keeps serving; a model whose input contract
 does not fit the site's scans is rolled back by the node itself; a restart comes up on the
-activated bundle and does not take the refused one again."""
+activated bundle, does not take the refused one again, and refuses a replay of an older
+release."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import BrokerConfig
 from agent.demo.sample_series import build_series, load_demo_slab
+from agent.fleet.archive import pack_bundle
+from agent.fleet.publish import release_messages, send_retained
+from agent.fleet.repo import sign_release
+from agent.transport.topics import FleetTopics
 from tests.conftest import Mosquitto
 from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
 from tests.integration.test_models_live import _init, _send, _statuses, _wait_status
@@ -71,6 +77,11 @@ def test_publish_activates_on_a_running_agent_and_a_guard_failure_is_rejected(
     cloud_rec = Recorder.start(cloud.url, "cloud", "iomt/site-a/node-1/#")
     agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
     agent.wait_for('"mqtt_connected"', 3)  # edge, cloud and fleet
+    # Signed now, sent only after the restart below: by then an older version than the
+    # node trusts (a replay across a restart).
+    stale = release_messages(FleetTopics(GROUP), sign_release(
+        repo, GROUP, pack_bundle(_variant(tmp_path, "1.5.0")),
+        {"bundle": "t1w-to-t2w-lite", "version": "1.5.0"}))
     slab = load_demo_slab().t1
     _send(config, tmp_path, build_series(slab[:4]), "before")
     status = _wait_status(cloud_rec, lambda s: s.get("processed") == 4)
@@ -137,5 +148,11 @@ def test_publish_activates_on_a_running_agent_and_a_guard_failure_is_rejected(
     again.wait_for('"mqtt_connected"', 3)
     time.sleep(3.0)  # the retained 4.0.0 release is seen again and left alone (refused)
     assert not again.events("update_active") and not again.events("model_activated")
+    send_retained(BrokerConfig(url=cloud.url), stale)  # the replay, after the restart
+    replayed = _wait_status(cloud_rec, lambda s: _update(s).get("reason") == "metadata_replayed")
+    assert replayed["model"]["version"] == "2.0.0"  # type: ignore[index]
+    _send(config, tmp_path, build_series(slab[:1]), "after-restart")
+    _wait_status(cloud_rec, lambda s: s.get("processed") == 19, 120)
+    assert again.proc.poll() is None
     assert again.terminate() == 0
     cloud_rec.stop()

@@ -99,7 +99,7 @@ def test_offline_node_lists_every_check(tmp_path: Path, bundle: Path) -> None:
     code, findings, text = run(config)
     assert code == 1
     by_check = {f.check for f in findings}
-    assert by_check == {"config", "key", "broker", "model", "disk"}
+    assert by_check == {"config", "key", "broker", "model", "disk", "deid", "security"}
     brokers = [f for f in findings if f.check == "broker"]
     assert [f.verdict for f in brokers] == ["fail", "fail"]
     assert "cannot connect to 127.0.0.1" in brokers[0].detail
@@ -286,6 +286,19 @@ def test_healthy_node_passes(tmp_path: Path, bundle: Path,
     assert code == 0, text
     assert all(f.verdict == "ok" for f in findings), text
     assert "MQTT 5 CONNECT accepted anonymously" in text
+
+
+@pytest.mark.integration
+def test_each_node_of_a_cluster_is_checked(tmp_path: Path, bundle: Path,
+                                           mosquitto_factory: Callable[[str], Mosquitto]) -> None:
+    edge, cloud = mosquitto_factory("edge"), mosquitto_factory("cloud")
+    down = _closed_url()
+    config = make_node(tmp_path, bundle, edge.url, cloud.url,
+                       f'[cloud]\nfailover_urls = ["{down}"]\n')
+    code, findings, text = run(config)
+    cloud_checks = [f for f in findings if f.check == "broker" and f.subject.startswith("cloud")]
+    assert [f.subject for f in cloud_checks] == [f"cloud {cloud.url}", f"cloud {down}"], text
+    assert [f.verdict for f in cloud_checks] == ["ok", "fail"] and code == 1
 
 
 @pytest.mark.integration

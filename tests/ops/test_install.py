@@ -376,3 +376,32 @@ def test_unit_settings_the_agent_relies_on() -> None:
     assert "SystemCallFilter=sched_setaffinity" in unit
     watchdog = int(settings["WatchdogSec"].removesuffix("s"))
     assert watchdog >= 30  # the loop turns at least once a second; slow slices need room
+
+
+GATEWAY_UNIT = REPO / "systemd" / "iomt-gateway.service"
+
+
+@needs_analyze
+def test_gateway_unit_exposure_at_most_1_5(staged: Staged) -> None:
+    assert exposure(GATEWAY_UNIT) <= MAX_EXPOSURE
+    installed = staged.path("/etc/systemd/system/iomt-gateway.service")
+    assert exposure(installed, staged.root) <= MAX_EXPOSURE
+
+
+def test_gateway_unit_hardened_like_the_agents() -> None:
+    """Every sandboxing line of the agent's unit is in the gateway's (which adds
+    ProcSubset=pid: it runs no model runtime that reads /proc/cpuinfo)."""
+    agent = dict(re.findall(r"^(\w+)=(.*)$", UNIT.read_text(), re.M))
+    gateway_text = GATEWAY_UNIT.read_text()
+    gateway = dict(re.findall(r"^(\w+)=(.*)$", gateway_text, re.M))
+    sandbox = [k for k in agent if k.startswith(("Protect", "Private", "Restrict", "NoNew",
+                                                "Capability", "Ambient", "Lock", "Memory",
+                                                "SystemCallArch", "RemoveIPC", "Keyring",
+                                                "Device", "UMask"))]
+    for key in sandbox:
+        assert gateway.get(key) == agent[key], key
+    assert "SystemCallFilter=~@privileged @resources" in gateway_text
+    assert gateway["ProcSubset"] == "pid"
+    assert gateway["Type"] == "notify" and gateway["RestartPreventExitStatus"] == "2"
+    assert gateway["ExecStart"].endswith("iomt-agent gateway --config /etc/iomt-agent/agent.toml")
+    assert gateway["User"] == agent["User"] and gateway["StateDirectory"] == "iomt-agent"

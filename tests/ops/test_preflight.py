@@ -113,5 +113,23 @@ def test_config_check_covers_receiver_keys_broker_files_and_the_runtime(
     assert code == 2
     assert "receiver.recipient_private_key" in err and "chmod 600" in err
     assert "edge.ca_file: file" in err and "missing-ca.pem not found" in err
-    assert f"warning: edge.password_file: {password} is accessible by group/others" in err
+    # `run` refuses a password file others can read, so config check does too
+    assert f"  - edge.password_file: {password} is accessible by group/others" in err
     assert "model.backend: bundle test-scale has no file for 'litert'" in err
+
+
+def test_config_check_checks_the_deid_secret_and_warns_when_deid_is_off(
+        tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert init(tmp_path / "node", bundle) == 0
+    capsys.readouterr()
+    config = tmp_path / "node" / "agent.toml"
+    secret = tmp_path / "node" / "keys" / "site-deid.key"
+    secret.chmod(0o640)
+    code, _, err = check(config, capsys)
+    assert code == 2 and "deid.secret_file" in err and f"chmod 600 {secret}" in err
+    secret.unlink()
+    code, _, err = check(config, capsys)
+    assert code == 2 and "de-identification secret not found" in err
+    config.write_text(config.read_text().replace("enabled = true", "enabled = false"))
+    code, _, err = check(config, capsys)
+    assert code == 0 and "warning: deid.enabled = false" in err

@@ -1,0 +1,190 @@
+"""Decoding in a child process with a memory and a time budget.
+
+Why a process and not only checks: ``agent.dicom.decode`` refuses what it can recognise
+before any work (sizes, the pixel budget, codestream headers against the DICOM header,
+deflate), but two costs cannot be bounded by checks on the bytes alone. pydicom's parser
+does Python work per element, so a payload of a few MiB holding hundreds of thousands of
+empty elements takes seconds and hundreds of MiB (measured: 600,000 elements in 4.8 MB,
+7.7 s in-process); at the 64 MiB payload cap that is minutes and gigabytes. And the pixel
+decoders are C and Rust plugins (openjpeg, libjpeg, pylibjpeg-rle): a crash or a runaway
+allocation inside them is out of Python's reach. In a child process the budgets hold
+whatever the cause:
+
+* memory: ``RLIMIT_DATA`` set to what the child holds after its imports plus
+  ``decode.memory_bytes``; an allocation past it fails (``MemoryError``) in the child;
+* time: the daemon waits ``decode.timeout_s`` for the answer, then kills the child;
+* a crash (a signal, the kernel's OOM killer) ends only the child.
+
+Each of these reports the scan as ``decode_budget_exceeded`` and the next scan gets a fresh
+child. The daemon never parses the payload itself: it gets back the ``Scan`` (the parsed
+data set and the pixels, pickled). Cost per scan: one pipe round trip and a pickle of the
+data set and pixels (measured in docs/reliability.md).
+
+The child is a resource boundary, not a security boundary: it runs as the same user, and
+the daemon unpickles its answers. Code execution inside a decoder plugin is a different
+threat (systemd's sandboxing of the unit is the layer for that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from agent.dicom.decode import Scan, ScanRejected, decode_scan
+from agent.log import get_logger
+from agent.model.bundle import InputContract
+
+log = get_logger("agent.dicom.sandbox")
+
+START_TIMEOUT_S = 120.0  # imports on a slow board; not part of a scan's budget
+_READY = b"ready"
+
+
+def _data_bytes() -> int:
+    """This process's data segment (VmData: heap and private writable mappings)."""
+    with Path("/proc/self/status").open(encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _serve(conn: Connection, memory_bytes: int) -> None:
+    """The child: decode each payload it is sent, answer with the Scan or the rejection."""
+    import resource
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    import numpy  # noqa: F401  (its arenas belong to the baseline, not to a scan)
+
+    limit = _data_bytes() + memory_bytes
+    if Path("/proc/self/status").exists():
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    conn.send_bytes(_READY)
+    while True:
+        try:
+            request = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        payload, contract, pixel_budget, max_payload_bytes, digest = pickle.loads(request)  # noqa: S301 (the daemon's own)
+        answer: tuple[str, Any]
+        try:
+            scan = decode_scan(payload, contract, pixel_budget=pixel_budget,
+                               max_payload_bytes=max_payload_bytes, payload_sha256=digest)
+            answer = ("scan", scan)
+            out = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except ScanRejected as exc:
+            out = pickle.dumps(("rejected", (exc.reason, str(exc))))
+        except MemoryError:
+            out = pickle.dumps(("rejected", ("decode_budget_exceeded",
+                                             "decoding needed more than decode.memory_bytes")))
+        except RecursionError:  # pickling a data set nested too deeply to hand back
+            out = pickle.dumps(("rejected", ("decode_budget_exceeded",
+                                             "sequences nested too deeply")))
+        del payload
+        conn.send_bytes(out)
+
+
+class DecodeProcess:
+    """``decode`` has ``decode_scan``'s signature and answers, run in a budgeted child.
+    Used from one thread at a time (the daemon's main loop); ``close`` ends the child."""
+
+    def __init__(self, *, memory_bytes: int, timeout_s: float) -> None:
+        self.memory_bytes = memory_bytes
+        self.timeout_s = timeout_s
+        self.restarts = 0  # children replaced after a budget was exceeded
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._ready = False
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        # A fresh interpreter (not fork: the daemon has threads and paho's sockets), talking
+        # over a socket pair in multiprocessing's framing.
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.dicom.sandbox", str(theirs.fileno()),
+             str(self.memory_bytes)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._proc, self._conn = proc, Connection(ours.detach())
+        self._ready = False  # its imports overlap the daemon's start; awaited at first use
+
+    def _await_ready(self) -> None:
+        assert self._conn is not None and self._proc is not None
+        if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv_bytes() != _READY:
+            self._proc.kill()
+            raise RuntimeError("the decoder process did not start")
+        self._ready = True
+
+    def _end(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._end()
+
+    def decode(self, payload: bytes, contract: InputContract, *, pixel_budget: int,
+               max_payload_bytes: int, payload_sha256: str | None = None) -> Scan:
+        """Decode in the child; raises ``ScanRejected`` (``decode_budget_exceeded`` when a
+        budget was exceeded or the child died)."""
+        digest = payload_sha256 or hashlib.sha256(payload).hexdigest()
+        if len(payload) > max_payload_bytes:  # not worth a round trip
+            return decode_scan(payload, contract, pixel_budget=pixel_budget,
+                               max_payload_bytes=max_payload_bytes, payload_sha256=digest)
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._end()
+                self._start()
+            assert self._conn is not None and self._proc is not None
+            why: str | None = None
+            try:
+                if not self._ready:
+                    self._await_ready()
+                self._conn.send_bytes(pickle.dumps(
+                    (payload, contract, pixel_budget, max_payload_bytes, digest),
+                    protocol=pickle.HIGHEST_PROTOCOL))
+                if self._conn.poll(self.timeout_s):
+                    kind, value = pickle.loads(self._conn.recv_bytes())  # noqa: S301 (see top)
+                else:
+                    why = f"decoding took longer than decode.timeout_s ({self.timeout_s:g} s)"
+            except (EOFError, OSError, RuntimeError):  # RuntimeError: it never started
+                try:
+                    code: int | None = self._proc.wait(1)
+                except subprocess.TimeoutExpired:
+                    code = None
+                why = ("the decoder process died"
+                       + (f" (signal {-code})" if code is not None and code < 0 else ""))
+            if why is not None:
+                self.restarts += 1
+                log.warning("decode_budget_exceeded", detail=why, payload_sha256=digest,
+                            restarts=self.restarts, fix="nothing to do: the scan is reported "
+                            "and a fresh decoder process serves the next one")
+                self._end()
+                raise ScanRejected("decode_budget_exceeded", why, digest)
+        if kind == "scan":
+            assert isinstance(value, Scan)
+            return value
+        reason, message = value
+        raise ScanRejected(reason, message, digest)
+
+
+if __name__ == "__main__":  # the child: python -m agent.dicom.sandbox FD MEMORY_BYTES
+    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -1,0 +1,106 @@
+"""Full stores and a full disk on a real SQLite store: the disk reserve refuses new scans
+(held unacked, ``Pressure`` says why), an outbox at its cap holds scans under the default
+policy, ``drop_oldest`` replaces the oldest results by error reports in one transaction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import LimitsSection
+from agent.daemon.ingest import Ingest
+from agent.daemon.pressure import Pressure
+from agent.daemon.store import DiskFull, OutboxItem, Store
+from agent.transport.mqtt import Message
+from agent.transport.topics import Topics
+
+TOPIC = "iomt/site-1/scans/gw"
+MIB = 1 << 20
+
+
+def _msg(mid: int, size: int = 1000) -> Message:
+    return Message(TOPIC, bytes([mid % 256]) * size, 1, mid, False, False)
+
+
+def _ingest(store: Store, acked: list[int], pressure: Pressure, *,
+            outbox_backpressure: bool = True) -> Ingest:
+    return Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
+                  ack=lambda m: acked.append(m.mid), stored=lambda: None, pressure=pressure,
+                  outbox_backpressure=outbox_backpressure)
+
+
+def test_below_the_disk_reserve_scans_are_held_unacked_until_space_returns(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    pressure, acked = Pressure(), []
+    ingest = _ingest(store, acked, pressure)
+    ingest.on_message(_msg(1))
+    store.min_free_bytes = store.free_disk_bytes() + MIB  # the disk is "full" now
+    with pytest.raises(DiskFull, match="min_free_disk_bytes"):
+        store.accept(TOPIC, "0" * 64, b"x")
+    ingest.on_message(_msg(2))
+    ingest.on_message(_msg(3))
+    assert acked == [1] and ingest.held == 2 and len(store.pending()) == 1
+    assert pressure.changed()
+    summary = pressure.summary()
+    assert summary is not None and summary["reason"] == "disk_full"
+    assert ingest.retry() == 2  # still full
+    store.min_free_bytes = 0  # space returned
+    assert ingest.retry() == 0
+    assert acked == [1, 2, 3] and len(store.pending()) == 3
+    assert pressure.summary() is None and pressure.changed()
+
+
+def test_a_full_outbox_holds_new_scans_under_the_default_policy(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    store.complete(None, [("result", "r-0", "iomt/s/d/results", b"r" * MIB)], "processed")
+    assert store.outbox_full()
+    pressure, acked = Pressure(), []
+    ingest = _ingest(store, acked, pressure)
+    ingest.on_message(_msg(1))
+    assert acked == [] and ingest.held == 1 and store.pending() == []
+    summary = pressure.summary()
+    assert summary is not None and summary["reason"] == "outbox_full"
+    [row] = store.outbox()
+    store.delivered(row.id)
+    assert ingest.retry() == 0 and acked == [1]
+    # drop_oldest: the inbox keeps taking scans; the finisher makes room instead.
+    store.complete(None, [("result", "r-1", "iomt/s/d/results", b"r" * MIB)], "processed")
+    other: list[int] = []
+    _ingest(store, other, Pressure(), outbox_backpressure=False).on_message(_msg(2))
+    assert other == [2]
+
+
+def test_drop_oldest_replaces_the_oldest_results_by_reports_in_one_transaction(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    for i in range(4):
+        store.complete(None, [("result", f"r-{i}", "iomt/s/d/results", b"r" * (MIB // 3))],
+                       "processed")
+    store.complete(None, [("error", "e-0", "iomt/s/d/errors", b"{}")], "failed")
+    assert store.outbox_full()
+
+    def report(item: OutboxItem) -> tuple[str, str, str, bytes]:
+        return "error", f"x-{item.message_id}", "iomt/s/d/errors", json.dumps(
+            {"dropped": item.message_id}).encode()
+
+    dropped = store.drop_oldest(report)
+    assert [d.message_id for d in dropped] == ["r-0", "r-1"]  # oldest first, until below cap
+    assert not store.outbox_full()
+    left = [(r.kind, r.message_id) for r in store.outbox()]
+    assert left == [("result", "r-2"), ("result", "r-3"), ("error", "e-0"),
+                    ("error", "x-r-0"), ("error", "x-r-1")]
+
+    def broken(item: OutboxItem) -> tuple[str, str, str, bytes]:
+        raise RuntimeError("report failed")
+
+    store.complete(None, [("result", "r-4", "iomt/s/d/results", b"r" * (MIB // 2))],
+                   "processed")
+    with pytest.raises(RuntimeError):
+        store.drop_oldest(broken)
+    assert len(store.outbox()) == 6  # rolled back: nothing dropped without its report
+    store.close()
+    reopened = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    assert reopened.outbox_full()  # the byte count matches what is on disk

@@ -1,0 +1,138 @@
+"""`iomt-agent gateway` against dcmtk's echoscu / storescu and a real Mosquitto: the
+allow-list, C-ECHO, what reaches the scan topic, and the refusals a modality sees."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.conftest import Mosquitto
+from tests.integration.harness import REFERENCE_BUNDLE, Recorder, cli, spawn
+from tests.integration.orthanc import free_port, need, store_successes, storescu
+
+pytestmark = pytest.mark.integration
+
+CALLING = "CT-SCANNER-2"
+
+
+def _echo(port: int, calling: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([need("echoscu", "dcmtk"), "-aet", calling, "-aec", "IOMT-GW",
+                           "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30)
+
+
+def test_gateway_with_dcmtk(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    edge = mosquitto_factory("edge")
+    port = free_port()
+    r = cli("init", str(tmp_path / "node"), "--edge-url", edge.url, "--cloud-url", edge.url,
+            "--site", "site-a", "--device-id", "node-1", "--bundle", str(REFERENCE_BUNDLE))
+    assert r.returncode == 0, r.stderr
+    config = tmp_path / "node" / "agent.toml"
+    text = re.sub(r"(?m)^max_payload_bytes = .*$", "max_payload_bytes = 100000",
+                  config.read_text().replace('format = "auto"', 'format = "json"'))
+    assert "max_payload_bytes = 100000" in text
+    config.write_text(text + f'\n[gateway]\nhost = "127.0.0.1"\nport = {port}\n'
+                      f'allowed_calling_ae_titles = ["{CALLING}"]\n'
+                      'sop_classes = ["CTImageStorage"]\nmax_associations = 1\n')
+    ct = tmp_path / "ct.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), ct)  # 39 kB, CT Image Storage
+    assert cli("sample", str(tmp_path / "mr"), "--count", "1").returncode == 0
+    mr = next((tmp_path / "mr").glob("*.dcm"))  # MR Image Storage, 133 kB
+    big_ct = tmp_path / "big_ct.dcm"  # CT, over limits.max_payload_bytes
+    ds = pydicom.dcmread(ct)
+    ds.private_block(0x0009, "IOMT TEST", create=True).add_new(0x10, "OB", b"\0" * 80000)
+    ds.save_as(big_ct)
+
+    scans = Recorder.start(edge.url, "scans", "iomt/site-a/scans/#")
+    gw = spawn(["gateway", "--config", str(config)], tmp_path / "gateway.log")
+    try:
+        gw.wait_for('"gateway_listening"')
+        assert _echo(port, CALLING).returncode == 0
+        refused = _echo(port, "UNKNOWN-AE")
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        # gateway.max_associations = 1: while one association is open, another is refused
+        holder = subprocess.Popen([need("echoscu", "dcmtk"), "-aet", CALLING, "-aec",
+                                   "IOMT-GW", "--repeat", "1000000", "127.0.0.1", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            gw.wait_for('"cecho"', 10)
+            second = _echo(port, CALLING)
+        finally:
+            holder.terminate()
+            holder.wait(10)
+        assert second.returncode != 0
+        assert "Local Limit Exceeded" in second.stdout + second.stderr
+        deadline = time.monotonic() + 10  # the holder's association is gone: room again
+        while _echo(port, CALLING).returncode != 0:
+            assert time.monotonic() < deadline, gw.text()[-2000:]
+            time.sleep(0.1)
+
+        p = storescu(port, [ct, big_ct], calling=CALLING)
+        out, _ = p.communicate(timeout=60)
+        assert store_successes(out) == [str(ct)], out
+        assert "Received Store Response (Refused: OutOfResources)" in out, out
+        got = scans.wait("/scans/gateway", 1)
+        assert got[0].payload[128:132] == b"DICM" and got[0].qos == 1
+        assert pydicom.dcmread(io.BytesIO(got[0].payload)).SOPInstanceUID == (
+            ds.SOPInstanceUID)
+
+        # MR is not in gateway.sop_classes: its presentation context is not accepted
+        p = storescu(port, [mr], calling=CALLING)
+        out, _ = p.communicate(timeout=60)
+        assert store_successes(out) == [], out
+        assert len(scans.on("/scans/gateway")) == 1
+    finally:
+        assert gw.terminate() == 0
+        scans.stop()
+    text = gw.text()
+    assert '"reason": "instance_too_large"' in text and '"status": "0xA700"' in text
+    assert '"association_refused"' in text and "UNKNOWN-AE" in text
+    assert '"outcome": "published"' in text
+    assert str(ds.PatientName) not in text and str(ds.SOPInstanceUID) not in text
+
+
+def test_unclaimed_instance_is_spooled_then_drained(
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
+) -> None:
+    """MQTT 5 "no matching subscribers" (0x10): the broker discarded the publish, so the
+    instance is spooled, not counted as safe; once a subscriber is there it is drained."""
+    from agent.config import BrokerConfig
+    from agent.gateway.forwarder import Forwarder, Outcome
+    from agent.gateway.spool import Spool
+    from agent.transport.mqtt import Connection
+    from agent.transport.topics import Topics
+
+    edge = mosquitto_factory("edge")
+    conn = Connection(BrokerConfig(url=edge.url), "gw-unclaimed", name="edge")
+    spool = Spool(tmp_path / "spool.sqlite", max_bytes=10**7)
+    forwarder = Forwarder(conn, Topics("site-a", "node-1").scan("gateway"), spool,
+                          ack_timeout_s=5)
+    conn.start()
+    forwarder.start()
+    try:
+        assert conn.wait_connected(10)
+        assert forwarder.store("1.2.3", b"instance-1") is Outcome.SPOOLED
+        assert spool.count == 1
+        scans = Recorder.start(edge.url, "scans", "iomt/site-a/scans/#")
+        forwarder.kick()  # as on a reconnect; otherwise the next try comes after a backoff
+        got = scans.wait("/scans/gateway", 1, timeout=10)
+        assert got[0].payload == b"instance-1"
+        deadline = time.monotonic() + 10
+        while spool.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spool.count == 0 and forwarder.counts.drained == 1
+        assert forwarder.store("1.2.4", b"instance-2") is Outcome.PUBLISHED
+        scans.stop()
+    finally:
+        forwarder.stop()
+        conn.stop()
+        spool.close()
