@@ -136,7 +136,7 @@ def test_312_scans_through_broker_kills_an_outage_and_ten_agent_kills(tmp_path: 
         rng = random.Random(SEED)
         t0 = time.monotonic()
         # The stream: 312 scans over ~103 s, with one burst of 30 just before the power cut.
-        burst_at = 60
+        burst_at = 100
         times = [i * 0.33 for i in range(len(stream))]
         sending = threading.Event()
 
@@ -170,15 +170,18 @@ def test_312_scans_through_broker_kills_an_outage_and_ten_agent_kills(tmp_path: 
         cloud.start()
         receivers.append(_receiver(config, tmp_path, 2, wait=False))  # it may connect
         # only after the outage: then it creates its session anew and the outbox retries
+        # The agent is back on the cloud broker: it has sent again what the broker lost.
+        agents.proc.wait_for(f'"url": "{cloud.url}", "session_present"', 2, timeout=40)
         at(11)  # 3. the outage
         cloud.kill()
+        outage_start = time.monotonic() - t0
         outage_end = time.monotonic() + OUTAGE_S
         # 4. ten agent kills at seeded moments during the outage, at least 7 s apart; the
         # one after the burst is the power cut.
         moments = sorted(rng.uniform(0, 1) for _ in range(AGENT_KILLS))
         span = OUTAGE_S - 10 - 7 * AGENT_KILLS
-        kills = [13 + m * span + 7 * i for i, m in enumerate(moments)]
-        power_cut = times[burst_at] + 0.4
+        kills = [outage_start + 2 + m * span + 7 * i for i, m in enumerate(moments)]
+        power_cut = max(times[burst_at] + 0.4, outage_start + 1)
         kills[min(range(AGENT_KILLS), key=lambda i: abs(kills[i] - power_cut))] = power_cut
         for t in sorted(kills):
             at(t)
