@@ -129,5 +129,13 @@ bench-gateway: $(VENV)/.installed mosquitto dcmtk
 models:
 	$(MAKE) -C models
 
+# Mutation testing of the durability-critical modules ([tool.mutmut] in pyproject.toml; not
+# part of `make test`): mutmut, then the score per module (tools/mutation_score.py).
+.PHONY: mutation
+mutation: $(VENV)/.installed mosquitto
+	rm -rf mutants
+	-$(BIN)/mutmut run --max-children 2
+	$(BIN)/python -m tools.mutation_score
+
 clean:
 	rm -rf $(VENV) demo-work bench-out .pytest_cache .mypy_cache .ruff_cache

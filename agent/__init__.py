@@ -11,6 +11,7 @@ results out.
 | ``config_budgets`` | the ``[storage]`` and ``[decode]`` sections: full stores, decoder budget |
 | ``config_domain`` | the ``[domain]`` section: the domain-shift policy |
 | ``config_io`` | reading TOML against a schema, one line per bad key path |
+| ``config_delivery`` | the ``[delivery]`` section: end-to-end receipts before the outbox forgets |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |
 | ``daemon/`` | the running service: ingest, processing stages, outbox, status, store, systemd |

@@ -178,6 +178,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         if not (p.is_dir() or p.is_file()):
             print(f"error: {p} does not exist", file=sys.stderr)
             return EXIT_FAIL
+    if args.confirm:
+        from agent.ops.sender import send_confirmed
+
+        ok = send_confirmed(config, paths, args.source, args.timeout)
+        return EXIT_OK if ok else EXIT_FAIL
     return EXIT_OK if send_files(config, paths, args.source, args.timeout) else EXIT_FAIL
 
 
@@ -294,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="DICOM files or directories")
     s.add_argument("--source", default="gateway", help="last topic level (scanner/gateway name)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    s.add_argument("--confirm", action="store_true", help="wait for the agent's receipt of "
+                   "each scan, resending unconfirmed ones (docs/reliability.md)")
     _identity_flags(s, "the scanner gateway")
     s.set_defaults(func=cmd_send)
 

@@ -21,6 +21,7 @@ from pydantic import (
 
 from agent.config_budgets import DecodeSection, StorageSection
 from agent.config_deid import DeidSection
+from agent.config_delivery import DeliverySection
 from agent.config_domain import DomainSection
 from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
@@ -314,6 +315,9 @@ class Config(Strict):
         default_factory=lambda: DeidSection(), title="De-identification",
         description="PS3.15 Annex E profile applied before sealing (on by default)",
     )
+    delivery: DeliverySection = Field(
+        default_factory=lambda: DeliverySection(), title="Delivery",
+        description="End-to-end receipts before the outbox forgets a result")
     storage: StorageSection = Field(
         default_factory=lambda: StorageSection(), title="Full stores",
         description="What happens when the outbox or the disk is full")

@@ -31,13 +31,14 @@ from agent.config import Config
 from agent.crypto.keyring import describe
 from agent.crypto.seal import EnvelopeError
 from agent.log import get_logger
-from agent.transport.mqtt import Connection, Message
-from agent.transport.topics import Topics
+from agent.transport.mqtt import Connection, Message, Verdict
+from agent.transport.topics import TopicError, Topics
 
 log = get_logger("agent.receive")
 
 CONNECT_GRACE_S = 5.0  # the cloud broker down for this long: say so
 MAX_FIELD_CHARS = 500  # an error report comes from the wire: no field logged longer
+RECEIPT_FLUSH_S = 3.0  # on the way out: wait this long for the broker to take the receipts
 
 _REJECTED_FIX = {
     "unknown_recipient": "sealed to a recipient key this receiver does not hold: add the "
@@ -61,6 +62,7 @@ class Tally:
     filed: int = 0  # results written now (from_quarantine of them out of the quarantine)
     earlier: int = 0  # results whose file was already there: filed by an earlier run
     repeats: int = 0  # results this run had seen already (redelivered)
+    report_repeats: int = 0  # error reports this run had seen already (redelivered)
     rejected: int = 0  # results that could not be opened: quarantined
     errors: int = 0  # error reports about scans (no result will come for those)
     notices: int = 0  # error reports not about a scan (model_refused)
@@ -127,24 +129,25 @@ class _Loop:
     def _rel(self, path: Path | None) -> str:
         return str(path.relative_to(self.out_dir)) if path is not None else ""
 
-    def on_result(self, msg: Message) -> bool:
-        """File (or quarantine) one result; whether it may be acked."""
+    def on_result(self, msg: Message) -> tuple[bool, str | None]:
+        """File (or quarantine) one result: whether it may be acked, and the message id to
+        confirm on the receipts topic (None: nothing to confirm)."""
         try:
             got = self.receiver.file(msg.payload)
         except EnvelopeError as exc:
             try:
                 kept = self.receiver.quarantine(msg.payload)
             except OSError as write_error:
-                return _cannot_write(write_error)
+                return _cannot_write(write_error), None
             with self.lock:
                 self.tally.rejected += 1
                 self.tally.quarantined += 1
             log.warning("result_rejected", reason=exc.reason, detail=str(exc), topic=msg.topic,
                         quarantined=str(kept), fix=_REJECTED_FIX.get(exc.reason, "kept in the "
                         "quarantine directory; run receive again once the config is fixed"))
-            return True
+            return True, None  # confirmed once it can be opened: the agent sends it again
         except OSError as exc:  # not acked: the broker delivers it again after a reconnect
-            return _cannot_write(exc)
+            return _cannot_write(exc), None
         with self.lock:
             if got.kind == "new":
                 self.tally.filed += 1
@@ -162,9 +165,9 @@ class _Loop:
                 log.info("duplicate_dropped", topic=msg.topic, message_id=got.message_id,
                          filed_earlier=got.kind == "earlier", path=self._rel(got.path))
             self._counted()
-        return True
+        return True, got.message_id  # a duplicate is confirmed again: its receipt was lost
 
-    def on_report(self, msg: Message) -> bool:
+    def on_report(self, msg: Message) -> tuple[bool, str | None]:
         """Show one error report (a scan the agent could not process)."""
         try:
             body = json.loads(msg.payload)
@@ -175,10 +178,11 @@ class _Loop:
             message_id = _field(body.get("message_id"))
         except (ValueError, UnicodeDecodeError):
             log.warning("error_report_unreadable", topic=msg.topic, bytes=len(msg.payload))
-            return True
+            return True, None
         with self.lock:
             if message_id in self.reports_seen:
-                return True
+                self.tally.report_repeats += 1
+                return True, message_id
             self.reports_seen.add(message_id)
             about_a_scan = fields["source_topic"] != "model"
             if about_a_scan:
@@ -189,7 +193,36 @@ class _Loop:
                         note="the agent rejected this scan: no result will come for it"
                         if about_a_scan else "the agent refused a model")
             self._counted()
-        return True
+        return True, message_id
+
+
+class _Receipts:
+    """Receipts on ``iomt/{site}/{device}/receipts`` (docs/reliability.md): one per result
+    or error report filed, sent before the message is acked."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending = 0
+
+    def send(self, conn: Connection, topic: str, message_id: str) -> None:
+        levels = topic.split("/")
+        try:
+            target = Topics(levels[1], levels[2]).receipts
+        except (IndexError, TopicError):
+            return
+        with self._cond:
+            self._pending += 1
+        body = json.dumps({"v": 1, "message_id": message_id}).encode()
+        conn.publish(target, body, qos=1, on_done=self._done)
+
+    def _done(self, _verdict: Verdict) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending <= 0, timeout)
 
 
 def _field(value: object) -> str:
@@ -227,9 +260,14 @@ def receive(
     results = topics.results_filter(all_devices=True)
     reports = topics.errors_filter(all_devices=True)
 
+    receipts = _Receipts()
+
     def on_message(msg: Message) -> None:
         handler = loop.on_report if reports.matches(msg.topic) else loop.on_result
-        if handler(msg):
+        ack, message_id = handler(msg)
+        if message_id is not None:  # filed (durably) or shown: the agent may forget it
+            receipts.send(conn, msg.topic, message_id)
+        if ack:
             conn.ack(msg)
 
     client_id = config.client_id("receiver")
@@ -264,6 +302,7 @@ def receive(
                           + (" until --timeout" if deadline is not None else ""))
             loop.done.wait(0.2)
     finally:
+        receipts.flush(RECEIPT_FLUSH_S)
         conn.stop()
     drained = True
     if exporter is not None:
@@ -281,7 +320,8 @@ def report(summary: ReceiveSummary, count: int | None) -> int:
     t = summary.tally
     figures: dict[str, int | str] = {"filed": t.filed, "duplicates": t.earlier + t.repeats,
                "already_filed": t.earlier, "rejected": t.rejected, "quarantined": t.quarantined,
-               "error_reports": t.errors}
+               "error_reports": t.errors,
+               "duplicate_reports": t.report_repeats}
     if t.quarantined:
         figures["quarantine"] = str(summary.quarantine_dir)
     if t.filed == 0 and t.earlier:

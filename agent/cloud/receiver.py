@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +121,7 @@ class ResultReceiver:
             self._seen.add(opened.message_id)
             return Filed("earlier", opened.message_id, opened.device_id, path, size, **ids)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(opened.plaintext)
-        tmp.replace(path)
+        _durable_write(path, opened.plaintext)
         # Only once the file is in place: a failed write must not turn the redelivery
         # into a "duplicate" that is acked and lost.
         self._seen.add(opened.message_id)
@@ -154,6 +153,22 @@ class ResultReceiver:
                 continue
             path.unlink()
             yield path, filed
+
+
+def _durable_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the directory: once this returns the file survives a
+    power cut, so the receipt that follows may let the agent forget the result."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def receiver_from_config(config: Config, out_dir: Path) -> ResultReceiver:

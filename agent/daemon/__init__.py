@@ -3,6 +3,7 @@
 | module | job |
 |---|---|
 | ``service`` | the daemon: brokers, store and stage threads; status, signals, reload |
+| ``status`` | the retained status document the daemon publishes |
 | ``pipeline`` | the processing stages of one scan, wired in one place |
 | ``domain_check`` | the domain-shift verdict per slice and series, the policy, the status |
 | ``stacking`` | the 2.5D path: series admission, neighbour stacks, release |

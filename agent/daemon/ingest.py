@@ -17,6 +17,7 @@ delivers it again to the persistent session.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from agent.daemon.pipeline import error_report
 from agent.daemon.pressure import Pressure
 from agent.daemon.store import DiskFull, Store, StoreFull
 from agent.log import get_logger
-from agent.transport.mqtt import Message
+from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import Topics
 
 log = get_logger("agent.daemon.ingest")
@@ -119,3 +120,16 @@ class Ingest:
 
 class _OutboxFull(StoreFull):
     """Not stored: the outbox is at its cap and the policy is backpressure."""
+
+
+def confirming_ack(edge: Connection, topics: Topics) -> Callable[[Message], None]:
+    """The ``ack`` of a running agent: PUBACK a scan that is durable in the inbox, and
+    publish ``{"v": 1, "sha256": ...}`` on ``topics.accepted`` for the gateway (one that
+    resends until it sees this survives an edge broker that acked and then crashed;
+    docs/reliability.md)."""
+    def ack(msg: Message) -> None:
+        edge.ack(msg)
+        body = {"v": 1, "sha256": hashlib.sha256(msg.payload).hexdigest()}
+        edge.publish(topics.accepted, json.dumps(body).encode(), qos=1)
+
+    return ack

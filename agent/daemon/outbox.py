@@ -12,8 +12,17 @@ A row is deleted only when the broker's PUBACK says it was delivered. Two answer
   ``results_unclaimed``).
 * **refused** (reason >= 0x80, e.g. not authorized): logged, retried with the same backoff.
 
-MQTT 3.1.1 has no reason codes: a PUBACK there always reads as delivered, so a result that
-no subscriber took is lost (docs/protocol.md).
+MQTT 3.1.1 has no reason codes: a PUBACK there always reads as delivered, so without
+receipts a result that no subscriber took is lost (docs/protocol.md).
+
+**Receipts** (``receipt_timeout_s`` set: ``delivery.receipts = true``, recommended): a PUBACK only
+means the broker has the message in memory, and Mosquitto writes its persistence as
+snapshots, so a broker that acks and then crashes can lose it. With receipts a delivered
+row stays in the store, *awaiting* the consumer's receipt (``on_receipt``, which deletes
+every row of that message id); after every reconnect to the cloud broker (``reconnected``)
+the awaiting rows go out again at once, and one whose receipt is ``receipt_timeout_s``
+overdue goes out again too (the timeout doubling per try, up to 1 h). The consumer drops
+the duplicates by message id (docs/reliability.md).
 
 Rows waiting for a retry do not hold up the others: new rows go out as they come, up to
 ``window`` in flight at once.
@@ -21,6 +30,7 @@ Rows waiting for a retry do not hold up the others: new rows go out as they come
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +44,8 @@ log = get_logger("agent.daemon.outbox")
 WINDOW = 32  # rows in flight to the cloud broker at once
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
+MAX_RECEIPT_WAIT_S = 3600.0
+RECEIPT_GRACE_ON_STOP_S = 2.0  # on stop: how long to wait for receipts still on their way
 
 
 def retry_delay(tries: int) -> float:
@@ -49,6 +61,8 @@ class _Held:
     tries: int
     due: float
     unclaimed: bool
+    awaiting: bool = False  # the broker took it; waiting for the consumer's receipt
+    reconnect: bool = False  # due now because the broker connection is new
 
 
 class OutboxPublisher:
@@ -56,13 +70,16 @@ class OutboxPublisher:
 
     def __init__(self, store: Store, cloud: Connection, *, kick: threading.Event,
                  stop: threading.Event, space: threading.Condition,
-                 window: int = WINDOW) -> None:
+                 window: int = WINDOW, receipt_timeout_s: float | None = None) -> None:
         self._store = store
         self._cloud = cloud
         self._kick = kick  # set: new rows, a verdict or a reconnect
         self._stop = stop
         self._space = space  # notified when a row is gone (the outbox has room again)
         self._window = window
+        self._receipt_timeout_s = receipt_timeout_s  # None: a PUBACK deletes the row
+        self._stop_seen: float | None = None
+        self._receipted_in_flight: set[int] = set()  # confirmed before their PUBACK came
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
         self._held: dict[int, _Held] = {}
@@ -76,6 +93,60 @@ class OutboxPublisher:
         """Rows the broker last answered "no matching subscribers" for."""
         with self._lock:
             return sum(1 for h in self._held.values() if h.unclaimed)
+
+    @property
+    def awaiting_receipt(self) -> int:
+        """Rows the broker took that the consumer has not confirmed yet."""
+        with self._lock:
+            return sum(1 for h in self._held.values() if h.awaiting)
+
+    def receipt_delay(self, tries: int) -> float:
+        """Seconds after try ``tries``'s PUBACK before the row goes out again unconfirmed."""
+        assert self._receipt_timeout_s is not None
+        return min(MAX_RECEIPT_WAIT_S, self._receipt_timeout_s * 2.0 ** max(0, tries - 1))
+
+    def on_receipt(self, message_id: str) -> int:
+        """The consumer filed ``message_id``: its rows are gone for good. Any thread."""
+        try:
+            ids = self._store.receipted(message_id)
+        except DiskFull:  # kept: sent again later, and the consumer confirms it again
+            log.warning("receipt_not_applied", message_id=message_id, reason="disk full")
+            return 0
+        if ids:
+            with self._lock:
+                for row_id in ids:
+                    self._held.pop(row_id, None)
+                    if row_id in self._inflight:
+                        self._receipted_in_flight.add(row_id)
+            with self._space:
+                self._space.notify_all()
+            self._kick.set()
+        return len(ids)
+
+    def on_receipt_message(self, topic: str, payload: bytes) -> None:
+        """A message on the receipts topic: JSON ``{"v": 1, "message_id": "..."}``."""
+        try:
+            message_id = json.loads(payload)["message_id"]
+            if not isinstance(message_id, str):
+                raise TypeError("message_id is not a string")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            log.warning("receipt_unreadable", topic=topic, bytes=len(payload),
+                        fix='a receipt is JSON {"v": 1, "message_id": "..."}')
+            return
+        self.on_receipt(message_id)
+
+    def reconnected(self) -> None:
+        """A new connection to the cloud broker (paho's thread): the broker may have lost
+        what it acked before (a crash between snapshots), so awaiting rows go out now."""
+        now = time.monotonic()
+        with self._lock:
+            awaiting = [h for h in self._held.values() if h.awaiting]
+            for h in awaiting:
+                h.due, h.reconnect = now, True
+        if awaiting:
+            log.info("results_resent_after_reconnect", rows=len(awaiting),
+                     note="not yet confirmed by the consumer; it drops the duplicates")
+        self._kick.set()
 
     # -- the thread ----------------------------------------------------------------------
     def run(self) -> None:
@@ -104,9 +175,15 @@ class OutboxPublisher:
         if time.monotonic() > self.drain_deadline:
             return True
         _, depth = self._store.depths()
+        now = time.monotonic()
+        if self._stop_seen is None:
+            self._stop_seen = now
         with self._lock:
-            waiting_for_a_consumer = (not self._inflight and depth == sum(
+            awaiting = sum(1 for h in self._held.values() if h.awaiting)
+            waiting_for_a_consumer = (not self._inflight and depth == awaiting + sum(
                 1 for h in self._held.values() if h.unclaimed))
+        if waiting_for_a_consumer and awaiting:  # receipts may still be on their way
+            return now - self._stop_seen > RECEIPT_GRACE_ON_STOP_S
         return depth == 0 or waiting_for_a_consumer  # kept for the next start
 
     def _publish(self, last_id: int) -> int:
@@ -119,6 +196,12 @@ class OutboxPublisher:
         with self._lock:
             for gone in set(due) - {r.id for r in rows}:
                 self._forget(gone)
+            overdue = sum(1 for h in (self._held.get(r.id) for r in rows)
+                          if h is not None and h.awaiting and not h.reconnect)
+        if overdue:
+            log.warning("receipt_overdue", rows=overdue, fix="is `iomt-agent receive` "
+                        "running, and may it publish on the receipts topic (the cloud "
+                        "broker's ACL)? The rows go out again; the consumer drops duplicates")
         for row in rows:
             self._send(row)
         room -= len(rows)
@@ -139,6 +222,12 @@ class OutboxPublisher:
     # -- verdicts (paho's network thread) ------------------------------------------------
     def _verdict(self, row: OutboxItem) -> PublishDone:
         def done(verdict: Verdict) -> None:
+            if verdict.delivery is Delivery.DELIVERED and self._receipt_timeout_s is not None:
+                with self._lock:  # kept until the consumer's receipt
+                    self._inflight.discard(row.id)
+                    self._awaiting(row)
+                self._kick.set()
+                return
             if verdict.delivery is Delivery.DELIVERED:
                 try:
                     self._store.delivered(row.id)  # before it leaves _inflight: never sent twice
@@ -170,6 +259,18 @@ class OutboxPublisher:
         if held is not None and held.unclaimed:
             self._claimed_in_episode += 1
             self._end_episode_if_over(now)
+
+    def _awaiting(self, row: OutboxItem) -> None:
+        """The broker took the row: keep it until the consumer's receipt."""
+        if row.id in self._receipted_in_flight:  # the receipt beat the PUBACK: gone
+            self._receipted_in_flight.discard(row.id)
+            self._delivered(row)
+            return
+        held = self._held.get(row.id)
+        tries = held.tries + 1 if held else 1
+        self._delivered(row)
+        self._held[row.id] = _Held(row.topic, tries,
+                                   time.monotonic() + self.receipt_delay(tries), False, True)
 
     def _hold(self, row: OutboxItem, verdict: Verdict) -> None:
         held = self._held.get(row.id)

@@ -25,16 +25,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent import __version__
 from agent.config import Config
 from agent.daemon import sdnotify
-from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest
+from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest, confirming_ack
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.pressure import Pressure
-from agent.daemon.reload import Loaded, Reloader, now_iso, refusal, sharing_refusal
+from agent.daemon.reload import Loaded, Reloader, refusal, sharing_refusal
 from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import Stages
+from agent.daemon.status import agent_status
 from agent.daemon.store import Store
 from agent.errors import AgentError
 from agent.log import get_logger
@@ -120,18 +120,20 @@ class Agent:
             will=will,
             receive_maximum=RECEIVE_MAXIMUM,
         )
-        self.ingest = Ingest(self.store, config.limits, self.topics, ack=self.edge.ack,
-                             stored=self._stored, pressure=self.pressure,
+        self.ingest = Ingest(self.store, config.limits, self.topics, stored=self._stored,
+                             ack=confirming_ack(self.edge, self.topics), pressure=self.pressure,
                              outbox_backpressure=config.storage.outbox_full == "backpressure")
+        receipts = config.delivery.receipts
         self.cloud = Connection(
-            config.cloud,
-            config.client_id("cloud"),
-            name="cloud",
-            will=will,
-            on_connected=self._kick.set,
+            config.cloud, config.client_id("cloud"), name="cloud", will=will,
+            subscriptions=(self.topics.receipts,) if receipts else (),
+            on_message=(lambda m: self.outbox.on_receipt_message(m.topic, m.payload))
+            if receipts else None,
+            on_connected=lambda: self.outbox.reconnected(),
         )
-        self.outbox = OutboxPublisher(self.store, self.cloud, kick=self._kick, stop=self._stop,
-                                      space=self._space)
+        self.outbox = OutboxPublisher(
+            self.store, self.cloud, kick=self._kick, stop=self._stop, space=self._space,
+            receipt_timeout_s=config.delivery.receipt_timeout_s if receipts else None)
         self.updates = None
         if self.fleet is not None:
             from agent.daemon.updates import UpdateHook
@@ -228,32 +230,7 @@ class Agent:
 
     # -- status --------------------------------------------------------------------------
     def status(self, state: str = "online") -> dict[str, Any]:
-        inbox, outbox = self.store.depths()
-        counts = self.store.counters()
-        series = self.stages.series
-        return {
-            "v": 1,
-            "state": state,
-            "site": self.topics.site,
-            "device_id": self.topics.device,
-            "agent_version": __version__,
-            "model": self.model.summary(),
-            **({"model_refused": self.model_refused} if self.model_refused else {}),
-            **({"update": self.fleet.status()} if self.fleet else {}),
-            **({"series": {"open": series.counts[0], "waiting": series.counts[1],
-                           "held": self.store.held_count()}} if series else {}),
-            "deid": self.deid.summary() if self.deid else {"enabled": False},
-            "domain": self.stages.translator.domain.summary(),
-            "seal": self.sealer.summary(),
-            "inbox_depth": inbox,
-            "outbox_depth": outbox,
-            "results_unclaimed": self.outbox.unclaimed,
-            "backpressure": self.pressure.summary(),
-            "processed": counts.get("processed", 0),
-            "failed": counts.get("failed", 0),
-            "last_latency_ms": self.stages.last_latency_ms,
-            "updated": now_iso(),
-        }
+        return agent_status(self, state)
 
     def _publish_status(self, state: str = "online", force: bool = False) -> None:
         now = time.monotonic()

@@ -4,7 +4,8 @@
   ``synchronous=FULL``.
 * ``Store.complete`` writes the result to the outbox and marks the inbox row done in one
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
-* An outbox row is deleted only when the cloud broker has acknowledged it.
+* An outbox row is deleted only when the cloud broker has acknowledged it or, with
+  ``delivery.receipts = true``, when the consumer's receipt names its message id.
 * The disk: below ``min_free_bytes`` free on the store's filesystem ``accept`` refuses
   (``DiskFull``) so that commits and deletes still find room; SQLite's own "disk is full"
   becomes ``DiskFull`` too, its transaction rolled back (the caller retries later).
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic       TEXT    NOT NULL,
     payload     BLOB    NOT NULL
 );
+CREATE INDEX IF NOT EXISTS outbox_message ON outbox(message_id);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -312,6 +314,28 @@ class Store:
                     raise DiskFull("the state directory's filesystem is full") from None
                 raise
             self._outbox_bytes -= int(row[0])
+
+    def receipted(self, message_id: str) -> list[int]:
+        """The consumer has filed ``message_id``: delete every row that carries it (a scan
+        sent twice queues two); returns their ids."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT id, LENGTH(payload) FROM outbox WHERE message_id=?", (message_id,)
+                ).fetchall()
+                self._db.execute("DELETE FROM outbox WHERE message_id=?", (message_id,))
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._db.execute("ROLLBACK")
+                if _disk_full(exc):
+                    raise DiskFull("the state directory's filesystem is full") from None
+                raise
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._outbox_bytes -= sum(int(r[1]) for r in rows)
+        return [int(r[0]) for r in rows]
 
     def drop_oldest(self, report: Callable[[OutboxItem], tuple[str, str, str, bytes]]
                     ) -> list[OutboxItem]:

@@ -47,9 +47,11 @@ class Rule:
 def acl_rules(site: str, devices: list[str], group: str,
               people: list[Identity]) -> list[Rule]:
     """Every grant of both brokers. Devices: on the edge, read the site's scans and write
-    their own status (and will); on the cloud, write their own results, status and errors
-    and read their group's fleet topics. The gateway writes scans (edge only). The cloud
-    consumer reads the site's results, status and errors (cloud only). The fleet operator
+    their own status (and will) and scan receipts (``accepted``); on the cloud, write their
+    own results, status and errors and read their own receipts and their group's fleet
+    topics. The gateway writes scans and reads the site's scan receipts (edge only). The
+    cloud consumer reads the site's results, status and errors and writes their receipts
+    (cloud only). The fleet operator
     writes fleet topics and reads every status (cloud only)."""
     rules: list[Rule] = []
     site_topics = Topics(site, devices[0])
@@ -59,18 +61,23 @@ def acl_rules(site: str, devices: list[str], group: str,
             rules += [
                 Rule("edge", "device", ident.cn, "read", site_topics.scans_filter()),
                 Rule("edge", "device", ident.cn, "write", own.status),
+                Rule("edge", "device", ident.cn, "write", own.accepted),
                 Rule("cloud", "device", ident.cn, "write", own.results),
                 Rule("cloud", "device", ident.cn, "write", own.status),
                 Rule("cloud", "device", ident.cn, "write", own.errors),
                 Rule("cloud", "device", ident.cn, "read", fleet_filter(group)),
+                Rule("cloud", "device", ident.cn, "read", own.receipts),
             ]
         elif ident.role == "gateway":
-            rules.append(Rule("edge", "gateway", ident.cn, "write",
-                              Topic(f"iomt/{site}/scans/#", filter=True)))
+            rules += [Rule("edge", "gateway", ident.cn, "write",
+                           Topic(f"iomt/{site}/scans/#", filter=True)),
+                      Rule("edge", "gateway", ident.cn, "read", site_topics.accepted_filter())]
         elif ident.role == "cloud":
             rules += [Rule("cloud", "cloud", ident.cn, "read", t) for t in (
                 site_topics.results_filter(), site_topics.status_filter(),
                 site_topics.errors_filter())]
+            rules.append(Rule("cloud", "cloud", ident.cn, "write",
+                              site_topics.receipts_filter()))
         elif ident.role == "operator":
             rules += [Rule("cloud", "operator", ident.cn, "readwrite", fleet_filter()),
                       Rule("cloud", "operator", ident.cn, "read", every_status())]

@@ -62,3 +62,31 @@ def send_files(config: Config, paths: list[Path], source: str, timeout: float) -
                   fix="start `iomt-agent run` once first (its persistent session makes the "
                   "broker keep scans for it), then send again")
     return complete and not refused and not unclaimed
+
+
+def send_confirmed(config: Config, paths: list[Path], source: str, timeout: float) -> bool:
+    """Publish every file and wait until the agent confirmed each one (its ``accepted``
+    receipt), resending unconfirmed ones: nothing is lost to an edge broker that acked and
+    then crashed."""
+    from agent.ops.gateway import ConfirmingGateway
+
+    files = collect(paths)
+    topics = Topics(config.agent.site, config.agent.device_id)
+    gateway = ConfirmingGateway(config.edge, f"iomt-{config.agent.site}-sender-{source}",
+                                topics, source=source, resend_s=max(1.0, timeout / 4))
+    if not gateway.start(timeout):
+        log.error("edge_broker_unreachable", url=config.edge.url, error=gateway.conn.last_error)
+        gateway.stop()
+        return False
+    for f in files:
+        gateway.send(f.read_bytes())
+    confirmed = gateway.wait_confirmed(timeout)
+    left = gateway.unconfirmed
+    gateway.stop()
+    log.info("sent", files=len(files), confirmed=len(files) - left, resent=gateway.resent,
+             complete=confirmed)
+    if not confirmed:
+        log.error("scans_unconfirmed", files=left, fix="is the agent running and connected "
+                  "to the edge broker? May it publish on iomt/{site}/{device}/accepted and "
+                  "this gateway read it (the edge broker's ACL)?")
+    return confirmed

@@ -113,6 +113,28 @@ class Topics:
     def errors(self) -> Topic:
         return Topic(f"iomt/{self.site}/{self.device}/errors")
 
+    @property
+    def receipts(self) -> Topic:
+        """Cloud broker: the consumer confirms each result and error report it has filed
+        (payload: JSON ``{"v": 1, "message_id": ...}``); the outbox keeps a row until then."""
+        return Topic(f"iomt/{self.site}/{self.device}/receipts")
+
+    def receipts_filter(self, all_devices: bool = True) -> Topic:
+        """What the cloud consumer publishes to (every device of the site) in ACL terms."""
+        device = "+" if all_devices else self.device
+        return Topic(f"iomt/{self.site}/{device}/receipts", filter=True)
+
+    @property
+    def accepted(self) -> Topic:
+        """Edge broker: the agent confirms each scan it has committed to its inbox (payload:
+        JSON ``{"v": 1, "sha256": ...}``); a gateway resends a scan until it sees this."""
+        return Topic(f"iomt/{self.site}/{self.device}/accepted")
+
+    def accepted_filter(self, all_devices: bool = True) -> Topic:
+        """What a scanner gateway subscribes to on the edge broker."""
+        device = "+" if all_devices else self.device
+        return Topic(f"iomt/{self.site}/{device}/accepted", filter=True)
+
 
 def fleet(group: str, *rest: str) -> Topic:
     """Fleet update topics (used by model roll-out): ``iomt/fleet/{group}/...``."""

@@ -209,3 +209,39 @@ def test_quarantine_keeps_what_cannot_be_opened_until_the_right_key_files_it(
         "m-0", "m-1"]
     assert list(right.quarantine_dir.iterdir()) == []
     assert len([p for p in _files(out) if p.suffix == ".dcm"]) == 2
+
+
+def test_what_file_reports_for_new_earlier_and_repeat(tmp_path: Path) -> None:
+    """The ids and sizes a consumer loop logs and confirms (receipts go by message_id)."""
+    def head(f: object) -> tuple[object, ...]:
+        return tuple(getattr(f, k) for k in ("kind", "message_id", "device_id", "path", "size"))
+
+    envelope = _seal(_SERIES[1], "m-7")
+    study, series, sop = _uids(_SERIES[1])
+    path = tmp_path / "out" / study / series / f"{sop}.dcm"
+    size = len(_SERIES[1])
+    assert head(_receiver(tmp_path / "out").file(envelope)) == ("new", "m-7", DEVICE, path, size)
+    again = _receiver(tmp_path / "out")  # a second run: the file is there
+    assert head(again.file(envelope)) == ("earlier", "m-7", DEVICE, path, size)
+    assert head(again.file(envelope)) == ("repeat", "m-7", DEVICE, None, 0)
+
+
+def test_malformed_results_say_what_is_wrong(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path / "out")
+    with pytest.raises(EnvelopeError, match="payload is not DICOM: "):
+        receiver.file(_seal(b"not dicom at all", "m-1"))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        ds = pydicom.dcmread(io.BytesIO(_SERIES[0]))
+        setattr(ds, keyword, "1.2.x")
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        with pytest.raises(EnvelopeError, match=f"result has an invalid {keyword}$"):
+            receiver.file(_seal(buf.getvalue(), f"m-{keyword}"))
+
+
+def test_quarantine_names_are_the_envelope_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    envelope = b"cannot be opened"
+    path = _receiver(tmp_path / "out").quarantine(envelope)
+    assert path.name == hashlib.sha256(envelope).hexdigest()[:32] + ".iomt"

@@ -43,6 +43,28 @@ def test_each_scan_is_stored_before_it_is_acked(store: Store) -> None:
     assert acked == [1, 2] and seen == [1, 2]
 
 
+def test_the_inbox_row_is_committed_when_the_ack_goes_out(store: Store) -> None:
+    """At the ack the row is on disk: a second connection (another process, or the next
+    start after a crash right after the PUBACK) already sees it."""
+    import sqlite3
+
+    seen: list[int] = []
+
+    def ack(msg: Message) -> None:
+        con = sqlite3.connect(store.path)
+        try:
+            seen.append(con.execute("SELECT COUNT(*) FROM inbox WHERE state='pending'")
+                        .fetchone()[0])
+        finally:
+            con.close()
+
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
+                    stored=lambda: None)
+    ingest.on_message(_msg(1))
+    ingest.on_message(_msg(2))
+    assert seen == [1, 2]
+
+
 def test_a_full_inbox_holds_messages_without_waiting_and_acks_them_in_order(
     store: Store,
 ) -> None:
@@ -101,3 +123,24 @@ def test_an_oversized_payload_is_reported_and_acked(store: Store) -> None:
     assert acked == [1] and store.pending(limit=10) == []
     (row,) = store.outbox(limit=10)
     assert row.kind == "error" and b'"reason":"payload_too_large"' in row.payload
+
+
+def test_a_payload_at_the_cap_is_stored_and_one_over_it_reported(store: Store) -> None:
+    acked: list[int] = []
+    ingest = _ingest(store, acked, LimitsSection(max_payload_bytes=1024))
+    assert ingest.retry() == 0  # nothing held: nothing to do
+    ingest.on_message(_msg(1, size=1024))
+    assert [p.payload for p in store.pending(limit=10)] == [bytes([1]) * 1024]
+    big = _msg(2, size=1025)
+    ingest.on_message(big)
+    assert acked == [1, 2]
+    (row,) = store.outbox(limit=10)
+    assert row.topic == "iomt/site-1/edge-1/errors"
+    import hashlib
+    import json
+
+    body = json.loads(row.payload)
+    assert body["device_id"] == "edge-1" and body["source_topic"] == TOPIC
+    assert body["payload_sha256"] == hashlib.sha256(big.payload).hexdigest()
+    assert body["detail"] == "1025 bytes exceeds limits.max_payload_bytes"
+    assert store.counters() == {"failed": 1}

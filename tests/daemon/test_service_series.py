@@ -275,3 +275,27 @@ def test_a_held_twin_is_released_when_a_restart_reloads_it(node: Path, opener) -
                 opener, payloads, values, lambda i: clamp_slots(i, set(range(N))))
     assert got == dict.fromkeys(range(N), 1)  # the twin was not processed again
     d.stop()
+
+
+def _renumbered(payload: bytes, number: int) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(payload))
+    ds.InstanceNumber = number
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_neighbours_follow_the_geometry_where_instance_numbers_disagree(  # type: ignore[no-untyped-def]
+        node: Path, opener) -> None:
+    """InstanceNumber is only a label: here it runs against the slice positions (and is
+    scrambled), and each slice still gets its geometric neighbours."""
+    payloads, values = series()
+    numbers = list(range(1, N + 1))
+    random.Random(5).shuffle(numbers)
+    payloads = [_renumbered(p, numbers[i]) for i, p in enumerate(payloads)]
+    d = Driver(node)
+    d.accept(payloads)
+    d.run_until(N)
+    results = d.stop()
+    got = check(results, opener, payloads, values, lambda i: clamp_slots(i, set(range(N))))
+    assert got == dict.fromkeys(range(N), 1)

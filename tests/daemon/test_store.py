@@ -225,3 +225,111 @@ def test_concurrent_accept_and_complete(store: Store) -> None:
     assert store.depths() == (0, 100)
     assert store.counters() == {"processed": 100}
     assert len({o.message_id for o in store.outbox(limit=1000)}) == 100
+
+
+def test_a_puback_deletes_its_own_row_only(store: Store) -> None:
+    """A PUBACK for a later row says nothing about the earlier ones (they may be waiting
+    for a retry): they stay, in order."""
+    ids = [store.complete(None, [("result", f"m-{i}", "r", b"x" * 10)], "processed")[0]
+           for i in range(4)]
+    store.delivered(ids[2])
+    assert [o.id for o in store.outbox()] == [ids[0], ids[1], ids[3]]
+    store.delivered(ids[3])
+    assert [o.id for o in store.outbox()] == [ids[0], ids[1]]
+
+
+def test_a_receipt_deletes_the_rows_of_its_message_id_only(store: Store) -> None:
+    a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
+    b1 = store.complete(None, [("result", "m-b", "r", b"22")], "processed")[0]
+    c = store.complete(None, [("result", "m-c", "r", b"333")], "processed")[0]
+    b2 = store.complete(None, [("result", "m-b", "r", b"22")], "processed")[0]  # sent twice
+    assert store.receipted("m-b") == [b1, b2]
+    assert [o.id for o in store.outbox()] == [a, c]
+    assert store.receipted("m-b") == [] and store.receipted("unknown") == []
+    store.receipted("m-a")
+    store.receipted("m-c")
+    assert store.depths() == (0, 0) and not store.outbox_full()
+
+
+def test_a_crash_between_outbox_insert_and_inbox_done_leaves_neither(
+        store: Store, db: Path) -> None:
+    """The outbox insert and the inbox row's "done" are one commit: a failure at the last
+    statement (a real SQLite trigger aborting the inbox UPDATE, as a crash there would)
+    leaves the scan pending and no result queued; never the result queued twice on the
+    next start, never the scan done without its result."""
+    rid = store.accept("t", "s", b"scan")
+    con = sqlite3.connect(db)
+    con.execute("CREATE TRIGGER crash BEFORE UPDATE ON inbox "
+                "BEGIN SELECT RAISE(ABORT, 'crash'); END")
+    con.commit()
+    con.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        store.complete(rid, [("result", "m-1", "r", b"sealed")], "processed")
+    assert _rows(db, "SELECT COUNT(*) FROM outbox") == [(0,)]
+    assert _rows(db, "SELECT state FROM inbox") == [("pending",)]
+    assert _rows(db, "SELECT COUNT(*) FROM counters") == [(0,)]
+
+
+def test_payload_of_pending_and_held_rows_only(store: Store) -> None:
+    a = store.accept("t", "s", b"scan-a")
+    b = store.accept("t", "s", b"scan-b")
+    assert store.payload(a) == b"scan-a"
+    store.complete(a, [], "processed", hold=True)
+    assert store.payload(a) == b"scan-a"  # held: still a neighbour
+    store.complete(b, [], "processed")
+    assert store.payload(b) is None and store.payload(999) is None
+    store.release([a])
+    assert store.payload(a) is None
+
+
+def test_release_held_frees_its_bytes(db: Path) -> None:
+    s = _open(db, inbox=MIB)
+    try:
+        rid = s.accept("t", "s", b"x" * (600 * 1024))
+        s.complete(rid, [], "processed", hold=True)
+        with pytest.raises(StoreFull):
+            s.accept("t", "s", b"y" * (600 * 1024))  # the held payload still counts
+        assert s.release_held() == 1 and s.held_count() == 0
+        s.accept("t", "s", b"y" * (600 * 1024))  # its bytes are free again
+        assert s.release_held() == 0
+    finally:
+        s.close()
+
+
+def test_release_and_receipts_free_their_bytes(db: Path) -> None:
+    s = _open(db, inbox=MIB, outbox=MIB)
+    try:
+        ids = [s.accept("t", "s", bytes([i]) * (300 * 1024)) for i in range(3)]
+        for rid in ids:
+            s.complete(rid, [], "processed", hold=True)
+        with pytest.raises(StoreFull):
+            s.accept("t", "s", b"x" * (300 * 1024))
+        s.release([ids[0], 999, ids[1]])  # an unknown id is skipped, not the end
+        s.accept("t", "s", b"x" * (300 * 1024))
+        s.accept("t", "s", b"y" * (300 * 1024))  # both releases freed their bytes
+        big = b"r" * (600 * 1024)
+        s.complete(None, [("result", "m-1", "r", big)], "processed")
+        s.complete(None, [("result", "m-2", "r", big)], "processed")
+        assert s.outbox_full()
+        s.receipted("m-1")
+        assert not s.outbox_full()
+        s.receipted("m-2")
+        s.complete(None, [("result", "m-3", "r", big)], "processed")
+        assert not s.outbox_full()  # 600 KiB of 1 MiB: both receipts freed theirs
+    finally:
+        s.close()
+
+
+def test_a_failed_release_or_receipt_rolls_back_and_says_why(store: Store, db: Path) -> None:
+    rid = store.accept("t", "s", b"scan")
+    store.complete(rid, [("result", "m-1", "r", b"sealed")], "processed", hold=True)
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TRIGGER no_update BEFORE UPDATE ON inbox BEGIN SELECT RAISE(ABORT, 'x'); END;"
+        "CREATE TRIGGER no_delete BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'x'); END;")
+    con.close()
+    for action in (lambda: store.release([rid]), store.release_held,
+                   lambda: store.receipted("m-1")):
+        with pytest.raises(sqlite3.IntegrityError):
+            action()
+    assert store.held_count() == 1 and store.depths() == (0, 1)

@@ -226,3 +226,55 @@ def test_slice_info_groups_by_orientation_and_refuses_no_geometry() -> None:
     with pytest.raises(ScanRejected) as exc:
         slice_info(scan)
     assert exc.value.reason == "bad_geometry"
+
+
+def test_next_deadline_is_the_earliest_open_group_with_slices_waiting() -> None:
+    a = assembler(idle_timeout_s=10.0)
+    assert a.next_deadline() is None  # nothing open
+    a.add(info(0.0, group="a"), inbox_id=1, now=5)
+    a.add(info(0.0, group="b"), inbox_id=2, now=2)
+    a.add(info(0.0, group="c"), inbox_id=3, now=0, sent=True)  # done before a restart
+    assert a.next_deadline() == 12.0  # c has nothing waiting: it does not count
+    assert drain(a, 13) == {2: (2, 2, 2, 2, 2)}  # b closed for idleness: its slice went
+    assert a.next_deadline() == 15.0  # b has nothing waiting: only a counts
+    a.close_all()
+    drain(a, 16)
+    assert a.next_deadline() is None
+
+
+def test_counters_and_padding_of_a_closed_series() -> None:
+    a = assembler()
+    for i in (0, 1, 2):
+        assert a.add(info(float(i)), inbox_id=i, now=0)
+    assert not a.add(info(1.0), inbox_id=9, now=0)  # the same SOP again
+    assert not a.add(info(2.0), inbox_id=10, now=0)
+    assert a.counters.duplicates == 2
+    a.close_all()
+    jobs = {job.centre: job for job in a.take_ready(1)}
+    assert {c: j.padded for c, j in jobs.items()} == {0: 2, 1: 2, 2: 2}
+    assert jobs[0].slots == (0, 0, 0, 1, 2) and jobs[1].slots == (0, 0, 1, 2, 2)
+    assert [(g, why, ids) for g, why, ids in a.finished()] == [("g", "flushed", [0, 1, 2])]
+    assert a.counters.closed == 1 and a.finished() == []
+    a.add(info(0.0, group="h"), inbox_id=20, now=2)
+    a.close_all()
+    a.take_ready(3)
+    a.finished()
+    assert a.counters.closed == 2
+
+
+def test_positions_within_the_tolerance_are_the_same_slot_and_a_spacing_away_are_not() -> None:
+    a = assembler()
+    a.add(info(0.0), inbox_id=0, now=0)
+    a.add(info(1.0), inbox_id=1, now=0)
+    with pytest.raises(SliceRefused) as refused:
+        a.add(info(1.0005, uid="1.2.other"), inbox_id=2, now=0)  # < 1e-3 mm: same place
+    assert refused.value.reason == "duplicate_position"
+    assert "same slice position" in str(refused.value)
+    a.add(info(2.0), inbox_id=3, now=0)  # exactly a spacing on: a new slot
+    a.add(info(3.0), inbox_id=4, now=0)
+    a.add(info(4.0), inbox_id=5, now=0)
+    assert drain(a, 0) == {3: (0, 1, 3, 4, 5)}  # the one slice with both neighbours each side
+    a.close_all()
+    got = {j.centre: (j.slots, j.padded) for j in a.take_ready(1)}
+    assert got == {0: ((0, 0, 0, 1, 3), 2), 1: ((0, 0, 1, 3, 4), 1),
+                   4: ((1, 3, 4, 5, 5), 1), 5: ((3, 4, 5, 5, 5), 2)}

@@ -67,6 +67,11 @@ def _matrix() -> list[Path_]:
         (d, "edge", "publish", scan, DENY),
         (d, "edge", "publish", f"iomt/{s}/{d}/status", ALLOW),
         (d, "edge", "publish", f"iomt/{s}/{o}/status", DENY),
+        (d, "edge", "publish", f"iomt/{s}/{d}/accepted", ALLOW),
+        (d, "edge", "publish", f"iomt/{s}/{o}/accepted", DENY),
+        (d, "cloud", "read", f"iomt/{s}/{d}/receipts", ALLOW, f"iomt/{s}/{d}/receipts"),
+        (d, "cloud", "read", f"iomt/{s}/+/receipts", DENY, f"iomt/{s}/{o}/receipts"),
+        (d, "cloud", "publish", f"iomt/{s}/{d}/receipts", DENY),
         (d, "cloud", "publish", f"iomt/{s}/{d}/results", ALLOW),
         (d, "cloud", "publish", f"iomt/{s}/{d}/status", ALLOW),
         (d, "cloud", "publish", f"iomt/{s}/{d}/errors", ALLOW),
@@ -89,6 +94,9 @@ def _matrix() -> list[Path_]:
         ("scanner-gateway", "edge", "publish", "iomt/other-site/scans/gateway", DENY),
         ("scanner-gateway", "edge", "publish", f"iomt/{s}/{d}/status", DENY),
         ("scanner-gateway", "edge", "read", f"iomt/{s}/scans/#", DENY, scan),
+        ("scanner-gateway", "edge", "read", f"iomt/{s}/+/accepted", ALLOW,
+         f"iomt/{s}/{d}/accepted"),
+        ("scanner-gateway", "edge", "publish", f"iomt/{s}/{d}/accepted", DENY),
         ("scanner-gateway", "cloud", "publish", f"iomt/{s}/{d}/results", DENY),
         ("scanner-gateway", "cloud", "publish", fleet_g, DENY),
         # the cloud consumer
@@ -97,6 +105,9 @@ def _matrix() -> list[Path_]:
         ("cloud-consumer", "cloud", "read", f"iomt/{s}/+/errors", ALLOW, f"iomt/{s}/{d}/errors"),
         ("cloud-consumer", "cloud", "read", "iomt/fleet/#", DENY, fleet_g),
         ("cloud-consumer", "cloud", "publish", f"iomt/{s}/{d}/results", DENY),
+        ("cloud-consumer", "cloud", "publish", f"iomt/{s}/{d}/receipts", ALLOW),
+        ("cloud-consumer", "cloud", "publish", f"iomt/other-site/{d}/receipts", DENY),
+        ("cloud-consumer", "edge", "publish", f"iomt/{s}/{d}/receipts", DENY),
         ("cloud-consumer", "cloud", "publish", fleet_g, DENY),
         ("cloud-consumer", "edge", "read", f"iomt/{s}/scans/#", DENY, scan),
         # the fleet operator
@@ -105,6 +116,7 @@ def _matrix() -> list[Path_]:
         ("fleet-operator", "cloud", "read", "iomt/+/+/status", ALLOW, f"iomt/{s}/{d}/status"),
         ("fleet-operator", "cloud", "read", f"iomt/{s}/+/results", DENY, f"iomt/{s}/{d}/results"),
         ("fleet-operator", "cloud", "publish", f"iomt/{s}/{d}/results", DENY),
+        ("fleet-operator", "cloud", "publish", f"iomt/{s}/{d}/receipts", DENY),
         ("fleet-operator", "edge", "publish", scan, DENY),
         ("fleet-operator", "edge", "publish", fleet_g, DENY),
     ]
@@ -117,6 +129,8 @@ def writer_for(broker: str, topic: str) -> str:
         return "scanner-gateway"
     if topic.startswith("iomt/fleet/"):
         return "fleet-operator"
+    if topic.endswith("/receipts"):
+        return "cloud-consumer"
     return topic.split("/")[2]  # iomt/{site}/{device}/...: that device
 
 

@@ -19,12 +19,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.backends import RunnerOptions, open_runner
+from agent.backends import ModelRunner, RunnerOptions, open_runner
 from agent.model.bundle import BundleError, ModelBundle, load_bundle
 from agent.model.guard import (
     GuardFailed,
     GuardReport,
     check_guard,
+    format_db,
     report_json,
     run_guard,
     verify_bundle,
@@ -316,3 +317,102 @@ def test_guard_rejects_the_shipped_int8_model_with_a_corrupted_scale(
     (root / "bundle.json").write_text(json.dumps(meta))
     report = verify_bundle(root)
     assert not report.ok and "misses its fidelity floor" in report.reason
+
+
+class FixedRunner(ModelRunner):
+    """A runner with fixed outputs (no kernels involved): the same figures on every CPU."""
+
+    runtime = "fixed"
+
+    def __init__(self, x: np.ndarray, outputs: np.ndarray) -> None:
+        self._by_input = {x[i : i + 1].tobytes(): outputs[i : i + 1] for i in range(len(x))}
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._by_input[np.ascontiguousarray(batch, dtype=np.float32).tobytes()]
+
+
+@pytest.mark.parametrize(("floor", "ok"), [(30.0, False), (25.0, True)])
+def test_the_gate_is_the_worst_input_not_the_pooled_figure(
+        tmp_path: Path, floor: float, ok: bool) -> None:
+    """Four golden inputs, three reproduced exactly and one off by 5 % of the range:
+    that input scores 26.0 dB, the pooled figure 32.0 dB. A 30 dB floor refuses it (the
+    pooled figure alone would pass), a 25 dB floor lets it through."""
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(4, seed=2)
+    ref = (0.5 * x).astype(np.float32)
+    span = float(ref.max() - min(0.0, float(ref.min())))
+    got = ref.copy()
+    got[3] += np.float32(0.05 * span)
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=floor)
+    report = run_guard(load_bundle(root), FixedRunner(x, got))
+    assert report.psnr_db == pytest.approx(20 * math.log10(1 / 0.05) + 10 * math.log10(4))
+    assert report.worst_psnr_db == pytest.approx(20 * math.log10(1 / 0.05))
+    assert report.ok is ok
+    if not ok:
+        assert "worst input 3" in report.reason
+
+
+def test_a_fixed_output_report_renders_serialises_and_takes_another_fix(tmp_path: Path) -> None:
+    """The figures of the fixed-output case above, as `model verify` prints them and as
+    its --json and the GuardFailed error carry them."""
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(4, seed=2)
+    ref = (0.5 * x).astype(np.float32)
+    got = ref.copy()
+    span = float(ref.max() - min(0.0, float(ref.min())))
+    got[3] += np.float32(0.05 * span)
+    got[2] += np.float32(0.01 * span)  # 40 dB, so that no figure is 0 or inf but input 0/1
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=30.0)
+    report = run_guard(load_bundle(root), FixedRunner(x, got))
+    assert not report.ok and report.mae and report.max_abs_error and report.ssim
+    rows = report.render().splitlines()
+    assert rows[2].split() == ["input", "PSNR", "dB", "MAE", "max", "err", "SSIM", "ms"]
+    assert rows[3].split()[:2] == ["0", "inf"] and rows[5].split()[:2] == ["2", "40.00"]
+    assert rows[6].split()[:2] == ["3", "26.02"]
+    pooled = rows[7].split()
+    assert pooled[:2] == ["pooled", format_db(report.psnr_db)]
+    assert float(pooled[2]) == pytest.approx(report.mae, rel=1e-3)
+    assert float(pooled[3]) == pytest.approx(report.max_abs_error, rel=1e-3)
+    assert float(pooled[4]) == pytest.approx(report.ssim, abs=1e-4)
+    latencies = sorted(g.latency_ms for g in report.inputs)
+    assert float(pooled[5]) == pytest.approx(latencies[2], abs=0.01) and pooled[6] == "(median)"
+    assert rows[-1] == f"FAIL: {report.reason}" and "\n".join(rows) == report.render()
+    text = report_json(report)
+    assert text.startswith('{\n  "bundle"')  # indented for people
+    data = json.loads(text)
+    assert data["inputs"][0]["psnr_db"] == "inf" and data["psnr_db"] == round(report.psnr_db, 6)
+    assert data["inputs"][3]["psnr_db"] == pytest.approx(26.0206, abs=1e-3)
+    assert data["min_psnr_db"] == 30.0 and data["ok"] is False
+    assert str(GuardFailed(report)) == report.reason
+    assert report.fix and report.reason.endswith(report.fix)
+    other = report.with_fix("serve it with onnxruntime")
+    assert other.fix == "serve it with onnxruntime"
+    assert other.reason == report.reason[: -len(report.fix)] + "serve it with onnxruntime"
+    assert other.psnr_db == report.psnr_db and other.inputs == report.inputs
+    passed = run_guard(load_bundle(root), FixedRunner(x, ref))  # exact: inf, and a pass
+    assert passed.with_fix("x").reason == passed.reason
+    assert passed.render().splitlines()[-1].startswith("PASS: ")
+
+
+def test_non_finite_outputs_fail_with_a_cause_and_one_golden_input_is_enough(
+        tmp_path: Path) -> None:
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(1, seed=3)  # a golden set of one input is valid
+    ref = (0.5 * x).astype(np.float32)
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=30.0)
+    exact = run_guard(load_bundle(root), FixedRunner(x, ref))
+    assert exact.ok and len(exact.inputs) == 1
+    pooled = exact.render().splitlines()[-2].split()
+    assert pooled[:5] == ["pooled", "inf", "0", "0", "1.0000"]  # an exact match shows zeros
+    bad = ref.copy()
+    bad[0, 0, 0, 0] = np.nan
+    report = run_guard(load_bundle(root), FixedRunner(x, bad))
+    assert not report.ok and report.cause and report.explanation and report.fix
+    assert report.shortfall == "1 non-finite output value(s) on the golden set on this CPU"
+    assert report.reason == f"{report.shortfall}; {report.explanation}: {report.fix}"
