@@ -17,11 +17,17 @@ model sees) inside the body (input > ``BODY_LEVEL``), on every second row and co
 * ``hf``: mean absolute second difference in the body, over the median (noise);
 * ``sharp``: mean absolute difference of neighbours over that of pixels two apart (about
   0.5 for a smooth image, 1 for white noise: blur, a coarser matrix, noise, independent of
-  the anatomy's contrast);
+  the anatomy's contrast); bimodal in the training data (with and without noise), so its
+  spread is its whole standard deviation, like ``air``'s;
+* ``sharp24``: the same one octave lower, mean absolute difference of pixels two apart over
+  that of pixels four apart, the larger of the horizontal and the vertical one (blur along
+  either axis and a coarser matrix lower it, and noise moves it less than ``sharp``);
 * ``air``: the share of the pixels outside the body that are not black (noise floor, a
   vendor window that lifts the background);
-* ``tilt_lr``, ``tilt_ud``: log ratio of the mean body intensity of the two halves, left
-  to right and top to bottom (a bias field beyond the training's);
+* ``tilt``: the length of the vector of the log ratios of the mean body intensity of the
+  two halves, left to right and top to bottom (a bias field beyond the training's; the
+  length, because the training turns and flips the slices, so either ratio alone is a
+  mixture of orientations rather than a property of the input);
 * ``out_q25`` .. ``out_q75``: quantiles of the model's own output in the body, a cheap
   proxy of its features (a wrong contrast gives an output histogram it never produced).
 
@@ -38,9 +44,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-FEATURES = ("q10", "q25", "q50", "q75", "q90", "hist_w1", "edge", "hf", "sharp", "air",
-            "tilt_lr", "tilt_ud", "out_q25", "out_q50", "out_q75")  # fmt: skip
-BIMODAL = tuple(name == "air" for name in FEATURES)
+FEATURES = ("q10", "q25", "q50", "q75", "q90", "hist_w1", "edge", "hf", "sharp", "sharp24",
+            "air", "tilt", "out_q25", "out_q50", "out_q75")  # fmt: skip
+BIMODAL = tuple(name in ("air", "sharp") for name in FEATURES)
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
 OUTPUT_QUANTILES = (0.25, 0.50, 0.75)
 BODY_LEVEL = 0.1  # normalised input: 1.0 is the 99.5th percentile of the slice
@@ -109,7 +115,16 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     d1_sum = float(np.vdot(np.abs(ahead), row_body))
     edge = d1_sum / n_rows / median
     hf = float(np.vdot(np.abs(ahead - behind), row_body)) / n_rows / median
-    sharp = d1_sum / max(float(np.vdot(np.abs(ahead + behind), row_body)), 1e-6)
+    span2 = ahead + behind  # x[i+2] - x[i]
+    d2_sum = float(np.vdot(np.abs(span2), row_body))
+    sharp = d1_sum / max(d2_sum, 1e-6)
+    # One octave lower, two apart over four apart: along the kept rows, and down the columns
+    # of the subsampled grid (its rows are two apart).
+    h24 = d2_sum / max(float(np.vdot(np.abs(span2[:, :-2] + span2[:, 2:]), row_body[:, :-2])),
+                       1e-6)
+    col_body = body[:-2].astype(np.float32)
+    v24 = float(np.vdot(np.abs(sub[1:-1] - sub[:-2]), col_body)) / max(
+        float(np.vdot(np.abs(sub[2:] - sub[:-2]), col_body)), 1e-6)
     masked = np.where(body, sub, np.float32(0))
     tilts = []
     for axis in (0, 1):  # column sums split left | right, then row sums split top | bottom
@@ -118,12 +133,13 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
         mean_a = float(sums[:half].sum()) / max(int(counts[:half].sum()), 1)
         mean_b = float(sums[half:].sum()) / max(int(counts[half:].sum()), 1)
         tilts.append(float(np.log(max(mean_a, 1e-3) / max(mean_b, 1e-3))))
+    tilt = math.hypot(*tilts)
     outside = ~body
     n_out = int(np.count_nonzero(outside))
     air = (float(np.count_nonzero(sub[outside] > AIR_LEVEL)) / n_out) if n_out else 0.0
     out = np.asarray(y, dtype=np.float32)[::STRIDE, ::STRIDE][body]
     out_cdf = np.cumsum(body_histogram(np.clip(out, 0.0, None)))
-    return np.array([*qs, w1, edge, hf, sharp, air, *tilts,
+    return np.array([*qs, w1, edge, hf, sharp, max(h24, v24), air, tilt,
                      *_quantiles(out_cdf, OUTPUT_QUANTILES)],
                     dtype=np.float64)
 
@@ -152,8 +168,8 @@ SHRINKAGE = 0.1  # correlation matrix shrunk towards identity: stable with few s
 
 def fit_standardiser(features: npt.NDArray[np.float64]) -> Standardiser:
     """The metric of ``features`` (N, len(FEATURES)): robust centre (median), spread
-    1.4826 MAD floored at a quarter of the standard deviation (``air``, bimodal in the
-    training data with and without noise, takes its whole standard deviation), and the
+    1.4826 MAD floored at a quarter of the standard deviation (``air`` and ``sharp``, bimodal
+    in the training data with and without noise, take their whole standard deviation), and the
     inverse of the shrunk correlation of the standardised values."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[1] != len(FEATURES) or f.shape[0] < 8:

@@ -62,6 +62,23 @@ def test_features_are_none_without_enough_body_and_finite_otherwise() -> None:
     assert f is not None and f.shape == (len(FEATURES),) and np.isfinite(f).all()
 
 
+def test_blur_lowers_sharp24_and_tilt_ignores_turns_and_flips() -> None:
+    cdf = np.linspace(1 / 30, 1, 30)
+    x, y = _pair(load_demo_slab().t1[12])
+    f = slice_features(x, y, cdf)
+    assert f is not None
+    kernel = np.ones(5, np.float32) / 5  # a 5 px motion blur along the rows
+    blurred = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="same"), 1, x)
+    fb = slice_features(blurred.astype(np.float32), y, cdf)
+    assert fb is not None
+    i = FEATURES.index("sharp24")
+    assert fb[i] < f[i] - 0.02, (fb[i], f[i])
+    t = FEATURES.index("tilt")
+    for turned in (np.rot90(x), np.rot90(x, 2), x[:, ::-1], x[::-1]):
+        ft = slice_features(np.ascontiguousarray(turned), y, cdf)
+        assert ft is not None and abs(ft[t] - f[t]) < 0.02, (ft[t], f[t])
+
+
 def test_in_distribution_slices_score_below_one_shifted_ones_above() -> None:
     ref = _reference()
     slab = load_demo_slab()
