@@ -57,8 +57,12 @@ rabbitmq:
 		echo "installing rabbitmq-server (Debian package)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq rabbitmq-server; }
 
+# Two pytest workers (pytest-xdist), one test file each at a time: the integration tests
+# mostly wait on brokers and processes, so the suite takes about half the time on 2 cores.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc rabbitmq
-	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q -m "not cluster" -n $(TEST_WORKERS) --dist loadfile
 
 # The three-node RabbitMQ cluster test (about a minute to form the cluster on two cores).
 test-cluster: $(VENV)/.installed mosquitto rabbitmq
