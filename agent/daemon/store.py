@@ -19,7 +19,8 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,23 @@ class Store:
         if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
             self._db.execute("ROLLBACK")
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (the caller holds ``_lock``): committed at the end, rolled
+        back on any error; a full filesystem raises DiskFull (backpressure, not a crash)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._rollback()
+            if _disk_full(exc):
+                raise DiskFull("the state directory's filesystem is full") from None
+            raise
+        except BaseException:
+            self._rollback()
+            raise
+
     # -- inbox ---------------------------------------------------------------------------
     def accept(self, topic: str, sha256: str, payload: bytes) -> int:
         """Persist a received scan; return its row id. Raises StoreFull at the cap."""
@@ -176,8 +194,7 @@ class Store:
     def release(self, inbox_ids: list[int]) -> None:
         """Held rows that no scan needs any more: drop their payloads (one transaction)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 freed = 0
                 for inbox_id in inbox_ids:
                     row = self._db.execute(
@@ -190,35 +207,16 @@ class Store:
                         "UPDATE inbox SET state='done', payload=x'' WHERE id=?", (inbox_id,)
                     )
                     freed += int(row[0])
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                if _disk_full(exc):
-                    raise DiskFull("the state directory's filesystem is full") from None
-                raise
-            except BaseException:
-                self._rollback()
-                raise
             self._inbox_bytes -= freed
 
     def release_held(self) -> int:
         """Release every held row (the model no longer needs neighbours); returns how many."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 freed, count = self._db.execute(
                     "SELECT COALESCE(SUM(LENGTH(payload)),0), COUNT(*) FROM inbox "
                     "WHERE state='held'").fetchone()
                 self._db.execute("UPDATE inbox SET state='done', payload=x'' WHERE state='held'")
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                if _disk_full(exc):
-                    raise DiskFull("the state directory's filesystem is full") from None
-                raise
-            except BaseException:
-                self._rollback()
-                raise
             self._inbox_bytes -= int(freed)
             return int(count)
 
@@ -236,8 +234,7 @@ class Store:
         size = sum(len(o[3]) for o in outputs)
         with self._lock:
             ids: list[int] = []
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for kind, message_id, topic, payload in outputs:
                     cur = self._db.execute(
                         "INSERT INTO outbox(created_at, kind, message_id, topic, payload) "
@@ -264,15 +261,6 @@ class Store:
                     "ON CONFLICT(name) DO UPDATE SET value=value+1",
                     (counter,),
                 )
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                if _disk_full(exc):
-                    raise DiskFull("the state directory's filesystem is full") from None
-                raise
-            except BaseException:
-                self._rollback()
-                raise
             if row is not None:
                 self._inbox_bytes -= int(row[0])
             self._outbox_bytes += size
@@ -319,21 +307,11 @@ class Store:
         """The consumer has filed ``message_id``: delete every row that carries it (a scan
         sent twice queues two); returns their ids."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 rows = self._db.execute(
                     "SELECT id, LENGTH(payload) FROM outbox WHERE message_id=?", (message_id,)
                 ).fetchall()
                 self._db.execute("DELETE FROM outbox WHERE message_id=?", (message_id,))
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._db.execute("ROLLBACK")
-                if _disk_full(exc):
-                    raise DiskFull("the state directory's filesystem is full") from None
-                raise
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._outbox_bytes -= sum(int(r[1]) for r in rows)
         return [int(r[0]) for r in rows]
 
@@ -344,8 +322,7 @@ class Store:
         for it (an error report), in one transaction. Returns the dropped rows."""
         dropped: list[OutboxItem] = []
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 freed = added = 0
                 after = 0
                 while self._outbox_bytes - freed + added >= self.outbox_max_bytes:
@@ -364,15 +341,6 @@ class Store:
                     freed += len(item.payload)
                     added += len(payload)
                     dropped.append(item)
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                if _disk_full(exc):
-                    raise DiskFull("the state directory's filesystem is full") from None
-                raise
-            except BaseException:
-                self._rollback()
-                raise
             self._outbox_bytes += added - freed
         return dropped
 
