@@ -6,7 +6,7 @@
 | ``mosquitto_conf`` | the brokers' Mosquitto configs and least-privilege ACLs |
 | ``scaffold`` | ``iomt-agent init``: a ready-to-run directory with a config and keys |
 | ``sender`` | ``iomt-agent send``: publish DICOM files as a scanner gateway would |
-| ``gateway`` | a gateway that keeps each scan until the agent's receipt (``send --confirm``) |
+| ``confirming_sender`` | ``send --confirm``: keep each scan until the agent's receipt |
 | ``doctor`` | ``iomt-agent doctor``: is this node ready to serve? |
 | ``check_files``, ``check_broker``, ``check_node``, ``check_fleet`` | the doctor's checks |
 | ``check_security`` | the doctor's security posture: de-identification, receiver keys, links |

@@ -68,7 +68,7 @@ def send_confirmed(config: Config, paths: list[Path], source: str, timeout: floa
     """Publish every file and wait until the agent confirmed each one (its ``accepted``
     receipt), resending unconfirmed ones: nothing is lost to an edge broker that acked and
     then crashed."""
-    from agent.ops.gateway import ConfirmingGateway
+    from agent.ops.confirming_sender import ConfirmingGateway
 
     files = collect(paths)
     topics = Topics(config.agent.site, config.agent.device_id)

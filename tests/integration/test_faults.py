@@ -33,7 +33,7 @@ import pytest
 
 from agent.config import BrokerConfig
 from agent.demo.sample_series import build_series, load_demo_slab
-from agent.ops.gateway import ConfirmingGateway
+from agent.ops.confirming_sender import ConfirmingGateway
 from agent.transport.topics import Topics
 from tests.bundles import make_scale_bundle
 from tests.integration.faults import Broker, integrity_check

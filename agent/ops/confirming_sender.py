@@ -25,7 +25,7 @@ from agent.log import get_logger
 from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import Topics
 
-log = get_logger("agent.gateway")
+log = get_logger("agent.confirming_sender")
 
 RESEND_S = 30.0
 
