@@ -91,6 +91,16 @@ class GatewaySection(BaseModel):
         5.0, gt=0, le=600, title="Broker ack wait",
         description="How long a C-STORE waits for the edge broker's PUBACK before the instance "
         "goes to the gateway's spool instead (success is answered only after one of the two)")
+    keep_until_accepted: bool = Field(
+        True, title="Keep until the agent accepts",
+        description="Keep each instance in the spool after the broker's PUBACK until an "
+        "agent's `accepted` receipt (it is in the agent's inbox), and publish it again after "
+        "every reconnect and when the receipt is overdue: nothing is lost to an edge broker "
+        "that acks and then crashes. false: the PUBACK deletes it")
+    accepted_timeout_s: float = Field(
+        60.0, gt=0, le=3600, title="Accepted receipt wait",
+        description="Seconds after the PUBACK before an instance with no `accepted` receipt "
+        "is published again; the wait doubles per try, up to 1 h")
     spool_max_bytes: int = Field(
         4096 * MIB, ge=MIB, title="Spool cap",
         description="Bytes of instances kept while the broker is away; when full, C-STORE "

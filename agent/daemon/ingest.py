@@ -17,7 +17,6 @@ delivers it again to the persistent session.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from agent.daemon.pressure import Pressure
 from agent.daemon.store import DiskFull, Store, StoreFull
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Message
+from agent.transport.scan_receipts import accepted_body
 from agent.transport.topics import Topics
 
 log = get_logger("agent.daemon.ingest")
@@ -129,7 +129,6 @@ def confirming_ack(edge: Connection, topics: Topics) -> Callable[[Message], None
     docs/reliability.md)."""
     def ack(msg: Message) -> None:
         edge.ack(msg)
-        body = {"v": 1, "sha256": hashlib.sha256(msg.payload).hexdigest()}
-        edge.publish(topics.accepted, json.dumps(body).encode(), qos=1)
+        edge.publish(topics.accepted, accepted_body(msg.payload), qos=1)
 
     return ack

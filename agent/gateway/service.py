@@ -2,8 +2,10 @@
 
 Start: open the spool (``<agent.state_dir>/gateway-spool.sqlite``), connect to the edge
 broker in the background (the SCP does not wait for it: instances spool until it is there),
-bind the SCP, tell systemd READY. Stop (SIGTERM): close the SCP, let the drainer finish what
-is in flight for a moment, disconnect; what is still spooled stays for the next start.
+bind the SCP, tell systemd READY. With ``gateway.keep_until_accepted`` (the default) the
+connection also subscribes to the site's ``accepted`` receipts, which delete spool rows.
+Stop (SIGTERM): close the SCP, let the drainer finish what is in flight (and receipts come
+in) for a moment, disconnect; what is still spooled stays for the next start.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from agent.gateway.forwarder import Forwarder
 from agent.gateway.intake import Intake, decodable_syntaxes, syntax_name
 from agent.gateway.spool import Spool
 from agent.log import get_logger
-from agent.transport.mqtt import Connection
+from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import Topics
 
 log = get_logger("agent.gateway")
@@ -34,6 +36,8 @@ class GatewaySummary:
     published: int
     spooled: int
     drained: int
+    confirmed: int
+    resent: int
     left_in_spool: int
 
 
@@ -77,9 +81,15 @@ def run_gateway(config: Config, source: str, stop: threading.Event) -> GatewaySu
     def connected() -> None:
         forwarder.kick()
 
+    def accepted(msg: Message) -> None:
+        forwarder.on_accepted(msg)
+
+    keep = section.keep_until_accepted
     conn = Connection(config.edge, config.client_id("gateway"), name="edge",
-                      on_connected=connected)
-    forwarder = Forwarder(conn, topic, spool, ack_timeout_s=section.ack_timeout_s)
+                      subscriptions=(topics.accepted_filter(),) if keep else (),
+                      on_message=accepted if keep else None, on_connected=connected)
+    forwarder = Forwarder(conn, topic, spool, ack_timeout_s=section.ack_timeout_s,
+                          accepted_timeout_s=section.accepted_timeout_s if keep else None)
     intake = Intake(forwarder, sop_classes=section.sop_class_uids(),
                     max_instance_bytes=config.limits.max_payload_bytes)
     scp = StorageScp(section, intake, syntaxes)
@@ -117,11 +127,13 @@ def run_gateway(config: Config, source: str, stop: threading.Event) -> GatewaySu
             time.sleep(0.1)
         forwarder.stop()
         conn.stop()
-        summary = GatewaySummary(forwarder.counts.published, forwarder.counts.spooled,
-                                 forwarder.counts.drained, spool.count)
+        c = forwarder.counts
+        summary = GatewaySummary(c.published, c.spooled, c.drained, c.confirmed, c.resent,
+                                 spool.count)
         spool.close()
     log.info("gateway_stopped", published=summary.published, spooled=summary.spooled,
-             drained=summary.drained, left_in_spool=summary.left_in_spool)
+             drained=summary.drained, confirmed=summary.confirmed, resent=summary.resent,
+             left_in_spool=summary.left_in_spool)
     return summary
 
 
@@ -129,4 +141,4 @@ def _status(conn: Connection, forwarder: Forwarder, spool: Spool) -> str:
     c = forwarder.counts
     broker = "broker connected" if conn.connected else "broker DOWN (spooling)"
     return (f"{broker}; published {c.published}, spooled {c.spooled}, drained {c.drained}, "
-            f"in spool {spool.count}")
+            f"confirmed {c.confirmed}, in spool {spool.count}")

@@ -6,8 +6,10 @@ agent can lose it. The agent publishes a receipt on ``iomt/{site}/{device}/accep
 (JSON ``{"v": 1, "sha256": ...}``) once the scan is committed to its inbox.
 ``ConfirmingGateway`` keeps every scan until such a receipt names its SHA-256 and publishes
 the unconfirmed ones again after every reconnect to the edge broker and when a receipt is
-``resend_s`` overdue. A scan sent twice is processed twice; the consumer drops the second
-result by its idempotency key (docs/reliability.md).
+overdue: ``resend_s`` after the first try, the wait doubling per try up to an hour
+(``agent.transport.scan_receipts``, shared with the DICOM gateway's spool). A scan sent
+twice is processed twice; the consumer drops the second result by its idempotency key
+(docs/reliability.md).
 
 ``iomt-agent send --confirm`` uses it; so do the fault tests.
 """
@@ -15,7 +17,6 @@ result by its idempotency key (docs/reliability.md).
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from agent.config import BrokerConfig
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Message
+from agent.transport.scan_receipts import accepted_digest, resend_delay
 from agent.transport.topics import Topics
 
 log = get_logger("agent.confirming_sender")
@@ -34,6 +36,7 @@ RESEND_S = 30.0
 class _Scan:
     payload: bytes
     due: float  # when to publish it again unconfirmed
+    tries: int = 1  # publishes so far
 
 
 class ConfirmingGateway:
@@ -86,13 +89,12 @@ class ConfirmingGateway:
 
     # -- paho's network thread -----------------------------------------------------------
     def _on_receipt(self, msg: Message) -> None:
-        try:
-            digest = json.loads(msg.payload)["sha256"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        digest = accepted_digest(msg.payload)
+        if digest is None:
             log.warning("scan_receipt_unreadable", topic=msg.topic, bytes=len(msg.payload))
             return
         with self._cond:
-            if isinstance(digest, str) and self._unconfirmed.pop(digest, None) is not None:
+            if self._unconfirmed.pop(digest, None) is not None:
                 self._cond.notify_all()
 
     def _reconnected(self) -> None:
@@ -112,7 +114,8 @@ class ConfirmingGateway:
             with self._cond:
                 due = [(d, s) for d, s in self._unconfirmed.items() if s.due <= now]
                 for _, scan in due:
-                    scan.due = now + self._resend_s
+                    scan.tries += 1
+                    scan.due = now + resend_delay(self._resend_s, scan.tries)
             for _, scan in due:
                 self.resent += 1
                 self.conn.publish(self._topic, scan.payload, qos=1)

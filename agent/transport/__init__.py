@@ -7,4 +7,5 @@
 | ``broker_url`` | what a broker URL may be; loopback or not; a cluster's nodes in turn |
 | ``hints`` | what to fix for a refused CONNECT, by reason code |
 | ``topics`` | every MQTT topic, built and validated in one place |
+| ``scan_receipts`` | the agent's ``accepted`` receipt: its body, reading it, the resend schedule |
 """

@@ -1,10 +1,17 @@
 """Scale-out on one site: three agents share the site's scans (``$share/{site}/...``) on a
-real Mosquitto; one is SIGKILLed mid-stream, the other two go on, the killed one is restarted
-(as systemd's Restart=on-failure does) and every one of 600 slices comes out once."""
+real Mosquitto; one is SIGKILLed mid-stream, the other two go on.
+
+* default session expiry: the killed one is restarted (as systemd's Restart=on-failure
+  does) and every one of 600 slices comes out once;
+* short session expiry and a confirming sender: the killed one is NOT restarted; the broker
+  drops its session (and the scans queued in it), the sender publishes what no agent
+  accepted again, and the other two take over."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.config import BrokerConfig
 from agent.demo.sample_series import build_series
+from agent.ops.confirming_sender import ConfirmingGateway
+from agent.transport.mqtt import Connection, Message
+from agent.transport.scan_receipts import accepted_digest
+from agent.transport.topics import Topics
 from tests.bundles import make_context_bundle
 from tests.conftest import Mosquitto
 from tests.integration.harness import Proc, cli, spawn
@@ -24,7 +36,7 @@ N = 600
 AGENTS = 3
 
 
-def _configs(tmp: Path, edge: Mosquitto, cloud: Mosquitto) -> list[Path]:
+def _configs(tmp: Path, edge: Mosquitto, cloud: Mosquitto, edge_extra: str = "") -> list[Path]:
     """One node directory, three agent configs: own device id, state dir and client ids;
     the same keys (the receiver trusts the one device key under each id)."""
     bundle = make_context_bundle(tmp / "bundle", [1.0])  # 2D, 32 x 32: cheap inference
@@ -33,6 +45,9 @@ def _configs(tmp: Path, edge: Mosquitto, cloud: Mosquitto) -> list[Path]:
     assert r.returncode == 0, r.stderr
     base = (tmp / "node" / "agent.toml").read_text()
     base = base.replace('format = "auto"', 'format = "json"')
+    edge_line = f'url = "{edge.url}"\n'
+    assert edge_line in base
+    base = base.replace(edge_line, edge_line + edge_extra, 1)
     base = base.replace('backend = "auto"', 'backend = "onnxruntime"')
     base = base.replace('state_dir = "state"\n',
                         'state_dir = "state"\nshared_subscription = true\n')
@@ -122,3 +137,112 @@ def test_three_agents_split_600_slices_and_a_killed_one_loses_nothing(
             if a is not None:
                 a.kill()
         receiver.kill()
+
+
+SESSION_EXPIRY_S = 5  # edge.session_expiry_s of every agent in the takeover test
+RESEND_S = 10.0  # the confirming sender's first wait for an `accepted` receipt
+RATE = 20.0  # scans per second: a stream, so that the kill lands in the middle of it
+
+
+def _stranded(state: Path) -> tuple[set[str], int]:
+    """What a dead agent still holds on its disk: the digests of scans it accepted and did
+    not finish (inbox rows not done), and the results it had not sent (outbox rows)."""
+    db = sqlite3.connect(f"file:{state / 'agent.db'}?mode=ro", uri=True)
+    try:
+        inbox = {str(r[0]) for r in db.execute(
+            "SELECT sha256 FROM inbox WHERE state != 'done'")}
+        outbox = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    finally:
+        db.close()
+    return inbox, outbox
+
+
+def test_with_a_short_session_expiry_and_a_confirming_sender_the_others_take_over(
+    tmp_path: Path, mosquitto_factory: Callable[[str], Mosquitto]
+) -> None:
+    edge, cloud = mosquitto_factory("edge"), mosquitto_factory("cloud")
+    configs = _configs(tmp_path, edge, cloud, f"session_expiry_s = {SESSION_EXPIRY_S}\n")
+    assert all(f"session_expiry_s = {SESSION_EXPIRY_S}" in c.read_text() for c in configs)
+    payloads = [f.read_bytes() for f in sorted(_scans(tmp_path).glob("*.dcm"))]
+    receiver = spawn(["receive", "--config", str(configs[0]), "--out", str(tmp_path / "out"),
+                      "--count", str(N), "--timeout", "300"], tmp_path / "receiver.log")
+    receiver.wait_for('"mqtt_connected"')
+    agents = [spawn(["run", "--config", str(c)], tmp_path / f"agent-{i + 1}.log")
+              for i, c in enumerate(configs)]
+    topics = Topics("site-a", "node-1")
+    sender = ConfirmingGateway(BrokerConfig(url=edge.url), "sender-takeover", topics,
+                               resend_s=RESEND_S)
+    sent_at: dict[str, float] = {}
+    accepted_at: dict[str, float] = {}
+
+    def on_accepted(msg: Message) -> None:  # when each scan was first accepted, for figures
+        digest = accepted_digest(msg.payload)
+        if digest is not None:
+            accepted_at.setdefault(digest, time.monotonic())
+
+    watch = Connection(BrokerConfig(url=edge.url), "takeover-watch", name="watch",
+                       subscriptions=(topics.accepted_filter(),), on_message=on_accepted)
+    watch.start()
+    victim = agents[1]
+    killed_at = None
+    try:
+        for a in agents:
+            a.wait_for('"mqtt_connected"', 2)
+        time.sleep(0.5)  # every SUBSCRIBE in before the first scan
+        assert sender.start() and watch.wait_connected(10)
+        started = time.monotonic()
+        for i, payload in enumerate(payloads):
+            time.sleep(max(0.0, started + i / RATE - time.monotonic()))
+            sent_at.setdefault(sender.send(payload), time.monotonic())
+            if killed_at is None and len(victim.events("slice_processed")) >= 40:
+                victim.kill()  # SIGKILL mid-stream, and it stays dead
+                killed_at, sent_before_kill = time.monotonic(), i + 1
+        assert killed_at is not None, "the stream ended before the victim had processed 40"
+        stranded, unsent = _stranded(tmp_path / "node" / "state-2")
+        # Every scan that no live agent has: accepted by the dead one (on its disk) or not
+        # confirmed yet (the sender resends it).
+        confirmed = sender.wait_confirmed(240)
+        confirmed_s = time.monotonic() - killed_at
+        assert confirmed, f"{sender.unconfirmed} scans never accepted"
+        _settled(receiver, quiet_s=3.0, timeout=240)
+        received = receiver.events("result_received")
+        last_s = time.monotonic() - killed_at  # upper bound; the events say when exactly
+        if receiver.proc.poll() is None:
+            receiver.terminate()
+        figures_line = (receiver.events("receive_done") or receiver.events("receive_stopped"))[-1]
+    finally:
+        sender.stop()
+        watch.stop()
+        for a in agents:
+            a.kill()
+        receiver.kill()
+    unique = {e["message_id"] for e in received}
+    digests = {hashlib.sha256(p).hexdigest() for p in payloads}
+    assert stranded <= digests
+    # The dead agent's unsent results are not results that arrived (it sent none after the
+    # kill); the scans it accepted and did not finish are on its disk, not lost.
+    on_dead_disk = len(stranded) + unsent
+    lost = N - len(unique) - on_dead_disk
+    assert lost == 0, f"{lost} slices neither delivered nor on the dead agent's disk"
+    per_agent = Counter(str(e["device_id"]) for e in received)
+    assert per_agent["node-1"] + per_agent["node-3"] > 2 * N // 3  # they took over its share
+    assert sender.resent > 0  # what the broker dropped with the session came again
+    # Takeover, from the sender's side: a scan published after the kill was dealt to the
+    # dead member's session (and waited for a resend) or accepted at once by a live one.
+    late = {d: accepted_at[d] - t for d, t in sent_at.items()
+            if t > killed_at and d in accepted_at and accepted_at[d] - t > 1.0}
+    window = max((sent_at[d] - killed_at for d in late), default=0.0)
+    figures = {"sent": N, "sent_before_kill": sent_before_kill,
+               "delivered_unique": len(unique),
+               "duplicates_dropped": figures_line["duplicates"],
+               "on_the_dead_agents_disk": {"inbox": len(stranded), "outbox": unsent},
+               "lost": lost, "per_agent": dict(sorted(per_agent.items())),
+               "sender_resends": sender.resent,
+               "scans_sent_after_kill_that_waited_for_a_resend": len(late),
+               "kill_to_last_scan_dealt_to_the_dead_session_s": round(window, 1),
+               "longest_wait_of_such_a_scan_s": round(max(late.values(), default=0.0), 1),
+               "stream_after_kill_s": round((N - sent_before_kill) / RATE, 1),
+               "kill_to_all_accepted_s": round(confirmed_s, 1),
+               "kill_to_results_settled_s": round(last_s, 1)}
+    print("\ntakeover figures:", json.dumps(figures))
+    (tmp_path / "figures.json").write_text(json.dumps(figures))
