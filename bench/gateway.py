@@ -1,11 +1,13 @@
 """C-STORE into MQTT: what one instance costs the gateway, broker up vs broker away.
 
-Two ``iomt-agent gateway`` processes run side by side: A with a live Mosquitto (and a
-subscriber, so each publish is acked as delivered: success after the PUBACK), B with its
-edge broker away (success after the spool's fsync'd commit). dcmtk's ``storescu`` sends
-the sample series (24 MR slices, 133 kB each) to A and B in turns, round by round, so the
-machine's noise falls on both. Reported: median ms per instance (one association per round,
-association set-up included) and the ratio B / A.
+Three ``iomt-agent gateway`` processes run side by side: A with a live Mosquitto (and a
+subscriber, so each publish is acked as delivered) and ``keep_until_accepted = false``
+(success after the PUBACK), C on the same broker with the default ``keep_until_accepted =
+true`` (the spool's fsync'd commit, then the PUBACK; no agent confirms, so its rows stay),
+B with its edge broker away (success after the spool's commit). dcmtk's ``storescu`` sends
+the sample series (24 MR slices, 133 kB each) to A, C and B in turns, round by round, so
+the machine's noise falls on all. Reported: median ms per instance (one association per
+round, association set-up included) and the ratios C / A and B / A.
 
     python bench/gateway.py [--rounds 6] [--json FILE]
 """
@@ -69,8 +71,9 @@ def main() -> int:
                            capture_output=True)
             files = sorted(map(str, (tmp / "scans").glob("*.dcm")))
             ports = {}
-            for name, url in (("A", f"mqtt://127.0.0.1:{broker_port}"),
-                              ("B", f"mqtt://127.0.0.1:{_port()}")):
+            up = f"mqtt://127.0.0.1:{broker_port}"
+            keep = {"A": "false", "C": "true", "B": "true"}
+            for name, url in (("A", up), ("C", up), ("B", f"mqtt://127.0.0.1:{_port()}")):
                 node = tmp / name
                 subprocess.run([*agent, "init", str(node), "--edge-url", url, "--cloud-url", url,
                                 "--site", "bench", "--device-id", f"gw-{name.lower()}"],
@@ -79,16 +82,18 @@ def main() -> int:
                 cfg = node / "agent.toml"
                 cfg.write_text(cfg.read_text().replace('format = "auto"', 'format = "json"')
                                + f'\n[gateway]\nhost = "127.0.0.1"\nport = {ports[name]}\n'
-                               'allowed_calling_ae_titles = ["BENCH"]\n')
+                               'allowed_calling_ae_titles = ["BENCH"]\n'
+                               f'keep_until_accepted = {keep[name]}\n')
                 log = tmp / f"{name}.log"
                 with log.open("wb") as f:
                     procs.append(subprocess.Popen([*agent, "gateway", "--config", str(cfg)],
                                                   stdout=f, stderr=subprocess.STDOUT))
                 _wait(log, "gateway_listening")
             _wait(tmp / "A.log", "mqtt_connected")
-            per: dict[str, list[float]] = {"A": [], "B": []}
+            _wait(tmp / "C.log", "mqtt_connected")
+            per: dict[str, list[float]] = {"A": [], "C": [], "B": []}
             for _ in range(args.rounds):
-                for name in ("A", "B"):
+                for name in ("A", "C", "B"):
                     t0 = time.perf_counter()
                     out = subprocess.run([storescu, "-aet", "BENCH", "-aec", "IOMT-GW",
                                           "127.0.0.1", str(ports[name]), *files],
@@ -98,7 +103,8 @@ def main() -> int:
                         raise SystemExit(f"storescu to {name}: {out.stdout}{out.stderr}")
                     per[name].append(dt / len(files) * 1000)
             outcomes = {n: (tmp / f"{n}.log").read_text().count(f'"outcome": "{o}"')
-                        for n, o in (("A", "published"), ("B", "spooled"))}
+                        for n, o in (("A", "published"), ("C", "published"),
+                                     ("B", "spooled"))}
         finally:
             for p in reversed(procs):
                 p.terminate()
@@ -106,9 +112,10 @@ def main() -> int:
     med = {n: statistics.median(v) for n, v in per.items()}
     print(f"{'gateway':<34} {'ms/instance (median)':>22} {'instances':>10}")
     print(f"{'A broker up: success after PUBACK':<34} {med['A']:>22.1f} {outcomes['A']:>10}")
+    print(f"{'C up, kept: spool commit + PUBACK':<34} {med['C']:>22.1f} {outcomes['C']:>10}")
     print(f"{'B broker away: after spool commit':<34} {med['B']:>22.1f} {outcomes['B']:>10}")
-    print(f"ratio B / A: {med['B'] / med['A']:.2f} ({args.rounds} rounds of {len(files)}; "
-          f"{os.cpu_count()} CPUs)")
+    print(f"ratio C / A: {med['C'] / med['A']:.2f}, B / A: {med['B'] / med['A']:.2f} "
+          f"({args.rounds} rounds of {len(files)}; {os.cpu_count()} CPUs)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rounds": args.rounds, "instances": len(files),
