@@ -136,3 +136,51 @@ def test_unclaimed_instance_is_spooled_then_drained(
         forwarder.stop()
         conn.stop()
         spool.close()
+
+
+def test_a_kept_instance_goes_again_until_its_receipt_deletes_it(
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
+) -> None:
+    """keep_until_accepted: the PUBACK keeps the row, an overdue receipt sends it again (the
+    wait doubling), and the agent's `accepted` receipt, read from the broker, deletes it."""
+    from agent.config import BrokerConfig
+    from agent.gateway.forwarder import Forwarder, Outcome
+    from agent.gateway.spool import Spool
+    from agent.transport.mqtt import Connection
+    from agent.transport.scan_receipts import accepted_body
+    from agent.transport.topics import Topics
+
+    edge = mosquitto_factory("edge")
+    topics = Topics("site-a", "node-1")
+    scans = Recorder.start(edge.url, "scans", "iomt/site-a/scans/#")
+    forwarder: Forwarder
+    conn = Connection(BrokerConfig(url=edge.url), "gw-kept", name="edge",
+                      subscriptions=(topics.accepted_filter(),),
+                      on_message=lambda m: forwarder.on_accepted(m))
+    spool = Spool(tmp_path / "spool.sqlite", max_bytes=10**7)
+    forwarder = Forwarder(conn, topics.scan("gateway"), spool, ack_timeout_s=5,
+                          accepted_timeout_s=0.3)
+    agent = Connection(BrokerConfig(url=edge.url), "agent-kept", name="agent")
+    conn.start()
+    agent.start()
+    forwarder.start()
+    try:
+        assert conn.wait_connected(10) and agent.wait_connected(10)
+        time.sleep(0.3)  # the receipts' SUBSCRIBE in
+        assert forwarder.store("1.2.3", b"instance-1") is Outcome.PUBLISHED
+        assert spool.count == 1  # acked by the broker, kept
+        got = scans.wait("/scans/gateway", 3, timeout=30)  # overdue: 0.3 s, 0.6 s, ...
+        assert {m.payload for m in got} == {b"instance-1"}
+        assert spool.count == 1 and forwarder.counts.resent >= 2
+        agent.publish(topics.accepted, b"not json", qos=1)  # unreadable: ignored
+        agent.publish(topics.accepted, accepted_body(b"instance-1"), qos=1)
+        deadline = time.monotonic() + 10
+        while spool.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spool.count == 0 and forwarder.counts.confirmed == 1
+    finally:
+        forwarder.stop()
+        agent.stop()
+        conn.stop()
+        scans.stop()
+        spool.close()
