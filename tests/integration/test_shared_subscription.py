@@ -10,6 +10,7 @@ real Mosquitto; one is SIGKILLed mid-stream, the other two go on.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sqlite3
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from agent.config import BrokerConfig
@@ -29,6 +31,7 @@ from agent.transport.topics import Topics
 from tests.bundles import make_context_bundle
 from tests.conftest import Mosquitto
 from tests.integration.harness import Proc, cli, spawn
+from tests.site import site_uid
 
 pytestmark = pytest.mark.integration
 
@@ -144,17 +147,24 @@ RESEND_S = 10.0  # the confirming sender's first wait for an `accepted` receipt
 RATE = 20.0  # scans per second: a stream, so that the kill lands in the middle of it
 
 
-def _stranded(state: Path) -> tuple[set[str], int]:
+def _stranded(state: Path) -> tuple[set[str], set[str]]:
     """What a dead agent still holds on its disk: the digests of scans it accepted and did
-    not finish (inbox rows not done), and the results it had not sent (outbox rows)."""
+    not finish (inbox rows not done), and the message ids of results it had not yet
+    forgotten (outbox rows: unsent, or sent and not yet deleted)."""
     db = sqlite3.connect(f"file:{state / 'agent.db'}?mode=ro", uri=True)
     try:
         inbox = {str(r[0]) for r in db.execute(
             "SELECT sha256 FROM inbox WHERE state != 'done'")}
-        outbox = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        outbox = {str(r[0]) for r in db.execute("SELECT message_id FROM outbox")}
     finally:
         db.close()
     return inbox, outbox
+
+
+def _delivered_sources(out: Path) -> set[str]:
+    """The (pseudonymised) source SOP Instance UIDs of the result files under ``out``."""
+    return {str(pydicom.dcmread(f).SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for f in out.rglob("*.dcm") if "quarantine" not in f.parts}
 
 
 def test_with_a_short_session_expiry_and_a_confirming_sender_the_others_take_over(
@@ -198,7 +208,7 @@ def test_with_a_short_session_expiry_and_a_confirming_sender_the_others_take_ove
                 victim.kill()  # SIGKILL mid-stream, and it stays dead
                 killed_at, sent_before_kill = time.monotonic(), i + 1
         assert killed_at is not None, "the stream ended before the victim had processed 40"
-        stranded, unsent = _stranded(tmp_path / "node" / "state-2")
+        stranded, outbox = _stranded(tmp_path / "node" / "state-2")
         # Every scan that no live agent has: accepted by the dead one (on its disk) or not
         # confirmed yet (the sender resends it).
         confirmed = sender.wait_confirmed(240)
@@ -217,12 +227,16 @@ def test_with_a_short_session_expiry_and_a_confirming_sender_the_others_take_ove
             a.kill()
         receiver.kill()
     unique = {e["message_id"] for e in received}
-    digests = {hashlib.sha256(p).hexdigest() for p in payloads}
-    assert stranded <= digests
-    # The dead agent's unsent results are not results that arrived (it sent none after the
-    # kill); the scans it accepted and did not finish are on its disk, not lost.
-    on_dead_disk = len(stranded) + unsent
-    lost = N - len(unique) - on_dead_disk
+    # Every slice: delivered (a result file names its source), or on the dead agent's
+    # disk: accepted and not finished (inbox), or finished and not sent (outbox).
+    pseudonym = site_uid(tmp_path / "node")
+    delivered = _delivered_sources(tmp_path / "out")
+    missing = {hashlib.sha256(p).hexdigest() for p in payloads
+               if pseudonym(str(pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID)) not in delivered}
+    unsent = len(outbox - unique)  # each one the result of one slice
+    in_inbox = len(missing & stranded)
+    lost = max(0, len(missing - stranded) - unsent)
+    assert len(delivered) == len(unique)
     assert lost == 0, f"{lost} slices neither delivered nor on the dead agent's disk"
     per_agent = Counter(str(e["device_id"]) for e in received)
     assert per_agent["node-1"] + per_agent["node-3"] > 2 * N // 3  # they took over its share
@@ -235,7 +249,8 @@ def test_with_a_short_session_expiry_and_a_confirming_sender_the_others_take_ove
     figures = {"sent": N, "sent_before_kill": sent_before_kill,
                "delivered_unique": len(unique),
                "duplicates_dropped": figures_line["duplicates"],
-               "on_the_dead_agents_disk": {"inbox": len(stranded), "outbox": unsent},
+               "on_the_dead_agents_disk": {"inbox": in_inbox, "outbox": unsent},
+               "also_delivered_by_another_agent": len(stranded) - in_inbox,
                "lost": lost, "per_agent": dict(sorted(per_agent.items())),
                "sender_resends": sender.resent,
                "scans_sent_after_kill_that_waited_for_a_resend": len(late),
