@@ -26,6 +26,7 @@ def test_defaults() -> None:
     assert gw.sop_class_uids() == [STORAGE_CLASSES["MRImageStorage"],
                                    STORAGE_CLASSES["CTImageStorage"]]
     assert gw.transfer_syntaxes is None and gw.source == "gateway"
+    assert gw.keep_until_accepted is True and gw.accepted_timeout_s == 60.0
     assert parse_config(VALID).gateway is None  # the section is optional
 
 
@@ -39,6 +40,9 @@ def test_defaults() -> None:
     ('allowed_calling_ae_titles = ["X"]\nport = 0', "gateway.port"),
     ('allowed_calling_ae_titles = ["X"]\nsource = "a/b"', "gateway.source"),
     ('allowed_calling_ae_titles = ["X"]\nlisten = 1', "gateway.listen"),
+    ('allowed_calling_ae_titles = ["X"]\naccepted_timeout_s = 0', "gateway.accepted_timeout_s"),
+    ('allowed_calling_ae_titles = ["X"]\nkeep_until_accepted = "maybe"',
+     "gateway.keep_until_accepted"),
 ])
 def test_bad_values_name_the_key(section: str, needle: str) -> None:
     assert any(needle in p for p in _problems(section)), _problems(section)

@@ -184,3 +184,35 @@ def test_a_kept_instance_goes_again_until_its_receipt_deletes_it(
         conn.stop()
         scans.stop()
         spool.close()
+
+
+def test_a_kept_instance_the_broker_refuses_is_not_left_in_the_spool(
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
+) -> None:
+    """keep_until_accepted commits the row before the publish; when the broker refuses it
+    (MQTT 5 PUBACK 0x87, its ACL), the modality is told so and the row goes: a row left
+    behind would be drained later, after the modality was told it failed."""
+    from agent.config import BrokerConfig
+    from agent.gateway.forwarder import BrokerRefused, Forwarder
+    from agent.gateway.spool import Spool
+    from agent.transport.mqtt import Connection
+    from agent.transport.topics import Topics
+
+    acl = tmp_path / "readonly.acl"
+    acl.write_text("topic read #\n")  # anonymous clients may read, not write
+    edge = mosquitto_factory("edge", f"allow_anonymous true\nacl_file {acl}")
+    conn = Connection(BrokerConfig(url=edge.url), "gw-refused", name="edge")
+    spool = Spool(tmp_path / "spool.sqlite", max_bytes=10**7)
+    forwarder = Forwarder(conn, Topics("site-a", "node-1").scan("gateway"), spool,
+                          ack_timeout_s=5, accepted_timeout_s=60)
+    conn.start()
+    forwarder.start()
+    try:
+        assert conn.wait_connected(10)
+        with pytest.raises(BrokerRefused):
+            forwarder.store("1.2.3", b"instance-1")
+        assert spool.count == 0 and spool.size == 0
+    finally:
+        forwarder.stop()
+        conn.stop()
+        spool.close()
