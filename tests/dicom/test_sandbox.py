@@ -16,6 +16,7 @@ import pytest
 
 from agent.demo.sample_series import build_series, load_demo_slab
 from agent.dicom.decode import ScanRejected, decode_scan
+from agent.dicom import sandbox as sandbox_module
 from agent.dicom.sandbox import DecodeProcess
 from agent.model.bundle import InputContract, load_bundle
 from tests.integration.harness import REFERENCE_BUNDLE
@@ -58,6 +59,34 @@ def test_answers_match_the_in_process_decoder(sandbox: DecodeProcess,
     with pytest.raises(ScanRejected) as rejected:
         sandbox.decode(b"not a scan" * 50, contract, **BUDGET)
     assert rejected.value.reason == "not_dicom" and rejected.value.payload_sha256
+
+
+def test_the_answer_leaves_out_what_the_daemon_has(sandbox: DecodeProcess,
+                                                   contract: InputContract) -> None:
+    """The pixels come back through the shared buffer; the data set without its pixel data
+    element and without pydicom's reference to the payload."""
+    scan = sandbox.decode(_good(), contract, **BUDGET)
+    assert "PixelData" not in scan.dataset and scan.dataset.buffer is None
+    assert scan.pixels.dtype == np.float32 and scan.pixels.flags.writeable
+    assert scan.dataset.Rows == scan.pixels.shape[0]
+
+
+def test_too_big_for_the_shared_buffer_travels_in_the_pickles(
+        contract: InputContract, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload or an image larger than the shared buffer still decodes, identically; and
+    scans after a big one use the buffer again."""
+    good = _good()
+    local = decode_scan(good, contract, **BUDGET)
+    for size in (4096, len(good) + 4096):  # payload too big; payload fits, pixels do not
+        monkeypatch.setattr(sandbox_module, "SHARED_BYTES", size)
+        box = DecodeProcess(memory_bytes=96 << 20, timeout_s=5.0)
+        try:
+            for _ in range(2):
+                scan = box.decode(good, contract, **BUDGET)
+                assert np.array_equal(scan.pixels, local.pixels)
+                assert scan.sop_instance_uid == local.sop_instance_uid
+        finally:
+            box.close()
 
 
 def test_time_memory_and_a_crash_each_cost_one_scan_not_the_daemon(
