@@ -36,7 +36,8 @@ def test_each_scan_is_stored_before_it_is_acked(store: Store) -> None:
     acked: list[int] = []
     seen: list[int] = []
     ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
-                    ack=lambda m, _sha: (seen.append(len(store.pending(limit=10))), acked.append(m.mid)),
+                    ack=lambda m, _sha: (seen.append(len(store.pending(limit=10))),
+                                         acked.append(m.mid)),
                     stored=lambda: None)
     ingest.on_message(_msg(1))
     ingest.on_message(_msg(2))
