@@ -11,7 +11,7 @@ flagged path (its warning is logged, to stderr here).
 ``--isolate`` decodes through the decoder child process (``decode.isolate = true``, the
 daemon's default) instead of in-process: with ``--clock cpu`` a slice's decode is then the
 daemon thread's CPU time plus the child's CPU time per slice of that round and input (from
-/proc, so a round average).
+/proc/PID/schedstat, so a round average).
 
 With ``--baseline DIR`` (a checkout of another commit, e.g. made by
 ``git worktree add /tmp/base <commit>``) the same payloads run through that code too, in
@@ -95,8 +95,13 @@ class _ThreadClock:
 
 
 def _process_cpu_s(pid: int) -> float:
-    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a single-threaded process: schedstat's nanoseconds where the kernel
+    has them (stat's clock ticks are 10 ms), else stat's user + system time."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child(code: Path, inputs: dict[str, list[str]], clock: str, isolate: bool) -> None:
