@@ -106,12 +106,14 @@ def test_time_memory_and_a_crash_each_cost_one_scan_not_the_daemon(
         sandbox.decode(buf.getvalue(), contract, **BUDGET)
     assert big.value.reason == "decode_budget_exceeded"
     assert decode_scan(buf.getvalue(), contract, **BUDGET).pixels.shape == (4096, 4096)
-    # a crash: the child killed while it decodes
+    # a crash: the child killed while it decodes (the flood is built first: on a loaded
+    # machine building it can take longer than the timer, which would kill the idle child)
+    flood = _flood()
     pid = sandbox.pid
     assert pid is not None
     threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
     with pytest.raises(ScanRejected, match="died") as died:
-        sandbox.decode(_flood(), contract, **BUDGET)
+        sandbox.decode(flood, contract, **BUDGET)
     assert died.value.reason == "decode_budget_exceeded"
     assert sandbox.restarts == restarts + 2  # timeout and crash; MemoryError kept the child
     assert sandbox.decode(_good(), contract, **BUDGET).pixels.shape == (256, 256)
