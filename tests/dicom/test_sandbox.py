@@ -15,8 +15,8 @@ import pydicom
 import pytest
 
 from agent.demo.sample_series import build_series, load_demo_slab
-from agent.dicom.decode import ScanRejected, decode_scan
 from agent.dicom import sandbox as sandbox_module
+from agent.dicom.decode import ScanRejected, decode_scan
 from agent.dicom.sandbox import DecodeProcess
 from agent.model.bundle import InputContract, load_bundle
 from tests.integration.harness import REFERENCE_BUNDLE
