@@ -17,8 +17,13 @@ whatever the cause:
 
 Each of these reports the scan as ``decode_budget_exceeded`` and the next scan gets a fresh
 child. The daemon never parses the payload itself: it gets back the ``Scan`` (the parsed
-data set and the pixels, pickled). Cost per scan: one pipe round trip and a pickle of the
-data set and pixels (measured in docs/reliability.md).
+data set, pickled, and the pixels). Cost per scan: one socket round trip of small pickles;
+the payload goes in and the decoded pixels come back through a buffer both processes map
+(a memfd, ``SHARED_BYTES``), so neither is pickled or pushed through the socket. The data
+set comes back without its pixel data element and without pydicom's reference to the
+payload (the daemon has both; nothing after decoding reads them). A payload or an image
+too big for the buffer, or a system without memfd, travels in the pickles as before.
+Measured in docs/reliability.md.
 
 The child is a resource boundary, not a security boundary: it runs as the same user, and
 the daemon unpickles its answers. Code execution inside a decoder plugin is a different
