@@ -1,10 +1,17 @@
-"""The agent's own work per slice, stage by stage: decode, preprocess, derive, seal.
+"""The agent's own work per slice, stage by stage: decode, preprocess, domain, derive, seal.
 
 Runs the real ``Translator`` (decode -> model grid -> normalise -> [model] -> back to the
 source grid -> derived instance -> sealed envelope) on the shipped demo slab and on
 320-matrix MR series (0.8 mm: resampled; 1.0 mm: cropped), with an identity model in place
 of the network so that only the agent's own work is timed. The stage times are the ones the
-``Translator`` reports (``Outcome.timings_ms``), as in ``iomt-agent demo``.
+``Translator`` reports (``Outcome.timings_ms``), as in ``iomt-agent demo``. The identity's
+output is far from the bundle's domain reference, so every slice takes the domain check's
+flagged path (its warning is logged, to stderr here).
+
+``--isolate`` decodes through the decoder child process (``decode.isolate = true``, the
+daemon's default) instead of in-process: with ``--clock cpu`` a slice's decode is then the
+daemon thread's CPU time plus the child's CPU time per slice of that round and input (from
+/proc/PID/schedstat, so a round average).
 
 With ``--baseline DIR`` (a checkout of another commit, e.g. made by
 ``git worktree add /tmp/base <commit>``) the same payloads run through that code too, in
@@ -12,13 +19,15 @@ a second process; the two take turns round by round (A, B, A, B, ...) so that th
 a shared machine falls on both. Reported: per-stage medians per input and the ratio
 baseline / this tree.
 
-    python bench/stages.py [--rounds 8] [--baseline DIR] [--clock cpu|wall] [--json FILE]
+    python bench/stages.py [--rounds 8] [--baseline DIR] [--clock cpu|wall] [--isolate]
+                           [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -30,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("decode", "preprocess", "derive", "seal")
+STAGES = ("decode", "preprocess", "domain", "derive", "seal")
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "models" / "t1w-to-t2w-lite"
 
@@ -85,7 +94,17 @@ class _ThreadClock:
         return getattr(time, name)
 
 
-def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds of a single-threaded process: schedstat's nanoseconds where the kernel
+    has them (stat's clock ticks are 10 ms), else stat's user + system time."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child(code: Path, inputs: dict[str, list[str]], clock: str, isolate: bool) -> None:
     """Serve rounds on stdin/stdout with the ``agent`` package found under ``code``."""
     sys.path.insert(0, str(code))
     import hashlib
@@ -94,8 +113,10 @@ def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
     import agent.daemon.pipeline
     from agent.backends.base import ModelRunner
     from agent.config import LimitsSection
+    from agent.config_budgets import DecodeSection
     from agent.crypto import keys, seal
     from agent.daemon.pipeline import Translator
+    from agent.log import configure
     from agent.model.bundle import load_bundle
     from agent.transport.topics import Topics
 
@@ -112,10 +133,19 @@ def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
         return seal.seal(plaintext, recipient=recipient, signing_key=device_key,
                          device_id="bench", message_id=message_id)
 
+    configure("info", "json", stream=sys.stderr)  # stdout carries the rounds
     if clock == "cpu":
         setattr(agent.daemon.pipeline, "time", _ThreadClock())  # noqa: B010 - the stage timer reads it
+    box = None
+    if isolate:
+        from agent.dicom.sandbox import DecodeProcess
+
+        section = DecodeSection()
+        box = DecodeProcess(memory_bytes=section.memory_bytes, timeout_s=section.timeout_s)
     translator = Translator(load_bundle(BUNDLE), Identity(), sealer, limits=LimitsSection(),
                             topics=Topics("bench", "bench"))
+    if box is not None:
+        translator.decoder = box.decode
     payloads = {name: [Path(p).read_bytes() for p in paths] for name, paths in inputs.items()}
     digests = {name: [hashlib.sha256(p).hexdigest() for p in ps] for name, ps in payloads.items()}
     print(json.dumps({"ready": str(Path(agent.__file__).parent)}), flush=True)
@@ -123,12 +153,16 @@ def child(code: Path, inputs: dict[str, list[str]], clock: str) -> None:
         result: dict[str, dict[str, list[float]]] = {}
         for name, items in payloads.items():
             times: dict[str, list[float]] = {s: [] for s in STAGES}
+            c0 = _process_cpu_s(box.pid) if box is not None and box.pid else 0.0
             for payload, digest in zip(items, digests[name], strict=True):
                 outcome = translator.process(payload, "iomt/bench/scans/x", digest)
                 if not outcome.ok:
                     raise SystemExit(f"{name}: {outcome.reason}")
                 for stage in STAGES:
-                    times[stage].append(outcome.timings_ms[stage])
+                    times[stage].append(outcome.timings_ms.get(stage, 0.0))
+            if box is not None and box.pid and clock == "cpu":
+                share = (_process_cpu_s(box.pid) - c0) / len(items) * 1000
+                times["decode"] = [t + share for t in times["decode"]]
             result[name] = times
         print(json.dumps(result), flush=True)
 
@@ -137,12 +171,12 @@ class Runner:
     """One child process serving rounds."""
 
     def __init__(self, label: str, code: Path, inputs: dict[str, list[Path]],
-                 clock: str) -> None:
+                 clock: str, isolate: bool) -> None:
         spec = json.dumps({k: [str(p) for p in v] for k, v in inputs.items()})
         self.label = label
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--child", str(code), "--inputs", spec,
-             "--clock", clock],
+             "--clock", clock, *(["--isolate"] if isolate else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.code = json.loads(self._line())["ready"]
@@ -175,18 +209,22 @@ def main() -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: the thread's CPU time per stage (robust on a shared "
                         "machine; the default); wall: elapsed time, as the agent logs it")
+    parser.add_argument("--isolate", action="store_true",
+                        help="decode in the decoder child process, as the daemon does by "
+                        "default (decode.isolate = true)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, json.loads(args.inputs), args.clock)
+        child(args.child, json.loads(args.inputs), args.clock, args.isolate)
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_inputs(Path(tmp))
-        runners = [Runner("this tree", ROOT, inputs, args.clock)]
+        runners = [Runner("this tree", ROOT, inputs, args.clock, args.isolate)]
         if args.baseline:
-            runners.append(Runner("baseline", args.baseline.resolve(), inputs, args.clock))
+            runners.append(Runner("baseline", args.baseline.resolve(), inputs, args.clock,
+                                  args.isolate))
         samples: dict[str, dict[str, dict[str, list[float]]]] = {
             r.label: {n: {s: [] for s in STAGES} for n in inputs} for r in runners}
         for r in runners:
@@ -209,7 +247,8 @@ def main() -> int:
             row["total"] = sum(row[s] for s in STAGES)
     print(f"CPU: {_cpu()}; {args.rounds} rounds, slices per input: "
           f"{', '.join(f'{n} {len(p)}' for n, p in inputs.items())}; medians in ms of "
-          f"{'thread CPU time' if args.clock == 'cpu' else 'wall time'}")
+          f"{'thread CPU time' if args.clock == 'cpu' else 'wall time'}; decode "
+          f"{'in the decoder process' if args.isolate else 'in-process'}")
     head = f"{'input':<14} {'code':<10}" + "".join(f"{s:>11}" for s in (*STAGES, "total"))
     print(head)
     print("-" * len(head))
@@ -225,7 +264,7 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "cpu": _cpu(), "rounds": args.rounds, "clock": args.clock,
+            "cpu": _cpu(), "rounds": args.rounds, "clock": args.clock, "isolate": args.isolate,
             "code": {r.label: r.code for r in runners},
             "medians_ms": medians,
         }, indent=2))

@@ -105,7 +105,7 @@ class DomainCheck:
         verdict = DomainVerdict(result.score, series_score, flagged, refuse)
         if flagged:
             assert result.score is not None
-            f = self.reference.features(x, y)
+            f = result.features  # computed once, by the score
             top = {} if f is None else dict(sorted(
                 self.reference.metric.contributions(f).items(),
                 key=lambda kv: -abs(kv[1]))[:3])

@@ -27,7 +27,7 @@ from agent.daemon.pressure import Pressure
 from agent.daemon.store import DiskFull, Store, StoreFull
 from agent.log import get_logger
 from agent.transport.mqtt import Connection, Message
-from agent.transport.scan_receipts import accepted_body
+from agent.transport.scan_receipts import accepted_body_for
 from agent.transport.topics import Topics
 
 log = get_logger("agent.daemon.ingest")
@@ -36,11 +36,12 @@ RECEIVE_MAXIMUM = 16  # unacked scans the edge broker may send us (MQTT 5 CONNEC
 
 
 class Ingest:
-    """The edge connection's message handler. ``ack`` acknowledges a message to the
-    broker; ``stored`` runs after each scan is in the inbox (it wakes the main loop)."""
+    """The edge connection's message handler. ``ack(message, sha256)`` acknowledges a
+    message to the broker (``sha256``: its payload's hex digest, hashed once here);
+    ``stored`` runs after each scan is in the inbox (it wakes the main loop)."""
 
     def __init__(self, store: Store, limits: LimitsSection, topics: Topics, *,
-                 ack: Callable[[Message], None], stored: Callable[[], None],
+                 ack: Callable[[Message, str], None], stored: Callable[[], None],
                  pressure: Pressure | None = None, outbox_backpressure: bool = False) -> None:
         self._store = store
         self._limits = limits
@@ -114,7 +115,7 @@ class Ingest:
             if self._outbox_backpressure and self._store.outbox_full():
                 raise _OutboxFull("the outbox is at limits.outbox_max_bytes")
             self._store.accept(msg.topic, digest, msg.payload)  # raises StoreFull
-        self._ack(msg)
+        self._ack(msg, digest)
         self._stored()
 
 
@@ -122,13 +123,13 @@ class _OutboxFull(StoreFull):
     """Not stored: the outbox is at its cap and the policy is backpressure."""
 
 
-def confirming_ack(edge: Connection, topics: Topics) -> Callable[[Message], None]:
+def confirming_ack(edge: Connection, topics: Topics) -> Callable[[Message, str], None]:
     """The ``ack`` of a running agent: PUBACK a scan that is durable in the inbox, and
     publish ``{"v": 1, "sha256": ...}`` on ``topics.accepted`` for the gateway (one that
     resends until it sees this survives an edge broker that acked and then crashed;
     docs/reliability.md)."""
-    def ack(msg: Message) -> None:
+    def ack(msg: Message, sha256: str) -> None:
         edge.ack(msg)
-        edge.publish(topics.accepted, accepted_body(msg.payload), qos=1)
+        edge.publish(topics.accepted, accepted_body_for(sha256), qos=1)
 
     return ack

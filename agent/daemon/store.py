@@ -5,7 +5,11 @@
 * ``Store.complete`` writes the result to the outbox and marks the inbox row done in one
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
 * An outbox row is deleted only when the cloud broker has acknowledged it or, with
-  ``delivery.receipts = true``, when the consumer's receipt names its message id.
+  ``delivery.receipts = true``, when the consumer's receipt names its message id. That
+  delete is not synced by itself (``_unsynced``): the next synced commit carries it to
+  disk, and one lost to a power cut only sends the result again, which the consumer drops
+  by its idempotency key (as for a delete that finds the disk full). This saves one fsync
+  per result on the hot path; every write that precedes an ack or a publish stays synced.
 * The disk: below ``min_free_bytes`` free on the store's filesystem ``accept`` refuses
   (``DiskFull``) so that commits and deletes still find room; SQLite's own "disk is full"
   becomes ``DiskFull`` too, its transaction rolled back (the caller retries later).
@@ -140,6 +144,23 @@ class Store:
         except BaseException:
             self._rollback()
             raise
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Writes inside commit without waiting for the disk (``synchronous=NORMAL``; in WAL
+        mode still atomic and consistent, durable once a later synced commit or checkpoint
+        has run). Only for deletes whose loss means a duplicate, never a loss. The caller
+        holds ``_lock``."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    def synchronous(self) -> int:
+        """The connection's ``PRAGMA synchronous`` (2 = FULL) between writes."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA synchronous").fetchone()[0])
 
     # -- inbox ---------------------------------------------------------------------------
     def accept(self, topic: str, sha256: str, payload: bytes) -> int:
@@ -296,7 +317,8 @@ class Store:
             if row is None:
                 return
             try:
-                self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
+                with self._unsynced():
+                    self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
             except sqlite3.OperationalError as exc:
                 if _disk_full(exc):
                     raise DiskFull("the state directory's filesystem is full") from None
@@ -307,7 +329,7 @@ class Store:
         """The consumer has filed ``message_id``: delete every row that carries it (a scan
         sent twice queues two); returns their ids."""
         with self._lock:
-            with self._transaction():
+            with self._unsynced(), self._transaction():
                 rows = self._db.execute(
                     "SELECT id, LENGTH(payload) FROM outbox WHERE message_id=?", (message_id,)
                 ).fetchall()

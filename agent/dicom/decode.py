@@ -86,7 +86,7 @@ class ScanRejected(ReasonedError):
 class Scan:
     """One decoded single-frame instance that satisfies the input contract."""
 
-    dataset: Dataset  # full parse, pixel data included
+    dataset: Dataset  # full parse, pixel data included (not from the decoder process)
     pixels: np.ndarray  # float32 (rows, cols) after Rescale; MONOCHROME1 flipped to MONOCHROME2
     sop_instance_uid: str
     sop_class_uid: str

@@ -264,7 +264,7 @@ class DerivedWriter:
                                       software_version, deid)
             offset = 0 if deid is None else deid.date_offset(scan.dataset)
             copied = self._copied(scan.dataset, encodings, charset, deid, offset)
-            marks = [(int(e.tag), encode_element(e, encodings)) for e in domain_elements(domain)]
+            marks = [_mark(e, encodings) for e in domain_elements(domain)]
         center, width = window(pixels, output)
         elements = [*template.elements, *copied, *marks, *_references(scan, deid),
                     (_SOP_INSTANCE, element(_SOP_INSTANCE, b"UI", _ui(sop_uid))),
@@ -354,6 +354,18 @@ class DerivedWriter:
                 return None
             elem = DataElement(tag, dictionary_VR(tag), "")
         return encode_element(elem, encodings)
+
+
+def _mark(elem: DataElement, encodings: Any) -> Element:
+    """One element of the domain mark (``derive.domain_elements``: text VRs holding ASCII
+    the agent wrote, which every character set encodes as itself; a DS as the string it was
+    made from, as pydicom writes it), encoded by hand; any other value goes through
+    pydicom's writer."""
+    value = elem.value
+    text = value if isinstance(value, str) else getattr(value, "original_string", None)
+    if isinstance(text, str) and text.isascii() and elem.VR in ("LT", "LO", "DS", "CS"):
+        return int(elem.tag), element(int(elem.tag), elem.VR.encode(), _ascii_text(text))
+    return int(elem.tag), encode_element(elem, encodings)
 
 
 def _tags_for(deid: Deidentifier | None) -> tuple[CopiedTag, ...]:

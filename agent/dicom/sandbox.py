@@ -17,8 +17,13 @@ whatever the cause:
 
 Each of these reports the scan as ``decode_budget_exceeded`` and the next scan gets a fresh
 child. The daemon never parses the payload itself: it gets back the ``Scan`` (the parsed
-data set and the pixels, pickled). Cost per scan: one pipe round trip and a pickle of the
-data set and pixels (measured in docs/reliability.md).
+data set, pickled, and the pixels). Cost per scan: one socket round trip of small pickles;
+the payload goes in and the decoded pixels come back through a buffer both processes map
+(a memfd, ``SHARED_BYTES``), so neither is pickled or pushed through the socket. The data
+set comes back without its pixel data element and without pydicom's reference to the
+payload (the daemon has both; nothing after decoding reads them). A payload or an image
+too big for the buffer, or a system without memfd, travels in the pickles as before.
+Measured in docs/reliability.md.
 
 The child is a resource boundary, not a security boundary: it runs as the same user, and
 the daemon unpickles its answers. Code execution inside a decoder plugin is a different
@@ -28,6 +33,7 @@ threat (systemd's sandboxing of the unit is the layer for that).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import pickle
 import socket
@@ -36,7 +42,8 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+
+import numpy as np
 
 from agent.dicom.decode import Scan, ScanRejected, decode_scan
 from agent.log import get_logger
@@ -46,6 +53,34 @@ log = get_logger("agent.dicom.sandbox")
 
 START_TIMEOUT_S = 120.0  # imports on a slow board; not part of a scan's budget
 _READY = b"ready"
+# The buffer shared with the child: a payload in, then the decoded float32 pixels out (8 MiB
+# holds a 1400 x 1400 image; larger ones travel in the pickles). Pages count only once used.
+SHARED_BYTES = 8 << 20
+_PIXEL_TAGS = slice(0x7FE00008, 0x7FE00011)  # Float, Double Float and Pixel Data
+
+
+def _shared_buffer(size: int) -> tuple[int, mmap.mmap] | None:
+    """A memfd of ``size`` bytes and its mapping, or None where memfd is missing."""
+    try:
+        fd = os.memfd_create("iomt-decode")
+    except (AttributeError, OSError):
+        return None
+    try:
+        os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size)
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _strip(scan: Scan) -> None:
+    """Drop from the child's answer what the daemon has already or never reads: the pixel
+    data element, pydicom's cached pixel array and its reference to the payload."""
+    ds = scan.dataset
+    del ds[_PIXEL_TAGS]
+    ds.buffer = None
+    if getattr(ds, "_pixel_array", None) is not None:
+        ds._pixel_array = None
 
 
 def _data_bytes() -> int:
@@ -57,14 +92,14 @@ def _data_bytes() -> int:
     return 0
 
 
-def _serve(conn: Connection, memory_bytes: int) -> None:
-    """The child: decode each payload it is sent, answer with the Scan or the rejection."""
+def _serve(conn: Connection, memory_bytes: int, shared: mmap.mmap | None = None) -> None:
+    """The child: decode each payload it is sent, answer with the Scan or the rejection.
+    ``shared``: the buffer mapped by the daemon too (a payload sent as its length is read
+    from it; pixels that fit are written back into it)."""
     import resource
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    import numpy  # noqa: F401  (its arenas belong to the baseline, not to a scan)
-
     limit = _data_bytes() + memory_bytes
     if Path("/proc/self/status").exists():
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -75,22 +110,35 @@ def _serve(conn: Connection, memory_bytes: int) -> None:
         except (EOFError, OSError):
             return
         payload, contract, pixel_budget, max_payload_bytes, digest = pickle.loads(request)  # noqa: S301 (the daemon's own)
-        answer: tuple[str, Any]
-        try:
-            scan = decode_scan(payload, contract, pixel_budget=pixel_budget,
-                               max_payload_bytes=max_payload_bytes, payload_sha256=digest)
-            answer = ("scan", scan)
-            out = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        except ScanRejected as exc:
-            out = pickle.dumps(("rejected", (exc.reason, str(exc))))
-        except MemoryError:
-            out = pickle.dumps(("rejected", ("decode_budget_exceeded",
-                                             "decoding needed more than decode.memory_bytes")))
-        except RecursionError:  # pickling a data set nested too deeply to hand back
-            out = pickle.dumps(("rejected", ("decode_budget_exceeded",
-                                             "sequences nested too deeply")))
-        del payload
-        conn.send_bytes(out)
+        if isinstance(payload, int):  # its length: the bytes are in the shared buffer
+            assert shared is not None
+            payload = shared[:payload]
+        conn.send_bytes(_answer(payload, contract, pixel_budget, max_payload_bytes, digest,
+                                shared))
+
+
+def _answer(payload: bytes, contract: InputContract, pixel_budget: int,
+            max_payload_bytes: int, digest: str, shared: mmap.mmap | None) -> bytes:
+    """The pickled answer to one request (the child)."""
+    try:
+        scan = decode_scan(payload, contract, pixel_budget=pixel_budget,
+                           max_payload_bytes=max_payload_bytes, payload_sha256=digest)
+        _strip(scan)
+        pixels = np.ascontiguousarray(scan.pixels, dtype=np.float32)
+        if shared is not None and pixels.nbytes <= len(shared):
+            shared[:pixels.nbytes] = pixels.data.cast("B")
+            scan.pixels = np.empty(0, np.float32)
+            return pickle.dumps(("shared", (scan, pixels.shape)),
+                                protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(("scan", scan), protocol=pickle.HIGHEST_PROTOCOL)
+    except ScanRejected as exc:
+        return pickle.dumps(("rejected", (exc.reason, str(exc))))
+    except MemoryError:
+        return pickle.dumps(("rejected", ("decode_budget_exceeded",
+                                          "decoding needed more than decode.memory_bytes")))
+    except RecursionError:  # pickling a data set nested too deeply to hand back
+        return pickle.dumps(("rejected", ("decode_budget_exceeded",
+                                          "sequences nested too deeply")))
 
 
 class DecodeProcess:
@@ -103,6 +151,7 @@ class DecodeProcess:
         self.restarts = 0  # children replaced after a budget was exceeded
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._shared: mmap.mmap | None = None  # this child's buffer (see SHARED_BYTES)
         self._lock = threading.Lock()
         self._ready = False
         self._start()
@@ -114,12 +163,22 @@ class DecodeProcess:
     def _start(self) -> None:
         # A fresh interpreter (not fork: the daemon has threads and paho's sockets), talking
         # over a socket pair in multiprocessing's framing.
+        # Each child gets a buffer of its own: a killed child's late writes land in nothing
+        # the daemon still reads.
         ours, theirs = socket.socketpair()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.dicom.sandbox", str(theirs.fileno()),
-             str(self.memory_bytes)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-        theirs.close()
+        shared = _shared_buffer(SHARED_BYTES)
+        fds = (theirs.fileno(), *(() if shared is None else (shared[0],)))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.dicom.sandbox", str(theirs.fileno()),
+                 str(self.memory_bytes), *(() if shared is None else (str(shared[0]),))],
+                pass_fds=fds, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+            if shared is not None:
+                os.close(shared[0])  # the mapping stays
         self._proc, self._conn = proc, Connection(ours.detach())
+        self._shared = None if shared is None else shared[1]
         self._ready = False  # its imports overlap the daemon's start; awaited at first use
 
     def _await_ready(self) -> None:
@@ -135,7 +194,9 @@ class DecodeProcess:
             self._proc.wait(5)
         if self._conn is not None:
             self._conn.close()
-        self._proc = self._conn = None
+        if self._shared is not None:
+            self._shared.close()
+        self._proc = self._conn = self._shared = None
 
     def close(self) -> None:
         with self._lock:
@@ -158,11 +219,21 @@ class DecodeProcess:
             try:
                 if not self._ready:
                     self._await_ready()
+                sent: bytes | int = payload
+                if self._shared is not None and len(payload) <= len(self._shared):
+                    self._shared[:len(payload)] = payload
+                    sent = len(payload)
                 self._conn.send_bytes(pickle.dumps(
-                    (payload, contract, pixel_budget, max_payload_bytes, digest),
+                    (sent, contract, pixel_budget, max_payload_bytes, digest),
                     protocol=pickle.HIGHEST_PROTOCOL))
                 if self._conn.poll(self.timeout_s):
                     kind, value = pickle.loads(self._conn.recv_bytes())  # noqa: S301 (see top)
+                    if kind == "shared":  # the pixels are in the buffer: copied out now
+                        assert self._shared is not None
+                        value, shape = value
+                        value.pixels = np.frombuffer(
+                            self._shared, np.float32, int(np.prod(shape))).reshape(shape).copy()
+                        kind = "scan"
                 else:
                     why = f"decoding took longer than decode.timeout_s ({self.timeout_s:g} s)"
             except (EOFError, OSError, RuntimeError):  # RuntimeError: it never started
@@ -186,5 +257,6 @@ class DecodeProcess:
         raise ScanRejected(reason, message, digest)
 
 
-if __name__ == "__main__":  # the child: python -m agent.dicom.sandbox FD MEMORY_BYTES
-    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
+if __name__ == "__main__":  # the child: python -m agent.dicom.sandbox FD MEMORY_BYTES [SHM_FD]
+    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]),
+           mmap.mmap(int(sys.argv[3]), 0) if len(sys.argv) > 3 else None)

@@ -9,7 +9,7 @@ Written by the model recipes (``models/recipes/domain_reference.py``) and by
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -94,10 +94,12 @@ class DomainReferenceFile(Strict):
 
 @dataclass(frozen=True)
 class SliceScore:
-    """One slice's score (None: too little body to score) and its raw distance."""
+    """One slice's score (None: too little body to score), its raw distance and the
+    features it was computed from (what a flagged slice's log line explains it by)."""
 
     score: float | None
     distance: float | None = None
+    features: npt.NDArray[np.float64] | None = field(default=None, compare=False, repr=False)
 
 
 class DomainReference:
@@ -120,7 +122,7 @@ class DomainReference:
         if f is None:
             return SliceScore(None)
         d = self.metric.distance(f)
-        return SliceScore(round(d / self.threshold, 3), d)
+        return SliceScore(round(d / self.threshold, 3), d, f)
 
     def to_json(self) -> str:
         return json.dumps(self.spec.model_dump(mode="json"), indent=1) + "\n"

@@ -22,7 +22,12 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def accepted_body(payload: bytes) -> bytes:
     """The receipt for one scan's payload."""
-    return json.dumps({"v": VERSION, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    return accepted_body_for(hashlib.sha256(payload).hexdigest())
+
+
+def accepted_body_for(sha256: str) -> bytes:
+    """The receipt for a scan whose payload's SHA-256 (hex) is already known."""
+    return json.dumps({"v": VERSION, "sha256": sha256}).encode()
 
 
 def accepted_digest(body: bytes) -> str | None:

@@ -29,18 +29,33 @@ def store(tmp_path: Path) -> Store:
 
 def _ingest(store: Store, acked: list[int], limits: LimitsSection | None = None) -> Ingest:
     return Ingest(store, limits or LimitsSection(), Topics("site-1", "edge-1"),
-                  ack=lambda m: acked.append(m.mid), stored=lambda: None)
+                  ack=lambda m, _sha: acked.append(m.mid), stored=lambda: None)
 
 
 def test_each_scan_is_stored_before_it_is_acked(store: Store) -> None:
     acked: list[int] = []
     seen: list[int] = []
     ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
-                    ack=lambda m: (seen.append(len(store.pending(limit=10))), acked.append(m.mid)),
+                    ack=lambda m, _sha: (seen.append(len(store.pending(limit=10))),
+                                         acked.append(m.mid)),
                     stored=lambda: None)
     ingest.on_message(_msg(1))
     ingest.on_message(_msg(2))
     assert acked == [1, 2] and seen == [1, 2]
+
+
+def test_the_ack_gets_the_digest_the_inbox_row_holds(store: Store) -> None:
+    """Hashed once: the ack (and the gateway's confirmation it publishes) gets the digest
+    that the inbox row was stored under."""
+    import hashlib
+
+    digests: list[str] = []
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
+                    ack=lambda _m, sha: digests.append(sha), stored=lambda: None)
+    ingest.on_message(_msg(1))
+    (row,) = store.pending()
+    assert row.sha256 == hashlib.sha256(row.payload).hexdigest()
+    assert digests == [row.sha256]
 
 
 def test_the_inbox_row_is_committed_when_the_ack_goes_out(store: Store) -> None:
@@ -50,7 +65,7 @@ def test_the_inbox_row_is_committed_when_the_ack_goes_out(store: Store) -> None:
 
     seen: list[int] = []
 
-    def ack(msg: Message) -> None:
+    def ack(msg: Message, _sha256: str) -> None:
         con = sqlite3.connect(store.path)
         try:
             seen.append(con.execute("SELECT COUNT(*) FROM inbox WHERE state='pending'")

@@ -27,7 +27,7 @@ def _msg(mid: int, size: int = 1000) -> Message:
 def _ingest(store: Store, acked: list[int], pressure: Pressure, *,
             outbox_backpressure: bool = True) -> Ingest:
     return Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
-                  ack=lambda m: acked.append(m.mid), stored=lambda: None, pressure=pressure,
+                  ack=lambda m, _sha: acked.append(m.mid), stored=lambda: None, pressure=pressure,
                   outbox_backpressure=outbox_backpressure)
 
 

@@ -238,6 +238,25 @@ def test_a_puback_deletes_its_own_row_only(store: Store) -> None:
     assert [o.id for o in store.outbox()] == [ids[0], ids[1]]
 
 
+def test_only_the_deletes_of_delivered_rows_skip_the_sync(store: Store, db: Path) -> None:
+    """A delivered row's delete commits without its own fsync; the connection is back to
+    FULL for every other write (the inbox commit before an ack, the result's commit), and
+    the delete is durable: another connection sees it, and it survives a reopen."""
+    assert store.synchronous() == 2  # FULL
+    a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
+    b = store.complete(None, [("result", "m-b", "r", b"2")], "processed")[0]
+    store.delivered(a)
+    assert store.synchronous() == 2
+    store.receipted("m-b")
+    assert store.synchronous() == 2
+    store.accept("t", "s", b"p")
+    assert _rows(db, "SELECT COUNT(*) FROM outbox") == [(0,)]
+    store.close()
+    again = _open(db)
+    assert again.depths() == (1, 0) and b not in [o.id for o in again.outbox()]
+    again.close()
+
+
 def test_a_receipt_deletes_the_rows_of_its_message_id_only(store: Store) -> None:
     a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
     b1 = store.complete(None, [("result", "m-b", "r", b"22")], "processed")[0]

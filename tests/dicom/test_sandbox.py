@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from agent.demo.sample_series import build_series, load_demo_slab
+from agent.dicom import sandbox as sandbox_module
 from agent.dicom.decode import ScanRejected, decode_scan
 from agent.dicom.sandbox import DecodeProcess
 from agent.model.bundle import InputContract, load_bundle
@@ -60,6 +61,34 @@ def test_answers_match_the_in_process_decoder(sandbox: DecodeProcess,
     assert rejected.value.reason == "not_dicom" and rejected.value.payload_sha256
 
 
+def test_the_answer_leaves_out_what_the_daemon_has(sandbox: DecodeProcess,
+                                                   contract: InputContract) -> None:
+    """The pixels come back through the shared buffer; the data set without its pixel data
+    element and without pydicom's reference to the payload."""
+    scan = sandbox.decode(_good(), contract, **BUDGET)
+    assert "PixelData" not in scan.dataset and scan.dataset.buffer is None
+    assert scan.pixels.dtype == np.float32 and scan.pixels.flags.writeable
+    assert scan.dataset.Rows == scan.pixels.shape[0]
+
+
+def test_too_big_for_the_shared_buffer_travels_in_the_pickles(
+        contract: InputContract, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload or an image larger than the shared buffer still decodes, identically; and
+    scans after a big one use the buffer again."""
+    good = _good()
+    local = decode_scan(good, contract, **BUDGET)
+    for size in (4096, len(good) + 4096):  # payload too big; payload fits, pixels do not
+        monkeypatch.setattr(sandbox_module, "SHARED_BYTES", size)
+        box = DecodeProcess(memory_bytes=96 << 20, timeout_s=5.0)
+        try:
+            for _ in range(2):
+                scan = box.decode(good, contract, **BUDGET)
+                assert np.array_equal(scan.pixels, local.pixels)
+                assert scan.sop_instance_uid == local.sop_instance_uid
+        finally:
+            box.close()
+
+
 def test_time_memory_and_a_crash_each_cost_one_scan_not_the_daemon(
         sandbox: DecodeProcess, contract: InputContract) -> None:
     restarts = sandbox.restarts
@@ -77,12 +106,14 @@ def test_time_memory_and_a_crash_each_cost_one_scan_not_the_daemon(
         sandbox.decode(buf.getvalue(), contract, **BUDGET)
     assert big.value.reason == "decode_budget_exceeded"
     assert decode_scan(buf.getvalue(), contract, **BUDGET).pixels.shape == (4096, 4096)
-    # a crash: the child killed while it decodes
+    # a crash: the child killed while it decodes (the flood is built first: on a loaded
+    # machine building it can take longer than the timer, which would kill the idle child)
+    flood = _flood()
     pid = sandbox.pid
     assert pid is not None
     threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
     with pytest.raises(ScanRejected, match="died") as died:
-        sandbox.decode(_flood(), contract, **BUDGET)
+        sandbox.decode(flood, contract, **BUDGET)
     assert died.value.reason == "decode_budget_exceeded"
     assert sandbox.restarts == restarts + 2  # timeout and crash; MemoryError kept the child
     assert sandbox.decode(_good(), contract, **BUDGET).pixels.shape == (256, 256)
