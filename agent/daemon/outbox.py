@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.daemon.store import DiskFull, OutboxItem, Store
@@ -70,8 +71,10 @@ class OutboxPublisher:
 
     def __init__(self, store: Store, cloud: Connection, *, kick: threading.Event,
                  stop: threading.Event, space: threading.Condition,
-                 window: int = WINDOW, receipt_timeout_s: float | None = None) -> None:
+                 window: int = WINDOW, receipt_timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
+        self._clock = clock  # seconds, monotonic: due times, the stop grace, episode length
         self._cloud = cloud
         self._kick = kick  # set: new rows, a verdict or a reconnect
         self._stop = stop
@@ -86,7 +89,8 @@ class OutboxPublisher:
         self._claimed_topics: set[str] = set()  # delivered since their last unclaimed row
         self._episode_start: float | None = None  # since when rows have been unclaimed
         self._claimed_in_episode = 0
-        self.drain_deadline = float("inf")  # set on stop: deliver until then
+        self._last_id = 0  # rows up to here have been published at least once by this process
+        self.drain_deadline = float("inf")  # set on stop (on the clock): deliver until then
 
     @property
     def unclaimed(self) -> int:
@@ -138,7 +142,7 @@ class OutboxPublisher:
     def reconnected(self) -> None:
         """A new connection to the cloud broker (paho's thread): the broker may have lost
         what it acked before (a crash between snapshots), so awaiting rows go out now."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             awaiting = [h for h in self._held.values() if h.awaiting]
             for h in awaiting:
@@ -150,32 +154,36 @@ class OutboxPublisher:
 
     # -- the thread ----------------------------------------------------------------------
     def run(self) -> None:
-        last_id = 0  # rows up to here have been published at least once by this process
+        """Rounds until stopped and drained: each waits for a kick or the next due retry."""
         while True:
-            self._kick.wait(self._wait_s())
+            self._kick.wait(self.wait_s())
             self._kick.clear()
-            if not self._cloud.connected:
-                if self._stop.is_set() and self.drain_deadline < time.monotonic():
-                    return
-                continue
-            last_id = self._publish(last_id)
-            if self._stop.is_set() and self._drained():
+            if self.pump():
                 return
 
-    def _wait_s(self) -> float:
+    def pump(self) -> bool:
+        """One round: publish what is due (retries first, then rows not yet sent, up to the
+        window). True when stopped and there is nothing left to do."""
+        if not self._cloud.connected:
+            return self._stop.is_set() and self.drain_deadline < self._clock()
+        self._last_id = self._publish(self._last_id)
+        return self._stop.is_set() and self._drained()
+
+    def wait_s(self) -> float:
+        """How long the thread may sleep before the next retry is due (at most 1 s)."""
         with self._lock:
             due = min((h.due for i, h in self._held.items() if i not in self._inflight),
                       default=None)
         if due is None:
             return 1.0
-        return min(1.0, max(0.05, due - time.monotonic()))
+        return min(1.0, max(0.05, due - self._clock()))
 
     def _drained(self) -> bool:
         """On stop: nothing left that could still go out now."""
-        if time.monotonic() > self.drain_deadline:
+        if self._clock() > self.drain_deadline:
             return True
         _, depth = self._store.depths()
-        now = time.monotonic()
+        now = self._clock()
         if self._stop_seen is None:
             self._stop_seen = now
         with self._lock:
@@ -187,7 +195,7 @@ class OutboxPublisher:
         return depth == 0 or waiting_for_a_consumer  # kept for the next start
 
     def _publish(self, last_id: int) -> int:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             room = self._window - len(self._inflight)
             due = sorted(i for i, h in self._held.items()
@@ -250,7 +258,7 @@ class OutboxPublisher:
     def _delivered(self, row: OutboxItem) -> None:
         """A consumer takes this topic now: its unclaimed rows need not wait."""
         held = self._held.pop(row.id, None)
-        now = time.monotonic()
+        now = self._clock()
         if row.topic not in self._claimed_topics:  # once, not for each row of a backlog
             self._claimed_topics.add(row.topic)
             for h in self._held.values():
@@ -270,18 +278,18 @@ class OutboxPublisher:
         tries = held.tries + 1 if held else 1
         self._delivered(row)
         self._held[row.id] = _Held(row.topic, tries,
-                                   time.monotonic() + self.receipt_delay(tries), False, True)
+                                   self._clock() + self.receipt_delay(tries), False, True)
 
     def _hold(self, row: OutboxItem, verdict: Verdict) -> None:
         held = self._held.get(row.id)
         tries = held.tries + 1 if held else 1
         unclaimed = verdict.delivery is Delivery.UNCLAIMED
-        self._held[row.id] = _Held(row.topic, tries, time.monotonic() + retry_delay(tries),
+        self._held[row.id] = _Held(row.topic, tries, self._clock() + retry_delay(tries),
                                    unclaimed)
         if unclaimed:
             self._claimed_topics.discard(row.topic)
             if self._episode_start is None:
-                self._episode_start = time.monotonic()
+                self._episode_start = self._clock()
                 self._claimed_in_episode = 0
                 log.warning("result_unclaimed", kind=row.kind, topic=row.topic,
                             message_id=row.message_id, reason=verdict.reason,
@@ -294,12 +302,12 @@ class OutboxPublisher:
                         retry_in_s=retry_delay(tries),
                         fix="check the cloud broker's ACL for the results topic")
             if held is not None and held.unclaimed:
-                self._end_episode_if_over(time.monotonic())
+                self._end_episode_if_over(self._clock())
 
     def _forget(self, row_id: int) -> None:
         held = self._held.pop(row_id, None)
         if held is not None and held.unclaimed:
-            self._end_episode_if_over(time.monotonic())
+            self._end_episode_if_over(self._clock())
 
     def _end_episode_if_over(self, now: float) -> None:
         if self._episode_start is None or any(h.unclaimed for h in self._held.values()):

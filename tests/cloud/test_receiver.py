@@ -245,3 +245,33 @@ def test_quarantine_names_are_the_envelope_hash(tmp_path: Path) -> None:
     envelope = b"cannot be opened"
     path = _receiver(tmp_path / "out").quarantine(envelope)
     assert path.name == hashlib.sha256(envelope).hexdigest()[:32] + ".iomt"
+
+
+def test_every_filing_names_the_keys_it_was_sealed_to_and_signed_with(tmp_path: Path) -> None:
+    """``recipient_key_id`` and ``signer_key_id`` (what a key rotation audit reads) for a new,
+    an earlier and a repeated result alike."""
+    envelope = _seal(_SERIES[1], "m-8")
+    signer = keys.signing_key_id(_DEVICE_KEY.public_key())
+    first = _receiver(tmp_path / "out")
+    again = _receiver(tmp_path / "out")
+    for filed in (first.file(envelope), again.file(envelope), again.file(envelope)):
+        assert (filed.recipient_key_id, filed.signer_key_id) == (_RECIPIENT.key_id, signer)
+
+
+def test_a_payload_that_is_not_dicom_names_the_decoder_error(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path / "out")
+    with pytest.raises(EnvelopeError) as ei:
+        receiver.file(_seal(b"not dicom at all", "m-1"))
+    assert str(ei.value) == "malformed: payload is not DICOM: InvalidDicomError"
+
+
+def test_a_config_without_receiver_section_names_the_config(tmp_path: Path) -> None:
+    bundle = make_scale_bundle(tmp_path / "bundle")
+    cfg_path = write_directory(InitOptions(tmp_path / "node", "mqtt://127.0.0.1:1883",
+                                           "mqtt://127.0.0.1:1884", device_id=DEVICE,
+                                           bundle=bundle))
+    without = parse_config(cfg_path.read_text().split("[receiver]")[0])
+    with pytest.raises(ConfigError) as ei:
+        receiver_from_config(without, tmp_path / "out")
+    assert ei.value.source == "config"
+    assert ei.value.problems == ["receiver: section required for `iomt-agent receive`"]

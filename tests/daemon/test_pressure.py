@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import LimitsSection
 from agent.daemon.ingest import Ingest
@@ -104,3 +105,72 @@ def test_drop_oldest_replaces_the_oldest_results_by_reports_in_one_transaction(
     store.close()
     reopened = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
     assert reopened.outbox_full()  # the byte count matches what is on disk
+
+
+def test_what_ingest_logs_and_reports_while_it_holds_scans(tmp_path: Path) -> None:
+    """The first held scan logs its cause (the event is the cause) with the store's words;
+    Pressure names the ingest as the stopped source; a cause that changes while scans are
+    held is reported again; the last stored one logs ``inbox_accepting``."""
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    pressure, acked = Pressure(), []
+    ingest = _ingest(store, acked, pressure)
+    ingest.on_message(_msg(1, size=MIB - 1000))
+    with capture_logs() as logs:
+        ingest.on_message(_msg(2, size=2000))  # over the inbox cap
+        ingest.on_message(_msg(3, size=10))  # behind it: held without a second warning
+    [held] = [e for e in logs if e["event"] == "inbox_full"]
+    assert held["held"] == 1 and held["detail"] == f"inbox holds {MIB - 1000} bytes (cap {MIB})"
+    assert held["fix"] == "scans wait unacked with the edge broker until there is room"
+    assert held["log_level"] == "warning"
+    assert [e["event"] for e in logs] == ["backpressure", "inbox_full"]
+    assert pressure.summary() == {"reason": "inbox_full", "source": "ingest",
+                                  "since": pressure.summary()["since"]}  # type: ignore[index]
+    [row] = store.pending()  # processed: the inbox has room, but the outbox is full now
+    store.complete(row.id, [("result", "r-0", "iomt/s/d/results", b"r" * MIB)], "processed")
+    with capture_logs() as logs:
+        assert ingest.retry() == 2
+    summary = pressure.summary()
+    assert summary is not None and summary["reason"] == "outbox_full"
+    assert summary["source"] == "ingest"
+    assert [(e["event"], e["reason"]) for e in logs] == [("backpressure", "outbox_full")]
+    [result] = store.outbox()
+    store.delivered(result.id)
+    with capture_logs() as logs:
+        assert ingest.retry() == 0
+    assert acked == [1, 2, 3] and pressure.summary() is None
+    assert [e["event"] for e in logs] == ["backpressure_over", "inbox_accepting"]
+    assert logs[0]["source"] == "ingest"
+    assert logs[1]["note"] == "held scans stored and acked"
+    store.close()
+
+
+def test_a_full_outbox_is_named_in_the_log_and_a_scan_behind_it_waits(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    store.complete(None, [("result", "r-0", "iomt/s/d/results", b"r" * MIB)], "processed")
+    pressure, acked = Pressure(), []
+    ingest = _ingest(store, acked, pressure)
+    with capture_logs() as logs:
+        ingest.on_message(_msg(1))
+    [held] = [e for e in logs if e["event"] == "outbox_full"]
+    assert held["detail"] == "the outbox is at limits.outbox_max_bytes" and held["held"] == 1
+    store.close()
+
+
+def test_a_full_disk_is_named_in_the_log(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    store.min_free_bytes = store.free_disk_bytes() + MIB
+    pressure, acked = Pressure(), []
+    with capture_logs() as logs:
+        _ingest(store, acked, pressure).on_message(_msg(1))
+    [held] = [e for e in logs if e["event"] == "disk_full"]
+    assert "min_free_disk_bytes" in held["detail"] and acked == []
+    store.close()
+
+
+def test_with_room_in_the_outbox_backpressure_lets_scans_in(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    pressure, acked = Pressure(), []
+    ingest = _ingest(store, acked, pressure, outbox_backpressure=True)
+    ingest.on_message(_msg(1))
+    assert acked == [1] and pressure.summary() is None and ingest.held == 0
+    store.close()

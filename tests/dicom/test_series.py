@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -278,3 +279,124 @@ def test_positions_within_the_tolerance_are_the_same_slot_and_a_spacing_away_are
     got = {j.centre: (j.slots, j.padded) for j in a.take_ready(1)}
     assert got == {0: ((0, 0, 0, 1, 3), 2), 1: ((0, 0, 1, 3, 4), 1),
                    4: ((1, 3, 4, 5, 5), 1), 5: ((3, 4, 5, 5, 5), 2)}
+
+
+# -- slice_info on odd headers -----------------------------------------------------------
+_ONE = build_series(np.ones((1, 16, 16), dtype=np.uint16), spacing_mm=(2.0, 1.0, 1.0))[0]
+
+
+def _scan(**header: object):  # type: ignore[no-untyped-def]
+    """The same decoded 16 x 16 instance each time, with ``header`` set on its dataset
+    (None deletes; a value pydicom will not take for the tag's VR goes in as LO)."""
+    scan = decode(_ONE)
+    for keyword, value in header.items():
+        if value is None:
+            if keyword in scan.dataset:
+                delattr(scan.dataset, keyword)
+            continue
+        try:
+            setattr(scan.dataset, keyword, value)
+        except ValueError:
+            scan.dataset.add_new(keyword, "LO", value)
+    return scan
+
+
+GEOMETRY_REFUSAL = ("a 2.5D model needs ImagePositionPatient and ImageOrientationPatient (two "
+                    "orthogonal unit vectors) to find the slice's neighbours")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("header", [
+    {"ImageOrientationPatient": None},
+    {"ImagePositionPatient": None},
+    {"ImageOrientationPatient": [1, 0, 0, 0, 1]},  # five values
+    {"ImagePositionPatient": [0, 0]},
+    {"ImagePositionPatient": [0, 0, 1, 2]},
+    {"ImagePositionPatient": ["0", "x", "1"]},
+    {"ImagePositionPatient": [0, 0, float("nan")]},
+    {"ImageOrientationPatient": [1, 0, 0, float("inf"), 1, 0]},
+    {"ImageOrientationPatient": [1, 0, 0, 1, 0, 0]},  # parallel: no normal
+    {"ImageOrientationPatient": [0.3, 0, 0, 0, 0.3, 0]},  # |normal| 0.09: not unit vectors
+], ids=["no-iop", "no-ipp", "iop-5", "ipp-2", "ipp-4", "ipp-text", "ipp-nan", "iop-inf",
+        "parallel", "short"])
+def test_a_header_that_cannot_place_the_slice_is_refused(header: dict[str, object]) -> None:
+    with pytest.raises(ScanRejected) as exc:
+        slice_info(_scan(**header))
+    assert exc.value.reason == "bad_geometry" and exc.value.message == GEOMETRY_REFUSAL
+
+
+def test_the_position_is_along_the_unit_normal() -> None:
+    axial = slice_info(_scan(ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                             ImagePositionPatient=[5, 7, -3.5]))
+    assert axial.position_mm == -3.5
+    # Direction cosines a little off unit length: the normal is normalised first.
+    long = slice_info(_scan(ImageOrientationPatient=[0.8, 0, 0, 0, 0.8, 0],
+                            ImagePositionPatient=[5, 7, -3.5]))
+    assert long.position_mm == pytest.approx(-3.5)
+    sagittal = slice_info(_scan(ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+                                ImagePositionPatient=[12.5, 3, 4]))
+    assert sagittal.position_mm == -12.5  # (0,1,0) x (0,0,-1) = (-1,0,0)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize(("value", "expected"), [
+    ("2.5", 2.5), (3, 3.0), (None, None), ("0", None), ("-1.5", None), ("abc", None),
+    ("inf", None), ("nan", None)])
+def test_spacing_between_slices_counts_only_when_positive_and_finite(
+        value: object, expected: float | None) -> None:
+    scan = _scan(SpacingBetweenSlices=None)
+    if value is not None:
+        scan.dataset.add_new("SpacingBetweenSlices", "DS" if value != "abc" else "LO", value)
+    assert slice_info(scan).spacing_mm == expected
+
+
+@pytest.mark.filterwarnings("ignore:A value of type 'int' cannot be assigned")
+@pytest.mark.parametrize(("value", "expected"), [
+    ("12", 12), (7, 7), (None, None), ("", None), ("0", None), ("-3", None), ("many", None),
+    ("1.5", None)])
+def test_images_in_acquisition_counts_only_when_a_positive_integer(
+        value: object, expected: int | None) -> None:
+    scan = _scan(ImagesInAcquisition=None)
+    if value is not None:
+        scan.dataset.add_new("ImagesInAcquisition", "LO", value)
+    assert slice_info(scan).expected == expected
+
+
+def test_the_group_key_is_series_acquisition_orientation_matrix_and_spacing() -> None:
+    def group(**header: object) -> str:
+        header = {"AcquisitionNumber": None, "ImageOrientationPatient": [1, 0, 0, 0, 1, 0]
+                  } | header
+        return slice_info(_scan(**header)).group
+
+    base = group()
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert group(AcquisitionNumber="") == base  # empty is absent
+    assert group(ImageOrientationPatient=[1, 0.0004, 0, 0, 1, 0]) == base  # rounded to 1e-3
+    one = group(AcquisitionNumber="1")
+    assert group(AcquisitionNumber=" 1 ") == one  # padding is not a change
+    def decoded(**fields: object) -> str:  # what decode_scan read (UIDs, spacing, pixels)
+        scan = _scan(AcquisitionNumber=None, ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+        return slice_info(dataclasses.replace(scan, **fields)).group
+
+    assert decoded() == base
+    differ = [one, group(ImageOrientationPatient=[1, 0.001, 0, 0, 1, 0]),
+              decoded(series_instance_uid="1.2.3.999"), decoded(pixel_spacing=(1.0, 1.0001)),
+              decoded(pixel_spacing=(1.0001, 1.0)), decoded(pixels=np.ones((16, 15))),
+              decoded(pixels=np.ones((15, 16)))]
+    assert base not in differ and len(set(differ)) == len(differ)
+
+
+def test_refusals_say_why_with_the_figures() -> None:
+    a = assembler(max_slices=2)
+    a.add(info(0.0), inbox_id=0, now=0)
+    with pytest.raises(SliceRefused) as clash:
+        a.add(info(0.04, uid="1.2.x"), inbox_id=1, now=0)  # within 5 % of a spacing
+    assert str(clash.value) == (
+        "another instance of this series lies at the same slice position (a repeated or "
+        "multi-echo acquisition?): a 2.5D model needs one image per position")
+    a.add(info(0.06, uid="1.2.y", spacing=None), inbox_id=2, now=0)  # 6 %: its own slot
+    with pytest.raises(SliceRefused) as big:
+        a.add(info(3.0), inbox_id=3, now=0)
+    assert big.value.reason == "series_too_large"
+    assert str(big.value) == ("the series already holds 2 slices, the limit "
+                              "series.max_slices is 2")
