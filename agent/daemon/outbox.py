@@ -131,9 +131,9 @@ class OutboxPublisher:
         """A message on the receipts topic: JSON ``{"v": 1, "message_id": "..."}``."""
         try:
             message_id = json.loads(payload)["message_id"]
-            if not isinstance(message_id, str):
-                raise TypeError("message_id is not a string")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            message_id = None
+        if not isinstance(message_id, str):
             log.warning("receipt_unreadable", topic=topic, bytes=len(payload),
                         fix='a receipt is JSON {"v": 1, "message_id": "..."}')
             return
@@ -305,9 +305,10 @@ class OutboxPublisher:
                 self._end_episode_if_over(self._clock())
 
     def _forget(self, row_id: int) -> None:
-        held = self._held.pop(row_id, None)
-        if held is not None and held.unclaimed:
-            self._end_episode_if_over(self._clock())
+        """A held row left the store (a receipt that came another way). ``on_receipt`` may
+        have dropped it already."""
+        self._held.pop(row_id, None)
+        self._end_episode_if_over(self._clock())
 
     def _end_episode_if_over(self, now: float) -> None:
         if self._episode_start is None or any(h.unclaimed for h in self._held.values()):

@@ -65,8 +65,8 @@ class DiskFull(StoreFull):
 
 
 def _disk_full(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(exc)
+    """SQLITE_FULL, whatever its extended code (``sqlite_errorcode``: Python 3.11+)."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL
 
 
 @dataclass(frozen=True)

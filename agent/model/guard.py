@@ -119,7 +119,7 @@ class GuardReport:
         """Everything, JSON-safe (``iomt-agent model verify --json``)."""
         out = asdict(self)
         out["inputs"] = [{k: _json_number(v) for k, v in asdict(g).items()} for g in self.inputs]
-        return {k: _json_number(v) if isinstance(v, float) else v for k, v in out.items()}
+        return {k: _json_number(v) for k, v in out.items()}
 
     def render(self) -> str:
         """The human-readable report ``iomt-agent model verify`` prints."""

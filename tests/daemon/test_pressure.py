@@ -174,3 +174,30 @@ def test_with_room_in_the_outbox_backpressure_lets_scans_in(tmp_path: Path) -> N
     ingest.on_message(_msg(1))
     assert acked == [1] and pressure.summary() is None and ingest.held == 0
     store.close()
+
+
+def test_inbox_accepting_is_logged_once_the_last_held_scan_is_acked(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=MIB)
+    pressure = Pressure()
+    trail: list[str] = []
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"),
+                    ack=lambda m, _sha: trail.append(f"ack {m.mid}"), stored=lambda: None,
+                    pressure=pressure)
+    ingest.on_message(_msg(1, size=MIB - 1000))
+    for mid in (2, 3, 4):
+        ingest.on_message(_msg(mid, size=2000))
+    [row] = store.pending()
+    store.complete(row.id, [], "processed")
+    with capture_logs() as logs:
+        trail.clear()
+        real_clear = pressure.clear
+
+        def clear(source: str) -> None:
+            trail.append(f"clear {source}")
+            real_clear(source)
+
+        pressure.clear = clear  # type: ignore[method-assign]
+        assert ingest.retry() == 0
+    assert trail == ["ack 2", "ack 3", "ack 4", "clear ingest"]
+    assert [e["event"] for e in logs] == ["backpressure_over", "inbox_accepting"]
+    store.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.store import InboxItem, OutboxItem, Store, StoreFull
+from agent.daemon.store import DiskFull, InboxItem, OutboxItem, Store, StoreFull
 
 MIB = 1024 * 1024
 
@@ -352,3 +352,30 @@ def test_a_failed_release_or_receipt_rolls_back_and_says_why(store: Store, db: P
         with pytest.raises(sqlite3.IntegrityError):
             action()
     assert store.held_count() == 1 and store.depths() == (0, 1)
+
+
+def test_sqlite_s_own_disk_full_is_disk_full_and_rolls_back(store: Store) -> None:
+    """SQLITE_FULL (here from ``PRAGMA max_page_count`` on the store's connection, as a full
+    filesystem would give it) becomes ``DiskFull`` with nothing half-written, for a plain
+    insert and inside a transaction; once there is room again the store carries on."""
+    rid = store.accept("t", _sha(b"a"), b"a" * 1000)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(DiskFull) as full:
+        store.accept("t", _sha(b"b"), b"b" * 200_000)
+    assert str(full.value) == "the state directory's filesystem is full"
+    with pytest.raises(DiskFull) as full:
+        store.complete(rid, [("result", "m-1", "r", b"r" * 200_000)], "processed")
+    assert str(full.value) == "the state directory's filesystem is full"
+    assert not store._db.in_transaction
+    assert store.depths() == (1, 0) and [r.id for r in store.pending()] == [rid]
+    store._db.execute("PRAGMA max_page_count=1073741823")
+    store.complete(rid, [("result", "m-1", "r", b"r" * 200_000)], "processed")
+    assert store.depths() == (0, 1)
+
+
+def test_other_sqlite_errors_are_not_disk_full(store: Store) -> None:
+    store._db.execute("DROP TABLE counters")  # an OperationalError that is not SQLITE_FULL
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        store.complete(None, [("error", "m-2", "e", b"e")], "failed")
+    assert store.depths() == (0, 0) and not store._db.in_transaction

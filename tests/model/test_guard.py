@@ -416,3 +416,41 @@ def test_non_finite_outputs_fail_with_a_cause_and_one_golden_input_is_enough(
     assert not report.ok and report.cause and report.explanation and report.fix
     assert report.shortfall == "1 non-finite output value(s) on the golden set on this CPU"
     assert report.reason == f"{report.shortfall}; {report.explanation}: {report.fix}"
+
+
+def test_a_failure_without_a_known_cause_reads_shortfall_then_fix(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    report = guard(write_bundle(tmp_path / "b", models["int8"], golden=None))
+    assert report.explanation is None and report.cause is None
+    assert report.shortfall == ("int8 model guard-test 0.0.1 has no golden set, so nothing "
+                                "shows it has not drifted from its fp32 reference")
+    assert report.fix == "rebuild the bundle with golden.npz and golden.min_psnr_db"
+    assert report.reason == f"{report.shortfall}: {report.fix}"
+
+
+class SlowRunner(FixedRunner):
+    """Fixed outputs; golden input ``i`` takes at least ``20 i`` ms."""
+
+    def __init__(self, x: np.ndarray, outputs: np.ndarray) -> None:
+        super().__init__(x, outputs)
+        self._delay = {x[i : i + 1].tobytes(): 0.02 * i for i in range(len(x))}
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import time
+
+        time.sleep(self._delay[np.ascontiguousarray(batch, dtype=np.float32).tobytes()])
+        return super().run(batch)
+
+
+def test_the_rendered_latency_is_the_median_input(tmp_path: Path) -> None:
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(4, seed=2)
+    ref = (0.5 * x).astype(np.float32)
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=30.0)
+    report = run_guard(load_bundle(root), SlowRunner(x, ref))
+    latencies = sorted(g.latency_ms for g in report.inputs)
+    assert latencies[2] - latencies[1] >= 10.0  # so the rank matters
+    pooled = report.render().splitlines()[-2].split()
+    assert pooled[5] == f"{latencies[2]:.2f}" and pooled[6] == "(median)"
