@@ -122,7 +122,7 @@ def _notified(space: threading.Condition, action: Any) -> bool:
     def wait() -> None:
         with space:
             ready.set()
-            woke.append(space.wait(2.0))
+            woke.append(space.wait(0.5))
 
     t = threading.Thread(target=wait)
     t.start()
