@@ -454,3 +454,25 @@ def test_the_rendered_latency_is_the_median_input(tmp_path: Path) -> None:
     assert latencies[2] - latencies[1] >= 10.0  # so the rank matters
     pooled = report.render().splitlines()[-2].split()
     assert pooled[5] == f"{latencies[2]:.2f}" and pooled[6] == "(median)"
+
+
+def test_verify_bundle_feeds_the_tensors_the_bundle_names(tmp_path: Path) -> None:
+    """A model whose tensors are not called input/output: `model verify` must use the names
+    bundle.json gives (the runtime refuses the defaults)."""
+    shape = ["N", 1, GRID, GRID]
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["scan", "k"], ["synth"])], "named",
+        [helper.make_tensor_value_info("scan", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("synth", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.array(0.5, dtype=np.float32), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "served.onnx"))
+    x = smooth_inputs(2, seed=5)
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx",
+                        golden=(x, (0.5 * x).astype(np.float32)), floor=40.0)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["input"]["tensor_name"], meta["output"]["tensor_name"] = "scan", "synth"
+    (root / "bundle.json").write_text(json.dumps(meta))
+    report = verify_bundle(root)
+    assert report.ok and report.psnr_db == math.inf and len(report.inputs) == 2
