@@ -201,3 +201,42 @@ def test_inbox_accepting_is_logged_once_the_last_held_scan_is_acked(tmp_path: Pa
     assert trail == ["ack 2", "ack 3", "ack 4", "clear ingest"]
     assert [e["event"] for e in logs] == ["backpressure_over", "inbox_accepting"]
     store.close()
+
+
+def _report(item: OutboxItem) -> tuple[str, str, str, bytes]:
+    return "error", f"x-{item.message_id}", "iomt/s/d/errors", b"e" * 20
+
+
+def test_drop_oldest_at_exactly_the_cap_drops_and_counts_every_byte(tmp_path: Path) -> None:
+    """At the cap to the byte, the oldest result goes; when dropping every result still
+    leaves the outbox over its cap (error reports fill it), the rest stays and the byte
+    count still matches the rows (checked by filling up to one byte below the cap)."""
+    cap = 1000
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=cap)
+    store.complete(None, [("result", "r-0", "iomt/s/d/results", b"r" * 400),
+                          ("result", "r-1", "iomt/s/d/results", b"r" * 600)], "processed")
+    assert store.outbox_full()
+    assert [d.message_id for d in store.drop_oldest(_report)] == ["r-0"]  # 620 left
+    store.complete(None, [("result", "r-2", "iomt/s/d/results", b"r" * 379)], "processed")
+    assert not store.outbox_full()  # 999 bytes
+    store.complete(None, [("error", "e-0", "iomt/s/d/errors", b"e" * 1)], "failed")
+    assert store.outbox_full()  # 1000
+    store.close()
+
+
+def test_drop_oldest_with_too_few_results_keeps_the_byte_count(tmp_path: Path) -> None:
+    cap = 1000
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=MIB, outbox_max_bytes=cap)
+    store.complete(None, [("error", "e-0", "iomt/s/d/errors", b"e" * 1100)], "failed")
+    store.complete(None, [("result", "r-0", "iomt/s/d/results", b"r" * 50),
+                          ("result", "r-1", "iomt/s/d/results", b"r" * 50)], "processed")
+    dropped = store.drop_oldest(_report)
+    assert [d.message_id for d in dropped] == ["r-0", "r-1"]  # 1100 + 2 x 20 left: still full
+    assert store.outbox_full()
+    [big] = [r for r in store.outbox() if r.message_id == "e-0"]
+    store.delivered(big.id)  # 40 bytes of reports left
+    store.complete(None, [("result", "r-2", "iomt/s/d/results", b"r" * 959)], "processed")
+    assert not store.outbox_full()  # 999
+    store.complete(None, [("error", "e-1", "iomt/s/d/errors", b"e")], "failed")
+    assert store.outbox_full()  # 1000
+    store.close()

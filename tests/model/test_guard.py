@@ -222,13 +222,30 @@ def test_fp32_bundle_without_golden_set_passes_with_a_warning(tmp_path: Path) ->
     assert "warning: no golden set" in report.render()
 
 
+WHERE = "bundle guard-test: golden.npz"
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"input": "x"}, "no array 'reference_output'"),
-        ({"input": "x", "reference_output": "short"}, "4 inputs but 2 reference outputs"),
-        ({"input": "wrong_grid", "reference_output": "x"}, "the input contract says"),
-        ({"input": "ints", "reference_output": "x"}, "expected float32 [N, C, H, W]"),
+        ({"input": "x"}, f"{WHERE} has no array 'reference_output' (expected 'input' and "
+                         "'reference_output')"),
+        ({"reference_output": "x"}, f"{WHERE} has no array 'input' (expected 'input' and "
+                                    "'reference_output')"),
+        ({"input": "x", "reference_output": "short"},
+         f"{WHERE}: 4 inputs but 2 reference outputs"),
+        ({"input": "wrong_grid", "reference_output": "x"},
+         f"{WHERE}: input is [4, 1, 16, 16], the input contract says [N, 1, 32, 32]"),
+        ({"input": "ints", "reference_output": "x"},
+         f"{WHERE}: input is int16 [4, 1, 32, 32], expected float32 [N, C, H, W] with N >= 1"),
+        ({"input": "x", "reference_output": "ints"}, f"{WHERE}: reference_output is int16 "
+                                                     "[4, 1, 32, 32], expected float32 "
+                                                     "[N, C, H, W] with N >= 1"),
+        ({"input": "flat", "reference_output": "x"},
+         f"{WHERE}: input is float32 [32, 32], expected float32 [N, C, H, W] with N >= 1"),
+        ({"input": "empty", "reference_output": "empty"},
+         f"{WHERE}: input is float32 [0, 1, 32, 32], expected float32 [N, C, H, W] with "
+         "N >= 1"),
     ],
 )
 def test_malformed_golden_set_is_a_bundle_error(
@@ -236,14 +253,48 @@ def test_malformed_golden_set_is_a_bundle_error(
 ) -> None:
     x, ref = golden_of(models)
     choices = {"x": x, "short": ref[:2], "wrong_grid": np.zeros((4, 1, 16, 16), np.float32),
-               "ints": x.astype(np.int16)}
+               "ints": x.astype(np.int16), "flat": x[0, 0],
+               "empty": np.zeros((0, 1, GRID, GRID), np.float32)}
     root = write_bundle(tmp_path / "b", models["int8"], golden=(x, ref))
     np.savez(root / "golden.npz", **{k: choices[v] for k, v in arrays.items()})
     meta = json.loads((root / "bundle.json").read_text())
     meta["golden"]["sha256"] = _sha(root / "golden.npz")
     (root / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match=re.escape(message)):
+    with pytest.raises(BundleError) as ei:
         guard(root)
+    assert str(ei.value) == message
+
+
+@pytest.mark.parametrize("content", ["pickled", "not-a-zip"])
+def test_a_golden_file_numpy_cannot_read_safely_is_a_bundle_error(
+        models: dict[str, Path], tmp_path: Path, content: str) -> None:
+    """Pickled object arrays are refused (loading them could run code), so is a file that
+    is not an .npz at all."""
+    x, ref = golden_of(models)
+    root = write_bundle(tmp_path / "b", models["int8"], golden=(x, ref))
+    if content == "pickled":
+        np.savez(root / "golden.npz", input=np.array([x], dtype=object), reference_output=ref)
+    else:
+        (root / "golden.npz").write_bytes(b"not a zip file")
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["golden"]["sha256"] = _sha(root / "golden.npz")
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError) as ei:
+        guard(root)
+    assert str(ei.value).startswith(f"{WHERE} is not a readable .npz file (")
+
+
+def test_a_golden_set_for_another_grid_names_rows_then_columns(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    x, ref = golden_of(models)
+    root = write_bundle(tmp_path / "b", models["int8"], golden=(x, ref))
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["input"]["shape"] = [GRID, 2 * GRID]
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError) as ei:
+        guard(root)
+    assert str(ei.value) == (f"{WHERE}: input is [4, 1, 32, 32], the input contract says "
+                             "[N, 1, 32, 64]")
 
 
 # --- `iomt-agent model verify` ------------------------------------------------------
