@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import math
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
