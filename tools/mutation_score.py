@@ -65,16 +65,23 @@ def _in_log_call(lines: list[str], i: int) -> bool:
     return False
 
 
+def _quoted(sql: str) -> list[str]:
+    """The SQL string literals of a line ('held'): their case matters, keywords' does not."""
+    return re.findall(r"'[^']*'", sql)
+
+
 def classify(orig: list[str], mutant: list[str]) -> tuple[str, str]:
     """(category, "original -> mutant") of one mutant's first changed line. Categories:
-    ``sql-case`` (an SQL keyword's case: SQLite ignores it, equivalent), ``log`` (an
+    ``sql-case`` (the case of SQL keywords and names, string literals unchanged: SQLite
+    ignores it, equivalent), ``log`` (an
     argument of a log call), ``text`` (only the text of a message), ``logic``."""
     for i, (a, b) in enumerate(zip(orig, mutant, strict=False)):
         if a == b:
             continue
         diff = f"{a}  ->  {b}"
-        if a.lower() == b.lower() and "'" not in a and re.search(
-                r"(?i)\b(select|insert|update|delete|begin|commit|rollback)\b", a):
+        if (a.lower() == b.lower() and _quoted(a) == _quoted(b) and re.search(
+                r"(?i)\b(select|insert|update|delete|begin|commit|rollback|pragma|where|"
+                r"values)\b", a)):
             return "sql-case", diff
         if _in_log_call(orig, i):
             return "log", diff
