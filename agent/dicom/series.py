@@ -214,8 +214,8 @@ class SeriesAssembler:
         occupied position or a group over ``max_slices``."""
         group = self._groups.get(info.group)
         if group is None:
-            self._make_room(now)
-            group = _Group(info.group, info.spacing_mm, info.expected, now)
+            self._make_room()
+            group = _Group(info.group, info.spacing_mm, None, now)  # expected: set below
             self._groups[info.group] = group
         if any(m.sop_instance_uid == info.sop_instance_uid for m in group.members):
             self.counters.duplicates += 1
@@ -239,7 +239,7 @@ class SeriesAssembler:
             group.expected = info.expected
         return True
 
-    def _make_room(self, now: float) -> None:
+    def _make_room(self) -> None:
         open_groups = [g for g in self._groups.values() if g.closing is None]
         if len(open_groups) < self.max_open:
             return

@@ -400,3 +400,109 @@ def test_refusals_say_why_with_the_figures() -> None:
     assert big.value.reason == "series_too_large"
     assert str(big.value) == ("the series already holds 2 slices, the limit "
                               "series.max_slices is 2")
+
+
+# -- boundaries and bookkeeping of the assembler -----------------------------------------
+def test_gaps_of_a_thousandth_of_a_mm_do_not_set_the_spacing() -> None:
+    a = assembler()
+    a.add(info(0.0, spacing=None), inbox_id=0, now=0)
+    a.add(info(0.001, spacing=None), inbox_id=1, now=0)  # exactly 1e-3 apart: two slices
+    a.add(info(1.0, spacing=None), inbox_id=2, now=0)
+    assert a.spacing("g") is None  # open, no header spacing: wait
+    a.close_all()
+    assert a.spacing("g") == pytest.approx(0.999)  # the 1e-3 gap is not a spacing
+
+
+def test_two_slices_at_one_place_without_any_spacing_are_refused() -> None:
+    a = assembler()
+    a.add(info(5.0, spacing=None), inbox_id=0, now=0)
+    with pytest.raises(SliceRefused):
+        a.add(info(5.0005, uid="1.2.twin", spacing=None), inbox_id=1, now=0)
+
+
+def test_the_slice_s_own_header_spacing_finds_a_clash_in_a_one_slice_group() -> None:
+    a = assembler()
+    a.add(info(0.0, spacing=None), inbox_id=0, now=0)
+    with pytest.raises(SliceRefused):  # 4 % of the new slice's own 1 mm spacing
+        a.add(info(0.04, uid="1.2.near", spacing=1.0), inbox_id=1, now=0)
+
+
+def test_the_observed_spacing_finds_a_clash_when_the_header_has_none() -> None:
+    a = assembler()
+    a.add(info(0.0, spacing=None), inbox_id=0, now=0)
+    a.add(info(2.0, spacing=None), inbox_id=1, now=0)
+    with pytest.raises(SliceRefused):  # 4 % of the 2 mm seen between the slices
+        a.add(info(2.08, uid="1.2.near", spacing=None), inbox_id=2, now=0)
+
+
+def test_the_header_spacing_holds_down_to_three_quarters_of_it() -> None:
+    a = assembler()
+    a.add(info(0.0, spacing=2.0), inbox_id=0, now=0)
+    a.add(info(1.5, spacing=2.0), inbox_id=1, now=0)  # 0.75 x 2 mm: still trusted
+    assert a.spacing("g") == 2.0
+    b = assembler()
+    b.add(info(0.0, spacing=2.0), inbox_id=0, now=0)
+    b.add(info(1.0, spacing=2.0), inbox_id=1, now=0)  # half of it: the header is wrong
+    assert b.spacing("g") is None
+
+
+@pytest.mark.parametrize("spacing", [1.0, 2.0])
+def test_a_neighbour_a_quarter_spacing_off_its_slot_still_counts(spacing: float) -> None:
+    a = assembler()
+    for i, pos in enumerate((0.0, 1.0, 2.25, 3.0, 4.0)):  # in units of the spacing
+        a.add(info(pos * spacing, spacing=spacing), inbox_id=i, now=0)
+    assert drain(a, 0) == {2: (0, 1, 2, 3, 4)}
+    b = assembler()
+    for i, pos in enumerate((0.0, 1.0, 2.0, 3.25, 4.0)):
+        b.add(info(pos * spacing, spacing=spacing), inbox_id=i, now=0)
+    jobs = b.take_ready(0)
+    assert [(j.centre, j.slots, j.why) for j in jobs] == [(2, (0, 1, 2, 3, 4), "neighbours")]
+
+
+def test_a_context_of_one_is_a_series_model_and_zero_is_refused_in_words() -> None:
+    a = SeriesAssembler(1, max_open=1, max_slices=8, idle_timeout_s=1.0)
+    for i in range(3):
+        a.add(info(float(i)), inbox_id=i, now=0)
+    assert drain(a, 0) == {1: (0, 1, 2)}
+    with pytest.raises(ValueError) as exc:
+        SeriesAssembler(0, max_open=1, max_slices=1, idle_timeout_s=1)
+    assert str(exc.value) == "series assembly is for 2.5D models (context >= 1)"
+
+
+def test_the_first_announced_slice_count_stands() -> None:
+    a = assembler()
+    a.add(info(0.0), inbox_id=0, now=0)  # announces nothing
+    a.add(info(1.0, expected=3), inbox_id=1, now=0)
+    a.add(info(2.0, expected=5), inbox_id=2, now=0)  # disagrees: the first count stands
+    assert {j.why for j in a.take_ready(0)} == {"complete"}
+    assert [why for _, why, _ in a.finished()] == ["complete"]
+
+
+def test_every_eviction_is_counted() -> None:
+    a = assembler(max_open=1)
+    for n, group in enumerate(("a", "b", "c")):
+        a.add(info(0.0, group=group), inbox_id=n, now=n)
+    assert a.counters.evicted == 2 and a.open_groups == 1
+
+
+def test_a_closed_series_with_slices_not_yet_sent_is_not_finished() -> None:
+    a = assembler()
+    a.add(info(0.0), inbox_id=0, now=0)
+    a.close_all()
+    assert a.finished() == [] and a.waiting == 1
+    a.take_ready(1)
+    assert [ids for _, _, ids in a.finished()] == [[0]]
+
+
+def test_releasable_looks_at_every_open_series_at_its_own_spacing() -> None:
+    a = assembler()
+    a.add(info(0.0, group="closed"), inbox_id=100, now=0)
+    a.close_all()  # a closed group first: skipped, not the end of the search
+    for i in range(9):
+        a.add(info(2.0 * i, group="open", spacing=2.0), inbox_id=i, now=0)
+    assert sorted(j.centre for j in a.take_ready(0)) == [2, 3, 4, 5, 6, 100]
+    assert a.releasable() == [4]  # the one whose every slot within 2 spacings is sent
+
+
+def test_the_spacing_of_an_unknown_series_is_none() -> None:
+    assert assembler().spacing("no-such-group") is None
