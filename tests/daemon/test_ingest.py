@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from agent.config import LimitsSection
-from agent.daemon.ingest import Ingest
+from agent.daemon.ingest import Ingest, confirming_ack
 from agent.daemon.store import Store
-from agent.transport.mqtt import Message
+from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import Topics
 
 TOPIC = "iomt/site-1/scans/gw"
@@ -159,3 +162,33 @@ def test_a_payload_at_the_cap_is_stored_and_one_over_it_reported(store: Store) -
     assert body["payload_sha256"] == hashlib.sha256(big.payload).hexdigest()
     assert body["detail"] == "1025 bytes exceeds limits.max_payload_bytes"
     assert store.counters() == {"failed": 1}
+
+
+class RecordingEdge:
+    """What ``confirming_ack`` uses of the edge ``Connection``: ``ack`` and ``publish``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def ack(self, message: Message) -> None:
+        self.calls.append(("ack", message.mid))
+
+    def publish(self, topic: object, payload: bytes, *, qos: int = 0) -> int:
+        self.calls.append(("publish", str(topic), payload, qos))
+        return 1
+
+
+def test_the_running_agent_s_ack_pubacks_then_confirms_the_digest(store: Store) -> None:
+    """The PUBACK first, then ``{"v": 1, "sha256": ...}`` at QoS 1 on this device's accepted
+    topic (what a confirming gateway waits for; docs/reliability.md)."""
+    edge = RecordingEdge()
+    topics = Topics("site-1", "edge-1")
+    ingest = Ingest(store, LimitsSection(), topics,
+                    ack=confirming_ack(cast(Connection, edge), topics), stored=lambda: None)
+    msg = _msg(7, size=100)
+    ingest.on_message(msg)
+    digest = hashlib.sha256(msg.payload).hexdigest()
+    assert edge.calls == [
+        ("ack", 7),
+        ("publish", "iomt/site-1/edge-1/accepted",
+         json.dumps({"v": 1, "sha256": digest}).encode(), 1)]

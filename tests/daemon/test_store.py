@@ -379,3 +379,25 @@ def test_other_sqlite_errors_are_not_disk_full(store: Store) -> None:
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         store.complete(None, [("error", "m-2", "e", b"e")], "failed")
     assert store.depths() == (0, 0) and not store._db.in_transaction
+
+
+def test_pending_and_held_default_to_the_first_16_rows(store: Store) -> None:
+    ids = [store.accept("t", _sha(bytes([i])), bytes([i])) for i in range(17)]
+    assert ids[0] == 1
+    assert [r.id for r in store.pending()] == ids[:16]
+    for rid in ids:
+        store.complete(rid, [], "processed", hold=True)
+    assert [r.id for r in store.held()] == ids[:16]
+
+
+def test_release_frees_exactly_the_bytes_it_dropped(db: Path) -> None:
+    s = _open(db, inbox=1000)
+    try:
+        rid = s.accept("t", _sha(b"a"), b"a" * 600)
+        s.complete(rid, [], "processed", hold=True)
+        s.release([rid])
+        s.accept("t", _sha(b"b"), b"b" * 1000)  # the whole cap again: nothing left counted
+        with pytest.raises(StoreFull):
+            s.accept("t", _sha(b"c"), b"c")
+    finally:
+        s.close()
