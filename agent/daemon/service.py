@@ -33,7 +33,7 @@ from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.pressure import Pressure
 from agent.daemon.reload import Loaded, Reloader, refusal, sharing_refusal
 from agent.daemon.sealing import Sealer, refuse_open_secrets
-from agent.daemon.stages import Stages
+from agent.daemon.stages import StageDied, Stages
 from agent.daemon.status import agent_status
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -318,26 +318,35 @@ class Agent:
                             " the agent keeps retrying")
         self._publish_status(force=True)
         last_periodic = time.monotonic()
-        while not self._stop.is_set():
-            self._beat()
-            if self._rekey and self.config_path is not None:
-                self._rekey = False
-                if self.sealer.reload(self.config_path):
+        try:
+            while not self._stop.is_set():
+                self._beat()
+                self.stages.check_alive()  # StageDied: a clean stop, then exit 1 (a restart)
+                if self._rekey and self.config_path is not None:
+                    self._rekey = False
+                    if self.sealer.reload(self.config_path):
+                        self._publish_status(force=True)
+                loaded = self.reloader.poll()
+                if loaded is not None:
+                    self._finish_reload(loaded)
+                if self.updates is not None:
+                    self.updates.turn()
+                if self.ingest.held:
+                    self.ingest.retry()  # the inbox may have room again
+                busy = self.stages.process_pending()
+                if not busy:
+                    self._work.wait(1.0)
+                    self._work.clear()
+                if time.monotonic() - last_periodic > STATUS_INTERVAL_S:
+                    last_periodic = time.monotonic()
                     self._publish_status(force=True)
-            loaded = self.reloader.poll()
-            if loaded is not None:
-                self._finish_reload(loaded)
-            if self.updates is not None:
-                self.updates.turn()
-            if self.ingest.held:
-                self.ingest.retry()  # the inbox may have room again
-            busy = self.stages.process_pending()
-            if not busy:
-                self._work.wait(1.0)
-                self._work.clear()
-            if time.monotonic() - last_periodic > STATUS_INTERVAL_S:
-                last_periodic = time.monotonic()
-                self._publish_status(force=True)
+        except StageDied as exc:
+            log.error("stage_died", error=str(exc), fix="a bug in the agent: report it with "
+                      "this log; the agent stops and systemd restarts it (Restart=on-failure), "
+                      "and every scan not yet committed is processed again")
+            self.stages.stop(timeout=5.0)
+            self._shutdown(publisher)
+            return 1
         self.stages.stop()  # what was handed over is committed; the rest stays pending
         return self._shutdown(publisher)
 

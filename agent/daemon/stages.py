@@ -37,6 +37,7 @@ from agent.daemon.pipeline import Inferred, ModelInput, Outcome, Translator
 from agent.daemon.pressure import Pressure
 from agent.daemon.stacking import SeriesStage
 from agent.daemon.store import DiskFull, OutboxItem, Store
+from agent.errors import AgentError
 from agent.log import get_logger
 
 log = get_logger("agent.daemon.stages")
@@ -45,6 +46,11 @@ MODEL_QUEUE = 2  # staged scans waiting for the model (each holds its input tens
 FINISH_QUEUE = 2  # scans between the model and the finisher
 FETCH_BATCH = 8  # inbox rows read per turn of the processing loop
 DISK_RETRY_S = 1.0  # a commit that found the disk full is tried again after this
+
+
+class StageDied(AgentError):
+    """A stage thread ended with an uncaught error: nothing more gets processed, so the
+    daemon stops (systemd restarts it; what was not committed stays pending)."""
 
 
 def name_thread(name: str) -> None:
@@ -122,11 +128,20 @@ class Stages:
             thread.start()
 
     def drain(self) -> None:
-        """Wait until every job handed to the model thread so far is committed."""
+        """Wait until every job handed to the model thread so far is committed. Raises
+        ``StageDied`` instead of waiting for a thread that has ended."""
         done = threading.Event()
         self._to_model.put(_Job(barrier=done))  # through the model thread, then the finisher
         while not done.wait(1.0):
+            self.check_alive()
             self._beat()
+
+    def check_alive(self) -> None:
+        """Raise ``StageDied`` when a started stage thread has ended (before ``stop``)."""
+        dead = [t.name for t in self._threads if t.ident is not None and not t.is_alive()]
+        if dead:
+            raise StageDied(f"the {' and '.join(dead)} thread ended with an error (logged "
+                            "above): nothing more can be processed")
 
     @property
     def idle(self) -> bool:
@@ -136,7 +151,8 @@ class Stages:
     def stop(self, timeout: float | None = None) -> None:
         """Finish the jobs already handed over (at most MODEL_QUEUE + 1 are run, finished
         and committed; the rest stay pending in the inbox for the next start)."""
-        self._to_model.put(None)
+        with contextlib.suppress(queue.Full):  # a dead model thread takes nothing more
+            self._to_model.put(None, timeout=timeout)
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout)
