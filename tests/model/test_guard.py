@@ -526,3 +526,66 @@ def test_verify_bundle_feeds_the_tensors_the_bundle_names(tmp_path: Path) -> Non
     (root / "bundle.json").write_text(json.dumps(meta))
     report = verify_bundle(root)
     assert report.ok and report.psnr_db == math.inf and len(report.inputs) == 2
+
+
+def _fixed_case(tmp_path: Path, floor: float = 30.0) -> tuple[Path, np.ndarray, np.ndarray]:
+    from tests.bundles import scale_model
+
+    x = smooth_inputs(4, seed=2)
+    ref = (0.5 * x).astype(np.float32)
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=floor)
+    return root, x, ref
+
+
+def test_the_status_summary_carries_every_figure_and_cause_and_fix_only_on_failure(
+        tmp_path: Path) -> None:
+    root, x, ref = _fixed_case(tmp_path)
+    got = ref.copy()
+    got[3] += np.float32(0.05 * float(ref.max()))
+    failed = run_guard(load_bundle(root), FixedRunner(x, got))
+    assert failed.cause and failed.fix
+    assert failed.summary() == {
+        "ok": False, "runtime": "fixed", "min_psnr_db": 30.0,
+        "psnr_db": round(failed.psnr_db or 0, 6),
+        "worst_psnr_db": round(failed.worst_psnr_db or 0, 6),
+        "mae": round(failed.mae or 0, 6), "max_abs_error": round(failed.max_abs_error or 0, 6),
+        "golden_inputs": 4, "reason": failed.reason, "cause": failed.cause, "fix": failed.fix}
+    assert failed.summary()["worst_psnr_db"] == pytest.approx(26.0206, abs=1e-3)
+    passed = run_guard(load_bundle(root), FixedRunner(x, ref))
+    assert passed.summary() == {
+        "ok": True, "runtime": "fixed", "min_psnr_db": 30.0, "psnr_db": "inf",
+        "worst_psnr_db": "inf", "mae": 0.0, "max_abs_error": 0.0, "golden_inputs": 4,
+        "reason": passed.reason}
+
+
+def test_a_model_that_returns_the_wrong_shape_fails_on_that_input(tmp_path: Path) -> None:
+    root, x, ref = _fixed_case(tmp_path)
+    wrong = np.concatenate([ref, ref], axis=1)  # two channels where the reference has one
+    report = run_guard(load_bundle(root), FixedRunner(x, wrong))
+    assert not report.ok and report.bundle == "guard-test" and report.runtime == "fixed"
+    assert report.min_psnr_db == 30.0 and report.inputs == ()
+    assert report.shortfall == ("golden input 0: the model returns [1, 2, 32, 32], the "
+                                "reference is [1, 1, 32, 32]")
+    assert report.fix == ("the bundle's model file does not match its golden set: rebuild "
+                          "the bundle")
+    assert report.reason == f"{report.shortfall}: {report.fix}"
+
+
+def test_an_fp32_bundle_without_golden_set_says_so_as_its_reason(tmp_path: Path) -> None:
+    from tests.bundles import scale_model
+
+    scale_model(tmp_path / "served.onnx")
+    root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=None,
+                        precision="fp32")
+    report = run_guard(load_bundle(root), FixedRunner(np.zeros((1, 1, GRID, GRID), np.float32),
+                                                      np.zeros((1, 1, GRID, GRID), np.float32)))
+    note = "no golden set: an fp32 model is its own reference, nothing to compare"
+    assert report.ok and report.reason == note and report.warning == note
+
+
+def test_latencies_are_milliseconds_of_each_input(tmp_path: Path) -> None:
+    root, x, ref = _fixed_case(tmp_path)
+    report = run_guard(load_bundle(root), SlowRunner(x, ref))
+    for g in report.inputs:
+        assert 20.0 * g.index <= g.latency_ms < 20.0 * g.index + 500.0
