@@ -99,9 +99,8 @@ def slice_info(scan: Scan) -> SliceInfo:
     acquisition = str(ds.get("AcquisitionNumber", "") or "").strip()
     key = (f"{scan.series_instance_uid}|{acquisition}|{rounded}|{pixels[0]}x{pixels[1]}|"
            f"{scan.pixel_spacing[0]:.4f},{scan.pixel_spacing[1]:.4f}")
-    expected = ds.get("ImagesInAcquisition")
     try:
-        count = int(expected) if expected not in (None, "") else None
+        count: int | None = int(ds.get("ImagesInAcquisition"))  # absent: None -> TypeError
     except (TypeError, ValueError):
         count = None
     return SliceInfo(

@@ -154,7 +154,7 @@ def test_a_refused_row_is_kept_and_retried_after_1_2_4_s(rig: Rig) -> None:
     [refused] = _events(logs, "cloud_refused_result")
     assert refused["outbox_id"] == row_id and refused["reason"] == "Not authorized"
     assert refused["retry_in_s"] == FIRST_RETRY_S == 1.0
-    assert "ACL" in refused["fix"]
+    assert refused["fix"] == "check the cloud broker's ACL for the results topic"
     assert rig.kick.is_set() and rig.depth() == 1 and rig.outbox.unclaimed == 0
     for n, delay in enumerate((1.0, 2.0, 4.0), start=1):
         rig.later(delay - 0.01)
@@ -196,6 +196,7 @@ def test_wait_s_sleeps_until_the_next_retry_between_50_ms_and_1_s(rig: Rig) -> N
     rig.pump()  # in flight again: not counted
     assert rig.outbox.wait_s() == 1.0
     rig.cloud.answer(REFUSED)
+    assert rig.outbox.wait_s() == 1.0  # due in 2 s: the thread still looks every second
     rig.later(0.5)
     rig.queue(1, start=1)
     rig.pump()
@@ -253,7 +254,10 @@ def test_unclaimed_rows_wait_until_a_row_of_their_topic_is_delivered(rig: Rig) -
     [first] = _events(logs, "result_unclaimed")  # once for the episode, not per row
     assert (first["kind"], first["topic"], first["message_id"], first["reason"]) == (
         "result", A, "m-0", "No matching subscribers")
-    assert "iomt-agent receive" in first["fix"] and "1 to 30 s" in first["fix"]
+    assert first["fix"] == (
+        "no consumer has subscribed to this topic on the cloud broker yet: start `iomt-agent "
+        "receive` (its first start creates its persistent session); the agent keeps the rows "
+        "and retries every 1 to 30 s")
     assert not _events(logs, "cloud_refused_result")
     assert rig.outbox.unclaimed == 3 and rig.depth() == 3 and rig.outbox.awaiting_receipt == 0
     rig.later(0.5)
@@ -406,7 +410,9 @@ def test_with_receipts_a_delivered_row_waits_and_an_overdue_one_goes_again(
     with capture_logs() as logs:
         rig.pump()
     [overdue] = _events(logs, "receipt_overdue")
-    assert overdue["rows"] == 2 and "receipts topic" in overdue["fix"]
+    assert overdue["rows"] == 2 and overdue["fix"] == (
+        "is `iomt-agent receive` running, and may it publish on the receipts topic (the cloud "
+        "broker's ACL)? The rows go out again; the consumer drops duplicates")
     assert rig.cloud.payloads(2) == [b"sealed-0", b"sealed-1"]
     rig.cloud.answer(DELIVERED, 2)  # second try: the wait doubles
     rig.later(19.99)

@@ -325,6 +325,12 @@ def test_a_header_that_cannot_place_the_slice_is_refused(header: dict[str, objec
     assert exc.value.reason == "bad_geometry" and exc.value.message == GEOMETRY_REFUSAL
 
 
+def test_direction_cosines_whose_normal_is_half_a_unit_still_place_the_slice() -> None:
+    info_ = slice_info(_scan(ImageOrientationPatient=[1, 0, 0, 0, 0.5, 0],
+                             ImagePositionPatient=[0, 0, 4.0]))
+    assert info_.position_mm == 4.0  # |row x col| = 0.5: accepted, then normalised
+
+
 def test_the_position_is_along_the_unit_normal() -> None:
     axial = slice_info(_scan(ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
                              ImagePositionPatient=[5, 7, -3.5]))
@@ -352,8 +358,8 @@ def test_spacing_between_slices_counts_only_when_positive_and_finite(
 
 @pytest.mark.filterwarnings("ignore:A value of type 'int' cannot be assigned")
 @pytest.mark.parametrize(("value", "expected"), [
-    ("12", 12), (7, 7), (None, None), ("", None), ("0", None), ("-3", None), ("many", None),
-    ("1.5", None)])
+    ("12", 12), (7, 7), ("1", 1), (None, None), ("", None), ("0", None), ("-3", None),
+    ("many", None), ("1.5", None)])
 def test_images_in_acquisition_counts_only_when_a_positive_integer(
         value: object, expected: int | None) -> None:
     scan = _scan(ImagesInAcquisition=None)
