@@ -2,7 +2,12 @@
 
 Prints a table (module, killed, survived, no tests, timeout, other, score) and writes it as
 JSON to ``bench-out/mutation.json``. The score is killed / (killed + survived + no tests):
-a mutant that no selected test reaches counts as surviving.
+a mutant that no selected test reaches counts as surviving. The second table leaves out
+the survivors that are equivalent (no test can tell them from the original): an SQL
+keyword's case, and those ``tools/mutation_equivalent.py`` lists with the reason for each.
+``--rerun`` prints the names of the mutants worth running again after tests were added
+(every survivor that is not equivalent, and those stopped, timed out or not checked):
+``mutmut run $(python -m tools.mutation_score --rerun)``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+
+from tools.mutation_equivalent import explain
 
 _LINE = re.compile(r"^\s*(?P<name>[\w.ǁ]+__mutmut_\d+):\s*(?P<status>.+?)\s*$")
 
@@ -104,7 +111,12 @@ def survivor_diffs(names: list[str]) -> dict[str, tuple[str, str]]:
         local = name[len(module) + 1:]
         orig = cache[module].get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", local), [])
         mutant = cache[module].get(local, [])
-        out[name] = classify(orig, mutant)
+        category, diff = classify(orig, mutant)
+        before, _, after = diff.partition("  ->  ")
+        function = re.split(r"ǁ|^x_", re.sub(r"__mutmut_\d+$", "", local))[-1]
+        if category != "sql-case" and explain(module, function, before, after) is not None:
+            category = "equivalent"
+        out[name] = (category, diff)
     return out
 
 
@@ -112,6 +124,16 @@ def main() -> int:
     mutmut = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(mutmut), "results", "--all", "true"], capture_output=True,
                          text=True, check=False).stdout
+    if "--rerun" in sys.argv:
+        statuses = {m["name"]: m["status"] for line in out.splitlines()
+                    if (m := _LINE.match(line))}
+        survivors = [n for n, st in statuses.items() if st == "survived"]
+        diffs = survivor_diffs(survivors)
+        again = [n for n, st in statuses.items()
+                 if st not in ("killed", "survived")
+                 or diffs[n][0] not in ("sql-case", "equivalent")]
+        print(" ".join(again))
+        return 0
     per = tally(out)
     survivors = [m["name"] for line in out.splitlines() if (m := _LINE.match(line))
                  and m["status"] in ("survived", "no tests")]
@@ -134,17 +156,26 @@ def main() -> int:
     by_cat: dict[str, Counter[str]] = defaultdict(Counter)
     for name, (cat, _) in diffs.items():
         by_cat[module_of(name)][cat] += 1
-    print(f"\n{'module':<28} {'sql-case':>8} {'log':>5} {'text':>5} {'logic':>5} "
-          f"{'score w/o sql-case, log, text':>30}")
+    print(f"\n{'module':<28} {'sql-case':>8} {'equiv.':>6} {'log':>5} {'text':>5} "
+          f"{'logic':>5} {'score w/o equivalents':>22}")
     for row in rows:
         c = by_cat[row["module"]]
-        judged = row["killed"] + c["logic"]
+        equivalent = c["sql-case"] + c["equivalent"]
+        judged = row["killed"] + row["survived"] + row["no_tests"] - equivalent
         row["survivors_by_category"] = dict(c)
-        row["logic_score"] = round(row["killed"] / judged, 4) if judged else 0.0
-        print(f"{row['module']:<28} {c['sql-case']:>8} {c['log']:>5} {c['text']:>5} "
-              f"{c['logic']:>5} {row['logic_score']:>30.1%}")
+        row["score_without_equivalents"] = round(row["killed"] / judged, 4) if judged else 0.0
+        print(f"{row['module']:<28} {c['sql-case']:>8} {c['equivalent']:>6} {c['log']:>5} "
+              f"{c['text']:>5} {c['logic']:>5} {row['score_without_equivalents']:>22.1%}")
     Path("bench-out").mkdir(exist_ok=True)
     survivors_json = {n: {"category": c, "change": d} for n, (c, d) in diffs.items()}
+    for n, entry in survivors_json.items():
+        before, _, after = entry["change"].partition("  ->  ")
+        local = n[len(module_of(n)) + 1:]
+        function = re.split(r"ǁ|^x_", re.sub(r"__mutmut_\d+$", "", local))[-1]
+        if entry["category"] == "equivalent":
+            entry["why"] = explain(module_of(n), function, before, after) or ""
+        elif entry["category"] == "sql-case":
+            entry["why"] = "SQLite ignores the case of keywords and names"
     Path("bench-out/mutation.json").write_text(json.dumps(
         {"modules": rows, "survivors": survivors_json}, indent=2, ensure_ascii=False) + "\n")
     if "--survivors" in sys.argv:
