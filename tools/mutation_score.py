@@ -129,9 +129,8 @@ def main() -> int:
                     if (m := _LINE.match(line))}
         survivors = [n for n, st in statuses.items() if st == "survived"]
         diffs = survivor_diffs(survivors)
-        again = [n for n, st in statuses.items()
-                 if st not in ("killed", "survived")
-                 or diffs[n][0] not in ("sql-case", "equivalent")]
+        again = [n for n, st in statuses.items() if st != "killed" and (
+            st != "survived" or diffs[n][0] not in ("sql-case", "equivalent"))]
         print(" ".join(again))
         return 0
     per = tally(out)
