@@ -131,7 +131,7 @@ class Stages:
         """Wait until every job handed to the model thread so far is committed. Raises
         ``StageDied`` instead of waiting for a thread that has ended."""
         done = threading.Event()
-        self._to_model.put(_Job(barrier=done))  # through the model thread, then the finisher
+        self._hand_over(_Job(barrier=done))  # through the model thread, then the finisher
         while not done.wait(1.0):
             self.check_alive()
             self._beat()
@@ -186,12 +186,14 @@ class Stages:
 
     def _hand_over(self, job: _Job) -> None:
         """To the model thread; beats while it waits (a finisher waiting for disk space
-        holds up the queues: a wait, not a hang)."""
+        holds up the queues: a wait, not a hang), unless a stage thread has died
+        (``StageDied``: then it would wait for ever)."""
         while True:
             try:
                 self._to_model.put(job, timeout=1.0)
                 return
             except queue.Full:
+                self.check_alive()
                 self._beat()
 
     def _wait_for_outbox_room(self) -> None:
@@ -221,12 +223,12 @@ class Stages:
             self._beat()
             self._wait_for_outbox_room()
             item = result.item
-            self._to_model.put(_Job(item.id, result.first, result.started, item.received_at,
-                                    item.sha256, hold=True))
+            self._hand_over(_Job(item.id, result.first, result.started, item.received_at,
+                                 item.sha256, hold=True))
             busy = True
         released = self.series.finished()
         if released:  # behind the results of those slices, so released once they are stored
-            self._to_model.put(_Job(release=released))
+            self._hand_over(_Job(release=released))
         return busy
 
     # -- the model thread ----------------------------------------------------------------

@@ -40,3 +40,25 @@ def test_a_finisher_that_dies_ends_drain_with_stage_died(tmp_path: Path) -> None
     stages.stop(timeout=1.0)
     assert [r.id for r in store.pending()] == [rid]  # not committed: processed next start
     store.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_handing_over_to_full_queues_behind_a_dead_finisher_raises(tmp_path: Path) -> None:
+    """The queues fill up behind a dead finisher; the caller's thread, which beats while it
+    waits for room, gets ``StageDied`` instead of waiting (and feeding the watchdog) for
+    ever."""
+    db = tmp_path / "agent.db"
+    store = Store(db, inbox_max_bytes=1 << 20, outbox_max_bytes=1 << 20)
+    rids = [store.accept("t", f"{i:064x}", b"scan") for i in range(8)]
+    con = sqlite3.connect(db)
+    con.executescript("CREATE TRIGGER broken BEFORE UPDATE ON inbox "
+                      "BEGIN SELECT RAISE(ABORT, 'broken'); END;")
+    con.close()
+    stages = Stages(store, SeriesSection(), cast(Translator, None), stop=threading.Event(),
+                    space=threading.Condition(), beat=lambda: None, committed=lambda: None)
+    stages.start()
+    with pytest.raises(StageDied, match="finisher"):
+        for rid in rids:  # duplicates: the first kills the finisher, the rest fill the queues
+            stages._hand_over(_Job(inbox_id=rid))
+    stages.stop(timeout=1.0)
+    store.close()
