@@ -197,14 +197,9 @@ class Stages:
                 self._beat()
 
     def _wait_for_outbox_room(self) -> None:
-        if self._storage.outbox_full == "drop_oldest" and self.store.outbox_full():
-            dropped = self.store.drop_oldest(self._overflow_report)
-            if dropped:
-                log.error("outbox_overflow", dropped=len(dropped),
-                          message_ids=[d.message_id for d in dropped[:8]],
-                          fix="the cloud broker is not taking results: the oldest were dropped "
-                          "(storage.outbox_full = drop_oldest); each has an error report")
-                self._committed()  # kick the outbox: the reports go out
+        drop = self._storage.outbox_full == "drop_oldest"
+        if drop:
+            self._drop_oldest()
         if not self.store.outbox_full():
             return
         self._pressure.set("processing", "outbox_full")
@@ -213,7 +208,22 @@ class Stages:
             log.warning("outbox_full", fix="the cloud broker is not taking results")
             with self._space:
                 self._space.wait(5.0)
+            if drop:  # the finisher may have filled it again after the first drop
+                self._drop_oldest()
         self._pressure.clear("processing")
+
+    def _drop_oldest(self) -> None:
+        """``drop_oldest``: make room by replacing the oldest results with error reports
+        (when only reports are left, there is nothing to drop: wait like backpressure)."""
+        if not self.store.outbox_full():
+            return
+        dropped = self.store.drop_oldest(self._overflow_report)
+        if dropped:
+            log.error("outbox_overflow", dropped=len(dropped),
+                      message_ids=[d.message_id for d in dropped[:8]],
+                      fix="the cloud broker is not taking results: the oldest were dropped "
+                      "(storage.outbox_full = drop_oldest); each has an error report")
+            self._committed()  # kick the outbox: the reports go out
 
     def _process_series(self, *, allow_idle: bool) -> bool:
         """2.5D: stage every slice whose neighbours are present (or whose series closed)."""
