@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.backends import ModelRunner, RunnerOptions, open_runner
+from agent.backends import BackendError, ModelRunner, RunnerOptions, open_runner
 from agent.model.bundle import BundleError, ModelBundle, load_bundle
 from agent.model.guard import (
     GuardFailed,
@@ -589,3 +589,46 @@ def test_latencies_are_milliseconds_of_each_input(tmp_path: Path) -> None:
     report = run_guard(load_bundle(root), SlowRunner(x, ref))
     for g in report.inputs:
         assert 20.0 * g.index <= g.latency_ms < 20.0 * g.index + 500.0
+
+
+class FailingRunner(FixedRunner):
+    def __init__(self, x: np.ndarray, outputs: np.ndarray, error: Exception) -> None:
+        super().__init__(x, outputs)
+        self._error = error
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        raise self._error
+
+
+@pytest.mark.parametrize(("error", "shortfall"), [
+    (BackendError("the session failed"), "the runtime failed on the golden set: the session "
+                                         "failed"),
+    (RuntimeError("boom"), "the runtime failed on the golden set (RuntimeError: boom)"),
+])
+def test_a_runtime_that_fails_on_the_golden_set_is_a_failed_report(
+        tmp_path: Path, error: Exception, shortfall: str) -> None:
+    root, x, ref = _fixed_case(tmp_path)
+    report = run_guard(load_bundle(root), FailingRunner(x, ref, error))
+    assert not report.ok and report.bundle == "guard-test" and report.min_psnr_db == 30.0
+    assert report.shortfall == shortfall
+    assert report.fix == 'serve it on another runtime or set model.backend = "auto"'
+    assert report.reason == f"{shortfall}: {report.fix}"
+
+
+def test_a_psnr_exactly_at_the_floor_passes_and_the_reasons_give_the_figures(
+        tmp_path: Path) -> None:
+    root, x, ref = _fixed_case(tmp_path)
+    got = ref.copy()
+    got[3] += np.float32(0.05 * float(ref.max()))
+    first = run_guard(load_bundle(root), FixedRunner(x, got))
+    assert first.worst_psnr_db is not None and first.psnr_db is not None
+    worst, pooled = first.worst_psnr_db, first.psnr_db
+    assert first.reason.startswith(
+        f"int8 model guard-test 0.0.1 on fixed misses its fidelity floor on this CPU: golden "
+        f"PSNR {worst:.2f} dB < 30 dB (pooled {pooled:.2f} dB, worst input 3); ")
+    assert first.cause and first.explanation and first.reason.endswith(first.fix or "?")
+    at = write_bundle(tmp_path / "at", tmp_path / "served.onnx", golden=(x, ref), floor=worst)
+    report = run_guard(load_bundle(at), FixedRunner(x, got))
+    assert report.ok and report.worst_psnr_db == worst
+    assert report.reason == (f"golden PSNR {worst:.2f} dB (worst of pooled {pooled:.2f} and 4 "
+                             f"input(s)) >= floor {worst:g} dB")
