@@ -88,7 +88,7 @@ def classify(orig: list[str], mutant: list[str]) -> tuple[str, str]:
         diff = f"{a}  ->  {b}"
         if (a.lower() == b.lower() and _quoted(a) == _quoted(b) and re.search(
                 r"(?i)\b(select|insert|update|delete|begin|commit|rollback|pragma|where|"
-                r"values)\b", a)):
+                r"values|order by|limit)\b", a)):
             return "sql-case", diff
         if _in_log_call(orig, i):
             return "log", diff
