@@ -98,6 +98,11 @@ def classify(orig: list[str], mutant: list[str]) -> tuple[str, str]:
     return "logic", "(signature)"
 
 
+def _function_of(local: str) -> str:
+    """``xǁStoreǁaccept__mutmut_3`` -> ``accept``; ``x_slice_info__mutmut_9`` -> ``slice_info``."""
+    return re.split(r"ǁ|^x_", re.sub(r"__mutmut_\d+$", "", local))[-1]
+
+
 def survivor_diffs(names: list[str]) -> dict[str, tuple[str, str]]:
     """What each surviving mutant changed (category, first changed line), read from the
     instrumented copies under mutants/."""
@@ -113,7 +118,7 @@ def survivor_diffs(names: list[str]) -> dict[str, tuple[str, str]]:
         mutant = cache[module].get(local, [])
         category, diff = classify(orig, mutant)
         before, _, after = diff.partition("  ->  ")
-        function = re.split(r"ǁ|^x_", re.sub(r"__mutmut_\d+$", "", local))[-1]
+        function = _function_of(local)
         if category != "sql-case" and explain(module, function, before, after) is not None:
             category = "equivalent"
         out[name] = (category, diff)
@@ -169,8 +174,7 @@ def main() -> int:
     survivors_json = {n: {"category": c, "change": d} for n, (c, d) in diffs.items()}
     for n, entry in survivors_json.items():
         before, _, after = entry["change"].partition("  ->  ")
-        local = n[len(module_of(n)) + 1:]
-        function = re.split(r"ǁ|^x_", re.sub(r"__mutmut_\d+$", "", local))[-1]
+        function = _function_of(n[len(module_of(n)) + 1:])
         if entry["category"] == "equivalent":
             entry["why"] = explain(module_of(n), function, before, after) or ""
         elif entry["category"] == "sql-case":

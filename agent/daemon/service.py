@@ -344,11 +344,13 @@ class Agent:
             log.error("stage_died", error=str(exc), fix="a bug in the agent: report it with "
                       "this log; the agent stops and systemd restarts it (Restart=on-failure), "
                       "and every scan not yet committed is processed again")
-            self.stages.stop(timeout=5.0)
-            self._shutdown(publisher)
-            return 1
-        self.stages.stop()  # what was handed over is committed; the rest stays pending
-        return self._shutdown(publisher)
+            died = True
+        else:
+            died = False
+        # What was handed over is committed; the rest stays pending.
+        self.stages.stop(timeout=5.0 if died else None)
+        code = self._shutdown(publisher)
+        return 1 if died else code
 
     def _publish_offline(self, conn: Connection) -> None:
         """A clean disconnect does not fire the will: say offline ourselves."""
