@@ -8,6 +8,7 @@
 | ``child`` | peak RSS of one configuration in a fresh process |
 | ``macs`` | GMAC per item counted from an ONNX graph |
 | ``report`` | the text table and the JSON |
+| ``layers`` | per-layer profile of a bundle's ONNX files (``python -m agent.bench.layers``) |
 
 ``agent.cpu`` identifies the CPU and estimates its peak.
 """

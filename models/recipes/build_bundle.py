@@ -16,8 +16,9 @@ import numpy as np
 from agent.model.manifest import BundleManifest
 from recipes import config
 from recipes.context import model_inputs
+from recipes.layer_card import layer_section
 from recipes.metrics import psnr
-from recipes.model_card import render_model_card
+from recipes.model_card import cpu_name, isa_line, render_model_card
 from recipes.npz import save_npz
 from recipes.record import restored_note, save_record
 from recipes.runtime import make_session
@@ -163,6 +164,7 @@ def main() -> None:
     card = spec.bundle("MODEL_CARD.md")
     text = render_model_card(spec, train, evaluation, quant, golden, timings,
                              restored_note(spec))
+    text += layer_section(spec, f"{cpu_name()} ({isa_line()})")
     card.write_text(text + _domain_section(card), encoding="utf-8")
     spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
     save_record(spec)  # so that a clone can redo these steps without training

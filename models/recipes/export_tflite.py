@@ -74,8 +74,11 @@ def setup_env(env_dir: Path) -> None:
         text=True,
     ).stdout.strip()
     # Our own site-packages: the env's packages shadow the project's, never the reverse.
+    # site.addsitedir (not a bare path line) so that their own .pth files run too: the
+    # project's editable install is one.
     ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-    (Path(site) / "zz_project_venv.pth").write_text("\n".join(ours) + "\n", encoding="utf-8")
+    (Path(site) / "zz_project_venv.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in ours), encoding="utf-8")
     constraints = env_dir / "constraints.txt"
     constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n", encoding="utf-8")
     subprocess.run(
