@@ -15,6 +15,10 @@ functions that execute most instructions in one inference (the kernels that domi
 GEMMs, float convolutions, quantize/dequantize steps that stay in float).
 
     python bench/avx2_instructions.py --json bench-out/avx2.json [--kernels 8]
+    python bench/avx2_instructions.py --file onnxruntime:variant.int8.onnx [--channels 5]
+
+``--file`` counts one model file instead (a variant not in any bundle yet), on a seeded
+random input of ``--channels`` x 256 x 256.
 
 Needs valgrind (Debian package ``valgrind``). Slow: about a minute per cell.
 """
@@ -37,27 +41,33 @@ CELLS = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("litert", "fp32"),
 
 CHILD = """
 import sys
+from pathlib import Path
 import numpy as np
 from agent.backends import RunnerOptions, open_runner
 from agent.model.bundle import load_bundle
-bundle = load_bundle(sys.argv[1])
-runtime, precision, runs = sys.argv[2], sys.argv[3], int(sys.argv[4])
-path = (bundle.backend_file(runtime).path if precision == "int8"
-        else bundle.reference_file(runtime).path)
+source, runtime, precision, runs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+if source.is_dir():
+    bundle = load_bundle(source)
+    path = (bundle.backend_file(runtime).path if precision == "int8"
+            else bundle.reference_file(runtime).path)
+    names = (bundle.input.input_name, bundle.output.output_name)
+    x = np.load(bundle.root / bundle.golden.path)["input"][:1].astype(np.float32)
+else:  # one model file: a seeded random input of --channels x 256 x 256
+    path, names = source, ("input", "output")
+    x = np.random.default_rng(0).random((1, int(sys.argv[5]), 256, 256), dtype=np.float32)
 runner = open_runner(runtime, str(path), RunnerOptions(
-    intra_op_threads=1, input_name=bundle.input.input_name,
-    output_name=bundle.output.output_name))
-x = np.load(bundle.root / bundle.golden.path)["input"][:1].astype(np.float32)
+    intra_op_threads=1, input_name=names[0], output_name=names[1]))
 for _ in range(runs):
     runner.run(x)
 """
 
 
 def count(bundle: Path, runtime: str, precision: str, runs: int, tool: list[str],
-          out: Path) -> int:
-    """Instructions executed by one child (valgrind's total)."""
+          out: Path, channels: int = 1) -> int:
+    """Instructions executed by one child (valgrind's total). ``bundle``: a bundle
+    directory, or one model file (then ``precision`` is only a label)."""
     cmd = ["valgrind", *tool, "-q", sys.executable, "-c", CHILD, str(bundle), runtime,
-           precision, str(runs)]
+           precision, str(runs), str(channels)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{bundle.name} {runtime} {precision}: valgrind failed:\n"
@@ -82,7 +92,7 @@ def top_kernels(out: Path, n: int) -> list[tuple[str, int]]:
 
 
 def measure(bundle: Path, runtime: str, precision: str, runs: int, kernels: int,
-            work: Path) -> dict[str, object]:
+            work: Path, channels: int = 1) -> dict[str, object]:
     name = f"{bundle.name}-{runtime}-{precision}"
     tool = "callgrind" if kernels else "cachegrind"
     totals = []
@@ -91,7 +101,7 @@ def measure(bundle: Path, runtime: str, precision: str, runs: int, kernels: int,
         opts = [f"--tool={tool}", f"--{tool}-out-file={out}"]
         if tool == "cachegrind":
             opts.append("--cache-sim=no")
-        totals.append(count(bundle, runtime, precision, r, opts, out))
+        totals.append(count(bundle, runtime, precision, r, opts, out, channels))
     per_run = (totals[1] - totals[0]) / (runs - 1)
     row: dict[str, object] = {"bundle": bundle.name, "runtime": runtime,
                               "precision": precision, "ginstr_per_inference": per_run / 1e9}
@@ -108,12 +118,27 @@ def measure(bundle: Path, runtime: str, precision: str, runs: int, kernels: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="*", type=Path,
-                        default=sorted(p.parent for p in (ROOT / "models").glob("*/bundle.json")))
+                        help="bundle directories (default: every bundle under models/)")
     parser.add_argument("--runs", type=int, default=3, help="inferences in the long child")
     parser.add_argument("--kernels", type=int, default=0,
                         help="list this many top functions per cell (callgrind; slower)")
+    parser.add_argument("--file", action="append", default=[], metavar="RUNTIME:PATH",
+                        help="also count one model file (onnxruntime:x.onnx, litert:x.tflite) "
+                             "on a seeded random input; repeatable")
+    parser.add_argument("--channels", type=int, default=1,
+                        help="input channels of the --file models (default 1)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    files = []
+    for spec in args.file:
+        runtime, _, path = spec.partition(":")
+        if runtime not in ("onnxruntime", "litert") or not Path(path).is_file():
+            raise SystemExit(f"--file {spec!r}: expected onnxruntime:PATH or litert:PATH "
+                             "of an existing file")
+        files.append((runtime, Path(path).resolve()))
+    # Without bundle arguments: every shipped bundle, unless only files were asked for.
+    bundles = args.bundles or ([] if files else
+                               sorted(p.parent for p in (ROOT / "models").glob("*/bundle.json")))
     if platform.machine() not in ("x86_64", "AMD64"):
         raise SystemExit("valgrind's AVX2 model applies to x86-64 hosts only")
     if shutil.which("valgrind") is None:
@@ -121,20 +146,22 @@ def main() -> None:
     if args.runs < 2:
         raise SystemExit("--runs must be at least 2")
     rows = []
+    cells = [(b.resolve(), rt, p, 1) for b in bundles for rt, p in CELLS]
+    cells += [(path, rt, "file", args.channels) for rt, path in files]
     with tempfile.TemporaryDirectory() as tmp:
-        for bundle in args.bundles:
-            for runtime, precision in CELLS:
-                row = measure(bundle.resolve(), runtime, precision, args.runs, args.kernels,
-                              Path(tmp))
-                rows.append(row)
-                print(f"{row['bundle']:<22} {runtime:<12} {precision:<5} "
-                      f"{row['ginstr_per_inference']:7.3f} G instructions", flush=True)
-                for k in row.get("kernels", []):  # type: ignore[attr-defined]
-                    print(f"    {k['ginstr_per_inference']:7.3f}  {k['function']}")
-    print()
-    print("| bundle | runtime | fp32 G instr | int8 G instr | int8 / fp32 |")
-    print("|---|---|---|---|---|")
-    for bundle in args.bundles:
+        for source, runtime, precision, channels in cells:
+            row = measure(source, runtime, precision, args.runs, args.kernels, Path(tmp),
+                          channels)
+            rows.append(row)
+            print(f"{row['bundle']:<22} {runtime:<12} {precision:<5} "
+                  f"{row['ginstr_per_inference']:7.3f} G instructions", flush=True)
+            for k in row.get("kernels", []):  # type: ignore[attr-defined]
+                print(f"    {k['ginstr_per_inference']:7.3f}  {k['function']}")
+    if bundles:
+        print()
+        print("| bundle | runtime | fp32 G instr | int8 G instr | int8 / fp32 |")
+        print("|---|---|---|---|---|")
+    for bundle in bundles:
         for runtime in ("onnxruntime", "litert"):
             f32, i8 = (next(r["ginstr_per_inference"] for r in rows
                             if r["bundle"] == bundle.resolve().name and r["runtime"] == runtime
