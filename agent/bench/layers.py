@@ -65,8 +65,8 @@ def layer_row(op: str, args: dict[str, Any], weight: list[int] | None) -> dict[s
     moved = sum(_elements(s) * ITEM_BYTES.get(t, 4) for t, s in ins + outs)
     macs = 0
     if weight and outs:
-        # Output elements x (input channels x kernel) per output; Nchwc pads the output
-        # channels to a multiple of 8 or 16, so count real output channels only.
+        # Output pixels x output channels x (input channels x kernel); an NCHWc weight is
+        # padded to the vector width, so this counts what the kernel executes.
         shape = outs[0][1]
         nhwc = shape[-1] == weight[0]  # the int8 graph runs NHWC, the float one NCHW(c)
         spatial = shape[1] * shape[2] if nhwc else shape[2] * shape[3]
@@ -83,7 +83,8 @@ def layer_row(op: str, args: dict[str, Any], weight: list[int] | None) -> dict[s
 
 
 def run_profile(model: Path, x: np.ndarray, threads: int, runs: int) -> list[dict[str, Any]]:
-    """``profile`` over ``runs`` inferences: the session runs warm-up + ``runs`` times."""
+    """One row per node of the optimised graph (``summarise``), from one warm-up and
+    ``runs`` profiled inferences of ``model`` on ``x``."""
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
