@@ -13,6 +13,10 @@ memory bandwidth, non-MAC operators and clocks that drop under all-core load. Ev
 assumption behind a figure is returned with it, so that a report can print them.
 
 The parsing is pure (``identify`` takes the texts), so it is tested on canned cpuinfo files.
+
+``IOMT_AVX2_KERNELS=1`` (set by ``bench/avx2_kernels.py``, which runs the runtimes with
+their AVX-512 paths switched off) makes ``read_cpu`` drop the AVX-512 and VNNI flags, so
+that labels, peaks and cached choices describe the kernels that actually run.
 """
 
 from __future__ import annotations
@@ -172,12 +176,14 @@ def _arm_int8(features: set[str], fp32: int) -> tuple[list[str], int, str | None
 
 def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
              allowed: set[int] | None = None, machine: str = "",
-             board: str | None = None) -> CpuInfo:
+             board: str | None = None, avx2_kernels: bool = False) -> CpuInfo:
     """Identify the CPU from the text of /proc/cpuinfo.
 
     ``max_khz``: cpufreq's ``cpuinfo_max_freq`` per logical CPU (kHz), where the kernel has
     it; ``allowed``: the logical CPUs this process may use (all when None); ``machine``:
-    ``platform.machine()``; ``board``: the device tree's model (a Pi or Jetson name)."""
+    ``platform.machine()``; ``board``: the device tree's model (a Pi or Jetson name);
+    ``avx2_kernels``: the runtimes were forced onto their AVX2 kernels (x86 flags of
+    AVX-512, AVX-VNNI and AMX are ignored)."""
     blocks = _blocks(cpuinfo)
     procs = [b for b in blocks if "processor" in b and b["processor"].isdigit()]
     header = {k: v for b in blocks if "processor" not in b for k, v in b.items()}
@@ -235,7 +241,14 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
                        clock_source="; ".join(sorted(clock_src)),
                        assumptions=(cores_note, *why))
 
+    forced = avx2_kernels and bool(words & {"avx2", "fma"})
+    if forced:
+        words = {w for w in words if not w.startswith(("avx512", "avx_vnni", "amx"))}
     isa, fp32, int8, dot, why = _x86_isa(words)
+    if forced:
+        isa = (*isa, "AVX2 kernels forced")
+        why.append("AVX2 kernels forced (bench/avx2_kernels.py): the runtimes run with "
+                   "AVX-512 and VNNI off, on this CPU's cores and clock")
     pairs = {(p.get("physical id"), p.get("core id")) for p in procs
              if p.get("core id") is not None}
     cores = len(pairs) if pairs else logical
@@ -274,6 +287,11 @@ def estimate_peak(cpu: CpuInfo) -> PeakEstimate:
     return PeakEstimate(round(fp32, 1), round(int8, 1), formula)
 
 
+def avx2_kernels_forced() -> bool:
+    """True under ``bench/avx2_kernels.py``, whose runtimes run their AVX2 kernels."""
+    return os.environ.get("IOMT_AVX2_KERNELS") == "1"
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8", errors="replace")
@@ -296,4 +314,5 @@ def read_cpu() -> CpuInfo:
     board = _read(Path("/proc/device-tree/model"))
     return identify(_read(Path("/proc/cpuinfo")) or "", max_khz=max_khz, allowed=allowed,
                     machine=platform.machine(),
-                    board=board.strip("\x00\n ") if board else None)
+                    board=board.strip("\x00\n ") if board else None,
+                    avx2_kernels=avx2_kernels_forced())

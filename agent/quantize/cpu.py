@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.cpu import identify
+from agent.cpu import avx2_kernels_forced, identify
 
 TARGETS = ("host", "no-dot-product", "dot-product")
 X86 = ("x86_64", "amd64", "i686", "i386")
@@ -39,7 +39,7 @@ def host_dot_product(cpuinfo: str | None, machine: str) -> tuple[bool | None, st
     described = re.search(r"^\s*(flags|features)\s*:", cpuinfo, re.MULTILINE | re.IGNORECASE)
     if not (arch in X86 or arch.startswith(("aarch64", "arm")) or described):
         return None, f"unknown CPU architecture {machine!r}"
-    cpu = identify(cpuinfo, machine=machine)
+    cpu = identify(cpuinfo, machine=machine, avx2_kernels=avx2_kernels_forced())
     kind = "ARM" if any(label.endswith("NEON") for label in cpu.isa) else "x86"
     if cpu.int8_dot:
         return True, f"{kind} host with {cpu.int8_dot}"

@@ -1,0 +1,230 @@
+"""Run a command with onnxruntime and LiteRT on their AVX2 kernels, at native speed.
+
+Why: the int8 kernels the runtimes pick depend on the CPU, and most edge nodes have no int8
+dot product. A build machine with AVX-512 VNNI runs onnxruntime's VNNI kernels and cannot
+time the ones an AVX2 node runs. ``bench/avx2_instructions.py`` counts those kernels'
+instructions under valgrind; this tool times them.
+
+How: both runtimes ask the CPU which register state the OS saves (the ``xgetbv``
+instruction, XCR0) before they pick AVX-512 kernels. The tool makes a copy of each
+runtime's Python package under ``--dir`` (symbolic links, except the shared libraries that
+it patches) in which every ``xgetbv`` is replaced by ``push 7; pop rax``: XCR0 reads as
+x87 + SSE + AVX, so AVX2 and FMA stay on and every AVX-512 path, VNNI included, is off.
+Then it runs the command with that copy first on ``PYTHONPATH``.
+
+Proof that it took: before the command runs, a ``MatMulInteger`` of 255 x 127 over 64
+terms runs on the patched onnxruntime. MLAS's AVX2 u8s8 kernel adds pairs of products in
+16 bits and saturates (1,048,544); the VNNI kernels give the exact 2,072,640. The tool
+stops unless the patched copy saturates. LiteRT (XNNPACK, through cpuinfo) reads XCR0 the
+same way; there is no numeric fingerprint for it (its AVX2 int8 kernel widens to 16 bits
+first and is exact), so the tool only reports how many sites it patched there.
+
+What it is not: an AVX2 CPU. The kernels are the ones an AVX2 node runs, on this machine's
+cores, caches and clock (say which, ``lscpu``). Ratios between paths inside one run are
+the useful output, absolute times are this machine's. A measurement aid only: never serve
+from the patched copy.
+
+    python bench/avx2_kernels.py -- python -m agent.cli bench --quick
+    python bench/avx2_kernels.py --check
+
+Needs an x86-64 host and ``objdump`` (Debian package ``binutils``) to find the instructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("onnxruntime", "ai_edge_litert")
+XGETBV = b"\x0f\x01\xd0"
+XCR0_AVX_ONLY = b"\x6a\x07\x58"  # push 7; pop rax: XCR0 = x87 | SSE | AVX
+SATURATED, EXACT = 32767 * 32, 255 * 127 * 64
+
+FINGERPRINT = """
+import numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+w = numpy_helper.from_array(np.full((64, 16), 127, np.int8), "W")
+graph = helper.make_graph(
+    [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])], "fingerprint",
+    [helper.make_tensor_value_info("A", TensorProto.UINT8, [4, 64])],
+    [helper.make_tensor_value_info("Y", TensorProto.INT32, [4, 16])], [w])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+model.ir_version = 8
+session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+y = session.run(None, {"A": np.full((4, 64), 255, np.uint8)})[0]
+print(ort.__file__, int(y[0, 0]))
+"""
+
+
+class PatchError(RuntimeError):
+    """The patched copy cannot be made or does not run the AVX2 kernels."""
+
+
+def package_dir(name: str) -> Path | None:
+    """The installed package's directory, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def load_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(virtual address, file offset, size in file) of each PT_LOAD of a 64-bit ELF."""
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise PatchError("not a 64-bit ELF file")
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    segments = []
+    for i in range(phnum):
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:
+            segments.append((p_vaddr, p_offset, p_filesz))
+    return segments
+
+
+def xgetbv_offsets(lib: Path) -> list[int]:
+    """File offsets of the real ``xgetbv`` instructions of a shared library (objdump's
+    disassembly, so that the same three bytes inside other code or data are left alone)."""
+    data = lib.read_bytes()
+    if XGETBV not in data:
+        return []
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        raise PatchError("objdump not found: install the Debian package binutils")
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], check=True,
+                             capture_output=True, text=True).stdout
+    addresses = [int(m.group(1), 16)
+                 for m in re.finditer(r"^\s*([0-9a-f]+):\s+xgetbv\s*$", listing, re.M)]
+    offsets = []
+    for address in addresses:
+        for vaddr, offset, size in load_segments(data):
+            if vaddr <= address < vaddr + size:
+                offsets.append(address - vaddr + offset)
+                break
+    for offset in offsets:
+        if data[offset:offset + 3] != XGETBV:
+            raise PatchError(f"{lib.name}: no xgetbv at file offset {offset:#x}")
+    return offsets
+
+
+def source_key(src: Path) -> str:
+    """Changes when the installed package does (its shared libraries' names, sizes, mtimes)."""
+    parts = [f"{p.relative_to(src)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+             for p in sorted(src.rglob("*.so*")) if p.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def mirror(src: Path, dest: Path) -> dict[str, int]:
+    """``dest``: ``src`` as symbolic links, with each library holding xgetbv patched."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    patched: dict[str, int] = {}
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        offsets = xgetbv_offsets(path) if ".so" in path.name else []
+        if not offsets:
+            target.symlink_to(path)
+            continue
+        data = bytearray(path.read_bytes())
+        for offset in offsets:
+            data[offset:offset + 3] = XCR0_AVX_ONLY
+        target.write_bytes(bytes(data))
+        target.chmod(path.stat().st_mode)
+        patched[str(path.relative_to(src))] = len(offsets)
+    return patched
+
+
+def prepare(site: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, dict[str, int]]:
+    """Patched copies of the installed runtimes under ``site`` (reused while the installed
+    packages are unchanged); returns the patched instruction counts per library."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise PatchError(f"x86-64 only (this machine is {platform.machine()}): on ARM, "
+                         "choose the core under qemu instead (tools/cpu_matrix.py)")
+    site.mkdir(parents=True, exist_ok=True)
+    report: dict[str, dict[str, int]] = {}
+    for name in packages:
+        src = package_dir(name)
+        if src is None:
+            continue
+        stamp = site / f".{name}.json"
+        key = source_key(src)
+        if stamp.exists() and json.loads(stamp.read_text())["key"] == key \
+                and (site / name).exists():
+            report[name] = json.loads(stamp.read_text())["patched"]
+            continue
+        patched = mirror(src, site / name)
+        stamp.write_text(json.dumps({"key": key, "patched": patched}) + "\n")
+        report[name] = patched
+    if not report.get("onnxruntime"):
+        raise PatchError("onnxruntime is not installed, or holds no xgetbv to patch")
+    return report
+
+
+def patched_env(site: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["IOMT_AVX2_KERNELS"] = "1"  # lets a bench label its output
+    return env
+
+
+def check(site: Path) -> int:
+    """The fingerprint's value on the patched onnxruntime; raises unless it saturated."""
+    out = subprocess.run([sys.executable, "-c", FINGERPRINT], env=patched_env(site),
+                         check=True, capture_output=True, text=True).stdout.split()
+    origin, value = Path(out[0]), int(out[1])
+    if site.resolve() not in origin.parents and site not in origin.parents:
+        raise PatchError(f"the command imported onnxruntime from {origin}, not from {site}")
+    if value != SATURATED:
+        raise PatchError(f"patched onnxruntime gave {value}, not the AVX2 kernel's "
+                         f"saturated {SATURATED} (exact: {EXACT}): its kernels are not AVX2")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=ROOT / "build" / "avx2-kernels",
+                        help="where the patched copies live (reused while the installed "
+                             "runtimes are unchanged)")
+    parser.add_argument("--check", action="store_true",
+                        help="only prepare and prove the patched copy, run nothing")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="the command to run after '--'")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command and not args.check:
+        parser.error("give a command after '--', or --check")
+    try:
+        report = prepare(args.dir)
+        value = check(args.dir)
+    except PatchError as e:
+        print(f"avx2_kernels: {e}", file=sys.stderr)
+        return 2
+    sites = ", ".join(f"{lib} {n}" for libs in report.values() for lib, n in libs.items())
+    print(f"avx2_kernels: xgetbv patched ({sites}); onnxruntime u8s8 fingerprint {value} "
+          f"= AVX2 kernel (VNNI would give {EXACT})", file=sys.stderr)
+    if args.check:
+        return 0
+    if command[0] in ("python", "python3"):
+        command = [sys.executable, *command[1:]]
+    return subprocess.run(command, env=patched_env(args.dir), check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""bench/avx2_kernels.py: the installed runtimes, patched onto their AVX2 kernels.
+
+The proof is numeric and holds on any x86-64 host: on a VNNI host the patch is what makes
+onnxruntime's u8s8 kernel saturate, on an AVX2-only host it saturates anyway, so either way
+the patched copy must give the AVX2 kernel's value and a command run through the tool must
+import that copy.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.cpu import identify, read_cpu
+from bench import avx2_kernels
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+needs_x86 = pytest.mark.skipif(not X86 or shutil.which("objdump") is None,
+                               reason="patches x86-64 code; needs objdump (binutils)")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("avx2-kernels")
+    avx2_kernels.prepare(path, packages=("onnxruntime",))
+    return path
+
+
+@needs_x86
+def test_patched_onnxruntime_runs_the_saturating_avx2_kernel(site: Path) -> None:
+    assert avx2_kernels.check(site) == avx2_kernels.SATURATED
+    stamp = (site / ".onnxruntime.json").read_text()
+    assert "onnxruntime_pybind11_state" in stamp  # the library Python loads was patched
+
+
+@needs_x86
+def test_only_the_patched_libraries_are_copies(site: Path) -> None:
+    files = [p for p in (site / "onnxruntime").rglob("*") if p.is_file()]
+    copies = [p for p in files if not p.is_symlink()]
+    assert copies and all(".so" in p.name for p in copies)
+    assert any(p.name == "__init__.py" and p.is_symlink() for p in files)
+
+
+@needs_x86
+def test_a_command_sees_the_patched_copy_and_the_forced_cpu(
+        site: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code = ("import onnxruntime, agent.cpu as c; "
+            "print(onnxruntime.__file__); print(c.read_cpu().int8_dot)")
+    rc = avx2_kernels.main(["--dir", str(site), "--", "python", "-c", code])
+    out, err = capfd.readouterr()
+    assert rc == 0
+    origin, dot = out.split()
+    assert Path(origin).is_relative_to(site)
+    assert dot == "None"  # no int8 dot product reported while AVX2 kernels are forced
+    assert f"fingerprint {avx2_kernels.SATURATED}" in err
+
+
+def test_refuses_a_non_x86_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    with pytest.raises(avx2_kernels.PatchError, match=r"x86-64 only.*qemu"):
+        avx2_kernels.prepare(tmp_path)
+
+
+@needs_x86
+def test_says_which_package_gives_objdump(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    with pytest.raises(avx2_kernels.PatchError, match="binutils"):
+        avx2_kernels.prepare(tmp_path, packages=("onnxruntime",))
+
+
+def test_a_command_or_check_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        avx2_kernels.main([])
+    assert exit_info.value.code == 2
+    assert "give a command" in capsys.readouterr().err
+
+
+VNNI_CPUINFO = """processor\t: 0
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni amx_int8
+cpu MHz\t\t: 2600.000
+"""
+
+
+def test_forced_avx2_drops_avx512_and_vnni_from_the_reading() -> None:
+    native = identify(VNNI_CPUINFO, machine="x86_64")
+    forced = identify(VNNI_CPUINFO, machine="x86_64", avx2_kernels=True)
+    assert native.int8_dot == "AVX-512 VNNI"
+    assert forced.int8_dot is None
+    assert forced.isa == ("AVX2", "FMA", "AVX2 kernels forced")
+    assert forced.groups[0].fp32_macs == 16 and forced.groups[0].int8_macs == 32
+    assert any("bench/avx2_kernels.py" in a for a in forced.assumptions)
+
+
+def test_read_cpu_follows_the_tool_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOMT_AVX2_KERNELS", "1")
+    forced = read_cpu()
+    monkeypatch.delenv("IOMT_AVX2_KERNELS")
+    if "avx2" in (Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo")
+                  else ""):
+        assert forced.int8_dot is None and "AVX2 kernels forced" in forced.isa
