@@ -197,6 +197,21 @@ def saturation_note(quant: Json) -> str:
     )
 
 
+def avx2_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def timing_note(quant: Json) -> str:
+    """Where the variants' speed was measured (builds before AVX2 timing say nothing)."""
+    where = quant.get("selection_timing")
+    if not where:
+        return ""
+    fp32 = quant.get("fp32_latency_avx2_ms")
+    on_avx2 = f"; fp32 on the AVX2 kernels: {fp32:.1f} ms" if fp32 else ""
+    return (f" The choice is timed on {where}{on_avx2}: most edge nodes have no int8 dot "
+            "product, and there the variants rank differently than on a VNNI build machine.")
+
+
 def restored_text(restored: str | None) -> str:
     """The sentence a re-quantized build adds to the training section."""
     if not restored:
@@ -214,9 +229,13 @@ def render_model_card(
     this build re-quantized the committed weights instead of training them."""
     variants = "\n".join(
         f"| {name} | {v['train_psnr_db']:.2f} dB | {v['latency_ms']:.1f} ms "
+        f"| {avx2_ms(v.get('latency_avx2_ms'))} "
         f"| {v['kernel_vs_qdq_reference_db']:.1f} dB | {'yes' if v['saturation_safe'] else 'no'} |"
         for name, v in quant["variants"].items()
     )
+    variant_header = ("| variant | PSNR brain (training slices) | latency / slice | AVX2 kernels "
+                      "| kernels vs QDQ | saturation-safe |\n|---|---|---|---|---|---|")
+    timed = timing_note(quant)
     gates = ev["gates"]
     history = train["history"]
     golden_z = ", ".join(f"{z:+.0f}" for z in golden["z_mm"])
@@ -309,6 +328,11 @@ calibrated with MinMax on {quant["calibration_slices"]} evenly spaced training s
   before they multiply, so they cannot saturate on any x86 CPU (checked under
   `qemu-x86_64 -cpu Haswell`, `make test-cpus`); slower than u8s8 where VNNI exists.
 - `u8u8_fl`: `u8u8` with the first and the last conv left in float.
+- `u8s8_rr_outer`: `u8s8_rr` with every node that reads or writes a full-resolution
+  (256 x 256) tensor left in float: the outer level's convs, the pool, the last resize and
+  concat, the head. Those layers have few channels, and on CPUs without an int8 dot product
+  their int8 form (im2col and requantization around a small GEMM) costs more than the
+  float one (`../README.md`, int8 on CPUs without dot product).
 
 Rule: only saturation-safe variants are eligible, since edge nodes may lack the VNNI this
 build machine ({isa_line()}) has and no measurement here would show saturation. Of those,
@@ -316,12 +340,13 @@ the ones within {quant["selection_drop_db"]} dB of fp32 on the training slices q
 third of the 0.3 dB gate on the held-out slab, where the drop ran up to about three times
 the drop on the training slices) and the fastest is chosen; when none qualifies, the most
 accurate one, and the held-out gate decides. Here: {quant["selection"]}. fp32 on the
-training slices: {quant["fp32_train_psnr_db"]:.2f} dB, {quant["fp32_latency_ms"]:.1f} ms.
+training slices: {quant["fp32_train_psnr_db"]:.2f} dB, {quant["fp32_latency_ms"]:.1f} ms.{timed}
+"AVX2 kernels": the same latency with onnxruntime forced onto the kernels of a CPU without
+VNNI (`bench/avx2_kernels.py`), on this machine's cores.
 "Kernels vs QDQ": the output of onnxruntime's integer kernels against the same model run
 with graph optimisations off (dequantize -> float op -> quantize), on this machine.
 
-| variant | PSNR brain (training slices) | latency / slice | kernels vs QDQ | saturation-safe |
-|---|---|---|---|---|
+{variant_header}
 {variants}
 
 Chosen: **{quant["chosen"]}**.{saturation_note(quant)}

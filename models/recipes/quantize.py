@@ -10,6 +10,10 @@ Weights int8 per channel; activations calibrated (MinMax) on training slices. Va
   nearly all of it in the first conv (one input channel, nine weights per filter).
 - ``u8s8_rr_fl``: as ``u8s8_rr`` with the first and the last conv left in float (about
   1 % of the MACs).
+- ``u8s8_rr_outer``: as ``u8s8_rr`` with every node that reads or writes a full-resolution
+  tensor left in float (the outer level: its convs, the pool, the last resize and concat,
+  the head). Those few-channel 256 x 256 layers are where int8 loses on CPUs without a dot
+  product (scalar im2col and requantization around a small GEMM; models/README.md).
 - ``u8u8``: 8-bit unsigned weights (asymmetric, per channel). onnxruntime runs these on its
   u8u8 kernels, which widen both operands to 16 bits before multiplying (``vpmaddwd`` on
   AVX2), so no intermediate sum can saturate on any x86 CPU, and on ARM they run on the
@@ -25,7 +29,10 @@ against the target is within SELECTION_DROP_DB of fp32 qualify and the fastest i
 when none does, the most accurate one, and recipes/evaluate.py's gate on the held-out slab
 (int8 within 0.3 dB of fp32) decides whether it ships. SELECTION_DROP_DB is a third of that
 gate because the drop on the held-out slab ran up to about three times the drop on the
-training slices.
+training slices. "Fastest" is timed on the AVX2 kernels (``bench/avx2_kernels.py``, in a
+child process), because most edge nodes have no int8 dot product and the build machine may
+have VNNI; where they cannot be forced (not x86, no objdump) on this machine's kernels, and
+the report says which. The variants are timed on this machine's own kernels too.
 
 Kernel check: each variant's output with onnxruntime's integer kernels is compared with its
 output with graph optimisations off, where each QDQ group runs as dequantize -> float op ->
@@ -37,6 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +81,7 @@ class Variant:
     weight: QuantType
     reduce_range: bool
     float_first_last: bool = False  # keep the first and the last conv in float
+    float_outer: bool = False  # keep every node on a full-resolution tensor in float
 
     @property
     def saturation_safe(self) -> bool:
@@ -84,6 +95,7 @@ VARIANTS = (
     Variant("u8s8", QuantType.QUInt8, QuantType.QInt8, reduce_range=False),
     Variant("u8s8_rr", QuantType.QUInt8, QuantType.QInt8, reduce_range=True),
     Variant("u8s8_rr_fl", QuantType.QUInt8, QuantType.QInt8, True, float_first_last=True),
+    Variant("u8s8_rr_outer", QuantType.QUInt8, QuantType.QInt8, True, float_outer=True),
     Variant("u8u8", QuantType.QUInt8, QuantType.QUInt8, reduce_range=False),
     Variant("u8u8_fl", QuantType.QUInt8, QuantType.QUInt8, False, float_first_last=True),
 )
@@ -124,10 +136,23 @@ def first_and_last_conv(model_path: Path) -> list[str]:
     return [first.name, convs[-1].name]
 
 
+def full_resolution_nodes(model_path: Path) -> list[str]:
+    """Names of the nodes with an input or output of the graph input's height and width
+    (the outer level of the U-Net). Needs the shapes that quant_pre_process inferred."""
+    graph = onnx.load(str(model_path)).graph
+    size = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][-2:]
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*graph.value_info, *graph.input, *graph.output)}
+    return [n.name for n in graph.node
+            if any(len(shapes.get(t, [])) == 4 and shapes[t][-2:] == size
+                   for t in (*n.input, *n.output))]
+
+
 def build_variant(spec: config.ModelSpec, v: Variant, calib: np.ndarray) -> Path:
     out = spec.build(f"model.int8.{v.name}.onnx")
     preprocessed = spec.build("model.fp32.pre.onnx")
-    exclude = first_and_last_conv(preprocessed) if v.float_first_last else None
+    exclude = (first_and_last_conv(preprocessed) if v.float_first_last
+               else full_resolution_nodes(preprocessed) if v.float_outer else None)
     quantize_static(
         preprocessed,
         out,
@@ -141,6 +166,26 @@ def build_variant(spec: config.ModelSpec, v: Variant, calib: np.ndarray) -> Path
         nodes_to_exclude=exclude,
     )
     return out
+
+
+def avx2_latency_ms(paths: dict[str, Path],
+                    sample: np.ndarray) -> tuple[dict[str, float] | None, str]:
+    """Interleaved latency of each file on the AVX2 kernels (a child process under
+    bench/avx2_kernels.py), and where it was timed; None where they cannot be forced."""
+    tool = config.MODELS_DIR.parent / "bench" / "avx2_kernels.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "x.npy", sample)
+        out = Path(tmp) / "latency.json"
+        proc = subprocess.run(
+            [sys.executable, str(tool), "--", sys.executable, "-m", "recipes.latency",
+             "--sample", str(Path(tmp) / "x.npy"), "--json", str(out),
+             *(f"{name}={path}" for name, path in paths.items())],
+            cwd=config.MODELS_DIR, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not out.exists():
+            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return None, f"this machine's kernels (AVX2 kernels could not be forced: {reason})"
+        timed: dict[str, float] = json.loads(out.read_text(encoding="utf-8"))
+    return timed, "AVX2 kernels forced on this machine (bench/avx2_kernels.py)"
 
 
 def reference_session(path: Path) -> ort.InferenceSession:
@@ -172,7 +217,9 @@ def main() -> None:
     ref_psnr = psnr(predict(fp32, x), y, data_range, region)
     report: dict[str, object] = {"fp32_train_psnr_db": round(ref_psnr, 2), "variants": {}}
     sessions = {"fp32": fp32} | {name: make_session(p) for name, p in paths.items()}
-    latency = interleaved_latency_ms(sessions, x[len(x) // 2 : len(x) // 2 + 1])
+    sample = x[len(x) // 2 : len(x) // 2 + 1]
+    latency = interleaved_latency_ms(sessions, sample)
+    avx2, timed_on = avx2_latency_ms({"fp32": fp32_path} | paths, sample)
     variants: dict[str, dict[str, float | bool]] = {}
     for name, path in paths.items():
         out = predict(sessions[name], x)
@@ -182,19 +229,25 @@ def main() -> None:
         variants[name] = {
             "train_psnr_db": round(psnr(out, y, data_range, region), 2),
             "latency_ms": latency[name],
+            **({"latency_avx2_ms": avx2[name]} if avx2 else {}),
             "kernel_vs_qdq_reference_db": round(kernel, 1),
             "saturation_safe": safe[name],
         }
     report["variants"] = variants
     report["fp32_latency_ms"] = latency["fp32"]
+    if avx2:
+        report["fp32_latency_avx2_ms"] = avx2["fp32"]
+    report["selection_timing"] = timed_on
+    speed = "latency_avx2_ms" if avx2 else "latency_ms"
     report["selection_drop_db"] = SELECTION_DROP_DB
 
     eligible = [n for n in variants if safe[n]]
     ok = [n for n in eligible if ref_psnr - variants[n]["train_psnr_db"] <= SELECTION_DROP_DB]
     if ok:
-        chosen = min(ok, key=lambda n: variants[n]["latency_ms"])
+        chosen = min(ok, key=lambda n: variants[n][speed])
         report["selection"] = (f"the fastest saturation-safe variant within "
-                               f"{SELECTION_DROP_DB} dB of fp32 on the training slices")
+                               f"{SELECTION_DROP_DB} dB of fp32 on the training slices, "
+                               f"timed on {timed_on}")
     else:
         chosen = max(eligible, key=lambda n: variants[n]["train_psnr_db"])
         report["selection"] = (f"no saturation-safe variant within {SELECTION_DROP_DB} dB "
