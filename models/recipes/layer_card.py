@@ -3,6 +3,9 @@
 ``agent.bench.layers`` profiles both ONNX files of the bundle on the golden set's first
 input (one thread, so that the kernel times add up to the inference) and the card gets one
 table per precision: the nodes with at least ``MIN_SHARE`` of the time, the rest folded.
+It does so twice: on this machine's kernels, and in a child under ``bench/avx2_kernels.py``
+on the AVX2 kernels of a CPU without an int8 dot product (where that cannot be forced, the
+card says so and has only the first two tables).
 ``build_bundle`` writes it with the card; on its own it replaces the section of a built
 bundle's card in place (no other file changes):
 
@@ -12,6 +15,12 @@ bundle's card in place (no other file changes):
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,14 +33,51 @@ MIN_SHARE = 0.02
 RUNS = 20
 
 
+def avx2_profile(spec: config.ModelSpec) -> tuple[dict[str, Any] | None, str]:
+    """agent.bench.layers's report on the AVX2 kernels (a child process), or None and why."""
+    tool = config.MODELS_DIR.parent / "bench" / "avx2_kernels.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "layers.json"
+        proc = subprocess.run(
+            [sys.executable, str(tool), "--", sys.executable, "-m", "agent.bench.layers",
+             str(spec.bundle_dir), "--runs", str(RUNS), "--json", str(out)],
+            capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not out.exists():
+            return None, (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        report: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    return report, ""
+
+
+def summary(rows: dict[str, list[dict[str, Any]]]) -> str:
+    total = {p: sum(r["median_us"] for r in rs) / 1000 for p, rs in rows.items()}
+    gemm = sum(r["share"] for r in rows["int8"] if r["op"] == "QLinearConv")
+    return (f"fp32 {total['fp32']:.1f} ms, int8 {total['int8']:.1f} ms in kernels "
+            f"(fp32 / int8 {total['fp32'] / total['int8']:.2f}x); in the int8 graph "
+            f"{100 * gemm:.0f} % of the time is in integer convolutions (QLinearConv) and "
+            f"{100 * float_share(rows['int8']):.1f} % in kernels that stay in float")
+
+
 def layer_section(spec: config.ModelSpec, machine: str) -> str:
     """Markdown for the card (the bundle's ONNX files and golden.npz must exist)."""
     x = np.load(spec.bundle("golden.npz"))["input"][:1].astype(np.float32)
     rows = {p: run_profile(spec.bundle(f"model.{p}.onnx"), x, threads=1, runs=RUNS)
             for p in ("fp32", "int8")}
-    total = {p: sum(r["median_us"] for r in rs) / 1000 for p, rs in rows.items()}
-    gemm = sum(r["share"] for r in rows["int8"] if r["op"] == "QLinearConv")
     tables = "\n\n".join(table(f"**{p}**", rows[p], MIN_SHARE) for p in ("fp32", "int8"))
+    avx2, why_not = avx2_profile(spec)
+    if avx2 is None:
+        avx2_text = (f"The AVX2 kernels of a CPU without an int8 dot product could not be "
+                     f"forced here ({why_not}); `../README.md`, \"int8 on CPUs without dot "
+                     "product\", has their instruction counts.")
+    else:
+        avx2_rows = {p: avx2[p] for p in ("fp32", "int8")}
+        avx2_tables = "\n\n".join(table(f"**{p}, AVX2 kernels**", avx2_rows[p], MIN_SHARE)
+                                   for p in ("fp32", "int8"))
+        avx2_text = f"""### On the AVX2 kernels (no int8 dot product)
+
+The same profile with onnxruntime forced onto the kernels of an x86 CPU without VNNI
+(`bench/avx2_kernels.py`; this machine's cores and clock): {summary(avx2_rows)}.
+
+{avx2_tables}"""
     return f"""
 {BEGIN}
 ## Where the time goes (per layer)
@@ -44,14 +90,11 @@ pad their channels to the vector width, so they execute more than the model's ow
 divided, the arithmetic intensity (below about 10 a layer is bound by memory traffic, not
 by MACs). Nodes under {100 * MIN_SHARE:.0f} % of the time are folded into one row.
 
-In one thread: fp32 {total["fp32"]:.1f} ms, int8 {total["int8"]:.1f} ms in kernels. In the
-int8 graph, {100 * gemm:.0f} % of the time is in integer convolutions (QLinearConv) and
-{100 * float_share(rows["int8"]):.1f} % in kernels that stay in float. These are this
-machine's kernels; on CPUs without an int8 dot product (AVX2 x86, Cortex-A72) the int8
-convolutions run other code, counted in `../README.md`, "int8 on CPUs without dot
-product".
+In one thread, on this machine's kernels: {summary(rows)}.
 
 {tables}
+
+{avx2_text}
 {END}
 """
 

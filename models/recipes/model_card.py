@@ -344,7 +344,8 @@ training slices: {quant["fp32_train_psnr_db"]:.2f} dB, {quant["fp32_latency_ms"]
 "AVX2 kernels": the same latency with onnxruntime forced onto the kernels of a CPU without
 VNNI (`bench/avx2_kernels.py`), on this machine's cores.
 "Kernels vs QDQ": the output of onnxruntime's integer kernels against the same model run
-with graph optimisations off (dequantize -> float op -> quantize), on this machine.
+with graph optimisations off (dequantize -> float op -> quantize), on this machine; a variant
+under 55 dB there is not eligible.
 
 {variant_header}
 {variants}

@@ -67,7 +67,7 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
     t1 = context_stack(data["t1"], idx, spec.context)
     sampler = BatchSampler(t1, data["t2"][idx], AUGMENT, gen)
 
-    model = UNetLite(spec.widths, spec.in_channels, spec.stem)
+    model = UNetLite(spec.widths, spec.in_channels, spec.stem, spec.refine)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     history: list[dict[str, float]] = []
     running = 0.0
@@ -92,12 +92,13 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
 
     spec.build_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"widths": spec.widths, "in_channels": spec.in_channels, "stem": spec.stem,
-                "state_dict": model.state_dict()}, spec.build("model.pt"))
+                "refine": spec.refine, "state_dict": model.state_dict()}, spec.build("model.pt"))
     summary: dict[str, object] = {
         "model": spec.name,
         "widths": list(spec.widths),
         "context_slices": spec.context,
         "stem": spec.stem,
+        "refine": spec.refine,
         "params": count_params(model),
         "macs_256": count_macs(model.eval()),
         "steps": steps,

@@ -39,11 +39,20 @@ class UNetLite(nn.Module):
     fixed scale."""
 
     def __init__(self, widths: tuple[int, ...] = (12, 24, 48, 64), in_channels: int = 1,
-                 stem: int = 1) -> None:
+                 stem: int = 1, refine: int = 0) -> None:
         super().__init__()
         self.widths = widths
         self.in_channels = in_channels
         self.stem = stem
+        self.refine_width = refine
+        # refine > 0: a small full-resolution correction after the depth-to-space output,
+        # from the input and that output (two 3x3 convs, ``refine`` channels between them),
+        # added to it; for the detail at edges that a space-to-depth stem loses.
+        self.refine: nn.Module | None = None
+        if refine:
+            last = nn.Conv2d(refine, 1, 3, padding=1, bias=False)
+            nn.init.zeros_(last.weight)  # starts as the identity on the coarse output
+            self.refine = nn.Sequential(conv_relu(in_channels + 1, refine), last)
         # stem > 1: space-to-depth in, depth-to-space out, so that no conv runs at full
         # resolution on a handful of channels (where int8 kernels without dot product
         # spend their time on memory traffic and requantization, not on MACs).
@@ -61,6 +70,7 @@ class UNetLite(nn.Module):
         self.head = nn.Conv2d(widths[0], stem * stem, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x
         x = self.unshuffle(x)
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.down):
@@ -72,6 +82,8 @@ class UNetLite(nn.Module):
         for up in self.up:
             x = up(x, skips.pop())
         out: torch.Tensor = self.shuffle(self.head(x))
+        if self.refine is not None:
+            out = out + self.refine(torch.cat([inputs, out], dim=1))
         # Linear head while training (a ReLU there can die and stall training); the
         # exported (eval) graph ends in a ReLU so the output is never negative.
         return out if self.training else torch.relu(out)
