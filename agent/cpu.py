@@ -241,7 +241,7 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
                        clock_source="; ".join(sorted(clock_src)),
                        assumptions=(cores_note, *why))
 
-    forced = avx2_kernels and bool(words & {"avx2", "fma"})
+    forced = avx2_kernels and {"avx2", "fma"} <= words
     if forced:
         words = {w for w in words if not w.startswith(("avx512", "avx_vnni", "amx"))}
     isa, fp32, int8, dot, why = _x86_isa(words)
