@@ -16,7 +16,7 @@ The parsing is pure (``identify`` takes the texts), so it is tested on canned cp
 
 ``IOMT_AVX2_KERNELS=1`` (set by ``bench/avx2_kernels.py``, which runs the runtimes with
 their AVX-512 paths switched off) makes ``read_cpu`` drop the AVX-512 and VNNI flags, so
-that labels, peaks and cached choices describe the kernels that actually run.
+that labels and peaks describe the kernels that actually run.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ instructions under valgrind; this tool times them.
 How: both runtimes ask the CPU which register state the OS saves (the ``xgetbv``
 instruction, XCR0) before they pick AVX-512 kernels. The tool makes a copy of each
 runtime's Python package under ``--dir`` (symbolic links, except the shared libraries that
-it patches) in which every ``xgetbv`` is replaced by ``push 7; pop rax``: XCR0 reads as
-x87 + SSE + AVX, so AVX2 and FMA stay on and every AVX-512 path, VNNI included, is off.
+it patches) in which every ``xgetbv`` is replaced by ``lea eax, [rcx + 7]`` (``xgetbv``
+reads XCR0 only with ecx = 0, so eax becomes 7; no memory is touched, the stack's red zone
+included): XCR0 reads as x87 + SSE + AVX, so AVX2 and FMA stay on and every AVX-512 path,
+AVX-512 VNNI included, is off. AVX-VNNI (the VEX-coded VNNI of recent Intel and AMD cores)
+depends on AVX state only and cannot be switched off this way: on such a CPU the tool
+refuses (time those kernels under valgrind, ``bench/avx2_instructions.py``).
 Then it runs the command with that copy first on ``PYTHONPATH``.
 
 Proof that it took: before the command runs, a ``MatMulInteger`` of 255 x 127 over 64
@@ -48,7 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("onnxruntime", "ai_edge_litert")
 XGETBV = b"\x0f\x01\xd0"
-XCR0_AVX_ONLY = b"\x6a\x07\x58"  # push 7; pop rax: XCR0 = x87 | SSE | AVX
+XCR0_AVX_ONLY = b"\x8d\x41\x07"  # lea eax, [rcx + 7] (ecx = 0): XCR0 = x87 | SSE | AVX
 SATURATED, EXACT = 32767 * 32, 255 * 127 * 64
 
 FINGERPRINT = """
@@ -103,16 +107,20 @@ def xgetbv_offsets(lib: Path) -> list[int]:
     objdump = shutil.which("objdump")
     if objdump is None:
         raise PatchError("objdump not found: install the Debian package binutils")
-    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], check=True,
-                             capture_output=True, text=True).stdout
+    try:
+        listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], check=True,
+                                 capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as e:
+        raise PatchError(f"objdump failed on {lib.name}: {e.stderr.strip()[-200:]}") from e
     addresses = [int(m.group(1), 16)
                  for m in re.finditer(r"^\s*([0-9a-f]+):\s+xgetbv\s*$", listing, re.M)]
     offsets = []
     for address in addresses:
-        for vaddr, offset, size in load_segments(data):
-            if vaddr <= address < vaddr + size:
-                offsets.append(address - vaddr + offset)
-                break
+        found = [address - vaddr + offset for vaddr, offset, size in load_segments(data)
+                 if vaddr <= address < vaddr + size]
+        if not found:
+            raise PatchError(f"{lib.name}: xgetbv at {address:#x} is in no loaded segment")
+        offsets.append(found[0])
     for offset in offsets:
         if data[offset:offset + 3] != XGETBV:
             raise PatchError(f"{lib.name}: no xgetbv at file offset {offset:#x}")
@@ -121,8 +129,9 @@ def xgetbv_offsets(lib: Path) -> list[int]:
 
 def source_key(src: Path) -> str:
     """Changes when the installed package does (its shared libraries' names, sizes, mtimes)."""
-    parts = [f"{p.relative_to(src)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-             for p in sorted(src.rglob("*.so*")) if p.is_file()]
+    parts = [XCR0_AVX_ONLY.hex()] + [
+        f"{p.relative_to(src)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in sorted(src.rglob("*.so*")) if p.is_file()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -156,6 +165,10 @@ def prepare(site: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, dict[
     if platform.machine() not in ("x86_64", "AMD64"):
         raise PatchError(f"x86-64 only (this machine is {platform.machine()}): on ARM, "
                          "choose the core under qemu instead (tools/cpu_matrix.py)")
+    refusal = host_refusal(cpu_flags())
+    if refusal:
+        raise PatchError(refusal)
+    site = site.resolve()
     site.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, int]] = {}
     for name in packages:
@@ -163,6 +176,9 @@ def prepare(site: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, dict[
         if src is None:
             continue
         stamp = site / f".{name}.json"
+        if src.resolve().is_relative_to(site) and stamp.exists():  # run under itself
+            report[name] = json.loads(stamp.read_text())["patched"]
+            continue
         key = source_key(src)
         if stamp.exists() and json.loads(stamp.read_text())["key"] == key \
                 and (site / name).exists():
@@ -176,6 +192,28 @@ def prepare(site: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, dict[
     return report
 
 
+def cpu_flags() -> set[str]:
+    """The x86 flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(match.group(1).split()) if match else set()
+
+
+def host_refusal(flags: set[str]) -> str:
+    """Why this CPU cannot run the AVX2 kernels through the patch ('' when it can)."""
+    if not flags:
+        return ""  # cannot tell: the fingerprint decides
+    if not {"avx2", "fma"} <= flags:
+        return "this CPU has no AVX2 + FMA, so there are no AVX2 kernels to time"
+    if "avx_vnni" in flags:
+        return ("this CPU has AVX-VNNI, which onnxruntime uses whatever XCR0 says: time the "
+                "AVX2 kernels under valgrind instead (bench/avx2_instructions.py)")
+    return ""
+
+
 def patched_env(site: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -186,10 +224,15 @@ def patched_env(site: Path) -> dict[str, str]:
 
 def check(site: Path) -> int:
     """The fingerprint's value on the patched onnxruntime; raises unless it saturated."""
-    out = subprocess.run([sys.executable, "-c", FINGERPRINT], env=patched_env(site),
-                         check=True, capture_output=True, text=True).stdout.split()
+    site = site.resolve()
+    proc = subprocess.run([sys.executable, "-c", FINGERPRINT], env=patched_env(site),
+                          check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PatchError("the fingerprint did not run: "
+                         + (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    out = proc.stdout.split()
     origin, value = Path(out[0]), int(out[1])
-    if site.resolve() not in origin.parents and site not in origin.parents:
+    if site not in origin.parents:
         raise PatchError(f"the command imported onnxruntime from {origin}, not from {site}")
     if value != SATURATED:
         raise PatchError(f"patched onnxruntime gave {value}, not the AVX2 kernel's "
@@ -210,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command and not args.check:
         parser.error("give a command after '--', or --check")
+    site = args.dir.resolve()
     try:
-        report = prepare(args.dir)
-        value = check(args.dir)
+        report = prepare(site)
+        value = check(site)
     except PatchError as e:
         print(f"avx2_kernels: {e}", file=sys.stderr)
         return 2
@@ -223,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command[0] in ("python", "python3"):
         command = [sys.executable, *command[1:]]
-    return subprocess.run(command, env=patched_env(args.dir), check=False).returncode
+    return subprocess.run(command, env=patched_env(site), check=False).returncode
 
 
 if __name__ == "__main__":

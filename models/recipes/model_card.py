@@ -12,6 +12,7 @@ import torch
 from recipes import config
 from recipes.evaluate import FILES, RIM_PX
 from recipes.notice import MNI_COPYRIGHT, REFERENCES, SIMULATED_T2, TEMPLATE_SOURCE
+from recipes.quant_notes import avx2_ms, saturation_note, timing_note
 from recipes.simulate import tissue_signals_relative_to_csf
 
 Json = dict[str, Any]
@@ -175,41 +176,6 @@ DESIGN_NOTES = {
 def design_note(spec: config.ModelSpec) -> str:
     note = DESIGN_NOTES.get(spec.name)
     return f"\n{note}\n" if note else ""
-
-
-def saturation_note(quant: Json) -> str:
-    """What the choice means on x86 CPUs without VNNI (empty when it cannot saturate)."""
-    chosen = quant["variants"][quant["chosen"]]
-    if chosen["saturation_safe"]:
-        return ""
-    safe = {n: v for n, v in quant["variants"].items() if v["saturation_safe"]}
-    best = max(safe.values(), key=lambda v: v["train_psnr_db"]) if safe else None
-    loss = quant["fp32_train_psnr_db"] - best["train_psnr_db"] if best else 0.0
-    cost = f" (the best saturation-safe variant loses {loss:.1f} dB here)" if best else ""
-    return (
-        f" No saturation-safe variant qualified{cost}, so the served ONNX file has 8-bit "
-        "weights. On an x86 CPU without VNNI onnxruntime runs it on u8s8 kernels whose 16-bit "
-        "intermediate sums can saturate. The agent does not trust that to luck: every node "
-        "runs the golden set through the file on its own CPU at every load and refuses it "
-        "where its output misses the floor there (the guard), and LiteRT's XNNPACK kernels, "
-        "which the `model.int8.tflite` file runs on, do not saturate: with "
-        "`backend = \"auto\"` the node serves whichever runtime passes its guard and is faster."
-    )
-
-
-def avx2_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
-
-
-def timing_note(quant: Json) -> str:
-    """Where the variants' speed was measured (builds before AVX2 timing say nothing)."""
-    where = quant.get("selection_timing")
-    if not where:
-        return ""
-    fp32 = quant.get("fp32_latency_avx2_ms")
-    on_avx2 = f"; fp32 on the AVX2 kernels: {fp32:.1f} ms" if fp32 else ""
-    return (f" The choice is timed on {where}{on_avx2}: most edge nodes have no int8 dot "
-            "product, and there the variants rank differently than on a VNNI build machine.")
 
 
 def restored_text(restored: str | None) -> str:

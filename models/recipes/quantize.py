@@ -251,8 +251,7 @@ def main() -> None:
     if ok:
         chosen = min(ok, key=lambda n: variants[n][speed])
         report["selection"] = (f"the fastest saturation-safe variant within "
-                               f"{SELECTION_DROP_DB} dB of fp32 on the training slices, "
-                               f"timed on {timed_on}")
+                               f"{SELECTION_DROP_DB} dB of fp32 on the training slices")
     else:
         chosen = max(eligible, key=lambda n: variants[n]["train_psnr_db"])
         report["selection"] = (f"no saturation-safe variant within {SELECTION_DROP_DB} dB "

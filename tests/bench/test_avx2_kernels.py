@@ -1,9 +1,10 @@
 """bench/avx2_kernels.py: the installed runtimes, patched onto their AVX2 kernels.
 
-The proof is numeric and holds on any x86-64 host: on a VNNI host the patch is what makes
-onnxruntime's u8s8 kernel saturate, on an AVX2-only host it saturates anyway, so either way
-the patched copy must give the AVX2 kernel's value and a command run through the tool must
-import that copy.
+The proof is numeric and holds on every x86-64 host the tool supports (AVX2 + FMA, no
+AVX-VNNI): on an AVX-512 VNNI host the patch is what makes onnxruntime's u8s8 kernel
+saturate, on an AVX2-only host it saturates anyway, so either way the patched copy must give
+the AVX2 kernel's value and a command run through the tool must import that copy. On a host
+the tool refuses (AVX-VNNI, no AVX2), the refusal is what is asserted.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from agent.cpu import identify, read_cpu
 from bench import avx2_kernels
 
 X86 = platform.machine() in ("x86_64", "AMD64")
-needs_x86 = pytest.mark.skipif(not X86 or shutil.which("objdump") is None,
-                               reason="patches x86-64 code; needs objdump (binutils)")
+REFUSAL = avx2_kernels.host_refusal(avx2_kernels.cpu_flags()) if X86 else "not x86-64"
+needs_x86 = pytest.mark.skipif(not X86 or shutil.which("objdump") is None or bool(REFUSAL),
+                               reason=f"patches x86-64 code; needs objdump (binutils); "
+                                      f"refused here: {REFUSAL or 'no'}")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,26 @@ def test_a_command_sees_the_patched_copy_and_the_forced_cpu(
     assert Path(origin).is_relative_to(site)
     assert dot == "None"  # no int8 dot product reported while AVX2 kernels are forced
     assert f"fingerprint {avx2_kernels.SATURATED}" in err
+
+
+@pytest.mark.skipif(not X86 or not REFUSAL, reason="the tool serves this CPU (tests above)")
+def test_a_refused_cpu_gets_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(avx2_kernels.PatchError, match=REFUSAL[:30]):
+        avx2_kernels.prepare(tmp_path)
+
+
+def test_which_cpus_the_patch_cannot_serve() -> None:
+    assert avx2_kernels.host_refusal({"avx2", "fma", "avx512f", "avx512_vnni"}) == ""
+    assert avx2_kernels.host_refusal({"avx2", "fma"}) == ""
+    assert "AVX-VNNI" in avx2_kernels.host_refusal({"avx2", "fma", "avx_vnni"})
+    assert "no AVX2" in avx2_kernels.host_refusal({"sse2", "avx"})
+    assert avx2_kernels.host_refusal(set()) == ""  # unknown: the fingerprint decides
+
+
+def test_the_patch_touches_no_memory() -> None:
+    # lea eax, [rcx + 7]: a register-only instruction of xgetbv's length
+    assert bytes([0x8D, 0x41, 0x07]) == avx2_kernels.XCR0_AVX_ONLY
+    assert len(avx2_kernels.XCR0_AVX_ONLY) == len(avx2_kernels.XGETBV)
 
 
 def test_refuses_a_non_x86_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
