@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent.parent
@@ -92,16 +92,7 @@ LITE_S4 = ModelSpec(
 # lite-s2d with a full-resolution refinement (two 3x3 convs, 8 channels, on the input and
 # the depth-to-space output, added to it), for the rim that the stem loses: 28.9 dB on the
 # held-out slab (lite-s2d 28.3), the rim's error stays (records/t1w-to-t2w-lite-s2r-pilot.json).
-LITE_S2R = ModelSpec(
-    name="t1w-to-t2w-lite-s2r",
-    version="0.0.1",
-    task=LITE.task,
-    widths=(24, 48, 64, 96),
-    context=0,
-    steps=3600,
-    stem=2,
-    refine=8,
-)
+LITE_S2R = replace(LITE_S2D, name="t1w-to-t2w-lite-s2r", refine=8)
 MODELS = {m.name: m for m in (LITE, FULL, LITE_S2D, LITE_S4, LITE_S2R)}
 # The bundles committed under models/ (what `make -C models check` verifies).
 SHIPPED = {m.name: m for m in (LITE, FULL)}

@@ -15,9 +15,6 @@ bundle's card in place (no other file changes):
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ import numpy as np
 
 from agent.bench.layers import float_share, run_profile, table
 from recipes import config
+from recipes.runtime import json_on_avx2_kernels
 
 BEGIN, END = "<!-- layers:begin -->", "<!-- layers:end -->"
 
@@ -35,17 +33,12 @@ RUNS = 20
 
 def avx2_profile(spec: config.ModelSpec) -> tuple[dict[str, Any] | None, str]:
     """agent.bench.layers's report on the AVX2 kernels (a child process), or None and why."""
-    tool = config.MODELS_DIR.parent / "bench" / "avx2_kernels.py"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "layers.json"
-        proc = subprocess.run(
-            [sys.executable, str(tool), "--", sys.executable, "-m", "agent.bench.layers",
-             str(spec.bundle_dir), "--runs", str(RUNS), "--json", str(out)],
-            capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not out.exists():
-            return None, (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        report: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-    return report, ""
+        report, why_not = json_on_avx2_kernels(
+            ["agent.bench.layers", str(spec.bundle_dir), "--runs", str(RUNS), "--json",
+             str(out)], out)
+    return report, why_not
 
 
 def summary(rows: dict[str, list[dict[str, Any]]]) -> str:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +66,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from recipes import config
 from recipes.context import model_inputs
 from recipes.metrics import psnr
-from recipes.runtime import interleaved_latency_ms, make_session, predict
+from recipes.runtime import interleaved_latency_ms, json_on_avx2_kernels, make_session, predict
 from recipes.timing import record_timing
 
 CALIBRATION_SLICES = 48
@@ -172,19 +171,14 @@ def avx2_latency_ms(paths: dict[str, Path],
                     sample: np.ndarray) -> tuple[dict[str, float] | None, str]:
     """Interleaved latency of each file on the AVX2 kernels (a child process under
     bench/avx2_kernels.py), and where it was timed; None where they cannot be forced."""
-    tool = config.MODELS_DIR.parent / "bench" / "avx2_kernels.py"
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", sample)
         out = Path(tmp) / "latency.json"
-        proc = subprocess.run(
-            [sys.executable, str(tool), "--", sys.executable, "-m", "recipes.latency",
-             "--sample", str(Path(tmp) / "x.npy"), "--json", str(out),
-             *(f"{name}={path}" for name, path in paths.items())],
-            cwd=config.MODELS_DIR, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not out.exists():
-            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            return None, f"this machine's kernels (AVX2 kernels could not be forced: {reason})"
-        timed: dict[str, float] = json.loads(out.read_text(encoding="utf-8"))
+        timed, reason = json_on_avx2_kernels(
+            ["recipes.latency", "--sample", str(Path(tmp) / "x.npy"), "--json", str(out),
+             *(f"{name}={path}" for name, path in paths.items())], out, cwd=config.MODELS_DIR)
+    if timed is None:
+        return None, f"this machine's kernels (AVX2 kernels could not be forced: {reason})"
     return timed, "AVX2 kernels forced on this machine (bench/avx2_kernels.py)"
 
 

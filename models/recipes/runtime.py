@@ -3,7 +3,10 @@ interleaved latency, for sessions and for the agent's runners (anything with ``r
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 THREADS = 2
+AVX2_KERNELS_TOOL = Path(__file__).resolve().parents[2] / "bench" / "avx2_kernels.py"
 
 
 def make_session(path: Path, threads: int = THREADS) -> ort.InferenceSession:
@@ -70,3 +74,15 @@ def runner_times_ms(runners: dict[str, Any], sample: np.ndarray, runs: int,
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1000)
     return times
+
+
+def json_on_avx2_kernels(module_args: list[str], out: Path, cwd: Path | None = None
+                         ) -> tuple[Any, str]:
+    """Run ``python -m <module_args>`` under bench/avx2_kernels.py (the runtimes on their
+    AVX2 kernels) and read the JSON it writes to ``out``; (None, why) when the kernels cannot
+    be forced here or the child fails."""
+    proc = subprocess.run([sys.executable, str(AVX2_KERNELS_TOOL), "--", sys.executable, "-m",
+                           *module_args], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.exists():
+        return None, (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(out.read_text(encoding="utf-8")), ""

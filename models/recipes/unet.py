@@ -44,7 +44,6 @@ class UNetLite(nn.Module):
         self.widths = widths
         self.in_channels = in_channels
         self.stem = stem
-        self.refine_width = refine
         # refine > 0: a small full-resolution correction after the depth-to-space output,
         # from the input and that output (two 3x3 convs, ``refine`` channels between them),
         # added to it; for the detail at edges that a space-to-depth stem loses.
