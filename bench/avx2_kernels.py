@@ -37,6 +37,7 @@ Needs an x86-64 host and ``objdump`` (Debian package ``binutils``) to find the i
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -171,22 +172,24 @@ def prepare(site: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, dict[
     site = site.resolve()
     site.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, int]] = {}
-    for name in packages:
-        src = package_dir(name)
-        if src is None:
-            continue
-        stamp = site / f".{name}.json"
-        if src.resolve().is_relative_to(site) and stamp.exists():  # run under itself
-            report[name] = json.loads(stamp.read_text())["patched"]
-            continue
-        key = source_key(src)
-        if stamp.exists() and json.loads(stamp.read_text())["key"] == key \
-                and (site / name).exists():
-            report[name] = json.loads(stamp.read_text())["patched"]
-            continue
-        patched = mirror(src, site / name)
-        stamp.write_text(json.dumps({"key": key, "patched": patched}) + "\n")
-        report[name] = patched
+    with (site / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel runs wait for one build, not race it
+        for name in packages:
+            src = package_dir(name)
+            if src is None:
+                continue
+            stamp = site / f".{name}.json"
+            if src.resolve().is_relative_to(site) and stamp.exists():  # run under itself
+                report[name] = json.loads(stamp.read_text())["patched"]
+                continue
+            key = source_key(src)
+            if stamp.exists() and json.loads(stamp.read_text())["key"] == key \
+                    and (site / name).exists():
+                report[name] = json.loads(stamp.read_text())["patched"]
+                continue
+            patched = mirror(src, site / name)
+            stamp.write_text(json.dumps({"key": key, "patched": patched}) + "\n")
+            report[name] = patched
     if not report.get("onnxruntime"):
         raise PatchError("onnxruntime is not installed, or holds no xgetbv to patch")
     return report

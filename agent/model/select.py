@@ -24,10 +24,12 @@ and ``iomt-agent bench`` say so.
 The choice is cached (``agent.model.choice_cache``; the caller gives the path, under the
 agent's state dir) keyed by the bundle's model key: the sha256 of its model files'
 digests taken together, so that replacing any of them starts a new selection. An entry
-also records the precision, the thread count and the runtimes that were installed; a
-change in the last two starts a new selection. On a cache hit only the cached candidate is
-opened, and the guard still runs on it: if it now fails (or the runtime cannot open the
-file) the entry is dropped and every candidate is tried again.
+also records the precision, the thread count, the runtimes that were installed and the CPU
+it was timed on (``agent.cpu``'s label: model and ISA); a change in any of the last three
+starts a new selection (a state directory moved to another board is timed again). On a
+cache hit only the cached candidate is opened, and the guard still runs on it: if it now
+fails (or the runtime cannot open the file) the entry is dropped and every candidate is
+tried again.
 """
 
 from __future__ import annotations
@@ -155,11 +157,23 @@ def _read_cpu() -> CpuInfo | None:
         return None
 
 
+def cpu_label(cpu: CpuInfo | None) -> str:
+    """The CPU a cached choice was timed on: its label names the ISA the kernels use (and
+    "AVX2 kernels forced" under ``bench/avx2_kernels.py``)."""
+    return cpu.label if cpu is not None else "unknown CPU"
+
+
 def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, key: str,
-                files: dict[Key, BundleFile],
-                installed: list[str]) -> tuple[ModelRunner, Choice] | None:
+                files: dict[Key, BundleFile], installed: list[str],
+                cpu: str) -> tuple[ModelRunner, Choice] | None:
     entry = read_cache(cache_path).get(key)
     if not isinstance(entry, dict):
+        return None
+    if entry.get("cpu") != cpu:
+        # The state directory moved to another board (a Pi 4's card in a Pi 5) or the
+        # kernels changed: the ranking timed there says nothing here.
+        log.info("backend_cache_other_cpu", model=bundle.name, cached_on=entry.get("cpu"),
+                 cpu=cpu)
         return None
     cand = (str(entry.get("runtime")), str(entry.get("precision")))
     if (cand not in files or cand[0] not in installed
@@ -248,8 +262,10 @@ def choose_runner(
         )
     installed = [rt for rt in dict.fromkeys(k[0] for k in files) if runtime_installed(rt)]
     key = model_key(bundle)
+    this_cpu = cpu if cpu is not None else _read_cpu()
     if cache_path is not None:
-        hit = _from_cache(bundle, options, cache_path, key, files, installed)
+        hit = _from_cache(bundle, options, cache_path, key, files, installed,
+                          cpu_label(this_cpu))
         if hit is not None:
             log.info("backend_selected", model=bundle.name, **hit[1].summary())
             return hit
@@ -281,8 +297,7 @@ def choose_runner(
     ordered = tuple(candidates[c] for c in files)
     providers = runners[chosen].describe().get("providers") or ["cpu"]
     accelerator = None if providers[0] == "cpu" else f"onnxruntime's {providers[0]} provider"
-    reason = explain(chosen, list(ordered), bundle.precision,
-                     cpu if cpu is not None else _read_cpu(), accelerator)
+    reason = explain(chosen, list(ordered), bundle.precision, this_cpu, accelerator)
     choice = Choice(runtime=chosen[0], precision=chosen[1], digest=files[chosen].sha256,
                     model_key=key, threads=options.intra_op_threads, cached=False,
                     candidates=ordered, reason=reason, guard=reports[chosen],
@@ -291,7 +306,8 @@ def choose_runner(
         entry: dict[str, Any] = {
             "runtime": chosen[0], "precision": chosen[1], "reason": reason,
             "threads": options.intra_op_threads, "installed": installed,
-            "chosen_at": choice.chosen_at, "bundle": bundle.name, "version": bundle.version,
+            "cpu": cpu_label(this_cpu), "chosen_at": choice.chosen_at, "bundle": bundle.name,
+            "version": bundle.version,
             "candidates": [c.as_dict() for c in ordered]}
         remember(cache_path, key, entry)
     # Loud where int8 did not pay: the site engineer sees it in journalctl.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,30 @@ needs_x86 = pytest.mark.skipif(not X86 or shutil.which("objdump") is None or boo
                                       f"refused here: {REFUSAL or 'no'}")
 
 
+PrepareRuns = tuple[Path, list[dict[str, dict[str, int]]]]
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> PrepareRuns:
+    """Two runs preparing the same fresh directory at once (as two test workers or two
+    benches would): one builds, the other waits for it and reuses the result."""
     path = tmp_path_factory.mktemp("avx2-kernels")
-    avx2_kernels.prepare(path, packages=("onnxruntime",))
-    return path
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: avx2_kernels.prepare(path, packages=("onnxruntime",)),
+                             range(2)))
+    return path, runs
+
+
+@pytest.fixture(scope="module")
+def site(prepared: PrepareRuns) -> Path:
+    return prepared[0]
+
+
+@needs_x86
+def test_runs_preparing_one_directory_at_once_share_one_build(prepared: PrepareRuns) -> None:
+    path, (first, second) = prepared
+    assert first == second and first["onnxruntime"]
+    assert avx2_kernels.check(path) == avx2_kernels.SATURATED
 
 
 @needs_x86

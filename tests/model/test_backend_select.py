@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from agent.backends import BackendError, ModelRunner, RunnerOptions
 from agent.config import ModelSection
@@ -256,7 +257,7 @@ def test_an_fp32_choice_is_cached_with_its_precision_and_guarded_again(
     entry = cache_entries(cache)[sel.model_key(bundle)]
     assert (entry["runtime"], entry["precision"]) == ORT32
     assert {(c["runtime"], c["precision"]) for c in entry["candidates"]} == {ORT8, ORT32}
-    runner, again = sel.choose_runner(bundle, OPTS, cache, timer=no_timing)
+    runner, again = sel.choose_runner(bundle, OPTS, cache, timer=no_timing, cpu=AVX2)
     runner.close()
     assert again.cached and (again.runtime, again.precision) == ORT32
     assert again.guard.ok and again.guard.precision == "fp32"  # the guard ran again
@@ -299,6 +300,34 @@ def test_the_cache_is_per_model_key_and_thread_count(nets: dict[str, Any],
                                        timer=no_timing)
     runner.close()
     assert choice.cached
+
+
+def test_a_choice_timed_on_another_cpu_is_timed_again(nets: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    """A state directory moved to another board (or an older cache without the CPU): the
+    ranking timed there does not hold here, so the candidates are timed again."""
+    bundle = onnx_pair(nets, tmp_path / "b")
+    cache = tmp_path / "choice.json"
+    first, _ = sel.choose_runner(bundle, OPTS, cache, timer=forced({ORT32: 1.0}), cpu=AVX2)
+    first.close()
+    assert cache_entries(cache)[sel.model_key(bundle)]["cpu"] == AVX2.label
+    with capture_logs() as logs:
+        runner, again = sel.choose_runner(bundle, OPTS, cache, timer=forced({ORT8: 1.0}),
+                                          cpu=VNNI)
+    runner.close()
+    assert not again.cached and (again.runtime, again.precision) == ORT8
+    moved = [e for e in logs if e["event"] == "backend_cache_other_cpu"]
+    assert moved and moved[0]["cached_on"] == AVX2.label and moved[0]["cpu"] == VNNI.label
+    assert cache_entries(cache)[sel.model_key(bundle)]["cpu"] == VNNI.label
+    runner, cached = sel.choose_runner(bundle, OPTS, cache, timer=no_timing, cpu=VNNI)
+    runner.close()
+    assert cached.cached
+    entries = json.loads(cache.read_text())
+    del entries["choices"][sel.model_key(bundle)]["cpu"]  # written before the CPU was kept
+    cache.write_text(json.dumps(entries))
+    runner, older = sel.choose_runner(bundle, OPTS, cache, timer=forced({ORT8: 1.0}), cpu=VNNI)
+    runner.close()
+    assert not older.cached
 
 
 def test_an_unreadable_or_older_cache_is_rebuilt(nets: dict[str, Any], tmp_path: Path) -> None:
@@ -359,9 +388,10 @@ def test_a_cached_candidate_that_now_fails_the_guard_is_dropped(
     key = sel.model_key(bundle)
     cache.write_text(json.dumps({"format": 2, "choices": {key: {
         "runtime": "onnxruntime", "precision": "int8", "threads": 1,
-        "installed": ["onnxruntime"], "chosen_at": "2026-01-01T00:00:00Z", "candidates": []}}}))
+        "installed": ["onnxruntime"], "cpu": AVX2.label, "chosen_at": "2026-01-01T00:00:00Z",
+        "candidates": []}}}))
     with pytest.raises(GuardFailed):
-        sel.choose_runner(bundle, OPTS, cache)
+        sel.choose_runner(bundle, OPTS, cache, cpu=AVX2)
     assert key not in cache_entries(cache)
 
 
