@@ -198,6 +198,14 @@ class ModelSection(Strict):
     intra_op_threads: int = Field(
         0, ge=0, le=256, title="Intra-op threads", description="0 = one per core"
     )
+    workers: int = Field(
+        0, ge=0, le=8, title="Model workers",
+        description="Slices inferred at the same time, each on its own session of the served "
+        "file (0 = 2 on a CPU with two or more cores, else 1; always 1 on an accelerator). "
+        "With intra_op_threads = 0 each session gets cores / workers threads: on 2 cores two "
+        "1-thread sessions keep both cores busier than one 2-thread session (more slices per "
+        "second; a lone slice takes longer)",
+    )
     inter_op_threads: int = Field(
         1, ge=1, le=64, title="Inter-op threads",
         description="Threads running independent graph branches (onnxruntime); 1 suits a U-Net",

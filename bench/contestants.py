@@ -37,21 +37,29 @@ class Entrant:
               *, timed: bool = True) -> rounds.Flood:
         """One flood; a timed one is recorded with its CPU time and the agent's log lines."""
         self.child.mark_log()
-        c0 = procs.cpu_s(self.child.pid)
+        c0, t0, m0 = (procs.cpu_s(self.child.pid), procs.tree_cpu_s(self.child.pid),
+                      procs.machine_busy_s())
         result = rounds.flood(source, self.scan_topic, payloads, sink, self.result_topic)
-        cpu = procs.cpu_s(self.child.pid) - c0
+        cpu, tree, machine = (procs.cpu_s(self.child.pid) - c0,
+                              procs.tree_cpu_s(self.child.pid) - t0,
+                              procs.machine_busy_s() - m0)
         self.done += len(payloads)
         if timed:
             self.stats.rounds.append(result)
             self.stats.cpu_s.append(cpu)
+            self.stats.tree_cpu_s.append(tree)
+            self.stats.machine_cpu_s.append(machine)
             time.sleep(0.2)  # the log line of the last slice is written after its commit
             self.events += self.child.events("slice_processed")
         return result
 
 
 def configure(node: Path, site: str, edge_url: str, cloud_url: str, bundle: Path | None,
-              backend: str | None, threads: int) -> Path:
-    """An ``iomt-agent init`` directory, logging JSON, with the benchmark's model settings."""
+              backend: str | None, threads: int, workers: int | None = None,
+              code: Path | None = None) -> Path:
+    """An ``iomt-agent init`` directory, logging JSON, with the benchmark's model settings
+    (``code``: another checkout's agent, whose config may predate ``model.workers``)."""
+    knows_workers = code is None or "workers: int" in (code / "agent" / "config.py").read_text()
     config = write_directory(InitOptions(node, edge_url, cloud_url, site=site,
                                          device_id="node-1", bundle=bundle))
     lines = []
@@ -60,6 +68,11 @@ def configure(node: Path, site: str, edge_url: str, cloud_url: str, bundle: Path
             line = 'format = "json"'
         elif line.startswith("intra_op_threads = "):
             line = f"intra_op_threads = {threads}"
+        elif line.startswith("workers = "):
+            if not knows_workers:
+                continue
+            if workers is not None:
+                line = f"workers = {workers}"
         elif backend and line.startswith("backend = "):
             line = f'backend = "{backend}"'
         lines.append(line)
@@ -69,12 +82,13 @@ def configure(node: Path, site: str, edge_url: str, cloud_url: str, bundle: Path
 
 def launch_agent(name: str, work: Path, site: str, edge_url: str, cloud_url: str,
                  sink: rounds.Sink, *, bundle: Path | None, backend: str | None, threads: int,
-                 code: Path | None = None) -> Entrant:
+                 workers: int | None = None, code: Path | None = None) -> Entrant:
     """Configure an agent and start it twice with the same state dir, timing READY (process
     start -> retained status ``online``, which follows the model's guard) both times; the
     second one serves the rounds. The sink must already watch ``status_topic(site)``."""
     topics = Topics(site, "node-1")
-    config = configure(work / f"node-{site}", site, edge_url, cloud_url, bundle, backend, threads)
+    config = configure(work / f"node-{site}", site, edge_url, cloud_url, bundle, backend, threads,
+                       workers, code)
     log = work / f"agent-{site}.log"
     ready: dict[str, Any] = {}
     child = None

@@ -13,10 +13,14 @@ Runs on one machine, everything on loopback:
     = slices / (first publish -> last result received). Ratios are taken round by round
     (back to back, so they share the machine's load) and reported as medians;
   * the agent's stage timings (its ``slice_processed`` log lines), CPU time per slice per
-    process and per thread, RSS after all its rounds, and latency when paced at half its rate.
+    process (with its decoder child) and per thread, and of the whole machine (brokers and
+    this benchmark's publisher and subscriber included: on 2 cores a round is CPU-bound, so
+    raw's machine CPU per slice over the agent round's bounds end to end / raw), RSS after
+    all its rounds, and latency when paced at half its rate.
 ``--compare DIR`` adds a second agent contestant run from another checkout's ``agent``
 package (``git archive COMMIT agent | tar -x -C DIR``): before/after in one run;
-``--compare-threads N`` one with another ``model.intra_op_threads``.
+``--compare-threads N`` one with another ``model.intra_op_threads``, ``--compare-workers N``
+one with another ``model.workers``.
 Prints a table and writes JSON. Needs mosquitto (``make mosquitto``) and scipy (dev extra).
 
     python -m bench.e2e --slices 1000 --json bench-out/e2e.json
@@ -63,6 +67,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compare-threads", type=int, default=None, metavar="N",
                     help="also run an agent with model.intra_op_threads = N (with --compare: "
                     "that agent)")
+    ap.add_argument("--agent-workers", type=int, default=None,
+                    help="model.workers for the agent (default: what `iomt-agent init` writes)")
+    ap.add_argument("--compare-workers", type=int, default=None, metavar="N",
+                    help="also run an agent with model.workers = N (with --compare: that "
+                    "agent)")
     ap.add_argument("--json", type=Path, default=Path("bench-out/e2e.json"))
     return ap.parse_args()
 
@@ -90,7 +99,8 @@ def main() -> int:
     bundle = load_bundle(args.bundle)
     vols = slices.volumes()
     inputs = slices.model_inputs(vols, bundle)
-    compare = args.compare is not None or args.compare_threads is not None
+    compare = (args.compare is not None or args.compare_threads is not None
+               or args.compare_workers is not None)
     sites = {"agent": "bench", **({"agent (--compare)": "benchb"} if compare else {})}
 
     work = Path(tempfile.mkdtemp(prefix="iomt-bench-"))
@@ -110,7 +120,9 @@ def main() -> int:
                 name, work, site, edge_url, cloud_url, sink, bundle=args.bundle,
                 backend=args.backend, code=args.compare if site != "bench" else None,
                 threads=args.agent_threads if site == "bench" or args.compare_threads is None
-                else args.compare_threads))
+                else args.compare_threads,
+                workers=args.agent_workers if site == "bench" or args.compare_workers is None
+                else args.compare_workers))
         agent = entrants[0]
         naive = contestants.launch_naive(work, edge_url, cloud_url, args.bundle)
         entrants.insert(0, naive)
@@ -134,8 +146,11 @@ def main() -> int:
             for e in entrants:
                 e.round(source, batches[e.name][i], sink)
             c0 = procs.cpu_s(os.getpid())  # this process's other threads are idle meanwhile
+            m0 = procs.machine_busy_s()
             raw.rounds.append(rounds.raw_round(runner, inputs, per_round))
             raw.cpu_s.append(procs.cpu_s(os.getpid()) - c0)
+            raw.tree_cpu_s.append(raw.cpu_s[-1])
+            raw.machine_cpu_s.append(procs.machine_busy_s() - m0)
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{e.name} {e.stats.rounds[-1].rate:.1f}" for e in entrants)
                 + f", raw {raw.rounds[-1].rate:.1f} slices/s", flush=True)
@@ -167,6 +182,9 @@ def main() -> int:
         "backend": model.backend,
         "agent_runtime": agent.runtime,
         "agent_intra_op_threads": args.agent_threads,
+        "agent_workers": args.agent_workers,
+        "compare": {"code": str(args.compare) if args.compare else None,
+                    "threads": args.compare_threads, "workers": args.compare_workers},
         "contestants": {e.name: {
             **e.stats.summary(),
             "threads_cpu_ms_per_slice": e.threads,
@@ -178,6 +196,7 @@ def main() -> int:
         "raw_backend": raw.summary(),
         "agent_over_script": report.pairwise_ratio(agent.stats, naive.stats),
         "e2e_over_raw": report.pairwise_ratio(agent.stats, raw),
+        "e2e_over_raw_cpu_bound": report.cpu_bound_ratio(agent.stats, raw),
         **({"agent_over_compare": report.pairwise_ratio(agent.stats, entrants[2].stats)}
            if compare else {}),
         "latency_ms": latency,

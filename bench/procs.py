@@ -39,6 +39,26 @@ def cpu_s(pid: int) -> float:
     return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of the process and its live children (the agent's decoder process):
+    what the contestant itself costs."""
+    total = cpu_s(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            for child in (task / "children").read_text().split():
+                total += tree_cpu_s(int(child))
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process of this machine has used so far (/proc/stat: user, nice,
+    system, irq, softirq; not idle, iowait or steal): the brokers, the benchmark's own
+    publisher and subscriber and the contestant, together."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS
+
+
 def thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds per thread, keyed ``name:tid`` (the agent names its own threads; the
     main thread's id is the pid, the runtimes' and paho's threads keep the process name)."""

@@ -16,6 +16,8 @@ class Contestant:
 
     rounds: list[Flood] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)  # process CPU seconds per round
+    tree_cpu_s: list[float] = field(default_factory=list)  # with its child processes
+    machine_cpu_s: list[float] = field(default_factory=list)  # every process on the machine
 
     def rates(self) -> list[float]:
         return [r.rate for r in self.rounds]
@@ -28,6 +30,11 @@ class Contestant:
             return None
         return 1000 * sum(self.cpu_s) / sum(r.n for r in self.rounds)
 
+    def ms_per_slice(self, seconds: list[float]) -> float | None:
+        if not seconds:
+            return None
+        return 1000 * sum(seconds) / sum(r.n for r in self.rounds)
+
     def cores_busy(self) -> float | None:
         """Average cores the process kept busy during its rounds (CPU time / wall time)."""
         if not self.cpu_s:
@@ -37,13 +44,24 @@ class Contestant:
     def summary(self) -> dict[str, Any]:
         return {"slices_per_s": {"median": self.median_rate(), "rounds": self.rates()},
                 "slices_per_round": [r.n for r in self.rounds],
-                "cpu_ms_per_slice": self.cpu_ms_per_slice(), "cores_busy": self.cores_busy()}
+                "cpu_ms_per_slice": self.cpu_ms_per_slice(), "cores_busy": self.cores_busy(),
+                "tree_cpu_ms_per_slice": self.ms_per_slice(self.tree_cpu_s),
+                "machine_cpu_ms_per_slice": self.ms_per_slice(self.machine_cpu_s),
+                "machine_cores_busy": (sum(self.machine_cpu_s) / sum(r.seconds for r in
+                                       self.rounds)) if self.machine_cpu_s else None}
 
 
 def pairwise_ratio(a: Contestant, b: Contestant) -> dict[str, float]:
     """a / b per round (round i of each ran back to back) and its median, min and max."""
     ratios = [x / y for x, y in zip(a.rates(), b.rates(), strict=True)]
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def cpu_bound_ratio(a: Contestant, b: Contestant) -> float | None:
+    """b's whole-machine CPU per slice over a's: the throughput ratio a / b when both keep
+    every core busy (what a could reach at best while it costs the machine that much)."""
+    x, y = a.ms_per_slice(a.machine_cpu_s), b.ms_per_slice(b.machine_cpu_s)
+    return None if not x or not y else y / x
 
 
 def stage_medians(events: list[dict[str, Any]]) -> dict[str, float]:
@@ -91,6 +109,9 @@ def print_table(result: dict[str, Any]) -> None:
             (f"{name}: slices/s (median of rounds)", f"{c['slices_per_s']['median']:.1f}"),
             (f"{name}: CPU ms per slice, cores busy",
              f"{c['cpu_ms_per_slice']:.1f}, {c['cores_busy']:.2f}"),
+            (f"{name}: CPU ms per slice with its child processes; whole machine, cores busy",
+             f"{c['tree_cpu_ms_per_slice']:.1f}; {c['machine_cpu_ms_per_slice']:.1f}, "
+             f"{c['machine_cores_busy']:.2f}"),
             (f"{name}: CPU ms per slice by thread",
              ", ".join(f"{k} {v:.1f}" for k, v in c["threads_cpu_ms_per_slice"].items())),
             (f"{name}: RSS after {c['rss_mb']['after_slices']} slices / peak (MB)",
@@ -109,10 +130,14 @@ def print_table(result: dict[str, Any]) -> None:
         ]
     raw = result["raw_backend"]
     rows += [
-        ("raw backend: slices/s (median of rounds), CPU ms per slice",
-         f"{raw['slices_per_s']['median']:.1f}, {raw['cpu_ms_per_slice']:.1f}"),
+        ("raw backend: slices/s (median of rounds), CPU ms per slice; whole machine",
+         f"{raw['slices_per_s']['median']:.1f}, {raw['cpu_ms_per_slice']:.1f}; "
+         f"{raw['machine_cpu_ms_per_slice']:.1f}"),
         ("agent / script (median of round ratios; min-max)", _ratio(result["agent_over_script"])),
         ("end to end / raw (median of round ratios; min-max)", _ratio(result["e2e_over_raw"])),
+        ("end to end / raw if CPU-bound (raw's machine CPU per slice / the agent round's)",
+         f"{result['e2e_over_raw_cpu_bound']:.2f}"
+         if result.get("e2e_over_raw_cpu_bound") else "-"),
     ]
     if "agent_over_compare" in result:
         rows.append(("agent / agent (--compare)", _ratio(result["agent_over_compare"])))

@@ -114,8 +114,10 @@ class Translator:
         deid: Deidentifier | None = None,
         decoder: Callable[..., Scan] = decode_scan,
         domain: DomainSection | None = None,
+        extra_runners: Sequence[ModelRunner] = (),
     ) -> None:
-        """``deid``: de-identify each result before sealing (PS3.15 Annex E); its message
+        """``extra_runners``: more sessions of the same file, for further model workers.
+        ``deid``: de-identify each result before sealing (PS3.15 Annex E); its message
         id and series key then derive from the source UIDs' pseudonyms, not the UIDs.
         ``decoder``: ``decode_scan`` or a budgeted stand-in with its signature
         (``agent.dicom.sandbox.DecodeProcess.decode``).
@@ -124,6 +126,7 @@ class Translator:
         self.bundle = bundle
         self.deid = deid
         self.runner = runner
+        self.runners = (runner, *extra_runners)  # one per model worker
         self.sealer = sealer
         self.limits = limits
         self.topics = topics
@@ -184,12 +187,14 @@ class Translator:
         timer.lap("preprocess")
         return ModelInput(centre, x[np.newaxis], source_topic, payload_sha256, timer)
 
-    def run_model(self, staged: ModelInput) -> Inferred | Outcome:
-        """The model on one staged input (the daemon's model thread)."""
+    def run_model(self, staged: ModelInput, runner: ModelRunner | None = None
+                  ) -> Inferred | Outcome:
+        """The model on one staged input (a model worker's thread; ``runner``: that
+        worker's, one of ``runners``)."""
         timer = staged.timer
         timer.restart()  # the time it waited for the model is no stage's
         try:
-            y = self.runner.run(staged.x)
+            y = (runner or self.runner).run(staged.x)
         except Exception as exc:  # a runtime failure on one input must not stop the loop
             return self.error("inference_failed", f"runtime error ({type(exc).__name__})",
                               staged.payload_sha256, staged.source_topic, timer.timings)

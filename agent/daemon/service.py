@@ -160,6 +160,7 @@ class Agent:
         return Translator(model.bundle, model.runner, self.sealer, limits=self.config.limits,
                           topics=self.topics, runtime=model.runtime, digest=model.digest,
                           deid=self.deid, domain=self.config.domain,
+                          extra_runners=model.extra_runners,
                           **({"decoder": self.decoder.decode} if self.decoder else {}))
 
     @staticmethod

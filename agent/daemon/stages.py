@@ -5,7 +5,10 @@
   ``agent.daemon.stacking``) and hand it to the model thread;
 * the model thread runs the model on each staged input, in order: the runtime releases the
   GIL, so the model works while the main thread decodes the next scan and the finisher
-  writes the previous one (on 2 cores: the model on one, the rest on the other);
+  writes the previous one. With several model workers (``model.workers``: one runtime
+  session each) it hands each input to the next free worker instead and passes the pending
+  result on in order, so two slices are inferred at once (on 2 cores, two 1-thread sessions
+  keep both cores busier than one 2-thread session does);
 * the finisher thread derives, seals and commits each result, in order: the inbox row is
   marked done and the outbox row written in one transaction.
 
@@ -29,8 +32,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from agent.backends import ModelRunner
 from agent.config import SeriesSection
 from agent.config_budgets import StorageSection
 from agent.daemon.pipeline import Inferred, ModelInput, Outcome, Translator
@@ -76,6 +81,33 @@ class _Job:
     hold: bool = False  # keep the payload: a neighbour for slices still to come (2.5D)
     release: list[int] = field(default_factory=list)  # held rows nobody needs any more
     barrier: threading.Event | None = None  # set once every earlier job is committed
+    inferring: Future[Inferred | Outcome] | None = None  # on a model worker: ``first`` then
+
+
+class _Workers:
+    """Model workers: one thread per runner, each input run on whichever runner is free."""
+
+    def __init__(self, runners: tuple[ModelRunner, ...]) -> None:
+        self.runners = runners
+        self._free: queue.Queue[ModelRunner] = queue.Queue()
+        for runner in runners:
+            self._free.put(runner)
+        self._pool = ThreadPoolExecutor(len(runners), thread_name_prefix="infer",
+                                        initializer=lambda: name_thread(
+                                            threading.current_thread().name))
+
+    def submit(self, translator: Translator, staged: ModelInput) -> Future[Inferred | Outcome]:
+        return self._pool.submit(self._run, translator, staged)
+
+    def _run(self, translator: Translator, staged: ModelInput) -> Inferred | Outcome:
+        runner = self._free.get()  # as many threads as runners: one is always free here
+        try:
+            return translator.run_model(staged, runner)
+        finally:
+            self._free.put(runner)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class Stages:
@@ -243,16 +275,30 @@ class Stages:
 
     # -- the model thread ----------------------------------------------------------------
     def _modeller(self) -> None:
-        """The model on each staged scan, in order; every job goes on to the finisher (the
-        stop marker too, after the jobs before it)."""
+        """The model on each staged scan, in order (or handed to the next free model
+        worker); every job goes on to the finisher in order (the stop marker too, after the
+        jobs before it)."""
         name_thread("model")
-        while True:
-            job = self._to_model.get()
-            if job is not None and isinstance(job.first, ModelInput):
-                job.first = self.translator.run_model(job.first)
-            self._finishing.put(job)  # blocks when the finisher lags
-            if job is None:
-                return
+        workers: _Workers | None = None
+        try:
+            while True:
+                job = self._to_model.get()
+                if job is not None and isinstance(job.first, ModelInput):
+                    translator = self.translator
+                    if len(translator.runners) == 1:
+                        job.first = translator.run_model(job.first)
+                    else:
+                        if workers is None or workers.runners != translator.runners:
+                            if workers is not None:  # a swapped model: drained, so idle
+                                workers.close()
+                            workers = _Workers(translator.runners)
+                        job.inferring = workers.submit(translator, job.first)
+                self._finishing.put(job)  # blocks when the finisher lags
+                if job is None:
+                    return
+        finally:
+            if workers is not None:
+                workers.close()
 
     # -- the finisher thread -------------------------------------------------------------
     def _finisher(self) -> None:
@@ -262,6 +308,8 @@ class Stages:
             job = self._finishing.get()
             if job is None:
                 return
+            if job.inferring is not None:  # on a model worker; an unexpected error ends here
+                job.first = job.inferring.result()
             if job.barrier is not None:
                 job.barrier.set()
             elif job.release:

@@ -7,7 +7,8 @@ leaves the previous model serving: see ``agent.daemon.service``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from agent.log import get_logger
 from agent.model.bundle import ModelBundle, load_bundle
 from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, run_guard
 from agent.model.guard_cause import REBUILD_FOR_CPU
-from agent.model.select import Choice, choose_runner
+from agent.model.select import Choice, candidate_files, choose_runner
 
 log = get_logger("agent.model.serving")
 
@@ -41,6 +42,13 @@ class ServedModel:
     guard: GuardReport
     settings: ModelSection  # the [model] section it was loaded with
     selection: Choice | None = None  # backend = "auto" only
+    # More sessions of the served file, one per further model worker (``model.workers``).
+    extra_runners: tuple[ModelRunner, ...] = field(default=())
+
+    @property
+    def runners(self) -> tuple[ModelRunner, ...]:
+        """One per model worker: the guarded runner first."""
+        return (self.runner, *self.extra_runners)
 
     @property
     def runtime(self) -> str:
@@ -75,11 +83,50 @@ class ServedModel:
             **({"providers": providers} if providers else {}),
             "context_slices": self.context,
             **({"selection": self.selection.summary()} if self.selection else {}),
+            "workers": len(self.runners),
             "guard": self.guard.summary(),
         }
 
     def close(self) -> None:
-        self.runner.close()
+        for runner in self.runners:
+            runner.close()
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(settings: ModelSection) -> int:
+    """``model.workers``, 0 resolved: two sessions where there are two cores to keep busy."""
+    return settings.workers or (2 if usable_cpus() >= 2 else 1)
+
+
+def _worker_options(settings: ModelSection, options: RunnerOptions) -> RunnerOptions:
+    """With several workers and ``intra_op_threads = 0``, the cores are shared out."""
+    workers = worker_count(settings)
+    if workers > 1 and settings.intra_op_threads == 0:
+        return replace(options, intra_op_threads=max(1, usable_cpus() // workers))
+    return options
+
+
+def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
+    """Open a session of the served file for each further worker. An accelerator provider
+    keeps one (the device runs one slice at a time anyway). The guard ran on the first
+    session; the others run the same file on the same runtime with the same options."""
+    providers = model.runner.describe().get("providers") or ["cpu"]
+    extra: list[ModelRunner] = []
+    if providers[0] == "cpu":
+        try:
+            for _ in range(worker_count(model.settings) - 1):
+                extra.append(open_runner(model.runtime, str(path), options))
+        except BaseException:
+            for runner in (model.runner, *extra):
+                runner.close()
+            raise
+    return replace(model, extra_runners=tuple(extra))
 
 
 def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
@@ -88,15 +135,17 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
     Raises ``BundleError`` (``GuardFailed`` when the guard refuses it) or ``BackendError``;
     nothing is left open when it raises."""
     bundle = load_bundle(settings.bundle)
-    options = runner_options(settings, bundle, state_dir)
+    options = _worker_options(settings, runner_options(settings, bundle, state_dir))
     if settings.backend == "auto":
         # Every installed runtime x {int8, fp32} the bundle has a file for is guarded and
         # timed on the golden set; the fastest that passes serves (int8 on a tie). Cached per
         # model key, so a restart only re-runs the guard. Raises GuardFailed when none passes.
         runner, selection = choose_runner(bundle, options, state_dir / BACKEND_CACHE)
-        return ServedModel(bundle, runner, selection.guard, settings, selection)
-    runner = open_runner(settings.backend, str(bundle.backend_file(settings.backend).path),
-                         options)
+        path = candidate_files(bundle)[(selection.runtime, selection.precision)].path
+        return _with_workers(ServedModel(bundle, runner, selection.guard, settings, selection),
+                             path, options)
+    path = bundle.backend_file(settings.backend).path
+    runner = open_runner(settings.backend, str(path), options)
     try:  # never serve a model that misses its floor on this CPU
         guard = check_guard(bundle, runner)
     except GuardFailed as exc:
@@ -105,7 +154,7 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
     except BaseException:
         runner.close()
         raise
-    return ServedModel(bundle, runner, guard, settings)
+    return _with_workers(ServedModel(bundle, runner, guard, settings), path, options)
 
 
 def _name_what_passes(bundle: ModelBundle, report: GuardReport,

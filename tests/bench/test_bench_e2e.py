@@ -4,13 +4,14 @@ per-slice job, and the summaries (bench/; the broker rounds are `make bench`).""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pydicom
 
 from agent.model.bundle import load_bundle
 from agent.ops.scaffold import default_bundle
-from bench import report, slices
+from bench import procs, report, slices
 from bench.naive_script import NaiveTranslator
 from bench.rounds import Flood
 
@@ -51,3 +52,22 @@ def test_ratios_are_taken_round_by_round() -> None:
     stages = report.stage_medians([{"stages_ms": {"infer": 3.0, "seal": 1.0}, "total_ms": 5},
                                    {"stages_ms": {"infer": 5.0, "seal": 1.0}, "total_ms": 7}])
     assert stages == {"infer": 4.0, "seal": 1.0, "sum_of_stages": 5.0, "total_ms": 6.0}
+
+
+def test_the_cpu_bound_ceiling_is_the_ratio_of_machine_cpu_per_slice() -> None:
+    agent, raw = report.Contestant(), report.Contestant()
+    agent.rounds = raw.rounds = [Flood(100, 2.0), Flood(100, 2.0)]
+    agent.machine_cpu_s = [3.6, 3.8]  # 37 ms of the machine's CPU per slice
+    raw.machine_cpu_s = [2.3, 2.3]  # 23 ms
+    assert report.cpu_bound_ratio(agent, raw) == 23.0 / 37.0
+    assert agent.summary()["machine_cores_busy"] == 7.4 / 4.0
+    assert report.cpu_bound_ratio(agent, report.Contestant()) is None
+
+
+def test_machine_and_process_tree_cpu_are_read_from_proc() -> None:
+    before_machine, before_tree = procs.machine_busy_s(), procs.tree_cpu_s(os.getpid())
+    end = procs.cpu_s(os.getpid()) + 0.2
+    while procs.cpu_s(os.getpid()) < end:  # burn 0.2 s of CPU in this process
+        pass
+    assert procs.tree_cpu_s(os.getpid()) - before_tree >= 0.19
+    assert procs.machine_busy_s() - before_machine >= 0.19
