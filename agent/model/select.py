@@ -126,7 +126,9 @@ def _options(bundle: ModelBundle, options: RunnerOptions) -> RunnerOptions:
                    output_name=bundle.output.output_name)
 
 
-def _timing_inputs(bundle: ModelBundle) -> Floats:
+def timing_inputs(bundle: ModelBundle) -> Floats:
+    """What candidates are timed on: the golden inputs, else seeded ones of the contract's
+    shape."""
     if bundle.golden is not None:
         x, _ref = load_golden(bundle)
         return x
@@ -282,7 +284,7 @@ def choose_runner(
         raise BackendError(f"no runtime can serve {bundle.name} {bundle.version}: {why}")
 
     try:
-        medians = (timer or measure_medians)(runners, _timing_inputs(bundle), max(1, rounds))
+        medians = (timer or measure_medians)(runners, timing_inputs(bundle), max(1, rounds))
     except Exception:
         for runner in runners.values():
             runner.close()

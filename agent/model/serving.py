@@ -26,7 +26,13 @@ from agent.log import get_logger
 from agent.model.bundle import ModelBundle, load_bundle
 from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, run_guard
 from agent.model.guard_cause import REBUILD_FOR_CPU
-from agent.model.select import Choice, candidate_files, choose_runner
+from agent.model.select import (
+    Choice,
+    candidate_files,
+    choose_runner,
+    measure_medians,
+    timing_inputs,
+)
 
 log = get_logger("agent.model.serving")
 
@@ -44,6 +50,7 @@ class ServedModel:
     selection: Choice | None = None  # backend = "auto" only
     # More sessions of the served file, one per further model worker (``model.workers``).
     extra_runners: tuple[ModelRunner, ...] = field(default=())
+    workers_reason: str = ""  # why this many (``model.workers`` or its resolution)
 
     @property
     def runners(self) -> tuple[ModelRunner, ...]:
@@ -84,12 +91,16 @@ class ServedModel:
             "context_slices": self.context,
             **({"selection": self.selection.summary()} if self.selection else {}),
             "workers": len(self.runners),
+            **({"workers_reason": self.workers_reason} if self.workers_reason else {}),
             "guard": self.guard.summary(),
         }
 
     def close(self) -> None:
         for runner in self.runners:
             runner.close()
+
+
+WORKERS_MIN_MS = 10.0  # model.workers = 0: two workers for a model at least this slow
 
 
 def usable_cpus() -> int:
@@ -99,34 +110,66 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(settings: ModelSection) -> int:
-    """``model.workers``, 0 resolved: two sessions where there are two cores to keep busy."""
-    return settings.workers or (2 if usable_cpus() >= 2 else 1)
+def served_ms(model: ServedModel) -> float:
+    """The served runner's median batch-1 latency: ``auto``'s timing of its choice, else
+    timed here on the golden inputs (a few runs: the guard has warmed it up)."""
+    if model.selection is not None:
+        for cand in model.selection.candidates:
+            if cand.key == (model.selection.runtime, model.selection.precision) \
+                    and cand.median_ms is not None:
+                return float(cand.median_ms)
+    key = (model.runtime, model.precision)
+    return measure_medians({key: model.runner}, timing_inputs(model.bundle)[:2], 2)[key]
 
 
-def _worker_options(settings: ModelSection, options: RunnerOptions) -> RunnerOptions:
-    """With several workers and ``intra_op_threads = 0``, the cores are shared out."""
-    workers = worker_count(settings)
-    if workers > 1 and settings.intra_op_threads == 0:
-        return replace(options, intra_op_threads=max(1, usable_cpus() // workers))
-    return options
+def worker_count(settings: ModelSection, model_ms: float | None,
+                 accelerated: bool = False) -> tuple[int, str]:
+    """``model.workers``, 0 resolved, and why. Two sessions pay where the model is the
+    slowest stage: on the 2-core AVX2-kernel bench (lite int8 on onnxruntime, 12-16 ms) two
+    1-thread sessions gave 1.13-1.20x the agent's throughput of one 2-thread session; with
+    LiteRT's VNNI kernels (6 ms) 0.93x, as the agent's own work then bounds it."""
+    if settings.workers:
+        return settings.workers, "model.workers in the config"
+    if accelerated:
+        return 1, "an accelerator serves the model"
+    cpus = usable_cpus()
+    if cpus < 2:
+        return 1, "one core"
+    if model_ms is None or model_ms < WORKERS_MIN_MS:
+        return 1, (f"the model takes {model_ms or 0:.1f} ms per slice (< {WORKERS_MIN_MS:.0f} "
+                   "ms): the agent's own work, not the model, bounds throughput")
+    return 2, (f"the model takes {model_ms:.1f} ms per slice (>= {WORKERS_MIN_MS:.0f} ms): "
+               f"two slices at once keep the {cpus} cores busier")
 
 
 def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
-    """Open a session of the served file for each further worker. An accelerator provider
-    keeps one (the device runs one slice at a time anyway). The guard ran on the first
-    session; the others run the same file on the same runtime with the same options."""
+    """The served model with one session per model worker. With ``intra_op_threads = 0``
+    each session gets the cores shared out, so the guarded session (all cores) is replaced;
+    an explicit thread count keeps it as the first worker. The guard ran on one session of
+    this file and runtime; the others run the same file with the same kernels."""
     providers = model.runner.describe().get("providers") or ["cpu"]
-    extra: list[ModelRunner] = []
-    if providers[0] == "cpu":
-        try:
-            for _ in range(worker_count(model.settings) - 1):
-                extra.append(open_runner(model.runtime, str(path), options))
-        except BaseException:
-            for runner in (model.runner, *extra):
-                runner.close()
-            raise
-    return replace(model, extra_runners=tuple(extra))
+    settings = model.settings
+    timed = None if settings.workers or providers[0] != "cpu" else served_ms(model)
+    workers, why = worker_count(settings, timed, accelerated=providers[0] != "cpu")
+    if workers == 1:
+        return replace(model, workers_reason=why)
+    split = settings.intra_op_threads == 0
+    if split:
+        options = replace(options, intra_op_threads=max(1, usable_cpus() // workers))
+    runners: list[ModelRunner] = [] if split else [model.runner]
+    try:
+        while len(runners) < workers:
+            runners.append(open_runner(model.runtime, str(path), options))
+    except BaseException:
+        for runner in {id(r): r for r in (model.runner, *runners)}.values():
+            runner.close()
+        raise
+    if split:
+        model.runner.close()
+    log.info("model_workers", workers=workers, reason=why,
+             intra_op_threads=options.intra_op_threads)
+    return replace(model, runner=runners[0], extra_runners=tuple(runners[1:]),
+                   workers_reason=why)
 
 
 def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
@@ -135,7 +178,7 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
     Raises ``BundleError`` (``GuardFailed`` when the guard refuses it) or ``BackendError``;
     nothing is left open when it raises."""
     bundle = load_bundle(settings.bundle)
-    options = _worker_options(settings, runner_options(settings, bundle, state_dir))
+    options = runner_options(settings, bundle, state_dir)
     if settings.backend == "auto":
         # Every installed runtime x {int8, fp32} the bundle has a file for is guarded and
         # timed on the golden set; the fastest that passes serves (int8 on a tie). Cached per

@@ -81,7 +81,7 @@ protocol = "{protocol}"
 [model]
 bundle = "{bundle}"
 backend = "auto"                 # the fastest runtime x precision that passes the guard
-workers = 0                      # slices inferred at once (0: 2 on two or more cores)
+workers = 0                      # slices inferred at once (0: 2 for a slow model, 2+ cores)
 intra_op_threads = 0             # threads per worker (0: the cores shared out)
 inter_op_threads = 1
 

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from agent.backends import RunnerOptions
 from agent.config import ModelSection
 from agent.model import serving
-from agent.model.serving import load_model, usable_cpus, worker_count
+from agent.model.serving import WORKERS_MIN_MS, load_model, worker_count
 from tests.bundles import make_scale_bundle
 
 
@@ -19,13 +21,33 @@ def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_scale_bundle(tmp_path_factory.mktemp("serving") / "scale", factor=0.5)
 
 
-def test_each_worker_gets_its_own_session_of_the_served_file(bundle_root: Path,
-                                                            tmp_path: Path) -> None:
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[RunnerOptions]:
+    """The options of every runner load_model opens, in order."""
+    seen: list[RunnerOptions] = []
+    real = serving.open_runner
+
+    def recording(runtime: str, path: str, options: RunnerOptions) -> Any:
+        seen.append(options)
+        return real(runtime, path, options)
+
+    monkeypatch.setattr(serving, "open_runner", recording)
+    return seen
+
+
+def test_each_worker_gets_its_own_session_of_the_served_file(
+        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 4)
     served = load_model(ModelSection(bundle=bundle_root, workers=2), tmp_path)
     try:
         assert len(served.runners) == 2 and served.runners[0] is served.runner
         assert served.runners[0] is not served.runners[1]
-        assert served.summary()["workers"] == 2
+        summary = served.summary()
+        assert summary["workers"] == 2
+        assert summary["workers_reason"] == "model.workers in the config"
+        # The guarded session (all cores) is replaced by two with the cores shared out.
+        assert [o.intra_op_threads for o in opened] == [0, 2, 2]
         x = np.linspace(0, 1, 256 * 256, dtype=np.float32).reshape(1, 1, 256, 256)
         a, b = (r.run(x) for r in served.runners)
         assert np.array_equal(a, b) and np.allclose(a, 0.5 * x, atol=1e-6)
@@ -33,37 +55,39 @@ def test_each_worker_gets_its_own_session_of_the_served_file(bundle_root: Path,
         served.close()
 
 
-def test_one_worker_keeps_one_session(bundle_root: Path, tmp_path: Path) -> None:
-    served = load_model(ModelSection(bundle=bundle_root, workers=1), tmp_path)
+def test_a_thread_count_set_by_the_site_keeps_the_guarded_session(
+        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions]) -> None:
+    served = load_model(ModelSection(bundle=bundle_root, workers=3, intra_op_threads=1),
+                        tmp_path)
     try:
-        assert served.runners == (served.runner,) and served.summary()["workers"] == 1
+        assert len(served.runners) == 3
+        assert [o.intra_op_threads for o in opened] == [1, 1, 1]
     finally:
         served.close()
 
 
-def test_auto_runs_two_workers_where_there_are_two_cores(monkeypatch: pytest.MonkeyPatch,
-                                                         bundle_root: Path) -> None:
+def test_a_fast_model_keeps_one_session(bundle_root: Path, tmp_path: Path,
+                                        opened: list[RunnerOptions]) -> None:
+    """The scale model takes well under 10 ms: the agent's own work bounds throughput."""
+    served = load_model(ModelSection(bundle=bundle_root), tmp_path)
+    try:
+        assert served.runners == (served.runner,) and served.summary()["workers"] == 1
+        reason = served.summary()["workers_reason"]
+        assert reason == "one core" or "the agent's own work, not the model" in reason
+        assert len(opened) == 1
+    finally:
+        served.close()
+
+
+def test_auto_runs_two_workers_for_a_slow_model_on_two_cores(
+        monkeypatch: pytest.MonkeyPatch, bundle_root: Path) -> None:
     auto = ModelSection(bundle=bundle_root)
     assert auto.workers == 0
-    assert worker_count(auto) == (2 if usable_cpus() >= 2 else 1)
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    assert worker_count(auto, 13.2) == (2, "the model takes 13.2 ms per slice (>= 10 ms): "
+                                           "two slices at once keep the 2 cores busier")
+    assert worker_count(auto, WORKERS_MIN_MS - 0.1)[0] == 1
+    assert worker_count(auto, 13.2, accelerated=True) == (1, "an accelerator serves the model")
     monkeypatch.setattr(serving, "usable_cpus", lambda: 1)
-    assert worker_count(auto) == 1
-    assert worker_count(ModelSection(bundle=bundle_root, workers=3)) == 3
-
-
-def test_the_cores_are_shared_out_between_workers(monkeypatch: pytest.MonkeyPatch,
-                                                 bundle_root: Path, tmp_path: Path) -> None:
-    seen: list[int] = []
-    real = serving.open_runner
-
-    def recording(runtime, path, options):  # type: ignore[no-untyped-def]
-        seen.append(options.intra_op_threads)
-        return real(runtime, path, options)
-
-    monkeypatch.setattr(serving, "open_runner", recording)
-    monkeypatch.setattr(serving, "usable_cpus", lambda: 4)
-    load_model(ModelSection(bundle=bundle_root, workers=2), tmp_path).close()
-    assert seen == [2, 2]  # intra_op_threads = 0: 4 cores, 2 each
-    seen.clear()
-    load_model(ModelSection(bundle=bundle_root, workers=2, intra_op_threads=3), tmp_path).close()
-    assert seen == [3, 3]  # set by the site: kept
+    assert worker_count(auto, 50.0) == (1, "one core")
+    assert worker_count(ModelSection(bundle=bundle_root, workers=3), 1.0)[0] == 3
