@@ -37,6 +37,7 @@ class Watched(ModelRunner):
 
     def __init__(self, inner: ModelRunner, hold_s: float) -> None:
         self.inner, self.hold_s, self.threads = inner, hold_s, set[str]()
+        self.calls = 0
 
     def run(self, batch: Array) -> Array:
         cls = type(self)
@@ -44,6 +45,7 @@ class Watched(ModelRunner):
             cls.running += 1
             cls.most_at_once = max(cls.most_at_once, cls.running)
         self.threads.add(threading.current_thread().name)
+        self.calls += 1
         time.sleep(self.hold_s)
         try:
             return self.inner.run(batch)
@@ -55,18 +57,34 @@ class Watched(ModelRunner):
         self.inner.close()
 
 
-def _results_in_order(tmp_path: Path, workers: int, payloads: list[bytes]) -> dict[str, Any]:
-    bundle = load_bundle(make_scale_bundle(tmp_path / f"scale-{workers}", factor=0.5))
+def _translator(root: Path, workers: int, factor: float = 0.5,
+                ) -> tuple[Translator, list[Watched]]:
+    """A scale model served by ``workers`` watched sessions; the identity as the sealer."""
+    bundle = load_bundle(make_scale_bundle(root, factor=factor, name=f"scale-{factor}"))
     path = str(bundle.backend_file("onnxruntime").path)
-    Watched.running = Watched.most_at_once = 0
     runners = [Watched(open_runner("onnxruntime", path, RunnerOptions(intra_op_threads=1)),
                        0.03 * (1 + i % 2)) for i in range(workers)]  # unequal: out of step
-    translator = Translator(bundle, runners[0], lambda data, _mid: data, limits=LimitsSection(),
-                            topics=Topics("site-1", "edge-1"), extra_runners=runners[1:])
+    return Translator(bundle, runners[0], lambda data, _mid: data, limits=LimitsSection(),
+                      topics=Topics("site-1", "edge-1"), extra_runners=runners[1:]), runners
+
+
+def _payloads() -> list[bytes]:
+    vol = (np.arange(12 * 32 * 32, dtype=np.uint16).reshape(12, 32, 32) % 900) + 100
+    return build_series(vol, spacing_mm=(1.0, 1.0, 1.0), patient_name="A^B", patient_id="P1",
+                        series_description="T1w axial")
+
+
+def _accept(store: Store, payloads: list[bytes]) -> list[int]:
+    return [store.accept("iomt/site-1/scans/gw", hashlib.sha256(p).hexdigest(), p)
+            for p in payloads]
+
+
+def _results_in_order(tmp_path: Path, workers: int, payloads: list[bytes]) -> dict[str, Any]:
+    Watched.running = Watched.most_at_once = 0
+    translator, runners = _translator(tmp_path / f"scale-{workers}", workers)
     store = Store(tmp_path / f"agent-{workers}.db", inbox_max_bytes=1 << 26,
                   outbox_max_bytes=1 << 26)
-    inbox = [store.accept("iomt/site-1/scans/gw", hashlib.sha256(p).hexdigest(), p)
-             for p in payloads]
+    inbox = _accept(store, payloads)
     stages = Stages(store, SeriesSection(), translator, stop=threading.Event(),
                     space=threading.Condition(), beat=lambda: None, committed=lambda: None)
     stages.start()
@@ -85,9 +103,7 @@ def _results_in_order(tmp_path: Path, workers: int, payloads: list[bytes]) -> di
 
 
 def test_two_model_workers_overlap_and_keep_the_order_of_results(tmp_path: Path) -> None:
-    vol = (np.arange(12 * 32 * 32, dtype=np.uint16).reshape(12, 32, 32) % 900) + 100
-    payloads = build_series(vol, spacing_mm=(1.0, 1.0, 1.0), patient_name="A^B",
-                            patient_id="P1", series_description="T1w axial")
+    payloads = _payloads()
     one = _results_in_order(tmp_path, 1, payloads)
     two = _results_in_order(tmp_path, 2, payloads)
     assert one["most_at_once"] == 1 and two["most_at_once"] == 2
@@ -97,6 +113,38 @@ def test_two_model_workers_overlap_and_keep_the_order_of_results(tmp_path: Path)
     # the identity, so the derived instances themselves are compared).
     assert two["message_ids"] == one["message_ids"] and len(set(one["message_ids"])) == 12
     assert two["payloads"] == one["payloads"]
+
+
+def test_a_swapped_model_gets_its_own_workers_after_the_drain(tmp_path: Path) -> None:
+    """The reload's order: drain, then serve the new translator; the scans handed over
+    before the swap run on the old sessions, the rest on the new ones, all in order."""
+    payloads = _payloads()
+    old, old_runners = _translator(tmp_path / "a", 2, factor=0.5)
+    new, new_runners = _translator(tmp_path / "b", 2, factor=0.25)
+    store = Store(tmp_path / "agent.db", inbox_max_bytes=1 << 26, outbox_max_bytes=1 << 26)
+    stages = Stages(store, SeriesSection(), old, stop=threading.Event(),
+                    space=threading.Condition(), beat=lambda: None, committed=lambda: None)
+    stages.start()
+    _accept(store, payloads[:6])
+    while stages.process_pending():
+        pass
+    stages.drain()
+    stages.serve(new, 0)
+    _accept(store, payloads[6:])
+    while stages.process_pending():
+        pass
+    stages.drain()
+    stages.stop(timeout=5.0)
+    rows = store.outbox(limit=20)
+    assert [r.kind for r in rows] == ["result"] * 12
+    assert sum(r.calls for r in old_runners) == 6 and sum(r.calls for r in new_runners) == 6
+    assert all(r.calls for r in old_runners + new_runners)  # both sessions of each served
+    served_by = ["old" if old.identity.digest.encode() in row.payload else
+                 "new" if new.identity.digest.encode() in row.payload else "?" for row in rows]
+    assert served_by == ["old"] * 6 + ["new"] * 6
+    for runner in old_runners + new_runners:
+        runner.close()
+    store.close()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
