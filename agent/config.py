@@ -202,8 +202,8 @@ class ModelSection(Strict):
         0, ge=0, le=8, title="Model workers",
         description="Slices inferred at the same time, each on its own session of the served "
         "file. 0 = 2 where there are two or more cores and the model takes 10 ms or more per "
-        "slice (the model is then the slowest stage), else 1; always 1 on an accelerator. With "
-        "intra_op_threads = 0 each session gets cores / workers threads",
+        "slice (the model is then the slowest stage), else 1, and 1 on an accelerator. Every "
+        "session is guarded; with intra_op_threads = 0 each gets cores / workers threads",
     )
     inter_op_threads: int = Field(
         1, ge=1, le=64, title="Inter-op threads",

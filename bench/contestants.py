@@ -70,6 +70,9 @@ def configure(node: Path, site: str, edge_url: str, cloud_url: str, bundle: Path
             line = f"intra_op_threads = {threads}"
         elif line.startswith("workers = "):
             if not knows_workers:
+                if workers is not None:
+                    print(f"bench: {code} predates model.workers: its agent runs without it "
+                          f"(workers = {workers} not applied)", flush=True)
                 continue
             if workers is not None:
                 line = f"workers = {workers}"

@@ -40,9 +40,11 @@ def cpu_s(pid: int) -> float:
 
 
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of the process and its live children (the agent's decoder process):
-    what the contestant itself costs."""
-    total = cpu_s(pid)
+    """CPU seconds of the process, its children that ended and were waited for (a decoder
+    child replaced after a budget was exceeded) and its live children (the agent's decoder
+    process): what the contestant itself costs."""
+    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = cpu_s(pid) + (int(rest[13]) + int(rest[14])) / CLOCK_TICKS  # cutime + cstime
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError, ValueError):
             for child in (task / "children").read_text().split():

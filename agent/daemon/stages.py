@@ -85,26 +85,27 @@ class _Job:
 
 
 class _Workers:
-    """Model workers: one thread per runner, each input run on whichever runner is free."""
+    """Model workers: one thread per runner, each bound to its runner for its life."""
 
     def __init__(self, runners: tuple[ModelRunner, ...]) -> None:
         self.runners = runners
-        self._free: queue.Queue[ModelRunner] = queue.Queue()
+        unbound: queue.Queue[ModelRunner] = queue.Queue()
         for runner in runners:
-            self._free.put(runner)
+            unbound.put(runner)
+        self._mine = threading.local()
+
+        def bind() -> None:  # each pool thread, once: as many threads as runners
+            name_thread(threading.current_thread().name)
+            self._mine.runner = unbound.get_nowait()
+
         self._pool = ThreadPoolExecutor(len(runners), thread_name_prefix="infer",
-                                        initializer=lambda: name_thread(
-                                            threading.current_thread().name))
+                                        initializer=bind)
 
     def submit(self, translator: Translator, staged: ModelInput) -> Future[Inferred | Outcome]:
         return self._pool.submit(self._run, translator, staged)
 
     def _run(self, translator: Translator, staged: ModelInput) -> Inferred | Outcome:
-        runner = self._free.get()  # as many threads as runners: one is always free here
-        try:
-            return translator.run_model(staged, runner)
-        finally:
-            self._free.put(runner)
+        return translator.run_model(staged, self._mine.runner)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -285,12 +286,13 @@ class Stages:
                 job = self._to_model.get()
                 if job is not None and isinstance(job.first, ModelInput):
                     translator = self.translator
+                    if workers is not None and workers.runners != translator.runners:
+                        workers.close()  # a swapped model: drained, so idle
+                        workers = None
                     if len(translator.runners) == 1:
                         job.first = translator.run_model(job.first)
                     else:
-                        if workers is None or workers.runners != translator.runners:
-                            if workers is not None:  # a swapped model: drained, so idle
-                                workers.close()
+                        if workers is None:
                             workers = _Workers(translator.runners)
                         job.inferring = workers.submit(translator, job.first)
                 self._finishing.put(job)  # blocks when the finisher lags

@@ -171,10 +171,13 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
     entry = read_cache(cache_path).get(key)
     if not isinstance(entry, dict):
         return None
-    if entry.get("cpu") != cpu:
+    if "cpu" not in entry:  # written before the cache kept the CPU: timed once again
+        log.info("backend_cache_without_cpu", model=bundle.name, cpu=cpu)
+        return None
+    if entry["cpu"] != cpu:
         # The state directory moved to another board (a Pi 4's card in a Pi 5) or the
         # kernels changed: the ranking timed there says nothing here.
-        log.info("backend_cache_other_cpu", model=bundle.name, cached_on=entry.get("cpu"),
+        log.info("backend_cache_other_cpu", model=bundle.name, cached_on=entry["cpu"],
                  cpu=cpu)
         return None
     cand = (str(entry.get("runtime")), str(entry.get("precision")))

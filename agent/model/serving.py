@@ -126,8 +126,8 @@ def worker_count(settings: ModelSection, model_ms: float | None,
                  accelerated: bool = False) -> tuple[int, str]:
     """``model.workers``, 0 resolved, and why. Two sessions pay where the model is the
     slowest stage: on the 2-core AVX2-kernel bench (lite int8 on onnxruntime, 12-16 ms) two
-    1-thread sessions gave 1.13-1.20x the agent's throughput of one 2-thread session; with
-    LiteRT's VNNI kernels (6 ms) 0.93x, as the agent's own work then bounds it."""
+    1-thread sessions gave 1.13-1.26x the agent's throughput of one 2-thread session; with
+    LiteRT's VNNI kernels (6.6 ms) 0.93-0.99x, as the agent's own work then bounds it."""
     if settings.workers:
         return settings.workers, "model.workers in the config"
     if accelerated:
@@ -143,27 +143,53 @@ def worker_count(settings: ModelSection, model_ms: float | None,
 
 
 def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
-    """The served model with one session per model worker. With ``intra_op_threads = 0``
-    each session gets the cores shared out, so the guarded session (all cores) is replaced;
-    an explicit thread count keeps it as the first worker. The guard ran on one session of
-    this file and runtime; the others run the same file with the same kernels."""
-    providers = model.runner.describe().get("providers") or ["cpu"]
-    settings = model.settings
-    timed = None if settings.workers or providers[0] != "cpu" else served_ms(model)
-    workers, why = worker_count(settings, timed, accelerated=providers[0] != "cpu")
-    if workers == 1:
-        return replace(model, workers_reason=why)
-    split = settings.intra_op_threads == 0
+    """The served model with one session per model worker, each guarded. With
+    ``intra_op_threads = 0`` each session gets the cores shared out, so the guarded
+    all-core session is replaced; an explicit thread count keeps it as the first worker.
+    Where the extra sessions cannot be had (a session that does not open, fails its guard,
+    or a timing run that fails), the guarded session serves alone and the status says why.
+    Raises nothing of its own; on an unexpected error every runner is closed."""
+    try:
+        accelerated = (model.runner.describe().get("providers") or ["cpu"])[0] != "cpu"
+        timed = None if model.settings.workers or accelerated else served_ms(model)
+        workers, why = worker_count(model.settings, timed, accelerated=accelerated)
+        if workers == 1:
+            return replace(model, workers_reason=why)
+        return _open_workers(model, path, options, workers, why)
+    except BaseException:
+        model.runner.close()
+        raise
+
+
+def _open_workers(model: ServedModel, path: Path, options: RunnerOptions, workers: int,
+                  why: str) -> ServedModel:
+    split = model.settings.intra_op_threads == 0
     if split:
         options = replace(options, intra_op_threads=max(1, usable_cpus() // workers))
     runners: list[ModelRunner] = [] if split else [model.runner]
+    failure = ""
     try:
         while len(runners) < workers:
-            runners.append(open_runner(model.runtime, str(path), options))
+            runner = open_runner(model.runtime, str(path), options)
+            runners.append(runner)
+            report = run_guard(model.bundle, runner, precision=model.precision)
+            if not report.ok:
+                failure = f"a further session failed the guard: {report.reason}"
+                break
+    except BackendError as exc:
+        failure = f"a further session could not be opened: {exc}"
     except BaseException:
-        for runner in {id(r): r for r in (model.runner, *runners)}.values():
-            runner.close()
+        for runner in runners:
+            if runner is not model.runner:
+                runner.close()
         raise
+    if failure:
+        for runner in runners:
+            if runner is not model.runner:
+                runner.close()
+        log.warning("model_workers", workers=1, wanted=workers, reason=failure,
+                    fix="nothing to do: the guarded session serves alone")
+        return replace(model, workers_reason=f"{failure}; the guarded session serves alone")
     if split:
         model.runner.close()
     log.info("model_workers", workers=workers, reason=why,

@@ -115,12 +115,16 @@ def test_two_model_workers_overlap_and_keep_the_order_of_results(tmp_path: Path)
     assert two["payloads"] == one["payloads"]
 
 
-def test_a_swapped_model_gets_its_own_workers_after_the_drain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("new_workers", [2, 1])
+def test_a_swapped_model_gets_its_own_workers_after_the_drain(tmp_path: Path,
+                                                              new_workers: int) -> None:
     """The reload's order: drain, then serve the new translator; the scans handed over
-    before the swap run on the old sessions, the rest on the new ones, all in order."""
+    before the swap run on the old sessions, the rest on the new ones, all in order. The old
+    sessions' worker threads end (also when the new model has one session)."""
     payloads = _payloads()
+    before = set(threading.enumerate())  # other tests' threads are not this test's
     old, old_runners = _translator(tmp_path / "a", 2, factor=0.5)
-    new, new_runners = _translator(tmp_path / "b", 2, factor=0.25)
+    new, new_runners = _translator(tmp_path / "b", new_workers, factor=0.25)
     store = Store(tmp_path / "agent.db", inbox_max_bytes=1 << 26, outbox_max_bytes=1 << 26)
     stages = Stages(store, SeriesSection(), old, stop=threading.Event(),
                     space=threading.Condition(), beat=lambda: None, committed=lambda: None)
@@ -134,6 +138,9 @@ def test_a_swapped_model_gets_its_own_workers_after_the_drain(tmp_path: Path) ->
     while stages.process_pending():
         pass
     stages.drain()
+    infer_threads = {t.name for t in set(threading.enumerate()) - before
+                     if t.name.startswith("infer")}
+    assert len(infer_threads) == new_workers if new_workers > 1 else not infer_threads
     stages.stop(timeout=5.0)
     rows = store.outbox(limit=20)
     assert [r.kind for r in rows] == ["result"] * 12

@@ -325,9 +325,12 @@ def test_a_choice_timed_on_another_cpu_is_timed_again(nets: dict[str, Any],
     entries = json.loads(cache.read_text())
     del entries["choices"][sel.model_key(bundle)]["cpu"]  # written before the CPU was kept
     cache.write_text(json.dumps(entries))
-    runner, older = sel.choose_runner(bundle, OPTS, cache, timer=forced({ORT8: 1.0}), cpu=VNNI)
+    with capture_logs() as logs:
+        runner, older = sel.choose_runner(bundle, OPTS, cache, timer=forced({ORT8: 1.0}),
+                                          cpu=VNNI)
     runner.close()
     assert not older.cached
+    assert [e["cpu"] for e in logs if e["event"] == "backend_cache_without_cpu"] == [VNNI.label]
 
 
 def test_an_unreadable_or_older_cache_is_rebuilt(nets: dict[str, Any], tmp_path: Path) -> None:

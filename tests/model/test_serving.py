@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
-from agent.backends import RunnerOptions
+from agent.backends import BackendError, RunnerOptions
 from agent.config import ModelSection
 from agent.model import serving
 from agent.model.serving import WORKERS_MIN_MS, load_model, worker_count
@@ -91,3 +93,62 @@ def test_auto_runs_two_workers_for_a_slow_model_on_two_cores(
     monkeypatch.setattr(serving, "usable_cpus", lambda: 1)
     assert worker_count(auto, 50.0) == (1, "one core")
     assert worker_count(ModelSection(bundle=bundle_root, workers=3), 1.0)[0] == 3
+
+
+def test_every_further_session_is_guarded(bundle_root: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    guarded: list[int] = []
+    real = serving.run_guard
+
+    def counting(bundle: Any, runner: Any, **kw: Any) -> Any:
+        guarded.append(id(runner))
+        return real(bundle, runner, **kw)
+
+    monkeypatch.setattr(serving, "run_guard", counting)
+    served = load_model(ModelSection(bundle=bundle_root, workers=2), tmp_path)
+    try:
+        assert sorted(guarded) == sorted(id(r) for r in served.runners)
+    finally:
+        served.close()
+
+
+def test_a_further_session_failing_its_guard_leaves_the_guarded_one_alone(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(bundle: Any, runner: Any, **kw: Any) -> Any:
+        return replace(real(bundle, runner, **kw), ok=False, reason="22.1 dB < 50 dB")
+
+    real = serving.run_guard
+    monkeypatch.setattr(serving, "run_guard", failing)
+    with capture_logs() as logs:
+        served = load_model(ModelSection(bundle=bundle_root, workers=2), tmp_path)
+    try:
+        assert len(served.runners) == 1 and served.guard.ok  # the session load_model guarded
+        assert served.summary()["workers_reason"] == (
+            "a further session failed the guard: 22.1 dB < 50 dB; the guarded session "
+            "serves alone")
+        assert [e["wanted"] for e in logs if e["event"] == "model_workers"] == [2]
+        x = np.ones((1, 1, 256, 256), np.float32)
+        assert np.allclose(served.runner.run(x), 0.5)  # open and serving
+    finally:
+        served.close()
+
+
+def test_a_further_session_that_cannot_open_leaves_the_guarded_one_alone(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = serving.open_runner, []
+
+    def second_fails(runtime: str, path: str, options: RunnerOptions) -> Any:
+        calls.append(path)
+        if len(calls) >= 2:
+            raise BackendError("onnxruntime cannot load it: out of memory")
+        return real(runtime, path, options)
+
+    monkeypatch.setattr(serving, "open_runner", second_fails)
+    served = load_model(ModelSection(bundle=bundle_root, workers=2, intra_op_threads=1),
+                        tmp_path)
+    try:
+        assert len(served.runners) == 1
+        assert "could not be opened: onnxruntime cannot load it" in (
+            served.summary()["workers_reason"])
+    finally:
+        served.close()
