@@ -127,7 +127,7 @@ def worker_count(settings: ModelSection, model_ms: float | None,
     """``model.workers``, 0 resolved, and why. Two sessions pay where the model is the
     slowest stage: on the 2-core AVX2-kernel bench (lite int8 on onnxruntime, 12-16 ms) two
     1-thread sessions gave 1.13-1.26x the agent's throughput of one 2-thread session; with
-    LiteRT's VNNI kernels (6.6 ms) 0.93-0.99x, as the agent's own work then bounds it."""
+    LiteRT's VNNI kernels (6.6 ms) 0.93-1.03x, as the agent's own work then bounds it."""
     if settings.workers:
         return settings.workers, "model.workers in the config"
     if accelerated:
