@@ -145,28 +145,53 @@ def worker_count(settings: ModelSection, model_ms: float | None,
 def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
     """The served model with one session per model worker, each guarded. With
     ``intra_op_threads = 0`` each session gets the cores shared out, so the guarded
-    all-core session is replaced; an explicit thread count keeps it as the first worker.
-    Where the extra sessions cannot be had (a session that does not open, fails its guard,
-    or a timing run that fails), the guarded session serves alone and the status says why.
-    Raises nothing of its own; on an unexpected error every runner is closed."""
+    all-core session is closed first (one session less at the peak) and the new ones
+    replace it; an explicit thread count keeps it as the first worker. Where the further
+    sessions cannot be had (one does not open or fails its guard), a single session serves
+    (the all-core one, opened and guarded again) and the status says why. Nothing is left
+    open when it raises."""
     try:
         accelerated = (model.runner.describe().get("providers") or ["cpu"])[0] != "cpu"
         timed = None if model.settings.workers or accelerated else served_ms(model)
         workers, why = worker_count(model.settings, timed, accelerated=accelerated)
-        if workers == 1:
-            return replace(model, workers_reason=why)
-        return _open_workers(model, path, options, workers, why)
     except BaseException:
         model.runner.close()
         raise
-
-
-def _open_workers(model: ServedModel, path: Path, options: RunnerOptions, workers: int,
-                  why: str) -> ServedModel:
+    if workers == 1:
+        return replace(model, workers_reason=why)
     split = model.settings.intra_op_threads == 0
+    shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
+        if split else options
     if split:
-        options = replace(options, intra_op_threads=max(1, usable_cpus() // workers))
-    runners: list[ModelRunner] = [] if split else [model.runner]
+        model.runner.close()
+    runners, failure = _open_guarded(model, path, shared, workers,
+                                     keep=() if split else (model.runner,))
+    if not failure:
+        log.info("model_workers", workers=workers, reason=why,
+                 intra_op_threads=shared.intra_op_threads)
+        return replace(model, runner=runners[0], extra_runners=tuple(runners[1:]),
+                       workers_reason=why)
+    log.warning("model_workers", workers=1, wanted=workers, reason=failure,
+                fix="nothing to do: one guarded session serves")
+    alone = f"{failure}; one guarded session serves"
+    if not split:
+        return replace(model, workers_reason=alone)
+    runner = open_runner(model.runtime, str(path), options)  # the all-core one, again
+    try:
+        guard = run_guard(model.bundle, runner, precision=model.precision)
+        if not guard.ok:
+            raise GuardFailed(guard)
+    except BaseException:
+        runner.close()
+        raise
+    return replace(model, runner=runner, guard=guard, workers_reason=alone)
+
+
+def _open_guarded(model: ServedModel, path: Path, options: RunnerOptions, workers: int,
+                  keep: tuple[ModelRunner, ...]) -> tuple[list[ModelRunner], str]:
+    """``keep`` plus further guarded sessions up to ``workers``, or ``([], why)`` with the
+    further ones closed (``keep`` stays open) when one cannot be opened or fails its guard."""
+    runners = list(keep)
     failure = ""
     try:
         while len(runners) < workers:
@@ -180,22 +205,13 @@ def _open_workers(model: ServedModel, path: Path, options: RunnerOptions, worker
         failure = f"a further session could not be opened: {exc}"
     except BaseException:
         for runner in runners:
-            if runner is not model.runner:
-                runner.close()
+            runner.close()  # keep too: load_model leaves nothing open when it raises
         raise
     if failure:
-        for runner in runners:
-            if runner is not model.runner:
-                runner.close()
-        log.warning("model_workers", workers=1, wanted=workers, reason=failure,
-                    fix="nothing to do: the guarded session serves alone")
-        return replace(model, workers_reason=f"{failure}; the guarded session serves alone")
-    if split:
-        model.runner.close()
-    log.info("model_workers", workers=workers, reason=why,
-             intra_op_threads=options.intra_op_threads)
-    return replace(model, runner=runners[0], extra_runners=tuple(runners[1:]),
-                   workers_reason=why)
+        for runner in runners[len(keep):]:
+            runner.close()
+        return [], failure
+    return runners, ""
 
 
 def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:

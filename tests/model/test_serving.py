@@ -112,20 +112,33 @@ def test_every_further_session_is_guarded(bundle_root: Path, tmp_path: Path,
         served.close()
 
 
-def test_a_further_session_failing_its_guard_leaves_the_guarded_one_alone(
-        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing(bundle: Any, runner: Any, **kw: Any) -> Any:
-        return replace(real(bundle, runner, **kw), ok=False, reason="22.1 dB < 50 dB")
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_further_session_failing_its_guard_leaves_one_guarded_session(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        opened: list[RunnerOptions], threads: int) -> None:
+    """threads 0: the all-core session was closed for the shared-out ones, so it is opened
+    and guarded again; threads 1: the session load_model guarded stays."""
+    calls: list[int] = []
+
+    def first_fails(bundle: Any, runner: Any, **kw: Any) -> Any:
+        calls.append(1)
+        report = real(bundle, runner, **kw)
+        return replace(report, ok=False, reason="22.1 dB < 50 dB") if len(calls) == 1 else report
 
     real = serving.run_guard
-    monkeypatch.setattr(serving, "run_guard", failing)
+    monkeypatch.setattr(serving, "run_guard", first_fails)
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
     with capture_logs() as logs:
-        served = load_model(ModelSection(bundle=bundle_root, workers=2), tmp_path)
+        served = load_model(ModelSection(bundle=bundle_root, workers=2,
+                                         intra_op_threads=threads), tmp_path)
     try:
-        assert len(served.runners) == 1 and served.guard.ok  # the session load_model guarded
+        assert len(served.runners) == 1 and served.guard.ok
+        assert served.runner.describe()["runtime"] == "onnxruntime"
+        # threads 0: load_model's, the failed shared-out one, the all-core one again
+        assert [o.intra_op_threads for o in opened] == ([0, 1, 0] if threads == 0 else [1, 1])
+        assert len(calls) == (2 if threads == 0 else 1)
         assert served.summary()["workers_reason"] == (
-            "a further session failed the guard: 22.1 dB < 50 dB; the guarded session "
-            "serves alone")
+            "a further session failed the guard: 22.1 dB < 50 dB; one guarded session serves")
         assert [e["wanted"] for e in logs if e["event"] == "model_workers"] == [2]
         x = np.ones((1, 1, 256, 256), np.float32)
         assert np.allclose(served.runner.run(x), 0.5)  # open and serving
