@@ -74,13 +74,13 @@ class OnnxRunner(ModelRunner):
         if options.cache_dir is not None and len(providers) > 1:
             (options.cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
         try:
-            self._session = ort.InferenceSession(
-                model_path, sess_options=so, providers=providers
-            )
+            session = ort.InferenceSession(model_path, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise BackendError(f"onnxruntime cannot load {model_path}: {exc}") from exc
-        inputs = {i.name for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
+        self._session: ort.InferenceSession | None = session
+        self._providers = tuple(session.get_providers())
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
         if options.input_name not in inputs or options.output_name not in outputs:
             raise BackendError(
                 f"{model_path}: expected tensors {options.input_name!r} -> {options.output_name!r},"
@@ -94,7 +94,7 @@ class OnnxRunner(ModelRunner):
     @property
     def providers(self) -> list[str]:
         """The providers the session actually uses, in priority order."""
-        return list(self._session.get_providers())
+        return list(self._providers)
 
     def describe(self) -> dict[str, Any]:
         short = {v: k for k, v in ONNX_PROVIDERS.items()}
@@ -105,5 +105,12 @@ class OnnxRunner(ModelRunner):
         }
 
     def run(self, batch: Array) -> Array:
+        if self._session is None:
+            raise BackendError("this onnxruntime session is closed")
         out = self._session.run([self._output], {self._input: np.ascontiguousarray(batch)})
         return np.asarray(out[0], dtype=np.float32)
+
+    def close(self) -> None:
+        """Drop the session: onnxruntime frees its memory (weights, arena) with it, not at
+        the runner's own end, which a caller holding the runner may delay."""
+        self._session = None

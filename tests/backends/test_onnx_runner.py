@@ -47,3 +47,17 @@ def test_runner_takes_providers_and_optimisation_from_config(tmp_path: Path) -> 
     with pytest.raises(BackendError, match="graph optimisation level"):
         open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
                     RunnerOptions(graph_optimization="max"))
+
+
+def test_a_closed_runner_frees_its_session_and_says_so(tmp_path: Path) -> None:
+    root = make_scale_bundle(tmp_path / "scale")
+    bundle = load_bundle(root)
+    runner = open_runner("onnxruntime", str(bundle.backend_file("onnxruntime").path),
+                         RunnerOptions(intra_op_threads=1))
+    x = np.ones((1, 1, 256, 256), np.float32)
+    assert np.allclose(runner.run(x), 0.5)
+    runner.close()
+    assert runner.describe()["providers"] == ["cpu"]  # still describes what served
+    with pytest.raises(BackendError, match="closed"):
+        runner.run(x)
+    runner.close()  # twice is fine
