@@ -479,29 +479,33 @@ def test_a_failure_without_a_known_cause_reads_shortfall_then_fix(
 
 
 class SlowRunner(FixedRunner):
-    """Fixed outputs; golden input ``i`` takes at least ``20 i`` ms."""
+    """Fixed outputs; golden input ``i`` takes ``20 i`` ms on ``clock`` (a clock it moves
+    itself, so the figures do not depend on how busy the machine is)."""
 
-    def __init__(self, x: np.ndarray, outputs: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, outputs: np.ndarray, clock: list[float]) -> None:
         super().__init__(x, outputs)
         self._delay = {x[i : i + 1].tobytes(): 0.02 * i for i in range(len(x))}
+        self._clock = clock
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        import time
-
-        time.sleep(self._delay[np.ascontiguousarray(batch, dtype=np.float32).tobytes()])
+        self._clock[0] += self._delay[np.ascontiguousarray(batch, dtype=np.float32).tobytes()]
         return super().run(batch)
 
 
-def test_the_rendered_latency_is_the_median_input(tmp_path: Path) -> None:
+def test_the_rendered_latency_is_the_median_input(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.model import guard
     from tests.bundles import scale_model
 
     x = smooth_inputs(4, seed=2)
     ref = (0.5 * x).astype(np.float32)
     scale_model(tmp_path / "served.onnx")
     root = write_bundle(tmp_path / "b", tmp_path / "served.onnx", golden=(x, ref), floor=30.0)
-    report = run_guard(load_bundle(root), SlowRunner(x, ref))
+    clock = [1000.0]
+    monkeypatch.setattr(guard.time, "perf_counter", lambda: clock[0])
+    report = run_guard(load_bundle(root), SlowRunner(x, ref, clock))
     latencies = sorted(g.latency_ms for g in report.inputs)
-    assert latencies[2] - latencies[1] >= 10.0  # so the rank matters
+    assert latencies == pytest.approx([0.0, 20.0, 40.0, 60.0])  # so the rank matters
     pooled = report.render().splitlines()[-2].split()
     assert pooled[5] == f"{latencies[2]:.2f}" and pooled[6] == "(median)"
 
@@ -584,11 +588,16 @@ def test_an_fp32_bundle_without_golden_set_says_so_as_its_reason(tmp_path: Path)
     assert report.ok and report.reason == note and report.warning == note
 
 
-def test_latencies_are_milliseconds_of_each_input(tmp_path: Path) -> None:
+def test_latencies_are_milliseconds_of_each_input(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.model import guard
+
     root, x, ref = _fixed_case(tmp_path)
-    report = run_guard(load_bundle(root), SlowRunner(x, ref))
-    for g in report.inputs:
-        assert 20.0 * g.index <= g.latency_ms < 20.0 * g.index + 500.0
+    clock = [50.0]
+    monkeypatch.setattr(guard.time, "perf_counter", lambda: clock[0])
+    report = run_guard(load_bundle(root), SlowRunner(x, ref, clock))
+    assert [g.latency_ms for g in report.inputs] == pytest.approx(
+        [20.0 * g.index for g in report.inputs])
 
 
 class FailingRunner(FixedRunner):
