@@ -196,7 +196,9 @@ class ModelSection(Strict):
         "at model load; the fastest serves, int8 on a tie; cached per model in the state dir)",
     )
     intra_op_threads: int = Field(
-        0, ge=0, le=256, title="Intra-op threads", description="0 = one per core"
+        0, ge=0, le=256, title="Intra-op threads",
+        description="Threads per model worker's session (0 = the cores shared out between the "
+        "workers: one per core with one worker)"
     )
     workers: int = Field(
         0, ge=0, le=8, title="Model workers",

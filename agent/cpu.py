@@ -299,6 +299,14 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask; elsewhere all of them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def read_cpu() -> CpuInfo:
     """Identify this machine's CPU (Linux: /proc and /sys; elsewhere what ``platform``
     says, with the peak unknown)."""

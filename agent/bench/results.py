@@ -3,7 +3,6 @@ each bundle's figures and the machine's. Filled in by ``run``, rendered by ``rep
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,18 +11,10 @@ from typing import Any
 from agent.backends import RUNTIMES
 from agent.bench import measure
 from agent.bench.child import RssFigures
-from agent.cpu import CpuInfo, PeakEstimate
+from agent.cpu import CpuInfo, PeakEstimate, usable_cpus
 from agent.model.bundle import ModelBundle
 
 Progress = Callable[[str], None]
-
-
-def usable_cores() -> int:
-    """Logical CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -38,7 +29,7 @@ class BenchOptions:
 
     @property
     def thread_counts(self) -> tuple[int, ...]:
-        cores = usable_cores()
+        cores = usable_cpus()
         return self.threads or tuple(sorted({1, cores}))
 
     @property

@@ -7,7 +7,6 @@ leaves the previous model serving: see ``agent.daemon.service``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from agent.backends import (
     runtime_installed,
 )
 from agent.config import ModelSection
+from agent.cpu import usable_cpus
 from agent.log import get_logger
 from agent.model.bundle import ModelBundle, load_bundle
 from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, run_guard
@@ -101,13 +101,6 @@ class ServedModel:
 
 
 WORKERS_MIN_MS = 10.0  # model.workers = 0: two workers for a model at least this slow
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def served_ms(model: ServedModel) -> float:
