@@ -180,6 +180,7 @@ def summary_lines(result: BenchResult, b: BundleResult) -> list[str]:
         else:
             seen = ", ".join(
                 f"{c['runtime']} {c['precision']} {c['median_ms']:.2f} ms"
+                + (f" ({c['worker_ms']:.2f} ms per worker)" if c.get("worker_ms") else "")
                 if c.get("median_ms") is not None
                 else f"{c['runtime']} {c['precision']} out ({c['reason'][:40]})"
                 for c in auto.candidates)

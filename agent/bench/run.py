@@ -43,7 +43,7 @@ from agent.bench.results import (
     Machine,
     Row,
 )
-from agent.cpu import PeakEstimate
+from agent.cpu import PeakEstimate, usable_cpus
 from agent.model.bundle import BundleError, ModelBundle
 from agent.model.guard import load_golden
 
@@ -191,10 +191,14 @@ def auto_choice(bundle: ModelBundle, threads: int, rounds: int,
     """What ``backend = "auto"`` would serve the bundle with (no cache), among
     ``runtimes`` (the agent itself considers them all)."""
     from agent.model.select import choose_runner
+    from agent.model.serving import worker_plan
 
+    # The agent's default config shares the cores out between two model workers when the
+    # model is slow enough; its choice is then ranked as each worker runs it.
+    plan = worker_plan() if threads >= usable_cpus() else None
     try:
         runner, choice = choose_runner(bundle, RunnerOptions(intra_op_threads=threads), None,
-                                       runtimes=runtimes, rounds=rounds)
+                                       runtimes=runtimes, rounds=rounds, plan=plan)
     except (BundleError, BackendError) as exc:  # GuardFailed is a BundleError
         return AutoChoice(None, str(exc))
     runner.close()

@@ -14,7 +14,7 @@ between two near-equal candidates does not flip the choice from one start to the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from agent.backends import RUNTIMES
@@ -43,6 +43,9 @@ class Candidate:
     reason: str
     median_ms: float | None = None
     worst_psnr_db: float | None = None
+    # Median on a session of one model worker's share of the cores, where the choice was
+    # made for several workers (``WorkerPlan``): the figure that ranked it then.
+    worker_ms: float | None = None
 
     @property
     def key(self) -> Key:
@@ -53,15 +56,19 @@ class Candidate:
         psnr: float | str | None = db
         if db is not None:
             psnr = round(db, 3) if math.isfinite(db) else (None if math.isnan(db) else "inf")
-        return {"runtime": self.runtime, "precision": self.precision, "ok": self.ok,
-                "reason": self.reason, "median_ms": self.median_ms, "worst_psnr_db": psnr}
+        out = {"runtime": self.runtime, "precision": self.precision, "ok": self.ok,
+               "reason": self.reason, "median_ms": self.median_ms, "worst_psnr_db": psnr}
+        if self.worker_ms is not None:
+            out["worker_ms"] = self.worker_ms
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Candidate:
         psnr = d.get("worst_psnr_db")
         return cls(runtime=str(d["runtime"]), precision=str(d["precision"]), ok=bool(d["ok"]),
                    reason=str(d["reason"]), median_ms=d.get("median_ms"),
-                   worst_psnr_db=math.inf if psnr == "inf" else psnr)
+                   worst_psnr_db=math.inf if psnr == "inf" else psnr,
+                   worker_ms=d.get("worker_ms"))
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,10 @@ class Choice:
     reason: str  # one sentence: why this candidate (see ``explain``)
     guard: GuardReport = field(repr=False)  # the chosen runner's guard report
     chosen_at: str = ""
+    # Chosen for several model workers (``WorkerPlan``): how many, and the threads of each
+    # one's session. Then the runner handed back is the first worker's session.
+    workers: int = 1
+    worker_threads: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe, for the status message and the selection log line."""
@@ -89,8 +100,31 @@ class Choice:
             "cached": self.cached,
             "chosen_at": self.chosen_at,
             "model_key": self.model_key[:16],
+            **({"workers": self.workers, "worker_threads": self.worker_threads}
+               if self.worker_threads is not None else {}),
             "candidates": [c.as_dict() for c in self.candidates],
         }
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How serving shares out the cores once the model is slow enough (``model.workers``;
+    ``agent.model.serving.worker_plan`` makes it): ``workers`` sessions of ``threads``
+    threads each, from an all-core median of ``min_ms`` (0: always). Under a plan,
+    ``auto`` ranks the candidates on sessions of ``threads`` threads: a runtime that
+    scales well over the cores can tie on all of them and lose on one
+    (lite on the AVX2 kernels: onnxruntime and LiteRT int8 57.5 slices/s each on 2
+    threads, 47.0 against 33.4 on 1)."""
+
+    workers: int
+    threads: int
+    min_ms: float = 0.0
+
+    def applies(self, all_core_ms: float) -> bool:
+        return all_core_ms >= self.min_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"workers": self.workers, "threads": self.threads, "min_ms": self.min_ms}
 
 
 def _rank(key: Key, served: str) -> tuple[int, int]:
@@ -165,3 +199,12 @@ def explain(chosen: Key, candidates: list[Candidate], served: str,
                 f"({label(best)} {_ms(fp32[best])})")
     return f"{text}: the fastest" + (f" of {len(timed)} that pass the guard"
                                      if len(timed) > 1 else " that passes the guard")
+
+
+def explain_for_workers(chosen: Key, candidates: list[Candidate], served: str,
+                        plan: WorkerPlan, cpu: CpuInfo | None = None) -> str:
+    """``explain`` where the candidates were ranked for ``plan``: on their ``worker_ms``."""
+    per_worker = [replace(c, median_ms=c.worker_ms) for c in candidates]
+    threads = f"{plan.threads} thread" + ("s" if plan.threads > 1 else "")
+    return (f"{explain(chosen, per_worker, served, cpu)} (timed on sessions of {threads}, "
+            f"as each of the {plan.workers} model workers runs it)")

@@ -15,7 +15,11 @@ references (``reference`` -> ``model.fp32.onnx`` for onnxruntime, ``references.l
    shape when the bundle has no golden set);
 4. keeps the one with the lowest median latency, int8 winning a tie within
    ``TIE_MARGIN`` (``agent.model.choice.pick``), and says why in one sentence
-   (``explain``: where fp32 wins, how much faster and what about this CPU makes it so).
+   (``explain``: where fp32 wins, how much faster and what about this CPU makes it so);
+5. under a ``WorkerPlan`` (several model workers sharing the cores out, for a model at
+   least the plan's ``min_ms`` slow on all cores), guards and times the survivors again on
+   sessions of one worker's share and ranks them on that, since runtimes scale
+   differently over the cores; the chosen session is handed back as the first worker.
 
 int8 is expected to win; on a CPU without int8 dot products (AVX2 without VNNI, a
 Cortex-A72) an fp32 file can be faster, and then it serves, and the status, the log line
@@ -24,9 +28,9 @@ and ``iomt-agent bench`` say so.
 The choice is cached (``agent.model.choice_cache``; the caller gives the path, under the
 agent's state dir) keyed by the bundle's model key: the sha256 of its model files'
 digests taken together, so that replacing any of them starts a new selection. An entry
-also records the precision, the thread count, the runtimes that were installed and the CPU
-it was timed on (``agent.cpu``'s label: model and ISA); a change in any of the last three
-starts a new selection (a state directory moved to another board is timed again). On a
+also records the precision, the thread count, the runtimes that were installed, the CPU
+it was timed on (``agent.cpu``'s label: model and ISA) and the plan; a change in any of
+the last four starts a new selection (a state directory moved to another board is timed again). On a
 cache hit only the cached candidate is opened, and the guard still runs on it: if it now
 fails (or the runtime cannot open the file) the entry is dropped and every candidate is
 tried again.
@@ -59,7 +63,18 @@ from agent.backends import (
 from agent.cpu import CpuInfo, read_cpu
 from agent.log import get_logger
 from agent.model.bundle import BundleFile, ModelBundle
-from agent.model.choice import FP32, TIE_MARGIN, Candidate, Choice, Key, explain, label, pick
+from agent.model.choice import (
+    FP32,
+    TIE_MARGIN,
+    Candidate,
+    Choice,
+    Key,
+    WorkerPlan,
+    explain,
+    explain_for_workers,
+    label,
+    pick,
+)
 from agent.model.choice_cache import forget, read_cache, remember
 from agent.model.guard import FLOAT_PRECISIONS, GuardFailed, GuardReport, load_golden, run_guard
 from agent.model.guard_cause import REBUILD, REBUILD_FOR_CPU
@@ -71,8 +86,8 @@ Floats = npt.NDArray[np.float32]
 # (runners by candidate, inputs, rounds) -> median batch-1 ms by candidate
 Timer = Callable[[dict[Key, ModelRunner], Floats, int], dict[Key, float]]
 
-__all__ = ["DEFAULT_ROUNDS", "TIE_MARGIN", "Candidate", "Choice", "candidate_files",
-           "choose_runner", "model_key", "servable_digests"]
+__all__ = ["DEFAULT_ROUNDS", "TIE_MARGIN", "Candidate", "Choice", "WorkerPlan",
+           "candidate_files", "choose_runner", "model_key", "servable_digests"]
 
 
 def model_key(bundle: ModelBundle) -> str:
@@ -165,11 +180,21 @@ def cpu_label(cpu: CpuInfo | None) -> str:
     return cpu.label if cpu is not None else "unknown CPU"
 
 
+def _plan_dict(plan: WorkerPlan | None) -> dict[str, Any] | None:
+    return plan.as_dict() if plan is not None else None
+
+
 def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, key: str,
                 files: dict[Key, BundleFile], installed: list[str],
-                cpu: str) -> tuple[ModelRunner, Choice] | None:
+                cpu: str, plan: WorkerPlan | None) -> tuple[ModelRunner, Choice] | None:
     entry = read_cache(cache_path).get(key)
     if not isinstance(entry, dict):
+        return None
+    if entry.get("plan", "none recorded") != _plan_dict(plan):
+        # Chosen for another share of the cores (model.workers, the cores this process
+        # may use), or before the cache kept it: the ranking may differ.
+        log.info("backend_cache_other_plan", model=bundle.name,
+                 cached_for=entry.get("plan", "none recorded"), plan=_plan_dict(plan))
         return None
     if "cpu" not in entry:  # written before the cache kept the CPU: timed once again
         log.info("backend_cache_without_cpu", model=bundle.name, cpu=cpu)
@@ -185,8 +210,10 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
             or entry.get("threads") != options.intra_op_threads
             or sorted(entry.get("installed", [])) != sorted(installed)):
         return None
+    split = plan is not None and entry.get("workers") == plan.workers and plan.workers > 1
+    opened = replace(options, intra_op_threads=plan.threads) if split and plan else options
     try:
-        runner = open_runner(cand[0], str(files[cand].path), options)
+        runner = open_runner(cand[0], str(files[cand].path), opened)
     except BackendError as exc:
         log.warning("backend_cache_stale", model=bundle.name, candidate=label(cand),
                     error=str(exc))
@@ -206,7 +233,9 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
     choice = Choice(runtime=cand[0], precision=cand[1], digest=files[cand].sha256,
                     model_key=key, threads=options.intra_op_threads, cached=True,
                     candidates=candidates, reason=str(entry.get("reason", "")),
-                    guard=report, chosen_at=str(entry.get("chosen_at", "")))
+                    guard=report, chosen_at=str(entry.get("chosen_at", "")),
+                    workers=plan.workers if split and plan else 1,
+                    worker_threads=plan.threads if split and plan else None)
     return runner, choice
 
 
@@ -240,6 +269,38 @@ def _guarded(bundle: ModelBundle, options: RunnerOptions, files: dict[Key, Bundl
     return runners, out, reports
 
 
+def _for_workers(bundle: ModelBundle, options: RunnerOptions, plan: WorkerPlan,
+                 files: dict[Key, BundleFile], all_core: dict[Key, ModelRunner],
+                 candidates: dict[Key, Candidate], reports: dict[Key, GuardReport],
+                 timer: Timer | None, rounds: int,
+                 ) -> tuple[dict[Key, ModelRunner], dict[Key, GuardReport]]:
+    """Close the all-core sessions, open and guard the survivors on ``plan.threads``
+    threads and time them there (``candidates`` gain ``worker_ms``; one that fails on such a
+    session drops out with the reason). Returns the sessions that pass and their reports."""
+    for runner in all_core.values():
+        runner.close()  # one session per candidate at the peak, not two
+    shared = replace(options, intra_op_threads=plan.threads)
+    installed = [rt for rt, _ in all_core]
+    runners, failed, split_reports = _guarded(bundle, shared, {c: files[c] for c in all_core},
+                                              installed)
+    for cand, why in failed.items():
+        candidates[cand] = replace(why, reason=f"on a {plan.threads}-thread session: "
+                                               f"{why.reason}",
+                                   median_ms=candidates[cand].median_ms)
+    if not runners:
+        return runners, {**reports, **split_reports}
+    try:
+        per_worker = (timer or measure_medians)(runners, timing_inputs(bundle), max(1, rounds))
+    except Exception:
+        for runner in runners.values():
+            runner.close()
+        raise
+    for cand in runners:
+        candidates[cand] = replace(candidates[cand], worker_ms=round(per_worker[cand], 3),
+                                   worst_psnr_db=split_reports[cand].worst_psnr_db)
+    return runners, {**reports, **split_reports}
+
+
 def choose_runner(
     bundle: ModelBundle,
     options: RunnerOptions,
@@ -249,15 +310,20 @@ def choose_runner(
     rounds: int = DEFAULT_ROUNDS,
     timer: Timer | None = None,
     cpu: CpuInfo | None = None,
+    plan: WorkerPlan | None = None,
 ) -> tuple[ModelRunner, Choice]:
     """Open the bundle on the fastest installed runtime x precision that passes the guard.
 
     ``runtimes`` narrows the candidates (default: every runtime in ``RUNTIMES``); ``timer``
     replaces the timing (``measure_medians``) and ``cpu`` the reading of this CPU (used for
-    the reason when fp32 wins), for tests. Returns the open runner (the caller closes it)
-    and the choice. Raises ``GuardFailed`` when candidates ran the golden set but none
-    reached the floor (the report of the closest one, its reason naming every
-    candidate's), ``BackendError`` when none could open its model at all."""
+    the reason when fp32 wins), for tests. With a ``plan`` that applies to the fastest
+    all-core median (not on an accelerator), the survivors are guarded and timed again on
+    sessions of ``plan.threads`` threads and ranked on those; the choice then says
+    ``workers``/``worker_threads`` and the runner handed back is such a session. Returns
+    the open runner (the caller closes it) and the choice. Raises ``GuardFailed`` when
+    candidates ran the golden set but none reached the floor (the report of the closest
+    one, its reason naming every candidate's), ``BackendError`` when none could open its
+    model at all."""
     options = _options(bundle, options)
     files = candidate_files(bundle, runtimes or RUNTIMES)
     if not files:
@@ -270,7 +336,7 @@ def choose_runner(
     this_cpu = cpu if cpu is not None else _read_cpu()
     if cache_path is not None:
         hit = _from_cache(bundle, options, cache_path, key, files, installed,
-                          cpu_label(this_cpu))
+                          cpu_label(this_cpu), plan)
         if hit is not None:
             log.info("backend_selected", model=bundle.name, **hit[1].summary())
             return hit
@@ -293,26 +359,48 @@ def choose_runner(
             runner.close()
         raise
     chosen = pick(medians, bundle.precision)
-    for cand, runner in runners.items():
-        candidates[cand] = Candidate(
-            cand[0], cand[1], True, "chosen" if cand == chosen else "passes the guard, slower",
-            median_ms=round(medians[cand], 3), worst_psnr_db=reports[cand].worst_psnr_db)
-        if cand != chosen:
-            runner.close()
-    ordered = tuple(candidates[c] for c in files)
     providers = runners[chosen].describe().get("providers") or ["cpu"]
     accelerator = None if providers[0] == "cpu" else f"onnxruntime's {providers[0]} provider"
-    reason = explain(chosen, list(ordered), bundle.precision, this_cpu, accelerator)
+    for cand in runners:
+        candidates[cand] = Candidate(cand[0], cand[1], True, "passes the guard, slower",
+                                     median_ms=round(medians[cand], 3),
+                                     worst_psnr_db=reports[cand].worst_psnr_db)
+    split = plan is not None and accelerator is None and plan.applies(medians[chosen])
+    if split and plan is not None:
+        runners, reports = _for_workers(bundle, options, plan, files, runners, candidates,
+                                        reports, timer, rounds)
+        if runners:
+            chosen = pick({c: candidates[c].worker_ms or math.inf for c in runners},
+                          bundle.precision)
+        else:  # no session of a worker's share passed: one all-core session serves
+            split = False
+            runners, _, reports = _guarded(bundle, options, {chosen: files[chosen]}, installed)
+            if not runners:
+                if chosen in reports:
+                    raise GuardFailed(reports[chosen])
+                raise BackendError(f"{label(chosen)} could not be opened again on all cores")
+            candidates[chosen] = replace(candidates[chosen], ok=True)
+    for cand, runner in runners.items():
+        if cand == chosen:
+            candidates[cand] = replace(candidates[cand], reason="chosen")
+        else:
+            runner.close()
+    ordered = tuple(candidates[c] for c in files)
+    if split and plan is not None:
+        reason = explain_for_workers(chosen, list(ordered), bundle.precision, plan, this_cpu)
+    else:
+        reason = explain(chosen, list(ordered), bundle.precision, this_cpu, accelerator)
     choice = Choice(runtime=chosen[0], precision=chosen[1], digest=files[chosen].sha256,
                     model_key=key, threads=options.intra_op_threads, cached=False,
                     candidates=ordered, reason=reason, guard=reports[chosen],
-                    chosen_at=_now())
+                    chosen_at=_now(), workers=plan.workers if split and plan else 1,
+                    worker_threads=plan.threads if split and plan else None)
     if cache_path is not None:
         entry: dict[str, Any] = {
             "runtime": chosen[0], "precision": chosen[1], "reason": reason,
             "threads": options.intra_op_threads, "installed": installed,
-            "cpu": cpu_label(this_cpu), "chosen_at": choice.chosen_at, "bundle": bundle.name,
-            "version": bundle.version,
+            "cpu": cpu_label(this_cpu), "plan": _plan_dict(plan), "workers": choice.workers,
+            "chosen_at": choice.chosen_at, "bundle": bundle.name, "version": bundle.version,
             "candidates": [c.as_dict() for c in ordered]}
         remember(cache_path, key, entry)
     # Loud where int8 did not pay: the site engineer sees it in journalctl.

@@ -28,6 +28,7 @@ from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, 
 from agent.model.guard_cause import REBUILD_FOR_CPU
 from agent.model.select import (
     Choice,
+    WorkerPlan,
     candidate_files,
     choose_runner,
     measure_medians,
@@ -135,6 +136,23 @@ def worker_count(settings: ModelSection, model_ms: float | None,
                f"two slices at once keep the {cpus} cores busier")
 
 
+def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | None:
+    """How ``worker_count`` would share out the cores for the config's ``model.workers``
+    and ``model.intra_op_threads`` (defaults: what ``init`` writes), for ``auto`` to rank
+    its candidates on (``agent.model.select``); None where every session gets the
+    configured threads (a site's ``intra_op_threads``) or one worker serves whatever the
+    model's speed."""
+    if intra_op_threads or workers == 1:
+        return None
+    cpus = usable_cpus()
+    explicit = workers
+    workers = workers or (2 if cpus >= 2 else 1)
+    if workers < 2:
+        return None
+    return WorkerPlan(workers=workers, threads=max(1, cpus // workers),
+                      min_ms=0.0 if explicit else WORKERS_MIN_MS)
+
+
 def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
     """The served model with one session per model worker, each guarded. With
     ``intra_op_threads = 0`` each session gets the cores shared out, so the guarded
@@ -150,15 +168,21 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     except BaseException:
         model.runner.close()
         raise
+    chosen_split = model.selection is not None and model.selection.worker_threads is not None
+    if chosen_split and model.selection:
+        workers = model.selection.workers  # what auto ranked for: the same rule
     if workers == 1:
         return replace(model, workers_reason=why)
     split = model.settings.intra_op_threads == 0
     shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
         if split else options
-    if split:
+    if chosen_split and model.selection and model.selection.worker_threads:
+        # auto chose on a session of a worker's share of the cores and handed that back
+        shared = replace(options, intra_op_threads=model.selection.worker_threads)
+    elif split:
         model.runner.close()
     runners, failure = _open_guarded(model, path, shared, workers,
-                                     keep=() if split else (model.runner,))
+                                     keep=(model.runner,) if chosen_split or not split else ())
     if not failure:
         log.info("model_workers", workers=workers, reason=why,
                  intra_op_threads=shared.intra_op_threads)
@@ -169,6 +193,8 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     alone = f"{failure}; one guarded session serves"
     if not split:
         return replace(model, workers_reason=alone)
+    if chosen_split:
+        model.runner.close()  # a worker's share: one session gets all the cores again
     runner = open_runner(model.runtime, str(path), options)  # the all-core one, again
     try:
         guard = run_guard(model.bundle, runner, precision=model.precision)
@@ -218,7 +244,9 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
         # Every installed runtime x {int8, fp32} the bundle has a file for is guarded and
         # timed on the golden set; the fastest that passes serves (int8 on a tie). Cached per
         # model key, so a restart only re-runs the guard. Raises GuardFailed when none passes.
-        runner, selection = choose_runner(bundle, options, state_dir / BACKEND_CACHE)
+        runner, selection = choose_runner(bundle, options, state_dir / BACKEND_CACHE,
+                                          plan=worker_plan(settings.workers,
+                                                           settings.intra_op_threads))
         path = candidate_files(bundle)[(selection.runtime, selection.precision)].path
         return _with_workers(ServedModel(bundle, runner, selection.guard, settings, selection),
                              path, options)

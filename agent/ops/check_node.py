@@ -93,9 +93,12 @@ def _choose(bundle: ModelBundle, config: Config,
     from agent.backends import runner_options
     from agent.model.guard import GuardFailed
     from agent.model.select import choose_runner
+    from agent.model.serving import worker_plan
 
     try:
-        runner, choice = choose_runner(bundle, runner_options(config.model, bundle), None)
+        runner, choice = choose_runner(
+            bundle, runner_options(config.model, bundle), None,
+            plan=worker_plan(config.model.workers, config.model.intra_op_threads))
     except GuardFailed as exc:
         found.append(_golden(exc.report))
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,131 @@ def test_a_choice_timed_on_another_cpu_is_timed_again(nets: dict[str, Any],
     assert [e["cpu"] for e in logs if e["event"] == "backend_cache_without_cpu"] == [VNNI.label]
 
 
+def phased(*phases: dict[Key, float]) -> sel.Timer:
+    """A timer that reports ``phases[n]`` on its n-th call (all cores, then a worker's share
+    under a plan) and records what each call was given."""
+    calls: list[set[Key]] = []
+
+    def timer(runners: dict[Key, ModelRunner], x: np.ndarray, rounds: int) -> dict[Key, float]:
+        calls.append(set(runners))
+        return {k: phases[len(calls) - 1][k] for k in runners}
+
+    timer.calls = calls  # type: ignore[attr-defined]
+    return timer
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Key | str, int]]:
+    """(runtime, threads) of every runner choose_runner opens, in order."""
+    seen: list[tuple[Key | str, int]] = []
+    real = sel.open_runner
+
+    def recording(runtime: str, path: str, options: RunnerOptions) -> Any:
+        seen.append((runtime, options.intra_op_threads))
+        return real(runtime, path, options)
+
+    monkeypatch.setattr(sel, "open_runner", recording)
+    return seen
+
+
+ALL_CORES = RunnerOptions(intra_op_threads=0)
+TWO_WORKERS = sel.WorkerPlan(workers=2, threads=1, min_ms=10.0)
+
+
+def test_a_plan_ranks_the_candidates_on_a_worker_s_share_of_the_cores(
+        nets: dict[str, Any], tmp_path: Path, opened: list[tuple[Key | str, int]]) -> None:
+    """fp32 is faster on all cores, int8 on the one-thread sessions that two workers run:
+    int8 serves, on such a session, and the cache remembers it for that plan only."""
+    bundle = onnx_pair(nets, tmp_path / "b")
+    cache = tmp_path / "choice.json"
+    timer = phased({ORT8: 20.0, ORT32: 15.0}, {ORT8: 25.0, ORT32: 40.0})
+    runner, choice = sel.choose_runner(bundle, ALL_CORES, cache, timer=timer, cpu=AVX2,
+                                       plan=TWO_WORKERS)
+    runner.close()
+    assert timer.calls == [{ORT8, ORT32}, {ORT8, ORT32}]  # type: ignore[attr-defined]
+    assert opened == [("onnxruntime", 0)] * 2 + [("onnxruntime", 1)] * 2
+    assert (choice.runtime, choice.precision) == ORT8
+    assert (choice.workers, choice.worker_threads) == (2, 1)
+    by_key = {c.key: c for c in choice.candidates}
+    assert (by_key[ORT8].median_ms, by_key[ORT8].worker_ms) == (20.0, 25.0)
+    assert (by_key[ORT32].median_ms, by_key[ORT32].worker_ms) == (15.0, 40.0)
+    assert choice.reason == (
+        "int8 on onnxruntime (25.0 ms): the fastest; 1.60x faster than the best fp32 "
+        "(onnxruntime fp32 40.0 ms) (timed on sessions of 1 thread, as each of the 2 model "
+        "workers runs it)")
+    summary = choice.summary()
+    assert (summary["workers"], summary["worker_threads"]) == (2, 1)
+    assert summary["candidates"][0]["worker_ms"] == 25.0
+    entry = cache_entries(cache)[sel.model_key(bundle)]
+    assert entry["plan"] == TWO_WORKERS.as_dict() and entry["workers"] == 2
+
+    opened.clear()  # a restart: the cached candidate, on a worker's share, guarded only
+    runner, again = sel.choose_runner(bundle, ALL_CORES, cache, timer=no_timing, cpu=AVX2,
+                                      plan=TWO_WORKERS)
+    runner.close()
+    assert again.cached and (again.runtime, again.precision) == ORT8
+    assert (again.workers, again.worker_threads) == (2, 1)
+    assert opened == [("onnxruntime", 1)]
+
+    # another share of the cores (or none) ranks again
+    with capture_logs() as logs:
+        runner, other = sel.choose_runner(bundle, ALL_CORES, cache, cpu=AVX2,
+                                          timer=forced({ORT32: 1.0}))
+    runner.close()
+    assert not other.cached and (other.runtime, other.precision) == ORT32
+    assert other.worker_threads is None and other.workers == 1
+    assert next(e for e in logs if e["event"] == "backend_cache_other_plan")["cached_for"] \
+        == TWO_WORKERS.as_dict()
+
+
+def test_a_plan_does_not_apply_to_a_fast_model(
+        nets: dict[str, Any], tmp_path: Path, opened: list[tuple[Key | str, int]]) -> None:
+    """Below the plan's ``min_ms`` one worker serves: the all-core ranking stands."""
+    bundle = onnx_pair(nets, tmp_path / "b")
+    cache = tmp_path / "choice.json"
+    timer = phased({ORT8: 5.0, ORT32: 8.0})
+    runner, choice = sel.choose_runner(bundle, ALL_CORES, cache, timer=timer, cpu=AVX2,
+                                       plan=TWO_WORKERS)
+    runner.close()
+    assert len(timer.calls) == 1  # type: ignore[attr-defined]
+    assert opened == [("onnxruntime", 0)] * 2
+    assert (choice.runtime, choice.precision, choice.workers, choice.worker_threads) == (
+        *ORT8, 1, None)
+    assert all(c.worker_ms is None for c in choice.candidates)
+    assert "timed on sessions" not in choice.reason
+    opened.clear()
+    runner, again = sel.choose_runner(bundle, ALL_CORES, cache, timer=no_timing, cpu=AVX2,
+                                      plan=TWO_WORKERS)
+    runner.close()
+    assert again.cached and again.worker_threads is None and opened == [("onnxruntime", 0)]
+
+
+def test_a_candidate_failing_on_a_worker_s_share_drops_out(
+        nets: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = onnx_pair(nets, tmp_path / "b")
+    real = sel.run_guard
+    # The third and fourth guard runs are the one-thread sessions: int8's fails.
+    runs: list[str] = []
+
+    def third_fails(bundle: Any, runner: Any, **kw: Any) -> Any:
+        runs.append(kw.get("precision", ""))
+        report = real(bundle, runner, **kw)
+        if len(runs) == 3:
+            return replace(report, ok=False, reason="22.1 dB < 50 dB",
+                           shortfall="misses its fidelity floor")
+        return report
+
+    monkeypatch.setattr(sel, "run_guard", third_fails)
+    runner, choice = sel.choose_runner(bundle, ALL_CORES, timer=phased(
+        {ORT8: 20.0, ORT32: 15.0}, {ORT8: 25.0, ORT32: 40.0}), cpu=AVX2, plan=TWO_WORKERS)
+    runner.close()
+    assert runs == ["int8", "fp32", "int8", "fp32"]
+    assert (choice.runtime, choice.precision, choice.worker_threads) == (*ORT32, 1)
+    int8 = next(c for c in choice.candidates if c.key == ORT8)
+    assert not int8.ok and int8.reason.startswith("on a 1-thread session: ")
+    assert int8.median_ms == 20.0  # its all-core figure stays
+
+
 def test_an_unreadable_or_older_cache_is_rebuilt(nets: dict[str, Any], tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "b", {"onnxruntime": nets["files"]["onnx_int8"]},
                                       nets["golden"]))
@@ -391,8 +517,8 @@ def test_a_cached_candidate_that_now_fails_the_guard_is_dropped(
     key = sel.model_key(bundle)
     cache.write_text(json.dumps({"format": 2, "choices": {key: {
         "runtime": "onnxruntime", "precision": "int8", "threads": 1,
-        "installed": ["onnxruntime"], "cpu": AVX2.label, "chosen_at": "2026-01-01T00:00:00Z",
-        "candidates": []}}}))
+        "installed": ["onnxruntime"], "cpu": AVX2.label, "plan": None,
+        "chosen_at": "2026-01-01T00:00:00Z", "candidates": []}}}))
     with pytest.raises(GuardFailed):
         sel.choose_runner(bundle, OPTS, cache, cpu=AVX2)
     assert key not in cache_entries(cache)

@@ -165,3 +165,37 @@ def test_a_further_session_that_cannot_open_leaves_the_guarded_one_alone(
             served.summary()["workers_reason"])
     finally:
         served.close()
+
+
+def test_auto_chooses_on_a_worker_s_share_of_the_cores_and_serves_that_session(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two workers on two cores, ``auto`` guards and times its candidates on 1-thread
+    sessions and hands the chosen one over as the first worker: no session is opened twice,
+    and a restart opens the two 1-thread sessions only."""
+    from agent.model import select
+
+    seen: list[int] = []
+    real = select.open_runner
+
+    def recording(runtime: str, path: str, options: RunnerOptions) -> Any:
+        seen.append(options.intra_op_threads)
+        return real(runtime, path, options)
+
+    monkeypatch.setattr(select, "open_runner", recording)
+    monkeypatch.setattr(serving, "open_runner", recording)
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    settings = ModelSection(bundle=bundle_root, backend="auto", workers=2)
+    for restart in (False, True):
+        seen.clear()
+        served = load_model(settings, tmp_path)
+        try:
+            assert served.selection is not None
+            assert served.selection.cached is restart
+            assert (served.selection.workers, served.selection.worker_threads) == (2, 1)
+            assert len(served.runners) == 2
+            # first start: the candidate on all cores, then on one thread (chosen), one more
+            assert seen == ([1, 1] if restart else [0, 1, 1])
+            summary = served.summary()
+            assert summary["workers"] == 2 and summary["selection"]["worker_threads"] == 1
+        finally:
+            served.close()
