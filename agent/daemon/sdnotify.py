@@ -12,23 +12,31 @@ a timer thread: when the processing loop hangs the pings stop and systemd restar
 service (``WatchdogSec=`` with ``Restart=on-failure``). Until ``READY=1`` the same beats
 extend the start timeout (``EXTEND_TIMEOUT_USEC``), so waiting for an unreachable broker is
 allowed for as long as the loop is alive, while a loop that hangs during start-up is still
-killed.
+killed. The one exception is the model's first load (``ServiceNotifier.loading``): no loop
+turns yet, and ``backend = "auto"`` guards and times every candidate, which on a slow board
+can outlast ``TimeoutStartSec``; a timer thread extends the start timeout then, for at most
+``LOAD_EXTEND_LIMIT_S``, so a load that hangs is still killed.
 
 This module imports only the standard library (``agent.log`` uses it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 DEFAULT_BEAT_S = 10.0  # beat period without WATCHDOG_USEC (start-up extensions only)
 STATUS_MIN_INTERVAL_S = 5.0  # a STATUS= line is recomputed at most this often
 MAX_STATUS_CHARS = 400
+# The model's first load may extend the start timeout this long, beyond TimeoutStartSec:
+# a Pi 4's first auto selection of the full bundle is estimated at 1-2 minutes.
+LOAD_EXTEND_LIMIT_S = 900.0
 
 
 def socket_address(name: str) -> str | bytes | None:
@@ -196,6 +204,34 @@ class ServiceNotifier:
                 lines.append(f"EXTEND_TIMEOUT_USEC={int(self.extend_s * 1_000_000)}")
         if lines:
             self.notifier.send(*lines)
+
+    @contextlib.contextmanager
+    def loading(self, limit_s: float = LOAD_EXTEND_LIMIT_S) -> Iterator[None]:
+        """Before READY, extend the start timeout every ``interval`` from a timer thread
+        while the body runs (the first model load, before any loop turns), for at most
+        ``limit_s`` seconds; ``WATCHDOG=1`` with it where the watchdog is on."""
+        if not self.notifier.enabled or self.is_ready:
+            yield
+            return
+        done = threading.Event()
+        deadline = self._clock() + limit_s
+        lines = [f"EXTEND_TIMEOUT_USEC={int(self.extend_s * 1_000_000)}"]
+        if self.watchdog_s:
+            lines.append("WATCHDOG=1")
+
+        def extend() -> None:
+            while self._clock() < deadline and not self.is_stopping:
+                self.notifier.send(*lines)
+                if done.wait(self.interval):
+                    return
+
+        pinger = threading.Thread(target=extend, name="sd-loading", daemon=True)
+        pinger.start()
+        try:
+            yield
+        finally:
+            done.set()
+            pinger.join()
 
     def status(self, text: str) -> None:
         """A STATUS= line now (start-up phases, shutdown progress)."""

@@ -82,7 +82,8 @@ class Agent:
 
             self.decoder = DecodeProcess(memory_bytes=config.decode.memory_bytes,
                                          timeout_s=config.decode.timeout_s)
-        self.model: ServedModel = self._first_model(config, a.state_dir)
+        with self.sd.loading():  # auto's first selection may outlast TimeoutStartSec
+            self.model: ServedModel = self._first_model(config, a.state_dir)
         if (refused := sharing_refusal(self.model, a.shared_subscription)) is not None:
             self.model.close()
             raise refused

@@ -227,6 +227,36 @@ def test_no_watchdog_once_the_loop_is_stuck(path_socket: Listener) -> None:
         loop.thread.join(5)
 
 
+def test_the_first_model_load_extends_the_start_timeout_for_a_bounded_time(
+        path_socket: Listener) -> None:
+    """No loop turns while the model loads: a timer thread extends the start timeout (and
+    pings the watchdog), and stops at the end of the load or at its limit."""
+    sd = ServiceNotifier.from_environ({"NOTIFY_SOCKET": path_socket.name,
+                                       "WATCHDOG_USEC": "400000"})  # a ping every 0.1 s
+    extend = "EXTEND_TIMEOUT_USEC=15000000"
+    with sd.loading():
+        time.sleep(0.55)  # auto timing its candidates
+    ended = time.monotonic()
+    during = path_socket.times_of(extend)
+    assert len(during) >= 4 and len(path_socket.times_of("WATCHDOG=1")) >= 4, during
+    time.sleep(0.3)
+    assert all(t <= ended for t in path_socket.times_of(extend))
+    assert not path_socket.times_of("READY=1")
+
+    began = time.monotonic()
+    with sd.loading(limit_s=0.25):
+        time.sleep(1.2)  # a load that hangs: systemd's timeout is left to expire
+    late = [t for t in path_socket.times_of(extend) if t > began + 0.75]
+    assert late == [] and len(path_socket.times_of(extend)) >= len(during) + 2
+
+    sd.beat(ready=True)
+    path_socket.wait_for("READY=1")
+    count = len(path_socket.messages())
+    with sd.loading():  # once ready, a reload's load is covered by the loop's own beats
+        time.sleep(0.25)
+    assert len(path_socket.messages()) == count
+
+
 def test_status_changes_are_sent_not_repeated(path_socket: Listener) -> None:
     now = [0.0]
     sd = ServiceNotifier(Notifier(path_socket.name), 30.0, clock=lambda: now[0],
