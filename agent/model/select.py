@@ -82,6 +82,10 @@ from agent.model.guard_cause import REBUILD, REBUILD_FOR_CPU
 log = get_logger("agent.model.select")
 
 DEFAULT_ROUNDS = 5
+# Under a plan, only candidates this close to the fastest on all cores are timed again as a
+# worker runs them: on the AVX2 kernels the per-worker figures reordered candidates within
+# 1.65x of one another (LiteRT int8 1.80x slower on 1 thread than on 2, onnxruntime fp32 1.09x).
+PLAN_WITHIN = 2.0
 Floats = npt.NDArray[np.float32]
 # (runners by candidate, inputs, rounds) -> median batch-1 ms by candidate
 Timer = Callable[[dict[Key, ModelRunner], Floats, int], dict[Key, float]]
@@ -367,6 +371,11 @@ def choose_runner(
                                      worst_psnr_db=reports[cand].worst_psnr_db)
     split = plan is not None and accelerator is None and plan.applies(medians[chosen])
     if split and plan is not None:
+        for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
+            runners.pop(cand).close()  # a first start on a slow board: time only contenders
+            candidates[cand] = replace(candidates[cand], reason=(
+                f"passes the guard, over {PLAN_WITHIN:g}x slower on all cores: not timed "
+                "as a worker runs it"))
         runners, reports = _for_workers(bundle, options, plan, files, runners, candidates,
                                         reports, timer, rounds)
         if runners:

@@ -433,6 +433,20 @@ def test_a_plan_does_not_apply_to_a_fast_model(
     assert again.cached and again.worker_threads is None and opened == [("onnxruntime", 0)]
 
 
+def test_a_plan_times_again_only_the_candidates_near_the_fastest(
+        nets: dict[str, Any], tmp_path: Path, opened: list[tuple[Key | str, int]]) -> None:
+    bundle = onnx_pair(nets, tmp_path / "b")
+    timer = phased({ORT8: 12.0, ORT32: 12.0 * sel.PLAN_WITHIN + 0.1}, {ORT8: 20.0})
+    runner, choice = sel.choose_runner(bundle, ALL_CORES, timer=timer, cpu=AVX2,
+                                       plan=TWO_WORKERS)
+    runner.close()
+    assert timer.calls == [{ORT8, ORT32}, {ORT8}]  # type: ignore[attr-defined]
+    assert opened == [("onnxruntime", 0)] * 2 + [("onnxruntime", 1)]
+    assert (choice.runtime, choice.precision, choice.worker_threads) == (*ORT8, 1)
+    fp32 = next(c for c in choice.candidates if c.key == ORT32)
+    assert fp32.ok and fp32.worker_ms is None and "not timed as a worker" in fp32.reason
+
+
 def test_a_candidate_failing_on_a_worker_s_share_drops_out(
         nets: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = onnx_pair(nets, tmp_path / "b")
