@@ -209,7 +209,9 @@ class ServiceNotifier:
     def loading(self, limit_s: float = LOAD_EXTEND_LIMIT_S) -> Iterator[None]:
         """Before READY, extend the start timeout every ``interval`` from a timer thread
         while the body runs (the first model load, before any loop turns), for at most
-        ``limit_s`` seconds; ``WATCHDOG=1`` with it where the watchdog is on."""
+        ``limit_s`` seconds; ``WATCHDOG=1`` with it where the watchdog is on. The last
+        extension runs out ``extend_s`` after that: a load still running then is stopped by
+        systemd about ``limit_s + extend_s`` after it began."""
         if not self.notifier.enabled or self.is_ready:
             yield
             return

@@ -8,6 +8,7 @@
 | ``guard`` | the int8 accuracy guard run on every load |
 | ``preprocess`` | a slice onto the model grid and back; normalisation |
 | ``select`` | ``backend = "auto"``: time runtime x precision, serve the fastest that passes |
+| ``candidates`` | ``auto``'s candidate files; opening, guarding and timing them |
 | ``choice`` | what ``auto`` weighed and why it chose |
 | ``choice_cache`` | the file where ``auto`` remembers its choice |
 | ``serving`` | load the model a config names: bundle, runtime (or ``auto``), guard |

@@ -40,19 +40,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from agent.backends import (
-    INSTALL_HINTS,
     RUNTIMES,
     BackendError,
     ModelRunner,
@@ -63,8 +57,15 @@ from agent.backends import (
 from agent.cpu import CpuInfo, read_cpu
 from agent.log import get_logger
 from agent.model.bundle import BundleFile, ModelBundle
+from agent.model.candidates import (
+    Timer,
+    candidate_files,
+    guard_candidates,
+    measure_medians,
+    servable_digests,
+    timing_inputs,
+)
 from agent.model.choice import (
-    FP32,
     TIE_MARGIN,
     Candidate,
     Choice,
@@ -76,7 +77,7 @@ from agent.model.choice import (
     pick,
 )
 from agent.model.choice_cache import forget, read_cache, remember
-from agent.model.guard import FLOAT_PRECISIONS, GuardFailed, GuardReport, load_golden, run_guard
+from agent.model.guard import GuardFailed, GuardReport, run_guard
 from agent.model.guard_cause import REBUILD, REBUILD_FOR_CPU
 
 log = get_logger("agent.model.select")
@@ -86,12 +87,10 @@ DEFAULT_ROUNDS = 5
 # worker runs them: on the AVX2 kernels the per-worker figures reordered candidates within
 # 1.65x of one another (LiteRT int8 1.80x slower on 1 thread than on 2, onnxruntime fp32 1.09x).
 PLAN_WITHIN = 2.0
-Floats = npt.NDArray[np.float32]
-# (runners by candidate, inputs, rounds) -> median batch-1 ms by candidate
-Timer = Callable[[dict[Key, ModelRunner], Floats, int], dict[Key, float]]
 
-__all__ = ["DEFAULT_ROUNDS", "TIE_MARGIN", "Candidate", "Choice", "WorkerPlan",
-           "candidate_files", "choose_runner", "model_key", "servable_digests"]
+__all__ = ["DEFAULT_ROUNDS", "TIE_MARGIN", "Candidate", "Choice", "Timer", "WorkerPlan",
+           "candidate_files", "choose_runner", "measure_medians", "model_key",
+           "servable_digests", "timing_inputs"]
 
 
 def model_key(bundle: ModelBundle) -> str:
@@ -104,26 +103,6 @@ def model_key(bundle: ModelBundle) -> str:
     if bundle.golden is not None:
         lines.append(f"golden={bundle.golden.sha256}:{bundle.golden.min_psnr_db:g}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def candidate_files(bundle: ModelBundle,
-                    runtimes: tuple[str, ...] = RUNTIMES) -> dict[Key, BundleFile]:
-    """Every runtime x precision the bundle has a file for, in preference order: the
-    served precision first, then fp32 (none for an fp32 bundle: its served files are)."""
-    served = bundle.precision
-    files = {(rt, served): bundle.backends[rt] for rt in runtimes if rt in bundle.backends}
-    if served.lower() not in FLOAT_PRECISIONS:
-        for rt in runtimes:
-            ref = bundle.reference_file(rt)
-            if ref is not None:
-                files[(rt, FP32)] = ref
-    return files
-
-
-def servable_digests(bundle: ModelBundle) -> set[str]:
-    """The digests of every file ``auto`` may serve: a consumer that predicts result ids
-    (the demo, the e2e bench) accepts the id of whichever it chose."""
-    return {f.sha256 for f in candidate_files(bundle).values()}
 
 
 def nothing_passes_fix(reports: Iterable[GuardReport]) -> str:
@@ -143,32 +122,6 @@ def _now() -> str:
 def _options(bundle: ModelBundle, options: RunnerOptions) -> RunnerOptions:
     return replace(options, input_name=bundle.input.input_name,
                    output_name=bundle.output.output_name)
-
-
-def timing_inputs(bundle: ModelBundle) -> Floats:
-    """What candidates are timed on: the golden inputs, else seeded ones of the contract's
-    shape."""
-    if bundle.golden is not None:
-        x, _ref = load_golden(bundle)
-        return x
-    channels = bundle.input_channels
-    rng = np.random.default_rng(0)
-    return rng.random((2, channels, *bundle.input.shape), dtype=np.float32)
-
-
-def measure_medians(runners: dict[Key, ModelRunner], x: Floats, rounds: int) -> dict[Key, float]:
-    """Median batch-1 latency (ms) per runner over ``rounds`` passes of the inputs (the
-    default ``Timer``)."""
-    times: dict[Key, list[float]] = {k: [] for k in runners}
-    order = list(runners)
-    for r in range(rounds):
-        for key in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
-            runner = runners[key]
-            for i in range(len(x)):
-                t0 = time.perf_counter()
-                runner.run(x[i : i + 1])
-                times[key].append((time.perf_counter() - t0) * 1000)
-    return {k: statistics.median(t) for k, t in times.items()}
 
 
 def _read_cpu() -> CpuInfo | None:
@@ -223,6 +176,12 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
                     error=str(exc))
         forget(cache_path, key)
         return None
+    if split and (runner.describe().get("providers") or ["cpu"])[0] != "cpu":
+        # Ranked per worker on the CPU; an accelerator serves now (onnxruntime-gpu added).
+        runner.close()
+        log.info("backend_cache_other_plan", model=bundle.name, cached_for=entry["plan"],
+                 plan="an accelerator serves: one worker")
+        return None
     report = run_guard(bundle, runner, precision=cand[1])
     if not report.ok:
         runner.close()
@@ -243,36 +202,6 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
     return runner, choice
 
 
-def _guarded(bundle: ModelBundle, options: RunnerOptions, files: dict[Key, BundleFile],
-             installed: list[str]) -> tuple[dict[Key, ModelRunner], dict[Key, Candidate],
-                                            dict[Key, GuardReport]]:
-    """Open and guard every candidate: the runners that pass, the rest's reasons."""
-    out: dict[Key, Candidate] = {}
-    reports: dict[Key, GuardReport] = {}
-    runners: dict[Key, ModelRunner] = {}
-    for cand, file in files.items():
-        rt, precision = cand
-        if rt not in installed:
-            out[cand] = Candidate(rt, precision, False, f"not installed ({INSTALL_HINTS[rt]})")
-            continue
-        try:
-            runner = open_runner(rt, str(file.path), options)
-        except BackendError as exc:
-            out[cand] = Candidate(rt, precision, False, f"cannot load the model: {exc}")
-            continue
-        report = run_guard(bundle, runner, precision=precision)
-        reports[cand] = report
-        if report.ok:
-            runners[cand] = runner
-        else:
-            runner.close()
-            # Without the report's fix: it would point at `auto`, which is choosing now.
-            why = "; ".join(t for t in (report.shortfall, report.explanation) if t)
-            out[cand] = Candidate(rt, precision, False, why or report.reason,
-                                  worst_psnr_db=report.worst_psnr_db)
-    return runners, out, reports
-
-
 def _for_workers(bundle: ModelBundle, options: RunnerOptions, plan: WorkerPlan,
                  files: dict[Key, BundleFile], all_core: dict[Key, ModelRunner],
                  candidates: dict[Key, Candidate], reports: dict[Key, GuardReport],
@@ -285,8 +214,8 @@ def _for_workers(bundle: ModelBundle, options: RunnerOptions, plan: WorkerPlan,
         runner.close()  # one session per candidate at the peak, not two
     shared = replace(options, intra_op_threads=plan.threads)
     installed = [rt for rt, _ in all_core]
-    runners, failed, split_reports = _guarded(bundle, shared, {c: files[c] for c in all_core},
-                                              installed)
+    runners, failed, split_reports = guard_candidates(
+        bundle, shared, {c: files[c] for c in all_core}, installed)
     for cand, why in failed.items():
         candidates[cand] = replace(why, reason=f"on a {plan.threads}-thread session: "
                                                f"{why.reason}",
@@ -345,7 +274,7 @@ def choose_runner(
             log.info("backend_selected", model=bundle.name, **hit[1].summary())
             return hit
 
-    runners, candidates, reports = _guarded(bundle, options, files, installed)
+    runners, candidates, reports = guard_candidates(bundle, options, files, installed)
     if not runners:
         why = "; ".join(f"{label(c.key)}: {c.reason}" for c in candidates.values())
         if reports:  # every candidate that could open its model missed the floor
@@ -369,7 +298,9 @@ def choose_runner(
         candidates[cand] = Candidate(cand[0], cand[1], True, "passes the guard, slower",
                                      median_ms=round(medians[cand], 3),
                                      worst_psnr_db=reports[cand].worst_psnr_db)
-    split = plan is not None and accelerator is None and plan.applies(medians[chosen])
+    # Rounded as the candidates keep it, so serving's worker count reads the same figure.
+    split = plan is not None and accelerator is None \
+        and plan.applies(round(medians[chosen], 3))
     if split and plan is not None:
         for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
             runners.pop(cand).close()  # a first start on a slow board: time only contenders
@@ -383,7 +314,8 @@ def choose_runner(
                           bundle.precision)
         else:  # no session of a worker's share passed: one all-core session serves
             split = False
-            runners, _, reports = _guarded(bundle, options, {chosen: files[chosen]}, installed)
+            runners, _, reports = guard_candidates(bundle, options, {chosen: files[chosen]},
+                                                   installed)
             if not runners:
                 if chosen in reports:
                     raise GuardFailed(reports[chosen])

@@ -141,44 +141,58 @@ def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | Non
     and ``model.intra_op_threads`` (defaults: what ``init`` writes), for ``auto`` to rank
     its candidates on (``agent.model.select``); None where every session gets the
     configured threads (a site's ``intra_op_threads``) or one worker serves whatever the
-    model's speed."""
-    if intra_op_threads or workers == 1:
-        return None
+    model's speed (one core: a worker's share would be all of it)."""
     cpus = usable_cpus()
-    explicit = workers
-    workers = workers or (2 if cpus >= 2 else 1)
-    if workers < 2:
+    if intra_op_threads or workers == 1 or cpus < 2:
         return None
-    return WorkerPlan(workers=workers, threads=max(1, cpus // workers),
-                      min_ms=0.0 if explicit else WORKERS_MIN_MS)
+    return WorkerPlan(workers=workers or 2, threads=max(1, cpus // (workers or 2)),
+                      min_ms=0.0 if workers else WORKERS_MIN_MS)
+
+
+def _split_reason(model: ServedModel, selection: Choice) -> str:
+    """Why ``auto``'s per-worker choice serves on ``selection.workers`` workers: the plan it
+    ranked under applied to its fastest all-core median (``choose_runner``)."""
+    threads = selection.worker_threads
+    ranked = (f"auto ranked its candidates on {threads}-thread sessions, as each of the "
+              f"{selection.workers} workers runs them")
+    if model.settings.workers:
+        return f"model.workers in the config; {ranked}"
+    timed = [c.median_ms for c in selection.candidates if c.ok and c.median_ms is not None]
+    fastest = min(timed) if timed else served_ms(model)
+    return (f"the fastest candidate takes {fastest:.1f} ms per slice on all cores (>= "
+            f"{WORKERS_MIN_MS:.0f} ms): two slices at once keep the {usable_cpus()} cores "
+            f"busier; {ranked}")
 
 
 def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
-    """The served model with one session per model worker, each guarded. With
-    ``intra_op_threads = 0`` each session gets the cores shared out, so the guarded
-    all-core session is closed first (one session less at the peak) and the new ones
-    replace it; an explicit thread count keeps it as the first worker. Where the further
-    sessions cannot be had (one does not open or fails its guard), a single session serves
-    (the all-core one, opened and guarded again) and the status says why. Nothing is left
-    open when it raises."""
+    """The served model with one session per model worker, each guarded.
+
+    Where ``auto`` chose under a worker plan, its runner is already a session of a worker's
+    share of the cores and becomes the first worker. Otherwise, with ``intra_op_threads =
+    0``, each session gets the cores shared out, so the guarded all-core session is closed
+    first (one session less at the peak) and the new ones replace it; an explicit thread
+    count keeps it as the first worker. Where the further sessions cannot be had (one does
+    not open or fails its guard), a single session on all cores serves (opened and guarded
+    again) and the status says why. Nothing is left open when it raises."""
+    selection = model.selection
+    chosen_split = selection is not None and selection.worker_threads is not None
     try:
-        accelerated = (model.runner.describe().get("providers") or ["cpu"])[0] != "cpu"
-        timed = None if model.settings.workers or accelerated else served_ms(model)
-        workers, why = worker_count(model.settings, timed, accelerated=accelerated)
+        if selection is not None and chosen_split:
+            workers, why = selection.workers, _split_reason(model, selection)
+        else:
+            accelerated = (model.runner.describe().get("providers") or ["cpu"])[0] != "cpu"
+            timed = None if model.settings.workers or accelerated else served_ms(model)
+            workers, why = worker_count(model.settings, timed, accelerated=accelerated)
     except BaseException:
         model.runner.close()
         raise
-    chosen_split = model.selection is not None and model.selection.worker_threads is not None
-    if chosen_split and model.selection:
-        workers = model.selection.workers  # what auto ranked for: the same rule
     if workers == 1:
         return replace(model, workers_reason=why)
     split = model.settings.intra_op_threads == 0
     shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
         if split else options
-    if chosen_split and model.selection and model.selection.worker_threads:
-        # auto chose on a session of a worker's share of the cores and handed that back
-        shared = replace(options, intra_op_threads=model.selection.worker_threads)
+    if selection is not None and selection.worker_threads is not None:
+        shared = replace(options, intra_op_threads=selection.worker_threads)
     elif split:
         model.runner.close()
     runners, failure = _open_guarded(model, path, shared, workers,
@@ -193,8 +207,11 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     alone = f"{failure}; one guarded session serves"
     if not split:
         return replace(model, workers_reason=alone)
-    if chosen_split:
+    if selection is not None and chosen_split:
         model.runner.close()  # a worker's share: one session gets all the cores again
+        # The status then says what serves: one worker on all cores, not auto's plan.
+        selection = replace(selection, workers=1, worker_threads=None)
+        alone += " on all cores (auto had ranked the candidates per worker)"
     runner = open_runner(model.runtime, str(path), options)  # the all-core one, again
     try:
         guard = run_guard(model.bundle, runner, precision=model.precision)
@@ -203,7 +220,8 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     except BaseException:
         runner.close()
         raise
-    return replace(model, runner=runner, guard=guard, workers_reason=alone)
+    return replace(model, runner=runner, guard=guard, selection=selection,
+                   workers_reason=alone)
 
 
 def _open_guarded(model: ServedModel, path: Path, options: RunnerOptions, workers: int,

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from agent.backends import BackendError, ModelRunner, RunnerOptions
 from agent.config import ModelSection
 from agent.cpu import identify
+from agent.model import candidates
 from agent.model import select as sel
 from agent.model.bundle import ModelBundle, load_bundle
 from agent.model.choice import TIE_MARGIN, Key, pick
@@ -357,7 +358,8 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Key | str, int]]:
         seen.append((runtime, options.intra_op_threads))
         return real(runtime, path, options)
 
-    monkeypatch.setattr(sel, "open_runner", recording)
+    monkeypatch.setattr(sel, "open_runner", recording)  # a cache hit's one candidate
+    monkeypatch.setattr(candidates, "open_runner", recording)  # every candidate's sessions
     return seen
 
 
@@ -411,6 +413,44 @@ def test_a_plan_ranks_the_candidates_on_a_worker_s_share_of_the_cores(
         == TWO_WORKERS.as_dict()
 
 
+def test_a_per_worker_choice_is_not_served_from_the_cache_on_an_accelerator(
+        nets: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranked per worker on the CPU; then onnxruntime-gpu came (same runtimes, same CPU):
+    the cached 1-thread pick is dropped and the candidates are ranked again, one worker."""
+    bundle = onnx_pair(nets, tmp_path / "b")
+    cache = tmp_path / "choice.json"
+    runner, first = sel.choose_runner(bundle, ALL_CORES, cache, cpu=AVX2, plan=TWO_WORKERS,
+                                      timer=phased({ORT8: 20.0, ORT32: 15.0},
+                                                   {ORT8: 25.0, ORT32: 40.0}))
+    runner.close()
+    assert first.worker_threads == 1
+
+    class OnAGpu:  # the real session, as onnxruntime-gpu would describe it
+        def __init__(self, inner: ModelRunner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def describe(self) -> dict[str, Any]:
+            return {**self.inner.describe(), "providers": ["cuda", "cpu"]}
+
+    for module in (sel, candidates):
+        real = module.open_runner
+        monkeypatch.setattr(module, "open_runner",
+                            lambda rt, path, opts, real=real: OnAGpu(real(rt, path, opts)))
+    with capture_logs() as logs:
+        runner, again = sel.choose_runner(bundle, ALL_CORES, cache, cpu=AVX2,
+                                          plan=TWO_WORKERS, timer=forced({ORT8: 20.0,
+                                                                          ORT32: 15.0}))
+    runner.close()
+    assert not again.cached and (again.runtime, again.precision) == ORT32
+    assert (again.workers, again.worker_threads) == (1, None)
+    assert "accelerator" in next(e for e in logs
+                                 if e["event"] == "backend_cache_other_plan")["plan"]
+    assert cache_entries(cache)[sel.model_key(bundle)]["workers"] == 1
+
+
 def test_a_plan_does_not_apply_to_a_fast_model(
         nets: dict[str, Any], tmp_path: Path, opened: list[tuple[Key | str, int]]) -> None:
     """Below the plan's ``min_ms`` one worker serves: the all-core ranking stands."""
@@ -450,7 +490,7 @@ def test_a_plan_times_again_only_the_candidates_near_the_fastest(
 def test_a_candidate_failing_on_a_worker_s_share_drops_out(
         nets: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = onnx_pair(nets, tmp_path / "b")
-    real = sel.run_guard
+    real = candidates.run_guard
     # The third and fourth guard runs are the one-thread sessions: int8's fails.
     runs: list[str] = []
 
@@ -462,7 +502,7 @@ def test_a_candidate_failing_on_a_worker_s_share_drops_out(
                            shortfall="misses its fidelity floor")
         return report
 
-    monkeypatch.setattr(sel, "run_guard", third_fails)
+    monkeypatch.setattr(candidates, "run_guard", third_fails)
     runner, choice = sel.choose_runner(bundle, ALL_CORES, timer=phased(
         {ORT8: 20.0, ORT32: 15.0}, {ORT8: 25.0, ORT32: 40.0}), cpu=AVX2, plan=TWO_WORKERS)
     runner.close()

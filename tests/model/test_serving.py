@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 from agent.backends import BackendError, RunnerOptions
 from agent.config import ModelSection
 from agent.model import serving
-from agent.model.serving import WORKERS_MIN_MS, load_model, worker_count
+from agent.model.choice import WorkerPlan
+from agent.model.serving import WORKERS_MIN_MS, load_model, worker_count, worker_plan
 from tests.bundles import make_scale_bundle
 
 
@@ -172,17 +173,7 @@ def test_auto_chooses_on_a_worker_s_share_of_the_cores_and_serves_that_session(
     """With two workers on two cores, ``auto`` guards and times its candidates on 1-thread
     sessions and hands the chosen one over as the first worker: no session is opened twice,
     and a restart opens the two 1-thread sessions only."""
-    from agent.model import select
-
-    seen: list[int] = []
-    real = select.open_runner
-
-    def recording(runtime: str, path: str, options: RunnerOptions) -> Any:
-        seen.append(options.intra_op_threads)
-        return real(runtime, path, options)
-
-    monkeypatch.setattr(select, "open_runner", recording)
-    monkeypatch.setattr(serving, "open_runner", recording)
+    seen = _record_opened(monkeypatch)
     monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
     settings = ModelSection(bundle=bundle_root, backend="auto", workers=2)
     for restart in (False, True):
@@ -199,3 +190,78 @@ def test_auto_chooses_on_a_worker_s_share_of_the_cores_and_serves_that_session(
             assert summary["workers"] == 2 and summary["selection"]["worker_threads"] == 1
         finally:
             served.close()
+
+
+def test_the_worker_plan_auto_ranks_on_follows_the_config_and_the_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 4)
+    assert worker_plan() == WorkerPlan(workers=2, threads=2, min_ms=WORKERS_MIN_MS)
+    assert worker_plan(workers=4) == WorkerPlan(workers=4, threads=1, min_ms=0.0)
+    assert worker_plan(workers=1) is None
+    assert worker_plan(intra_op_threads=2) is None  # the site's thread count holds
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 1)
+    assert worker_plan(workers=2) is None  # a worker's share would be all of the one core
+
+
+def _record_opened(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from agent.model import candidates, select
+
+    seen: list[int] = []
+    real = select.open_runner
+
+    def recording(runtime: str, path: str, options: RunnerOptions) -> Any:
+        seen.append(options.intra_op_threads)
+        return real(runtime, path, options)
+
+    for module in (select, candidates, serving):
+        monkeypatch.setattr(module, "open_runner", recording)
+    return seen
+
+
+def test_auto_s_per_worker_choice_says_why_it_serves_two_workers(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.workers = 0: the plan applied to auto's fastest all-core median (the scale
+    model is fast, so the threshold is lowered here to make it apply)."""
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(serving, "WORKERS_MIN_MS", 0.0)
+    served = load_model(ModelSection(bundle=bundle_root, backend="auto"), tmp_path)
+    try:
+        assert served.selection is not None and served.selection.worker_threads == 1
+        reason = served.summary()["workers_reason"]
+        assert reason.startswith("the fastest candidate takes ") and " ms per slice on all " \
+            "cores (>= 0 ms): two slices at once keep the 2 cores busier; auto ranked its " \
+            "candidates on 1-thread sessions, as each of the 2 workers runs them" in reason
+        assert "the agent's own work" not in reason
+    finally:
+        served.close()
+
+
+def test_auto_s_per_worker_choice_falls_back_to_one_session_on_all_cores(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second 1-thread session fails its guard: the chosen one is closed, one session
+    on all cores serves, and the status no longer claims auto's two workers."""
+    seen = _record_opened(monkeypatch)
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    real, calls = serving.run_guard, []
+
+    def first_fails(bundle: Any, runner: Any, **kw: Any) -> Any:
+        calls.append(1)
+        report = real(bundle, runner, **kw)
+        return replace(report, ok=False, reason="22.1 dB < 50 dB") if len(calls) == 1 else report
+
+    monkeypatch.setattr(serving, "run_guard", first_fails)
+    served = load_model(ModelSection(bundle=bundle_root, backend="auto", workers=2), tmp_path)
+    try:
+        assert served.runners == (served.runner,) and served.guard.ok
+        assert seen == [0, 1, 1, 0]  # all cores, the chosen 1-thread one, the failed, all again
+        assert served.selection is not None
+        assert (served.selection.workers, served.selection.worker_threads) == (1, None)
+        summary = served.summary()
+        assert summary["workers"] == 1 and "worker_threads" not in summary["selection"]
+        assert summary["workers_reason"] == (
+            "a further session failed the guard: 22.1 dB < 50 dB; one guarded session serves "
+            "on all cores (auto had ranked the candidates per worker)")
+        x = np.ones((1, 1, 256, 256), np.float32)
+        assert np.allclose(served.runner.run(x), 0.5)
+    finally:
+        served.close()
