@@ -4,8 +4,9 @@ results out.
 | package / module | job |
 |---|---|
 | ``cli`` | the ``iomt-agent`` subcommands (thin) |
-| ``cli_certs``, ``cli_keys``, ``cli_model`` | the ``certs``, ``keys``, ``model`` subcommands |
+| ``cli_init``, ``cli_certs``, ``cli_keys``, ``cli_model`` | those subcommands: ``init``, ... |
 | ``config`` | the one config schema; errors name the key path |
+| ``config_model`` | the ``[model]`` section: bundle, runtime or ``auto``, sessions |
 | ``config_deid``, ``config_receiver`` | the ``[deid]`` and ``[receiver]`` sections |
 | ``config_gateway`` | the ``[gateway]`` section (the DICOM C-STORE gateway) |
 | ``config_budgets`` | the ``[storage]`` and ``[decode]`` sections: full stores, decoder budget |

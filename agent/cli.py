@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from agent import __version__
 from agent.cli_bridges import add_gateway_parser, add_stow_flags, stow_settings
 from agent.cli_certs import add_certs_parser
+from agent.cli_init import add_init_parser
 from agent.cli_keys import add_keys_parser
 from agent.cli_model import (
     add_quantize_parser,
@@ -65,47 +66,6 @@ def _identity_flags(s: argparse.ArgumentParser, who: str) -> None:
     s.add_argument("--cert", help=f"client certificate (PEM) for mutual TLS, e.g. {who}'s; "
                    "default: the config's")
     s.add_argument("--key", help="its private key (default: in the --cert file)")
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError
-    from agent.model.bundle import BundleError
-    from agent.ops.certs import PkiError
-    from agent.ops.scaffold import InitOptions, write_directory
-
-    if args.certs is None and not (args.edge_url and args.cloud_url):
-        print("error: give --edge-url and --cloud-url (or --certs DIR)", file=sys.stderr)
-        return EXIT_CONFIG
-    pki = args.certs is not None  # with a PKI, site and device default to its own
-    try:
-        path = write_directory(
-            InitOptions(
-                directory=Path(args.dir),
-                edge_url=args.edge_url or "",
-                cloud_url=args.cloud_url or "",
-                site=args.site or ("" if pki else "site-1"),
-                device_id=args.device_id or ("" if pki else "edge-1"),
-                certs=Path(args.certs) if pki else None,
-                bundle=Path(args.bundle) if args.bundle else None,
-                protocol=args.protocol,
-                recipient_kind=args.recipient_kind,
-                force=args.force,
-                fleet_group=args.fleet_group,
-                fleet_root=Path(args.fleet_root) if args.fleet_root else None,
-            )
-        )
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return EXIT_CONFIG
-    except PkiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (FileExistsError, FileNotFoundError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    print(f"wrote {path} and development keys in {path.parent / 'keys'}")
-    print(f"next: iomt-agent run --config {path}")
-    return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -268,27 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"iomt-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")
-    s.add_argument("dir", help="directory to create")
-    s.add_argument("--edge-url",
-                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
-    s.add_argument("--cloud-url",
-                   help="mqtt://host[:port] or mqtts://host[:port] (default port 1883 / 8883)")
-    s.add_argument("--certs", metavar="PKI_DIR", help="use the mutual-TLS PKI of `certs init`: "
-                   "mqtts://localhost on its ports unless the URLs are given, its CA, the "
-                   "device's certificate and key")
-    s.add_argument("--site", help="site id (one topic level; default site-1 or the PKI's)")
-    s.add_argument("--device-id", help="device id (default edge-1 or the PKI's first)")
-    s.add_argument("--bundle", help="model bundle directory (default: models/t1w-to-t2w-lite)")
-    s.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
-    s.add_argument("--recipient-kind", choices=["mlkem768-x25519", "x25519"],
-                   default="mlkem768-x25519", help="HPKE KEM of the cloud recipient key")
-    s.add_argument("--force", action="store_true", help="overwrite an existing directory")
-    s.add_argument("--fleet-group", metavar="G", help="with --fleet-root: take signed model "
-                   "updates for group G (a [fleet] section)")
-    s.add_argument("--fleet-root", metavar="FILE", help="the fleet's trusted root.json "
-                   "(copied to DIR/fleet/root.json)")
-    s.set_defaults(func=cmd_init)
+    add_init_parser(sub)
 
     s = sub.add_parser("run", help="run the agent (the daemon)")
     s.add_argument("--config", required=True, help="path to agent.toml")

@@ -25,6 +25,7 @@ from agent.config_delivery import DeliverySection
 from agent.config_domain import DomainSection
 from agent.config_gateway import GatewaySection
 from agent.config_io import describe_errors, read_text, validate_toml
+from agent.config_model import ModelSection
 from agent.config_receiver import ReceiverSection
 from agent.errors import AgentError
 from agent.transport.broker_url import check_broker_url, check_failover_urls, is_loopback
@@ -180,49 +181,6 @@ class AgentSection(Strict):
     )
 
     _site = field_validator("site", "device_id")(_level)
-
-
-OnnxProvider = Literal["tensorrt", "cuda", "cpu"]
-DEFAULT_ONNX_PROVIDERS: tuple[OnnxProvider, ...] = ("tensorrt", "cuda", "cpu")
-
-
-class ModelSection(Strict):
-    bundle: Path = Field(title="Model bundle", description="Directory holding bundle.json")
-    backend: Literal["onnxruntime", "litert", "auto"] = Field(
-        "onnxruntime",
-        title="Runtime",
-        description="Inference runtime: onnxruntime, litert (serving the bundle's int8 file), "
-        "or auto (every installed runtime x {int8, fp32} file that passes the guard is timed "
-        "at model load; the fastest serves, int8 on a tie; cached per model in the state dir)",
-    )
-    intra_op_threads: int = Field(
-        0, ge=0, le=256, title="Intra-op threads",
-        description="Threads per model worker's session (0 = the cores shared out between the "
-        "workers: one per core with one worker)"
-    )
-    workers: int = Field(
-        0, ge=0, le=8, title="Model workers",
-        description="Slices inferred at the same time, each on its own session of the served "
-        "file. 0 = 2 where there are two or more cores and the model takes 10 ms or more per "
-        "slice (the model is then the slowest stage), else 1, and 1 on an accelerator. Every "
-        "session is guarded; with intra_op_threads = 0 each gets cores / workers threads",
-    )
-    inter_op_threads: int = Field(
-        1, ge=1, le=64, title="Inter-op threads",
-        description="Threads running independent graph branches (onnxruntime); 1 suits a U-Net",
-    )
-    onnx_providers: list[OnnxProvider] = Field(
-        default_factory=lambda: list(DEFAULT_ONNX_PROVIDERS),
-        min_length=1,
-        title="onnxruntime execution providers",
-        description="Tried in this order where the installed onnxruntime has them (TensorRT and "
-        "CUDA on a Jetson with onnxruntime-gpu); the CPU provider is always the last fallback",
-    )
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
-        "all",
-        title="onnxruntime graph optimisation",
-        description="Graph optimisation level; 'all' fuses int8 QDQ groups into integer kernels",
-    )
 
 
 class LimitsSection(Strict):
