@@ -4,7 +4,8 @@ results out.
 | package / module | job |
 |---|---|
 | ``cli`` | the ``iomt-agent`` subcommands (thin) |
-| ``cli_init``, ``cli_certs``, ``cli_keys``, ``cli_model`` | those subcommands: ``init``, ... |
+| ``cli_init``, ``cli_certs`` | the ``init`` and ``certs`` subcommands |
+| ``cli_keys``, ``cli_model`` | the ``keys`` and ``model`` subcommands |
 | ``config`` | the one config schema; errors name the key path |
 | ``config_model`` | the ``[model]`` section: bundle, runtime or ``auto``, sessions |
 | ``config_deid``, ``config_receiver`` | the ``[deid]`` and ``[receiver]`` sections |

@@ -56,7 +56,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
 def add_init_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``iomt-agent init DIR ...`` on the top-level subparsers."""
     s = sub.add_parser("init", help="write a ready-to-run directory (config + dev keys)")

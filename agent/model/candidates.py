@@ -78,9 +78,10 @@ def measure_medians(runners: dict[Key, ModelRunner], x: Floats, rounds: int) -> 
     return {k: statistics.median(t) for k, t in times.items()}
 
 
-def guard_candidates(bundle: ModelBundle, options: RunnerOptions, files: dict[Key, BundleFile],
-             installed: list[str]) -> tuple[dict[Key, ModelRunner], dict[Key, Candidate],
-                                            dict[Key, GuardReport]]:
+def guard_candidates(
+    bundle: ModelBundle, options: RunnerOptions, files: dict[Key, BundleFile],
+    installed: list[str],
+) -> tuple[dict[Key, ModelRunner], dict[Key, Candidate], dict[Key, GuardReport]]:
     """Open and guard every candidate: the runners that pass, the rest's reasons."""
     out: dict[Key, Candidate] = {}
     reports: dict[Key, GuardReport] = {}

@@ -2,7 +2,7 @@
 precision, the ranking rule (``pick``) and the sentence that says why (``explain``).
 
 Pure: no runtime is opened here, so the rule and the wording are tested with plain numbers
-(``agent.model.select`` does the opening, guarding and timing).
+(``agent.model.candidates`` does the opening, guarding and timing).
 
 The ranking: the lowest median latency wins, except that a candidate within ``TIE_MARGIN``
 of the fastest wins when it comes earlier in the preference order: the bundle's served
@@ -89,6 +89,7 @@ class Choice:
     # one's session. Then the runner handed back is the first worker's session.
     workers: int = 1
     worker_threads: int | None = None
+    plan_ms: float | None = None  # the all-core median the plan was applied to
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe, for the status message and the selection log line."""

@@ -30,7 +30,9 @@ agent's state dir) keyed by the bundle's model key: the sha256 of its model file
 digests taken together, so that replacing any of them starts a new selection. An entry
 also records the precision, the thread count, the runtimes that were installed, the CPU
 it was timed on (``agent.cpu``'s label: model and ISA) and the plan; a change in any of
-the last four starts a new selection (a state directory moved to another board is timed again). On a
+the last four starts a new selection (a state directory moved to another board is timed
+again), as does a per-worker choice whose session now runs on an accelerator (no plan
+applies where any candidate does). On a
 cache hit only the cached candidate is opened, and the guard still runs on it: if it now
 fails (or the runtime cannot open the file) the entry is dropped and every candidate is
 tried again.
@@ -141,6 +143,10 @@ def _plan_dict(plan: WorkerPlan | None) -> dict[str, Any] | None:
     return plan.as_dict() if plan is not None else None
 
 
+def _on_accelerator(runner: ModelRunner) -> bool:
+    return bool((runner.describe().get("providers") or ["cpu"])[0] != "cpu")
+
+
 def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, key: str,
                 files: dict[Key, BundleFile], installed: list[str],
                 cpu: str, plan: WorkerPlan | None) -> tuple[ModelRunner, Choice] | None:
@@ -176,7 +182,7 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
                     error=str(exc))
         forget(cache_path, key)
         return None
-    if split and (runner.describe().get("providers") or ["cpu"])[0] != "cpu":
+    if split and _on_accelerator(runner):
         # Ranked per worker on the CPU; an accelerator serves now (onnxruntime-gpu added).
         runner.close()
         log.info("backend_cache_other_plan", model=bundle.name, cached_for=entry["plan"],
@@ -198,7 +204,8 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
                     candidates=candidates, reason=str(entry.get("reason", "")),
                     guard=report, chosen_at=str(entry.get("chosen_at", "")),
                     workers=plan.workers if split and plan else 1,
-                    worker_threads=plan.threads if split and plan else None)
+                    worker_threads=plan.threads if split and plan else None,
+                    plan_ms=entry.get("plan_ms") if split else None)
     return runner, choice
 
 
@@ -291,16 +298,22 @@ def choose_runner(
         for runner in runners.values():
             runner.close()
         raise
+    # Ranked on the figures the candidates keep (and the status shows), so that they
+    # reproduce the choice: unrounded, a tie within TIE_MARGIN could read otherwise.
+    medians = {cand: round(ms, 3) for cand, ms in medians.items()}
     chosen = pick(medians, bundle.precision)
     providers = runners[chosen].describe().get("providers") or ["cpu"]
     accelerator = None if providers[0] == "cpu" else f"onnxruntime's {providers[0]} provider"
+    # Any candidate on an accelerator: one worker serves (a per-worker ranking could pick
+    # it, and threads say nothing about it), so the plan is not applied.
+    on_accelerator = any(_on_accelerator(r) for r in runners.values())
     for cand in runners:
         candidates[cand] = Candidate(cand[0], cand[1], True, "passes the guard, slower",
                                      median_ms=round(medians[cand], 3),
                                      worst_psnr_db=reports[cand].worst_psnr_db)
     # Rounded as the candidates keep it, so serving's worker count reads the same figure.
-    split = plan is not None and accelerator is None \
-        and plan.applies(round(medians[chosen], 3))
+    plan_ms = medians[chosen]
+    split = plan is not None and not on_accelerator and plan.applies(plan_ms)
     if split and plan is not None:
         for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
             runners.pop(cand).close()  # a first start on a slow board: time only contenders
@@ -335,12 +348,14 @@ def choose_runner(
                     model_key=key, threads=options.intra_op_threads, cached=False,
                     candidates=ordered, reason=reason, guard=reports[chosen],
                     chosen_at=_now(), workers=plan.workers if split and plan else 1,
-                    worker_threads=plan.threads if split and plan else None)
+                    worker_threads=plan.threads if split and plan else None,
+                    plan_ms=plan_ms if split else None)
     if cache_path is not None:
         entry: dict[str, Any] = {
             "runtime": chosen[0], "precision": chosen[1], "reason": reason,
             "threads": options.intra_op_threads, "installed": installed,
             "cpu": cpu_label(this_cpu), "plan": _plan_dict(plan), "workers": choice.workers,
+            "plan_ms": choice.plan_ms,
             "chosen_at": choice.chosen_at, "bundle": bundle.name, "version": bundle.version,
             "candidates": [c.as_dict() for c in ordered]}
         remember(cache_path, key, entry)

@@ -140,8 +140,9 @@ def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | Non
     """How ``worker_count`` would share out the cores for the config's ``model.workers``
     and ``model.intra_op_threads`` (defaults: what ``init`` writes), for ``auto`` to rank
     its candidates on (``agent.model.select``); None where every session gets the
-    configured threads (a site's ``intra_op_threads``) or one worker serves whatever the
-    model's speed (one core: a worker's share would be all of it)."""
+    configured threads (a site's ``intra_op_threads``), where one worker serves whatever the
+    model's speed (``workers = 1``), and on one core (a worker's share is all of it: the
+    all-core ranking holds, however many workers)."""
     cpus = usable_cpus()
     if intra_op_threads or workers == 1 or cpus < 2:
         return None
@@ -157,9 +158,9 @@ def _split_reason(model: ServedModel, selection: Choice) -> str:
               f"{selection.workers} workers runs them")
     if model.settings.workers:
         return f"model.workers in the config; {ranked}"
-    timed = [c.median_ms for c in selection.candidates if c.ok and c.median_ms is not None]
-    fastest = min(timed) if timed else served_ms(model)
-    return (f"the fastest candidate takes {fastest:.1f} ms per slice on all cores (>= "
+    if selection.plan_ms is None:  # a cache entry written before it kept the figure
+        return f"the model takes {WORKERS_MIN_MS:.0f} ms or more per slice on all cores; {ranked}"
+    return (f"auto's pick on all cores took {selection.plan_ms:.1f} ms per slice (>= "
             f"{WORKERS_MIN_MS:.0f} ms): two slices at once keep the {usable_cpus()} cores "
             f"busier; {ranked}")
 
@@ -172,8 +173,9 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     0``, each session gets the cores shared out, so the guarded all-core session is closed
     first (one session less at the peak) and the new ones replace it; an explicit thread
     count keeps it as the first worker. Where the further sessions cannot be had (one does
-    not open or fails its guard), a single session on all cores serves (opened and guarded
-    again) and the status says why. Nothing is left open when it raises."""
+    not open or fails its guard), a single session serves and the status says why: with the
+    cores shared out, one on all cores (opened and guarded again); with the site's thread
+    count, the guarded one. Nothing is left open when it raises."""
     selection = model.selection
     chosen_split = selection is not None and selection.worker_threads is not None
     try:
@@ -210,7 +212,7 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     if selection is not None and chosen_split:
         model.runner.close()  # a worker's share: one session gets all the cores again
         # The status then says what serves: one worker on all cores, not auto's plan.
-        selection = replace(selection, workers=1, worker_threads=None)
+        selection = replace(selection, workers=1, worker_threads=None, plan_ms=None)
         alone += " on all cores (auto had ranked the candidates per worker)"
     runner = open_runner(model.runtime, str(path), options)  # the all-core one, again
     try:
@@ -220,6 +222,8 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     except BaseException:
         runner.close()
         raise
+    if selection is not None and chosen_split:
+        selection = replace(selection, guard=guard)
     return replace(model, runner=runner, guard=guard, selection=selection,
                    workers_reason=alone)
 

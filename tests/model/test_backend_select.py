@@ -449,6 +449,33 @@ def test_a_per_worker_choice_is_not_served_from_the_cache_on_an_accelerator(
     assert "accelerator" in next(e for e in logs
                                  if e["event"] == "backend_cache_other_plan")["plan"]
     assert cache_entries(cache)[sel.model_key(bundle)]["workers"] == 1
+    runner, third = sel.choose_runner(bundle, ALL_CORES, cache, cpu=AVX2, plan=TWO_WORKERS,
+                                      timer=no_timing)
+    runner.close()
+    assert third.cached and third.worker_threads is None  # the cache holds from now on
+
+
+def test_no_plan_applies_where_any_candidate_runs_on_an_accelerator(
+        nets: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-core pick is on the CPU but another candidate is on a GPU: ranked per worker,
+    the GPU one could win and be served twice; one worker serves, ranked on all cores."""
+    bundle = onnx_pair(nets, tmp_path / "b")
+    real = candidates.open_runner
+
+    def int8_on_a_gpu(rt: str, path: str, opts: RunnerOptions) -> Any:
+        runner = real(rt, path, opts)
+        if "int8" in Path(path).name:
+            describe = runner.describe
+            runner.describe = lambda: {**describe(), "providers": ["cuda", "cpu"]}
+        return runner
+
+    monkeypatch.setattr(candidates, "open_runner", int8_on_a_gpu)
+    timer = phased({ORT8: 15.0, ORT32: 12.0}, {ORT8: 15.0, ORT32: 24.0})
+    runner, choice = sel.choose_runner(bundle, ALL_CORES, cpu=AVX2, plan=TWO_WORKERS,
+                                       timer=timer)
+    runner.close()
+    assert len(timer.calls) == 1  # type: ignore[attr-defined]
+    assert (choice.runtime, choice.precision, choice.worker_threads) == (*ORT32, None)
 
 
 def test_a_plan_does_not_apply_to_a_fast_model(

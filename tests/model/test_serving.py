@@ -203,7 +203,9 @@ def test_the_worker_plan_auto_ranks_on_follows_the_config_and_the_cores(
     assert worker_plan(workers=2) is None  # a worker's share would be all of the one core
 
 
-def _record_opened(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _record_opened(monkeypatch: pytest.MonkeyPatch,
+                   runners: list[Any] | None = None) -> list[int]:
+    """The threads of every session opened, in order (and the sessions, into ``runners``)."""
     from agent.model import candidates, select
 
     seen: list[int] = []
@@ -211,7 +213,10 @@ def _record_opened(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def recording(runtime: str, path: str, options: RunnerOptions) -> Any:
         seen.append(options.intra_op_threads)
-        return real(runtime, path, options)
+        runner = real(runtime, path, options)
+        if runners is not None:
+            runners.append(runner)
+        return runner
 
     for module in (select, candidates, serving):
         monkeypatch.setattr(module, "open_runner", recording)
@@ -228,9 +233,11 @@ def test_auto_s_per_worker_choice_says_why_it_serves_two_workers(
     try:
         assert served.selection is not None and served.selection.worker_threads == 1
         reason = served.summary()["workers_reason"]
-        assert reason.startswith("the fastest candidate takes ") and " ms per slice on all " \
-            "cores (>= 0 ms): two slices at once keep the 2 cores busier; auto ranked its " \
-            "candidates on 1-thread sessions, as each of the 2 workers runs them" in reason
+        assert served.selection.plan_ms is not None
+        assert reason == (
+            f"auto's pick on all cores took {served.selection.plan_ms:.1f} ms per slice (>= 0 "
+            "ms): two slices at once keep the 2 cores busier; auto ranked its candidates on "
+            "1-thread sessions, as each of the 2 workers runs them")
         assert "the agent's own work" not in reason
     finally:
         served.close()
@@ -240,7 +247,8 @@ def test_auto_s_per_worker_choice_falls_back_to_one_session_on_all_cores(
         bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second 1-thread session fails its guard: the chosen one is closed, one session
     on all cores serves, and the status no longer claims auto's two workers."""
-    seen = _record_opened(monkeypatch)
+    sessions: list[Any] = []
+    seen = _record_opened(monkeypatch, sessions)
     monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
     real, calls = serving.run_guard, []
 
@@ -254,6 +262,11 @@ def test_auto_s_per_worker_choice_falls_back_to_one_session_on_all_cores(
     try:
         assert served.runners == (served.runner,) and served.guard.ok
         assert seen == [0, 1, 1, 0]  # all cores, the chosen 1-thread one, the failed, all again
+        assert sessions[-1] is served.runner
+        for closed in sessions[:-1]:  # auto's 1-thread pick too: nothing else is left open
+            with pytest.raises(BackendError):
+                closed.run(np.ones((1, 1, 256, 256), np.float32))
+        assert served.selection.guard is served.guard and served.selection.plan_ms is None
         assert served.selection is not None
         assert (served.selection.workers, served.selection.worker_threads) == (1, None)
         summary = served.summary()
