@@ -78,6 +78,12 @@ def measure_medians(runners: dict[Key, ModelRunner], x: Floats, rounds: int) -> 
     return {k: statistics.median(t) for k, t in times.items()}
 
 
+def on_accelerator(runner: ModelRunner) -> bool:
+    """Whether the session runs on an accelerator provider (onnxruntime's first provider
+    is not the CPU's); LiteRT's sessions name none and run on the CPU."""
+    return bool((runner.describe().get("providers") or ["cpu"])[0] != "cpu")
+
+
 def guard_candidates(
     bundle: ModelBundle, options: RunnerOptions, files: dict[Key, BundleFile],
     installed: list[str],

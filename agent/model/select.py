@@ -64,6 +64,7 @@ from agent.model.candidates import (
     candidate_files,
     guard_candidates,
     measure_medians,
+    on_accelerator,
     servable_digests,
     timing_inputs,
 )
@@ -143,10 +144,6 @@ def _plan_dict(plan: WorkerPlan | None) -> dict[str, Any] | None:
     return plan.as_dict() if plan is not None else None
 
 
-def _on_accelerator(runner: ModelRunner) -> bool:
-    return bool((runner.describe().get("providers") or ["cpu"])[0] != "cpu")
-
-
 def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, key: str,
                 files: dict[Key, BundleFile], installed: list[str],
                 cpu: str, plan: WorkerPlan | None) -> tuple[ModelRunner, Choice] | None:
@@ -182,7 +179,7 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
                     error=str(exc))
         forget(cache_path, key)
         return None
-    if split and _on_accelerator(runner):
+    if split and on_accelerator(runner):
         # Ranked per worker on the CPU; an accelerator serves now (onnxruntime-gpu added).
         runner.close()
         log.info("backend_cache_other_plan", model=bundle.name, cached_for=entry["plan"],
@@ -306,14 +303,13 @@ def choose_runner(
     accelerator = None if providers[0] == "cpu" else f"onnxruntime's {providers[0]} provider"
     # Any candidate on an accelerator: one worker serves (a per-worker ranking could pick
     # it, and threads say nothing about it), so the plan is not applied.
-    on_accelerator = any(_on_accelerator(r) for r in runners.values())
+    any_accelerated = any(on_accelerator(r) for r in runners.values())
     for cand in runners:
         candidates[cand] = Candidate(cand[0], cand[1], True, "passes the guard, slower",
-                                     median_ms=round(medians[cand], 3),
+                                     median_ms=medians[cand],
                                      worst_psnr_db=reports[cand].worst_psnr_db)
-    # Rounded as the candidates keep it, so serving's worker count reads the same figure.
     plan_ms = medians[chosen]
-    split = plan is not None and not on_accelerator and plan.applies(plan_ms)
+    split = plan is not None and not any_accelerated and plan.applies(plan_ms)
     if split and plan is not None:
         for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
             runners.pop(cand).close()  # a first start on a slow board: time only contenders

@@ -24,6 +24,7 @@ from agent.config import ModelSection
 from agent.cpu import usable_cpus
 from agent.log import get_logger
 from agent.model.bundle import ModelBundle, load_bundle
+from agent.model.candidates import on_accelerator
 from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, run_guard
 from agent.model.guard_cause import REBUILD_FOR_CPU
 from agent.model.select import (
@@ -176,13 +177,14 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     not open or fails its guard), a single session serves and the status says why: with the
     cores shared out, one on all cores (opened and guarded again); with the site's thread
     count, the guarded one. Nothing is left open when it raises."""
-    selection = model.selection
-    chosen_split = selection is not None and selection.worker_threads is not None
+    # auto's choice under a worker plan (its runner a session of a worker's share), or None
+    per_worker = model.selection if model.selection is not None \
+        and model.selection.worker_threads is not None else None
     try:
-        if selection is not None and chosen_split:
-            workers, why = selection.workers, _split_reason(model, selection)
+        if per_worker is not None:
+            workers, why = per_worker.workers, _split_reason(model, per_worker)
         else:
-            accelerated = (model.runner.describe().get("providers") or ["cpu"])[0] != "cpu"
+            accelerated = on_accelerator(model.runner)
             timed = None if model.settings.workers or accelerated else served_ms(model)
             workers, why = worker_count(model.settings, timed, accelerated=accelerated)
     except BaseException:
@@ -193,12 +195,13 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     split = model.settings.intra_op_threads == 0
     shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
         if split else options
-    if selection is not None and selection.worker_threads is not None:
-        shared = replace(options, intra_op_threads=selection.worker_threads)
+    if per_worker is not None:
+        shared = replace(options, intra_op_threads=per_worker.worker_threads or 1)
     elif split:
         model.runner.close()
-    runners, failure = _open_guarded(model, path, shared, workers,
-                                     keep=(model.runner,) if chosen_split or not split else ())
+    runners, failure = _open_guarded(
+        model, path, shared, workers,
+        keep=(model.runner,) if per_worker is not None or not split else ())
     if not failure:
         log.info("model_workers", workers=workers, reason=why,
                  intra_op_threads=shared.intra_op_threads)
@@ -209,10 +212,8 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     alone = f"{failure}; one guarded session serves"
     if not split:
         return replace(model, workers_reason=alone)
-    if selection is not None and chosen_split:
+    if per_worker is not None:
         model.runner.close()  # a worker's share: one session gets all the cores again
-        # The status then says what serves: one worker on all cores, not auto's plan.
-        selection = replace(selection, workers=1, worker_threads=None, plan_ms=None)
         alone += " on all cores (auto had ranked the candidates per worker)"
     runner = open_runner(model.runtime, str(path), options)  # the all-core one, again
     try:
@@ -222,8 +223,9 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     except BaseException:
         runner.close()
         raise
-    if selection is not None and chosen_split:
-        selection = replace(selection, guard=guard)
+    # The status then says what serves: one worker on all cores, not auto's plan.
+    selection = model.selection if per_worker is None else replace(
+        per_worker, workers=1, worker_threads=None, plan_ms=None, guard=guard)
     return replace(model, runner=runner, guard=guard, selection=selection,
                    workers_reason=alone)
 
