@@ -252,8 +252,7 @@ class Agent:
             self._publish_status(force=True)
 
     def _sd_status(self) -> str:
-        inbox, outbox = self.store.depths()
-        counts = self.store.counters()
+        inbox, outbox, counts = self.store.snapshot()
         return sdnotify.status_line(
             brokers=[sdnotify.BrokerState(c.name, c.cfg.url, c.connected, c.last_error)
                      for c in (self.edge, self.cloud)],

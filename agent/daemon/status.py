@@ -13,8 +13,7 @@ if TYPE_CHECKING:
 
 def agent_status(agent: Agent, state: str = "online") -> dict[str, Any]:
     """What the agent publishes, retained, on its status topic."""
-    inbox, outbox = agent.store.depths()
-    counts = agent.store.counters()
+    inbox, outbox, counts = agent.store.snapshot()
     series = agent.stages.series
     return {
         "v": 1,

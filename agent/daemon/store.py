@@ -376,12 +376,22 @@ class Store:
     def depths(self) -> tuple[int, int]:
         """(pending inbox rows, outbox rows)."""
         with self._lock:
-            inbox = self._db.execute(
-                "SELECT COUNT(*) FROM inbox WHERE state='pending'"
-            ).fetchone()[0]
-            outbox = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            return self._depths()
+
+    def _depths(self) -> tuple[int, int]:
+        inbox = self._db.execute("SELECT COUNT(*) FROM inbox WHERE state='pending'").fetchone()[0]
+        outbox = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         return int(inbox), int(outbox)
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            return {str(k): int(v) for k, v in self._db.execute("SELECT name, value FROM counters")}
+            return self._counters()
+
+    def _counters(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._db.execute("SELECT name, value FROM counters")}
+
+    def snapshot(self) -> tuple[int, int, dict[str, int]]:
+        """``depths()`` and ``counters()`` read together: a commit between two reads would
+        count its scan both as pending and as processed in one status message."""
+        with self._lock:
+            return (*self._depths(), self._counters())
