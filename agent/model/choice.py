@@ -90,6 +90,9 @@ class Choice:
     workers: int = 1
     worker_threads: int | None = None
     plan_ms: float | None = None  # the all-core median the plan was applied to
+    # Why a plan that applied serves one all-core session: no session of a worker's share
+    # passed the guard. Serving then opens no further sessions (they would fail the same way).
+    unsplit: str = ""
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe, for the status message and the selection log line."""

@@ -202,7 +202,8 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
                     guard=report, chosen_at=str(entry.get("chosen_at", "")),
                     workers=plan.workers if split and plan else 1,
                     worker_threads=plan.threads if split and plan else None,
-                    plan_ms=entry.get("plan_ms") if split else None)
+                    plan_ms=entry.get("plan_ms") if split else None,
+                    unsplit="" if split else str(entry.get("unsplit") or ""))
     return runner, choice
 
 
@@ -309,6 +310,7 @@ def choose_runner(
                                      median_ms=medians[cand],
                                      worst_psnr_db=reports[cand].worst_psnr_db)
     plan_ms = medians[chosen]
+    unsplit = ""
     split = plan is not None and not any_accelerated and plan.applies(plan_ms)
     if split and plan is not None:
         for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
@@ -316,6 +318,7 @@ def choose_runner(
             candidates[cand] = replace(candidates[cand], reason=(
                 f"passes the guard, over {PLAN_WITHIN:g}x slower on all cores: not timed "
                 "as a worker runs it"))
+        retimed = ", ".join(label(c) for c in runners)
         runners, reports = _for_workers(bundle, options, plan, files, runners, candidates,
                                         reports, timer, rounds)
         if runners:
@@ -323,6 +326,7 @@ def choose_runner(
                           bundle.precision)
         else:  # no session of a worker's share passed: one all-core session serves
             split = False
+            unsplit = f"no {plan.threads}-thread session of {retimed} passed the guard"
             runners, _, reports = guard_candidates(bundle, options, {chosen: files[chosen]},
                                                    installed)
             if not runners:
@@ -345,13 +349,13 @@ def choose_runner(
                     candidates=ordered, reason=reason, guard=reports[chosen],
                     chosen_at=_now(), workers=plan.workers if split and plan else 1,
                     worker_threads=plan.threads if split and plan else None,
-                    plan_ms=plan_ms if split else None)
+                    plan_ms=plan_ms if split else None, unsplit=unsplit)
     if cache_path is not None:
         entry: dict[str, Any] = {
             "runtime": chosen[0], "precision": chosen[1], "reason": reason,
             "threads": options.intra_op_threads, "installed": installed,
             "cpu": cpu_label(this_cpu), "plan": _plan_dict(plan), "workers": choice.workers,
-            "plan_ms": choice.plan_ms,
+            "plan_ms": choice.plan_ms, "unsplit": unsplit,
             "chosen_at": choice.chosen_at, "bundle": bundle.name, "version": bundle.version,
             "candidates": [c.as_dict() for c in ordered]}
         remember(cache_path, key, entry)

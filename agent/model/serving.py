@@ -176,10 +176,16 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     count keeps it as the first worker. Where the further sessions cannot be had (one does
     not open or fails its guard), a single session serves and the status says why: with the
     cores shared out, one on all cores (opened and guarded again); with the site's thread
-    count, the guarded one. Nothing is left open when it raises."""
+    count, the guarded one. Where ``auto`` found that no session of a worker's share
+    passes (``Choice.unsplit``), its all-core session serves alone and none is tried.
+    Nothing is left open when it raises."""
     # auto's choice under a worker plan (its runner a session of a worker's share), or None
     per_worker = model.selection if model.selection is not None \
         and model.selection.worker_threads is not None else None
+    if model.selection is not None and model.selection.unsplit:
+        # auto found that no session of a worker's share passes: further ones would not.
+        return replace(model, workers_reason=f"{model.selection.unsplit}; one guarded "
+                                             "session serves on all cores")
     try:
         if per_worker is not None:
             workers, why = per_worker.workers, _split_reason(model, per_worker)

@@ -540,6 +540,42 @@ def test_a_candidate_failing_on_a_worker_s_share_drops_out(
     assert int8.median_ms == 20.0  # its all-core figure stays
 
 
+def test_where_no_worker_s_share_passes_one_all_core_session_serves_from_the_cache_too(
+        nets: dict[str, Any], tmp_path: Path, opened: list[tuple[Key | str, int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every 1-thread session fails its guard: the all-core pick is opened again and serves,
+    the choice says why (so serving opens no further sessions), and the cache keeps that:
+    a restart opens the one all-core session only."""
+    bundle = onnx_pair(nets, tmp_path / "b")
+    cache = tmp_path / "choice.json"
+    real = candidates.run_guard
+    runs: list[str] = []
+
+    def one_thread_fails(bundle: Any, runner: Any, **kw: Any) -> Any:
+        runs.append(kw.get("precision", ""))
+        report = real(bundle, runner, **kw)
+        if opened[-1][1] == 1:  # the session just opened is a worker's share
+            return replace(report, ok=False, reason="22.1 dB < 50 dB",
+                           shortfall="misses its fidelity floor")
+        return report
+
+    monkeypatch.setattr(candidates, "run_guard", one_thread_fails)
+    runner, choice = sel.choose_runner(bundle, ALL_CORES, cache, timer=phased(
+        {ORT8: 20.0, ORT32: 25.0}), cpu=AVX2, plan=TWO_WORKERS)
+    runner.close()
+    assert [t for _, t in opened] == [0, 0, 1, 1, 0]
+    assert (choice.runtime, choice.precision, choice.workers, choice.worker_threads) == (
+        *ORT8, 1, None)
+    assert choice.unsplit == ("no 1-thread session of onnxruntime int8, onnxruntime fp32 "
+                              "passed the guard")
+    assert cache_entries(cache)[sel.model_key(bundle)]["unsplit"] == choice.unsplit
+    opened.clear()
+    runner, again = sel.choose_runner(bundle, ALL_CORES, cache, cpu=AVX2, plan=TWO_WORKERS)
+    runner.close()
+    assert again.cached and again.unsplit == choice.unsplit and again.worker_threads is None
+    assert opened == [("onnxruntime", 0)]
+
+
 def test_an_unreadable_or_older_cache_is_rebuilt(nets: dict[str, Any], tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "b", {"onnxruntime": nets["files"]["onnx_int8"]},
                                       nets["golden"]))

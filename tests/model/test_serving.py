@@ -278,3 +278,37 @@ def test_auto_s_per_worker_choice_falls_back_to_one_session_on_all_cores(
         assert np.allclose(served.runner.run(x), 0.5)
     finally:
         served.close()
+
+
+def test_where_auto_found_no_worker_s_share_passing_serving_opens_no_further_session(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's 1-thread sessions fail their guard: one session on all cores serves, on the
+    first start and from the cache, and no 1-thread session is tried again after auto's."""
+    from agent.model import candidates
+
+    seen = _record_opened(monkeypatch)
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    real = candidates.run_guard
+
+    def one_thread_fails(bundle: Any, runner: Any, **kw: Any) -> Any:
+        report = real(bundle, runner, **kw)
+        return replace(report, ok=False, reason="22.1 dB < 50 dB") if seen[-1] == 1 \
+            else report
+
+    monkeypatch.setattr(candidates, "run_guard", one_thread_fails)
+    monkeypatch.setattr(serving, "run_guard", one_thread_fails)
+    settings = ModelSection(bundle=bundle_root, backend="auto", workers=2)
+    for restart in (False, True):
+        seen.clear()
+        served = load_model(settings, tmp_path)
+        try:
+            assert served.selection is not None and served.selection.cached is restart
+            assert seen == ([0] if restart else [0, 1, 0])
+            assert served.runners == (served.runner,)
+            summary = served.summary()
+            assert summary["workers"] == 1 and "worker_threads" not in summary["selection"]
+            assert summary["workers_reason"] == (
+                "no 1-thread session of onnxruntime fp32 passed the guard; one guarded "
+                "session serves on all cores")
+        finally:
+            served.close()
