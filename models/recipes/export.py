@@ -21,7 +21,8 @@ OPSET = 17
 def load_model(spec: config.ModelSpec) -> UNetLite:
     ckpt = torch.load(spec.build("model.pt"), map_location="cpu", weights_only=True)
     model = UNetLite(tuple(ckpt["widths"]), int(ckpt.get("in_channels", 1)),
-                     int(ckpt.get("stem", 1)), int(ckpt.get("refine", 0)))
+                     int(ckpt.get("stem", 1)), int(ckpt.get("refine", 0)),
+                     int(ckpt.get("head", 1)), bool(ckpt.get("edge", False)))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 

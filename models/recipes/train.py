@@ -67,7 +67,8 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
     t1 = context_stack(data["t1"], idx, spec.context)
     sampler = BatchSampler(t1, data["t2"][idx], AUGMENT, gen)
 
-    model = UNetLite(spec.widths, spec.in_channels, spec.stem, spec.refine)
+    model = UNetLite(spec.widths, spec.in_channels, spec.stem, spec.refine, spec.head,
+                     spec.edge)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     history: list[dict[str, float]] = []
     running = 0.0
@@ -77,7 +78,7 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps)
         x, y = sampler.sample(BATCH)
-        loss = l1_ssim_loss(model(x), y, SSIM_WEIGHT)
+        loss = l1_ssim_loss(model(x), y, SSIM_WEIGHT, spec.mse_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -92,20 +93,25 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
 
     spec.build_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"widths": spec.widths, "in_channels": spec.in_channels, "stem": spec.stem,
-                "refine": spec.refine, "state_dict": model.state_dict()}, spec.build("model.pt"))
+                "refine": spec.refine, "head": spec.head, "edge": spec.edge,
+                "state_dict": model.state_dict()},
+               spec.build("model.pt"))
     summary: dict[str, object] = {
         "model": spec.name,
         "widths": list(spec.widths),
         "context_slices": spec.context,
         "stem": spec.stem,
         "refine": spec.refine,
+        "head": spec.head,
+        "edge": spec.edge,
         "params": count_params(model),
         "macs_256": count_macs(model.eval()),
         "steps": steps,
         "batch": BATCH,
         "crop": CROP,
         "lr": LR,
-        "loss": f"{1 - SSIM_WEIGHT:g} * L1 + {SSIM_WEIGHT:g} * (1 - SSIM)",
+        "loss": f"{1 - SSIM_WEIGHT:g} * L1 + {SSIM_WEIGHT:g} * (1 - SSIM)"
+                + (f" + {spec.mse_weight:g} * MSE" if spec.mse_weight else ""),
         "augment": dataclasses.asdict(AUGMENT),
         "optimizer": "AdamW (weight decay 1e-4), warm-up + cosine",
         "train_slices": len(idx),

@@ -2,11 +2,13 @@
 
 Only Conv, ReLU, MaxPool, nearest Resize and Concat: every op has an int8 kernel in
 onnxruntime on x86 without VNNI (no ConvTranspose, which falls back to float there).
+``edge`` adds a Neg and an Add at full resolution, which stay in float.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -39,7 +41,7 @@ class UNetLite(nn.Module):
     fixed scale."""
 
     def __init__(self, widths: tuple[int, ...] = (12, 24, 48, 64), in_channels: int = 1,
-                 stem: int = 1, refine: int = 0) -> None:
+                 stem: int = 1, refine: int = 0, head: int = 1, edge: bool = False) -> None:
         super().__init__()
         self.widths = widths
         self.in_channels = in_channels
@@ -55,10 +57,14 @@ class UNetLite(nn.Module):
         # stem > 1: space-to-depth in, depth-to-space out, so that no conv runs at full
         # resolution on a handful of channels (where int8 kernels without dot product
         # spend their time on memory traffic and requantization, not on MACs).
+        # edge: each input channel also enters as x - min(x over its 3 x 3 neighbourhood),
+        # computed at full resolution before the stem (no MACs: a max-pool), so that where an
+        # image ends (a skull-stripped brain's last pixels) the stem sees it to the pixel.
+        self.edge = edge
         self.unshuffle = nn.PixelUnshuffle(stem) if stem > 1 else nn.Identity()
         self.shuffle = nn.PixelShuffle(stem) if stem > 1 else nn.Identity()
         self.down = nn.ModuleList()
-        c_prev = in_channels * stem * stem
+        c_prev = in_channels * (2 if edge else 1) * stem * stem
         for w in widths:
             self.down.append(nn.Sequential(conv_relu(c_prev, w), conv_relu(w, w)))
             c_prev = w
@@ -66,10 +72,14 @@ class UNetLite(nn.Module):
         self.up = nn.ModuleList(
             Up(widths[i + 1], widths[i], widths[i]) for i in reversed(range(len(widths) - 1))
         )
-        self.head = nn.Conv2d(widths[0], stem * stem, 1)
+        # head = 3: each output block also sees its neighbours' features (a 1 x 1 head gives
+        # the stem * stem pixels of a block from that block's features alone).
+        self.head = nn.Conv2d(widths[0], stem * stem, head, padding=head // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = x
+        if self.edge:
+            x = torch.cat([x, x + F.max_pool2d(-x, 3, stride=1, padding=1)], dim=1)
         x = self.unshuffle(x)
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.down):
