@@ -53,6 +53,33 @@ def interior(region: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.binary_erosion(m, iterations=RIM_PX) for m in region[:, 0]])[:, None]
 
 
+def image_edge(centre: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The last pixels of the (skull-stripped) input: non-zero, with a zero 4-neighbour,
+    inside the brain region ([N, 1, H, W]). Most of the rim's error is there: the target's
+    CSF goes on where the T1 template was cut off."""
+    inside = centre > 0
+    beyond = np.zeros_like(inside)
+    for shift, axis in ((1, 2), (-1, 2), (1, 3), (-1, 3)):
+        beyond |= ~np.roll(inside, shift, axis=axis)
+    return inside & beyond & region
+
+
+def error_bias(pred: np.ndarray, ref: np.ndarray, region: np.ndarray,
+               centre: np.ndarray) -> dict[str, float]:
+    """Mean signed error (prediction - target) in the interior and on the input's last
+    pixels, and that edge's share of the squared error in the brain: a model that blurs
+    where the input ends reads negative there (and positive just beyond)."""
+    edge = image_edge(centre, region)
+    err = pred.astype(np.float64) - ref
+    return {
+        "mean_error_interior": round(float(err[interior(region)].mean()), 4),
+        "mean_error_edge": round(float(err[edge].mean()), 4),
+        "edge_share_of_squared_error": round(float((err[edge] ** 2).sum()
+                                                   / (err[region] ** 2).sum()), 3),
+        "edge_share_of_pixels": round(float(edge.sum() / region.sum()), 3),
+    }
+
+
 def holdout(spec: config.ModelSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(normalised inputs [N, C, H, W], targets, brain-region masks, MNI z in mm) of the
     held-out slab; a 2.5D model's neighbours of the slab's end slices come from the gap."""
@@ -128,11 +155,12 @@ def evaluate(spec: config.ModelSpec) -> dict[str, Any]:
     for r in runners.values():
         r.close()
     ref = preds["onnxruntime_fp32"]
+    centre = x[:, spec.context : spec.context + 1]
     fp32_range = float(ref.max())
     models: dict[str, dict[str, Any]] = {}
     for name, pred in preds.items():
         runtime, precision = name.rsplit("_", 1)
-        models[name] = quality(pred, y, region) | {
+        models[name] = quality(pred, y, region) | error_bias(pred, y, region, centre) | {
             "runtime": runtime,
             "precision": precision,
             "latency_ms": latency[name],
