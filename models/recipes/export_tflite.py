@@ -2,7 +2,8 @@
 
 Converter: ``litert-torch`` (torch.export -> TFLite flatbuffer) for the float model, then
 ``ai-edge-quantizer`` for a full-integer one: int8 weights per channel, int8 activations
-and int8 input/output tensors (the agent's LiteRT runner applies their scale/zero point),
+and int8 input/output tensors (the agent's LiteRT runner applies their scale/zero point;
+``ModelSpec.litert_float_ends`` keeps the first and the last conv in float, as lite's),
 calibrated on the same 48 training inputs as the ONNX int8 model. Calibration keeps the
 global min/max of each tensor over the slices (as onnxruntime's MinMax does), not the
 quantizer's default moving average, which clips the output's upper range (about 9 dB
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -130,12 +132,31 @@ def convert_fp32(model: Any, path: Path, channels: int) -> None:
     edge.export(str(path))
 
 
-def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
-    """Full-integer static quantization, global min/max calibration (see the docstring)."""
+def end_convs(fp32: Path) -> list[str]:
+    """The output tensor names of the first and the last CONV_2D of a TFLite model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(str(fp32))
+    convs = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    return [interpreter._get_tensor_details(op["outputs"][0], 0)["name"]
+            for op in (convs[0], convs[-1])]
+
+
+def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray,
+                  float_ends: bool = False) -> None:
+    """Static int8 quantization, global min/max calibration (see the docstring); with
+    ``float_ends`` the first and the last conv stay in float."""
     from ai_edge_quantizer import calibrator, quantizer, recipe, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils
 
     rcp = recipe.static_wi8_ai8()
+    if float_ends:
+        ends = recipe_manager.RecipeManager()
+        ends.load_quantization_recipe(rcp)
+        for name in end_convs(fp32):
+            ends.add_quantization_config(regex=re.escape(name), operation_name="CONV_2D",
+                                         algorithm_key="no_quantize")
+        rcp = ends.get_quantization_recipe()
     manager = recipe_manager.RecipeManager()
     manager.load_quantization_recipe(rcp)
     calib = calibrator.Calibrator(
@@ -204,7 +225,7 @@ def main() -> None:
     spec.bundle_dir.mkdir(parents=True, exist_ok=True)
     convert_fp32(model, fp32_tflite, spec.in_channels)
     x_train, y_train, region_train = training_slices(spec)
-    quantize_int8(fp32_tflite, int8_tflite, calibration_subset(x_train))
+    quantize_int8(fp32_tflite, int8_tflite, calibration_subset(x_train), spec.litert_float_ends)
 
     models = runners(spec)
     x, y, region, _z = holdout(spec)

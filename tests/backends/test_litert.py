@@ -484,8 +484,11 @@ def test_shipped_tflite_with_a_corrupted_weight_scale_is_refused(
     sg = model.subgraphs[0]
     codes = [flatbuffer_utils.get_builtin_code_from_operator_code(c)
              for c in model.operatorCodes]
+    # The first int8 conv (lite keeps its first and last conv in float on LiteRT).
     conv = next(op for op in sg.operators
-                if codes[op.opcodeIndex] == fb.BuiltinOperator.CONV_2D)
+                if codes[op.opcodeIndex] == fb.BuiltinOperator.CONV_2D
+                and sg.tensors[op.inputs[1]].quantization is not None
+                and sg.tensors[op.inputs[1]].quantization.scale is not None)
     weight = sg.tensors[conv.inputs[1]]
     weight.quantization.scale = [s * 10 for s in weight.quantization.scale]
     root = tmp_path / "b"

@@ -106,7 +106,8 @@ def test_reload_refuses_a_drifted_model_and_activates_a_good_one(
     assert "misses its fidelity floor" in report["detail"]
     assert "still serving" in report["detail"]
     status = _wait_status(cloud_rec, lambda s: "model_refused" in s)
-    assert status["model"]["version"] == "1.0.0"  # type: ignore[index]
+    served = json.loads((REFERENCE_BUNDLE / "bundle.json").read_text())["version"]
+    assert status["model"]["version"] == served  # type: ignore[index]
     assert "150" in status["model_refused"]["reason"]  # type: ignore[index]
     # The previous model keeps serving.
     _send(config, tmp_path, build_series(slab[2:4]), "b")

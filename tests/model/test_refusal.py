@@ -98,7 +98,8 @@ def test_this_cpus_kernels_are_told_apart_from_drift(tmp_path: Path) -> None:
     assert "misses its fidelity floor on this CPU" in refused["reason"]
     assert "gave 53.16 dB there on AMD EPYC" in refused["reason"]  # the build's CPU
     assert "has not drifted" in refused["reason"] and "reinstall" not in refused["reason"]
-    assert 'model.backend = "litert" (it passes on this CPU: 55.73 dB)' in refused["fix"]
+    litert = _meta(LITE)["golden"]["recorded_psnr_db"]["litert"]  # as on the build's CPU
+    assert f'model.backend = "litert" (it passes on this CPU: {litert:.2f} dB)' in refused["fix"]
     assert '"auto"' in refused["fix"]
     assert "do not serve it, rebuild or reinstall" not in r.stderr
 
