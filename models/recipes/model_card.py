@@ -135,14 +135,20 @@ def summary_table(spec: config.ModelSpec, train: Json, ev: Json) -> str:
     files = (f"`model.int8.onnx` (served by onnxruntime, int8 QDQ {ev['int8_variant']}), "
              "`model.fp32.onnx` (reference); ONNX opset 17")
     if any(m["runtime"] == "litert" for m in ev["models"].values()):
-        files += ("; `model.int8.tflite` (served by LiteRT, full-integer int8), "
+        tflite = ("int8, its first and last conv in float" if spec.litert_float_ends
+                  else "full-integer int8")
+        files += (f"; `model.int8.tflite` (served by LiteRT, {tflite}), "
                   "`model.fp32.tflite`")
+    stem = (f"{spec.stem}x space-to-depth stem (the levels at 1/{spec.stem} resolution and "
+            "below), " if spec.stem > 1 else "")
+    head = f"{spec.head}x{spec.head} head" + (
+        f" + depth-to-space x{spec.stem}" if spec.stem > 1 else "")
     rows = [
         (
             "architecture",
-            f"U-Net, {len(widths)} levels, widths {widths}; Conv 3x3 + ReLU, MaxPool, "
+            f"U-Net, {len(widths)} levels, widths {widths}; {stem}Conv 3x3 + ReLU, MaxPool, "
             "1x1 conv + nearest Resize x2 upsampling (no ConvTranspose), skip Concat, "
-            "1x1 head + ReLU",
+            f"{head} + ReLU",
         ),
         ("parameters", f"{train['params']:,}"),
         ("compute", f"{ev['gmac_per_slice']:.3f} GMAC per 256 x 256 slice (Conv MACs)"),
