@@ -129,8 +129,25 @@ LITE_S2H = replace(LITE_S2D, name="t1w-to-t2w-lite-s2h", head=3)
 # input's last pixels: a 4x stem does not place the edge
 # (records/t1w-to-t2w-lite-s4he-pilot.json).
 LITE_S4HE = replace(LITE_S4, name="t1w-to-t2w-lite-s4he", head=3, edge=True)
+# full with lite 1.1.0's stem and head: the 2.5D input (5 slices) through a 2x space-to-depth
+# stem, five levels at 128 x 128 and below, a 3 x 3 head before depth-to-space; 1.59 GMAC.
+# Measured: 25.86 dB on the held-out slab (full 1.0.0: 32.02), worst slice 20.38 dB, yet
+# 31.99 dB on training slices; the same weights on the held-out slab in 128 x 128 tiles (the
+# training crop) gave 29.73 dB. Its deepest level is 8 x 8 on a 256 x 256 slice, a receptive
+# field of the whole brain: with 122 training slices of one template it learnt their global
+# shape, which the held-out slices do not share (records/t1w-to-t2w-full-s2h-pilot.json).
+FULL_S2H = replace(FULL, name="t1w-to-t2w-full-s2h", version="0.0.1",
+                   widths=(32, 64, 96, 128, 160), stem=2, head=3)
+# So four levels after the stem: full 1.0.0's levels at 128 x 128 and below (its deepest
+# again at 16 x 16) with the 256 x 256 level left out; 1.75 GMAC (1.0.0: 2.22). Measured:
+# 30.64 dB (int8 30.52), worst slice 29.34 dB, under full 1.0.0's 32.02 and only 0.9 dB over
+# lite 1.1.0; its 7-bit-weight int8 (u8s8_rr) ran 1.63x faster than its fp32 on the AVX2
+# kernels (11.77 against 19.16 ms) but lost 0.48 dB on the training slices, so the recipe
+# chose u8u8_fl (17.83 ms) (records/t1w-to-t2w-full-s2h4-pilot.json).
+FULL_S2H4 = replace(FULL, name="t1w-to-t2w-full-s2h4", version="0.0.1",
+                    widths=(32, 64, 128, 160), stem=2, head=3)
 MODELS = {m.name: m for m in (LITE, FULL, LITE_S2D, LITE_S4, LITE_S2R, LITE_S2M, LITE_S2H,
-                              LITE_S4HE)}
+                              LITE_S4HE, FULL_S2H, FULL_S2H4)}
 # The bundles committed under models/ (what `make -C models check` verifies).
 SHIPPED = {m.name: m for m in (LITE, FULL)}
 
