@@ -85,8 +85,8 @@ class Choice:
     reason: str  # one sentence: why this candidate (see ``explain``)
     guard: GuardReport = field(repr=False)  # the chosen runner's guard report
     chosen_at: str = ""
-    # Chosen for several model workers (``WorkerPlan``): how many, and the threads of each
-    # one's session. Then the runner handed back is the first worker's session.
+    # Chosen under a ``WorkerPlan``: how many model workers (one for a fast model) and the
+    # threads of each one's session. Then the runner handed back is the first worker's.
     workers: int = 1
     worker_threads: int | None = None
     plan_ms: float | None = None  # the all-core median the plan was applied to
@@ -112,10 +112,11 @@ class Choice:
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """How serving shares out the cores once the model is slow enough (``model.workers``;
+    """How serving shares out the cores (``model.workers``;
     ``agent.model.serving.worker_plan`` makes it): ``workers`` sessions of ``threads``
-    threads each, from an all-core median of ``min_ms`` (0: always). Under a plan,
-    ``auto`` ranks the candidates on sessions of ``threads`` threads: a runtime that
+    threads each from an all-core median of ``min_ms`` (0: always), one such session below
+    it (the other cores are left to the agent's own work). Under a plan, ``auto`` ranks
+    the candidates on sessions of ``threads`` threads: a runtime that
     scales well over the cores can tie on all of them and lose on one
     (lite on the AVX2 kernels: onnxruntime and LiteRT int8 57.5 slices/s each on 2
     threads, 47.0 against 33.4 on 1)."""
@@ -210,5 +211,6 @@ def explain_for_workers(chosen: Key, candidates: list[Candidate], served: str,
     """``explain`` where the candidates were ranked for ``plan``: on their ``worker_ms``."""
     per_worker = [replace(c, median_ms=c.worker_ms) for c in candidates]
     threads = f"{plan.threads} thread" + ("s" if plan.threads > 1 else "")
-    return (f"{explain(chosen, per_worker, served, cpu)} (timed on sessions of {threads}, "
-            f"as each of the {plan.workers} model workers runs it)")
+    who = ("the model worker runs it" if plan.workers == 1
+           else f"each of the {plan.workers} model workers runs it")
+    return f"{explain(chosen, per_worker, served, cpu)} (timed on sessions of {threads}, as {who})"

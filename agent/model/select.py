@@ -16,9 +16,10 @@ references (``reference`` -> ``model.fp32.onnx`` for onnxruntime, ``references.l
 4. keeps the one with the lowest median latency, int8 winning a tie within
    ``TIE_MARGIN`` (``agent.model.choice.pick``), and says why in one sentence
    (``explain``: where fp32 wins, how much faster and what about this CPU makes it so);
-5. under a ``WorkerPlan`` (several model workers sharing the cores out, for a model at
-   least the plan's ``min_ms`` slow on all cores), guards and times the survivors again on
-   sessions of one worker's share and ranks them on that, since runtimes scale
+5. under a ``WorkerPlan`` (the cores shared out: several model workers for a model at
+   least the plan's ``min_ms`` slow on all cores, one worker on a worker's share below
+   that, the other cores left to the agent's own work), guards and times the survivors
+   again on sessions of one worker's share and ranks them on that, since runtimes scale
    differently over the cores; the chosen session is handed back as the first worker.
 
 int8 is expected to win; on a CPU without int8 dot products (AVX2 without VNNI, a
@@ -170,7 +171,13 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
             or entry.get("threads") != options.intra_op_threads
             or sorted(entry.get("installed", [])) != sorted(installed)):
         return None
-    split = plan is not None and entry.get("workers") == plan.workers and plan.workers > 1
+    if plan is not None and "worker_threads" not in entry:
+        # Written before a fast model's one worker also ran on a worker's share: the
+        # ranking was made on all cores.
+        log.info("backend_cache_other_plan", model=bundle.name,
+                 cached_for="one worker on all cores", plan=_plan_dict(plan))
+        return None
+    split = plan is not None and entry.get("worker_threads") == plan.threads
     opened = replace(options, intra_op_threads=plan.threads) if split and plan else options
     try:
         runner = open_runner(cand[0], str(files[cand].path), opened)
@@ -200,7 +207,7 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
                     model_key=key, threads=options.intra_op_threads, cached=True,
                     candidates=candidates, reason=str(entry.get("reason", "")),
                     guard=report, chosen_at=str(entry.get("chosen_at", "")),
-                    workers=plan.workers if split and plan else 1,
+                    workers=int(entry.get("workers") or 1) if split else 1,
                     worker_threads=plan.threads if split and plan else None,
                     plan_ms=entry.get("plan_ms") if split else None,
                     unsplit="" if split else str(entry.get("unsplit") or ""))
@@ -311,7 +318,11 @@ def choose_runner(
                                      worst_psnr_db=reports[cand].worst_psnr_db)
     plan_ms = medians[chosen]
     unsplit = ""
-    split = plan is not None and not any_accelerated and plan.applies(plan_ms)
+    # Under a plan the candidates are ranked as a worker's session runs them: plan.workers
+    # sessions for a model at least plan.min_ms slow on all cores, else one, the other
+    # cores left to the agent's own work (decode, derive, seal, delivery).
+    split = plan is not None and not any_accelerated
+    workers = plan.workers if plan is not None and plan.applies(plan_ms) else 1
     if split and plan is not None:
         for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
             runners.pop(cand).close()  # a first start on a slow board: time only contenders
@@ -341,13 +352,14 @@ def choose_runner(
             runner.close()
     ordered = tuple(candidates[c] for c in files)
     if split and plan is not None:
-        reason = explain_for_workers(chosen, list(ordered), bundle.precision, plan, this_cpu)
+        reason = explain_for_workers(chosen, list(ordered), bundle.precision,
+                                     replace(plan, workers=workers), this_cpu)
     else:
         reason = explain(chosen, list(ordered), bundle.precision, this_cpu, accelerator)
     choice = Choice(runtime=chosen[0], precision=chosen[1], digest=files[chosen].sha256,
                     model_key=key, threads=options.intra_op_threads, cached=False,
                     candidates=ordered, reason=reason, guard=reports[chosen],
-                    chosen_at=_now(), workers=plan.workers if split and plan else 1,
+                    chosen_at=_now(), workers=workers if split else 1,
                     worker_threads=plan.threads if split and plan else None,
                     plan_ms=plan_ms if split else None, unsplit=unsplit)
     if cache_path is not None:
@@ -355,7 +367,8 @@ def choose_runner(
             "runtime": chosen[0], "precision": chosen[1], "reason": reason,
             "threads": options.intra_op_threads, "installed": installed,
             "cpu": cpu_label(this_cpu), "plan": _plan_dict(plan), "workers": choice.workers,
-            "plan_ms": choice.plan_ms, "unsplit": unsplit,
+            "worker_threads": choice.worker_threads, "plan_ms": choice.plan_ms,
+            "unsplit": unsplit,
             "chosen_at": choice.chosen_at, "bundle": bundle.name, "version": bundle.version,
             "candidates": [c.as_dict() for c in ordered]}
         remember(cache_path, key, entry)

@@ -122,7 +122,12 @@ def worker_count(settings: ModelSection, model_ms: float | None,
     """``model.workers``, 0 resolved, and why. Two sessions pay where the model is the
     slowest stage: on the 2-core AVX2-kernel bench (lite int8 on onnxruntime, 12-16 ms) two
     1-thread sessions gave 1.13-1.26x the agent's throughput of one 2-thread session; with
-    LiteRT's VNNI kernels (6.6 ms) 0.93-1.03x, as the agent's own work then bounds it."""
+    LiteRT's VNNI kernels (6.6 ms) 0.93-1.03x, as the agent's own work then bounds it.
+    Below ``WORKERS_MIN_MS`` the one session gets a worker's share of the cores where they
+    are shared out (``_on_a_share``, and ``auto``'s plan): lite 1.1.0 on 2 cores, one
+    1-thread session against one 2-thread session, gave 1.07x (1.05-1.11) the agent's
+    throughput on LiteRT's VNNI kernels (3.6 ms on all cores) and 0.97x (0.93-1.11) on
+    onnxruntime's AVX2 kernels (6.7 ms; two 1-thread sessions there: 1.08x)."""
     if settings.workers:
         return settings.workers, "model.workers in the config"
     if accelerated:
@@ -132,15 +137,17 @@ def worker_count(settings: ModelSection, model_ms: float | None,
         return 1, "one core"
     if model_ms is None or model_ms < WORKERS_MIN_MS:
         return 1, (f"the model takes {model_ms or 0:.1f} ms per slice (< {WORKERS_MIN_MS:.0f} "
-                   "ms): the agent's own work, not the model, bounds throughput")
+                   "ms): one worker, as beside a model this fast a second one does not pay")
     return 2, (f"the model takes {model_ms:.1f} ms per slice (>= {WORKERS_MIN_MS:.0f} ms): "
                f"two slices at once keep the {cpus} cores busier")
 
 
 def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | None:
-    """How ``worker_count`` would share out the cores for the config's ``model.workers``
-    and ``model.intra_op_threads`` (defaults: what ``init`` writes), for ``auto`` to rank
-    its candidates on (``agent.model.select``); None where every session gets the
+    """How serving shares out the cores for the config's ``model.workers`` and
+    ``model.intra_op_threads`` (defaults: what ``init`` writes; ``worker_count`` and
+    ``_on_a_share``), for ``auto`` to rank its candidates on (``agent.model.select``): two
+    workers of half the cores each for a model of ``WORKERS_MIN_MS`` or more on all cores,
+    one such worker below it; None where every session gets the
     configured threads (a site's ``intra_op_threads``), where one worker serves whatever the
     model's speed (``workers = 1``), and on one core (a worker's share is all of it: the
     all-core ranking holds, however many workers)."""
@@ -152,9 +159,16 @@ def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | Non
 
 
 def _split_reason(model: ServedModel, selection: Choice) -> str:
-    """Why ``auto``'s per-worker choice serves on ``selection.workers`` workers: the plan it
-    ranked under applied to its fastest all-core median (``choose_runner``)."""
+    """Why ``auto``'s per-worker choice serves on ``selection.workers`` workers of
+    ``selection.worker_threads`` threads: the plan it ranked under, applied to its fastest
+    all-core median (``choose_runner``)."""
     threads = selection.worker_threads
+    if selection.workers == 1:
+        ranked = (f"auto ranked its candidates on {threads}-thread sessions, as that worker "
+                  "runs them")
+        return (f"auto's pick on all cores took {selection.plan_ms or 0:.1f} ms per slice (< "
+                f"{WORKERS_MIN_MS:.0f} ms): one model worker, "
+                f"{_ONE_ON_A_SHARE.format(threads, usable_cpus())}; {ranked}")
     ranked = (f"auto ranked its candidates on {threads}-thread sessions, as each of the "
               f"{selection.workers} workers runs them")
     if model.settings.workers:
@@ -164,6 +178,11 @@ def _split_reason(model: ServedModel, selection: Choice) -> str:
     return (f"auto's pick on all cores took {selection.plan_ms:.1f} ms per slice (>= "
             f"{WORKERS_MIN_MS:.0f} ms): two slices at once keep the {usable_cpus()} cores "
             f"busier; {ranked}")
+
+
+# A fast model's one worker: its session's share of the cores, the rest for everything else.
+_ONE_ON_A_SHARE = ("its session on {0} of the {1} cores, the others left to the agent's own "
+                   "work (decode, derive, seal, delivery)")
 
 
 def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> ServedModel:
@@ -186,6 +205,7 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
         # auto found that no session of a worker's share passes: further ones would not.
         return replace(model, workers_reason=f"{model.selection.unsplit}; one guarded "
                                              "session serves on all cores")
+    timed: float | None = None
     try:
         if per_worker is not None:
             workers, why = per_worker.workers, _split_reason(model, per_worker)
@@ -196,9 +216,11 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
     except BaseException:
         model.runner.close()
         raise
-    if workers == 1:
-        return replace(model, workers_reason=why)
     split = model.settings.intra_op_threads == 0
+    if workers == 1:
+        if per_worker is None and timed is not None and split and usable_cpus() >= 2:
+            return _on_a_share(model, path, options, why)  # a fast model, all cores so far
+        return replace(model, workers_reason=why)
     shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
         if split else options
     if per_worker is not None:
@@ -234,6 +256,23 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
         per_worker, workers=1, worker_threads=None, plan_ms=None, guard=guard)
     return replace(model, runner=runner, guard=guard, selection=selection,
                    workers_reason=alone)
+
+
+def _on_a_share(model: ServedModel, path: Path, options: RunnerOptions,
+                why: str) -> ServedModel:
+    """A fast model's one session (``worker_count``: under ``WORKERS_MIN_MS``, the cores
+    shared out) on half the cores instead of all, so that the model keeps to its share while
+    the agent's own work runs on the rest: a new session, guarded; where it cannot be had,
+    the all-core one keeps serving and the status says why."""
+    threads = max(1, usable_cpus() // 2)
+    runners, failure = _open_guarded(model, path, replace(options, intra_op_threads=threads),
+                                     1, keep=())
+    if failure:
+        return replace(model, workers_reason=f"{why}; {failure}: its all-core session serves")
+    model.runner.close()
+    why = f"{why}; {_ONE_ON_A_SHARE.format(threads, usable_cpus())}"
+    log.info("model_workers", workers=1, reason=why, intra_op_threads=threads)
+    return replace(model, runner=runners[0], workers_reason=why)
 
 
 def _open_guarded(model: ServedModel, path: Path, options: RunnerOptions, workers: int,

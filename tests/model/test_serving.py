@@ -69,15 +69,57 @@ def test_a_thread_count_set_by_the_site_keeps_the_guarded_session(
         served.close()
 
 
-def test_a_fast_model_keeps_one_session(bundle_root: Path, tmp_path: Path,
-                                        opened: list[RunnerOptions]) -> None:
-    """The scale model takes well under 10 ms: the agent's own work bounds throughput."""
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_a_fast_model_keeps_one_session_on_a_share_of_the_cores(
+        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
+        monkeypatch: pytest.MonkeyPatch, cpus: int) -> None:
+    """The scale model takes well under 10 ms: one worker, its session (guarded like the
+    first) on half the cores, the rest for the agent's own work; on one core, all of it."""
+    monkeypatch.setattr(serving, "usable_cpus", lambda: cpus)
+    guarded: list[int] = []
+    real = serving.run_guard
+
+    def counting(bundle: Any, runner: Any, **kw: Any) -> Any:
+        guarded.append(id(runner))
+        return real(bundle, runner, **kw)
+
+    monkeypatch.setattr(serving, "run_guard", counting)
     served = load_model(ModelSection(bundle=bundle_root), tmp_path)
     try:
         assert served.runners == (served.runner,) and served.summary()["workers"] == 1
         reason = served.summary()["workers_reason"]
-        assert reason == "one core" or "the agent's own work, not the model" in reason
-        assert len(opened) == 1
+        if cpus == 1:
+            assert reason == "one core" and [o.intra_op_threads for o in opened] == [0]
+            return
+        assert reason.startswith("the model takes ") and reason.endswith(
+            f"ms): one worker, as beside a model this fast a second one does not pay; its "
+            f"session on {cpus // 2} of the {cpus} cores, the others left to the agent's own "
+            "work (decode, derive, seal, delivery)")
+        assert [o.intra_op_threads for o in opened] == [0, cpus // 2]
+        assert guarded == [id(served.runner)]  # the all-core one's guard ran in check_guard
+        x = np.ones((1, 1, 256, 256), np.float32)
+        assert np.allclose(served.runner.run(x), 0.5)
+    finally:
+        served.close()
+
+
+def test_a_fast_model_s_share_failing_its_guard_leaves_the_all_core_session(
+        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    real = serving.run_guard
+
+    def fails(bundle: Any, runner: Any, **kw: Any) -> Any:
+        return replace(real(bundle, runner, **kw), ok=False, reason="22.1 dB < 50 dB")
+
+    monkeypatch.setattr(serving, "run_guard", fails)
+    served = load_model(ModelSection(bundle=bundle_root), tmp_path)
+    try:
+        assert [o.intra_op_threads for o in opened] == [0, 1]
+        assert served.runners == (served.runner,) and served.guard.ok
+        assert served.summary()["workers_reason"].endswith(
+            "a further session failed the guard: 22.1 dB < 50 dB: its all-core session serves")
+        assert np.allclose(served.runner.run(np.ones((1, 1, 256, 256), np.float32)), 0.5)
     finally:
         served.close()
 
@@ -310,5 +352,32 @@ def test_where_auto_found_no_worker_s_share_passing_serving_opens_no_further_ses
             assert summary["workers_reason"] == (
                 "no 1-thread session of onnxruntime fp32 passed the guard; one guarded "
                 "session serves on all cores")
+        finally:
+            served.close()
+
+
+def test_auto_serves_a_fast_model_on_one_worker_s_share_of_the_cores(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default config (``model.workers = 0``) on two cores, a model far under 10 ms:
+    auto ranks on 1-thread sessions and serves its pick there as the one worker; a restart
+    opens that session only."""
+    seen = _record_opened(monkeypatch)
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    settings = ModelSection(bundle=bundle_root, backend="auto")
+    for restart in (False, True):
+        seen.clear()
+        served = load_model(settings, tmp_path)
+        try:
+            assert served.selection is not None and served.selection.cached is restart
+            assert (served.selection.workers, served.selection.worker_threads) == (1, 1)
+            assert served.runners == (served.runner,)
+            assert seen == ([1] if restart else [0, 1])  # all cores, then a 1-thread session
+            reason = served.summary()["workers_reason"]
+            assert served.selection.plan_ms is not None
+            assert reason == (
+                f"auto's pick on all cores took {served.selection.plan_ms:.1f} ms per slice "
+                "(< 10 ms): one model worker, its session on 1 of the 2 cores, the others "
+                "left to the agent's own work (decode, derive, seal, delivery); auto ranked "
+                "its candidates on 1-thread sessions, as that worker runs them")
         finally:
             served.close()
