@@ -16,6 +16,7 @@ results out.
 | ``config_delivery`` | the ``[delivery]`` section: end-to-end receipts before the outbox forgets |
 | ``log`` | structlog: console on a TTY, JSON otherwise; PHI scrubbing |
 | ``cpu`` | which CPU this is, its int8 features and estimated peak |
+| ``thread_names`` | OS names for the agent's threads (``top -H``, per-thread CPU) |
 | ``daemon/`` | the running service: ingest, processing stages, outbox, status, store, systemd |
 | ``dicom/`` | decode and validate scans, series geometry, the derived instance |
 | ``model/`` | bundle and its schema, guard, preprocessing, runtime choice, serving |

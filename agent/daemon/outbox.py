@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from agent.daemon.store import DiskFull, OutboxItem, Store
 from agent.log import get_logger
+from agent.thread_names import name_thread
 from agent.transport.mqtt import Connection, Delivery, PublishDone, Verdict
 
 log = get_logger("agent.daemon.outbox")
@@ -155,6 +156,7 @@ class OutboxPublisher:
     # -- the thread ----------------------------------------------------------------------
     def run(self) -> None:
         """Rounds until stopped and drained: each waits for a kick or the next due retry."""
+        name_thread("outbox")
         while True:
             self._kick.wait(self.wait_s())
             self._kick.clear()

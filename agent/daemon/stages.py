@@ -24,11 +24,9 @@ of the old model are committed under its identity).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from agent.daemon.stacking import SeriesStage
 from agent.daemon.store import DiskFull, OutboxItem, Store
 from agent.errors import AgentError
 from agent.log import get_logger
+from agent.thread_names import name_thread
 
 log = get_logger("agent.daemon.stages")
 
@@ -56,14 +55,6 @@ DISK_RETRY_S = 1.0  # a commit that found the disk full is tried again after thi
 class StageDied(AgentError):
     """A stage thread ended with an uncaught error: nothing more gets processed, so the
     daemon stops (systemd restarts it; what was not committed stays pending)."""
-
-
-def name_thread(name: str) -> None:
-    """Name the calling thread for the OS too (``top -H``, /proc/PID/task/*/comm), so a
-    profile of the daemon shows which stage uses the CPU."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 @dataclass

@@ -34,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import BrokerConfig
 from agent.errors import AgentError
 from agent.log import get_logger
+from agent.thread_names import name_thread
 from agent.transport.broker_url import Nodes, host_port
 from agent.transport.hints import connect_hint
 from agent.transport.tls import client_context
@@ -293,6 +294,8 @@ class Connection:
                         reason=str(reason), fix=connect_hint(int(reason.value)))
             return
         self.refusal = None
+        if threading.current_thread() is not threading.main_thread():
+            name_thread(f"mqtt-{self.name}")  # paho's network thread: its ingest shows by name
         log.info("mqtt_connected", broker=self.name, url=self.url,
                  session_present=bool(flags.session_present))
         for topic in self._subscriptions:

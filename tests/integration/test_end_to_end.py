@@ -107,6 +107,11 @@ def test_twenty_slices_in_twenty_verified_results_out(
         assert float(ds.WindowWidth) > 0
         assert ds.pixel_array.max() > 0
 
+    # Each of the daemon's own threads carries its name for the OS (top -H, the benchmarks'
+    # per-thread CPU); only the runtime's native pool threads keep the process name.
+    names = {t.read_text().strip() for t in Path(f"/proc/{agent.proc.pid}/task").glob("*/comm")}
+    assert {"model", "finisher", "outbox", "mqtt-edge", "mqtt-cloud"} <= names, names
+
     # Retained status reflects the work; a clean stop says offline.
     assert agent.terminate() == 0
     last = json.loads(status.wait("status", 1)[-1].payload)
