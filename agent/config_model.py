@@ -28,16 +28,16 @@ class ModelSection(BaseModel):
     intra_op_threads: int = Field(
         0, ge=0, le=256, title="Intra-op threads",
         description="Threads per model worker's session (0 = the cores shared out: half of "
-        "them to each of two workers, or to a fast model's one worker, the rest left to the "
-        "agent's own work; all of them with model.workers = 1 or on one core)"
+        "them to each of two workers, or to the one worker of a model under 5 ms, the rest "
+        "left to the agent's own work; else all of them)"
     )
     workers: int = Field(
         0, ge=0, le=8, title="Model workers",
         description="Slices inferred at the same time, each on its own session of the served "
         "file. 0 = 2 where there are two or more cores and the model takes 10 ms or more per "
-        "slice (the model is then the slowest stage), else 1 on half the cores, and 1 on an "
-        "accelerator. Every session is guarded; with intra_op_threads = 0 each gets cores / "
-        "workers threads (a fast model's one worker: cores / 2)",
+        "slice (the model is then the slowest stage), else 1 (on half the cores under 5 ms), "
+        "and 1 on an accelerator. Every session is guarded; with intra_op_threads = 0 each "
+        "gets cores / workers threads",
     )
     inter_op_threads: int = Field(
         1, ge=1, le=64, title="Inter-op threads",

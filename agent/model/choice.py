@@ -114,9 +114,10 @@ class Choice:
 class WorkerPlan:
     """How serving shares out the cores (``model.workers``;
     ``agent.model.serving.worker_plan`` makes it): ``workers`` sessions of ``threads``
-    threads each from an all-core median of ``min_ms`` (0: always), one such session below
-    it (the other cores are left to the agent's own work). Under a plan, ``auto`` ranks
-    the candidates on sessions of ``threads`` threads: a runtime that
+    threads each from an all-core median of ``min_ms`` (0: always), and one such session
+    below ``share_below_ms`` (the other cores left to the agent's own work); in between,
+    one session on all cores. Under a plan that applies, ``auto`` ranks the candidates on
+    sessions of ``threads`` threads: a runtime that
     scales well over the cores can tie on all of them and lose on one
     (lite on the AVX2 kernels: onnxruntime and LiteRT int8 57.5 slices/s each on 2
     threads, 47.0 against 33.4 on 1)."""
@@ -124,12 +125,19 @@ class WorkerPlan:
     workers: int
     threads: int
     min_ms: float = 0.0
+    share_below_ms: float = 0.0
 
     def applies(self, all_core_ms: float) -> bool:
-        return all_core_ms >= self.min_ms
+        """Whether the cores are shared out for a model this fast on all of them."""
+        return all_core_ms >= self.min_ms or all_core_ms < self.share_below_ms
+
+    def workers_for(self, all_core_ms: float) -> int:
+        """How many workers, where the plan applies."""
+        return self.workers if all_core_ms >= self.min_ms else 1
 
     def as_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "threads": self.threads, "min_ms": self.min_ms}
+        return {"workers": self.workers, "threads": self.threads, "min_ms": self.min_ms,
+                "share_below_ms": self.share_below_ms}
 
 
 def _rank(key: Key, served: str) -> tuple[int, int]:

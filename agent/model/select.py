@@ -16,11 +16,12 @@ references (``reference`` -> ``model.fp32.onnx`` for onnxruntime, ``references.l
 4. keeps the one with the lowest median latency, int8 winning a tie within
    ``TIE_MARGIN`` (``agent.model.choice.pick``), and says why in one sentence
    (``explain``: where fp32 wins, how much faster and what about this CPU makes it so);
-5. under a ``WorkerPlan`` (the cores shared out: several model workers for a model at
-   least the plan's ``min_ms`` slow on all cores, one worker on a worker's share below
-   that, the other cores left to the agent's own work), guards and times the survivors
-   again on sessions of one worker's share and ranks them on that, since runtimes scale
-   differently over the cores; the chosen session is handed back as the first worker.
+5. under a ``WorkerPlan`` that applies (the cores shared out: several model workers for a
+   model at least the plan's ``min_ms`` slow on all cores, or one worker on a worker's
+   share for a model under its ``share_below_ms``, the other cores left to the agent's own
+   work), guards and times the survivors again on sessions of one worker's share and
+   ranks them on that, since runtimes scale differently over the cores; the chosen
+   session is handed back as the first worker.
 
 int8 is expected to win; on a CPU without int8 dot products (AVX2 without VNNI, a
 Cortex-A72) an fp32 file can be faster, and then it serves, and the status, the log line
@@ -171,12 +172,6 @@ def _from_cache(bundle: ModelBundle, options: RunnerOptions, cache_path: Path, k
             or entry.get("threads") != options.intra_op_threads
             or sorted(entry.get("installed", [])) != sorted(installed)):
         return None
-    if plan is not None and "worker_threads" not in entry:
-        # Written before a fast model's one worker also ran on a worker's share: the
-        # ranking was made on all cores.
-        log.info("backend_cache_other_plan", model=bundle.name,
-                 cached_for="one worker on all cores", plan=_plan_dict(plan))
-        return None
     split = plan is not None and entry.get("worker_threads") == plan.threads
     opened = replace(options, intra_op_threads=plan.threads) if split and plan else options
     try:
@@ -318,11 +313,11 @@ def choose_runner(
                                      worst_psnr_db=reports[cand].worst_psnr_db)
     plan_ms = medians[chosen]
     unsplit = ""
-    # Under a plan the candidates are ranked as a worker's session runs them: plan.workers
-    # sessions for a model at least plan.min_ms slow on all cores, else one, the other
-    # cores left to the agent's own work (decode, derive, seal, delivery).
-    split = plan is not None and not any_accelerated
-    workers = plan.workers if plan is not None and plan.applies(plan_ms) else 1
+    # Under a plan that applies the candidates are ranked as a worker's session runs them:
+    # plan.workers sessions for a model at least plan.min_ms slow on all cores, one for a
+    # model under plan.share_below_ms (the other cores left to the agent's own work).
+    split = plan is not None and not any_accelerated and plan.applies(plan_ms)
+    workers = plan.workers_for(plan_ms) if plan is not None else 1
     if split and plan is not None:
         for cand in [c for c in runners if medians[c] > PLAN_WITHIN * medians[chosen]]:
             runners.pop(cand).close()  # a first start on a slow board: time only contenders

@@ -103,6 +103,7 @@ class ServedModel:
 
 
 WORKERS_MIN_MS = 10.0  # model.workers = 0: two workers for a model at least this slow
+SHARE_BELOW_MS = 5.0  # ... and one worker on half the cores for a model under this
 
 
 def served_ms(model: ServedModel) -> float:
@@ -123,11 +124,15 @@ def worker_count(settings: ModelSection, model_ms: float | None,
     slowest stage: on the 2-core AVX2-kernel bench (lite int8 on onnxruntime, 12-16 ms) two
     1-thread sessions gave 1.13-1.26x the agent's throughput of one 2-thread session; with
     LiteRT's VNNI kernels (6.6 ms) 0.93-1.03x, as the agent's own work then bounds it.
-    Below ``WORKERS_MIN_MS`` the one session gets a worker's share of the cores where they
-    are shared out (``_on_a_share``, and ``auto``'s plan): lite 1.1.0 on 2 cores, one
-    1-thread session against one 2-thread session, gave 1.07x (1.05-1.11) the agent's
-    throughput on LiteRT's VNNI kernels (3.6 ms on all cores) and 0.97x (0.93-1.11) on
-    onnxruntime's AVX2 kernels (6.7 ms; two 1-thread sessions there: 1.08x)."""
+    Below ``SHARE_BELOW_MS`` the one session gets a worker's share of the cores where they
+    are shared out (``_on_a_share``, and ``auto``'s plan), so that the model and the
+    agent's own work each have cores of their own. lite 1.1.0 on 2 cores, one 1-thread
+    session against one 2-thread session: 1.07x (1.05-1.11) the agent's throughput on
+    LiteRT's VNNI kernels (3.6 ms on all cores, 6.6 on one), but 0.96x (0.90-0.98) and
+    0.97x (0.93-1.11) on onnxruntime's AVX2 kernels (6.7 ms on all cores, 11 on one: the
+    model's one thread became the slowest stage); two 1-thread sessions there 0.95x
+    (0.91-1.06) of one 2-thread session, so between the two thresholds one session on all
+    cores serves."""
     if settings.workers:
         return settings.workers, "model.workers in the config"
     if accelerated:
@@ -147,7 +152,7 @@ def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | Non
     ``model.intra_op_threads`` (defaults: what ``init`` writes; ``worker_count`` and
     ``_on_a_share``), for ``auto`` to rank its candidates on (``agent.model.select``): two
     workers of half the cores each for a model of ``WORKERS_MIN_MS`` or more on all cores,
-    one such worker below it; None where every session gets the
+    one such worker under ``SHARE_BELOW_MS``; None where every session gets the
     configured threads (a site's ``intra_op_threads``), where one worker serves whatever the
     model's speed (``workers = 1``), and on one core (a worker's share is all of it: the
     all-core ranking holds, however many workers)."""
@@ -155,7 +160,8 @@ def worker_plan(workers: int = 0, intra_op_threads: int = 0) -> WorkerPlan | Non
     if intra_op_threads or workers == 1 or cpus < 2:
         return None
     return WorkerPlan(workers=workers or 2, threads=max(1, cpus // (workers or 2)),
-                      min_ms=0.0 if workers else WORKERS_MIN_MS)
+                      min_ms=0.0 if workers else WORKERS_MIN_MS,
+                      share_below_ms=0.0 if workers else SHARE_BELOW_MS)
 
 
 def _split_reason(model: ServedModel, selection: Choice) -> str:
@@ -167,7 +173,7 @@ def _split_reason(model: ServedModel, selection: Choice) -> str:
         ranked = (f"auto ranked its candidates on {threads}-thread sessions, as that worker "
                   "runs them")
         return (f"auto's pick on all cores took {selection.plan_ms or 0:.1f} ms per slice (< "
-                f"{WORKERS_MIN_MS:.0f} ms): one model worker, "
+                f"{SHARE_BELOW_MS:.0f} ms): one model worker, "
                 f"{_ONE_ON_A_SHARE.format(threads, usable_cpus())}; {ranked}")
     ranked = (f"auto ranked its candidates on {threads}-thread sessions, as each of the "
               f"{selection.workers} workers runs them")
@@ -218,7 +224,8 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
         raise
     split = model.settings.intra_op_threads == 0
     if workers == 1:
-        if per_worker is None and timed is not None and split and usable_cpus() >= 2:
+        if (per_worker is None and timed is not None and timed < SHARE_BELOW_MS and split
+                and usable_cpus() >= 2):
             return _on_a_share(model, path, options, why)  # a fast model, all cores so far
         return replace(model, workers_reason=why)
     shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
@@ -260,8 +267,8 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
 
 def _on_a_share(model: ServedModel, path: Path, options: RunnerOptions,
                 why: str) -> ServedModel:
-    """A fast model's one session (``worker_count``: under ``WORKERS_MIN_MS``, the cores
-    shared out) on half the cores instead of all, so that the model keeps to its share while
+    """A fast model's one session (under ``SHARE_BELOW_MS``, the cores shared out) on half
+    the cores instead of all, so that the model keeps to its share while
     the agent's own work runs on the rest: a new session, guarded; where it cannot be had,
     the all-core one keeps serving and the status says why."""
     threads = max(1, usable_cpus() // 2)

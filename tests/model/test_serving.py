@@ -15,7 +15,13 @@ from agent.backends import BackendError, RunnerOptions
 from agent.config import ModelSection
 from agent.model import serving
 from agent.model.choice import WorkerPlan
-from agent.model.serving import WORKERS_MIN_MS, load_model, worker_count, worker_plan
+from agent.model.serving import (
+    SHARE_BELOW_MS,
+    WORKERS_MIN_MS,
+    load_model,
+    worker_count,
+    worker_plan,
+)
 from tests.bundles import make_scale_bundle
 
 
@@ -73,7 +79,7 @@ def test_a_thread_count_set_by_the_site_keeps_the_guarded_session(
 def test_a_fast_model_keeps_one_session_on_a_share_of_the_cores(
         bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
         monkeypatch: pytest.MonkeyPatch, cpus: int) -> None:
-    """The scale model takes well under 10 ms: one worker, its session (guarded like the
+    """The scale model takes well under 5 ms: one worker, its session (guarded like the
     first) on half the cores, the rest for the agent's own work; on one core, all of it."""
     monkeypatch.setattr(serving, "usable_cpus", lambda: cpus)
     guarded: list[int] = []
@@ -237,7 +243,8 @@ def test_auto_chooses_on_a_worker_s_share_of_the_cores_and_serves_that_session(
 def test_the_worker_plan_auto_ranks_on_follows_the_config_and_the_cores(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serving, "usable_cpus", lambda: 4)
-    assert worker_plan() == WorkerPlan(workers=2, threads=2, min_ms=WORKERS_MIN_MS)
+    assert worker_plan() == WorkerPlan(workers=2, threads=2, min_ms=WORKERS_MIN_MS,
+                                       share_below_ms=SHARE_BELOW_MS)
     assert worker_plan(workers=4) == WorkerPlan(workers=4, threads=1, min_ms=0.0)
     assert worker_plan(workers=1) is None
     assert worker_plan(intra_op_threads=2) is None  # the site's thread count holds
@@ -358,7 +365,7 @@ def test_where_auto_found_no_worker_s_share_passing_serving_opens_no_further_ses
 
 def test_auto_serves_a_fast_model_on_one_worker_s_share_of_the_cores(
         bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default config (``model.workers = 0``) on two cores, a model far under 10 ms:
+    """The default config (``model.workers = 0``) on two cores, a model far under 5 ms:
     auto ranks on 1-thread sessions and serves its pick there as the one worker; a restart
     opens that session only."""
     seen = _record_opened(monkeypatch)
@@ -376,8 +383,25 @@ def test_auto_serves_a_fast_model_on_one_worker_s_share_of_the_cores(
             assert served.selection.plan_ms is not None
             assert reason == (
                 f"auto's pick on all cores took {served.selection.plan_ms:.1f} ms per slice "
-                "(< 10 ms): one model worker, its session on 1 of the 2 cores, the others "
+                "(< 5 ms): one model worker, its session on 1 of the 2 cores, the others "
                 "left to the agent's own work (decode, derive, seal, delivery); auto ranked "
                 "its candidates on 1-thread sessions, as that worker runs them")
         finally:
             served.close()
+
+
+def test_between_the_thresholds_one_session_serves_on_all_cores(
+        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """5-10 ms on all cores: one 1-thread session would make the model the slowest stage
+    (onnxruntime's AVX2 kernels, lite 1.1.0), so the guarded all-core one serves alone."""
+    monkeypatch.setattr(serving, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(serving, "served_ms", lambda _model: 7.0)
+    served = load_model(ModelSection(bundle=bundle_root), tmp_path)
+    try:
+        assert [o.intra_op_threads for o in opened] == [0]
+        assert served.summary()["workers_reason"] == (
+            "the model takes 7.0 ms per slice (< 10 ms): one worker, as beside a model this "
+            "fast a second one does not pay")
+    finally:
+        served.close()
