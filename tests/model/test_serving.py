@@ -44,6 +44,20 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[RunnerOptions]:
     return seen
 
 
+@pytest.fixture
+def guarded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The id of every runner serving runs the guard on, in order."""
+    seen: list[int] = []
+    real = serving.run_guard
+
+    def counting(bundle: Any, runner: Any, **kw: Any) -> Any:
+        seen.append(id(runner))
+        return real(bundle, runner, **kw)
+
+    monkeypatch.setattr(serving, "run_guard", counting)
+    return seen
+
+
 def test_each_worker_gets_its_own_session_of_the_served_file(
         bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,19 +91,11 @@ def test_a_thread_count_set_by_the_site_keeps_the_guarded_session(
 
 @pytest.mark.parametrize("cpus", [1, 2, 4])
 def test_a_fast_model_keeps_one_session_on_a_share_of_the_cores(
-        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions],
+        bundle_root: Path, tmp_path: Path, opened: list[RunnerOptions], guarded: list[int],
         monkeypatch: pytest.MonkeyPatch, cpus: int) -> None:
     """The scale model takes well under 5 ms: one worker, its session (guarded like the
     first) on half the cores, the rest for the agent's own work; on one core, all of it."""
     monkeypatch.setattr(serving, "usable_cpus", lambda: cpus)
-    guarded: list[int] = []
-    real = serving.run_guard
-
-    def counting(bundle: Any, runner: Any, **kw: Any) -> Any:
-        guarded.append(id(runner))
-        return real(bundle, runner, **kw)
-
-    monkeypatch.setattr(serving, "run_guard", counting)
     served = load_model(ModelSection(bundle=bundle_root), tmp_path)
     try:
         assert served.runners == (served.runner,) and served.summary()["workers"] == 1
@@ -145,15 +151,7 @@ def test_auto_runs_two_workers_for_a_slow_model_on_two_cores(
 
 
 def test_every_further_session_is_guarded(bundle_root: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    guarded: list[int] = []
-    real = serving.run_guard
-
-    def counting(bundle: Any, runner: Any, **kw: Any) -> Any:
-        guarded.append(id(runner))
-        return real(bundle, runner, **kw)
-
-    monkeypatch.setattr(serving, "run_guard", counting)
+                                          guarded: list[int]) -> None:
     served = load_model(ModelSection(bundle=bundle_root, workers=2), tmp_path)
     try:
         assert sorted(guarded) == sorted(id(r) for r in served.runners)
