@@ -127,12 +127,12 @@ def worker_count(settings: ModelSection, model_ms: float | None,
     Below ``SHARE_BELOW_MS`` the one session gets a worker's share of the cores where they
     are shared out (``_on_a_share``, and ``auto``'s plan), so that the model and the
     agent's own work each have cores of their own. lite 1.1.0 on 2 cores, one 1-thread
-    session against one 2-thread session: 1.07x (1.05-1.11) the agent's throughput on
-    LiteRT's VNNI kernels (3.6 ms on all cores, 6.6 on one), but 0.96x (0.90-0.98) and
-    0.97x (0.93-1.11) on onnxruntime's AVX2 kernels (6.7 ms on all cores, 11 on one: the
-    model's one thread became the slowest stage); two 1-thread sessions there 0.95x
-    (0.91-1.06) of one 2-thread session, so between the two thresholds one session on all
-    cores serves."""
+    session against one 2-thread session: 1.07x (1.05-1.11) and 1.08x (1.04-1.13) the
+    agent's throughput on LiteRT's VNNI kernels (3.6 ms on all cores, 6.6 on one), but
+    0.96x (0.90-0.98) and 0.97x (0.93-1.11) on onnxruntime's AVX2 kernels (6.7 ms on all
+    cores, 11 on one: the model's one thread became the slowest stage); two 1-thread
+    sessions there 0.95x (0.91-1.06) of one 2-thread session, so between the two thresholds
+    one session on all cores serves."""
     if settings.workers:
         return settings.workers, "model.workers in the config"
     if accelerated:
