@@ -65,6 +65,18 @@ def _uid_path_part(value: object, what: str) -> str:
     return text
 
 
+def _uid_of(ds: pydicom.Dataset, keyword: str) -> str:
+    """A UID of the result as a path part. pydicom converts a value when it is first read,
+    so a damaged element (a VR it does not know, a length its VR cannot have) raises here,
+    not in ``dcmread``: that is ``malformed`` too."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom raises many types for bad input
+        raise EnvelopeError("malformed", f"result's {keyword} cannot be read "
+                                         f"({type(exc).__name__})") from None
+    return _uid_path_part(value, keyword)
+
+
 class ResultReceiver:
     """Opens envelopes and writes DIR/<Study>/<Series>/<SOP>.dcm, dropping duplicates."""
 
@@ -112,9 +124,9 @@ class ResultReceiver:
             raise EnvelopeError("malformed", reason) from None
         path = (
             self.out_dir
-            / _uid_path_part(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-            / _uid_path_part(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            / f"{_uid_path_part(ds.get('SOPInstanceUID'), 'SOPInstanceUID')}.dcm"
+            / _uid_of(ds, "StudyInstanceUID")
+            / _uid_of(ds, "SeriesInstanceUID")
+            / f"{_uid_of(ds, 'SOPInstanceUID')}.dcm"
         )
         size = len(opened.plaintext)
         if path.exists():

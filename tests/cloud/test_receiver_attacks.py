@@ -138,6 +138,23 @@ def test_a_replayed_message_id_is_never_filed_twice(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the damaged values
+@pytest.mark.parametrize("vr", [b"AI", b"UV"])
+def test_a_damaged_vr_of_a_uid_is_malformed_not_a_crash(tmp_path: Path, vr: bytes) -> None:
+    """pydicom reads the element lazily: an unknown VR ('AI') or one whose value length
+    cannot fit it ('UV', 8-byte values) raises only when the UID is read (found by the
+    property test below)."""
+    study_uid = b"\x20\x00\x0d\x00UI"  # (0020,000D), explicit VR little endian
+    data = bytearray(INSTANCES[0])
+    at = data.index(study_uid) + 4
+    data[at:at + 2] = vr
+    out = tmp_path / "out"
+    with pytest.raises(EnvelopeError) as exc:
+        _receiver(out).file(_seal(bytes(data), message_id="m-vr"))
+    assert exc.value.reason == "malformed" and "StudyInstanceUID cannot be read" in str(exc.value)
+    assert not out.exists() or not list(out.rglob("*.dcm"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the damaged values
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.integers(min_value=0), st.binary(min_size=1, max_size=4)),
