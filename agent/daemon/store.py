@@ -6,10 +6,13 @@
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
 * An outbox row is deleted only when the cloud broker has acknowledged it or, with
   ``delivery.receipts = true``, when the consumer's receipt names its message id. That
-  delete is not synced by itself (``_unsynced``): the next synced commit carries it to
-  disk, and one lost to a power cut only sends the result again, which the consumer drops
+  delete is not synced by itself (``_outbox_delete``): the next synced commit carries it
+  to disk, and one lost to a power cut only sends the result again, which the consumer drops
   by its idempotency key (as for a delete that finds the disk full). This saves one fsync
   per result on the hot path; every write that precedes an ack or a publish stays synced.
+* Inbox payloads carry PHI: ``secure_delete`` is on, so the pages a done scan frees are
+  zeroed (in the database file at the next checkpoint), whatever SQLite's build default.
+  An outbox row is sealed ciphertext or a PHI-free error report: its delete skips that.
 * The disk: below ``min_free_bytes`` free on the store's filesystem ``accept`` refuses
   (``DiskFull``) so that commits and deletes still find room; SQLite's own "disk is full"
   becomes ``DiskFull`` too, its transaction rolled back (the caller retries later).
@@ -102,6 +105,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before we ack upstream or delete downstream.
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # freed inbox pages held PHI
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._inbox_bytes = self._sum(
@@ -146,21 +150,24 @@ class Store:
             raise
 
     @contextmanager
-    def _unsynced(self) -> Iterator[None]:
-        """Writes inside commit without waiting for the disk (``synchronous=NORMAL``; in WAL
-        mode still atomic and consistent, durable once a later synced commit or checkpoint
-        has run). Only for deletes whose loss means a duplicate, never a loss. The caller
-        holds ``_lock``."""
+    def _outbox_delete(self) -> Iterator[None]:
+        """Deletes of outbox rows, whose loss means a duplicate, never a loss: they commit
+        without waiting for the disk (``synchronous=NORMAL``; in WAL mode still atomic and
+        consistent, durable once a later synced commit or checkpoint has run), and the
+        pages they free (ciphertext) are not zeroed. The caller holds ``_lock``."""
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA secure_delete=OFF")
         try:
             yield
         finally:
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA synchronous=FULL")
 
-    def synchronous(self) -> int:
-        """The connection's ``PRAGMA synchronous`` (2 = FULL) between writes."""
+    def pragma(self, name: str) -> int:
+        """The connection's ``synchronous`` (2 = FULL) or ``secure_delete`` between writes."""
+        assert name in ("synchronous", "secure_delete")
         with self._lock:
-            return int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+            return int(self._db.execute(f"PRAGMA {name}").fetchone()[0])
 
     # -- inbox ---------------------------------------------------------------------------
     def accept(self, topic: str, sha256: str, payload: bytes) -> int:
@@ -175,10 +182,8 @@ class Store:
                 raise DiskFull(f"{free} bytes free on the state directory's filesystem, "
                                f"storage.min_free_disk_bytes {self.min_free_bytes}")
             try:
-                cur = self._db.execute(
-                    "INSERT INTO inbox(received_at, topic, sha256, payload) VALUES (?,?,?,?)",
-                    (time.time(), topic, sha256, payload),
-                )
+                cur = self._db.execute("INSERT INTO inbox(received_at, topic, sha256, payload) "
+                                       "VALUES (?,?,?,?)", (time.time(), topic, sha256, payload))
             except sqlite3.OperationalError as exc:
                 if _disk_full(exc):
                     raise DiskFull("the state directory's filesystem is full") from None
@@ -190,9 +195,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, topic, sha256, payload, received_at FROM inbox "
-                "WHERE state=? AND id>? ORDER BY id LIMIT ?",
-                (state, after_id, limit),
-            ).fetchall()
+                "WHERE state=? AND id>? ORDER BY id LIMIT ?", (state, after_id, limit)).fetchall()
         return [InboxItem(*r) for r in rows]
 
     def pending(self, after_id: int = 0, limit: int = 16) -> list[InboxItem]:
@@ -206,10 +209,8 @@ class Store:
     def payload(self, inbox_id: int) -> bytes | None:
         """The payload of a pending or held row (None when it is gone)."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT payload FROM inbox WHERE id=? AND state IN ('pending','held')",
-                (inbox_id,),
-            ).fetchone()
+            row = self._db.execute("SELECT payload FROM inbox WHERE id=? AND state IN "
+                                   "('pending','held')", (inbox_id,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def release(self, inbox_ids: list[int]) -> None:
@@ -317,7 +318,7 @@ class Store:
             if row is None:
                 return
             try:
-                with self._unsynced():
+                with self._outbox_delete():
                     self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
             except sqlite3.OperationalError as exc:
                 if _disk_full(exc):
@@ -329,7 +330,7 @@ class Store:
         """The consumer has filed ``message_id``: delete every row that carries it (a scan
         sent twice queues two); returns their ids."""
         with self._lock:
-            with self._unsynced(), self._transaction():
+            with self._outbox_delete(), self._transaction():
                 rows = self._db.execute(
                     "SELECT id, LENGTH(payload) FROM outbox WHERE message_id=?", (message_id,)
                 ).fetchall()

@@ -1,7 +1,9 @@
 """The gateway's durable spool: instances not yet safe with the agent.
 
 One SQLite database (WAL, ``synchronous=FULL``): ``put`` returns only once the row is on
-disk, so a C-STORE answered after it survives a crash or SIGKILL of the gateway.
+disk, so a C-STORE answered after it survives a crash or SIGKILL of the gateway. With
+``secure_delete`` on (whatever SQLite's build default) a deleted row's pages are zeroed:
+the PHI of instances already safe with the agent does not stay in the file.
 
 A row is *queued* (``due`` NULL: to be published) or *awaiting* the agent's ``accepted``
 receipt (the broker PUBACKed it; ``due`` is when it goes out again unconfirmed). Without
@@ -68,6 +70,7 @@ class Spool:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # on disk before C-STORE success
+        self._db.execute("PRAGMA secure_delete=ON")  # a sent instance's pages held PHI: zeroed
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._migrate()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.daemon.store import DiskFull, InboxItem, OutboxItem, Store, StoreFull
+from tests.sqlite_files import checkpointed_bytes, without_secure_delete
 
 MIB = 1024 * 1024
 
@@ -242,19 +243,57 @@ def test_only_the_deletes_of_delivered_rows_skip_the_sync(store: Store, db: Path
     """A delivered row's delete commits without its own fsync; the connection is back to
     FULL for every other write (the inbox commit before an ack, the result's commit), and
     the delete is durable: another connection sees it, and it survives a reopen."""
-    assert store.synchronous() == 2  # FULL
+    assert store.pragma("synchronous") == 2  # FULL
     a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
     b = store.complete(None, [("result", "m-b", "r", b"2")], "processed")[0]
     store.delivered(a)
-    assert store.synchronous() == 2
+    assert store.pragma("synchronous") == 2
     store.receipted("m-b")
-    assert store.synchronous() == 2
+    assert store.pragma("synchronous") == 2
     store.accept("t", "s", b"p")
     assert _rows(db, "SELECT COUNT(*) FROM outbox") == [(0,)]
     store.close()
     again = _open(db)
     assert again.depths() == (1, 0) and b not in [o.id for o in again.outbox()]
     again.close()
+
+
+def test_a_done_scan_s_phi_is_overwritten_in_the_file(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """secure_delete is on whatever SQLite's build default (Debian's is on; here every new
+    connection starts with it off): the pages a done scan's payload freed are zeroed, so
+    the patient's name is nowhere in the store's files."""
+    without_secure_delete(monkeypatch)
+    store = _open(db)
+    phi = b"DOE^JANE^PHI-MARKER"
+    payload = phi + bytes(range(256)) * 40 + phi  # in the row's page and its overflow pages
+    rid = store.accept("t", _sha(payload), payload)
+    store.complete(rid, [("result", "m-1", "r", b"sealed")], "processed")
+    assert store.pragma("secure_delete") == 1
+    store.close()
+    assert phi not in checkpointed_bytes(db)
+
+
+def test_without_secure_delete_the_same_payload_would_stay_in_the_file(tmp_path: Path) -> None:
+    """What the test above guards against, on a bare connection."""
+    db = tmp_path / "bare.db"
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA secure_delete=OFF")
+    con.execute("CREATE TABLE inbox (id INTEGER PRIMARY KEY, payload BLOB)")
+    con.execute("INSERT INTO inbox(payload) VALUES (?)",
+                (b"DOE^JANE^PHI-MARKER" + bytes(range(256)) * 40,))
+    con.execute("UPDATE inbox SET payload=x'' WHERE id=1")
+    con.close()
+    assert b"DOE^JANE^PHI-MARKER" in checkpointed_bytes(db)
+
+
+def test_outbox_deletes_leave_the_connection_synced_and_zeroing(store: Store) -> None:
+    a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
+    store.complete(None, [("result", "m-b", "r", b"2")], "processed")
+    store.delivered(a)
+    store.receipted("m-b")
+    assert (store.pragma("synchronous"), store.pragma("secure_delete")) == (2, 1)
 
 
 def test_a_receipt_deletes_the_rows_of_its_message_id_only(store: Store) -> None:

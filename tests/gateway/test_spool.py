@@ -8,7 +8,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.gateway.spool import Spool
+from tests.sqlite_files import checkpointed_bytes, without_secure_delete
 
 
 def _sha(payload: bytes) -> str:
@@ -82,3 +85,19 @@ def test_a_spool_of_an_older_gateway_is_migrated(tmp_path: Path) -> None:
     assert spool.oldest(set(), 1)[0].tries == 0
     assert spool.confirmed(_sha(b"\x01\x02")) == 1 and spool.count == 0
     spool.close()
+
+
+def test_a_delivered_instance_s_phi_is_overwritten_in_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even where SQLite is built without secure_delete (every connection starts with it
+    off here), a delivered row's pages are zeroed; the row still queued stays whole."""
+    without_secure_delete(monkeypatch)
+    db = tmp_path / "s.sqlite"
+    spool = Spool(db, max_bytes=10**6)
+    # At the end of a 10 KB payload: in its overflow pages, which a delete frees whole.
+    sent = spool.put("1.1", bytes(range(256)) * 40 + b"DOE^JANE^SENT")
+    spool.put("1.2", bytes(range(256)) * 40 + b"ROE^RICHARD^QUEUED")
+    spool.delivered(sent)
+    spool.close()
+    on_disk = checkpointed_bytes(db)
+    assert b"DOE^JANE^SENT" not in on_disk and b"ROE^RICHARD^QUEUED" in on_disk
