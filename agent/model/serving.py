@@ -224,9 +224,11 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
         raise
     split = model.settings.intra_op_threads == 0
     if workers == 1:
-        if (per_worker is None and timed is not None and timed < SHARE_BELOW_MS and split
-                and usable_cpus() >= 2):
-            return _on_a_share(model, path, options, why)  # a fast model, all cores so far
+        # The plan auto would rank under (none with the site's threads or on one core) says
+        # whether a fast model's one session moves to a worker's share of the cores.
+        plan = worker_plan(intra_op_threads=model.settings.intra_op_threads)
+        if per_worker is None and timed is not None and plan is not None and plan.applies(timed):
+            return _on_a_share(model, path, options, why, plan.threads)  # all cores so far
         return replace(model, workers_reason=why)
     shared = replace(options, intra_op_threads=max(1, usable_cpus() // workers)) \
         if split else options
@@ -265,13 +267,12 @@ def _with_workers(model: ServedModel, path: Path, options: RunnerOptions) -> Ser
                    workers_reason=alone)
 
 
-def _on_a_share(model: ServedModel, path: Path, options: RunnerOptions,
-                why: str) -> ServedModel:
+def _on_a_share(model: ServedModel, path: Path, options: RunnerOptions, why: str,
+                threads: int) -> ServedModel:
     """A fast model's one session (under ``SHARE_BELOW_MS``, the cores shared out) on half
     the cores instead of all, so that the model keeps to its share while
     the agent's own work runs on the rest: a new session, guarded; where it cannot be had,
     the all-core one keeps serving and the status says why."""
-    threads = max(1, usable_cpus() // 2)
     runners, failure = _open_guarded(model, path, replace(options, intra_op_threads=threads),
                                      1, keep=())
     if failure:
