@@ -161,12 +161,14 @@ def main() -> None:
     meta = bundle_json(spec, golden, evaluation["gmac_per_slice"])
     record_timing("bundle", time.perf_counter() - start, spec.name)
     timings = load_timings(spec.name)
+    # bundle.json first: the card's per-layer section profiles the bundle through the agent,
+    # which refuses files whose digests do not match it.
+    spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
     card = spec.bundle("MODEL_CARD.md")
     text = render_model_card(spec, train, evaluation, quant, golden, timings,
                              restored_note(spec))
     text += layer_section(spec, f"{cpu_name()} ({isa_line()})")
     card.write_text(text + _domain_section(card), encoding="utf-8")
-    spec.bundle("bundle.json").write_text(to_json(meta), encoding="utf-8")
     save_record(spec)  # so that a clone can redo these steps without training
     total = sum(p.stat().st_size for p in spec.bundle_dir.iterdir() if p.is_file())
     print(f"bundle {spec.bundle_dir} ({total} bytes); golden: {golden}")
