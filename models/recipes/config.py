@@ -32,6 +32,8 @@ class ModelSpec:
     # The LiteRT int8 file keeps its first and last conv in float (as onnxruntime's
     # u8s8_rr_fl does): all in int8, lite 1.1.0 lost 0.50 dB against fp32 on the held-out slab.
     litert_float_ends: bool = False
+    # Quantization-aware fine-tuning after training (recipes/qat.py), in steps (0: none).
+    qat_steps: int = 0
 
     @property
     def in_channels(self) -> int:
@@ -147,8 +149,31 @@ FULL_S2H = replace(FULL, name="t1w-to-t2w-full-s2h", version="0.0.1",
 # (records/t1w-to-t2w-full-s2h4-pilot.json).
 FULL_S2H4 = replace(FULL, name="t1w-to-t2w-full-s2h4", version="0.0.1",
                     widths=(32, 64, 128, 160), stem=2, head=3)
+# lite 1.1.0 with 32 channels at 128 x 128 (24 before): onnxruntime's AVX2 u8s8 kernels
+# run a 3 x 3 conv of 24 channels at 1.15-1.3x their fp32 speed, and one of 32 channels (a
+# multiple of their 16-column tile) at 1.55-1.6x (single-layer A/B, 2 threads), so the
+# wider first level costs int8 little and fp32 much; 0.99 GMAC.
+# Measured: 30.36 dB fp32 (lite 1.1.0: 29.74), but its 7-bit weights lost 0.86 dB on the
+# training slices all in int8 (u8s8_rr) and 0.38 with the ends in float, so the recipe chose
+# u8u8 (10.53 ms against fp32's 10.93 on the AVX2 kernels)
+# (records/t1w-to-t2w-lite-s2h32-pilot.json).
+LITE_S2H32 = replace(LITE_S2H, name="t1w-to-t2w-lite-s2h32", widths=(32, 48, 64, 96),
+                     litert_float_ends=True)
+# lite-s2h32 fine-tuned quantization-aware (recipes/qat.py, 800 steps, 7- and 8-bit weight
+# grids on alternate steps): 30.41 dB fp32, onnxruntime int8 30.39 (u8s8_rr_fl; all in int8,
+# u8s8_rr, 0.13 dB under fp32 on the training slices), LiteRT int8 30.18. Not shipped: on the
+# AVX2 kernels its best int8 took 7.81 ms against lite 1.1.0's 6.76 (2 threads), 1.34x its
+# best fp32 (lite 1.1.0: 1.31x); on one thread 1.55x (1.44x)
+# (records/t1w-to-t2w-lite-s2h32q-pilot.json).
+LITE_S2H32Q = replace(LITE_S2H32, name="t1w-to-t2w-lite-s2h32q", qat_steps=800)
+# lite 1.1.0's weights fine-tuned the same way (its checkpoint rebuilt from model.fp32.onnx,
+# whose initializers carry the state_dict's names): fp32 29.75 dB, every conv in int8 on
+# onnxruntime (u8s8_rr_outer, the recipe's pick) 29.63 dB, LiteRT int8 29.63 (lite 1.1.0:
+# 29.75 and 29.47). Not shipped: 5-6 % more int8 throughput on the AVX2 kernels for 0.12 dB
+# less on onnxruntime (records/t1w-to-t2w-lite-q-pilot.json).
+LITE_Q = replace(LITE, name="t1w-to-t2w-lite-q", version="0.0.1", qat_steps=800)
 MODELS = {m.name: m for m in (LITE, FULL, LITE_S2D, LITE_S4, LITE_S2R, LITE_S2M, LITE_S2H,
-                              LITE_S4HE, FULL_S2H, FULL_S2H4)}
+                              LITE_S4HE, FULL_S2H, FULL_S2H4, LITE_S2H32, LITE_S2H32Q, LITE_Q)}
 # The bundles committed under models/ (what `make -C models check` verifies).
 SHIPPED = {m.name: m for m in (LITE, FULL)}
 

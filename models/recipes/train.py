@@ -17,6 +17,7 @@ from recipes import config
 from recipes.augment import AugmentConfig, BatchSampler
 from recipes.context import context_stack
 from recipes.losses import l1_ssim_loss
+from recipes.qat import fine_tune
 from recipes.timing import record_timing
 from recipes.unet import UNetLite, count_macs, count_params
 
@@ -92,10 +93,15 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
     wall = time.perf_counter() - start
 
     spec.build_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"widths": spec.widths, "in_channels": spec.in_channels, "stem": spec.stem,
-                "refine": spec.refine, "head": spec.head, "edge": spec.edge,
-                "state_dict": model.state_dict()},
-               spec.build("model.pt"))
+    ckpt = {"widths": spec.widths, "in_channels": spec.in_channels, "stem": spec.stem,
+            "refine": spec.refine, "head": spec.head, "edge": spec.edge,
+            "state_dict": model.state_dict()}
+    qat: dict[str, object] | None = None
+    if spec.qat_steps:
+        torch.save(ckpt, spec.build("model.float.pt"))
+        qat = fine_tune(spec, model, spec.qat_steps)
+        ckpt |= {"state_dict": model.state_dict(), "qat": qat}
+    torch.save(ckpt, spec.build("model.pt"))
     summary: dict[str, object] = {
         "model": spec.name,
         "widths": list(spec.widths),
@@ -118,6 +124,7 @@ def train(spec: config.ModelSpec, steps: int, threads: int) -> dict[str, object]
         "threads": threads,
         "wall_s": round(wall, 1),
         "history": history,
+        **({"qat": qat} if qat else {}),
     }
     spec.build("train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
