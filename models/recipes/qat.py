@@ -4,8 +4,9 @@ int8 file onnxruntime's quantizer will make of it (``recipes.quantize``, ``u8s8_
 Post-training quantization of lite 1.1.0 with every conv in int8 lost 0.23 dB on the
 training slices (0.1 dB is what the recipe allows), and keeping its first and last conv in
 float to save 0.13 of it cost int8 part of its lead over fp32 on CPUs without a dot product
-(1.18-1.32x against 1.26-1.39x; models/README.md). So the float model is fine-tuned for a few hundred steps with
-the quantizer's rounding in its forward pass, at the places the quantizer puts it:
+(1.18-1.32x against 1.26-1.39x; models/README.md). So the float model is fine-tuned for a
+few hundred steps with the quantizer's rounding in its forward pass, at the places the
+quantizer puts it:
 
 - every conv's weights, per output channel, symmetric, recomputed from the current weights
   at every step, as the quantizers compute them from the final ones; on alternate steps
