@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-integration test-cluster lint bench bench-soak bench-models bench-stages mosquitto dicom3tools dcmtk orthanc rabbitmq binutils clean models bench-gateway
+.PHONY: demo test test-unit test-integration test-cluster lint bench bench-soak bench-models bench-stages mosquitto dicom3tools dcmtk orthanc rabbitmq binutils cc clean models bench-gateway
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required"; exit 1; }
@@ -43,6 +43,12 @@ binutils:
 		echo "installing binutils (Debian package)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq binutils; }
 
+# A C compiler (Debian's gcc) builds bench/slow_sync.py's fsync wrapper.
+cc:
+	@command -v cc >/dev/null 2>&1 || { \
+		echo "installing gcc (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq gcc libc6-dev; }
+
 # dcmtk's storescu is the modality of the DICOM chain test (tests/integration/test_dicom_chain.py).
 dcmtk:
 	@command -v storescu >/dev/null 2>&1 || { \
@@ -67,7 +73,7 @@ rabbitmq:
 # mostly wait on brokers and processes, so the suite takes about half the time on 2 cores.
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc rabbitmq binutils
+test: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc rabbitmq binutils cc
 	$(BIN)/python -m pytest -q -m "not cluster" -n $(TEST_WORKERS) --dist loadfile
 
 # The three-node RabbitMQ cluster test (about a minute to form the cluster on two cores).

@@ -17,4 +17,6 @@
 | ``domain_score`` | what the domain-shift score costs per slice |
 | ``avx2_kernels`` | any command with onnxruntime and LiteRT on their AVX2 kernels |
 | ``avx2_instructions`` | instructions of one inference on the AVX2 kernels (valgrind) |
+| ``conv_widths`` | one conv per channel pair, fp32 against int8 |
+| ``slow_sync`` | any command as if its disk took N ms per fsync (an SD card, eMMC) |
 """

@@ -8,6 +8,7 @@
 | ``domain_check`` | the domain-shift verdict per slice and series, the policy, the status |
 | ``stacking`` | the 2.5D path: series admission, neighbour stacks, release |
 | ``store`` | the durable inbox and outbox (SQLite WAL) |
+| ``store_rows`` | the store's tables, the rows it hands out, its errors |
 | ``pressure`` | backpressure: why scans are not taken now (the status's ``backpressure``) |
 | ``reload`` | the guarded reload: load and guard on a loader thread, swap or refuse |
 | ``updates`` | fleet updates into the guarded reload; the post-activation rollback watch |

@@ -300,6 +300,7 @@ class Agent:
                             "broker is not authenticated", fix=f"use mqtts:// in {role}.url "
                             "with ca_file, cert_file and key_file")
         self.prepare()
+        self.ingest.start()
         self.cloud.start()
         self.edge.start()
         if self.fleet is not None:
@@ -366,6 +367,7 @@ class Agent:
     def _shutdown(self, publisher: threading.Thread) -> int:
         # Stop taking scans first: anything not yet acked stays with the edge broker.
         self._publish_offline(self.edge)
+        self.ingest.stop()  # the batch being written is acked; the rest stays unacked
         self.edge.stop()
         self.sd.stopping(f"stopping: delivering queued results to the cloud broker "
                          f"(up to {DRAIN_ON_STOP_S:.0f} s)")

@@ -4,12 +4,14 @@
   ``synchronous=FULL``.
 * ``Store.complete`` writes the result to the outbox and marks the inbox row done in one
   transaction, so a crash leaves either the scan pending or the result queued, never neither.
-* An outbox row is deleted only when the cloud broker has acknowledged it or, with
-  ``delivery.receipts = true``, when the consumer's receipt names its message id. That
-  delete is not synced by itself (``_outbox_delete``): the next synced commit carries it
-  to disk, and one lost to a power cut only sends the result again, which the consumer drops
-  by its idempotency key (as for a delete that finds the disk full). This saves one fsync
-  per result on the hot path; every write that precedes an ack or a publish stays synced.
+* Two writes are not synced by themselves (``_unsynced``), as losing them to a power cut
+  means a duplicate, never a loss: the completion of an inbox row (the row's insert was
+  synced, so the scan is pending again and its result is sent again) and the delete of an
+  outbox row once the cloud broker acked it or, with ``delivery.receipts = true``, once the
+  consumer's receipt named it (the result is sent again). The consumer drops a duplicate by
+  its idempotency key. That leaves one fsync per scan, the insert's (milliseconds on an SD
+  card). Every write before an ack is synced, and so is every write before a publish that
+  nothing could bring back (an error report without an inbox row).
 * Inbox payloads carry PHI: ``secure_delete`` is on, so the pages a done scan frees are
   zeroed (in the database file at the next checkpoint), whatever SQLite's build default.
   An outbox row is sealed ciphertext or a PHI-free error report: its delete skips that.
@@ -27,68 +29,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from agent.errors import AgentError
+from agent.daemon.store_rows import SCHEMA, DiskFull, InboxItem, OutboxItem, StoreFull
+from agent.daemon.store_rows import disk_full as _disk_full
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at REAL    NOT NULL,
-    topic       TEXT    NOT NULL,
-    sha256      TEXT    NOT NULL,
-    payload     BLOB    NOT NULL,
-    state       TEXT    NOT NULL DEFAULT 'pending'  -- pending | held | done
-);
-CREATE INDEX IF NOT EXISTS inbox_pending ON inbox(state, id);
-CREATE TABLE IF NOT EXISTS outbox (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_at  REAL    NOT NULL,
-    kind        TEXT    NOT NULL,                -- result | error
-    message_id  TEXT    NOT NULL,
-    topic       TEXT    NOT NULL,
-    payload     BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_message ON outbox(message_id);
-CREATE TABLE IF NOT EXISTS counters (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-"""
-
-
-class StoreFull(AgentError):
-    """The inbox or outbox has reached its byte cap."""
-
-
-class DiskFull(StoreFull):
-    """The store's filesystem is (nearly) full: nothing was written."""
-
-
-def _disk_full(exc: sqlite3.Error) -> bool:
-    """SQLITE_FULL, whatever its extended code (``sqlite_errorcode``: Python 3.11+)."""
-    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL
-
-
-@dataclass(frozen=True)
-class InboxItem:
-    id: int
-    topic: str
-    sha256: str
-    payload: bytes
-    received_at: float
-
-
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    kind: str
-    message_id: str
-    topic: str
-    payload: bytes
-
+__all__ = ["DiskFull", "InboxItem", "OutboxItem", "Store", "StoreFull"]
 
 class Store:
     """Inbox + outbox. Thread-safe: one connection guarded by a lock (writes are short)."""
@@ -150,17 +97,21 @@ class Store:
             raise
 
     @contextmanager
-    def _outbox_delete(self) -> Iterator[None]:
-        """Deletes of outbox rows, whose loss means a duplicate, never a loss: they commit
-        without waiting for the disk (``synchronous=NORMAL``; in WAL mode still atomic and
-        consistent, durable once a later synced commit or checkpoint has run), and the
-        pages they free (ciphertext) are not zeroed. The caller holds ``_lock``."""
+    def _unsynced(self, *, zeroing: bool) -> Iterator[None]:
+        """Writes whose loss means work done again or a duplicate, never a loss: they
+        commit without waiting for the disk (``synchronous=NORMAL``; in WAL mode still
+        atomic and consistent, durable once a later synced commit or checkpoint has run,
+        and lost, if at all, only after every earlier write: the log is replayed in order).
+        ``zeroing``: the write frees inbox pages (PHI), which stay zeroed; deletes of outbox
+        rows (ciphertext) skip that. The caller holds ``_lock``."""
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA secure_delete=OFF")
+        if not zeroing:
+            self._db.execute("PRAGMA secure_delete=OFF")
         try:
             yield
         finally:
-            self._db.execute("PRAGMA secure_delete=ON")
+            if not zeroing:
+                self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA synchronous=FULL")
 
     def pragma(self, name: str) -> int:
@@ -172,24 +123,42 @@ class Store:
     # -- inbox ---------------------------------------------------------------------------
     def accept(self, topic: str, sha256: str, payload: bytes) -> int:
         """Persist a received scan; return its row id. Raises StoreFull at the cap."""
+        ids, refused = self.accept_many([(topic, sha256, payload)])
+        if refused is not None:
+            raise refused
+        return ids[0]
+
+    def accept_many(self, scans: list[tuple[str, str, bytes]]
+                    ) -> tuple[list[int], StoreFull | None]:
+        """Persist received scans (topic, sha256, payload) in order, in one synced
+        transaction: one fsync for them all. Stops at the first that does not fit; returns
+        the ids of those stored and why the next was not (None when all were)."""
+        ids: list[int] = []
+        refused: StoreFull | None = None
         with self._lock:
-            if self._inbox_bytes + len(payload) > self.inbox_max_bytes:
-                raise StoreFull(
-                    f"inbox holds {self._inbox_bytes} bytes (cap {self.inbox_max_bytes})"
-                )
+            added = 0
             free = self.free_disk_bytes()
-            if free - len(payload) < self.min_free_bytes:
-                raise DiskFull(f"{free} bytes free on the state directory's filesystem, "
-                               f"storage.min_free_disk_bytes {self.min_free_bytes}")
             try:
-                cur = self._db.execute("INSERT INTO inbox(received_at, topic, sha256, payload) "
-                                       "VALUES (?,?,?,?)", (time.time(), topic, sha256, payload))
-            except sqlite3.OperationalError as exc:
-                if _disk_full(exc):
-                    raise DiskFull("the state directory's filesystem is full") from None
-                raise
-            self._inbox_bytes += len(payload)
-            return int(cur.lastrowid or 0)
+                with self._transaction():
+                    for topic, sha256, payload in scans:
+                        if self._inbox_bytes + added + len(payload) > self.inbox_max_bytes:
+                            refused = StoreFull(f"inbox holds {self._inbox_bytes + added} "
+                                                f"bytes (cap {self.inbox_max_bytes})")
+                            break
+                        if free - added - len(payload) < self.min_free_bytes:
+                            refused = DiskFull(
+                                f"{free - added} bytes free on the state directory's "
+                                f"filesystem, storage.min_free_disk_bytes {self.min_free_bytes}")
+                            break
+                        cur = self._db.execute(
+                            "INSERT INTO inbox(received_at, topic, sha256, payload) "
+                            "VALUES (?,?,?,?)", (time.time(), topic, sha256, payload))
+                        ids.append(int(cur.lastrowid or 0))
+                        added += len(payload)
+            except DiskFull as exc:  # SQLite's own: rolled back, nothing stored
+                return [], exc
+            self._inbox_bytes += added
+        return ids, refused
 
     def _rows(self, state: str, after_id: int, limit: int) -> list[InboxItem]:
         with self._lock:
@@ -252,11 +221,13 @@ class Store:
     ) -> list[int]:
         """Mark an inbox row done (if any) and queue ``outputs`` (kind, message_id, topic,
         payload) in one transaction; bump ``counter``. ``hold``: keep the payload (state
-        ``held``) until ``release``. Returns the new outbox ids."""
+        ``held``) until ``release``. Returns the new outbox ids. Synced only without an
+        inbox row (see the module's docstring): with one, a lost commit leaves it pending."""
         size = sum(len(o[3]) for o in outputs)
         with self._lock:
             ids: list[int] = []
-            with self._transaction():
+            durable = nullcontext() if inbox_id is None else self._unsynced(zeroing=True)
+            with durable, self._transaction():
                 for kind, message_id, topic, payload in outputs:
                     cur = self._db.execute(
                         "INSERT INTO outbox(created_at, kind, message_id, topic, payload) "
@@ -269,20 +240,14 @@ class Store:
                     (inbox_id,),
                 ).fetchone()
                 if hold:
-                    self._db.execute(
-                        "UPDATE inbox SET state='held' WHERE id=? AND state='pending'",
-                        (inbox_id,),
-                    )
+                    self._db.execute("UPDATE inbox SET state='held' WHERE id=? AND "
+                                     "state='pending'", (inbox_id,))
                     row = None  # the payload stays: its bytes still count
                 else:
-                    self._db.execute(
-                        "UPDATE inbox SET state='done', payload=x'' WHERE id=?", (inbox_id,)
-                    )
-                self._db.execute(
-                    "INSERT INTO counters(name, value) VALUES (?, 1) "
-                    "ON CONFLICT(name) DO UPDATE SET value=value+1",
-                    (counter,),
-                )
+                    self._db.execute("UPDATE inbox SET state='done', payload=x'' WHERE id=?",
+                                     (inbox_id,))
+                self._db.execute("INSERT INTO counters(name, value) VALUES (?, 1) "
+                                 "ON CONFLICT(name) DO UPDATE SET value=value+1", (counter,))
             if row is not None:
                 self._inbox_bytes -= int(row[0])
             self._outbox_bytes += size
@@ -318,7 +283,7 @@ class Store:
             if row is None:
                 return
             try:
-                with self._outbox_delete():
+                with self._unsynced(zeroing=False):
                     self._db.execute("DELETE FROM outbox WHERE id=?", (outbox_id,))
             except sqlite3.OperationalError as exc:
                 if _disk_full(exc):
@@ -330,7 +295,7 @@ class Store:
         """The consumer has filed ``message_id``: delete every row that carries it (a scan
         sent twice queues two); returns their ids."""
         with self._lock:
-            with self._outbox_delete(), self._transaction():
+            with self._unsynced(zeroing=False), self._transaction():
                 rows = self._db.execute(
                     "SELECT id, LENGTH(payload) FROM outbox WHERE message_id=?", (message_id,)
                 ).fetchall()

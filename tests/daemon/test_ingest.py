@@ -6,13 +6,14 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import pytest
 
 from agent.config import LimitsSection
-from agent.daemon.ingest import Ingest, confirming_ack
+from agent.daemon.ingest import QUEUE_MAX, Ingest, confirming_ack
 from agent.daemon.store import Store
 from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import Topics
@@ -192,3 +193,138 @@ def test_the_running_agent_s_ack_pubacks_then_confirms_the_digest(store: Store) 
         ("ack", 7),
         ("publish", "iomt/site-1/edge-1/accepted",
          json.dumps({"v": 1, "sha256": digest}).encode(), 1)]
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_on_the_ingest_thread_scans_that_queue_meanwhile_share_one_commit(
+        store: Store) -> None:
+    """Group commit: while the ``ingest`` thread writes (here: held in the first ack),
+    arriving scans only queue; the next turn stores all of them in one transaction, then
+    acks them in arrival order, each after its row is committed."""
+    acked: list[int] = []
+    commits: list[int] = []
+    store._db.set_trace_callback(  # private: what reaches the disk is the point
+        lambda sql: commits.append(1) if sql == "COMMIT" else None)
+    first_ack = threading.Event()
+    go_on = threading.Event()
+
+    def ack(msg: Message, _sha256: str) -> None:
+        if msg.mid == 1:
+            first_ack.set()
+            go_on.wait(10)
+        assert msg.mid <= len(store.pending(limit=100))  # committed before its ack
+        acked.append(msg.mid)
+
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
+                    stored=lambda: None)
+    ingest.start()
+    try:
+        ingest.on_message(_msg(1, size=1000))
+        assert first_ack.wait(10)
+        start = time.monotonic()
+        for mid in range(2, 8):
+            ingest.on_message(_msg(mid, size=1000))
+        assert time.monotonic() - start < 1.0  # the network thread did not wait
+        assert ingest.held == 6 and acked == []
+        go_on.set()
+        _wait(lambda: len(acked) == 7, "seven acks")
+    finally:
+        ingest.stop()
+    assert acked == list(range(1, 8)) and ingest.held == 0
+    assert len(commits) == 2  # one for the first scan, one for the six that queued
+
+
+def test_on_the_ingest_thread_a_full_inbox_holds_until_retry_in_order(store: Store) -> None:
+    acked: list[int] = []
+    ingest = _ingest(store, acked)
+    ingest.start()
+    try:
+        for mid in range(1, 7):
+            ingest.on_message(_msg(mid))
+        _wait(lambda: acked == [1, 2] and ingest.held == 4, "two stored, four held")
+        ingest.on_message(_msg(7, size=10))  # fits, but waits behind the held ones
+        assert ingest.retry() >= 4
+        time.sleep(0.05)
+        assert acked == [1, 2]
+        for item in store.pending(limit=10):
+            store.complete(item.id, [], "processed")
+        ingest.retry()
+        _wait(lambda: acked == [1, 2, 3, 4], "two more after room was made")
+        for item in store.pending(limit=10):
+            store.complete(item.id, [], "processed")
+        ingest.retry()
+        _wait(lambda: acked == list(range(1, 8)), "all seven")
+    finally:
+        ingest.stop()
+
+
+def test_stop_acks_the_batch_being_written_and_leaves_the_rest_unacked(store: Store) -> None:
+    """What is queued at ``stop`` is neither stored nor acked: the edge broker still has it
+    and sends it again to the next session."""
+    acked: list[int] = []
+    in_ack = threading.Event()
+    go_on = threading.Event()
+
+    def ack(msg: Message, _sha256: str) -> None:
+        in_ack.set()
+        go_on.wait(10)
+        acked.append(msg.mid)
+
+    ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
+                    stored=lambda: None)
+    ingest.start()
+    ingest.on_message(_msg(1, size=100))
+    assert in_ack.wait(10)
+    ingest.on_message(_msg(2, size=100))
+    stopper = threading.Thread(target=ingest.stop)
+    stopper.start()
+    _wait(lambda: not ingest.running, "stop asked")
+    go_on.set()
+    stopper.join(10)
+    assert acked == [1] and len(store.pending()) == 1 and ingest.held == 1
+
+
+def test_past_its_bound_the_queue_holds_paho_s_thread_until_the_writer_makes_room(
+        store: Store) -> None:
+    """A broker without flow control (Mosquitto with max_inflight_messages 0 and MQTT
+    3.1.1) sends all it has: past ``QUEUE_MAX`` queued scans the network thread waits for
+    the ``ingest`` thread, so TCP holds back the rest and memory stays bounded."""
+    acked: list[int] = []
+    in_ack = threading.Event()
+    go_on = threading.Event()
+
+    def ack(msg: Message, _sha256: str) -> None:
+        in_ack.set()
+        go_on.wait(10)
+        acked.append(msg.mid)
+
+    big = Store(store.path.with_name("big.db"), inbox_max_bytes=1 << 30,
+                outbox_max_bytes=1 << 20)
+    ingest = Ingest(big, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
+                    stored=lambda: None)
+    ingest.start()
+    try:
+        ingest.on_message(_msg(1, size=100))
+        assert in_ack.wait(10)  # the writer is busy with the first; it left the queue
+        for mid in range(2, QUEUE_MAX + 2):
+            ingest.on_message(_msg(mid, size=100))  # up to the bound: no wait
+        assert ingest.held == QUEUE_MAX
+        extra = threading.Thread(target=ingest.on_message, args=(_msg(QUEUE_MAX + 2, 100),))
+        extra.start()
+        extra.join(0.3)
+        assert extra.is_alive()  # waiting for room
+        go_on.set()
+        extra.join(10)
+        assert not extra.is_alive()
+        _wait(lambda: len(acked) == QUEUE_MAX + 2, "every scan acked")
+    finally:
+        go_on.set()
+        ingest.stop()
+        big.close()
+    assert acked == list(range(1, QUEUE_MAX + 3))

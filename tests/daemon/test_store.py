@@ -239,9 +239,9 @@ def test_a_puback_deletes_its_own_row_only(store: Store) -> None:
     assert [o.id for o in store.outbox()] == [ids[0], ids[1]]
 
 
-def test_only_the_deletes_of_delivered_rows_skip_the_sync(store: Store, db: Path) -> None:
+def test_deletes_of_delivered_rows_skip_the_sync(store: Store, db: Path) -> None:
     """A delivered row's delete commits without its own fsync; the connection is back to
-    FULL for every other write (the inbox commit before an ack, the result's commit), and
+    FULL for the writes after it (the inbox commit before an ack, an orphan report), and
     the delete is durable: another connection sees it, and it survives a reopen."""
     assert store.pragma("synchronous") == 2  # FULL
     a = store.complete(None, [("result", "m-a", "r", b"1")], "processed")[0]
@@ -286,6 +286,64 @@ def test_without_secure_delete_the_same_payload_would_stay_in_the_file(tmp_path:
     con.execute("UPDATE inbox SET payload=x'' WHERE id=1")
     con.close()
     assert b"DOE^JANE^PHI-MARKER" in checkpointed_bytes(db)
+
+
+def _commits(store: Store) -> list[str]:
+    """The ``synchronous`` setting each of the store's following commits runs under, read
+    from the statements its connection executes (SQLite's trace hook; the store has one
+    connection)."""
+    seen: list[str] = []
+    mode = ["FULL"]
+
+    def trace(sql: str) -> None:
+        if sql.startswith("PRAGMA synchronous="):
+            mode[0] = sql.split("=", 1)[1]
+        elif sql == "COMMIT":
+            seen.append(mode[0])
+
+    store._db.set_trace_callback(trace)  # private: what reaches the disk is the point
+    return seen
+
+
+def test_a_scan_s_completion_skips_the_sync_and_an_orphan_report_does_not(store: Store) -> None:
+    """Completing an inbox row commits without its own fsync (lost to a power cut, the row
+    is pending again: processed again, never lost); an error report without an inbox row
+    (nothing could bring it back) and every insert before an ack stay synced, and the
+    completion still zeroes the payload's pages."""
+    rid = store.accept("t", "s", b"p" * 5000)
+    commits = _commits(store)
+    store.complete(rid, [("result", "m-1", "r", b"sealed")], "processed")
+    store.complete(None, [("error", "e-1", "errors", b"{}")], "failed")
+    store.accept_many([("t", "s2", b"q"), ("t", "s3", b"r")])
+    assert commits == ["NORMAL", "FULL", "FULL"]
+    assert (store.pragma("synchronous"), store.pragma("secure_delete")) == (2, 1)
+    store.close()
+    again = _open(store.path)
+    assert again.depths() == (2, 2) and again.counters() == {"processed": 1, "failed": 1}
+    again.close()
+
+
+def test_accept_many_stores_in_order_until_one_does_not_fit(db: Path) -> None:
+    """One transaction for the batch; the first scan over the cap and every one after it
+    are not stored (the caller holds them, in order), and the cap's error says why."""
+    store = _open(db, inbox=10_000)
+    commits = _commits(store)
+    ids, refused = store.accept_many([("t", f"s{i}", bytes([i]) * 3000) for i in range(5)])
+    assert len(ids) == 3 and commits == ["FULL"]
+    assert isinstance(refused, StoreFull) and not isinstance(refused, DiskFull)
+    assert "inbox holds 9000 bytes (cap 10000)" in str(refused)
+    assert [r.payload[0] for r in store.pending()] == [0, 1, 2]
+    assert store.accept_many([("t", "s9", b"x" * 1000)]) == ([ids[-1] + 1], None)  # fits
+    store.close()
+
+
+def test_accept_many_refuses_below_the_disk_floor_with_disk_full(db: Path) -> None:
+    store = _open(db)
+    store.min_free_bytes = store.free_disk_bytes() - 5000  # room for 5000 bytes more
+    ids, refused = store.accept_many([("t", "a", b"a" * 3000), ("t", "b", b"b" * 3000)])
+    assert len(ids) == 1 and isinstance(refused, DiskFull)
+    assert "storage.min_free_disk_bytes" in str(refused)
+    store.close()
 
 
 def test_outbox_deletes_leave_the_connection_synced_and_zeroing(store: Store) -> None:
