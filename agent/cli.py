@@ -138,12 +138,18 @@ def cmd_send(args: argparse.Namespace) -> int:
         if not (p.is_dir() or p.is_file()):
             print(f"error: {p} does not exist", file=sys.stderr)
             return EXIT_FAIL
-    if args.confirm:
-        from agent.ops.sender import send_confirmed
+    from agent.transport.tls import TLSFilesError
 
-        ok = send_confirmed(config, paths, args.source, args.timeout)
-        return EXIT_OK if ok else EXIT_FAIL
-    return EXIT_OK if send_files(config, paths, args.source, args.timeout) else EXIT_FAIL
+    try:
+        if args.confirm:
+            from agent.ops.sender import send_confirmed
+
+            ok = send_confirmed(config, paths, args.source, args.timeout)
+            return EXIT_OK if ok else EXIT_FAIL
+        return EXIT_OK if send_files(config, paths, args.source, args.timeout) else EXIT_FAIL
+    except TLSFilesError as exc:  # --cert / --key or the config's edge files
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def cmd_receive(args: argparse.Namespace) -> int:

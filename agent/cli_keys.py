@@ -21,10 +21,15 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
-def _write_pair(stem: Path, private: object, public: object) -> int:
+def _write_pair(stem: str, private: object, public: object) -> int:
     from agent.crypto import keys
 
     key, pub = Path(f"{stem}.key"), Path(f"{stem}.pub")
+    if stem.endswith("/") or Path(stem).is_dir():
+        example = Path(stem) / "node-1"
+        print(f"error: {stem} is a directory: give a file stem in it, e.g. {example} (writes "
+              f"{example}.key and {example}.pub)", file=sys.stderr)
+        return EXIT_FAIL
     try:
         keys.save_private_key(key, private)  # type: ignore[arg-type]
         keys.save_public_key(pub, public)  # type: ignore[arg-type]
@@ -38,7 +43,7 @@ def cmd_keys_recipient(args: argparse.Namespace) -> int:
     from agent.crypto import keys
 
     private, public = keys.generate_recipient_keypair(args.kind)
-    code = _write_pair(Path(args.stem), private, public)
+    code = _write_pair(args.stem, private, public)
     if code == EXIT_OK:
         print(f"wrote {args.stem}.key (0600, the receiver's) and {args.stem}.pub (the nodes'); "
               f"{public.kind} key id {public.key_id}")
@@ -49,7 +54,7 @@ def cmd_keys_signing(args: argparse.Namespace) -> int:
     from agent.crypto import keys
 
     private = keys.generate_signing_key()
-    code = _write_pair(Path(args.stem), private, private.public_key())
+    code = _write_pair(args.stem, private, private.public_key())
     if code == EXIT_OK:
         print(f"wrote {args.stem}.key (0600, the node's) and {args.stem}.pub (the receiver's); "
               f"Ed25519 key id {keys.signing_key_id(private)}")
@@ -60,6 +65,9 @@ def cmd_keys_id(args: argparse.Namespace) -> int:
     from agent.crypto import keys
 
     path = Path(args.file)
+    if path.is_dir():
+        print(f"error: {path} is a directory: give a key file (.key or .pub)", file=sys.stderr)
+        return EXIT_FAIL
     loaders: tuple[tuple[str, Callable[[], str]], ...] = (
         ("recipient public", lambda: keys.load_recipient_public_key(path).key_id),
         ("recipient private", lambda: keys.load_recipient_private_key(path).key_id),

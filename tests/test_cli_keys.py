@@ -35,3 +35,18 @@ def test_new_pairs_their_ids_and_refusals(tmp_path: Path,
     (tmp_path / "junk").write_text("hello\n")
     assert main(["keys", "id", str(tmp_path / "junk")]) == 1
     assert "not a key file of this project" in capsys.readouterr().err
+
+
+def test_a_directory_is_refused_as_a_stem_and_as_a_key_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``keys signing DIR/`` wrote DIR.key beside DIR while naming DIR/.key; ``keys id DIR``
+    was a traceback. Both now say what to give instead, and write nothing."""
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    for stem in (f"{keys_dir}/", str(keys_dir)):
+        assert main(["keys", "signing", stem]) == 1
+        assert f"e.g. {keys_dir / 'node-1'}" in capsys.readouterr().err
+    assert main(["keys", "id", str(keys_dir)]) == 1
+    assert "is a directory: give a key file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
+    assert list(keys_dir.iterdir()) == []

@@ -16,7 +16,7 @@ from agent.ops.findings import (
     ok,
     unreadable_fix,
 )
-from agent.transport.tls import client_context
+from agent.transport.tls import TLSFilesError, client_context
 
 # -- brokers -----------------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def check_broker(role: str, cfg: BrokerConfig, client_id: str, timeout: float) -
     with sock:
         if cfg.tls:
             try:
-                ctx = client_context(cfg)
+                ctx = client_context(cfg, role)
                 with ctx.wrap_socket(sock, server_hostname=cfg.host) as tls:
                     peer = tls.getpeercert() or {}
                     detail = f"{tls.version()}, server certificate valid until " \
@@ -49,6 +49,9 @@ def check_broker(role: str, cfg: BrokerConfig, client_id: str, timeout: float) -
                               f"verify: {exc.verify_message}",
                               f"set {role}.ca_file to the CA that signed the broker's "
                               "certificate, and use the host name the certificate names")]
+            except TLSFilesError as exc:
+                return [fail("broker", subject, str(exc), f"fix {role}.ca_file, cert_file "
+                              "or key_file (PEM files; the key must match the certificate)")]
             except (ssl.SSLError, OSError) as exc:
                 return [fail("broker", subject, f"TLS handshake failed: {exc}",
                               f"check {role}.ca_file, cert_file and key_file, and that the "

@@ -25,6 +25,7 @@ from pathlib import Path
 from agent.config import BrokerConfig, Config
 from agent.crypto import keys
 from agent.crypto.site_secret import load_site_secret
+from agent.transport.tls import TLSFilesError, client_context
 
 GUARD_NOT_RUN = ("the int8 accuracy guard was not run (it runs the model): add --guard to "
                  "run it as `run` would")
@@ -76,6 +77,7 @@ def _readable(path: Path) -> str | None:
 
 
 def check_broker_files(role: str, cfg: BrokerConfig, out: Findings) -> None:
+    before = len(out.problems)
     for name in ("ca_file", "cert_file", "key_file", "password_file"):
         path: Path | None = getattr(cfg, name)
         if path is None:
@@ -88,6 +90,11 @@ def check_broker_files(role: str, cfg: BrokerConfig, out: Findings) -> None:
         if name in ("key_file", "password_file") and os.name == "posix" and mode & 0o077:
             out.problems.append(f"{role}.{name}: {path} is accessible by group/others "
                                 f"(mode {mode:04o}): run 'chmod 600 {path}'")
+    if cfg.tls and len(out.problems) == before:
+        try:
+            client_context(cfg, role)  # the files hold what they should, and match
+        except TLSFilesError as exc:
+            out.problems.append(str(exc))
 
 
 def check_model_files(config: Config, out: Findings) -> None:

@@ -175,7 +175,7 @@ class Connection:
                 password = cfg.password_file.read_text(encoding="utf-8").strip()
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls:
-            self.client.tls_set_context(client_context(cfg))
+            self.client.tls_set_context(client_context(cfg, name))
         if will is not None:
             self.client.will_set(str(will.topic), will.payload, qos=1, retain=will.retain)
         self.client.on_connect = self._on_connect

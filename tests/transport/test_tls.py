@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import BrokerConfig
 from agent.ops.certs import issue, new_ca, write_cert, write_key
-from agent.transport.tls import client_context
+from agent.transport.tls import TLSFilesError, client_context
 
 
 @pytest.fixture
@@ -88,3 +88,30 @@ def test_a_server_certificate_from_another_ca_is_refused(pki: Path, tmp_path: Pa
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, \
                 pytest.raises(ssl.SSLCertVerificationError):
             client_context(cfg).wrap_socket(sock, server_hostname="localhost")
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"ca_file": "junk.pem"}, "edge.ca_file {d}/junk.pem: holds no PEM CA certificate"),
+    ({"ca_file": "missing.pem"}, "edge.ca_file {d}/missing.pem: no such file"),
+    ({"ca_file": "ca.pem", "cert_file": "junk.pem", "key_file": "client.key"},
+     "edge.cert_file {d}/junk.pem / key_file {d}/client.key: is not a PEM certificate and "
+     "key, or the key is missing (set key_file)"),
+    ({"ca_file": "ca.pem", "cert_file": "client.pem"},
+     "edge.cert_file {d}/client.pem: is not a PEM certificate and key, or the key is missing "
+     "(set key_file)"),
+    ({"ca_file": "ca.pem", "cert_file": "client.pem", "key_file": "server.key"},
+     "edge.cert_file {d}/client.pem / key_file {d}/server.key: the key in key_file does not "
+     "belong to the certificate in cert_file"),
+    ({"ca_file": "ca.pem", "cert_file": "client.pem", "key_file": "missing.key"},
+     "edge.key_file {d}/missing.key: no such file"),
+])
+def test_an_unusable_file_names_its_config_key_the_file_and_what_is_wrong(
+        pki: Path, files: dict[str, str], expected: str) -> None:
+    """OpenSSL says "PEM lib" or KEY_VALUES_MISMATCH; the site engineer reads which key of
+    which section, which file, and what to fix."""
+    (pki / "junk.pem").write_text("not a certificate\n")
+    cfg = BrokerConfig(url="mqtts://localhost:8883",
+                       **{k: pki / v for k, v in files.items()})  # type: ignore[arg-type]
+    with pytest.raises(TLSFilesError) as err:
+        client_context(cfg, "edge")
+    assert str(err.value) == expected.format(d=pki)
