@@ -166,8 +166,9 @@ class OutboxPublisher:
     def pump(self) -> bool:
         """One round: publish what is due (retries first, then rows not yet sent, up to the
         window). True when stopped and there is nothing left to do."""
-        if not self._cloud.connected:
-            return self._stop.is_set() and self.drain_deadline < self._clock()
+        if not self._cloud.connected:  # on stop: wait for it only with rows to deliver
+            return self._stop.is_set() and (self.drain_deadline < self._clock()
+                                            or self._store.depths()[1] == 0)
         self._last_id = self._publish(self._last_id)
         return self._stop.is_set() and self._drained()
 

@@ -103,18 +103,18 @@ def _serve(conn: Connection, memory_bytes: int, shared: mmap.mmap | None = None)
     limit = _data_bytes() + memory_bytes
     if Path("/proc/self/status").exists():
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    conn.send_bytes(_READY)
-    while True:
-        try:
+    try:
+        conn.send_bytes(_READY)
+        while True:
             request = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        payload, contract, pixel_budget, max_payload_bytes, digest = pickle.loads(request)  # noqa: S301 (the daemon's own)
-        if isinstance(payload, int):  # its length: the bytes are in the shared buffer
-            assert shared is not None
-            payload = shared[:payload]
-        conn.send_bytes(_answer(payload, contract, pixel_budget, max_payload_bytes, digest,
-                                shared))
+            payload, contract, pixel_budget, max_payload_bytes, digest = pickle.loads(request)  # noqa: S301 (the daemon's own)
+            if isinstance(payload, int):  # its length: the bytes are in the shared buffer
+                assert shared is not None
+                payload = shared[:payload]
+            conn.send_bytes(_answer(payload, contract, pixel_budget, max_payload_bytes,
+                                    digest, shared))
+    except (EOFError, OSError):  # the daemon closed its end (it stopped, or gave up on us)
+        return
 
 
 def _answer(payload: bytes, contract: InputContract, pixel_budget: int,
@@ -258,5 +258,8 @@ class DecodeProcess:
 
 
 if __name__ == "__main__":  # the child: python -m agent.dicom.sandbox FD MEMORY_BYTES [SHM_FD]
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which ends us
     _serve(Connection(int(sys.argv[1])), int(sys.argv[2]),
            mmap.mmap(int(sys.argv[3]), 0) if len(sys.argv) > 3 else None)

@@ -1,4 +1,5 @@
-"""What to fix when a broker refuses our CONNECT, from the CONNACK's reason code."""
+"""What to fix when a broker refuses our CONNECT (from the CONNACK's reason code) or cannot
+be reached (from the socket or TLS error)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,28 @@ def connect_hint(code: int, key: str = "this broker's") -> str:
     if code == _CLIENT_ID:
         return f"the broker refused the client id: check {section}client_id and its rules"
     return "see the broker's log"
+
+
+def unreachable_reason(exc: BaseException | None) -> str:
+    """Why a connection attempt failed before any CONNACK, in words (``exc``: what paho's
+    connect raised; None when it is not known)."""
+    import socket
+    import ssl
+
+    if exc is None:
+        return "connection failed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate was refused ({exc.verify_message}): check " \
+               "ca_file and that the URL's host name is one the certificate names"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}): check ca_file, " \
+               "cert_file, key_file and that the port speaks TLS"
+    if isinstance(exc, socket.gaierror):
+        return "host name not found (DNS): check the URL's host"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens on that port (is the broker running?)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out: a firewall or a wrong host or port"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return f"{type(exc).__name__}: {exc}"

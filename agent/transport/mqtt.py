@@ -6,18 +6,17 @@ received messages, and publish completion callbacks that carry the broker's verd
 (``Verdict``: delivered, unclaimed or refused, from the v5 PUBACK reason code; a 3.1.1 PUBACK
 has none and always reads as delivered).
 
-A connection that the broker keeps closing right after it connected (or closes with v5
-reason 0x8E, "Session taken over") has another client with its client id; such a
-connection made with ``yield_on_takeover`` stops reconnecting (``taken_over``) instead of
-knocking the other client off in turn.
-
-With ``failover_urls`` (a cluster's nodes), a failed attempt or a dropped connection moves
-to the next node; the client id, the persistent session and the publishes paho still holds
-unacknowledged (sent again, DUP set) go with it.
+A connection that the broker keeps closing right after it connected (or closes with v5 reason
+0x8E, "Session taken over") has another client with its client id; such a connection made
+with ``yield_on_takeover`` stops reconnecting (``taken_over``) instead of knocking the other
+client off in turn. With ``failover_urls`` (a cluster's nodes), a failed attempt or a dropped
+connection moves to the next node; the client id, the persistent session and the publishes
+paho still holds unacknowledged (sent again, DUP set) go with it.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -36,7 +35,7 @@ from agent.errors import AgentError
 from agent.log import get_logger
 from agent.thread_names import name_thread
 from agent.transport.broker_url import Nodes, host_port
-from agent.transport.hints import connect_hint
+from agent.transport.hints import connect_hint, unreachable_reason
 from agent.transport.tls import client_context
 from agent.transport.topics import Topic
 
@@ -113,6 +112,7 @@ PublishDone = Callable[[Verdict], None]
 TAKEOVER_DROPS = 3
 SHORT_LIVED_S = 10.0
 TAKEOVER_WINDOW_S = 30.0
+UNREACHABLE_LOG_EVERY_S = 300.0  # a broker that stays unreachable for the same reason
 
 
 def describe_rc(rc: MQTTErrorCode | int) -> str:
@@ -160,6 +160,7 @@ class Connection:
         self._connected_at: float | None = None
         self._short_drops: deque[float] = deque()
         self.takeover_evidence = ""
+        self._unreachable: tuple[str, float, int] | None = None  # logged reason, when, tries
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -294,6 +295,7 @@ class Connection:
                         reason=str(reason), fix=connect_hint(int(reason.value)))
             return
         self.refusal = None
+        self._unreachable = None
         if threading.current_thread() is not threading.main_thread():
             name_thread(f"mqtt-{self.name}")  # paho's network thread: its ingest shows by name
         log.info("mqtt_connected", broker=self.name, url=self.url,
@@ -307,7 +309,15 @@ class Connection:
             self._on_connected_cb()
 
     def _on_connect_fail(self, client: paho.Client, _userdata: object) -> None:
-        self.last_error = f"cannot reach {self.url}"
+        # paho calls this inside its `except OSError:`, so the error is the one in flight.
+        reason = unreachable_reason(sys.exc_info()[1])
+        self.last_error = f"cannot reach {self.url}: {reason}"
+        told, at, tries = self._unreachable or ("", 0.0, 0)  # logged: first, new reason
+        if reason != told or time.monotonic() - at >= UNREACHABLE_LOG_EVERY_S:
+            log.warning("mqtt_unreachable", broker=self.name, url=self.url, reason=reason,
+                        failed_attempts=tries + 1, retry="every 1-30 s until it answers")
+            told, at = reason, time.monotonic()
+        self._unreachable = (told, at, tries + 1)
         self._fail_over(client)
 
     def _fail_over(self, client: paho.Client) -> None:

@@ -625,6 +625,14 @@ def test_disconnected_sends_nothing_and_is_done_only_past_the_deadline(rig: Rig)
     assert not rig.pump() and len(rig.cloud.sent) == 1
 
 
+def test_disconnected_with_an_empty_outbox_stops_without_waiting_the_deadline(
+        rig: Rig) -> None:
+    rig.cloud.connected = False
+    rig.stop.set()
+    rig.outbox.drain_deadline = rig.clock.now + 10
+    assert rig.pump()
+
+
 def test_run_returns_once_stopped_and_drained(rig: Rig) -> None:
     rig.queue(1)
     rig.stop.set()
