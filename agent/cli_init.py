@@ -40,6 +40,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 force=args.force,
                 fleet_group=args.fleet_group,
                 fleet_root=Path(args.fleet_root) if args.fleet_root else None,
+                allow_plaintext=args.allow_plaintext,
             )
         )
     except ConfigError as exc:
@@ -72,6 +73,8 @@ def add_init_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("--recipient-kind", choices=["mlkem768-x25519", "x25519"],
                    default="mlkem768-x25519", help="HPKE KEM of the cloud recipient key")
     s.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    s.add_argument("--allow-plaintext", action="store_true", help="permit mqtt:// (no TLS) "
+                   "to a host that is not loopback (writes allow_plaintext = true)")
     s.add_argument("--fleet-group", metavar="G", help="with --fleet-root: take signed model "
                    "updates for group G (a [fleet] section)")
     s.add_argument("--fleet-root", metavar="FILE", help="the fleet's trusted root.json "

@@ -130,6 +130,14 @@ class BrokerConfig(Strict):
     )
 
     _url = field_validator("url")(check_broker_url)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_is_text(cls, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f'a number: write it in quotes, protocol = "{value:g}" '
+                             '(the versions are "5" and "3.1.1")')
+        return value
     _failover = field_validator("failover_urls")(check_failover_urls)
 
     @model_validator(mode="after")

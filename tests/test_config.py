@@ -133,6 +133,13 @@ def test_wrong_types_name_the_key_path(old: str, new: str, path: str) -> None:
     assert problems[0].startswith(f"{path}: "), problems
 
 
+def test_a_protocol_written_as_a_number_says_to_quote_it() -> None:
+    """TOML reads ``protocol = 5`` as an integer; "should be '5' (got 5)" reads as a riddle."""
+    assert _problems(_replace('protocol = "3.1.1"', "protocol = 5")) == [
+        'cloud.protocol: a number: write it in quotes, protocol = "5" (the versions are "5" '
+        'and "3.1.1") (got 5)']
+
+
 def test_wrong_log_level_and_section_type() -> None:
     problems = _problems(VALID + '\n[log]\nlevel = "verbose"\n')
     assert problems[0].startswith("log.level: ") and "verbose" in problems[0]

@@ -97,6 +97,29 @@ def check_broker_files(role: str, cfg: BrokerConfig, out: Findings) -> None:
             out.problems.append(str(exc))
 
 
+def check_fleet_root(config: Config, out: Findings) -> None:
+    """``fleet.root``: readable, and a TUF root that its own keys sign (python-tuf)."""
+    if config.fleet is None:
+        return
+    path = config.fleet.root
+    problem = _readable(path)
+    if problem is None:
+        from tuf.api.metadata import Metadata, Root
+
+        try:
+            root: Metadata[Root] = Metadata.from_bytes(path.read_bytes())
+            if not isinstance(root.signed, Root):
+                raise ValueError(f"it holds {root.signed.type} metadata, not root")
+            root.signed.verify_delegate(Root.type, root.signed_bytes, root.signatures)
+            out.notes.append(f"fleet root version {root.signed.version}: signed by its root "
+                             f"keys (threshold {root.signed.roles[Root.type].threshold})")
+        except Exception as exc:  # tuf's DeserializationError, UnsignedMetadataError, ...
+            problem = f"{path} is not a signed TUF root ({exc})"
+    if problem is not None:
+        out.problems.append(f"fleet.root: {problem}: install the fleet's root.json (`iomt-agent"
+                            " fleet init-repo` writes DIR/root.json), or remove [fleet]")
+
+
 def check_model_files(config: Config, out: Findings) -> None:
     """The bundle (every sha256) and the runtime, without loading the model."""
     from agent.backends import INSTALL_HINTS, RUNTIMES, runtime_installed
@@ -160,6 +183,7 @@ def check(config: Config, *, guard: bool = False) -> Findings:
     check_keys(config, out)
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
         check_broker_files(role, cfg, out)
+    check_fleet_root(config, out)
     check_model_files(config, out)
     if guard and not out.problems:
         check_guard(config, out)

@@ -25,13 +25,13 @@ def default_bundle() -> Path | None:
 
 
 def check_bundle(bundle: Path) -> None:
-    """Refuse a ``--bundle`` that is not a model bundle (``BundleError``, naming the flag);
-    the digests are left to ``config check`` and ``run``."""
+    """Refuse a ``--bundle`` that is not a model bundle, or one whose files do not match
+    their digests (``BundleError``, naming the flag): ``run`` would refuse it."""
     if not bundle.is_dir():
         raise BundleError(f"--bundle {bundle}: no such directory (give a model bundle "
                           "directory, e.g. models/t1w-to-t2w-lite)")
     try:
-        load_bundle(bundle, verify=False)
+        load_bundle(bundle)
     except BundleError as exc:
         raise BundleError(f"--bundle {bundle}: {exc}") from None
 
@@ -53,6 +53,31 @@ class InitOptions:
     force: bool = False
     fleet_group: str | None = None  # with fleet_root: a [fleet] section (model updates)
     fleet_root: Path | None = None
+    allow_plaintext: bool = False  # mqtt:// to a host that is not loopback
+
+
+def plaintext_lines(opts: InitOptions) -> dict[str, str]:
+    """The ``allow_plaintext`` line of each broker section whose URL needs it; a
+    ``ConfigError`` naming the flags when ``--allow-plaintext`` was not given."""
+    from urllib.parse import urlsplit
+
+    from agent.transport.broker_url import is_loopback
+
+    lines, problems = {}, []
+    for role in ("edge", "cloud"):
+        url = getattr(opts, f"{role}_url")
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt" or is_loopback(parts.hostname or ""):
+            lines[role] = ""
+        elif opts.allow_plaintext:
+            lines[role] = "allow_plaintext = true           # no TLS: traffic is unencrypted\n"
+        else:
+            problems.append(f"--{role}-url {url}: plaintext MQTT to a host that is not "
+                            "loopback: use mqtts:// with --certs PKI_DIR (`iomt-agent certs "
+                            "init` makes a development PKI), or pass --allow-plaintext")
+    if problems:
+        raise ConfigError("init flags", problems)
+    return lines
 
 
 FLEET_TEMPLATE = """
@@ -168,6 +193,7 @@ def _quote(value: str) -> str:
 def write_directory(opts: InitOptions) -> Path:
     """Create the directory; returns the config path. Refuses to overwrite without force."""
     tls = note = ""
+    plain = plaintext_lines(opts) if opts.certs is None else {"edge": "", "cloud": ""}
     if opts.certs is not None:
         clients = opts.certs.resolve() / "clients"
         opts, tls = with_pki(opts)
@@ -187,8 +213,8 @@ def write_directory(opts: InitOptions) -> Path:
         raise FileExistsError(f"{config_path} exists; pass --force to overwrite it")
     q = _quote
     text = TEMPLATE.format(
-        edge_tls=tls,
-        cloud_tls=tls,
+        edge_tls=tls or plain["edge"],
+        cloud_tls=tls or plain["cloud"],
         receiver_note=note,
         site=q(opts.site),
         device_id=q(opts.device_id),

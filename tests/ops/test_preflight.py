@@ -133,3 +133,30 @@ def test_config_check_checks_the_deid_secret_and_warns_when_deid_is_off(
     config.write_text(config.read_text().replace("enabled = true", "enabled = false"))
     code, _, err = check(config, capsys)
     assert code == 0 and "warning: deid.enabled = false" in err
+
+
+def test_config_check_refuses_a_fleet_root_that_is_missing_or_not_a_signed_root(
+        tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found at check time, not later as metadata_invalid in the status."""
+    from agent.fleet.repo import init_repo
+
+    root = init_repo(tmp_path / "repo")
+    assert main(["init", str(tmp_path / "node"), "--edge-url", URL, "--cloud-url", URL,
+                 "--bundle", str(bundle), "--fleet-group", "ward-a",
+                 "--fleet-root", str(root)]) == 0
+    config = tmp_path / "node" / "agent.toml"
+    installed = tmp_path / "node" / "fleet" / "root.json"
+    assert check(config, capsys)[0] == 0
+    tampered = json.loads(installed.read_text())
+    tampered["signed"]["version"] = 2  # the signature no longer covers it
+    for text, says in ((json.dumps(tampered), "is not a signed TUF root"),
+                       ("{", "is not a signed TUF root"), (None, "not found")):
+        if text is None:
+            installed.unlink()
+        else:
+            installed.write_text(text)
+        code, _out, err = check(config, capsys)
+        assert code == 2, err
+        assert f"fleet.root: file {installed} not found" in err if text is None \
+            else f"fleet.root: {installed} {says}" in err
+        assert "fleet init-repo" in err

@@ -147,3 +147,35 @@ def test_the_reference_bundle_is_found_from_any_directory(
     found = default_bundle()
     assert found is not None and (found / "bundle.json").is_file()
     assert found.name == "t1w-to-t2w-lite"
+
+
+def test_plaintext_off_loopback_needs_the_flag_and_then_says_so_in_the_file(
+        tmp_path: Path, bundle: Path) -> None:
+    """The refusal names init's own flag (not a config key the user has no file for yet)."""
+    node = tmp_path / "node"
+    with pytest.raises(ConfigError) as ei:
+        write_directory(_opts(node, bundle, edge_url="mqtt://gateway.example:1883"))
+    assert ei.value.problems == [
+        "--edge-url mqtt://gateway.example:1883: plaintext MQTT to a host that is not loopback:"
+        " use mqtts:// with --certs PKI_DIR (`iomt-agent certs init` makes a development PKI),"
+        " or pass --allow-plaintext"]
+    assert not node.exists()
+    path = write_directory(_opts(node, bundle, edge_url="mqtt://gateway.example:1883",
+                                 allow_plaintext=True))
+    config = load_config(path)
+    assert config.edge.allow_plaintext and not config.cloud.allow_plaintext
+
+
+def test_a_bundle_whose_files_do_not_match_their_digests_is_refused(
+        tmp_path: Path, bundle: Path) -> None:
+    import shutil
+
+    from agent.model.bundle import BundleError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    model = next(p for p in copy.iterdir() if p.suffix in (".onnx", ".tflite"))
+    model.write_bytes(model.read_bytes() + b"x")
+    with pytest.raises(BundleError, match=rf"^--bundle {copy}: .*{model.name} has sha256"):
+        write_directory(_opts(tmp_path / "node", copy))
+    assert not (tmp_path / "node").exists()
