@@ -4,7 +4,8 @@ A loader thread reads the config again and opens and guards the model it names w
 current model keeps serving. The daemon's main loop asks ``poll`` once a turn; when the
 loader is done it swaps the new model in between two scans, or reports the refusal
 (``refusal``: the retained status's ``model_refused``, the log, an error report) and goes on
-serving the model it has.
+serving the model it has. ``restart_only_changes`` names what else changed in the file:
+those sections take effect at the next start.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 
 from agent.config import Config, ConfigError, load_config
 from agent.daemon.pipeline import error_report
+from agent.daemon.sealing import Sealer
 from agent.errors import AgentError
+from agent.log import get_logger
 from agent.model.guard import GuardFailed
 from agent.model.serving import ServedModel, load_model
 from agent.transport.topics import Topics
 
 Loaded = ServedModel | Exception
+log = get_logger("agent.daemon.reload")
 
 
 def now_iso() -> str:
@@ -161,3 +165,28 @@ def update_report(topics: Topics, reason: str, detail: str) -> tuple[str, str, s
         device_id=topics.device, reason="update_rejected", detail=f"{reason}: {detail}",
         payload_sha256=hashlib.sha256(detail.encode()).hexdigest(), source_topic="fleet")
     return ("error", mid, str(topics.errors), body)
+
+
+RELOADED_SECTIONS = frozenset({"model", "seal"})
+
+
+def restart_only_changes(running: Config, read: Config) -> list[str]:
+    """The sections of ``read`` (the file now) that differ from the ``running`` config
+    and that a reload does not apply."""
+    return [name for name in type(running).model_fields
+            if name not in RELOADED_SECTIONS and getattr(running, name) != getattr(read, name)]
+
+
+def reread_config(config_path: Path, running: Config, sealer: Sealer) -> bool:
+    """SIGHUP, main thread: the keys of ``[seal]`` swapped in (True: new keys seal now),
+    the sections that only a restart applies named in the log. A file that does not parse
+    changes nothing: the model reload reports it, naming the file."""
+    try:
+        read = load_config(config_path)
+    except ConfigError:
+        return False
+    swapped = sealer.reload(read.seal)
+    if changed := restart_only_changes(running, read):
+        log.warning("reload_needs_restart", sections=changed, fix="`systemctl restart "
+                    "iomt-agent` applies them; until then the running values stay")
+    return swapped

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import BrokerConfig, ConfigError, SealSection, load_config
+from agent.config import BrokerConfig, SealSection
 from agent.crypto import keys, seal
 from agent.log import get_logger
 
@@ -74,13 +74,13 @@ class Sealer:
         """Key ids for the status and the log."""
         return self._keys.ids()
 
-    def reload(self, config_path: Path) -> bool:
-        """Read ``[seal]`` from the config file again and swap the keys in; False (logged,
-        the current keys keep sealing) when the config or a key cannot be used."""
+    def reload(self, section: SealSection) -> bool:
+        """Swap in the keys ``section`` (``[seal]`` read again on SIGHUP) names; False
+        (logged, the current keys keep sealing) when a key cannot be used."""
         with self._lock:
             try:
-                new = SealKeys.load(load_config(config_path).seal)
-            except (ConfigError, keys.KeyFileError) as exc:
+                new = SealKeys.load(section)
+            except keys.KeyFileError as exc:
                 log.error("seal_keys_refused", reason=str(exc), serving=self._keys.ids(),
                           fix="fix [seal] in the config or the key file named, then "
                           "`systemctl reload iomt-agent`; the current keys keep sealing")

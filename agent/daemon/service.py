@@ -31,9 +31,10 @@ from agent.daemon.ingest import RECEIVE_MAXIMUM, Ingest, confirming_ack
 from agent.daemon.outbox import OutboxPublisher
 from agent.daemon.pipeline import Translator, deidentifier
 from agent.daemon.pressure import Pressure
-from agent.daemon.reload import Loaded, Reloader, refusal, sharing_refusal
+from agent.daemon.reload import Loaded, Reloader, refusal, reread_config, sharing_refusal
 from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import StageDied, Stages
+from agent.daemon.state_dir import prepare_state_dir
 from agent.daemon.status import agent_status
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -62,6 +63,7 @@ class Agent:
         self.topics = Topics(a.site, a.device_id)
         # KeyFileError (before the model loads), BundleError (GuardFailed), BackendError: exit 2.
         refuse_open_secrets(("edge", config.edge), ("cloud", config.cloud))
+        prepare_state_dir(a.state_dir)  # StateDirError: exit 2, nothing written
         self.sealer = Sealer(config.seal, a.device_id)
         self._rekey = False  # SIGHUP: read [seal] again on the main loop
         self._work = threading.Event()  # new inbox rows, inbox space, a finished reload
@@ -326,7 +328,7 @@ class Agent:
                 self.stages.check_alive()  # StageDied: a clean stop, then exit 1 (a restart)
                 if self._rekey and self.config_path is not None:
                     self._rekey = False
-                    if self.sealer.reload(self.config_path):
+                    if reread_config(self.config_path, self.config, self.sealer):
                         self._publish_status(force=True)
                 loaded = self.reloader.poll()
                 if loaded is not None:

@@ -183,6 +183,11 @@ def check(config: Config, *, guard: bool = False) -> Findings:
     check_keys(config, out)
     for role, cfg in (("edge", config.edge), ("cloud", config.cloud)):
         check_broker_files(role, cfg, out)
+    from agent.daemon.state_dir import state_dir_problem
+
+    assert config.agent.state_dir is not None
+    if (problem := state_dir_problem(config.agent.state_dir)) is not None:
+        out.problems.append(problem)
     check_fleet_root(config, out)
     check_model_files(config, out)
     if guard and not out.problems:

@@ -54,3 +54,32 @@ def test_a_reload_to_a_2_5d_model_is_refused_while_sharing(tmp_path: Path) -> No
     finally:
         agent.model.close()
         agent.store.close()
+
+
+def test_a_reread_names_the_sections_only_a_restart_applies(tmp_path: Path) -> None:
+    """SIGHUP applies [model] and [seal]; a changed [limits] or [edge] is named in the log
+    instead of being silently ignored, and a file that does not parse changes nothing."""
+    from structlog.testing import capture_logs
+
+    from agent.daemon.reload import reread_config
+    from agent.daemon.sealing import Sealer
+
+    config_path = _node(tmp_path, [1.0], shared=False)
+    running = load_config(config_path)
+    sealer = Sealer(running.seal, "edge-1")
+    serving = sealer.summary()
+    with capture_logs() as logs:
+        assert reread_config(config_path, running, sealer) is True  # same keys, read again
+    assert [e for e in logs if e["event"] == "reload_needs_restart"] == []
+    text = config_path.read_text()
+    config_path.write_text(text.replace("pixel_budget = 16777216", "pixel_budget = 1000000")
+                           .replace('url = "mqtt://127.0.0.1:1"', 'url = "mqtt://127.0.0.1:2"',
+                                    1))
+    with capture_logs() as logs:
+        reread_config(config_path, running, sealer)
+    [told] = [e for e in logs if e["event"] == "reload_needs_restart"]
+    assert told["sections"] == ["edge", "limits"] and "systemctl restart" in told["fix"]
+    config_path.write_text("[seal\n")
+    with capture_logs() as logs:
+        assert reread_config(config_path, running, sealer) is False
+    assert logs == [] and sealer.summary() == serving

@@ -89,7 +89,7 @@ def test_reload_rotates_both_keys_and_the_receiver_opens_old_and_new(node: Path)
         sealer = Sealer(config.seal, "node-1")
         before = sealer(b"first", "m-1")
         _write(node, recipient="new-r.pub", signing="new-d.key")
-        assert sealer.reload(node / "agent.toml") is True
+        assert sealer.reload(load_config(node / "agent.toml").seal) is True
         after = sealer(b"second", "m-2")
         receiver = receiver_from_config(load_config(node / "agent.toml"), node / "out")
     new_ids = {"recipient_key_id": keys.load_recipient_public_key(node / "new-r.pub").key_id,
@@ -116,15 +116,10 @@ def test_a_reload_to_unusable_keys_is_refused_and_the_old_keys_keep_sealing(
     (node / "new-d.key").chmod(0o644)
     _write(node, recipient="new-r.pub", signing="new-d.key")
     with capture_logs() as logs:
-        assert sealer.reload(node / "agent.toml") is False
+        assert sealer.reload(load_config(node / "agent.toml").seal) is False
     [refused] = [e for e in logs if e["event"] == "seal_keys_refused"]
     assert str(node / "new-d.key") in refused["reason"] and "chmod 600" in refused["reason"]
     assert refused["serving"] == serving and sealer.summary() == serving
-    (node / "agent.toml").write_text("[seal\n")  # a config that does not parse: the same
-    with capture_logs() as logs:
-        assert sealer.reload(node / "agent.toml") is False
-    assert [e["event"] for e in logs] == ["seal_keys_refused"]
-    assert sealer.summary() == serving
     (node / "new-d.key").chmod(0o600)
     assert not [m for m in _material(node) if m in repr(logs)]
 
