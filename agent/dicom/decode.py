@@ -38,7 +38,7 @@ from pydicom.uid import (
 
 from agent.dicom import header_values
 from agent.dicom.codestream import J2K_FAMILY, JPEG_FAMILY, CodestreamError, check_codestream
-from agent.dicom.native_pixels import native_pixels
+from agent.dicom.native_pixels import native_pixels, short_pixel_data
 from agent.errors import SCAN_REASONS, ReasonedError
 from agent.model.bundle import InputContract
 
@@ -306,6 +306,8 @@ def _decode_pixels(ds: Dataset, syntax: str) -> np.ndarray:
                 for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")))
         except CodestreamError as exc:
             raise ScanRejected("pixel_decode_failed", str(exc)) from None
+    elif (short := short_pixel_data(ds)) is not None:
+        raise ScanRejected("pixel_decode_failed", short)
     try:
         native = native_pixels(ds, syntax)
         raw = ds.pixel_array if native is None else native

@@ -64,3 +64,19 @@ def native_pixels(ds: Dataset, syntax: str) -> np.ndarray | None:
         np.left_shift(arr, shift, out=arr)
         np.right_shift(arr, shift, out=arr)  # arithmetic for signed: sign extension
     return arr
+
+
+def short_pixel_data(ds: Dataset) -> str | None:
+    """Why uncompressed ``PixelData`` is too short for the header's image, in numbers, or
+    None (pydicom would raise a ValueError that says nothing a site engineer can use)."""
+    data = ds.get("PixelData")
+    if not isinstance(data, bytes):
+        return None
+    dims = [_int(ds, k) or 1 for k in ("Rows", "Columns", "SamplesPerPixel")]
+    bits = _int(ds, "BitsAllocated") or 0
+    needed = (dims[0] * dims[1] * dims[2] * bits + 7) // 8
+    if len(data) >= needed:
+        return None
+    return (f"PixelData holds {len(data)} bytes, but Rows x Columns x SamplesPerPixel x "
+            f"BitsAllocated ({' x '.join(map(str, dims))} x {bits} bits) needs {needed}: the "
+            "header and the pixel data disagree")

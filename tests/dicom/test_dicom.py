@@ -556,3 +556,17 @@ def test_a_known_digest_is_not_recomputed() -> None:
         decode_scan(b"junk" * 100, contract(), pixel_budget=BUDGET, max_payload_bytes=CAP,
                     payload_sha256=given)
     assert info.value.payload_sha256 == given
+
+
+def test_pixel_data_shorter_than_the_header_says_is_named_in_numbers() -> None:
+    """Rows edited upward (a gateway bug): "ValueError" told the site engineer nothing."""
+    base = series()[0]
+    head = pydicom.dcmread(io.BytesIO(base))
+    rows, cols = int(head.Rows), int(head.Columns)
+    taller = edit(base, lambda d: setattr(d, "Rows", rows + 10))
+    exc = rejected(taller)
+    assert exc.reason == "pixel_decode_failed"
+    assert str(exc) == (
+        f"PixelData holds {rows * cols * 2} bytes, but Rows x Columns x SamplesPerPixel x "
+        f"BitsAllocated ({rows + 10} x {cols} x 1 x 16 bits) needs {(rows + 10) * cols * 2}: "
+        "the header and the pixel data disagree")
