@@ -23,7 +23,7 @@ from agent.backends import (
 from agent.config import ModelSection
 from agent.cpu import usable_cpus
 from agent.log import get_logger
-from agent.model.bundle import ModelBundle, load_bundle
+from agent.model.bundle import BundleError, ModelBundle, load_bundle
 from agent.model.candidates import on_accelerator
 from agent.model.guard import GuardFailed, GuardReport, check_guard, format_db, run_guard
 from agent.model.guard_cause import REBUILD_FOR_CPU
@@ -315,7 +315,10 @@ def load_model(settings: ModelSection, state_dir: Path) -> ServedModel:
 
     Raises ``BundleError`` (``GuardFailed`` when the guard refuses it) or ``BackendError``;
     nothing is left open when it raises."""
-    bundle = load_bundle(settings.bundle)
+    try:
+        bundle = load_bundle(settings.bundle)
+    except BundleError as exc:  # which bundle: the config may name several over time
+        raise BundleError(f"model.bundle {settings.bundle}: {exc}") from None
     options = runner_options(settings, bundle, state_dir)
     if settings.backend == "auto":
         # Every installed runtime x {int8, fp32} the bundle has a file for is guarded and

@@ -138,11 +138,14 @@ def test_without_recorded_figures_it_says_it_cannot_tell(tmp_path: Path) -> None
 
 
 def test_a_changed_file_is_to_be_reinstalled(tmp_path: Path) -> None:
-    config = node(tmp_path, saturating_copy(tmp_path / "bundle", sha_updated=False))
+    bundle = saturating_copy(tmp_path / "bundle")
+    config = node(tmp_path, bundle)  # init verifies the digests: the file changes after it
+    corrupt_weight_scale(bundle / "model.int8.onnx", bundle / "model.int8.onnx")
     r = cli("run", "--config", str(config))
     assert r.returncode == 2, r.stderr
     error = _event(r.stderr, "cannot_start")["error"]
     assert "model.int8.onnx has sha256" in error and "corrupted or replaced" in error
+    assert error.startswith(f"model.bundle {bundle}: ")  # which bundle
     assert "reinstall the bundle" in error
     r = cli("config", "check", str(config))
     assert r.returncode == 2 and "reinstall the bundle" in r.stderr
