@@ -24,6 +24,7 @@ from agent.cli_model import (
     count_list,
     runs_count,
 )
+from agent.cli_types import non_negative_int, positive_float, positive_int
 from agent.fleet.cli import add_fleet_parser
 from agent.signals import StopRequested, StopSignals
 
@@ -69,12 +70,14 @@ def _identity_flags(s: argparse.ArgumentParser, who: str) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    args.path = args.path or args.config_path
     config = _load(args.path)
     from agent.config import ConfigError
     from agent.log import configure
     from agent.ops.preflight import check
 
-    configure("error", "console")  # --guard: the model loading's own log lines
+    configure("error", "json")  # --guard: the load's own lines, and the runtimes' native
+    # output as events (agent.backends.native_stderr), stay below this level
     found = check(config, guard=args.guard)
     for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -138,7 +141,19 @@ def cmd_send(args: argparse.Namespace) -> int:
         if not (p.is_dir() or p.is_file()):
             print(f"error: {p} does not exist", file=sys.stderr)
             return EXIT_FAIL
+    from agent.ops.sender import collect
     from agent.transport.tls import TLSFilesError
+    from agent.transport.topics import TopicError, Topics
+
+    try:
+        Topics(config.agent.site, config.agent.device_id).scan(args.source)
+    except TopicError as exc:
+        print(f"error: --source {args.source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not collect(paths):
+        print(f"error: no files in {', '.join(map(str, paths))}: give DICOM files or "
+              "directories that hold them", file=sys.stderr)
+        return EXIT_FAIL
 
     try:
         if args.confirm:
@@ -162,6 +177,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
             config = _with_identity(_load(args.config), "cloud", args)
             configure(config.log.level, config.log.format)
             stow = stow_settings(args)
+            if (problem := _out_dir_problem(Path(args.out))) is not None:
+                print(f"error: --out {args.out}: {problem}: give a directory for the results",
+                      file=sys.stderr)
+                return EXIT_CONFIG
             stop.ready()
             try:
                 summary = receive(config, Path(args.out), count=args.count,
@@ -179,6 +198,19 @@ def cmd_receive(args: argparse.Namespace) -> int:
             get_logger("agent.receive").info("receive_stopped", signal=exc.signal_name,
                                              filed=0, during="start-up")
             return EXIT_INTERRUPTED if exc.signal_name == "SIGINT" else EXIT_OK
+
+
+def _out_dir_problem(out: Path) -> str | None:
+    """Why results cannot be filed in ``out`` (created if missing), or None."""
+    import os
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        return "a file is in the way"
+    except OSError as exc:
+        return f"cannot create it ({exc.strerror})"
+    return None if os.access(out, os.W_OK | os.X_OK) else "not writable by this user"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -244,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="path to agent.toml")
     s.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="DICOM files or directories")
     s.add_argument("--source", default="gateway", help="last topic level (scanner/gateway name)")
-    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    s.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for acks")
     s.add_argument("--confirm", action="store_true", help="wait for the agent's receipt of "
                    "each scan, resending unconfirmed ones (docs/reliability.md)")
     _identity_flags(s, "the scanner gateway")
@@ -253,10 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("receive", help="the cloud consumer: verify, decrypt and file results")
     s.add_argument("--config", required=True, help="path to agent.toml (needs [receiver])")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--count", type=int, help="stop after this many scans are accounted for: "
+    s.add_argument("--count", type=positive_int,
+                   help="stop after this many scans are accounted for: "
                    "results (filed now or by an earlier run) and error reports; exit 0 when "
                    "all were results")
-    s.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    s.add_argument("--timeout", type=positive_float,
+                   help="give up after this many seconds (exit 1)")
     s.add_argument("--no-errors", dest="errors", action="store_false",
                    help="do not subscribe to the agents' error reports (shown by default)")
     _identity_flags(s, "the cloud consumer")
@@ -272,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Checks the file, every key file (private ones 0600), "
                         "the broker files, the bundle (every sha256) and the runtime. The int8 "
                         "accuracy guard runs the model: only with --guard. No broker is contacted.")
-    c.add_argument("path", help="path to agent.toml")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("path", nargs="?", help="path to agent.toml")
+    where.add_argument("--config", dest="config_path", metavar="PATH",
+                       help="the same, as run and doctor take it")
     c.add_argument("--guard", action="store_true",
                    help="also load the model as `run` does and run the int8 accuracy guard")
     c.set_defaults(func=cmd_config_check)
@@ -280,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="check this node: config, keys, certificates, brokers, "
                        "model, disk (exit 0 ok, 1 a check failed, 2 the config is invalid)")
     s.add_argument("--config", required=True, help="path to agent.toml")
-    s.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    s.add_argument("--timeout", type=positive_float, default=5.0, help="seconds per network check")
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("model", help="model bundle tools")
@@ -289,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and print the figures (exit 0 pass, 1 fail, 2 bad bundle)")
     m.add_argument("bundle", help="model bundle directory")
     m.add_argument("--runtime", default="onnxruntime", help="runtime to verify on")
-    m.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core)")
+    m.add_argument("--threads", type=non_negative_int, default=0,
+                   help="intra-op threads (0 = one per core)")
     m.add_argument("--json", action="store_true", help="print the full report as JSON")
     m.set_defaults(func=cmd_model_verify)
     add_quantize_parser(msub)
@@ -326,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the main job on one machine with an embedded broker")
     s.add_argument("--workdir", default="demo-work", help="where to put config, keys, results")
-    s.add_argument("--slices", type=int, default=24, help="number of slices to send (1-24)")
+    s.add_argument("--slices", type=positive_int, default=24,
+                   help="number of slices to send (1-24)")
     s.add_argument("--bundle", help="model bundle (default: models/t1w-to-t2w-lite)")
     s.add_argument("--dicom", action="store_true", help="scanner -> archive instead: storescu "
                    "-> gateway -> Mosquitto -> agent -> receive --stow-url -> Orthanc (needs "
@@ -337,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="write the sample T1w series (MNI152 template) for send")
     s.add_argument("dir", help="directory to write slice001.dcm... into (new or empty)")
-    s.add_argument("--count", type=int, default=24, help="number of slices (1-24, default 24)")
+    s.add_argument("--count", type=int, default=24,
+                   help="number of slices (1-24, default 24)")
     s.set_defaults(func=cmd_sample)
     return p
 

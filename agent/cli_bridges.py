@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.cli_types import positive_float, positive_int
 from agent.signals import StopRequested, StopSignals
 
 if TYPE_CHECKING:
@@ -71,9 +72,9 @@ def add_stow_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--stow-key", metavar="PEM", help="its private key (default: in --stow-cert)")
     g.add_argument("--stow-ca", metavar="PEM", help="CA bundle that signs the archive's "
                    "certificate (default: the system store)")
-    g.add_argument("--stow-timeout", type=float, default=30.0, metavar="S",
+    g.add_argument("--stow-timeout", type=positive_float, default=30.0, metavar="S",
                    help="seconds per HTTP request (default 30)")
-    g.add_argument("--stow-attempts", type=int, default=6, metavar="N",
+    g.add_argument("--stow-attempts", type=positive_int, default=6, metavar="N",
                    help="tries per result within one run, with exponential backoff, before it "
                    "is left for the next run (default 6)")
 

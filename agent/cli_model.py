@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.cli_types import non_negative_int, positive_int
+
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
@@ -104,12 +106,14 @@ def add_quantize_parser(msub: argparse._SubParsersAction[argparse.ArgumentParser
                    "(default: this host's /proc/cpuinfo)")
     m.add_argument("--margin-db", type=float, default=3.0,
                    help="safety margin above the floor the build must reach (default 3)")
-    m.add_argument("--golden", type=int, default=4, help="golden inputs held out (default 4)")
-    m.add_argument("--calibration-count", type=int, default=64,
+    m.add_argument("--golden", type=positive_int, default=4,
+                   help="golden inputs held out (default 4)")
+    m.add_argument("--calibration-count", type=positive_int, default=64,
                    help="at most this many calibration inputs (default 64)")
-    m.add_argument("--max-float-nodes", type=int, default=None,
+    m.add_argument("--max-float-nodes", type=non_negative_int, default=None,
                    help="most nodes the sensitivity pass may keep in float (default: a quarter)")
     m.add_argument("--per-layer", action="store_true", help="report per-layer SQNR")
-    m.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core)")
+    m.add_argument("--threads", type=non_negative_int, default=0,
+                   help="intra-op threads (0 = one per core)")
     m.add_argument("--force", action="store_true", help="replace a non-empty BUNDLE_DIR")
     m.set_defaults(func=cmd_model_quantize)

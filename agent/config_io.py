@@ -55,5 +55,11 @@ def read_text(path: Path, error: SchemaError) -> str:
     """A TOML file's text, or ``error`` saying why it cannot be read."""
     try:
         return path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise error(str(path), ["is a directory: give the TOML file in it (e.g. "
+                                f"{path / 'agent.toml'})"]) from None
     except OSError as exc:
         raise error(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise error(str(path), ["not a text file: a config is UTF-8 TOML (is this the "
+                                "right path?)"]) from None

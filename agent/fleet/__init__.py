@@ -13,6 +13,7 @@ guarded reload. Topics and payloads: docs/protocol.md, "Fleet updates".
 | ``fetcher`` | ngclient's ``FetcherInterface`` over retained messages, length-capped, deadlined |
 | ``updater`` | the node's update thread: refresh, download, unpack, check, hand to the guard |
 | ``activation`` | the node's fleet directory and the atomic ``current`` / ``previous`` switch |
+| ``trusted_root`` | the node's trusted root checked before it is installed or relied on |
 | ``clock`` | the clock floor: no expiry judged while the clock is behind what was verified |
 | ``verdict`` | ``UpdateRejected`` and the reason code of each TUF failure |
 | ``cli`` | the ``iomt-agent fleet`` subcommands |

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.cli_types import positive_float, positive_int
+
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
@@ -210,9 +212,9 @@ def add_fleet_parser(sub: Any) -> None:
                         "snapshot, timestamp, and DIR/root.json for the nodes",
                         description="Exit 0 created; 1 DIR is not empty or bad threshold.")
     f.add_argument("dir", help="new (or empty) directory")
-    f.add_argument("--root-threshold", type=int, default=1, metavar="N",
+    f.add_argument("--root-threshold", type=positive_int, default=1, metavar="N",
                    help="root signatures a new root needs (default 1)")
-    f.add_argument("--root-keys", type=int, metavar="M",
+    f.add_argument("--root-keys", type=positive_int, metavar="M",
                    help="root keys to create (default: the threshold)")
     f.set_defaults(func=cmd_init_repo)
     f = fsub.add_parser("publish", help="pack, sign and publish a bundle for a group",
@@ -224,11 +226,13 @@ def add_fleet_parser(sub: Any) -> None:
     f.add_argument("--bundle", required=True, help="model bundle directory")
     f.add_argument("--group", required=True, help="rollout group (a topic level)")
     _broker_args(f)
-    f.add_argument("--canary", type=int, metavar="N", help="only the first N online devices "
+    f.add_argument("--canary", type=positive_int, metavar="N",
+                   help="only the first N online devices "
                    "of the group take it, until `fleet promote`")
-    f.add_argument("--chunk-kib", type=int, default=256, metavar="K",
+    f.add_argument("--chunk-kib", type=positive_int, default=256, metavar="K",
                    help="target chunk size in KiB (default 256)")
-    f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
+    f.add_argument("--timeout", type=positive_float, default=60.0,
+                   help="seconds for the broker's acks")
     f.set_defaults(func=cmd_publish)
     f = fsub.add_parser("refresh", help="sign the group's last release again with fresh "
                         "expiry (timestamp: 1 day, snapshot: 7 days); run it from cron",
@@ -238,7 +242,8 @@ def add_fleet_parser(sub: Any) -> None:
     f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
     f.add_argument("--group", required=True, help="rollout group (a topic level)")
     _broker_args(f)
-    f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
+    f.add_argument("--timeout", type=positive_float, default=60.0,
+                   help="seconds for the broker's acks")
     f.set_defaults(func=cmd_refresh)
     f = fsub.add_parser("status", help="a table of the group's devices: online, model, "
                         "update state, last error (from their retained status)",
@@ -246,7 +251,7 @@ def add_fleet_parser(sub: Any) -> None:
                         "--broker.")
     f.add_argument("--group", required=True, help="rollout group (a topic level)")
     _broker_args(f)
-    f.add_argument("--quiet", type=float, default=1.0, metavar="S",
+    f.add_argument("--quiet", type=positive_float, default=1.0, metavar="S",
                    help="stop reading after S seconds without a new status (default 1)")
     f.set_defaults(func=cmd_status)
     f = fsub.add_parser("rollback", help="give the group an earlier bundle again, as a new "
@@ -258,7 +263,8 @@ def add_fleet_parser(sub: Any) -> None:
     f.add_argument("--group", required=True, help="rollout group (a topic level)")
     f.add_argument("--to", required=True, metavar="VERSION", help="the bundle version")
     _broker_args(f)
-    f.add_argument("--timeout", type=float, default=60.0, help="seconds for the broker's acks")
+    f.add_argument("--timeout", type=positive_float, default=60.0,
+                   help="seconds for the broker's acks")
     f.set_defaults(func=cmd_rollback)
     for name, text in (("promote", "give the canary release to the whole group, once every "
                         "canary serves it (exit 1 while one does not, or after one failed)"),
@@ -269,7 +275,7 @@ def add_fleet_parser(sub: Any) -> None:
         f.add_argument("--repo", required=True, help="the repository directory (init-repo)")
         f.add_argument("--group", required=True, help="rollout group (a topic level)")
         _broker_args(f)
-        f.add_argument("--timeout", type=float, default=60.0, help="seconds for the acks")
+        f.add_argument("--timeout", type=positive_float, default=60.0, help="seconds for the acks")
         f.set_defaults(func=cmd_promote_or_halt)
     f = fsub.add_parser("rotate-key", help="replace a role's keys, through a new root "
                         "signed by the current root keys",

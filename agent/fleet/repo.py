@@ -82,11 +82,16 @@ def init_repo(directory: Path, root_threshold: int = 1, root_keys: int | None = 
     if root_threshold < 1 or root_keys < root_threshold:
         raise RepoError(f"root threshold {root_threshold} needs at least that many root keys "
                         f"(got {root_keys})")
+    if directory.exists() and not directory.is_dir():
+        raise RepoError(f"{directory} is a file: give a new directory for the repository")
     if directory.exists() and any(directory.iterdir()):
         raise RepoError(f"{directory} exists and is not empty: choose a new directory")
     keys = directory / "keys"
-    keys.mkdir(parents=True, mode=0o700)
-    (directory / "metadata").mkdir()
+    try:
+        keys.mkdir(parents=True, mode=0o700)
+        (directory / "metadata").mkdir()
+    except OSError as exc:
+        raise RepoError(f"cannot create {directory}: {exc.strerror}") from None
     root = Root(expires=expires("root"), consistent_snapshot=True)
     signers = []
     for role in ROLES:

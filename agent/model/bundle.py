@@ -199,6 +199,9 @@ def read_manifest(root: str | Path) -> BundleManifest:
     """bundle.json of ``root`` checked against the schema, or BundleError naming every bad
     key path."""
     meta_path = Path(root) / "bundle.json"
+    if Path(root).is_file():
+        raise BundleError(f"{root} is a file, not a model bundle: give the directory that "
+                          "holds bundle.json")
     if not meta_path.is_file():
         raise BundleError(f"{root} is not a model bundle: bundle.json not found")
     try:

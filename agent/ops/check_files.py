@@ -32,11 +32,12 @@ def check_config(path: Path) -> tuple[Config | None, list[Finding]]:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        return None, [
-            fail("config", str(path), problem, "fix the key named here (README.md, "
-                  "'Configuration'), then run the doctor again")
-            for problem in exc.problems
-        ]
+        unreadable = not path.is_file() or any(
+            p.startswith(("cannot read file", "not a text file")) for p in exc.problems)
+        fix = ("give --config the agent's TOML file (`iomt-agent init` writes one)" if unreadable
+               else "fix the key named here (README.md, 'Configuration')")
+        return None, [fail("config", str(path), problem, f"{fix}, then run the doctor again")
+                      for problem in exc.problems]
     found = [ok("config", str(path),
                  f"valid (site {config.agent.site}, device {config.agent.device_id})")]
     mode = stat.S_IMODE(path.stat().st_mode)

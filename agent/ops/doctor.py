@@ -87,7 +87,9 @@ def main(config_path: str | Path, *, timeout: float = 5.0, out: TextIO | None = 
     from agent.log import configure
 
     out = out or sys.stdout
-    configure("error", "console")  # the MQTT probe's own log lines would clutter the list
+    # JSON lines: what a runtime prints natively while the guard loads a model becomes
+    # events (agent.backends.native_stderr), below this level, so the list stays clean
+    configure("error", "json")  # the MQTT probe's own log lines would clutter it too
     out.write(f"iomt-agent doctor: {config_path} (as {who()})\n\n")
     findings, readable = run_checks(config_path, timeout=timeout)
     render(findings, out)

@@ -98,26 +98,15 @@ def check_broker_files(role: str, cfg: BrokerConfig, out: Findings) -> None:
 
 
 def check_fleet_root(config: Config, out: Findings) -> None:
-    """``fleet.root``: readable, and a TUF root that its own keys sign (python-tuf)."""
+    """``fleet.root``: a TUF root that its own keys sign (python-tuf)."""
     if config.fleet is None:
         return
-    path = config.fleet.root
-    problem = _readable(path)
-    if problem is None:
-        from tuf.api.metadata import Metadata, Root
+    from agent.fleet.trusted_root import root_problem, root_summary
 
-        try:
-            root: Metadata[Root] = Metadata.from_bytes(path.read_bytes())
-            if not isinstance(root.signed, Root):
-                raise ValueError(f"it holds {root.signed.type} metadata, not root")
-            root.signed.verify_delegate(Root.type, root.signed_bytes, root.signatures)
-            out.notes.append(f"fleet root version {root.signed.version}: signed by its root "
-                             f"keys (threshold {root.signed.roles[Root.type].threshold})")
-        except Exception as exc:  # tuf's DeserializationError, UnsignedMetadataError, ...
-            problem = f"{path} is not a signed TUF root ({exc})"
-    if problem is not None:
-        out.problems.append(f"fleet.root: {problem}: install the fleet's root.json (`iomt-agent"
-                            " fleet init-repo` writes DIR/root.json), or remove [fleet]")
+    if (problem := root_problem(config.fleet.root)) is not None:
+        out.problems.append(f"fleet.root: {problem}, or remove [fleet]")
+    else:
+        out.notes.append(root_summary(config.fleet.root))
 
 
 def check_model_files(config: Config, out: Findings) -> None:

@@ -27,6 +27,9 @@ def default_bundle() -> Path | None:
 def check_bundle(bundle: Path) -> None:
     """Refuse a ``--bundle`` that is not a model bundle, or one whose files do not match
     their digests (``BundleError``, naming the flag): ``run`` would refuse it."""
+    if bundle.is_file():
+        raise BundleError(f"--bundle {bundle}: a file: give the bundle's directory (the one "
+                          "that holds bundle.json, e.g. models/t1w-to-t2w-lite)")
     if not bundle.is_dir():
         raise BundleError(f"--bundle {bundle}: no such directory (give a model bundle "
                           "directory, e.g. models/t1w-to-t2w-lite)")
@@ -225,13 +228,17 @@ def write_directory(opts: InitOptions) -> Path:
     )
     if (opts.fleet_group is None) != (opts.fleet_root is None):
         raise ConfigError("init flags", ["--fleet-group and --fleet-root go together"])
-    if opts.fleet_root is not None and not opts.fleet_root.is_file():
-        raise FileNotFoundError(f"--fleet-root {opts.fleet_root}: no such file (the fleet's "
-                                "root.json, from `iomt-agent fleet init-repo`)")
+    if opts.fleet_root is not None:
+        from agent.fleet.trusted_root import root_problem
+
+        if (problem := root_problem(opts.fleet_root)) is not None:
+            raise ConfigError("init flags", [f"--fleet-root {problem}"])
     if opts.fleet_group is not None:
         text += FLEET_TEMPLATE.format(group=q(opts.fleet_group))
     # Validate before writing anything, so a bad flag leaves nothing behind.
     parse_config(text, "agent.toml (from init flags)")
+    if opts.directory.exists() and not opts.directory.is_dir():
+        raise FileExistsError(f"{opts.directory} is a file: give a directory to create")
     key_dir = opts.directory / "keys"
     key_dir.mkdir(parents=True, exist_ok=True)
     state = opts.directory / "state"

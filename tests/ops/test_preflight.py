@@ -157,6 +157,6 @@ def test_config_check_refuses_a_fleet_root_that_is_missing_or_not_a_signed_root(
             installed.write_text(text)
         code, _out, err = check(config, capsys)
         assert code == 2, err
-        assert f"fleet.root: file {installed} not found" in err if text is None \
+        assert f"fleet.root: {installed}: no such file" in err if text is None \
             else f"fleet.root: {installed} {says}" in err
         assert "fleet init-repo" in err
