@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from agent.config import BrokerConfig
-from agent.fleet.publish import PublishError
+from agent.fleet.publish import PublishError, unreachable
 from agent.transport.mqtt import Connection, Message
 from agent.transport.topics import check_level, every_status
 
@@ -42,8 +42,7 @@ def collect(broker: BrokerConfig, group: str, *, quiet_s: float = 1.0,
     conn.start()
     try:
         if not conn.wait_connected(timeout):
-            raise PublishError(f"cannot reach the broker {broker.url}: "
-                               f"{conn.last_error or 'no answer'}")
+            raise PublishError(unreachable(broker, conn.last_error))
         last[0] = time.monotonic()
         while time.monotonic() - last[0] < quiet_s:
             time.sleep(0.1)

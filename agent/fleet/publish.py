@@ -13,6 +13,8 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,31 @@ def stale_messages(topics: FleetTopics, previous: dict[str, Any] | None,
     return out
 
 
+def unreachable(broker: BrokerConfig, last_error: str | None) -> str:
+    """The sentence for a broker that never answered (``last_error``: the connection's)."""
+    why = (last_error or "").removeprefix(f"cannot reach {broker.url}: ") or "no answer"
+    return f"cannot reach the broker {broker.url}: {why}"
+
+
+@contextmanager
+def _undone_unless_sent(keep: Path) -> Iterator[None]:
+    """A release signed but not on the broker (it is down, it refused) leaves the group's
+    files as they were: the repository keeps describing what the nodes can fetch, so a
+    later ``refresh`` or ``promote`` does not sign a target the broker never got. (The
+    version counter stays advanced: TUF versions only have to grow.)"""
+    before = {f: f.read_bytes() for f in keep.rglob("*")
+              if f.is_file() and not (f.parent.name == "history" and f.suffix == ".tar")}
+    existed = {f for f in keep.rglob("*") if f.is_file()} if keep.exists() else set()
+    try:
+        yield
+    except BaseException:
+        for f in (f for f in keep.rglob("*") if f.is_file() and f not in existed):
+            f.unlink()
+        for f, data in before.items():
+            f.write_bytes(data)
+        raise
+
+
 def send_retained(broker: BrokerConfig, messages: Messages, *, timeout: float = 60.0,
                   client_id: str | None = None) -> None:
     """Publish ``messages`` retained at QoS 1 and wait until the broker took each."""
@@ -82,8 +109,7 @@ def send_retained(broker: BrokerConfig, messages: Messages, *, timeout: float = 
     conn.start()
     try:
         if not conn.wait_connected(min(timeout, 15.0)):
-            raise PublishError(f"cannot reach the broker {broker.url}: "
-                               f"{conn.last_error or 'no answer'}")
+            raise PublishError(unreachable(broker, conn.last_error))
         done = threading.Semaphore(0)
         refused: list[str] = []
 
@@ -135,10 +161,11 @@ def publish_tar(repo: Path, group: str, broker: BrokerConfig, tar: bytes,
     """Sign ``tar`` as the group's new release and publish all of it."""
     topics = FleetTopics(group)
     previous = previous_release(repo, group)
-    release = sign_release(repo, group, tar, custom)
-    messages = release_messages(topics, release, chunk_bytes)
-    send_retained(broker, messages + stale_messages(topics, previous, release),
-                  timeout=timeout)
+    with _undone_unless_sent(repo / "groups" / group):
+        release = sign_release(repo, group, tar, custom)
+        messages = release_messages(topics, release, chunk_bytes)
+        send_retained(broker, messages + stale_messages(topics, previous, release),
+                      timeout=timeout)
     record_release(repo, release, math.ceil(len(release.target) / chunk_bytes))
     return release
 
@@ -149,11 +176,12 @@ def refresh(repo: Path, group: str, broker: BrokerConfig, *, timeout: float = 60
     metadata; the chunks on the broker stay as they are (same target)."""
     topics = FleetTopics(group)
     previous = previous_release(repo, group)
-    release = resign_release(repo, group, custom=custom)
-    metadata = [(t, p) for t, p in release_messages(topics, release)
-                if "/metadata/" in str(t)]
-    send_retained(broker, metadata + stale_messages(topics, previous, release),
-                  timeout=timeout)
+    with _undone_unless_sent(repo / "groups" / group):
+        release = resign_release(repo, group, custom=custom)
+        metadata = [(t, p) for t, p in release_messages(topics, release)
+                    if "/metadata/" in str(t)]
+        send_retained(broker, metadata + stale_messages(topics, previous, release),
+                      timeout=timeout)
     chunks = int(previous["chunks"]) if previous else 0
     record_release(repo, release, chunks)
     return release

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,28 @@ def test_broker_flags_refuse_plaintext_to_another_host_and_keys_without_tls(
     # Explicitly allowed: accepted with a warning (the missing bundle fails next, exit 1).
     assert main([*publish, "--broker", "mqtt://broker.example:1883", "--allow-plaintext"]) == 1
     assert "warning: --allow-plaintext" in capsys.readouterr().err
+
+
+def test_a_release_the_broker_never_got_leaves_the_repository_as_it_was(
+        tmp_path: Path, mosquitto_factory: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The group's files keep describing what the nodes can fetch, so `refresh` after a
+    failed `publish` does not sign a target the broker never got."""
+    from tests.bundles import make_scale_bundle
+
+    repo, broker = tmp_path / "r", mosquitto_factory()
+    first, second = (make_scale_bundle(tmp_path / n, factor=f)
+                     for n, f in (("a", 0.5), ("b", 0.25)))
+    assert main(["fleet", "init-repo", str(repo)]) == 0
+    assert main(["fleet", "publish", "--repo", str(repo), "--bundle", str(first), "--group",
+                 "g", "--broker", broker.url]) == 0
+    group = repo / "groups" / "g"
+    kept = {f: f.read_bytes() for f in group.rglob("*") if f.is_file()}
+    broker.proc.terminate()
+    broker.proc.wait(5)
+    capsys.readouterr()
+    for command in (["publish", "--bundle", str(second)], ["refresh"]):
+        assert main(["fleet", *command, "--repo", str(repo), "--group", "g", "--broker",
+                     broker.url, "--timeout", "2"]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot reach the broker {broker.url}: connection refused" in err, err
+        assert {f: f.read_bytes() for f in group.rglob("*") if f.is_file()} == kept
