@@ -196,6 +196,7 @@ def sign_release(directory: Path, group: str, tar: bytes, custom: dict[str, Any]
 
 def last_custom(directory: Path, group: str) -> dict[str, Any]:
     """The ``custom`` of the group's last release (its bundle, version and rollout)."""
+    roots(directory)  # a path that is no repository is named as such
     keep = directory / "groups" / check_level(group, "group")
     try:
         targets = Metadata[Targets].from_bytes((keep / "targets.json").read_bytes()).signed
@@ -212,6 +213,7 @@ def resign_release(directory: Path, group: str, now: datetime | None = None,
     """The group's last release signed again as new versions with fresh expiry (the same
     target bytes, so nodes download nothing): ``fleet refresh``; ``custom`` replaces its
     description (``fleet promote``)."""
+    roots(directory)  # a path that is no repository is named as such
     keep = directory / "groups" / check_level(group, "group")
     try:
         targets = Metadata[Targets].from_bytes((keep / "targets.json").read_bytes()).signed
