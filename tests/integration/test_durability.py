@@ -7,6 +7,7 @@ never reaches the receiver's log."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,8 +171,9 @@ def _node(tmp: Path, cloud: Mosquitto) -> Path:
 def test_the_receiver_does_not_ack_a_result_it_could_not_write(
     tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
 ) -> None:
-    """``--out`` cannot be written (a file where a directory should be): the result is
-    not acked and not confirmed, so the broker hands it to the next run, which files it."""
+    """``--out`` stops being writable after the start (a file where its directory was; a
+    bad ``--out`` at start is refused before connecting): the result is not acked and not
+    confirmed, so the broker hands it to the next run, which files it."""
     cloud = mosquitto_factory("cloud")
     config = _node(tmp_path, cloud)
     kdir = config.parent / "keys"
@@ -179,7 +181,6 @@ def test_the_receiver_does_not_ack_a_result_it_could_not_write(
                          recipient=keys.load_recipient_public_key(kdir / "cloud-recipient.pub"),
                          signing_key=keys.load_signing_key(kdir / "device-signing.key"),
                          device_id="d", message_id="m-1")
-    (tmp_path / "blocker").write_text("not a directory")
     receipts: list[Message] = []
     watcher = Connection(BrokerConfig(url=cloud.url), "watcher", name="watcher",
                          subscriptions=(Topic("iomt/s/+/receipts", filter=True),),
@@ -189,6 +190,8 @@ def test_the_receiver_does_not_ack_a_result_it_could_not_write(
     args = ["receive", "--config", str(config), "--timeout", "4", "--count", "1"]
     bad = spawn([*args, "--out", str(tmp_path / "blocker" / "out")], tmp_path / "bad.log")
     bad.wait_for('"mqtt_connected"')
+    shutil.rmtree(tmp_path / "blocker")
+    (tmp_path / "blocker").write_text("not a directory")
     time.sleep(0.3)
     pub = Connection(BrokerConfig(url=cloud.url), "device", name="cloud")
     pub.start()
