@@ -126,6 +126,8 @@ def _run(args: argparse.Namespace, stop: StopSignals) -> int:
         log.error("cannot_start", error=str(exc))
         return EXIT_CONFIG
     agent.install_signal_handlers()  # from here on a stop signal is the agent's clean stop
+    if stop.reload_requested:  # a SIGHUP while starting: the file may have changed since
+        agent.request_reload()
     stop.ready()
     return agent.run()
 

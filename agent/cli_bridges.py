@@ -21,7 +21,13 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 def cmd_gateway(args: argparse.Namespace) -> int:
     from agent.cli import _load
 
-    with StopSignals() as stop:
+    def hup() -> None:
+        from agent.log import get_logger
+
+        get_logger("agent.gateway").info("reload_ignored", note="the gateway reads its "
+                                         "config at start: restart it to apply a change")
+
+    with StopSignals(on_hup=hup) as stop:
         try:
             from agent.log import configure, get_logger
 

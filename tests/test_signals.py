@@ -31,3 +31,20 @@ def test_once_ready_a_stop_signal_only_sets_the_event() -> None:
         assert stop.event.wait(5)
         assert stop.interrupted and stop.signal_name == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_sighup_while_starting_is_kept_not_fatal() -> None:
+    """SIGHUP's default action ends the process: an early `systemctl reload` killed `run`
+    (exit 129) and any SIGHUP killed `gateway`, without a log line."""
+    import time
+
+    before = signal.getsignal(signal.SIGHUP)
+    heard: list[bool] = []
+    with StopSignals(on_hup=lambda: heard.append(True)) as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.reload_requested and heard == [True]
+        assert not stop.event.is_set()  # not a stop
+    assert signal.getsignal(signal.SIGHUP) is before  # restored on the way out

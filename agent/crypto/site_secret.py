@@ -41,8 +41,11 @@ def load_site_secret(path: Path) -> bytes:
         st = path.stat()
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: de-identification secret not found (create one with "
-                           "'iomt-agent init', or set deid.enabled = false)") from None
+        raise KeyFileError(
+            f"{path}: de-identification secret not found: restore it from the backup, or copy "
+            "it from another node of this site (every node of a site needs the same one, or "
+            "a study gets a second set of pseudonyms: docs/deploy.md, install step 4); only a "
+            "new site starts with a new one (`iomt-agent init` writes it)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"{path}: cannot read the de-identification secret: {exc}") from None
     if not stat.S_ISREG(st.st_mode):

@@ -168,13 +168,15 @@ def update_report(topics: Topics, reason: str, detail: str) -> tuple[str, str, s
 
 
 RELOADED_SECTIONS = frozenset({"model", "seal"})
+OTHER_PROGRAMS = frozenset({"gateway", "receiver"})  # read by `gateway` and `receive` only
 
 
 def restart_only_changes(running: Config, read: Config) -> list[str]:
     """The sections of ``read`` (the file now) that differ from the ``running`` config
-    and that a reload does not apply."""
+    and that only a restart of the agent applies."""
     return [name for name in type(running).model_fields
-            if name not in RELOADED_SECTIONS and getattr(running, name) != getattr(read, name)]
+            if name not in RELOADED_SECTIONS | OTHER_PROGRAMS
+            and getattr(running, name) != getattr(read, name)]
 
 
 def reread_config(config_path: Path, running: Config, sealer: Sealer) -> bool:

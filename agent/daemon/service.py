@@ -34,7 +34,7 @@ from agent.daemon.pressure import Pressure
 from agent.daemon.reload import Loaded, Reloader, refusal, reread_config, sharing_refusal
 from agent.daemon.sealing import Sealer, refuse_open_secrets
 from agent.daemon.stages import StageDied, Stages
-from agent.daemon.state_dir import prepare_state_dir
+from agent.daemon.state_dir import StateLock, prepare_state_dir
 from agent.daemon.status import agent_status
 from agent.daemon.store import Store
 from agent.errors import AgentError
@@ -102,7 +102,7 @@ class Agent:
         self._stop = threading.Event()
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
-        self._last_status = 0.0
+        self._last_status, self._status_behind = 0.0, False
         self.model_refused: dict[str, Any] | None = None
         self.reloader = Reloader(config, self.config_path, self._work,
                                  lambda: self.fleet.store.current if self.fleet else None)
@@ -144,6 +144,8 @@ class Agent:
             self.updates = UpdateHook(self.fleet, self.reloader, self.store, self.topics,
                                       configured=config.model.bundle, kick=self._kick,
                                       publish_status=lambda: self._publish_status(force=True))
+        # Last, so that a refused start leaves nothing held: StateDirError, exit 2.
+        self.state_lock = StateLock(a.state_dir)
 
     # -- the model -----------------------------------------------------------------------
     def _first_model(self, config: Config, state_dir: Path) -> ServedModel:
@@ -239,8 +241,9 @@ class Agent:
     def _publish_status(self, state: str = "online", force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_status < 1.0:
+            self._status_behind = True  # sent by the next beat a second on: the last counts
             return
-        self._last_status = now
+        self._last_status, self._status_behind = now, False
         body = json.dumps(self.status(state), separators=(",", ":")).encode()
         for conn in (self.cloud, self.edge):
             if conn.connected:
@@ -250,7 +253,10 @@ class Agent:
         """systemd: READY=1 once both brokers are connected, WATCHDOG=1, STATUS=."""
         self.sd.beat(ready=self.edge.connected and self.cloud.connected,
                      status=self._sd_status)
-        if self.pressure.changed():  # also while a stage waits for room: say so at once
+        since = time.monotonic() - self._last_status
+        # Also while a stage waits (for outbox room, for the model): the status stays fresh.
+        if self.pressure.changed() or since > STATUS_INTERVAL_S or (
+                self._status_behind and since >= 1.0):
             self._publish_status(force=True)
 
     def _sd_status(self) -> str:
@@ -271,6 +277,10 @@ class Agent:
             self._space.notify_all()
 
     def _handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        self.request_reload()
+
+    def request_reload(self) -> None:
+        """What SIGHUP asks for: [model] and [seal] read again (safe in a handler)."""
         log.info("reload_requested", config=str(self.config_path or ""),
                  note="[model] and [seal] are reloaded; other changes need a restart")
         self.sd.reloading()
@@ -321,7 +331,6 @@ class Agent:
                             error=conn.last_error, fix="check the URL, TLS files and credentials;"
                             " the agent keeps retrying")
         self._publish_status(force=True)
-        last_periodic = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._beat()
@@ -341,9 +350,6 @@ class Agent:
                 if not busy:
                     self._work.wait(1.0)
                     self._work.clear()
-                if time.monotonic() - last_periodic > STATUS_INTERVAL_S:
-                    last_periodic = time.monotonic()
-                    self._publish_status(force=True)
         except StageDied as exc:
             log.error("stage_died", error=str(exc), fix="a bug in the agent: report it with "
                       "this log; the agent stops and systemd restarts it (Restart=on-failure), "
@@ -386,6 +392,7 @@ class Agent:
         if self.decoder is not None:
             self.decoder.close()
         self.store.close()
+        self.state_lock.release()
         log.info("agent_stopped", inbox_pending=inbox, outbox_pending=outbox)
         self.sd.status(f"stopped: inbox {inbox}, outbox {outbox} kept for the next start")
         return 0

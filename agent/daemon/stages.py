@@ -227,9 +227,17 @@ class Stages:
         if not self.store.outbox_full():
             return
         self._pressure.set("processing", "outbox_full")
+        log.warning("outbox_full", detail="results the cloud broker has not taken fill "
+                    "limits.outbox_max_bytes: scans wait in the inbox, none is lost",
+                    fix="check that the cloud broker is up and reachable (`iomt-agent "
+                    "doctor`); for longer outages raise limits.outbox_max_bytes, or set "
+                    'storage.outbox_full = "drop_oldest"')
+        since = told = time.monotonic()
         while self.store.outbox_full() and not self._stop.is_set():
             self._beat()  # waiting for the cloud is not a hang
-            log.warning("outbox_full", fix="the cloud broker is not taking results")
+            if time.monotonic() - told >= 60.0:
+                told = time.monotonic()
+                log.warning("outbox_still_full", waited_s=round(told - since))
             with self._space:
                 self._space.wait(5.0)
             if drop:  # the finisher may have filled it again after the first drop

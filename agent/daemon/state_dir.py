@@ -57,3 +57,30 @@ def prepare_state_dir(path: Path) -> None:
             problem = f"agent.state_dir {path}: cannot create it: {exc.strerror}"
     if problem is not None:
         raise StateDirError(problem)
+
+
+class StateLock:
+    """One agent per state directory: an exclusive ``flock`` on ``agent.lock`` in it, held
+    until ``release`` (or the process ends: the kernel drops it, also after kill -9)."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self.file = (path / "agent.lock").open("a+", encoding="ascii")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise StateDirError(
+                f"agent.state_dir {path}: another agent (pid {holder}) is using it: stop that "
+                "one first (`systemctl stop iomt-agent`); a second agent on this machine "
+                "needs its own config, client ids and state_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the lock

@@ -59,8 +59,10 @@ def send_files(config: Config, paths: list[Path], source: str, timeout: float) -
     if unclaimed:
         log.error("scans_unclaimed", files=len(unclaimed), topic=str(topic),
                   detail="the edge broker had no subscriber for them and discarded them",
-                  fix="start `iomt-agent run` once first (its persistent session makes the "
-                  "broker keep scans for it), then send again")
+                  fix="send them again once an agent is subscribed: start `iomt-agent run` "
+                  "once (its persistent session makes the broker keep scans for it), or, if the "
+                  "broker restarted without persistence, wait until the agent has reconnected "
+                  "(mqtt_connected in its log, within 30 s)")
     return complete and not refused and not unclaimed
 
 

@@ -79,6 +79,7 @@ class Driver:
         rows = [r.payload for r in self.agent.store.outbox(limit=1000) if r.kind == "result"]
         self.agent.model.close()
         self.agent.store.close()
+        self.agent.state_lock.release()  # as the process's end would
         return rows
 
 

@@ -61,3 +61,17 @@ def test_run_and_config_check_refuse_it_before_writing_anything(
     assert refused and "blocked is a file, not a directory" in refused[0]["error"], refused
     assert sorted(p.name for p in (tmp_path / "node").iterdir()) == [
         "agent.toml", "blocked", "keys", "state"]  # no store, no runtime cache anywhere
+
+
+def test_a_second_agent_on_the_same_state_dir_is_refused_naming_the_first(
+        tmp_path: Path) -> None:
+    """Two agents on one config both ran and knocked each other off the brokers every
+    second; the second now stops at start and says who holds the directory."""
+    from agent.daemon.state_dir import StateLock
+
+    first = StateLock(tmp_path)
+    with pytest.raises(StateDirError) as err:
+        StateLock(tmp_path)
+    assert f"another agent (pid {os.getpid()}) is using it" in str(err.value)
+    first.release()
+    StateLock(tmp_path).release()  # free again once the first is gone
