@@ -103,6 +103,7 @@ class Agent:
         self._kick = threading.Event()  # new outbox rows or a reconnect
         self._space = threading.Condition()
         self._last_status, self._status_behind = 0.0, False
+        self._links: tuple[object, ...] = ()  # edge, cloud: (connected, why not) last beat
         self.model_refused: dict[str, Any] | None = None
         self.reloader = Reloader(config, self.config_path, self._work,
                                  lambda: self.fleet.store.current if self.fleet else None)
@@ -254,8 +255,10 @@ class Agent:
         self.sd.beat(ready=self.edge.connected and self.cloud.connected,
                      status=self._sd_status)
         since = time.monotonic() - self._last_status
+        links, self._links = self._links, tuple(
+            (c.connected, c.last_error) for c in (self.edge, self.cloud))
         # Also while a stage waits (for outbox room, for the model): the status stays fresh.
-        if self.pressure.changed() or since > STATUS_INTERVAL_S or (
+        if self.pressure.changed() or links != self._links or since > STATUS_INTERVAL_S or (
                 self._status_behind and since >= 1.0):
             self._publish_status(force=True)
 

@@ -34,6 +34,10 @@ def agent_status(agent: Agent, state: str = "online") -> dict[str, Any]:
         "results_unclaimed": agent.outbox.unclaimed,
         "results_awaiting_receipt": agent.outbox.awaiting_receipt,
         "backpressure": agent.pressure.summary(),
+        "brokers": {c.name: {"connected": c.connected,
+                             **({} if c.connected or not c.last_error
+                                else {"error": c.last_error})}
+                    for c in (agent.edge, agent.cloud)},
         "processed": counts.get("processed", 0),
         "failed": counts.get("failed", 0),
         "last_latency_ms": agent.stages.last_latency_ms,

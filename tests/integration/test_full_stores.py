@@ -237,3 +237,34 @@ def test_a_full_disk_holds_scans_says_so_and_resumes_by_itself(
     db.close()
     print(f"full disk: sent {n_before + n_full}, delivered before the fill {n_before}, "
           f"while full {during}, at the end {len(_results(results))}, errors 0")
+
+
+def test_the_edge_copy_of_the_status_says_when_the_cloud_broker_is_down_and_why(
+        tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]) -> None:
+    """A site engineer watching the edge broker sees the cloud link go and come back (in
+    ``brokers``), within a beat of it, not at the next 15 s republish."""
+    edge, cloud = brokers
+    config = _init(tmp_path, edge, cloud)
+    status = Recorder.start(edge.url, "status", f"{NODE}/status")
+    agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
+
+    def cloud_link() -> dict[str, object]:
+        found = _statuses(status)
+        brokers_now = found[-1].get("brokers") if found else None
+        return brokers_now.get("cloud", {}) if isinstance(brokers_now, dict) else {}
+
+    try:
+        agent.wait_for('"mqtt_connected"', 2)
+        _until(lambda: cloud_link().get("connected") is True, "cloud connected in the status")
+        cloud.proc.terminate()
+        cloud.proc.wait(5)
+        down = time.monotonic()
+        _until(lambda: cloud_link().get("connected") is False, "cloud down in the status",
+               timeout=10)
+        assert time.monotonic() - down < 10  # the 15 s republish would be later
+        agent.wait_for('"mqtt_unreachable"')
+        _until(lambda: "connection refused" in str(cloud_link().get("error")),
+               "the reason in the status", timeout=10)
+        assert agent.terminate() == 0
+    finally:
+        agent.kill()
