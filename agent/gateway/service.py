@@ -94,15 +94,16 @@ def run_gateway(config: Config, source: str, stop: threading.Event) -> GatewaySu
                     max_instance_bytes=config.limits.max_payload_bytes)
     scp = StorageScp(section, intake, syntaxes)
     notifier = ServiceNotifier.from_environ()
-    conn.start()
-    forwarder.start()
+    forwarder.start()  # sends only while connected: nothing until conn.start() below
     try:
+        # The port first: a second gateway on one config fails here, before its CONNECT
+        # (same client id) would knock the running one off the broker.
         bound = scp.start()
     except OSError:
         forwarder.stop()
-        conn.stop()
         spool.close()
         raise
+    conn.start()
     log.info("gateway_listening", ae_title=section.ae_title, host=bound.host, port=bound.port,
              topic=str(topic), sop_classes=len(section.sop_classes),
              transfer_syntaxes=[syntax_name(s) for s in syntaxes],

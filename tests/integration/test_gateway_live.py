@@ -90,6 +90,13 @@ def test_gateway_with_dcmtk(tmp_path: Path, mosquitto_factory: Callable[..., Mos
         out, _ = p.communicate(timeout=60)
         assert store_successes(out) == [], out
         assert len(scans.on("/scans/gateway")) == 1
+
+        # A second gateway on this config fails on the port before its CONNECT (the same
+        # client id) could knock the running one off the broker.
+        twin = cli("gateway", "--config", str(config))
+        assert twin.returncode == 1 and '"cannot_listen"' in twin.stderr, twin.stderr
+        time.sleep(1.0)
+        assert '"mqtt_disconnected"' not in gw.text()
     finally:
         assert gw.terminate() == 0
         scans.stop()
