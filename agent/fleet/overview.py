@@ -65,7 +65,8 @@ def row(status: dict[str, Any]) -> tuple[str, ...]:
     return (f"{status.get('site')}/{status.get('device_id')}",
             "yes" if status.get("state") == "online" else "no",
             f"{model.get('name', '?')} {model.get('version', '?')}",
-            f"{update.get('state', '?')}{version}", error[:80])
+            f"{update.get('state', '?')}{version}",
+            error if len(error) <= 80 else error[:77] + "...")  # the whole: its status
 
 
 def render(statuses: list[dict[str, Any]]) -> str:
