@@ -264,12 +264,10 @@ def test_on_the_ingest_thread_a_full_inbox_holds_until_retry_in_order(store: Sto
         ingest.stop()
 
 
-def test_stop_acks_the_batch_being_written_and_leaves_the_rest_unacked(store: Store) -> None:
-    """What is queued at ``stop`` is neither stored nor acked: the edge broker still has it
-    and sends it again to the next session."""
+def _gated(store: Store) -> tuple[Ingest, list[int], threading.Event, threading.Event]:
+    """An ingest whose ack of each scan waits for ``go_on`` (``in_ack``: one is waiting)."""
     acked: list[int] = []
-    in_ack = threading.Event()
-    go_on = threading.Event()
+    in_ack, go_on = threading.Event(), threading.Event()
 
     def ack(msg: Message, _sha256: str) -> None:
         in_ack.set()
@@ -278,6 +276,13 @@ def test_stop_acks_the_batch_being_written_and_leaves_the_rest_unacked(store: St
 
     ingest = Ingest(store, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
                     stored=lambda: None)
+    return ingest, acked, in_ack, go_on
+
+
+def test_stop_acks_the_batch_being_written_and_leaves_the_rest_unacked(store: Store) -> None:
+    """What is queued at ``stop`` is neither stored nor acked: the edge broker still has it
+    and sends it again to the next session."""
+    ingest, acked, in_ack, go_on = _gated(store)
     ingest.start()
     ingest.on_message(_msg(1, size=100))
     assert in_ack.wait(10)
@@ -295,19 +300,9 @@ def test_past_its_bound_the_queue_holds_paho_s_thread_until_the_writer_makes_roo
     """A broker without flow control (Mosquitto with max_inflight_messages 0 and MQTT
     3.1.1) sends all it has: past ``QUEUE_MAX`` queued scans the network thread waits for
     the ``ingest`` thread, so TCP holds back the rest and memory stays bounded."""
-    acked: list[int] = []
-    in_ack = threading.Event()
-    go_on = threading.Event()
-
-    def ack(msg: Message, _sha256: str) -> None:
-        in_ack.set()
-        go_on.wait(10)
-        acked.append(msg.mid)
-
     big = Store(store.path.with_name("big.db"), inbox_max_bytes=1 << 30,
                 outbox_max_bytes=1 << 20)
-    ingest = Ingest(big, LimitsSection(), Topics("site-1", "edge-1"), ack=ack,
-                    stored=lambda: None)
+    ingest, acked, in_ack, go_on = _gated(big)
     ingest.start()
     try:
         ingest.on_message(_msg(1, size=100))
