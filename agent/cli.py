@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "results (filed now or by an earlier run) and error reports; exit 0 when "
                    "all were results")
     s.add_argument("--timeout", type=positive_float,
-                   help="give up after this many seconds (exit 1)")
+                   help="stop after this many seconds (exit 1 when --count was not reached)")
     s.add_argument("--no-errors", dest="errors", action="store_false",
                    help="do not subscribe to the agents' error reports (shown by default)")
     _identity_flags(s, "the cloud consumer")

@@ -307,7 +307,10 @@ def receive(
     drained = True
     if exporter is not None:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        drained = exporter.drain(None if stop.is_set() else left)
+        # On a stop signal the stores in flight get a few seconds; the rest stay pending in
+        # the ledger and the next run stores them (an unreachable archive would otherwise
+        # hold Ctrl-C for minutes of retries).
+        drained = exporter.drain(left, stop)
         exporter.stop()
     return ReceiveSummary(loop.tally, ending, ever_connected, client_id, config.cloud.url,
                           loop.receiver.quarantine_dir, conn.takeover_evidence,

@@ -54,17 +54,20 @@ class _State:
         self.idle = threading.Condition(self.lock)
 
 
+STOP_DRAIN_S = 5.0  # after a stop signal: how long the stores in flight may still take
+
+
 class Exporter:
     def __init__(self, client: StowClient, out_dir: Path, *, attempts: int,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None) -> None:
         self.client = client
         self.out_dir = out_dir
         self.ledger = out_dir / LEDGER_DIR
         self.attempts = attempts
         self.tally = ExportTally()
-        self._sleep = sleep
         self._state = _State()
         self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait  # a retry's backoff ends early on stop
         self._thread = threading.Thread(target=self._work, name="stow-export", daemon=True)
 
     # -- the ledger ----------------------------------------------------------------------
@@ -102,11 +105,17 @@ class Exporter:
             self._state.busy += 1
         self._state.queue.put(path)
 
-    def drain(self, timeout: float | None) -> bool:
-        """Wait until every submitted result is stored, refused or given up on."""
+    def drain(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
+        """Wait until every submitted result is stored, refused or given up on; once
+        ``stop`` is set (a signal), at most ``STOP_DRAIN_S`` more: what is left stays
+        pending in the ledger for the next run."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state.idle:
             while self._state.busy:
+                if stop is not None and stop.is_set():
+                    cut = time.monotonic() + STOP_DRAIN_S
+                    deadline = cut if deadline is None else min(deadline, cut)
+                    stop = None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False

@@ -25,6 +25,22 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+def _url_problem(url: str) -> str | None:
+    """What makes an http(s) URL unusable before any request, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if not parts.hostname:
+        return "no host name"
+    if port == 0:
+        return "port 0"
+    return None
+
+
 @dataclass(frozen=True)
 class StowSettings:
     url: str
@@ -42,6 +58,8 @@ class StowSettings:
         out = []
         if not self.url.startswith(("http://", "https://")):
             out.append(f"--stow-url {self.url!r}: give an http:// or https:// DICOMweb base URL")
+        elif (why := _url_problem(self.url)) is not None:
+            out.append(f"--stow-url {self.url!r}: {why} (e.g. http://archive:8042/dicom-web)")
         if (self.user is None) != (self.password_file is None):
             out.append("--stow-user and --stow-password-file go together (HTTP basic auth)")
         if self.token_file is not None and self.user is not None:

@@ -159,3 +159,40 @@ def test_flag_problems(tmp_path: Path) -> None:
     assert any("go together" in p for p in StowSettings(url="http://x", user="u").problems())
     assert any("no such file" in p for p in StowSettings(
         url="http://x", token_file=tmp_path / "missing").problems())
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://", "no host name"), ("http:///dicom-web", "no host name"),
+    ("http://[::1/x", "not a URL (Invalid IPv6 URL)"),
+    ("http://127.0.0.1:99999/dicom-web", "not a URL (Port out of range"),
+])
+def test_a_malformed_archive_url_is_refused_before_any_request(url: str, says: str) -> None:
+    """dicomweb-client raised a ValueError traceback for these, or retried six times."""
+    [problem] = StowSettings(url=url).problems()
+    assert problem.startswith(f"--stow-url {url!r}: {says}")
+
+
+def test_a_stop_signal_cuts_the_retries_short_and_keeps_the_result_pending(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreachable archive held Ctrl-C for minutes of backoff; now the stores in flight
+    get STOP_DRAIN_S and the result stays in the ledger for the next run."""
+    import socket
+    import time
+
+    from agent.cloud import export
+
+    monkeypatch.setattr(export, "STOP_DRAIN_S", 0.5)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _instance(tmp_path)
+    exporter = Exporter(StowClient(StowSettings(url=f"http://127.0.0.1:{port}/dicom-web")),
+                        tmp_path / "out", attempts=6)
+    exporter.start()
+    stop = threading.Event()
+    stop.set()
+    began = time.monotonic()
+    assert exporter.drain(None, stop) is False
+    exporter.stop()
+    assert time.monotonic() - began < 3.0
+    assert len(exporter.pending()) == 1  # stored by the next run
