@@ -200,7 +200,8 @@ def _dearmor(
     if len(lines) < 3 or lines[0].strip() != begin or lines[-1].strip() != end:
         other = _PUBLIC_LABEL if want_private else _PRIVATE_LABEL
         found = lines[0].strip() if lines else "<empty>"
-        hint = f" (this is a {other.lower()})" if other in found else ""
+        hint = (f" (this is the {'public' if want_private else 'private'} key of the pair)"
+                if other in found else "")
         raise KeyFileError(
             f"{path}: wrong kind of key file: expected {begin!r}, found {found!r}{hint}"
         )
@@ -282,12 +283,14 @@ def _read(path: Path, private: bool) -> bytes:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
-        if private:
-            _refuse_open_mode(path, st)
         try:
-            return f.read()
+            data = f.read()
         except OSError as e:
             raise KeyFileError(f"{path}: cannot read key file: {e.strerror}") from None
+    # A public key where a private one belongs: its kind is the error, not its mode.
+    if private and b"PUBLIC KEY" not in data:
+        _refuse_open_mode(path, st)
+    return data
 
 
 def _refuse_open_mode(path: Path, st: os.stat_result) -> None:

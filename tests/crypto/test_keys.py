@@ -166,3 +166,15 @@ def test_key_ring() -> None:
     b, _ = keys.generate_recipient_keypair()
     ring = keys.key_ring([a, b])
     assert ring == {a.key_id: a, b.key_id: b}
+
+
+def test_a_public_key_named_as_the_private_one_is_called_by_its_kind_not_its_mode(
+        tmp_path: Path) -> None:
+    """Public keys are written 0644: "chmod 600" was the first answer, and a wrong one."""
+    _priv, pub = keys.generate_recipient_keypair("x25519")
+    keys.save_public_key(tmp_path / "r.pub", pub)
+    (tmp_path / "r.pub").chmod(0o644)
+    with pytest.raises(KeyFileError) as err:
+        keys.load_recipient_private_key(tmp_path / "r.pub")
+    assert "wrong kind of key file" in str(err.value) and "chmod" not in str(err.value)
+    assert "(this is the public key of the pair)" in str(err.value)
