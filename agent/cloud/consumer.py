@@ -87,6 +87,7 @@ class ReceiveSummary:
     signal_name: str | None = None
     export: ExportTally | None = None  # with --stow-url
     export_drained: bool = True
+    results_filter: str = ""  # what was subscribed to, for a receive that got nothing
 
 
 @dataclass
@@ -314,7 +315,8 @@ def receive(
         exporter.stop()
     return ReceiveSummary(loop.tally, ending, ever_connected, client_id, config.cloud.url,
                           loop.receiver.quarantine_dir, conn.takeover_evidence,
-                          export=exporter.tally if exporter else None, export_drained=drained)
+                          export=exporter.tally if exporter else None, export_drained=drained,
+                          results_filter=str(results))
 
 
 def report(summary: ReceiveSummary, count: int | None) -> int:
@@ -351,6 +353,13 @@ def report(summary: ReceiveSummary, count: int | None) -> int:
         return 1 if export_failed else 0
     why = {"detail": f"{t.errors} scans were rejected by the agent (the error_report lines "
            "above say why): no result comes for them"} if t.errors else {}
+    if t.rejected:
+        why = {"detail": f"{t.rejected} results could not be opened and went to the "
+               "quarantine (the result_rejected lines above say why and what to fix)"}
+    elif not (t.accounted or t.errors or t.repeats):
+        why = {"detail": f"nothing arrived on {summary.results_filter}", "fix": "check that "
+               "agent.site is the agents' site, that an agent is running and has sent results "
+               "(its log), and that cloud.url is the broker they publish to"}
     log.error("receive_timeout", expected=count, accounted=t.accounted, filed=t.filed,
               already_filed=t.earlier, error_reports=t.errors, **why)
     return 1

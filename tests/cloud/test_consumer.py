@@ -80,3 +80,20 @@ def test_signals_end_with_one_summary_line() -> None:
     assert line["event"] == "receive_stopped" and line["signal"] == "SIGINT"
     assert line["quarantine"] == "out/quarantine"
     assert _run(_summary(Ending.SIGNAL, signal_name="SIGTERM"), 5)[0] == 0
+
+
+def test_a_timeout_with_nothing_arrived_names_what_it_listened_to() -> None:
+    """A site typo (`st-mary`): all zeros used to be the whole story."""
+    summary = _summary(Ending.TIMEOUT)
+    summary.results_filter = "iomt/st-mary/+/results"
+    rc, logs = _run(summary, 2)
+    assert rc == 1
+    assert logs[-1]["detail"] == "nothing arrived on iomt/st-mary/+/results"
+    assert "agent.site" in str(logs[-1]["fix"])
+
+
+def test_a_timeout_with_results_quarantined_points_at_them() -> None:
+    rc, logs = _run(_summary(Ending.TIMEOUT, rejected=3), 3)
+    assert rc == 1
+    assert "3 results could not be opened and went to the quarantine" in str(
+        logs[-1]["detail"])
