@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=positive_float,
                    help="stop after this many seconds (exit 1 when --count was not reached)")
     s.add_argument("--no-errors", dest="errors", action="store_false",
-                   help="do not subscribe to the agents' error reports (shown by default)")
+                   help="do not take the agents' error reports (shown by default); a session "
+                   "that took them before stops, and skips those queued for it")
     _identity_flags(s, "the cloud consumer")
     add_stow_flags(s)
     s.set_defaults(func=cmd_receive)

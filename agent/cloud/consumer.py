@@ -264,6 +264,9 @@ def receive(
     receipts = _Receipts()
 
     def on_message(msg: Message) -> None:
+        if not errors and reports.matches(msg.topic):  # queued before --no-errors: skipped
+            conn.ack(msg)
+            return
         handler = loop.on_report if reports.matches(msg.topic) else loop.on_result
         ack, message_id = handler(msg)
         if message_id is not None:  # filed (durably) or shown: the agent may forget it
@@ -274,7 +277,10 @@ def receive(
     client_id = config.client_id("receiver")
     conn = Connection(config.cloud, client_id, name="cloud", manual_ack=True,
                       subscriptions=(results, reports) if errors else (results,),
-                      on_message=on_message, yield_on_takeover=True)
+                      on_message=on_message, yield_on_takeover=True,
+                      # --no-errors: a persistent session subscribed by an earlier run
+                      # keeps the subscription until it is taken back
+                      on_connected=None if errors else lambda: conn.unsubscribe(reports))
     stop = stop or threading.Event()
     ending = Ending.COUNT
     ever_connected = False

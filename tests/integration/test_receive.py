@@ -219,6 +219,15 @@ def test_receive_shows_why_the_agent_rejected_scans(
     [timeout] = receiver.events("receive_timeout")
     assert timeout["error_reports"] == 3
     assert "3 scans were rejected by the agent" in str(timeout["detail"])
+    # The session above took error reports: these three queue for it, and --no-errors
+    # neither shows nor counts them (nor takes new ones).
+    assert cli("send", "--config", str(config), str(bad)).returncode == 0
+    agent.wait_for('"scan_rejected"', 6)
+    quiet = _receiver(config, tmp_path, "quiet.log", "--no-errors", "--timeout", "4")
+    assert quiet.proc.wait(30) == 0, quiet.text()
+    assert quiet.events("error_report") == []
+    [done] = quiet.events("receive_done")
+    assert done["error_reports"] == 0
     assert agent.terminate() == 0
 
 
