@@ -288,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="path to agent.toml (needs [receiver])")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--count", type=positive_int,
-                   help="stop after this many scans are accounted for: "
-                   "results (filed now or by an earlier run) and error reports; exit 0 when "
-                   "all were results")
+                   help="stop once this many scans are accounted for: results (filed now, "
+                   "or redelivered and found filed by an earlier run) and error reports; exit "
+                   "0 when all were results. What arrives meanwhile is filed too, not left")
     s.add_argument("--timeout", type=positive_float,
                    help="stop after this many seconds (exit 1 when --count was not reached)")
     s.add_argument("--no-errors", dest="errors", action="store_false",
