@@ -53,7 +53,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(f"wrote {path} and development keys in {path.parent / 'keys'}")
-    print(f"next: iomt-agent run --config {path}")
+    print(f"next: iomt-agent config check {path}; iomt-agent receive --config {path} --out "
+          "results --timeout 3 (once: the cloud broker then keeps results for it); "
+          f"iomt-agent run --config {path}")
     return EXIT_OK
 
 
