@@ -11,9 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+)
 
 
 def _one_or_more(value: object) -> Path | list[Path]:
@@ -52,6 +59,15 @@ class ReceiverSection(BaseModel):
         "device's signing key rotates: a signature by any of them is accepted",
     )
     client_id: str | None = Field(None, title="Client id", description="Receiver client id")
+
+    @field_validator("trusted_devices")
+    @classmethod
+    def _some_device(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError('empty: name each device with its signing public key, e.g. '
+                             '{ "node-1" = "keys/node-1.pub" } (with none, every result is '
+                             "quarantined)")
+        return value
 
     def recipient_key_files(self) -> list[Path]:
         return as_list(self.recipient_private_key)

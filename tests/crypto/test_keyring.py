@@ -94,10 +94,19 @@ def test_receiver_config_takes_one_file_or_a_list(tmp_path: Path) -> None:
     assert many.receiver.recipient_key_files() == [tmp_path / "a.key", Path("/k/b.key")]
     assert many.receiver.device_key_files() == {
         "node-1": [tmp_path / "d1.pub", tmp_path / "d2.pub"], "n2": [tmp_path / "e.pub"]}
-    for bad in ('recipient_private_key = []\ntrusted_devices = {}\n',
-                'recipient_private_key = ["a", 3]\ntrusted_devices = {}\n'):
+    for bad in ('recipient_private_key = []\ntrusted_devices = { n = "d.pub" }\n',
+                'recipient_private_key = ["a", 3]\ntrusted_devices = { n = "d.pub" }\n'):
         with pytest.raises(ConfigError) as ei:
             parse_config(BASE + bad)
         [problem] = ei.value.problems
         assert problem.startswith("receiver.recipient_private_key: expected a file path or "
                                   "a non-empty list of file paths"), problem
+
+
+def test_an_empty_trusted_devices_is_refused_saying_what_to_write() -> None:
+    """With no device trusted every result went to the quarantine, without a word."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config(BASE + 'recipient_private_key = "a.key"\ntrusted_devices = {}\n')
+    [problem] = ei.value.problems
+    assert problem.startswith("receiver.trusted_devices: empty: name each device with its "
+                              "signing public key"), problem
