@@ -48,6 +48,7 @@ FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
 MAX_RECEIPT_WAIT_S = 3600.0
 RECEIPT_GRACE_ON_STOP_S = 2.0  # on stop: how long to wait for receipts still on their way
+DOWN_BEFORE_STOP_S = 10.0  # on stop: a cloud broker down this long already is not waited for
 
 
 def retry_delay(tries: int) -> float:
@@ -83,6 +84,7 @@ class OutboxPublisher:
         self._window = window
         self._receipt_timeout_s = receipt_timeout_s  # None: a PUBACK deletes the row
         self._stop_seen: float | None = None
+        self._down_since: float | None = None  # the cloud broker not connected since then
         self._receipted_in_flight: set[int] = set()  # confirmed before their PUBACK came
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
@@ -166,9 +168,14 @@ class OutboxPublisher:
     def pump(self) -> bool:
         """One round: publish what is due (retries first, then rows not yet sent, up to the
         window). True when stopped and there is nothing left to do."""
-        if not self._cloud.connected:  # on stop: wait for it only with rows to deliver
-            return self._stop.is_set() and (self.drain_deadline < self._clock()
-                                            or self._store.depths()[1] == 0)
+        if not self._cloud.connected:
+            now = self._clock()
+            self._down_since = now if self._down_since is None else self._down_since
+            # On stop: wait for it only with rows to deliver, and only when it was up lately.
+            return self._stop.is_set() and (
+                self.drain_deadline < now or now - self._down_since >= DOWN_BEFORE_STOP_S
+                or self._store.depths()[1] == 0)
+        self._down_since = None
         self._last_id = self._publish(self._last_id)
         return self._stop.is_set() and self._drained()
 

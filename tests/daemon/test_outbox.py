@@ -633,6 +633,18 @@ def test_disconnected_with_an_empty_outbox_stops_without_waiting_the_deadline(
     assert rig.pump()
 
 
+def test_a_cloud_down_long_before_the_stop_is_not_waited_for(rig: Rig) -> None:
+    """Down for 10 s already: the 10 s drain would only delay the stop (the rows stay for
+    the next start)."""
+    rig.queue(1)
+    rig.cloud.connected = False
+    assert not rig.pump()  # it is down from here
+    rig.later(10.0)
+    rig.stop.set()
+    rig.outbox.drain_deadline = rig.clock.now + 10
+    assert rig.pump() and rig.depth() == 1
+
+
 def test_run_returns_once_stopped_and_drained(rig: Rig) -> None:
     rig.queue(1)
     rig.stop.set()
