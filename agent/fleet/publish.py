@@ -88,9 +88,10 @@ def _undone_unless_sent(keep: Path) -> Iterator[None]:
     files as they were: the repository keeps describing what the nodes can fetch, so a
     later ``refresh`` or ``promote`` does not sign a target the broker never got. (The
     version counter stays advanced: TUF versions only have to grow.)"""
-    before = {f: f.read_bytes() for f in keep.rglob("*")
-              if f.is_file() and not (f.parent.name == "history" and f.suffix == ".tar")}
-    existed = {f for f in keep.rglob("*") if f.is_file()} if keep.exists() else set()
+    existed = {f for f in keep.rglob("*") if f.is_file()}  # none before a first release
+    # History tars are only ever added, never rewritten: deleting new ones is enough.
+    before = {f: f.read_bytes() for f in existed
+              if not (f.parent.name == "history" and f.suffix == ".tar")}
     try:
         yield
     except BaseException:
