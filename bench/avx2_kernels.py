@@ -16,6 +16,14 @@ depends on AVX state only and cannot be switched off this way: on such a CPU the
 refuses (time those kernels under valgrind, ``bench/avx2_instructions.py``).
 Then it runs the command with that copy first on ``PYTHONPATH``.
 
+The agent's own work beside the model runs on two more libraries that pick their code by
+CPU: numpy (its dispatch targets read CPUID, not XCR0) and OpenSSL inside ``cryptography``
+(the seal: AES-GCM, SHA-512 in Ed25519). The command also gets ``NPY_DISABLE_CPU_FEATURES``
+naming numpy's AVX-512 targets and ``OPENSSL_ia32cap`` with the AVX-512 bits and VAES /
+VPCLMULQDQ cleared (``OPENSSL_AVX2_ONLY``; the level of an AVX2-only EPYC, Zen 2), so decode,
+resampling, the domain check and sealing run the code an AVX2 node runs too (on the build
+machine: AES-GCM of 8 MiB 0.8 -> 3.2 ms, SHA-512 10.6 -> 14.1 ms).
+
 Proof that it took: before the command runs, a ``MatMulInteger`` of 255 x 127 over 64
 terms runs on the patched onnxruntime. MLAS's AVX2 u8s8 kernel adds pairs of products in
 16 bits and saturates (1,048,544); the VNNI kernels give the exact 2,072,640. The tool
@@ -55,6 +63,10 @@ PACKAGES = ("onnxruntime", "ai_edge_litert")
 XGETBV = b"\x0f\x01\xd0"
 XCR0_AVX_ONLY = b"\x8d\x41\x07"  # lea eax, [rcx + 7] (ecx = 0): XCR0 = x87 | SSE | AVX
 SATURATED, EXACT = 32767 * 32, 255 * 127 * 64
+# OpenSSL's second capability word is CPUID leaf 7: EBX in the low half, ECX in the high.
+# Cleared: EBX AVX512F, DQ, IFMA, PF, ER, CD, BW, VL; ECX AVX512VBMI, VBMI2, VAES, VPCLMULQDQ,
+# AVX512VNNI, BITALG, VPOPCNTDQ.
+OPENSSL_AVX2_ONLY = ":~0x5E42DC230000"
 
 FINGERPRINT = """
 import numpy as np, onnxruntime as ort
@@ -68,7 +80,12 @@ model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 model.ir_version = 8
 session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 y = session.run(None, {"A": np.full((4, 64), 255, np.uint8)})[0]
-print(ort.__file__, int(y[0, 0]))
+try:
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+except ImportError:  # numpy 1.x
+    from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+on = [t for t in __cpu_dispatch__ if __cpu_features__.get(t)]
+print(ort.__file__, int(y[0, 0]), ",".join(on) or "-")
 """
 
 
@@ -222,7 +239,26 @@ def patched_env(site: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         [str(site), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["IOMT_AVX2_KERNELS"] = "1"  # lets a bench label its output
+    targets = numpy_avx512_targets()
+    if targets:
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(targets)
+    env["OPENSSL_ia32cap"] = OPENSSL_AVX2_ONLY
     return env
+
+
+def numpy_avx512_targets() -> list[str]:
+    """numpy's dispatch targets that need AVX-512 (X86_V4, AVX512_*), for
+    ``NPY_DISABLE_CPU_FEATURES``; naming one numpy was not built for only warns, so the list
+    comes from the numpy that the command runs (this interpreter's)."""
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # 2.x, 1.x
+        try:
+            dispatch: list[str] = list(importlib.import_module(module).__cpu_dispatch__)
+            break
+        except (ImportError, AttributeError):
+            continue
+    else:
+        return []
+    return [t for t in dispatch if t == "X86_V4" or t.startswith("AVX512")]
 
 
 def check(site: Path) -> int:
@@ -234,12 +270,16 @@ def check(site: Path) -> int:
         raise PatchError("the fingerprint did not run: "
                          + (proc.stderr.strip().splitlines() or ["no output"])[-1])
     out = proc.stdout.split()
-    origin, value = Path(out[0]), int(out[1])
+    origin, value, numpy_on = Path(out[0]), int(out[1]), out[2].split(",")
     if site not in origin.parents:
         raise PatchError(f"the command imported onnxruntime from {origin}, not from {site}")
     if value != SATURATED:
         raise PatchError(f"patched onnxruntime gave {value}, not the AVX2 kernel's "
                          f"saturated {SATURATED} (exact: {EXACT}): its kernels are not AVX2")
+    wide = [t for t in numpy_on if t == "X86_V4" or t.startswith("AVX512")]
+    if wide:
+        raise PatchError(f"numpy still dispatches to {', '.join(wide)} under "
+                         "NPY_DISABLE_CPU_FEATURES")
     return value
 
 
@@ -265,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sites = ", ".join(f"{lib} {n}" for libs in report.values() for lib, n in libs.items())
     print(f"avx2_kernels: xgetbv patched ({sites}); onnxruntime u8s8 fingerprint {value} "
-          f"= AVX2 kernel (VNNI would give {EXACT})", file=sys.stderr)
+          f"= AVX2 kernel (VNNI would give {EXACT}); numpy without "
+          f"{' '.join(numpy_avx512_targets()) or 'AVX-512 targets'}, OpenSSL without AVX-512 "
+          "and VAES", file=sys.stderr)
     if args.check:
         return 0
     if command[0] in ("python", "python3"):

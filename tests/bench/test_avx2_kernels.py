@@ -71,14 +71,18 @@ def test_only_the_patched_libraries_are_copies(site: Path) -> None:
 @needs_x86
 def test_a_command_sees_the_patched_copy_and_the_forced_cpu(
         site: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    code = ("import onnxruntime, agent.cpu as c; "
-            "print(onnxruntime.__file__); print(c.read_cpu().int8_dot)")
+    code = ("import os, onnxruntime, agent.cpu as c, bench.avx2_kernels as k; "
+            "print(onnxruntime.__file__); print(c.read_cpu().int8_dot); "
+            "print(os.environ['OPENSSL_ia32cap']); print(k.numpy_avx512_targets() == "
+            "os.environ.get('NPY_DISABLE_CPU_FEATURES', '').split())")
     rc = avx2_kernels.main(["--dir", str(site), "--", "python", "-c", code])
     out, err = capfd.readouterr()
     assert rc == 0
-    origin, dot = out.split()
+    origin, dot, openssl, numpy_masked = out.split()
     assert Path(origin).is_relative_to(site)
     assert dot == "None"  # no int8 dot product reported while AVX2 kernels are forced
+    assert openssl == avx2_kernels.OPENSSL_AVX2_ONLY  # OpenSSL's AVX-512 paths off
+    assert numpy_masked == "True"  # numpy's AVX-512 targets named, whatever this CPU has
     assert f"fingerprint {avx2_kernels.SATURATED}" in err
 
 
@@ -94,6 +98,15 @@ def test_which_cpus_the_patch_cannot_serve() -> None:
     assert "AVX-VNNI" in avx2_kernels.host_refusal({"avx2", "fma", "avx_vnni"})
     assert "no AVX2" in avx2_kernels.host_refusal({"sse2", "avx"})
     assert avx2_kernels.host_refusal(set()) == ""  # unknown: the fingerprint decides
+
+
+def test_numpy_and_openssl_masks_name_only_avx512_paths() -> None:
+    assert all(t == "X86_V4" or t.startswith("AVX512") for t in avx2_kernels.numpy_avx512_targets())
+    mask = int(avx2_kernels.OPENSSL_AVX2_ONLY.removeprefix(":~"), 16)
+    ebx, ecx = mask & 0xFFFFFFFF, mask >> 32
+    assert ebx >> 16 & 1 and ebx >> 31 & 1  # AVX512F, AVX512VL
+    assert not ebx >> 5 & 1 and not ebx >> 29 & 1  # AVX2 and SHA-NI stay
+    assert ecx >> 11 & 1 and ecx >> 9 & 1  # AVX512VNNI, VAES (an AVX2-only EPYC: Zen 2)
 
 
 def test_the_patch_touches_no_memory() -> None:
