@@ -83,6 +83,14 @@ test-cluster: $(VENV)/.installed mosquitto rabbitmq
 test-unit: $(VENV)/.installed dicom3tools
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# The whole suite (as make test) with onnxruntime and LiteRT on their AVX2 kernels and numpy
+# and OpenSSL without AVX-512 (bench/avx2_kernels.py), at native speed: what an AVX2-only x86
+# node runs, on an x86 machine that has AVX-512 VNNI. x86-64 only; not run by .ci/run.
+.PHONY: test-avx2
+test-avx2: $(VENV)/.installed mosquitto dicom3tools dcmtk orthanc rabbitmq binutils cc
+	$(BIN)/python bench/avx2_kernels.py -- $(BIN)/python -m pytest -q -m "not cluster" \
+		-n $(TEST_WORKERS) --dist loadfile
+
 # The CPU matrix (tools/cpu_matrix): qemu-user-static runs the x86 venv as Haswell and an
 # arm64 rootfs that debootstrap builds; both installed when missing.
 .PHONY: cpu-tools test-cpus

@@ -101,6 +101,14 @@ def package_dir(name: str) -> Path | None:
     return Path(spec.origin).parent
 
 
+def original_package(src: Path) -> Path:
+    """The installed package behind ``src``: itself, or, where ``src`` is another patched
+    copy (a command already run through this tool, e.g. the test suite), the directory its
+    symbolic links point into (only the shared libraries are copies)."""
+    init = src / "__init__.py"
+    return init.resolve().parent if init.is_symlink() else src
+
+
 def load_segments(data: bytes) -> list[tuple[int, int, int]]:
     """(virtual address, file offset, size in file) of each PT_LOAD of a 64-bit ELF."""
     if data[:4] != b"\x7fELF" or data[4] != 2:
@@ -199,6 +207,7 @@ def prepare(site: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, dict[
             if src.resolve().is_relative_to(site) and stamp.exists():  # run under itself
                 report[name] = json.loads(stamp.read_text())["patched"]
                 continue
+            src = original_package(src)  # under another patched copy: mirror the original
             key = source_key(src)
             if stamp.exists() and json.loads(stamp.read_text())["key"] == key \
                     and (site / name).exists():
