@@ -92,12 +92,9 @@ class Agent:
         self._log_guard(self.model)
 
         log.info("seal_keys", **self.sealer.summary())
-        self.store = Store(
-            a.state_dir / "agent.db",
-            inbox_max_bytes=config.limits.inbox_max_bytes,
-            outbox_max_bytes=config.limits.outbox_max_bytes,
-            min_free_bytes=config.storage.min_free_disk_bytes,
-        )
+        self.store = Store(a.state_dir / "agent.db", inbox_max_bytes=config.limits.inbox_max_bytes,
+                           outbox_max_bytes=config.limits.outbox_max_bytes,
+                           min_free_bytes=config.storage.min_free_disk_bytes)
         self.pressure = Pressure()
         self._stop = threading.Event()
         self._kick = threading.Event()  # new outbox rows or a reconnect
