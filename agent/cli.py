@@ -129,6 +129,11 @@ def _run(args: argparse.Namespace, stop: StopSignals) -> int:
     if stop.reload_requested:  # a SIGHUP while starting: the file may have changed since
         agent.request_reload()
     stop.ready()
+    if stop.signal_name is not None:
+        # A stop while starting whose StopRequested never reached this frame: Python drops an
+        # exception raised where it cannot propagate (a weakref callback, such as the import
+        # system's module-lock cleanup, or a __del__), printing "Exception ignored".
+        raise StopRequested(stop.signal_name)
     return agent.run()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -283,6 +285,49 @@ def test_a_stop_signal_while_run_starts_is_a_clean_exit(
     assert stopped["signal"] == signal.Signals(signum).name
     assert "agent_starting" not in agent.text()
     _no_traceback(agent)
+
+
+# The stop signal's handler runs inside a weakref callback, where Python prints "Exception
+# ignored" instead of raising: what happened when it landed in the import system's
+# module-lock cleanup (the agent then started and served, ignoring the stop).
+SWALLOWED_STOP = """
+import os, signal, sys, weakref
+from agent import cli
+
+class Box:
+    pass
+
+def load(path, _load=cli._load):
+    box = Box()
+    ref = weakref.ref(box, lambda _r: (os.kill(os.getpid(), signal.SIGTERM),
+                                      [None for _ in range(1000)]))
+    del box
+    return _load(path)
+
+cli._load = load
+sys.exit(cli.main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_stop_signal_whose_exception_python_swallowed_still_stops_the_start(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
+) -> None:
+    edge, cloud = brokers
+    config = _init(tmp_path, edge, cloud)
+    log = tmp_path / "agent.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SWALLOWED_STOP, str(config)],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    agent = Proc(proc, log)
+    try:
+        assert proc.wait(60) == 0, agent.text()
+    finally:
+        agent.kill()
+    assert "Exception ignored" in agent.text()  # the swallowed path was taken
+    [stopped] = agent.events("agent_stopped")
+    assert stopped["during"] == "start-up" and stopped["signal"] == "SIGTERM"
+    assert "agent_starting" not in agent.text()  # it never began to serve
 
 
 def test_ctrl_c_on_receive_is_one_summary_line(
