@@ -8,6 +8,7 @@ passes. See ``docs/quantize.md``.
 | ``inputs`` | DICOMs -> model inputs, split into calibration and golden |
 | ``graph`` | the model against the contract; GMAC |
 | ``cpu`` | ``reduce_range`` or not, for the CPUs that will serve it |
+| ``nhwc`` | the exact NHWC rewrite the int8 graph is quantized from |
 | ``qdq`` | onnxruntime's static QDQ quantization |
 | ``session`` | options; a candidate judged with the guard |
 | ``sensitivity`` | per-layer error; which nodes stay float |

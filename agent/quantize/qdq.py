@@ -1,12 +1,13 @@
 """Static int8 QDQ quantization with onnxruntime's tooling.
 
-``quant_pre_process`` first (ONNX shape inference and graph optimisation, as onnxruntime
-advises), then ``quantize_static``: QDQ format, u8 activations calibrated with MinMax over
-the calibration inputs, s8 weights per output channel, ``reduce_range`` (7-bit weights) when
-the target CPU lacks int8 dot-product. The sensitivity pass re-quantizes with some nodes
-excluded; float tensor ranges do not depend on which nodes are quantized, so the ranges of
-the first calibration are reused from onnxruntime's calibration cache (onnxruntime >= 1.23:
-``calibration_cache_path``; older ones calibrate again each time).
+First ``nhwc``'s exact rewrite (nearest x2 Resize, space-to-depth and depth-to-space spelt in
+NHWC), then ``quant_pre_process`` (ONNX shape inference and graph optimisation, as
+onnxruntime advises), then ``quantize_static``: QDQ format, u8 activations calibrated with
+MinMax over the calibration inputs, s8 weights per output channel, ``reduce_range`` (7-bit
+weights) when the target CPU lacks int8 dot-product. The sensitivity pass re-quantizes with
+some nodes excluded; float tensor ranges do not depend on which nodes are quantized, so the
+ranges of the first calibration are reused from onnxruntime's calibration cache
+(onnxruntime >= 1.23: ``calibration_cache_path``; older ones calibrate again each time).
 """
 
 from __future__ import annotations
@@ -82,21 +83,40 @@ class Quantizer:
 
         return quantize_static  # type: ignore[no-any-return]
 
+    def _nhwc_rewrite(self) -> tuple[Path, str]:
+        """``nhwc``'s exact rewrite (checked on two calibration inputs) when it applies:
+        the graph to pre-process, and what was done."""
+        from agent.quantize import nhwc
+
+        out = self.workdir / "model.fp32.nhwc.onnx"
+        try:
+            counts = nhwc.rewrite_file(self.fp32, out, np.stack(list(self.calibration[:2])))
+        except Exception as exc:  # a graph it cannot handle is quantized as given
+            return self.fp32, f"NHWC rewrite not applied ({type(exc).__name__}: {exc})"
+        if not any(counts.values()):
+            return self.fp32, "NHWC rewrite: nothing to rewrite"
+        done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        return out, f"NHWC rewrite ({done}; the same output, checked)"
+
     def pre_process(self) -> str:
-        """``quant_pre_process``; on failure the model is quantized as given (noted)."""
+        """``nhwc``'s rewrite, then ``quant_pre_process``; where either fails, the model is
+        quantized without it (noted)."""
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        source, rewrite_note = self._nhwc_rewrite()
         pre = self.workdir / "model.fp32.pre.onnx"
         try:
             with _quiet():
                 # The symbolic pass is for transformer graphs; it chokes on Resize's batch dim.
-                quant_pre_process(str(self.fp32), str(pre), skip_symbolic_shape=True)
+                quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         except Exception as exc:  # its failures are of many types
-            self.pre_process_note = (f"quant_pre_process failed ({type(exc).__name__}: {exc}); "
-                                     "quantized the model as given")
+            self.model = source
+            self.pre_process_note = (f"{rewrite_note}; quant_pre_process failed "
+                                     f"({type(exc).__name__}: {exc}), quantized without it")
         else:
             self.model = pre
-            self.pre_process_note = "quant_pre_process (ONNX shape inference, optimisation)"
+            self.pre_process_note = (f"{rewrite_note}; quant_pre_process (ONNX shape "
+                                     "inference, optimisation)")
         return self.pre_process_note
 
     def quantize(self, out: Path, exclude: Sequence[str] = (),
