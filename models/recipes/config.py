@@ -167,10 +167,11 @@ LITE_S2H32 = replace(LITE_S2H, name="t1w-to-t2w-lite-s2h32", widths=(32, 48, 64,
                      litert_float_ends=True)
 # lite-s2h32 fine-tuned quantization-aware (recipes/qat.py, 800 steps, 7- and 8-bit weight
 # grids on alternate steps): 30.41 dB fp32, onnxruntime int8 30.39 (u8s8_rr_fl; all in int8,
-# u8s8_rr, 0.13 dB under fp32 on the training slices), LiteRT int8 30.18. Not shipped: on the
-# AVX2 kernels its best int8 took 7.81 ms against lite 1.1.0's 6.76 (2 threads), 1.34x its
+# u8s8_rr, 0.13 dB under fp32 on the training slices), LiteRT int8 30.18. Not shipped then: on
+# the AVX2 kernels its best int8 took 7.81 ms against lite 1.1.0's 6.76 (2 threads), 1.34x its
 # best fp32 (lite 1.1.0: 1.31x); on one thread 1.55x (1.44x)
-# (records/t1w-to-t2w-lite-s2h32q-pilot.json).
+# (records/t1w-to-t2w-lite-s2h32q-pilot.json). Shipped as lite 1.2.0 (stop 35) once the int8
+# files came from the NHWC rewrite (agent/quantize/nhwc.py): 1.46x its best fp32 there.
 LITE_S2H32Q = replace(LITE_S2H32, name="t1w-to-t2w-lite-s2h32q", qat_steps=800)
 # lite 1.1.0's weights fine-tuned the same way (its checkpoint rebuilt from model.fp32.onnx,
 # whose initializers carry the state_dict's names): fp32 29.75 dB, every conv in int8 on
