@@ -56,18 +56,20 @@ class ModelSpec:
         return self.bundle_dir / file
 
 
-# lite 1.2.0 is the pilot lite-s2h32q (below, records/t1w-to-t2w-lite-s2h32q-pilot.json; the
+# lite 1.2.x is the pilot lite-s2h32q (below, records/t1w-to-t2w-lite-s2h32q-pilot.json; the
 # same seed and steps, so the same weights): a 2x space-to-depth stem, widths (32, 48, 64, 96)
 # at 128 x 128 and below, a 3 x 3 head before depth-to-space, 0.99 GMAC, fine-tuned
 # quantization-aware; its LiteRT int8 file keeps the first and the last conv in float. With
-# the int8 files quantized from recipes/nhwc_rewrite.py's graph, its 32 channels at 128 x 128
-# (a multiple of MLAS's 16-column AVX2 tile) put its int8 over 1.5x its fp32 on the AVX2
-# kernels, where lite 1.1.0's 24 stayed under (models/README.md).
+# the int8 files quantized from agent/quantize/nhwc.py's rewrite, its 32 channels at 128 x 128
+# (a multiple of MLAS's 16-column AVX2 tile) put its int8 at 1.46x its fp32 on the AVX2
+# kernels, where lite 1.1.0's 24 stayed at 1.33x (models/README.md).
+# lite 1.2.1: the same weights; its onnxruntime int8 file is u8s8_rr_last (the head alone in
+# float, recipes/quantize.py), quantized from the rewrite's 4-D stem and head: 1.52x.
 # lite 1.1.0: the pilot lite-s2h, widths (24, 48, 64, 96), 0.767 GMAC, 29.74 dB.
 # lite 1.0.0: widths (12, 24, 48, 64) at 256 x 256 and below, 0.936 GMAC, 29.60 dB.
 LITE = ModelSpec(
     name="t1w-to-t2w-lite",
-    version="1.2.0",
+    version="1.2.1",
     task="MR T1-weighted to T2-weighted synthesis (2D, axial)",
     widths=(32, 48, 64, 96),
     context=0,

@@ -296,6 +296,10 @@ calibrated with MinMax on {quant["calibration_slices"]} evenly spaced training s
 - `u8s8_rr_fl`: `u8s8_rr` with the first and the last conv left in float (a small share of
   the MACs; in the 2D model the first conv, one input channel and nine weights per filter,
   is where 7-bit weights cost most).
+- `u8s8_rr_last`: `u8s8_rr` with the last conv (the head) alone left in float: a head of
+  few output channels reading many features is where the 2D model's 7-bit weights cost most
+  once it is fine-tuned quantization-aware, and a float first conv costs a Transpose, a
+  quantization and two layout reorders more.
 - `u8u8`: 8-bit unsigned weights. onnxruntime's u8u8 kernels widen both operands to 16 bits
   before they multiply, so they cannot saturate on any x86 CPU (checked under
   `qemu-x86_64 -cpu Haswell`, `make test-cpus`); slower than u8s8 where VNNI exists.

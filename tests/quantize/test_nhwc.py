@@ -54,11 +54,54 @@ def test_a_rewrite_that_changes_the_function_is_refused(tmp_path: Path) -> None:
     bundle = MODELS_DIR / "t1w-to-t2w-lite"
     model, _ = nhwc.rewrite(onnx.load(str(bundle / "model.fp32.onnx")))
     stem = next(n for n in model.graph.node if n.name == "nhwc_rewrite/stem/to_nhwc")
-    stem.attribute[0].ints[:] = [0, 4, 2, 1, 3, 5]  # H and W swapped: a transposed image
+    assert list(stem.attribute[0].ints) == [0, 2, 1, 3]  # one image channel: 4-D
+    stem.attribute[0].ints[:] = [0, 2, 3, 1]  # the same shape, each 2 x 2 block transposed
     bad = tmp_path / "bad.onnx"
     onnx.save(model, str(bad))
     with pytest.raises(nhwc.RewriteChangedOutput, match="NHWC rewrite changed the model's output"):
         nhwc.check_same(bundle / "model.fp32.onnx", bad, golden_inputs(bundle))
+
+
+def stem_head_net(path: Path, channels: int, grid: int = 16, s: int = 2) -> None:
+    """A PixelUnshuffle stem as PyTorch exports it (Reshape, 6-D Transpose, Reshape) on
+    ``channels`` image channels, a 3 x 3 conv, and a depth-to-space head (CRD) + Relu back
+    to ``channels`` channels."""
+    c, h = channels, grid // s
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.5, (c * s * s, c * s * s, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.array([-1, c, h, s, h, s], np.int64), "split"),
+             numpy_helper.from_array(np.array([-1, c * s * s, h, h], np.int64), "merge")]
+    nodes = [
+        helper.make_node("Reshape", ["input", "split"], ["a"], name="split"),
+        helper.make_node("Transpose", ["a"], ["b"], name="unshuffle", perm=nhwc.STEM_PERM),
+        helper.make_node("Reshape", ["b", "merge"], ["stem"], name="merge"),
+        helper.make_node("Conv", ["stem", "w"], ["conv"], name="conv", pads=[1] * 4),
+        helper.make_node("DepthToSpace", ["conv"], ["d2s"], name="d2s", blocksize=s,
+                         mode="CRD"),
+        helper.make_node("Relu", ["d2s"], ["output"], name="relu"),
+    ]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c, grid, grid])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", c, grid, grid])
+    model = helper.make_model(helper.make_graph(nodes, "stem_head", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_stem_and_head_rewrites_are_exact_for_one_or_more_channels(
+        tmp_path: Path, channels: int) -> None:
+    """One image channel takes the 4-D spelling (one axis moves), several the 6-D one;
+    both give the original output for a batch of two."""
+    stem_head_net(tmp_path / "net.onnx", channels)
+    sample = np.random.default_rng(2).random((2, channels, 16, 16), dtype=np.float32)
+    counts = nhwc.rewrite_file(tmp_path / "net.onnx", tmp_path / "r.onnx", sample)
+    assert counts == {"resize": 0, "stem": 1, "head": 1}
+    assert nhwc.check_same(tmp_path / "net.onnx", tmp_path / "r.onnx", sample) == 0.0
+    perms = [len(n.attribute[0].ints) for n in onnx.load(str(tmp_path / "r.onnx")).graph.node
+             if n.op_type == "Transpose"]
+    assert max(perms) == (4 if channels == 1 else 6)
 
 
 @pytest.mark.parametrize("bundle", SHIPPED_BUNDLES, ids=lambda b: b.name)
