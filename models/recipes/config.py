@@ -64,7 +64,7 @@ class ModelSpec:
 # (a multiple of MLAS's 16-column AVX2 tile) put its int8 at 1.46x its fp32 on the AVX2
 # kernels, where lite 1.1.0's 24 stayed at 1.33x (models/README.md).
 # lite 1.2.1: the same weights; its onnxruntime int8 file is u8s8_rr_last (the head alone in
-# float, recipes/quantize.py), quantized from the rewrite's 4-D stem and head: 1.52x.
+# float, recipes/quantize.py), quantized from the rewrite's 4-D stem and head: 1.51x.
 # lite 1.1.0: the pilot lite-s2h, widths (24, 48, 64, 96), 0.767 GMAC, 29.74 dB.
 # lite 1.0.0: widths (12, 24, 48, 64) at 256 x 256 and below, 0.936 GMAC, 29.60 dB.
 LITE = ModelSpec(
