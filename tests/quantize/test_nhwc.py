@@ -15,9 +15,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 from agent.model.guard import verify_bundle
 from agent.quantize import nhwc
 from tests.bundles import MODELS_DIR, SHIPPED_BUNDLES
-from tests.quantize.test_quantize import contract, conv_net, dicoms, quantize
-
-__all__ = ["dicoms"]  # the module-scoped fixture of the DICOMs to calibrate on
+from tests.quantize.nets import contract, conv_net, quantize
 
 # What each shipped fp32 graph has to rewrite (the full model has no stem).
 EXPECTED = {
@@ -43,14 +41,14 @@ def test_the_rewrite_of_a_shipped_fp32_graph_computes_the_same_output(
     assert nhwc.check_same(bundle / "model.fp32.onnx", out, golden_inputs(bundle)) == 0.0
 
 
-def test_float_outer_leaves_the_resize_to_full_resolution(tmp_path: Path) -> None:
+def test_float_outer_leaves_the_shipped_full_models_last_resize(tmp_path: Path) -> None:
     bundle = MODELS_DIR / "t1w-to-t2w-full"
     counts = nhwc.rewrite_file(bundle / "model.fp32.onnx", tmp_path / "r.onnx",
                                        golden_inputs(bundle), float_outer=True)
     assert counts == {"resize": 3, "stem": 0, "head": 0}
 
 
-def test_a_rewrite_that_changes_the_function_is_refused(tmp_path: Path) -> None:
+def test_a_changed_rewrite_of_the_shipped_lite_graph_is_refused(tmp_path: Path) -> None:
     bundle = MODELS_DIR / "t1w-to-t2w-lite"
     model, _ = nhwc.rewrite(onnx.load(str(bundle / "model.fp32.onnx")))
     stem = next(n for n in model.graph.node if n.name == "nhwc_rewrite/stem/to_nhwc")
