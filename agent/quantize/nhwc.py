@@ -25,8 +25,9 @@ and what is left is cheap uint8 data movement:
 
 With one image channel (C = 1) the stem's and the head's Transposes are spelt in 4-D, rows
 of the image as the first axis, so that only one axis moves ([N H/s, s, W/s, s] <-> [N H/s,
-W/s, s, s]): onnxruntime's generic N-D Transpose took 0.4 ms for either 6-D one on a
-256 x 256 slice, its single-axis path 0.03-0.09 ms (2 threads, AVX2 kernels).
+W/s, s, s]): in lite 1.2's int8 graph onnxruntime's generic N-D Transpose took 0.16-0.21 ms
+for either 6-D one on a 256 x 256 slice, its single-axis path 0.02-0.03 ms (profiler, 2
+threads, AVX2 kernels).
 
 Data movement commutes with ReLU and the rest is pure indexing, so the rewritten graph
 computes the same function to the bit (``check_same``). Only the int8 file is built from
