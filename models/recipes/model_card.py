@@ -300,6 +300,11 @@ calibrated with MinMax on {quant["calibration_slices"]} evenly spaced training s
   few output channels reading many features is where the 2D model's 7-bit weights cost most
   once it is fine-tuned quantization-aware, and a float first conv costs a Transpose, a
   quantization and two layout reorders more.
+- `u8s8_pl`: 8-bit weights with limited pair sums (`agent/quantize/pair_weights.py`): any
+  two codes that the AVX2 kernel adds in one 16-bit lane sum to at most 128 in magnitude
+  (255 x 128 = 32640 fits), so it cannot saturate, while most weights keep 8 bits; each
+  bias absorbs the mean shift the limits cause. Every conv in int8, the outer level
+  included. `u8s8_pl_last`: the same with the head left in float.
 - `u8u8`: 8-bit unsigned weights. onnxruntime's u8u8 kernels widen both operands to 16 bits
   before they multiply, so they cannot saturate on any x86 CPU (checked under
   `qemu-x86_64 -cpu Haswell`, `make test-cpus`); slower than u8s8 where VNNI exists.

@@ -21,6 +21,13 @@ Weights int8 per channel; activations calibrated (MinMax) on training slices. Va
   tensor left in float (the outer level: its convs, the pool, the last resize and concat,
   the head). Those few-channel 256 x 256 layers are where int8 loses on CPUs without a dot
   product (scalar im2col and requantization around a small GEMM; models/README.md).
+- ``u8s8_pl``: 8-bit weights with limited pair sums (``agent.quantize.pair_weights``):
+  each two codes that the AVX2 kernel adds in one 16-bit lane sum to at most 128 in
+  magnitude, so no sum can saturate, and most weights keep 8 bits (per-channel scales
+  0.54-0.86 of ``reduce_range``'s on the reference models). Every conv in int8, the outer
+  level included, at the speed of ``u8s8``; each bias corrected for the mean shift its
+  weights' limits cause, from the calibration slices. ``u8s8_pl_last``: the same with the
+  head in float.
 - ``u8u8``: 8-bit unsigned weights (asymmetric, per channel). onnxruntime runs these on its
   u8u8 kernels, which widen both operands to 16 bits before multiplying (``vpmaddwd`` on
   AVX2), so no intermediate sum can saturate on any x86 CPU, and on ARM they run on the
@@ -83,7 +90,7 @@ from recipes.runtime import interleaved_latency_ms, json_on_avx2_kernels, make_s
 from recipes.timing import record_timing
 
 sys.path.insert(0, str(config.MODELS_DIR.parent))  # the agent's NHWC rewrite
-from agent.quantize import nhwc
+from agent.quantize import nhwc, pair_weights
 
 CALIBRATION_SLICES = 48
 SELECTION_DROP_DB = 0.1
@@ -99,12 +106,13 @@ class Variant:
     float_first_last: bool = False  # keep the first and the last conv in float
     float_last: bool = False  # keep the last conv in float
     float_outer: bool = False  # keep every node on a full-resolution tensor in float
+    pair_limited: bool = False  # 8-bit weights whose neighbour pairs sum to <= 128
 
     @property
     def saturation_safe(self) -> bool:
-        """True when no x86 int8 kernel can saturate: 7-bit weights, or unsigned weights
-        (which onnxruntime multiplies on 16-bit lanes)."""
-        return self.reduce_range or self.weight == QuantType.QUInt8
+        """True when no x86 int8 kernel can saturate: 7-bit weights, weights with limited
+        pair sums, or unsigned weights (which onnxruntime multiplies on 16-bit lanes)."""
+        return self.reduce_range or self.pair_limited or self.weight == QuantType.QUInt8
 
 
 VARIANTS = (
@@ -114,6 +122,9 @@ VARIANTS = (
     Variant("u8s8_rr_fl", QuantType.QUInt8, QuantType.QInt8, True, float_first_last=True),
     Variant("u8s8_rr_last", QuantType.QUInt8, QuantType.QInt8, True, float_last=True),
     Variant("u8s8_rr_outer", QuantType.QUInt8, QuantType.QInt8, True, float_outer=True),
+    Variant("u8s8_pl", QuantType.QUInt8, QuantType.QInt8, False, pair_limited=True),
+    Variant("u8s8_pl_last", QuantType.QUInt8, QuantType.QInt8, False, float_last=True,
+            pair_limited=True),
     Variant("u8u8", QuantType.QUInt8, QuantType.QUInt8, reduce_range=False),
     Variant("u8u8_fl", QuantType.QUInt8, QuantType.QUInt8, False, float_first_last=True),
 )
@@ -189,6 +200,13 @@ def build_variant(spec: config.ModelSpec, v: Variant, calib: np.ndarray) -> Path
         calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=exclude,
     )
+    if v.pair_limited:
+        model, source = onnx.load(str(out)), onnx.load(str(preprocessed))
+        pair_weights.limit_pairs(model, source, pair_weights.conv_input_means(source, calib))
+        if not pair_weights.pair_sums_within_limit(model):
+            raise SystemExit(f"{v.name}: a pair of weight codes over the limit after "
+                             "limit_pairs (a bug)")
+        onnx.save(model, str(out))
     return out
 
 

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 # tests of the shipped bundles are left out (DESELECT): the guard rows run the same check on
 # the same files, and under emulation they are the slowest third of these files.
 CELL_TESTS = ("tests/model/test_guard.py", "tests/backends/test_litert.py",
-              "tests/quantize/test_quantize.py", "tests/quantize/test_nhwc.py")
+              "tests/quantize/test_quantize.py", "tests/quantize/test_nhwc.py",
+              "tests/quantize/test_pair_weights.py")
 DESELECT = "not shipped"
 
 

@@ -1,0 +1,153 @@
+"""agent.quantize.pair_weights: 8-bit conv weights whose neighbour pairs cannot saturate
+x86's u8 x s8 kernels. Run on every CPU of ``make test-cpus``: under ``-cpu Haswell`` the
+kernel test below runs the saturating AVX2 kernel on a net built to overflow it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnxruntime.quantization import (  # noqa: E402
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from agent.quantize import pair_weights  # noqa: E402
+
+GRID = 32
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (16, 5, 3, 3), (3, 1, 3, 3), (4, 7, 1, 1),
+                                   (2, 1, 1, 1)])
+def test_codes_stay_within_the_pair_limit(shape: tuple[int, int, int, int]) -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.standard_t(3, shape)  # heavy tails: some pairs far over any fixed bound
+    codes, scales = pair_weights.limited_codes(weight)
+    oc, ic, kh, kw = shape
+    flat = codes.transpose(0, 2, 3, 1).reshape(oc, -1).astype(np.int32)
+    pairs = pair_weights.neighbour_pairs(kh, kw, ic)
+    assert codes.dtype == np.int8 and np.abs(flat).max() <= 127
+    assert pair_weights.max_pair_sum(flat, pairs) <= pair_weights.PAIR_LIMIT
+    # Both orders a kernel may pair in: along K = (kh, kw, ic), and channel pairs per position.
+    k = flat.shape[1] - flat.shape[1] % 2
+    assert (np.abs(flat[:, 0:k:2]) + np.abs(flat[:, 1:k:2])).max(initial=0) <= 128
+    per_position = np.abs(codes.transpose(0, 2, 3, 1).astype(np.int32))[..., : ic - ic % 2]
+    assert (per_position[..., 0::2] + per_position[..., 1::2]).max(initial=0) <= 128
+    assert scales.shape == (oc,) and (scales > 0).all()
+
+
+def test_finer_than_reduce_range() -> None:
+    """The point of it: for ordinary weights the error is well under 7-bit weights'."""
+    weight = np.random.default_rng(5).normal(0, 0.1, (32, 32, 3, 3))
+    codes, scales = pair_weights.limited_codes(weight)
+    err = ((codes * scales[:, None, None, None] - weight) ** 2).mean()
+    rr_scale = np.abs(weight).reshape(32, -1).max(axis=1)[:, None, None, None] / 64
+    rr_err = ((np.clip(np.round(weight / rr_scale), -64, 64) * rr_scale - weight) ** 2).mean()
+    assert err < 0.6 * rr_err
+
+
+def adversarial_net(path: Path) -> None:
+    """One 3x3 conv, 4 -> 2 channels, every weight positive and near the channel maximum:
+    on an all-ones input (activation code 255) two neighbouring products sum to about
+    255 x 250 in plain 8-bit codes, far over the 16-bit lane."""
+    rng = np.random.default_rng(11)
+    w = rng.uniform(0.8, 1.0, (2, 4, 3, 3)).astype(np.float32)
+    b = np.array([0.1, -0.1], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["output"], name="conv", pads=[1] * 4)],
+        "adversarial",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, GRID, GRID])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, GRID, GRID])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def inputs() -> np.ndarray:
+    rng = np.random.default_rng(13)
+    x = rng.uniform(0, 1, (4, 4, GRID, GRID)).astype(np.float32)
+    x[0] = 1.0  # every code 255
+    x[1, :, : GRID // 2] = 1.0
+    return x
+
+
+class Reader(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, x: np.ndarray) -> None:
+        self._it = iter(x)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        s = next(self._it, None)
+        return None if s is None else {"input": s[None]}
+
+
+def session(path: Path, optimised: bool) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    if not optimised:  # each QDQ group as dequantize -> float conv -> quantize
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run(path: Path, x: np.ndarray, optimised: bool = True) -> np.ndarray:
+    out: np.ndarray = session(path, optimised).run(None, {"input": x})[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("pairs")
+    fp32, plain, limited = root / "fp32.onnx", root / "u8s8.onnx", root / "u8s8_pl.onnx"
+    adversarial_net(fp32)
+    quantize_static(fp32, plain, Reader(inputs()), quant_format=QuantFormat.QDQ,
+                    per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    model = onnx.load(str(plain))
+    done = pair_weights.limit_pairs(model, onnx.load(str(fp32)))
+    assert [c.node for c in done] == ["conv"] and done[0].max_pair_sum <= 128
+    onnx.save(model, str(limited))
+    return fp32, plain, limited
+
+
+def weight_codes(path: Path) -> np.ndarray:
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    codes: np.ndarray = inits["w_quantized"]
+    return codes
+
+
+def test_the_net_overflows_plain_8_bit_codes(files: tuple[Path, Path, Path]) -> None:
+    """The control: without the rewrite, a kernel pairing products in 16 bits overflows."""
+    _, plain, limited = files
+    codes = weight_codes(plain).astype(np.int32).transpose(0, 2, 3, 1).reshape(2, -1)
+    pairs = pair_weights.neighbour_pairs(3, 3, 4)
+    assert 255 * pair_weights.max_pair_sum(codes, pairs) > 32767
+    assert not pair_weights.pair_sums_within_limit(onnx.load(str(plain)))
+    assert pair_weights.pair_sums_within_limit(onnx.load(str(limited)))
+
+
+def test_integer_kernels_compute_the_qdq_graph_on_this_cpu(
+        files: tuple[Path, Path, Path]) -> None:
+    """On this CPU's int8 kernels (AVX2's saturating pairs included) the rewritten file
+    gives what its QDQ graph means, to within the kernels' requantization rounding."""
+    _, _, limited = files
+    x = inputs()
+    kernels, reference = run(limited, x), run(limited, x, optimised=False)
+    step = float(np.abs(reference).max()) / 255
+    assert np.abs(kernels - reference).max() <= 1.01 * step
+
+
+def test_rewritten_file_stays_close_to_float(files: tuple[Path, Path, Path]) -> None:
+    """Scales and the int32 bias were requantized consistently: the output tracks fp32."""
+    fp32, _, limited = files
+    x = inputs()
+    want, got = run(fp32, x), run(limited, x, optimised=False)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 0.02
