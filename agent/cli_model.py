@@ -102,8 +102,8 @@ def add_quantize_parser(msub: argparse._SubParsersAction[argparse.ArgumentParser
     m.add_argument("--tflite", action="store_true",
                    help="also write model.int8.tflite (needs the convert extra)")
     m.add_argument("--target-cpu", choices=["host", "no-dot-product", "dot-product"],
-                   default="host", help="the CPUs that will serve it, for reduce_range "
-                   "(default: this host's /proc/cpuinfo)")
+                   default="host", help="the CPUs that will serve it: without int8 dot product "
+                   "the weights must be saturation-safe (default: this host's /proc/cpuinfo)")
     m.add_argument("--margin-db", type=float, default=3.0,
                    help="safety margin above the floor the build must reach (default 3)")
     m.add_argument("--golden", type=positive_int, default=4,

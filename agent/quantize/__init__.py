@@ -7,7 +7,8 @@ passes. See ``docs/quantize.md``.
 | ``run`` | wires the steps |
 | ``inputs`` | DICOMs -> model inputs, split into calibration and golden |
 | ``graph`` | the model against the contract; GMAC |
-| ``cpu`` | ``reduce_range`` or not, for the CPUs that will serve it |
+| ``cpu`` | saturation-safe weights or not, for the CPUs that will serve it |
+| ``pair_weights`` | 8-bit weights with limited pair sums, which cannot saturate |
 | ``nhwc`` | the exact NHWC rewrite the int8 graph is quantized from |
 | ``qdq`` | onnxruntime's static QDQ quantization |
 | ``session`` | options; a candidate judged with the guard |

@@ -1,11 +1,12 @@
-"""``reduce_range`` or not: does the CPU that will serve the model have int8 dot-product
-instructions?
+"""Saturation-safe weights or not: does the CPU that will serve the model have int8
+dot-product instructions?
 
 onnxruntime's x86 int8 kernels without VNNI (AVX2, AVX-512F) sum pairs of u8 x s8 products
-in 16 bits, which can saturate; 7-bit weights (``reduce_range``) cannot. x86 with
-``avx512_vnni`` / ``avx_vnni``, and ARM with the dot-product extension (``asimddp``), do
-not saturate, so they get full 8-bit weights. The host decides by default; an operator who
-quantizes on a workstation for a fleet of other CPUs says which kind the fleet is.
+in 16 bits, which can saturate; weights with limited pair sums (``pair_weights``) or 7-bit
+weights (``reduce_range``) cannot. x86 with ``avx512_vnni`` / ``avx_vnni``, and ARM with the
+dot-product extension (``asimddp``), do not saturate, so they get plain 8-bit weights. The
+host decides by default; an operator who quantizes on a workstation for a fleet of other
+CPUs says which kind the fleet is.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ X86 = ("x86_64", "amd64", "i686", "i386")
 
 
 @dataclass(frozen=True)
-class RangeDecision:
+class WeightsDecision:
     """The choice and the reason the report gives for it."""
 
-    reduce_range: bool
+    saturation_safe: bool  # weights that cannot saturate 16-bit pair sums
     target: str
     reason: str
 
@@ -46,16 +47,16 @@ def host_dot_product(cpuinfo: str | None, machine: str) -> tuple[bool | None, st
     return False, f"{kind} host without int8 dot-product instructions (VNNI / asimddp)"
 
 
-def decide_reduce_range(
+def decide_weights(
     target: str = "host", cpuinfo_path: Path = Path("/proc/cpuinfo"), machine: str | None = None
-) -> RangeDecision:
-    """``reduce_range`` for ``target`` (one of ``TARGETS``)."""
+) -> WeightsDecision:
+    """Whether the weights must be saturation-safe for ``target`` (one of ``TARGETS``)."""
     if target == "dot-product":
-        return RangeDecision(False, target, "--target-cpu dot-product: the fleet's CPUs have "
+        return WeightsDecision(False, target, "--target-cpu dot-product: the fleet's CPUs have "
                              "int8 dot-product instructions (VNNI / asimddp): 8-bit weights")
     if target == "no-dot-product":
-        return RangeDecision(True, target, "--target-cpu no-dot-product: 7-bit weights, which "
-                             "cannot saturate onnxruntime's 16-bit int8 sums")
+        return WeightsDecision(True, target, "--target-cpu no-dot-product: weights that cannot "
+                             "saturate onnxruntime's 16-bit int8 sums")
     if target != "host":
         raise ValueError(f"target CPU {target!r}: expected one of {', '.join(TARGETS)}")
     try:
@@ -64,11 +65,11 @@ def decide_reduce_range(
         text = None
     has_dot, seen = host_dot_product(text, machine or platform.machine())
     if has_dot is None:
-        return RangeDecision(True, target, f"{seen}: assuming no int8 dot-product, so 7-bit "
-                             "weights (reduce_range) to be safe; say --target-cpu dot-product "
+        return WeightsDecision(True, target, f"{seen}: assuming no int8 dot-product, so weights "
+                             "that cannot saturate, to be safe; say --target-cpu dot-product "
                              "if the fleet has VNNI / asimddp")
     if has_dot:
-        return RangeDecision(False, target, f"{seen}: 8-bit weights (for a fleet without "
+        return WeightsDecision(False, target, f"{seen}: 8-bit weights (for a fleet without "
                              "int8 dot-product, quantize with --target-cpu no-dot-product)")
-    return RangeDecision(True, target, f"{seen}: 7-bit weights (reduce_range), which cannot "
-                         "saturate onnxruntime's 16-bit int8 sums")
+    return WeightsDecision(True, target, f"{seen}: weights that cannot saturate "
+                         "onnxruntime's 16-bit int8 sums")

@@ -109,8 +109,8 @@ def limited_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def conv_input_means(float_model: onnx.ModelProto,
                      inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Per Conv node (by name): the mean of each of its input channels over ``inputs``
-    [N, C, H, W], run one at a time through ``float_model`` on onnxruntime."""
+    """Per Conv (by ``conv_key``): the mean of each of its input channels
+    over ``inputs`` [N, C, H, W], run one at a time through ``float_model`` on onnxruntime."""
     import onnxruntime as ort
 
     convs = [n for n in float_model.graph.node if n.op_type == "Conv"]
@@ -130,7 +130,13 @@ def conv_input_means(float_model: onnx.ModelProto,
         values = session.run(None, {feed: x[None].astype(np.float32)})
         for name, value in zip(names, values, strict=True):
             sums[name] = sums.get(name, 0) + np.asarray(value, np.float64).mean(axis=(0, 2, 3))
-    return {c.name: sums[c.input[0]] / len(inputs) for c in convs}
+    return {conv_key(c): sums[c.input[0]] / len(inputs) for c in convs}
+
+
+def conv_key(conv: onnx.NodeProto) -> str:
+    """How a float Conv is matched to its quantized self: its name (``quantize_static``
+    keeps names), else its weight's."""
+    return conv.name or conv.input[1]
 
 
 def symmetric(dequantize: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
@@ -149,6 +155,9 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
     absorbs the mean shift its weights' rounding and pair limits cause (bias correction):
     ``sum((w - w_q) * mean(input channel))``, the border's zero padding aside."""
     floats = {t.name: t for t in float_model.graph.initializer}
+    float_convs = [n for n in float_model.graph.node if n.op_type == "Conv"]
+    by_name = {n.name: n for n in float_convs if n.name}
+    by_weight = {n.input[1]: n for n in float_convs}
     inits = {t.name: t for t in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
     done: list[LimitedConv] = []
@@ -159,10 +168,12 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
         if not symmetric(w_dq, inits):
             raise ValueError(f"{node.name}: weights with a zero point other than 0; "
                              "limit_pairs needs symmetric int8 weights")
-        name = w_dq.input[0].removesuffix("_quantized")
-        weight = numpy_helper.to_array(floats[name])
+        source = by_name.get(node.name) or by_weight.get(w_dq.input[0].removesuffix("_quantized"))
+        if source is None:
+            raise ValueError(f"{node.name}: no Conv of the float model matches it")
+        weight = numpy_helper.to_array(floats[source.input[1]])
         rr_scale = np.maximum(np.abs(weight).reshape(len(weight), -1).max(axis=1), 1e-30) / 64
-        means = None if input_means is None else input_means.get(node.name)
+        means = None if input_means is None else input_means.get(conv_key(source))
         codes, scales = limited_codes(weight)
         inits[w_dq.input[0]].CopyFrom(numpy_helper.from_array(codes, w_dq.input[0]))
         inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(scales, w_dq.input[1]))
@@ -170,7 +181,7 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
             x_dq, b_dq = producer[node.input[0]], producer[node.input[2]]
             x_scale = numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float64)
             b_scale = (x_scale * scales.astype(np.float64)).astype(np.float32)
-            bias = numpy_helper.to_array(floats[b_dq.input[0].removesuffix("_quantized")])
+            bias = numpy_helper.to_array(floats[source.input[2]])
             if means is not None:
                 lost = weight.astype(np.float64) - codes * scales[:, None, None, None]
                 bias = bias + (lost.sum(axis=(2, 3)) * means).sum(axis=1)
@@ -182,6 +193,17 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
             node.name, round(float(np.median(scales / rr_scale)), 3),
             max_pair_sum(codes.transpose(0, 2, 3, 1).reshape(oc, -1), neighbour_pairs(kh, kw, ic))))
     return done
+
+
+def weights_outside_conv(model: onnx.ModelProto) -> list[str]:
+    """Nodes other than Conv that read int8 weights (a DequantizeLinear of an initializer):
+    ``limit_pairs`` does not rewrite them, so a model with any is not safe through it."""
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    weights = {n.output[0] for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in int8}
+    return [n.name or n.op_type for n in model.graph.node
+            if n.op_type not in ("Conv", "QuantizeLinear", "DequantizeLinear")
+            and any(i in weights for i in n.input)]
 
 
 def pair_sums_within_limit(model: onnx.ModelProto) -> bool:

@@ -78,7 +78,7 @@ def render_table(report: dict[str, Any]) -> str:
     final = f["final"]
     lines = [
         f"bundle {report['bundle']['name']} {report['bundle']['version']}: int8 QDQ, "
-        f"reduce_range={q['reduce_range']} ({q['reduce_range_reason']})",
+        f"weights {q['weight_codes']} ({q['weights_reason']})",
         f"data: {d['files_seen']} file(s), {d['usable_inputs']} usable, "
         f"{d['calibration_inputs']} calibration, {d['golden_inputs']} golden (held out)",
     ]
@@ -142,7 +142,7 @@ normalised by the {i.normalisation.percentile:g}th percentile, clipped to \
 ## Quantization
 
 * onnxruntime static quantization, {q['format']}: activations {q['activations']}, weights
-  {q['weights']}; reduce_range = {q['reduce_range']} ({q['reduce_range_reason']}).
+  {q['weights']}, {q['weight_codes']} ({q['weights_reason']}).
 * Calibrated on {d['calibration_inputs']} input(s) from the operator's DICOMs; the
   {d['golden_inputs']} golden input(s) were held out from calibration.
 * Nodes kept in float (sensitivity pass): {float_nodes}.

@@ -29,7 +29,7 @@ import numpy as np
 from agent import __version__
 from agent.model.bundle import sha256_file
 from agent.model.contract import load_contract
-from agent.quantize.cpu import decide_reduce_range
+from agent.quantize.cpu import decide_weights
 from agent.quantize.domain import build_domain_reference
 from agent.quantize.errors import BadInput, FloorNotReached, require_onnx
 from agent.quantize.graph import check_against_contract, count_gmac, load_onnx, quantized_nodes
@@ -151,7 +151,7 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
     prepare_out(options.out, options.force)
     model = load_onnx(options.fp32)
     facts = check_against_contract(model, contract, f"--fp32 {options.fp32.name}")
-    decision = decide_reduce_range(options.target_cpu)
+    decision = decide_weights(options.target_cpu)
     with tempfile.TemporaryDirectory(prefix="iomt-quantize-") as tmp:
         s = Session(options, contract, Path(tmp), progress)
         report: dict[str, Any] = {
@@ -162,9 +162,8 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
                       "input": [facts.input_name, list(facts.input_shape)],
                       "output": [facts.output_name, list(facts.output_shape)],
                       "gmac": count_gmac(model, contract)},
-            "quantization": {**SETTINGS, "reduce_range": decision.reduce_range,
-                             "target_cpu": decision.target, "reduce_range_reason":
-                             decision.reason},
+            "quantization": {**SETTINGS, "saturation_safe": decision.saturation_safe,
+                             "target_cpu": decision.target, "weights_reason": decision.reason},
             "sensitivity": {"ran": False},
         }
         del model
@@ -187,7 +186,7 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
         np.savez(s.work / "check.npz", input=check_x, reference_output=check_y)
 
         q = Quantizer(options.fp32, s.work, contract.input.tensor_name, calib,
-                      reduce_range=decision.reduce_range)
+                      saturation_safe=decision.saturation_safe)
         t = time.perf_counter()
         with progress.stage("pre-process"):
             report["quantization"]["pre_process"] = q.pre_process()
@@ -196,6 +195,8 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
         with progress.stage("calibrate + quantize", len(calib)) as stage:
             first_path = q.quantize(s.work / "candidate-0.onnx", (), stage.tick)
         s.timed("calibrate_quantize", t)
+        report["quantization"] |= {"reduce_range": q.reduce_range,
+                                   "weight_codes": q.weights_note()}
         first = s.judge(first_path, [])
         floor, margin = contract.fidelity.min_psnr_db, options.margin_db
         target = s.target = floor + margin

@@ -151,3 +151,49 @@ def test_rewritten_file_stays_close_to_float(files: tuple[Path, Path, Path]) -> 
     want, got = run(fp32, x), run(limited, x, optimised=False)
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel < 0.02
+
+
+def conv_matmul_net(path: Path) -> None:
+    """A 3x3 conv, then a MatMul with a weight over the last axis: int8 weights outside Conv,
+    which ``limit_pairs`` does not rewrite."""
+    rng = np.random.default_rng(17)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+         helper.make_node("MatMul", ["c", "m"], ["output"], name="mix")],
+        "conv_matmul",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, GRID, GRID])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1, GRID, GRID])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (1, 1, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(1, np.float32), "b"),
+         numpy_helper.from_array(rng.normal(0, 0.2, (GRID, GRID)).astype(np.float32), "m")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_operator_quantizer_limits_pairs_or_falls_back_to_reduce_range(tmp_path: Path) -> None:
+    """``model quantize`` for a fleet without dot product: pair-limited 8-bit weights where
+    every int8 weight is a Conv's, 7-bit weights (reduce_range) where one is not."""
+    from agent.quantize.qdq import Quantizer
+
+    calib = list(inputs()[:, :1])
+    adversarial = tmp_path / "conv.onnx"
+    adversarial_net(adversarial)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    q = Quantizer(adversarial, tmp_path / "a", "input", list(inputs()), saturation_safe=True)
+    q.pre_process()
+    out = onnx.load(str(q.quantize(tmp_path / "conv.int8.onnx")))
+    assert q.pair_limited is True and q.reduce_range is False
+    assert pair_weights.pair_sums_within_limit(out) and "pair" in q.weights_note()
+
+    mixed = tmp_path / "mixed.onnx"
+    conv_matmul_net(mixed)
+    q = Quantizer(mixed, tmp_path / "b", "input", calib, saturation_safe=True)
+    q.pre_process()
+    out = onnx.load(str(q.quantize(tmp_path / "mixed.int8.onnx")))
+    assert q.pair_limited is False and q.reduce_range is True
+    assert "reduce_range" in q.weights_note()
+    assert pair_weights.weights_outside_conv(out) == ["mix"]
+    q = Quantizer(mixed, tmp_path / "b", "input", calib, saturation_safe=False)
+    assert q.reduce_range is False and q.weights_note() == "8-bit"

@@ -62,7 +62,7 @@ def test_quantize_end_to_end(tmp_path: Path, dicoms: Path,
     assert sum(data["skipped"].values()) == 2 and data["skipped"]["not_dicom"] >= 1
     assert {s["reason"] for s in data["skipped_files"]} == set(data["skipped"])
     assert report["float_nodes"] == [] and report["guard"]["onnxruntime"]["ok"]
-    assert report["quantization"]["reduce_range_reason"]
+    assert report["quantization"]["weights_reason"] and report["quantization"]["weight_codes"]
     assert {e["node"] for e in report["per_layer"]} >= {"conv1", "fragile", "conv3"}
     final = report["fidelity"]["final"]
     assert final["worst_psnr_db"] >= 33.0 and len(final["inputs"]) == 4
@@ -93,7 +93,11 @@ def test_sensitivity_pass_keeps_fragile_node_in_float(tmp_path: Path, dicoms: Pa
     assert report["fidelity"]["all_int8"]["golden_worst_psnr_db"] < 30.0
     assert report["float_nodes"] == ["fragile"]
     assert report["sensitivity"]["ranking"][0]["node"] == "fragile"
-    assert report["quantization"]["reduce_range"] is True
+    # Saturation-safe weights for that fleet: 8-bit codes with limited pair sums (every int8
+    # weight here is a Conv's), not reduce_range's 7 bits.
+    assert report["quantization"]["saturation_safe"] is True
+    assert report["quantization"]["reduce_range"] is False
+    assert "limited pair sums" in report["quantization"]["weight_codes"]
     assert verify_bundle(out, intra_op_threads=1).ok
     served = onnx.load(str(out / "model.int8.onnx")).graph
     inputs = {i for n in served.node if n.name == "fragile" for i in n.input}
@@ -150,21 +154,21 @@ def test_split_is_deterministic_and_disjoint() -> None:
     assert 0 not in split.golden and 29 not in split.golden  # held out from inside the range
 
 
-@pytest.mark.parametrize(("text", "machine", "reduce"), [
+@pytest.mark.parametrize(("text", "machine", "safe"), [
     ("flags\t: fpu sse2 avx2 fma\n", "x86_64", True),
     ("flags\t: fpu sse2 avx2 avx512f avx512_vnni\n", "x86_64", False),
     ("flags\t: fpu sse2 avx2 avx_vnni\n", "x86_64", False),
     ("Features\t: fp asimd evtstrm crc32 cpuid\n", "aarch64", True),
     ("Features\t: fp asimd asimddp crc32\n", "aarch64", False),
 ])
-def test_reduce_range_follows_the_cpu(tmp_path: Path, text: str, machine: str,
-                                      reduce: bool) -> None:
+def test_safe_weights_follow_the_cpu(tmp_path: Path, text: str, machine: str,
+                                     safe: bool) -> None:
     (tmp_path / "cpuinfo").write_text(text)
-    decision = cpu.decide_reduce_range("host", tmp_path / "cpuinfo", machine)
-    assert decision.reduce_range is reduce and decision.reason
-    assert cpu.decide_reduce_range("host", tmp_path / "missing", machine).reduce_range
-    assert cpu.decide_reduce_range("dot-product").reduce_range is False
-    assert cpu.decide_reduce_range("no-dot-product").reduce_range is True
+    decision = cpu.decide_weights("host", tmp_path / "cpuinfo", machine)
+    assert decision.saturation_safe is safe and decision.reason
+    assert cpu.decide_weights("host", tmp_path / "missing", machine).saturation_safe
+    assert cpu.decide_weights("dot-product").saturation_safe is False
+    assert cpu.decide_weights("no-dot-product").saturation_safe is True
 
 
 def test_tflite_without_converter_fails_up_front(tmp_path: Path, dicoms: Path,
