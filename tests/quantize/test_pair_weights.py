@@ -23,6 +23,7 @@ from onnxruntime.quantization import (  # noqa: E402
 from agent.quantize import pair_weights  # noqa: E402
 
 GRID = 32
+CHANNELS = 5
 
 
 @pytest.mark.parametrize("shape", [(8, 4, 3, 3), (16, 5, 3, 3), (3, 1, 3, 3), (4, 7, 1, 1),
@@ -55,16 +56,20 @@ def test_finer_than_reduce_range() -> None:
 
 
 def adversarial_net(path: Path) -> None:
-    """One 3x3 conv, 4 -> 2 channels, every weight positive and near the channel maximum:
-    on an all-ones input (activation code 255) two neighbouring products sum to about
-    255 x 250 in plain 8-bit codes, far over the 16-bit lane."""
+    """One 3x3 conv, 5 -> 2 channels (odd, as full's first conv), every weight positive:
+    near the channel maximum on even input channels, small on odd ones. On an all-ones input
+    (activation code 255) neighbouring products overflow the 16-bit lane in plain 8-bit
+    codes; the big-small pattern also makes any other pairing order than the one assumed
+    (e.g. along kernel positions) pair two big codes, so the kernel test below would see it."""
     rng = np.random.default_rng(11)
-    w = rng.uniform(0.8, 1.0, (2, 4, 3, 3)).astype(np.float32)
+    w = rng.uniform(0.0, 0.05, (2, CHANNELS, 3, 3)).astype(np.float32)
+    w[:, 0::2] = rng.uniform(0.8, 1.0, (2, (CHANNELS + 1) // 2, 3, 3))
     b = np.array([0.1, -0.1], np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w", "b"], ["output"], name="conv", pads=[1] * 4)],
         "adversarial",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, GRID, GRID])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                       ["N", CHANNELS, GRID, GRID])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, GRID, GRID])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -74,7 +79,7 @@ def adversarial_net(path: Path) -> None:
 
 def inputs() -> np.ndarray:
     rng = np.random.default_rng(13)
-    x = rng.uniform(0, 1, (4, 4, GRID, GRID)).astype(np.float32)
+    x = rng.uniform(0, 1, (4, CHANNELS, GRID, GRID)).astype(np.float32)
     x[0] = 1.0  # every code 255
     x[1, :, : GRID // 2] = 1.0
     return x
@@ -127,7 +132,7 @@ def test_the_net_overflows_plain_8_bit_codes(files: tuple[Path, Path, Path]) -> 
     """The control: without the rewrite, a kernel pairing products in 16 bits overflows."""
     _, plain, limited = files
     codes = weight_codes(plain).astype(np.int32).transpose(0, 2, 3, 1).reshape(2, -1)
-    pairs = pair_weights.neighbour_pairs(3, 3, 4)
+    pairs = pair_weights.neighbour_pairs(3, 3, CHANNELS)
     assert 255 * pair_weights.max_pair_sum(codes, pairs) > 32767
     assert not pair_weights.pair_sums_within_limit(onnx.load(str(plain)))
     assert pair_weights.pair_sums_within_limit(onnx.load(str(limited)))
