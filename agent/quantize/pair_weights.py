@@ -17,7 +17,8 @@ scale with the least squared weight error wins. The scales come out at 0.54-0.86
 ``reduce_range``'s (1.2-1.8x finer) on the reference models. Since the limits shrink
 codes, each bias can absorb the mean shift they cause, from the mean of each input channel
 over calibration inputs (``conv_input_means``). On every CPU the integer kernels then
-compute what the QDQ graph says, to the bit where the AVX2 kernel would otherwise saturate.
+give the same output as exact (VNNI) kernels: the same to the bit on the reference full
+model, where plain 8-bit codes saturate.
 
 It rewrites a QDQ file from ``quantize_static`` with symmetric int8 weights per output
 channel: the weight codes and scales of every Conv, and its int32 bias, requantized on
@@ -103,6 +104,7 @@ def limited_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         err = ((q * scale[:, None] - v) ** 2).sum(axis=1)
         better = err < best_err
         best_err[better], best_scale[better], best_q[better] = err[better], scale[better], q[better]
+    best_scale[a.max(axis=1) == 0] = 1.0  # an all-zero channel: codes 0, any scale
     codes = best_q.reshape(oc, kh, kw, ic).transpose(0, 3, 1, 2).astype(np.int8)
     return codes, best_scale.astype(np.float32)
 
@@ -153,7 +155,11 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
 
     With ``input_means`` (``conv_input_means`` over the calibration inputs), each bias
     absorbs the mean shift its weights' rounding and pair limits cause (bias correction):
-    ``sum((w - w_q) * mean(input channel))``, the border's zero padding aside."""
+    ``sum((w - w_q) * mean(input channel))``, the border's zero padding aside; grouped convs
+    are left uncorrected. Raises ``ValueError`` for a graph it does not cover (a conv that is
+    not 2-D, weights not per channel or not symmetric, a bias that is not a quantized
+    initializer or does not fit int32); a Conv may then be half rewritten, so the caller
+    drops the model."""
     floats = {t.name: t for t in float_model.graph.initializer}
     float_convs = [n for n in float_model.graph.node if n.op_type == "Conv"]
     by_name = {n.name: n for n in float_convs if n.name}
@@ -165,29 +171,46 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
         w_dq = producer.get(node.input[1])
         if w_dq is None or w_dq.op_type != "DequantizeLinear":
             continue  # left in float
-        if not symmetric(w_dq, inits):
-            raise ValueError(f"{node.name}: weights with a zero point other than 0; "
-                             "limit_pairs needs symmetric int8 weights")
+        where = node.name or node.input[1]
         source = by_name.get(node.name) or by_weight.get(w_dq.input[0].removesuffix("_quantized"))
-        if source is None:
-            raise ValueError(f"{node.name}: no Conv of the float model matches it")
+        if source is None or source.input[1] not in floats:
+            raise ValueError(f"{where}: no Conv of the float model with an initializer weight "
+                             "matches it")
         weight = numpy_helper.to_array(floats[source.input[1]])
+        old_codes = inits.get(w_dq.input[0])
+        if (weight.ndim != 4 or old_codes is None or old_codes.data_type != onnx.TensorProto.INT8
+                or w_dq.input[1] not in inits
+                or numpy_helper.to_array(inits[w_dq.input[1]]).shape != (len(weight),)):
+            raise ValueError(f"{where}: limit_pairs needs a 2-D conv with int8 weights "
+                             "quantized per output channel")
+        if not symmetric(w_dq, inits):
+            raise ValueError(f"{where}: weights with a zero point other than 0; "
+                             "limit_pairs needs symmetric int8 weights")
         rr_scale = np.maximum(np.abs(weight).reshape(len(weight), -1).max(axis=1), 1e-30) / 64
-        means = None if input_means is None else input_means.get(conv_key(source))
+        grouped = any(a.name == "group" and a.i != 1 for a in node.attribute)
+        means = None if input_means is None or grouped else input_means.get(conv_key(source))
         codes, scales = limited_codes(weight)
-        inits[w_dq.input[0]].CopyFrom(numpy_helper.from_array(codes, w_dq.input[0]))
-        inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(scales, w_dq.input[1]))
         if len(node.input) > 2 and node.input[2]:
-            x_dq, b_dq = producer[node.input[0]], producer[node.input[2]]
+            x_dq, b_dq = producer.get(node.input[0]), producer.get(node.input[2])
+            if (x_dq is None or b_dq is None or b_dq.op_type != "DequantizeLinear"
+                    or x_dq.input[1] not in inits or b_dq.input[0] not in inits
+                    or len(source.input) < 3 or source.input[2] not in floats):
+                raise ValueError(f"{where}: its bias is not a quantized initializer")
             x_scale = numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float64)
             b_scale = (x_scale * scales.astype(np.float64)).astype(np.float32)
-            bias = numpy_helper.to_array(floats[source.input[2]])
+            bias = numpy_helper.to_array(floats[source.input[2]]).astype(np.float64)
             if means is not None:
                 lost = weight.astype(np.float64) - codes * scales[:, None, None, None]
                 bias = bias + (lost.sum(axis=(2, 3)) * means).sum(axis=1)
-            b_codes = np.round(bias.astype(np.float64) / b_scale).astype(np.int32)
+            b_real = np.round(bias / b_scale)
+            if np.abs(b_real).max(initial=0) > np.iinfo(np.int32).max:
+                raise ValueError(f"{where}: its bias does not fit int32 codes on the limited "
+                                 "weight scales")
+            b_codes = b_real.astype(np.int32)
             inits[b_dq.input[0]].CopyFrom(numpy_helper.from_array(b_codes, b_dq.input[0]))
             inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(b_scale, b_dq.input[1]))
+        inits[w_dq.input[0]].CopyFrom(numpy_helper.from_array(codes, w_dq.input[0]))
+        inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(scales, w_dq.input[1]))
         oc, ic, kh, kw = codes.shape
         done.append(LimitedConv(
             node.name, round(float(np.median(scales / rr_scale)), 3),

@@ -195,8 +195,6 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
         with progress.stage("calibrate + quantize", len(calib)) as stage:
             first_path = q.quantize(s.work / "candidate-0.onnx", (), stage.tick)
         s.timed("calibrate_quantize", t)
-        report["quantization"] |= {"reduce_range": q.reduce_range,
-                                   "weight_codes": q.weights_note()}
         first = s.judge(first_path, [])
         floor, margin = contract.fidelity.min_psnr_db, options.margin_db
         target = s.target = floor + margin
@@ -208,6 +206,8 @@ def quantize_bundle(options: QuantizeOptions, progress: Progress | None = None) 
             chosen, errors = _sensitivity(s, q, first, list(check_x), target, report)
         report["float_nodes"] = chosen.float_nodes
         report["quantization"]["calibration_runs"] = q.calibrations
+        report["quantization"] |= {"reduce_range": q.reduce_range,
+                                   "weight_codes": q.weights_note()}
         if options.per_layer:
             if chosen is not first or not errors:
                 t = time.perf_counter()

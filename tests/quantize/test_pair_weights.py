@@ -142,11 +142,29 @@ def test_integer_kernels_compute_the_qdq_graph_on_this_cpu(
         files: tuple[Path, Path, Path]) -> None:
     """On this CPU's int8 kernels (AVX2's saturating pairs included) the rewritten file
     gives what its QDQ graph means, to within the kernels' requantization rounding."""
-    _, _, limited = files
+    _, plain, limited = files
     x = inputs()
     kernels, reference = run(limited, x), run(limited, x, optimised=False)
     step = float(np.abs(reference).max()) / 255
     assert np.abs(kernels - reference).max() <= 1.01 * step
+    if saturating_x86_kernels():  # the control: here the plain codes do overflow
+        off = np.abs(run(plain, x) - run(plain, x, optimised=False)).max()
+        assert off > 10 * step
+
+
+def saturating_x86_kernels() -> bool:
+    """An x86 CPU (or the AVX2 kernels forced) without VNNI, as this process reads it;
+    under qemu the host's flags show through, so emulated Haswell is not recognised."""
+    import platform
+
+    from agent.quantize.cpu import host_dot_product
+
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    has_dot, _ = host_dot_product(text, platform.machine())
+    return platform.machine().lower() in ("x86_64", "amd64") and has_dot is False
 
 
 def test_rewritten_file_stays_close_to_float(files: tuple[Path, Path, Path]) -> None:
@@ -202,3 +220,56 @@ def test_operator_quantizer_limits_pairs_or_falls_back_to_reduce_range(tmp_path:
     assert pair_weights.weights_outside_conv(out) == ["mix"]
     q = Quantizer(mixed, tmp_path / "b", "input", calib, saturation_safe=False)
     assert q.reduce_range is False and q.weights_note() == "8-bit"
+
+
+def test_bias_is_requantized_on_the_new_scales(files: tuple[Path, Path, Path]) -> None:
+    """Without bias correction the int32 bias dequantizes to the float bias within half a
+    step of its new scale (input scale x the limited weight scale)."""
+    fp32, _, limited = files
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(limited)).graph.initializer}
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp32)).graph.initializer}
+    codes, scale = inits["b_quantized"], inits["b_quantized_scale"]
+    assert codes.dtype == np.int32
+    np.testing.assert_allclose(scale, inits["input_scale"] * inits["w_scale"], rtol=1e-6)
+    assert (np.abs(codes * scale.astype(np.float64) - floats["b"]) <= scale / 2 + 1e-12).all()
+
+
+def test_an_all_zero_channel_keeps_a_usable_scale() -> None:
+    weight = np.random.default_rng(2).normal(0, 0.3, (3, 4, 3, 3))
+    weight[1] = 0.0
+    codes, scales = pair_weights.limited_codes(weight)
+    assert not codes[1].any() and scales[1] == 1.0  # a bias on it still fits int32 codes
+    assert np.isfinite(scales).all() and (scales[[0, 2]] < 1.0).all()
+
+
+def depthwise_net(path: Path) -> None:
+    rng = np.random.default_rng(19)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["output"], name="dw", pads=[1] * 4,
+                          group=CHANNELS)],
+        "depthwise",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                       ["N", CHANNELS, GRID, GRID])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT,
+                                       ["N", CHANNELS, GRID, GRID])],
+        [numpy_helper.from_array(rng.uniform(0.5, 1.0, (CHANNELS, 1, 3, 3)).astype(np.float32),
+                                 "w"),
+         numpy_helper.from_array(np.full(CHANNELS, 0.2, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_grouped_convs_are_limited_and_left_uncorrected(tmp_path: Path) -> None:
+    fp32, q8 = tmp_path / "dw.onnx", tmp_path / "dw.int8.onnx"
+    depthwise_net(fp32)
+    quantize_static(fp32, q8, Reader(inputs()), quant_format=QuantFormat.QDQ,
+                    per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    model, source = onnx.load(str(q8)), onnx.load(str(fp32))
+    pair_weights.limit_pairs(model, source, pair_weights.conv_input_means(source, inputs()))
+    assert pair_weights.pair_sums_within_limit(model)
+    onnx.save(model, str(q8))
+    x = inputs()
+    want, got = run(fp32, x), run(q8, x, optimised=False)
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.02
