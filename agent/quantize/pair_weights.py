@@ -63,6 +63,12 @@ def max_pair_sum(codes: np.ndarray, pairs: np.ndarray) -> int:
     return int((a[:, pairs[:, 0]] + a[:, pairs[:, 1]]).max(initial=0))
 
 
+def filter_max_pair_sum(codes: np.ndarray) -> int:
+    """``max_pair_sum`` of a conv's codes as stored, [OC, IC, KH, KW]."""
+    oc, ic, kh, kw = codes.shape
+    return max_pair_sum(codes.transpose(0, 2, 3, 1).reshape(oc, -1), neighbour_pairs(kh, kw, ic))
+
+
 def project(target: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Integer codes [OC, K] near ``target`` (real, in code units) with every code within
     ``CODE_LIMIT`` and every pair sum within ``PAIR_LIMIT``: of two codes over the limit,
@@ -211,10 +217,8 @@ def limit_pairs(model: onnx.ModelProto, float_model: onnx.ModelProto,
             inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(b_scale, b_dq.input[1]))
         inits[w_dq.input[0]].CopyFrom(numpy_helper.from_array(codes, w_dq.input[0]))
         inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(scales, w_dq.input[1]))
-        oc, ic, kh, kw = codes.shape
-        done.append(LimitedConv(
-            node.name, round(float(np.median(scales / rr_scale)), 3),
-            max_pair_sum(codes.transpose(0, 2, 3, 1).reshape(oc, -1), neighbour_pairs(kh, kw, ic))))
+        done.append(LimitedConv(node.name, round(float(np.median(scales / rr_scale)), 3),
+                                filter_max_pair_sum(codes)))
     return done
 
 
@@ -241,8 +245,6 @@ def pair_sums_within_limit(model: onnx.ModelProto) -> bool:
         codes = numpy_helper.to_array(inits[w_dq.input[0]])
         if codes.dtype != np.int8 or not symmetric(w_dq, inits):
             return False
-        oc, ic, kh, kw = codes.shape
-        flat = codes.transpose(0, 2, 3, 1).reshape(oc, -1)
-        if max_pair_sum(flat, neighbour_pairs(kh, kw, ic)) > PAIR_LIMIT:
+        if filter_max_pair_sum(codes) > PAIR_LIMIT:
             return False
     return True
