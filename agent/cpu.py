@@ -174,6 +174,28 @@ def _arm_int8(features: set[str], fp32: int) -> tuple[list[str], int, str | None
             "128-bit instruction, 2x the fp32 rate")
 
 
+# x86 cores with one vector integer multiply pipe (VPMADDUBSW, VPMADDWD); from Skylake and
+# Zen 3 on there are two. Intel: family 6 model numbers; AMD: family 0x17.
+_INTEL_ONE_MULTIPLIER = {0x3C: "Haswell", 0x3F: "Haswell", 0x45: "Haswell", 0x46: "Haswell",
+                         0x3D: "Broadwell", 0x47: "Broadwell", 0x4F: "Broadwell",
+                         0x56: "Broadwell"}
+
+
+def _one_vector_multiplier(block: dict[str, str]) -> str | None:
+    """The core's name when it has one vector integer multiplier, else None."""
+    try:
+        family, model = int(block.get("cpu family", "")), int(block.get("model", ""))
+    except ValueError:
+        return None
+    vendor = block.get("vendor_id", "")
+    if vendor == "GenuineIntel" and family == 6:
+        name = _INTEL_ONE_MULTIPLIER.get(model)
+        return f"Intel {name}" if name else None
+    if vendor in ("AuthenticAMD", "HygonGenuine") and family == 0x17:
+        return "AMD Zen / Zen+ / Zen 2 (family 17h)"
+    return None
+
+
 def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
              allowed: set[int] | None = None, machine: str = "",
              board: str | None = None, avx2_kernels: bool = False) -> CpuInfo:
@@ -245,6 +267,13 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
     if forced:
         words = {w for w in words if not w.startswith(("avx512", "avx_vnni", "amx"))}
     isa, fp32, int8, dot, why = _x86_isa(words)
+    one_pipe = _one_vector_multiplier(first)
+    if dot is None and one_pipe is not None:
+        int8 = fp32
+        why = [w for w in why if not w.startswith("int8 without VNNI")]
+        why.append(f"int8 without VNNI on {one_pipe}: one vector integer multiplier, and "
+                   "VPMADDUBSW + VPMADDWD are two multiplies per 32 MACs, so int8 peaks "
+                   "at the fp32 rate; int8 gains only in bytes moved")
     if forced:
         isa = (*isa, "AVX2 kernels forced")
         why.append("AVX2 kernels forced (bench/avx2_kernels.py): the runtimes run with "

@@ -151,3 +151,33 @@ def test_a_zero_cpu_mhz_is_not_a_clock() -> None:
     assert cpu.groups[0].ghz == 2.0 and "BogoMIPS" in cpu.clock_source
     cpu = identify(text.replace("bogomips\t: 4000.00\n", ""), machine="x86_64")
     assert cpu.groups[0].ghz is None and estimate_peak(cpu).fp32_gmacs is None
+
+
+def _with_family(text: str, vendor: str, family: int, model: int) -> str:
+    return (text.replace("vendor_id\t: GenuineIntel", f"vendor_id\t: {vendor}")
+            .replace("cpu family\t: 6", f"cpu family\t: {family}\nmodel\t\t: {model}"))
+
+
+@pytest.mark.parametrize(("vendor", "family", "model", "one_pipe"), [
+    ("AuthenticAMD", 0x17, 0x31, True),  # Zen 2 (EPYC Rome)
+    ("AuthenticAMD", 0x19, 0x01, False),  # Zen 3 (EPYC Milan)
+    ("GenuineIntel", 6, 0x3F, True),  # Haswell-EP
+    ("GenuineIntel", 6, 0x9E, False),  # Coffee Lake: two multipliers, as Skylake
+])
+def test_avx2_cores_with_one_vector_multiplier_peak_int8_at_the_fp32_rate(
+        vendor: str, family: int, model: int, one_pipe: bool) -> None:
+    text = _with_family(x86_cpuinfo("EPYC or Xeon", HASWELL_FLAGS, cores=2,
+                                    threads_per_core=1), vendor, family, model)
+    cpu = identify(text, max_khz=dict.fromkeys(range(2), 2000000), machine="x86_64")
+    group = cpu.groups[0]
+    assert group.fp32_macs == 16
+    assert group.int8_macs == (16 if one_pipe else 32)
+    assert any("one vector integer multiplier" in a for a in cpu.assumptions) == one_pipe
+    from agent.model.choice import cpu_why
+    assert ("one vector integer multiplier" in cpu_why(cpu)) == one_pipe
+
+
+def test_avx512_vnni_is_not_downgraded_by_family() -> None:
+    text = _with_family(x86_cpuinfo("Xeon", CASCADE_LAKE_FLAGS, cores=2, threads_per_core=1),
+                        "GenuineIntel", 6, 0x3F)
+    assert identify(text, machine="x86_64").groups[0].int8_macs == 128

@@ -167,6 +167,11 @@ def cpu_why(cpu: CpuInfo | None) -> str:
     if cpu is None:
         return "the CPU could not be identified"
     isa = ", ".join(cpu.isa) or cpu.arch or "unknown ISA"
+    if cpu.int8_dot is None and cpu.groups and all(g.int8_macs <= g.fp32_macs
+                                                   for g in cpu.groups):
+        return (f"this CPU has no int8 dot product ({isa}) and one vector integer "
+                "multiplier, so int8 MACs run at the fp32 rate at best: int8 gains only "
+                "in bytes moved, less than quantize steps cost")
     if cpu.int8_dot is None:
         return (f"this CPU has no int8 dot product ({isa}), so int8 MACs are at best 2x the "
                 "fp32 rate, less than quantize steps and memory traffic cost")
