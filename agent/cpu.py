@@ -125,8 +125,11 @@ def _blocks(text: str) -> list[dict[str, str]]:
     return blocks
 
 
-def _x86_isa(flags: set[str]) -> tuple[tuple[str, ...], int, int, str | None, list[str]]:
-    """(ISA labels, fp32 MACs/cycle/core, int8 MACs/cycle/core, int8 dot, assumptions)."""
+def _x86_isa(flags: set[str], one_multiplier: str | None = None
+             ) -> tuple[tuple[str, ...], int, int, str | None, list[str]]:
+    """(ISA labels, fp32 MACs/cycle/core, int8 MACs/cycle/core, int8 dot, assumptions).
+    ``one_multiplier``: the core's name when it has one vector integer multiplier
+    (``_one_vector_multiplier``)."""
     if "avx512f" in flags:
         isa, fp32 = ["AVX-512"], 32
         why = ["fp32: 2 FMA units x 16 lanes (AVX-512); parts with one 512-bit FMA unit, "
@@ -152,6 +155,11 @@ def _x86_isa(flags: set[str]) -> tuple[tuple[str, ...], int, int, str | None, li
         int8 = (128 if dot == "AVX-512 VNNI" else 64)
         why.append(f"int8: {dot} dot products, 4 per 32-bit lane, on the 2 FMA units "
                    f"({int8} MACs/cycle)")
+    elif one_multiplier is not None:
+        int8 = fp32
+        why.append(f"int8 without VNNI on {one_multiplier}: one vector integer multiplier, "
+                   "and VPMADDUBSW + VPMADDWD are two multiplies per 32 MACs, so int8 peaks "
+                   "at the fp32 rate; int8 gains only in bytes moved")
     else:
         int8 = 2 * fp32
         why.append("int8 without VNNI: u8 x s8 multiply-add to 16 bits then widen "
@@ -266,14 +274,7 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
     forced = avx2_kernels and {"avx2", "fma"} <= words
     if forced:
         words = {w for w in words if not w.startswith(("avx512", "avx_vnni", "amx"))}
-    isa, fp32, int8, dot, why = _x86_isa(words)
-    one_pipe = _one_vector_multiplier(first)
-    if dot is None and one_pipe is not None:
-        int8 = fp32
-        why = [w for w in why if not w.startswith("int8 without VNNI")]
-        why.append(f"int8 without VNNI on {one_pipe}: one vector integer multiplier, and "
-                   "VPMADDUBSW + VPMADDWD are two multiplies per 32 MACs, so int8 peaks "
-                   "at the fp32 rate; int8 gains only in bytes moved")
+    isa, fp32, int8, dot, why = _x86_isa(words, _one_vector_multiplier(first))
     if forced:
         isa = (*isa, "AVX2 kernels forced")
         why.append("AVX2 kernels forced (bench/avx2_kernels.py): the runtimes run with "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from agent.cpu import estimate_peak, identify, read_cpu
+from agent.model.choice import cpu_why
 
 HASWELL_FLAGS = (
     "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush dts acpi "
@@ -173,7 +174,6 @@ def test_avx2_cores_with_one_vector_multiplier_peak_int8_at_the_fp32_rate(
     assert group.fp32_macs == 16
     assert group.int8_macs == (16 if one_pipe else 32)
     assert any("one vector integer multiplier" in a for a in cpu.assumptions) == one_pipe
-    from agent.model.choice import cpu_why
     assert ("one vector integer multiplier" in cpu_why(cpu)) == one_pipe
 
 
