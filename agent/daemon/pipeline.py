@@ -59,6 +59,7 @@ class Outcome:
     reason: str | None = None
     detail: str | None = None  # what the error report says (tag names and numbers, no PHI)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # the agent's CPU per stage
     series_key: str | None = None  # short hash of the output series, safe to log
     domain: DomainVerdict | None = None  # the domain-shift verdict (a bundle with a reference)
 
@@ -173,7 +174,7 @@ class Translator:
             prepared = self.prepare(payload, payload_sha256)
         except ScanRejected as exc:
             return self.error(exc.reason, str(exc), payload_sha256, source_topic, timer.timings)
-        timer.lap("decode")
+        timer.lap("decode", extra_cpu_ms=prepared.scan.decoder_cpu_ms)
         return self.stack(prepared, [prepared.grid], source_topic, payload_sha256, timer)
 
     def stack(self, centre: Prepared, grids: Sequence[npt.NDArray[np.float32]],
@@ -198,7 +199,7 @@ class Translator:
         except Exception as exc:  # a runtime failure on one input must not stop the loop
             return self.error("inference_failed", f"runtime error ({type(exc).__name__})",
                               staged.payload_sha256, staged.source_topic, timer.timings)
-        timer.lap("infer")
+        timer.lap("infer", cpu=False)
         centre = staged.centre
         return Inferred(centre.scan, y[0, 0], centre.gmap, staged.source_topic,
                         staged.payload_sha256, timer, staged.x[0, staged.x.shape[1] // 2])
@@ -256,7 +257,8 @@ class Translator:
         envelope = self.sealer(derived, message_id)
         timer.lap("seal")
         return Outcome(True, "result", message_id, str(self.topics.results), envelope,
-                       timings_ms=timer.timings, series_key=series_key, domain=verdict)
+                       timings_ms=timer.timings, cpu_ms=timer.cpu, series_key=series_key,
+                       domain=verdict)
 
     def process(self, payload: bytes, source_topic: str, payload_sha256: str) -> Outcome:
         """Both halves in one call."""
@@ -274,19 +276,29 @@ class Prepared:
 
 
 class StageTimer:
-    """Stage timings in milliseconds."""
+    """Stage timings in milliseconds: ``timings`` the wall time of each stage, ``cpu`` the
+    CPU time the agent itself spent on it (the stage's thread, plus the decoder process for
+    ``decode``; none for ``infer``, whose runtime works on threads of its own). On a busy
+    node the two differ by the time a stage waited for a core."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self._t = time.perf_counter()
+        self._c = time.thread_time()
 
     def restart(self) -> None:
         self._t = time.perf_counter()
+        self._c = time.thread_time()
 
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
+    def lap(self, stage: str, *, extra_cpu_ms: float = 0.0, cpu: bool = True) -> None:
+        """End ``stage``. ``extra_cpu_ms``: CPU spent on it elsewhere (the decoder process);
+        ``cpu=False``: record no CPU time for it."""
+        now, now_cpu = time.perf_counter(), time.thread_time()
         self.timings[stage] = round((now - self._t) * 1000, 3)
-        self._t = now
+        if cpu:
+            self.cpu[stage] = round((now_cpu - self._c) * 1000 + extra_cpu_ms, 3)
+        self._t, self._c = now, now_cpu
 
 
 @dataclass

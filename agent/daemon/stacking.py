@@ -59,7 +59,8 @@ class SeriesStage:
         self._cache: OrderedDict[int, Prepared] = OrderedDict()
         self._cache_size = 4 * (2 * self.context + 1)
         self._waiting: dict[int, InboxItem] = {}  # admitted, not yet sent (payload dropped)
-        self._decode_ms: dict[int, float] = {}  # decode time at admission, for its timings
+        # Decode time at admission (wall ms, CPU ms), for its timings.
+        self._decode_ms: dict[int, tuple[float, float]] = {}
         self._spacing_checked: set[str] = set()
         # (open series, waiting slices) as of the last change: other threads (the status
         # message) read this tuple instead of walking the assembler while it changes.
@@ -74,7 +75,9 @@ class SeriesStage:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    def _prepared(self, inbox_id: int) -> Prepared:
+    def _prepared(self, inbox_id: int, decoded: list[Prepared]) -> Prepared:
+        """The prepared slice of an inbox row, from the cache or decoded now (then also
+        appended to ``decoded``)."""
         hit = self._cache.get(inbox_id)
         if hit is not None:
             self._cache.move_to_end(inbox_id)
@@ -84,12 +87,13 @@ class SeriesStage:
             raise ScanRejected("pixel_decode_failed", "a neighbour slice is no longer stored")
         prepared = self.translator.prepare(payload)
         self._remember(inbox_id, prepared)
+        decoded.append(prepared)
         return prepared
 
     def admit(self, item: InboxItem, now: float, *, sent: bool = False) -> Admitted:
         """Decode one inbox row and place it in its series. ``sent``: a held row reloaded
         after a restart (already processed; only a neighbour now)."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             prepared = self.translator.prepare(item.payload, item.sha256)
             added = self.assembler.add(slice_info(prepared.scan), item.id, now, sent=sent)
@@ -105,7 +109,9 @@ class SeriesStage:
         if not sent:
             self._waiting[item.id] = InboxItem(item.id, item.topic, item.sha256, b"",
                                                item.received_at)
-            self._decode_ms[item.id] = (time.perf_counter() - started) * 1000
+            self._decode_ms[item.id] = (
+                (time.perf_counter() - started) * 1000,
+                (time.thread_time() - started_cpu) * 1000 + prepared.scan.decoder_cpu_ms)
         self._count()
         return Admitted()
 
@@ -133,15 +139,18 @@ class SeriesStage:
             item = self._waiting.pop(job.centre)
             started = time.perf_counter()
             timer = StageTimer()
+            decoded: list[Prepared] = []
             try:
-                slots = [self._prepared(i) for i in job.slots]
+                slots = [self._prepared(i, decoded) for i in job.slots]
             except ScanRejected as exc:
                 yield StackResult(item, job, self.translator.error(
                     exc.reason, str(exc), item.sha256, item.topic, timer.timings), started)
                 continue
-            timer.lap("decode")  # neighbours not in the cache, plus the slice at admission
-            timer.timings["decode"] = round(
-                timer.timings["decode"] + self._decode_ms.pop(item.id, 0.0), 3)
+            # Neighbours not in the cache, plus the slice at admission.
+            timer.lap("decode", extra_cpu_ms=sum(p.scan.decoder_cpu_ms for p in decoded))
+            wall_ms, cpu_ms = self._decode_ms.pop(item.id, (0.0, 0.0))
+            timer.timings["decode"] = round(timer.timings["decode"] + wall_ms, 3)
+            timer.cpu["decode"] = round(timer.cpu["decode"] + cpu_ms, 3)
             centre = slots[len(slots) // 2]
             first = self.translator.stack(centre, [s.grid for s in slots], item.topic,
                                           item.sha256, timer)

@@ -365,7 +365,7 @@ class Stages:
             self.last_latency_ms = total_ms
             log.info("slice_processed", message_id=outcome.message_id,
                      series=outcome.series_key, stages_ms=outcome.timings_ms,
-                     total_ms=total_ms, since_received_ms=queued_ms,
+                     cpu_ms=outcome.cpu_ms, total_ms=total_ms, since_received_ms=queued_ms,
                      bytes_out=len(outcome.payload))
         else:
             log.warning("scan_rejected", reason=outcome.reason, detail=outcome.detail,

@@ -162,13 +162,13 @@ def run_demo(workdir: Path, *, slices: int = 24, bundle: Path | None = None) -> 
         cloud.stop()
 
     verified = len(latency_ms)
-    stages = _stage_medians(workdir / "agent.log")
+    stage_rows = _stage_rows(workdir / "agent.log")
     _say("[5/5] results verified and decrypted by the cloud consumer\n")
     rows = [
         ("slices sent", f"{slices}"),
         ("results verified + decrypted", f"{verified}"),
         ("results rejected", f"{len(rejected)}"),
-        *[(f"median {k} (ms)", f"{v:.1f}") for k, v in stages.items()],
+        *stage_rows,
         ("end-to-end latency p50 / p95 (ms)",
          f"{_median(list(latency_ms.values())):.0f} / {_p95(list(latency_ms.values())):.0f}"),
         ("throughput (slices/s)", f"{verified / elapsed:.1f}" if elapsed > 0 else "-"),
@@ -226,8 +226,15 @@ def _stop_agent(proc: subprocess.Popen[bytes] | None) -> int | None:
         return proc.wait()
 
 
-def _stage_medians(log_path: Path) -> dict[str, float]:
-    stages: dict[str, list[float]] = {}
+def _stage_rows(log_path: Path) -> list[tuple[str, str]]:
+    """The summary's per-stage lines from the agent's ``slice_processed`` events: the
+    median wall time of each stage and, beside it, the median CPU time the agent spent on
+    it (they differ by the time a stage waited for a core the model held), then the
+    agent's own work per slice: its CPU time in every stage but the model's."""
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    own: list[float] = []
+    totals: list[float] = []
     for line in log_path.read_text(errors="replace").splitlines():
         if '"slice_processed"' not in line:
             continue
@@ -236,9 +243,24 @@ def _stage_medians(log_path: Path) -> dict[str, float]:
         except json.JSONDecodeError:
             continue
         for name, ms in event.get("stages_ms", {}).items():
-            stages.setdefault(name, []).append(float(ms))
-        stages.setdefault("total per slice", []).append(float(event.get("total_ms", 0)))
-    return {k: _median(v) for k, v in stages.items()}
+            wall.setdefault(name, []).append(float(ms))
+        for name, ms in event.get("cpu_ms", {}).items():
+            cpu.setdefault(name, []).append(float(ms))
+        if event.get("cpu_ms"):
+            own.append(sum(float(ms) for ms in event["cpu_ms"].values()))
+        totals.append(float(event.get("total_ms", 0)))
+    rows = []
+    for name, times in wall.items():
+        if name in cpu:
+            rows.append((f"median {name} (ms, wall / CPU)",
+                         f"{_median(times):.1f} / {_median(cpu[name]):.1f}"))
+        else:
+            rows.append((f"median {name} (ms, wall)", f"{_median(times):.1f}"))
+    if own:
+        rows.append(("agent's own work per slice (CPU ms)", f"{_median(own):.1f}"))
+    if totals:
+        rows.append(("median total per slice (ms, wall)", f"{_median(totals):.1f}"))
+    return rows
 
 
 MONTAGE_LABELS = ["T1W INPUT", "SYNTHETIC T2W", "SIMULATED T2W"]

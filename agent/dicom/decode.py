@@ -95,6 +95,7 @@ class Scan:
     pixel_spacing: tuple[float, float]  # (row, col) mm
     pixel_spacing_assumed: bool  # True when PixelSpacing was absent and 1.0 mm was assumed
     payload_sha256: str
+    decoder_cpu_ms: float = 0.0  # CPU the decoder process spent on it (0: decoded in-process)
 
 
 def _known(value: object, allowed: frozenset[str]) -> str:

@@ -17,13 +17,18 @@ whatever the cause:
 
 Each of these reports the scan as ``decode_budget_exceeded`` and the next scan gets a fresh
 child. The daemon never parses the payload itself: it gets back the ``Scan`` (the parsed
-data set, pickled, and the pixels). Cost per scan: one socket round trip of small pickles;
+data set and the pixels). The data set travels as plain tuples, one per element as pydicom
+read it (``RawDataElement``'s fields), plus the few elements already converted, and is put
+together again in the daemon: a pickled ``Dataset`` costs about twice as much to write and
+read. Cost per scan: one socket round trip of small pickles;
 the payload goes in and the decoded pixels come back through a buffer both processes map
 (a memfd, ``SHARED_BYTES``), so neither is pickled or pushed through the socket. The data
 set comes back without its pixel data element and without pydicom's reference to the
 payload (the daemon has both; nothing after decoding reads them). A payload or an image
 too big for the buffer, or a system without memfd, travels in the pickles as before.
-Measured in docs/reliability.md.
+Measured in docs/reliability.md. The child's CPU time per scan (from
+``/proc/PID/schedstat``) comes back as ``Scan.decoder_cpu_ms``, so that the stage timings
+count it as the agent's work.
 
 The child is a resource boundary, not a security boundary: it runs as the same user, and
 the daemon unpickles its answers. Code execution inside a decoder plugin is a different
@@ -40,10 +45,15 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import fields
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.tag import BaseTag
 
 from agent.dicom.decode import Scan, ScanRejected, decode_scan
 from agent.log import get_logger
@@ -57,6 +67,11 @@ _READY = b"ready"
 # holds a 1400 x 1400 image; larger ones travel in the pickles). Pages count only once used.
 SHARED_BYTES = 8 << 20
 _PIXEL_TAGS = slice(0x7FE00008, 0x7FE00011)  # Float, Double Float and Pixel Data
+# The child runs from the folder holding this ``agent`` package (``-m`` puts the working
+# directory first on its path), so it runs the same code as the daemon whatever the
+# daemon's own working directory holds.
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+_REBUILT = ("dataset", "pixels", "decoder_cpu_ms")  # the Scan fields that travel otherwise
 
 
 def _shared_buffer(size: int) -> tuple[int, mmap.mmap] | None:
@@ -81,6 +96,58 @@ def _strip(scan: Scan) -> None:
     ds.buffer = None
     if getattr(ds, "_pixel_array", None) is not None:
         ds._pixel_array = None
+
+
+_Elements = tuple[list[tuple[Any, ...]], list[DataElement]]
+
+
+def _elements(ds: Dataset) -> _Elements:
+    """A data set's top-level elements: those still as read, as tuples of their fields
+    (the tag as an int), and the converted ones as they are."""
+    raw: list[tuple[Any, ...]] = []
+    converted: list[DataElement] = []
+    for elem in ds._dict.values():
+        if isinstance(elem, RawDataElement):
+            raw.append((int(elem.tag), *elem[1:]))
+        else:
+            converted.append(elem)
+    return raw, converted
+
+
+def _element_dict(packed: _Elements) -> dict[BaseTag, Any]:
+    raw, converted = packed
+    out: dict[BaseTag, Any] = {}
+    for values in raw:
+        tag = BaseTag(values[0])
+        out[tag] = RawDataElement(tag, *values[1:])
+    for elem in converted:
+        out[elem.tag] = elem
+    return out
+
+
+def _pack(ds: Dataset) -> tuple[Any, ...]:
+    """What ``_unpack`` needs to rebuild a stripped data set as a ``FileDataset`` (what
+    ``dcmread`` gave the child; see the top)."""
+    meta = getattr(ds, "file_meta", None)
+    return (_elements(ds), _elements(meta if meta is not None else FileMetaDataset()),
+            getattr(ds, "preamble", None), ds._read_implicit, ds._read_little,
+            ds._read_charset)
+
+
+def _unpack(packed: tuple[Any, ...]) -> FileDataset:
+    elements, meta, preamble, implicit, little, charset = packed
+    ds = FileDataset(None, _element_dict(elements), preamble,  # type: ignore[arg-type]
+                     FileMetaDataset(_element_dict(meta)), implicit, little)
+    ds.set_original_encoding(implicit, little, charset)
+    return ds
+
+
+def _schedstat_ns(fd: int) -> int | None:
+    """A process's CPU time so far (nanoseconds) from its open ``/proc/PID/schedstat``."""
+    try:
+        return int(os.pread(fd, 128, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _data_bytes() -> int:
@@ -125,12 +192,13 @@ def _answer(payload: bytes, contract: InputContract, pixel_budget: int,
                            max_payload_bytes=max_payload_bytes, payload_sha256=digest)
         _strip(scan)
         pixels = np.ascontiguousarray(scan.pixels, dtype=np.float32)
+        rest = {f.name: getattr(scan, f.name) for f in fields(Scan) if f.name not in _REBUILT}
+        sent: np.ndarray | tuple[int, ...] = pixels
         if shared is not None and pixels.nbytes <= len(shared):
             shared[:pixels.nbytes] = pixels.data.cast("B")
-            scan.pixels = np.empty(0, np.float32)
-            return pickle.dumps(("shared", (scan, pixels.shape)),
-                                protocol=pickle.HIGHEST_PROTOCOL)
-        return pickle.dumps(("scan", scan), protocol=pickle.HIGHEST_PROTOCOL)
+            sent = pixels.shape  # the pixels are in the buffer
+        return pickle.dumps(("scan", (_pack(scan.dataset), rest, sent)),
+                            protocol=pickle.HIGHEST_PROTOCOL)
     except ScanRejected as exc:
         return pickle.dumps(("rejected", (exc.reason, str(exc))))
     except MemoryError:
@@ -152,6 +220,7 @@ class DecodeProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._shared: mmap.mmap | None = None  # this child's buffer (see SHARED_BYTES)
+        self._schedstat: int | None = None  # the child's /proc/PID/schedstat, open
         self._lock = threading.Lock()
         self._ready = False
         self._start()
@@ -172,13 +241,17 @@ class DecodeProcess:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.dicom.sandbox", str(theirs.fileno()),
                  str(self.memory_bytes), *(() if shared is None else (str(shared[0]),))],
-                pass_fds=fds, stdin=subprocess.DEVNULL)
+                pass_fds=fds, stdin=subprocess.DEVNULL, cwd=_PACKAGE_ROOT)
         finally:
             theirs.close()
             if shared is not None:
                 os.close(shared[0])  # the mapping stays
         self._proc, self._conn = proc, Connection(ours.detach())
         self._shared = None if shared is None else shared[1]
+        try:
+            self._schedstat = os.open(f"/proc/{proc.pid}/schedstat", os.O_RDONLY)
+        except OSError:  # not Linux, or no schedstat: the child's CPU goes uncounted
+            self._schedstat = None
         self._ready = False  # its imports overlap the daemon's start; awaited at first use
 
     def _await_ready(self) -> None:
@@ -196,11 +269,16 @@ class DecodeProcess:
             self._conn.close()
         if self._shared is not None:
             self._shared.close()
-        self._proc = self._conn = self._shared = None
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+        self._proc = self._conn = self._shared = self._schedstat = None
 
     def close(self) -> None:
         with self._lock:
             self._end()
+
+    def _child_cpu_ns(self) -> int | None:
+        return None if self._schedstat is None else _schedstat_ns(self._schedstat)
 
     def decode(self, payload: bytes, contract: InputContract, *, pixel_budget: int,
                max_payload_bytes: int, payload_sha256: str | None = None) -> Scan:
@@ -223,17 +301,19 @@ class DecodeProcess:
                 if self._shared is not None and len(payload) <= len(self._shared):
                     self._shared[:len(payload)] = payload
                     sent = len(payload)
+                before = self._child_cpu_ns()
                 self._conn.send_bytes(pickle.dumps(
                     (sent, contract, pixel_budget, max_payload_bytes, digest),
                     protocol=pickle.HIGHEST_PROTOCOL))
                 if self._conn.poll(self.timeout_s):
                     kind, value = pickle.loads(self._conn.recv_bytes())  # noqa: S301 (see top)
-                    if kind == "shared":  # the pixels are in the buffer: copied out now
+                    after = self._child_cpu_ns()
+                    if kind == "scan" and isinstance(value[2], tuple):
+                        # The pixels are in the buffer: copied out before the next request.
                         assert self._shared is not None
-                        value, shape = value
-                        value.pixels = np.frombuffer(
-                            self._shared, np.float32, int(np.prod(shape))).reshape(shape).copy()
-                        kind = "scan"
+                        shape = value[2]
+                        pixels = np.frombuffer(self._shared, np.float32, int(np.prod(shape)))
+                        value = (*value[:2], pixels.reshape(shape).copy())
                 else:
                     why = f"decoding took longer than decode.timeout_s ({self.timeout_s:g} s)"
             except (EOFError, OSError, RuntimeError):  # RuntimeError: it never started
@@ -251,8 +331,9 @@ class DecodeProcess:
                 self._end()
                 raise ScanRejected("decode_budget_exceeded", why, digest)
         if kind == "scan":
-            assert isinstance(value, Scan)
-            return value
+            packed, rest, pixels = value
+            cpu_ms = 0.0 if before is None or after is None else (after - before) / 1e6
+            return Scan(dataset=_unpack(packed), pixels=pixels, decoder_cpu_ms=cpu_ms, **rest)
         reason, message = value
         raise ScanRejected(reason, message, digest)
 
