@@ -66,13 +66,18 @@ def cpu_bound_ratio(a: Contestant, b: Contestant) -> float | None:
 
 def stage_medians(events: list[dict[str, Any]]) -> dict[str, float]:
     """Median per stage of the agent's ``slice_processed`` log lines, plus their sum, the
-    median ``total_ms`` (infer start .. committed) and the inbox-to-commit time."""
+    median ``total_ms`` (infer start .. committed) and the inbox-to-commit time, and
+    ``own_cpu_ms``: the median over slices of the agent's CPU in every stage but the
+    model's (their ``cpu_ms``)."""
     stages: dict[str, list[float]] = {}
     for e in events:
         for name, ms in (e.get("stages_ms") or {}).items():
             stages.setdefault(name, []).append(float(ms))
     out = {name: statistics.median(v) for name, v in stages.items()}
     out["sum_of_stages"] = sum(out.values())
+    own = [sum(float(ms) for ms in e["cpu_ms"].values()) for e in events if e.get("cpu_ms")]
+    if own:
+        out["own_cpu_ms"] = statistics.median(own)
     for key in ("total_ms", "since_received_ms"):
         values = [float(e[key]) for e in events if key in e]
         if values:

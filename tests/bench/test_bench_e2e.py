@@ -52,6 +52,11 @@ def test_ratios_are_taken_round_by_round() -> None:
     stages = report.stage_medians([{"stages_ms": {"infer": 3.0, "seal": 1.0}, "total_ms": 5},
                                    {"stages_ms": {"infer": 5.0, "seal": 1.0}, "total_ms": 7}])
     assert stages == {"infer": 4.0, "seal": 1.0, "sum_of_stages": 5.0, "total_ms": 6.0}
+    own = report.stage_medians([{"stages_ms": {"seal": 1.0}, "cpu_ms": {"decode": 2.0,
+                                                                      "seal": 1.0}},
+                                {"stages_ms": {"seal": 1.0}, "cpu_ms": {"decode": 1.0,
+                                                                      "seal": 1.0}}])
+    assert own["own_cpu_ms"] == 2.5
 
 
 def test_the_cpu_bound_ceiling_is_the_ratio_of_machine_cpu_per_slice() -> None:

@@ -132,6 +132,9 @@ def test_ok_outcome_is_a_sealed_derived_instance(rig: Rig, series: list[bytes]) 
     assert set(outcome.timings_ms) == {"decode", "preprocess", "infer", "domain", "derive",
                                       "seal"}
     assert all(v >= 0 for v in outcome.timings_ms.values())
+    # CPU per stage: the agent's own (the runtime's threads are not counted: no infer).
+    assert set(outcome.cpu_ms) == set(outcome.timings_ms) - {"infer"}
+    assert all(v >= 0 for v in outcome.cpu_ms.values())
     # Sealed: nothing of the patient travels in clear.
     assert PATIENT_NAME.encode() not in outcome.payload
     assert PATIENT_ID.encode() not in outcome.payload

@@ -56,6 +56,15 @@ def test_answers_match_the_in_process_decoder(sandbox: DecodeProcess,
     assert np.array_equal(scan.pixels, local.pixels)
     assert scan.sop_instance_uid == local.sop_instance_uid
     assert scan.dataset.SeriesDescription == local.dataset.SeriesDescription
+    # The data set, rebuilt from its elements: what dcmread gave, less the pixel data.
+    del local.dataset.PixelData
+    assert type(scan.dataset) is type(local.dataset) and scan.dataset == local.dataset
+    assert scan.dataset.file_meta == local.dataset.file_meta
+    assert scan.dataset.preamble == local.dataset.preamble
+    assert scan.dataset.original_encoding == local.dataset.original_encoding
+    assert scan.dataset.original_character_set == local.dataset.original_character_set
+    # The child's CPU comes back with the answer (read from its /proc/PID/schedstat).
+    assert scan.decoder_cpu_ms > 0 and local.decoder_cpu_ms == 0.0
     with pytest.raises(ScanRejected) as rejected:
         sandbox.decode(b"not a scan" * 50, contract, **BUDGET)
     assert rejected.value.reason == "not_dicom" and rejected.value.payload_sha256
