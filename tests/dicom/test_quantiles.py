@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.dicom.quantiles import percentiles
+from agent.dicom.quantiles import percentiles, positive_percentile
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -25,3 +25,27 @@ def test_percentiles_are_numpys_bit_for_bit(seed: int) -> None:
 def test_empty_is_refused() -> None:
     with pytest.raises(ValueError):
         percentiles(np.zeros(0, dtype=np.float32), (50.0,))
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_positive_percentile_is_that_of_the_positive_values_bit_for_bit(seed: int) -> None:
+    """Whichever way it goes (the threshold from the sample, or every positive value):
+    smooth images, many ties at the top, few positive pixels, negative values, low q."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.choice([8, 40, 256]))
+    image = (rng.gamma(2.0, 300.0, (size, size)) - rng.choice([0.0, 200.0])).astype(np.float32)
+    if seed % 4 == 1:
+        image = np.minimum(image, np.float32(900.0))  # the top few percent all equal
+    if seed % 4 == 2:
+        image[rng.random(image.shape) < 0.97] = 0.0  # few positive pixels
+    if seed % 8 == 3:
+        image[:] = 0.0
+        image[0, 0] = 5.0
+    for q in (99.5, 99.0, 95.0, 90.0, 50.0, 100.0, float(rng.uniform(90, 100))):
+        positive = image[image > 0]
+        expected = percentiles(positive, (q,))[0] if positive.size else None
+        assert positive_percentile(image, q) == expected, (seed, q)
+
+
+def test_positive_percentile_of_nothing_positive_is_none() -> None:
+    assert positive_percentile(np.full((4, 4), -1.0, dtype=np.float32), 99.5) is None
