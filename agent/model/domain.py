@@ -69,12 +69,12 @@ def body_histogram(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
 
 def _quantiles(cdf: npt.NDArray[np.float64], qs: tuple[float, ...]) -> list[float]:
     """Quantiles read off a histogram's cumulative shares (linear within a bin)."""
-    lower = np.concatenate(([0.0], cdf[:-1]))
+    bins = np.minimum(np.searchsorted(cdf, qs, side="left"), HIST_BINS - 1).tolist()
     out = []
-    for q in qs:
-        i = min(int(np.searchsorted(cdf, q, side="left")), HIST_BINS - 1)
-        span = cdf[i] - lower[i]
-        frac = 0.0 if span <= 0 else (q - lower[i]) / span
+    for q, i in zip(qs, bins, strict=True):
+        below = float(cdf[i - 1]) if i else 0.0
+        span = float(cdf[i]) - below
+        frac = 0.0 if span <= 0 else (q - below) / span
         out.append(float((i + frac) * _BIN_WIDTH))
     return out
 
@@ -96,7 +96,7 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     ``y`` (H, W) on the model grid; ``reference_cdf``: the reference histogram's cumulative
     shares. None when the slice has too little body to say anything."""
     rows = x[::STRIDE]  # every second row, full resolution along it (for the differences)
-    sub = rows[:, ::STRIDE]
+    sub = np.ascontiguousarray(rows[:, ::STRIDE])  # (a copy: each pass below reads it fast)
     body = sub > BODY_LEVEL
     n = int(np.count_nonzero(body))
     if n < min_body(sub.size):
@@ -128,7 +128,7 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     masked = np.where(body, sub, np.float32(0))
     tilts = []
     for axis in (0, 1):  # column sums split left | right, then row sums split top | bottom
-        sums, counts = masked.sum(axis=axis), body.sum(axis=axis)
+        sums, counts = masked.sum(axis=axis), np.count_nonzero(body, axis=axis)
         half = sums.size // 2
         mean_a = float(sums[:half].sum()) / max(int(counts[:half].sum()), 1)
         mean_b = float(sums[half:].sum()) / max(int(counts[half:].sum()), 1)
@@ -136,7 +136,7 @@ def slice_features(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
     tilt = math.hypot(*tilts)
     outside = ~body
     n_out = int(np.count_nonzero(outside))
-    air = (float(np.count_nonzero(sub[outside] > AIR_LEVEL)) / n_out) if n_out else 0.0
+    air = (float(np.count_nonzero((sub > AIR_LEVEL) & outside)) / n_out) if n_out else 0.0
     out = np.asarray(y, dtype=np.float32)[::STRIDE, ::STRIDE][body]
     out_cdf = np.cumsum(body_histogram(np.clip(out, 0.0, None)))
     return np.array([*qs, w1, edge, hf, sharp, max(h24, v24), air, tilt,
