@@ -31,7 +31,7 @@ from pydicom.uid import (
 )
 
 from agent.dicom.decode import Scan, quiet_pydicom
-from agent.dicom.quantiles import percentiles
+from agent.dicom.quantiles import positive_percentiles
 from agent.model.bundle import OutputContract
 
 if TYPE_CHECKING:
@@ -161,11 +161,8 @@ def derived_uids(scan: Scan, model_digest: str,
 def window(stored: np.ndarray, output: OutputContract) -> tuple[float, float]:
     """(WindowCenter, WindowWidth) in output units from the 1st and 99th percentiles of
     the non-zero stored values (uint16), or the full range for an all-zero image."""
-    nonzero = stored[stored > 0]
-    if nonzero.size:
-        low, high = percentiles(nonzero, (1.0, 99.0))
-    else:
-        low, high = 0.0, 65535.0
+    found = positive_percentiles(stored, (1.0, 99.0))
+    low, high = (0.0, 65535.0) if found is None else found
     high = max(high, low + 1.0)
     slope, intercept = output.rescale_slope, output.rescale_intercept
     return (low + high) / 2 * slope + intercept, max((high - low) * abs(slope), 1.0)

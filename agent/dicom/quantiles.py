@@ -55,29 +55,55 @@ def _lerped(values: np.ndarray, picks: list[tuple[int, int, float]], skipped: in
     return out
 
 
-def positive_percentile(image: np.ndarray, q: float) -> float | None:
-    """``percentiles(image[image > 0], (q,))[0]``, bit for bit, for a high ``q`` (the
-    normalisation's 99.5th): None when no value is positive.
+def positive_percentiles(image: np.ndarray, qs: tuple[float, ...]) -> list[float] | None:
+    """``percentiles(image[image > 0], qs)``, bit for bit, for percentiles in the tails
+    (the normalisation's 99.5th, the window's 1st and 99th): None when no value is
+    positive.
 
-    Instead of partitioning every positive value, it estimates from every 8th pixel a
-    threshold below the wanted sorted positions and partitions only the values at or above
-    it (about 1 % of them); every value it leaves out is below all it keeps, so the
-    positions shift by their count. Where the estimate falls short, or for ``q`` < 90, it
-    partitions all of them."""
+    Instead of partitioning every positive value, it estimates from every 16th pixel a
+    threshold beyond the wanted sorted positions and partitions only the values past it
+    (about 1 % of them). Every value it leaves out is on the other side of all it keeps,
+    so the positions stay (the low tail) or shift by their count (the high tail). Where an
+    estimate falls short, or for a q between 10 and 90, it partitions all of them."""
     flat = image.ravel()
     n = int(np.count_nonzero(flat > 0))
     if n == 0:
         return None
-    picks = _picks(n, (q,))
-    need = n - picks[0][0]  # the values at the sorted positions it reads, and above
-    if q >= 90 and n >= 1024:
-        sample = flat[::8]
+    picks = _picks(n, qs)
+    if n >= 1024 and all(q <= 10 or q >= 90 for q in qs):
+        sample = flat[::16]
         sample = sample[sample > 0]
-        # A sample position leaving about twice `need` (plus 64) above the threshold.
-        k = sample.size - 1 - (2 * need * sample.size) // n - 8
-        if k > 0:
-            threshold = np.partition(sample, k)[k]
-            kept = flat[flat >= threshold]
-            if kept.size >= need:
-                return _lerped(kept, picks, skipped=n - kept.size)[0]
-    return _lerped(flat[flat > 0], picks, skipped=0)[0]
+        tails = [_tail_rank(sample.size, n, pick, high=q >= 90)
+                 for q, pick in zip(qs, picks, strict=True)]
+        if all(k is not None for k in tails):
+            ks = [k for k in tails if k is not None]
+            thresholds = np.partition(sample, ks)[ks]  # one partition for every tail
+            out = [_tail(flat, threshold, n, pick, high=q >= 90)
+                   for q, pick, threshold in zip(qs, picks, thresholds, strict=True)]
+            if all(v is not None for v in out):
+                return [v for v in out if v is not None]
+    return _lerped(flat[flat > 0], picks, skipped=0)
+
+
+def _needed(n: int, pick: tuple[int, int, float], high: bool) -> int:
+    """How many of the ``n`` sorted values a tail must keep to hold the pick's positions."""
+    lo, hi, _ = pick
+    return n - lo if high else hi + 1
+
+
+def _tail_rank(size: int, n: int, pick: tuple[int, int, float], high: bool) -> int | None:
+    """The position in a sorted sample of ``size`` of the ``n`` values whose value as a
+    threshold should keep about twice the values a pick needs; None where there is none."""
+    margin = (2 * _needed(n, pick, high) * size) // n + 8
+    k = size - 1 - margin if high else margin
+    return k if 0 < k < size - 1 else None
+
+
+def _tail(flat: np.ndarray, threshold: np.generic, n: int, pick: tuple[int, int, float],
+          high: bool) -> float | None:
+    """One pick read from the positive values of ``flat`` (``n`` of them) at or beyond
+    ``threshold``, or None where they are too few to hold its positions."""
+    kept = flat[flat >= threshold] if high else flat[(flat > 0) & (flat <= threshold)]
+    if kept.size < _needed(n, pick, high):
+        return None
+    return _lerped(kept, [pick], skipped=n - kept.size if high else 0)[0]

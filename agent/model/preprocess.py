@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from agent.dicom.quantiles import positive_percentile
+from agent.dicom.quantiles import positive_percentiles
 from agent.model.bundle import InputContract, Normalisation
 
 SAME_SPACING_TOLERANCE_MM = 1e-3
@@ -203,8 +203,9 @@ def normalise(grid: np.ndarray, norm: Normalisation) -> np.ndarray:
         raise ValueError(f"unknown normalisation method {norm.method!r} (known: robust_max)")
     image = np.asarray(grid, dtype=np.float32)
     centre = image[image.shape[0] // 2] if image.ndim == 3 else image
-    scale = positive_percentile(centre, norm.percentile)
-    if scale is None or not np.isfinite(scale) or scale <= 0:
+    found = positive_percentiles(centre, (norm.percentile,))
+    scale = 0.0 if found is None else found[0]
+    if not np.isfinite(scale) or scale <= 0:
         return np.zeros_like(image)
     out = image * np.float32(1.0 / scale)
     np.clip(out, 0.0, norm.clip_max, out=out)

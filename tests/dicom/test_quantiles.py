@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.dicom.quantiles import percentiles, positive_percentile
+from agent.dicom.quantiles import percentiles, positive_percentiles
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -28,7 +28,7 @@ def test_empty_is_refused() -> None:
 
 
 @pytest.mark.parametrize("seed", range(32))
-def test_positive_percentile_is_that_of_the_positive_values_bit_for_bit(seed: int) -> None:
+def test_positive_percentiles_are_those_of_the_positive_values_bit_for_bit(seed: int) -> None:
     """Whichever way it goes (the threshold from the sample, or every positive value):
     smooth images, many ties at the top, few positive pixels, negative values, low q."""
     rng = np.random.default_rng(seed)
@@ -41,11 +41,15 @@ def test_positive_percentile_is_that_of_the_positive_values_bit_for_bit(seed: in
     if seed % 8 == 3:
         image[:] = 0.0
         image[0, 0] = 5.0
-    for q in (99.5, 99.0, 95.0, 90.0, 50.0, 100.0, float(rng.uniform(90, 100))):
-        positive = image[image > 0]
-        expected = percentiles(positive, (q,))[0] if positive.size else None
-        assert positive_percentile(image, q) == expected, (seed, q)
+    positive = image[image > 0]
+    for qs in ((99.5,), (1.0, 99.0), (0.0, 100.0), (90.0, 10.0), (50.0,), (5.0, 95.0, 99.0),
+               (float(rng.uniform(0, 10)), float(rng.uniform(90, 100)))):
+        expected = percentiles(positive, qs) if positive.size else None
+        assert positive_percentiles(image, qs) == expected, (seed, qs)
+        counts = np.clip(image, 0, 65535).astype(np.uint16)  # what the window sees
+        expected = percentiles(counts[counts > 0], qs) if counts.any() else None
+        assert positive_percentiles(counts, qs) == expected, (seed, qs)
 
 
-def test_positive_percentile_of_nothing_positive_is_none() -> None:
-    assert positive_percentile(np.full((4, 4), -1.0, dtype=np.float32), 99.5) is None
+def test_positive_percentiles_of_nothing_positive_is_none() -> None:
+    assert positive_percentiles(np.full((4, 4), -1.0, dtype=np.float32), (99.5,)) is None
