@@ -26,9 +26,10 @@ the payload goes in and the decoded pixels come back through a buffer both proce
 set comes back without its pixel data element and without pydicom's reference to the
 payload (the daemon has both; nothing after decoding reads them). A payload or an image
 too big for the buffer, or a system without memfd, travels in the pickles as before.
-Measured in docs/reliability.md. The child's CPU time per scan (from
-``/proc/PID/schedstat``) comes back as ``Scan.decoder_cpu_ms``, so that the stage timings
-count it as the agent's work.
+Measured in docs/reliability.md. The child measures its CPU time per scan (every thread
+of it, from reading the request to the answer's pickle) and sends it ahead of the answer;
+it comes back as ``Scan.decoder_cpu_ms``, so that the stage timings count it as the
+agent's work.
 
 The child is a resource boundary, not a security boundary: it runs as the same user, and
 the daemon unpickles its answers. Code execution inside a decoder plugin is a different
@@ -42,9 +43,11 @@ import mmap
 import os
 import pickle
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import fields
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -72,6 +75,7 @@ _PIXEL_TAGS = slice(0x7FE00008, 0x7FE00011)  # Float, Double Float and Pixel Dat
 # daemon's own working directory holds.
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _REBUILT = ("dataset", "pixels", "decoder_cpu_ms")  # the Scan fields that travel otherwise
+_CPU_NS = struct.Struct("<Q")  # ahead of each answer: the child's CPU time spent on it
 
 
 def _shared_buffer(size: int) -> tuple[int, mmap.mmap] | None:
@@ -142,14 +146,6 @@ def _unpack(packed: tuple[Any, ...]) -> FileDataset:
     return ds
 
 
-def _schedstat_ns(fd: int) -> int | None:
-    """A process's CPU time so far (nanoseconds) from its open ``/proc/PID/schedstat``."""
-    try:
-        return int(os.pread(fd, 128, 0).split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _data_bytes() -> int:
     """This process's data segment (VmData: heap and private writable mappings)."""
     with Path("/proc/self/status").open(encoding="ascii") as f:
@@ -174,12 +170,13 @@ def _serve(conn: Connection, memory_bytes: int, shared: mmap.mmap | None = None)
         conn.send_bytes(_READY)
         while True:
             request = conn.recv_bytes()
+            started = time.process_time_ns()
             payload, contract, pixel_budget, max_payload_bytes, digest = pickle.loads(request)  # noqa: S301 (the daemon's own)
             if isinstance(payload, int):  # its length: the bytes are in the shared buffer
                 assert shared is not None
                 payload = shared[:payload]
-            conn.send_bytes(_answer(payload, contract, pixel_budget, max_payload_bytes,
-                                    digest, shared))
+            answer = _answer(payload, contract, pixel_budget, max_payload_bytes, digest, shared)
+            conn.send_bytes(_CPU_NS.pack(time.process_time_ns() - started) + answer)
     except (EOFError, OSError):  # the daemon closed its end (it stopped, or gave up on us)
         return
 
@@ -220,7 +217,6 @@ class DecodeProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._shared: mmap.mmap | None = None  # this child's buffer (see SHARED_BYTES)
-        self._schedstat: int | None = None  # the child's /proc/PID/schedstat, open
         self._lock = threading.Lock()
         self._ready = False
         self._start()
@@ -248,10 +244,6 @@ class DecodeProcess:
                 os.close(shared[0])  # the mapping stays
         self._proc, self._conn = proc, Connection(ours.detach())
         self._shared = None if shared is None else shared[1]
-        try:
-            self._schedstat = os.open(f"/proc/{proc.pid}/schedstat", os.O_RDONLY)
-        except OSError:  # not Linux, or no schedstat: the child's CPU goes uncounted
-            self._schedstat = None
         self._ready = False  # its imports overlap the daemon's start; awaited at first use
 
     def _await_ready(self) -> None:
@@ -262,23 +254,20 @@ class DecodeProcess:
         self._ready = True
 
     def _end(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(5)
-        if self._conn is not None:
-            self._conn.close()
-        if self._shared is not None:
-            self._shared.close()
-        if self._schedstat is not None:
-            os.close(self._schedstat)
-        self._proc = self._conn = self._shared = self._schedstat = None
+        try:
+            if self._proc is not None:
+                self._proc.kill()
+                self._proc.wait(5)
+        finally:  # the socket and the buffer go even if the child outlives the wait
+            if self._conn is not None:
+                self._conn.close()
+            if self._shared is not None:
+                self._shared.close()
+            self._proc = self._conn = self._shared = None
 
     def close(self) -> None:
         with self._lock:
             self._end()
-
-    def _child_cpu_ns(self) -> int | None:
-        return None if self._schedstat is None else _schedstat_ns(self._schedstat)
 
     def decode(self, payload: bytes, contract: InputContract, *, pixel_budget: int,
                max_payload_bytes: int, payload_sha256: str | None = None) -> Scan:
@@ -301,13 +290,13 @@ class DecodeProcess:
                 if self._shared is not None and len(payload) <= len(self._shared):
                     self._shared[:len(payload)] = payload
                     sent = len(payload)
-                before = self._child_cpu_ns()
                 self._conn.send_bytes(pickle.dumps(
                     (sent, contract, pixel_budget, max_payload_bytes, digest),
                     protocol=pickle.HIGHEST_PROTOCOL))
                 if self._conn.poll(self.timeout_s):
-                    kind, value = pickle.loads(self._conn.recv_bytes())  # noqa: S301 (see top)
-                    after = self._child_cpu_ns()
+                    answer = self._conn.recv_bytes()
+                    (cpu_ns,) = _CPU_NS.unpack_from(answer)
+                    kind, value = pickle.loads(answer[_CPU_NS.size:])  # noqa: S301 (see top)
                     if kind == "scan" and isinstance(value[2], tuple):
                         # The pixels are in the buffer: copied out before the next request.
                         assert self._shared is not None
@@ -332,8 +321,12 @@ class DecodeProcess:
                 raise ScanRejected("decode_budget_exceeded", why, digest)
         if kind == "scan":
             packed, rest, pixels = value
-            cpu_ms = 0.0 if before is None or after is None else (after - before) / 1e6
-            return Scan(dataset=_unpack(packed), pixels=pixels, decoder_cpu_ms=cpu_ms, **rest)
+            try:
+                dataset = _unpack(packed)
+            except Exception as exc:  # only ScanRejected leaves decode (the daemon goes on)
+                raise ScanRejected("not_dicom", "the decoded data set cannot be rebuilt "
+                                   f"({type(exc).__name__})", digest) from None
+            return Scan(dataset=dataset, pixels=pixels, decoder_cpu_ms=cpu_ns / 1e6, **rest)
         reason, message = value
         raise ScanRejected(reason, message, digest)
 

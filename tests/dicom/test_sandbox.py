@@ -63,7 +63,7 @@ def test_answers_match_the_in_process_decoder(sandbox: DecodeProcess,
     assert scan.dataset.preamble == local.dataset.preamble
     assert scan.dataset.original_encoding == local.dataset.original_encoding
     assert scan.dataset.original_character_set == local.dataset.original_character_set
-    # The child's CPU comes back with the answer (read from its /proc/PID/schedstat).
+    # The child's CPU comes back with the answer (it measures its own process time).
     assert scan.decoder_cpu_ms > 0 and local.decoder_cpu_ms == 0.0
     with pytest.raises(ScanRejected) as rejected:
         sandbox.decode(b"not a scan" * 50, contract, **BUDGET)
