@@ -113,22 +113,19 @@ def _taps(amap: AxisMap, forward: bool) -> _Taps:
 def _sample(image: np.ndarray, amap: AxisMap, forward: bool, axis: int) -> np.ndarray:
     """Linear interpolation of ``image`` along ``axis`` (the last or the second to last).
 
-    Both passes gather whole rows: numpy copies a row at memory speed, but gathering
-    single columns out of every row is several times slower, so the columns pass works on
-    a transposed copy (and returns a transposed view; callers make the result contiguous).
-    The arithmetic is ``lo * w_lo + hi * w_hi`` in float32, in that order."""
+    Each pass gathers the two neighbours of every output sample with ``np.take`` along that
+    axis and blends them as ``lo * w_lo + hi * w_hi`` in float32, in that order. (Along the
+    last axis numpy 2's ``take`` gathers as fast as a transposed copy would cost, so there
+    is no transposing: a 320 x 256 columns pass 0.28 -> 0.2 ms.)"""
     taps = _taps(amap, forward)
-    last = axis == image.ndim - 1
-    work = np.ascontiguousarray(np.swapaxes(image, -1, -2)) if last else image
-    rows = work.ndim - 2
-    shape = [1] * work.ndim
-    shape[rows] = taps.lo.size
-    a: np.ndarray = np.take(work, taps.lo, axis=rows)
+    shape = [1] * image.ndim
+    shape[axis] = taps.lo.size
+    a: np.ndarray = np.take(image, taps.lo, axis=axis)
     a *= taps.w_lo.reshape(shape)
-    b = np.take(work, taps.hi, axis=rows)
+    b = np.take(image, taps.hi, axis=axis)
     b *= taps.w_hi.reshape(shape)
     a += b
-    return np.swapaxes(a, -1, -2) if last else a
+    return a
 
 
 def _shift(image: np.ndarray, axis: int, in_size: int, out_size: int, offset: int) -> np.ndarray:
