@@ -4,6 +4,8 @@
 tens of small array calls (index arithmetic, ``np.unique``, a copy), which cost more than
 the partition itself for one slice. ``percentiles`` does the same partition and the same
 arithmetic on scalars, so its result is ``np.percentile``'s bit for bit (tests check it).
+``positive_percentiles`` gives the same numbers for the tails of an image's positive
+values while partitioning only about 1 % of them.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def _picks(n: int, qs: tuple[float, ...]) -> list[tuple[int, int, float]]:
 
 def _lerped(values: np.ndarray, picks: list[tuple[int, int, float]], skipped: int
             ) -> list[float]:
-    """The picks' interpolated values; ``values`` are the sorted values from position
-    ``skipped`` on (every value left out is below all of them)."""
+    """The picks' interpolated values; ``values`` hold the sorted positions the picks read,
+    the first of them at position ``skipped`` (every value left out of ``values`` lies
+    beyond all of them on one side)."""
     kth = sorted({i - skipped for lo, hi, _ in picks for i in (lo, hi)})
     ordered = np.partition(values, kth)
     out = []
@@ -66,7 +69,8 @@ def positive_percentiles(image: np.ndarray, qs: tuple[float, ...]) -> list[float
     so the positions stay (the low tail) or shift by their count (the high tail). Where an
     estimate falls short, or for a q between 10 and 90, it partitions all of them."""
     flat = image.ravel()
-    n = int(np.count_nonzero(flat > 0))
+    positive = flat > 0
+    n = int(np.count_nonzero(positive))
     if n == 0:
         return None
     picks = _picks(n, qs)
@@ -78,11 +82,11 @@ def positive_percentiles(image: np.ndarray, qs: tuple[float, ...]) -> list[float
         if all(k is not None for k in tails):
             ks = [k for k in tails if k is not None]
             thresholds = np.partition(sample, ks)[ks]  # one partition for every tail
-            out = [_tail(flat, threshold, n, pick, high=q >= 90)
+            out = [_tail(flat, positive, threshold, n, pick, high=q >= 90)
                    for q, pick, threshold in zip(qs, picks, thresholds, strict=True)]
             if all(v is not None for v in out):
                 return [v for v in out if v is not None]
-    return _lerped(flat[flat > 0], picks, skipped=0)
+    return _lerped(flat[positive], picks, skipped=0)
 
 
 def _needed(n: int, pick: tuple[int, int, float], high: bool) -> int:
@@ -99,11 +103,11 @@ def _tail_rank(size: int, n: int, pick: tuple[int, int, float], high: bool) -> i
     return k if 0 < k < size - 1 else None
 
 
-def _tail(flat: np.ndarray, threshold: np.generic, n: int, pick: tuple[int, int, float],
-          high: bool) -> float | None:
-    """One pick read from the positive values of ``flat`` (``n`` of them) at or beyond
-    ``threshold``, or None where they are too few to hold its positions."""
-    kept = flat[flat >= threshold] if high else flat[(flat > 0) & (flat <= threshold)]
+def _tail(flat: np.ndarray, positive: np.ndarray, threshold: np.generic, n: int,
+          pick: tuple[int, int, float], high: bool) -> float | None:
+    """One pick read from the positive values of ``flat`` (``positive``, ``n`` of them) at
+    or beyond ``threshold``, or None where they are too few to hold its positions."""
+    kept = flat[flat >= threshold] if high else flat[positive & (flat <= threshold)]
     if kept.size < _needed(n, pick, high):
         return None
     return _lerped(kept, [pick], skipped=n - kept.size if high else 0)[0]

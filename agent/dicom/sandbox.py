@@ -74,7 +74,10 @@ _PIXEL_TAGS = slice(0x7FE00008, 0x7FE00011)  # Float, Double Float and Pixel Dat
 # directory first on its path), so it runs the same code as the daemon whatever the
 # daemon's own working directory holds.
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-_REBUILT = ("dataset", "pixels", "decoder_cpu_ms")  # the Scan fields that travel otherwise
+# The Scan fields that travel as they are (the data set and pixels travel otherwise, and
+# the CPU time ahead of the answer).
+_SENT_FIELDS = tuple(f.name for f in fields(Scan)
+                     if f.name not in ("dataset", "pixels", "decoder_cpu_ms"))
 _CPU_NS = struct.Struct("<Q")  # ahead of each answer: the child's CPU time spent on it
 
 
@@ -189,7 +192,7 @@ def _answer(payload: bytes, contract: InputContract, pixel_budget: int,
                            max_payload_bytes=max_payload_bytes, payload_sha256=digest)
         _strip(scan)
         pixels = np.ascontiguousarray(scan.pixels, dtype=np.float32)
-        rest = {f.name: getattr(scan, f.name) for f in fields(Scan) if f.name not in _REBUILT}
+        rest = {name: getattr(scan, name) for name in _SENT_FIELDS}
         sent: np.ndarray | tuple[int, ...] = pixels
         if shared is not None and pixels.nbytes <= len(shared):
             shared[:pixels.nbytes] = pixels.data.cast("B")
@@ -296,7 +299,7 @@ class DecodeProcess:
                 if self._conn.poll(self.timeout_s):
                     answer = self._conn.recv_bytes()
                     (cpu_ns,) = _CPU_NS.unpack_from(answer)
-                    kind, value = pickle.loads(answer[_CPU_NS.size:])  # noqa: S301 (see top)
+                    kind, value = pickle.loads(memoryview(answer)[_CPU_NS.size:])  # noqa: S301 (see top)
                     if kind == "scan" and isinstance(value[2], tuple):
                         # The pixels are in the buffer: copied out before the next request.
                         assert self._shared is not None
