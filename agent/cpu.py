@@ -87,6 +87,7 @@ class CpuInfo:
     groups: tuple[CoreGroup, ...]
     clock_source: str
     assumptions: tuple[str, ...]
+    aes: bool = False  # AES instructions (x86 AES-NI, ARMv8 AES): the seal's AEAD (seal.aead)
 
     @property
     def label(self) -> str:
@@ -269,7 +270,7 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
         return CpuInfo(model=model, arch=machine or "arm", logical_cpus=logical,
                        cores=cores, isa=tuple(labels), int8_dot=dot, groups=tuple(built),
                        clock_source="; ".join(sorted(clock_src)),
-                       assumptions=(cores_note, *why))
+                       assumptions=(cores_note, *why), aes="aes" in words)
 
     forced = avx2_kernels and {"avx2", "fma"} <= words
     if forced:
@@ -302,7 +303,7 @@ def identify(cpuinfo: str, *, max_khz: dict[int, int] | None = None,
     group = CoreGroup(cores, model, ghz, fp32, int8)
     return CpuInfo(model=model, arch=machine or "x86_64", logical_cpus=logical, cores=cores,
                    isa=isa, int8_dot=dot, groups=(group,), clock_source=source,
-                   assumptions=(cores_note, *why))
+                   assumptions=(cores_note, *why), aes="aes" in words)
 
 
 def estimate_peak(cpu: CpuInfo) -> PeakEstimate:

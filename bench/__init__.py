@@ -11,6 +11,7 @@
 | ``slices`` | the DICOM series the benchmark sends |
 | ``report`` | medians over rounds, ratios, the printed table |
 | ``stages`` | the agent's own work per slice, stage by stage |
+| ``seal`` | sealing one result: AES-256-GCM against ChaCha20-Poly1305, with and without AES-NI |
 | ``soak`` | the agent under a sustained rate: RSS, files, threads, store size |
 | ``gateway`` | the DICOM gateway's cost per instance, broker up and away |
 | ``fleet_scale`` | N nodes on one broker taking one published bundle |

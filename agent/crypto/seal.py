@@ -8,6 +8,11 @@ Layout of envelope format v1 (all integers big-endian; exact spec in ``docs/prot
 (encapsulated key || AEAD ciphertext) with ``info = b"iomt-envelope-v1" || H``, and the
 signature is Ed25519 by the device key over every byte before it.
 
+The header's ``suite`` names the KEM (the recipient key's kind) and the AEAD: AES-256-GCM,
+or ChaCha20-Poly1305 for a node whose CPU has no AES instructions (a Raspberry Pi 4), where
+it is several times faster in software (``agent.crypto.aead_choice``; measured by
+``bench/seal.py``). A receiver opens all four suites.
+
 ``open_envelope`` checks the framing, then the signature (with the keys trusted for the
 device named in the header), then decrypts with the recipient key the header names. Error
 messages never contain plaintext.
@@ -46,24 +51,38 @@ INFO_PREFIX = b"iomt-envelope-v1"
 SIGNATURE_LEN = 64
 MAX_FIELD_LEN = 256
 
-SUITES: dict[str, RecipientKind] = {
-    "mlkem768-x25519-hkdfsha256-aes256gcm": "mlkem768-x25519",
-    "x25519-hkdfsha256-aes256gcm": "x25519",
+Aead = Literal["aes-256-gcm", "chacha20-poly1305"]
+AEADS: dict[Aead, hpke.AEAD] = {
+    "aes-256-gcm": hpke.AEAD.AES_256_GCM,
+    "chacha20-poly1305": hpke.AEAD.CHACHA20_POLY1305,
 }
-_SUITE_FOR_KIND: dict[RecipientKind, str] = {v: k for k, v in SUITES.items()}
-_HPKE: dict[RecipientKind, hpke.Suite] = {
-    "mlkem768-x25519": hpke.Suite(
-        hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM
-    ),
-    "x25519": hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+_KEMS: dict[RecipientKind, hpke.KEM] = {
+    "mlkem768-x25519": hpke.KEM.MLKEM768_X25519,
+    "x25519": hpke.KEM.X25519,
 }
 
 
+def suite_name(kind: RecipientKind, aead: Aead) -> str:
+    """The header's ``suite`` for a recipient key of ``kind`` and ``aead``, e.g.
+    ``mlkem768-x25519-hkdfsha256-aes256gcm``."""
+    return f"{kind}-hkdfsha256-{aead.replace('-', '')}"
 
-def hpke_suite(kind: RecipientKind) -> hpke.Suite:
-    """The HPKE suite envelopes use for recipient keys of ``kind`` (base mode, single shot;
-    ``tests/crypto/test_hpke_vectors.py`` runs the RFC 9180 vectors through it)."""
-    return _HPKE[kind]
+
+# Every suite an envelope may name: the recipient key's kind and the AEAD.
+SUITES: dict[str, tuple[RecipientKind, Aead]] = {
+    suite_name(kind, aead): (kind, aead) for kind in _KEMS for aead in AEADS
+}
+_HPKE: dict[tuple[RecipientKind, Aead], hpke.Suite] = {
+    (kind, aead): hpke.Suite(_KEMS[kind], hpke.KDF.HKDF_SHA256, AEADS[aead])
+    for kind in _KEMS for aead in AEADS
+}
+
+
+def hpke_suite(kind: RecipientKind, aead: Aead = "aes-256-gcm") -> hpke.Suite:
+    """The HPKE suite envelopes use for recipient keys of ``kind`` with ``aead`` (base
+    mode, single shot; ``tests/crypto/test_hpke_vectors.py`` runs the RFC 9180 vectors
+    through it)."""
+    return _HPKE[kind, aead]
 
 
 _HEADER_KEYS = frozenset(
@@ -152,10 +171,12 @@ def seal(
     message_id: str,
     content_type: str = "application/dicom",
     created: datetime | None = None,
+    aead: Aead = "aes-256-gcm",
 ) -> bytes:
     """Encrypt ``plaintext`` to ``recipient`` and sign the envelope with ``signing_key``.
 
-    The suite follows the recipient key's kind. ``created`` defaults to now and must be
+    The suite follows the recipient key's kind and ``aead`` (``agent.crypto.aead_choice``
+    picks it for the CPU). ``created`` defaults to now and must be
     timezone-aware. Raises ``ValueError`` for invalid arguments.
     """
     for name, value in (
@@ -167,7 +188,7 @@ def seal(
     header = _canonical_json(
         {
             "v": VERSION,
-            "suite": _SUITE_FOR_KIND[recipient.kind],
+            "suite": suite_name(recipient.kind, aead),
             "recipient_key_id": recipient.key_id,
             "device_id": device_id,
             "message_id": message_id,
@@ -175,7 +196,7 @@ def seal(
             "content_type": content_type,
         }
     )
-    ciphertext = _HPKE[recipient.kind].encrypt(
+    ciphertext = _HPKE[recipient.kind, aead].encrypt(
         plaintext, recipient.hpke_key(), info=INFO_PREFIX + header
     )
     out = bytearray(_PREFIX.pack(MAGIC, VERSION, len(header)))
@@ -279,16 +300,17 @@ def open_envelope(
         raise EnvelopeError(
             "bad_signature", f"signature does not verify for device {header.device_id!r}"
         )
-    kind = SUITES.get(header.suite)
-    if kind is None:
+    suite = SUITES.get(header.suite)
+    if suite is None:
         raise EnvelopeError("unsupported_suite", f"suite {header.suite!r} is not supported")
+    kind = suite[0]
     key = recipients.get(header.recipient_key_id)
     if key is None or key.kind != kind:
         raise EnvelopeError(
             "unknown_recipient", f"no {kind} private key with id {header.recipient_key_id}"
         )
     try:
-        plaintext = _HPKE[kind].decrypt(ciphertext, key.hpke_key(), info=INFO_PREFIX + raw_header)
+        plaintext = _HPKE[suite].decrypt(ciphertext, key.hpke_key(), info=INFO_PREFIX + raw_header)
     except (InvalidTag, ValueError):
         raise EnvelopeError(
             "decrypt_failed", f"HPKE decryption failed for key {header.recipient_key_id}"

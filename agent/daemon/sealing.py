@@ -10,6 +10,9 @@ Rotation of the cloud key: the receiver holds both keys (``receiver.recipient_pr
 as a list), the node's ``seal.recipient_public_key`` is pointed at the new public key, and
 a reload makes every result sealed from then on go to the new key. A device key rotates the
 same way (``receiver.trusted_devices`` lists both public keys). See ``docs/security.md``.
+
+The AEAD (``seal.aead``, ``agent.crypto.aead_choice``) is resolved at start and at each
+reload; the status and the ``seal_keys`` log line name it and why.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import BrokerConfig, SealSection
 from agent.crypto import keys, seal
+from agent.crypto.aead_choice import AeadChoice, choose_aead
 from agent.log import get_logger
 
 log = get_logger("agent.daemon.sealing")
@@ -61,6 +65,7 @@ class Sealer:
 
     def __init__(self, section: SealSection, device_id: str) -> None:
         self._keys = SealKeys.load(section)
+        self._aead: AeadChoice = choose_aead(section.aead)
         self._device_id = device_id
         self._lock = threading.Lock()
 
@@ -68,11 +73,14 @@ class Sealer:
         current = self._keys  # one read: a reload cannot mix the old and the new pair
         return seal.seal(plaintext, recipient=current.recipient,
                          signing_key=current.signing_key, device_id=self._device_id,
-                         message_id=message_id, content_type="application/dicom")
+                         message_id=message_id, content_type="application/dicom",
+                         aead=self._aead.aead)
 
     def summary(self) -> dict[str, str]:
-        """Key ids for the status and the log."""
-        return self._keys.ids()
+        """Key ids and the suite, for the status and the log."""
+        return {**self._keys.ids(),
+                "suite": seal.suite_name(self._keys.recipient.kind, self._aead.aead),
+                "aead_reason": self._aead.reason}
 
     def reload(self, section: SealSection) -> bool:
         """Swap in the keys ``section`` (``[seal]`` read again on SIGHUP) names; False
@@ -81,13 +89,17 @@ class Sealer:
             try:
                 new = SealKeys.load(section)
             except keys.KeyFileError as exc:
-                log.error("seal_keys_refused", reason=str(exc), serving=self._keys.ids(),
+                log.error("seal_keys_refused", reason=str(exc), serving=self.summary(),
                           fix="fix [seal] in the config or the key file named, then "
                           "`systemctl reload iomt-agent`; the current keys keep sealing")
                 return False
             old, self._keys = self._keys.ids(), new
+            aead, self._aead = self._aead, choose_aead(section.aead)
         changed = {k: v for k, v in new.ids().items() if old[k] != v}
         if changed:
             log.info("seal_keys_rotated", **new.ids(),
                      previous={k: old[k] for k in changed})
+        if aead.aead != self._aead.aead:
+            log.info("seal_aead_changed", aead=self._aead.aead, previous=aead.aead,
+                     reason=self._aead.reason)
         return True

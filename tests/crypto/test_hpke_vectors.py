@@ -9,10 +9,10 @@ What runs, and why not the rest:
   P-256, P-521, X448 and the other PQ KEMs are not the project's (no key type for them).
 * Mode: base (0) only. cryptography offers no PSK or auth mode, so modes 1-3 cannot run.
 * Each KDF/AEAD the vectors pair with those KEMs (HKDF-SHA256/-SHA512, SHAKE256; AES-128-GCM,
-  AES-256-GCM, ChaCha20-Poly1305); the envelope's own suites are X25519 / HKDF-SHA256 /
-  AES-256-GCM (one vector, the suite object of ``seal`` itself) and ML-KEM-768+X25519 /
-  HKDF-SHA256 / AES-256-GCM (no vector ships for that AEAD: its KEM and KDF run with
-  ChaCha20-Poly1305). Export-only vectors (AEAD 0xFFFF) and the ``exports`` have no API.
+  AES-256-GCM, ChaCha20-Poly1305); the envelope's own suites (either KEM with HKDF-SHA256
+  and AES-256-GCM or ChaCha20-Poly1305) run through the suite objects of ``seal`` itself:
+  X25519 with both AEADs, ML-KEM-768+X25519 with ChaCha20-Poly1305 (no vector ships for it
+  with AES-256-GCM). Export-only vectors (AEAD 0xFFFF) and the ``exports`` have no API.
 * Only the first encryption of each vector (sequence number 0): the API is single-shot, one
   message per context; later encryptions need the context's nonce sequence.
 * Decryption only: encryption draws its ephemeral key at random (no deterministic
@@ -36,7 +36,7 @@ from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hpke
 
 from agent.crypto.keys import RecipientKind, RecipientPrivateKey
-from agent.crypto.seal import hpke_suite
+from agent.crypto.seal import Aead, hpke_suite
 
 KEMS: dict[int, tuple[RecipientKind, Any]] = {
     0x0020: ("x25519", hpke.KEM.X25519),
@@ -46,7 +46,10 @@ KDFS = {0x0001: hpke.KDF.HKDF_SHA256, 0x0002: hpke.KDF.HKDF_SHA384,
         0x0003: hpke.KDF.HKDF_SHA512, 0x0010: hpke.KDF.SHAKE128, 0x0011: hpke.KDF.SHAKE256}
 AEADS = {0x0001: hpke.AEAD.AES_128_GCM, 0x0002: hpke.AEAD.AES_256_GCM,
          0x0003: hpke.AEAD.CHACHA20_POLY1305}
-PROJECT = {("x25519", 0x0001, 0x0002), ("mlkem768-x25519", 0x0001, 0x0002)}
+# The envelope's own suites (KEM, HKDF-SHA256, AEAD) -> the AEAD's name in agent.crypto.seal.
+PROJECT: dict[tuple[RecipientKind, int, int], Aead] = {
+    (kind, 0x0001, aead_id): aead for kind in ("x25519", "mlkem768-x25519")
+    for aead_id, aead in ((0x0002, "aes-256-gcm"), (0x0003, "chacha20-poly1305"))}
 
 
 def _vectors() -> list[dict[str, Any]]:
@@ -73,8 +76,9 @@ def _private(v: dict[str, Any]) -> RecipientPrivateKey:
 
 def _suite(v: dict[str, Any]) -> hpke.Suite:
     kind, kem = KEMS[v["kem_id"]]
-    if (kind, v["kdf_id"], v["aead_id"]) in PROJECT:
-        return hpke_suite(kind)  # the envelope's own suite object
+    aead = PROJECT.get((kind, v["kdf_id"], v["aead_id"]))
+    if aead is not None:
+        return hpke_suite(kind, aead)  # the envelope's own suite object
     return hpke.Suite(kem, KDFS[v["kdf_id"]], AEADS[v["aead_id"]])
 
 
@@ -85,6 +89,8 @@ def _id(v: dict[str, Any]) -> str:
 def test_the_vectors_cover_both_project_kems_and_the_envelope_suite() -> None:
     combos = {(KEMS[v["kem_id"]][0], v["kdf_id"], v["aead_id"]) for v in VECTORS}
     assert ("x25519", 0x0001, 0x0002) in combos  # X25519 / HKDF-SHA256 / AES-256-GCM
+    # ... and with ChaCha20-Poly1305, for both KEMs (seal.aead on a CPU without AES)
+    assert {("x25519", 0x0001, 0x0003), ("mlkem768-x25519", 0x0001, 0x0003)} <= combos
     assert {kind for kind, _, _ in combos} == {"x25519", "mlkem768-x25519"}
     assert len(VECTORS) == 8, [_id(v) for v in VECTORS]
 

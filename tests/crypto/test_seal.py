@@ -85,6 +85,34 @@ def test_round_trip(kind: RecipientKind) -> None:
     )
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_chacha20_round_trip_names_its_suite(kind: RecipientKind) -> None:
+    data = _seal(kind, aead="chacha20-poly1305")
+    opened = _open(data, kind)
+    assert opened.plaintext == PAYLOAD
+    assert opened.suite == f"{kind}-hkdfsha256-chacha20poly1305"
+    assert seal.SUITES[opened.suite] == (kind, "chacha20-poly1305")
+    hend, cend = _split(data)
+    aes_hend, aes_cend = _split(_seal(kind))
+    assert cend - hend == aes_cend - aes_hend  # the same enc and 16-byte tag as AES-256-GCM
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_suite_relabelled_to_the_other_aead_fails_to_decrypt(kind: RecipientKind) -> None:
+    """The header names the AEAD and is bound to the ciphertext: an envelope re-signed with
+    the other AEAD's suite name opens with neither."""
+    for aead, other in (("aes-256-gcm", "chacha20poly1305"), ("chacha20-poly1305", "aes256gcm")):
+        forged = _resign_with_header(_seal(kind, aead=aead),
+                                     {"suite": f"{kind}-hkdfsha256-{other}"})
+        assert _reason(forged, kind) == "decrypt_failed"
+
+
+def test_every_suite_name_is_the_kem_kdf_and_aead() -> None:
+    assert sorted(seal.SUITES) == [
+        "mlkem768-x25519-hkdfsha256-aes256gcm", "mlkem768-x25519-hkdfsha256-chacha20poly1305",
+        "x25519-hkdfsha256-aes256gcm", "x25519-hkdfsha256-chacha20poly1305"]
+
+
 def test_layout_and_canonical_header() -> None:
     data = _seal("mlkem768-x25519", created=datetime(2025, 1, 1, tzinfo=UTC))
     assert data[:5] == b"IOMT\x01"

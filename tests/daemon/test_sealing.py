@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
 from agent.cloud.receiver import receiver_from_config
-from agent.config import load_config
+from agent.config import ConfigError, load_config
 from agent.crypto import keys, seal
 from agent.crypto.site_secret import create_site_secret
 from agent.daemon.sealing import Sealer
@@ -94,7 +94,7 @@ def test_reload_rotates_both_keys_and_the_receiver_opens_old_and_new(node: Path)
         receiver = receiver_from_config(load_config(node / "agent.toml"), node / "out")
     new_ids = {"recipient_key_id": keys.load_recipient_public_key(node / "new-r.pub").key_id,
                "signing_key_id": keys.signing_key_id(keys.load_verify_key(node / "new-d.pub"))}
-    assert sealer.summary() == new_ids
+    assert {k: sealer.summary()[k] for k in new_ids} == new_ids
     [rotated] = [e for e in logs if e["event"] == "seal_keys_rotated"]
     assert {k: rotated[k] for k in new_ids} == new_ids
     assert set(rotated["previous"]) == {"recipient_key_id", "signing_key_id"}
@@ -122,6 +122,37 @@ def test_a_reload_to_unusable_keys_is_refused_and_the_old_keys_keep_sealing(
     assert refused["serving"] == serving and sealer.summary() == serving
     (node / "new-d.key").chmod(0o600)
     assert not [m for m in _material(node) if m in repr(logs)]
+
+
+def test_the_configured_aead_seals_and_a_reload_switches_it(node: Path) -> None:
+    """``seal.aead`` names the cipher: the envelope's suite says which, the receiver opens
+    both, the status shows it and a reload to the other one is logged."""
+    path = _write(node)
+    path.write_text(path.read_text().replace("[deid]", 'aead = "chacha20-poly1305"\n[deid]'))
+    sealer = Sealer(load_config(path).seal, "node-1")
+    chacha = sealer(b"first", "m-1")
+    assert sealer.summary()["suite"] == "mlkem768-x25519-hkdfsha256-chacha20poly1305"
+    assert sealer.summary()["aead_reason"] == "set by seal.aead"
+    path.write_text(path.read_text().replace('"chacha20-poly1305"', '"aes-256-gcm"'))
+    with capture_logs() as logs:
+        assert sealer.reload(load_config(path).seal) is True
+    [changed] = [e for e in logs if e["event"] == "seal_aead_changed"]
+    assert (changed["aead"], changed["previous"]) == ("aes-256-gcm", "chacha20-poly1305")
+    aes = sealer(b"second", "m-2")
+    receiver = receiver_from_config(load_config(path), node / "out")
+    opened = [seal.open_envelope(e, recipients=receiver.recipients,
+                                 trusted_devices=receiver.trusted_devices)
+              for e in (chacha, aes)]
+    assert [(o.plaintext, o.suite.rsplit("-", 1)[1]) for o in opened] == [
+        (b"first", "chacha20poly1305"), (b"second", "aes256gcm")]
+
+
+def test_a_wrong_aead_is_refused_with_its_key_path(node: Path) -> None:
+    path = _write(node)
+    path.write_text(path.read_text().replace("[deid]", 'aead = "aes-128-cbc"\n[deid]'))
+    with pytest.raises(ConfigError, match=r"seal\.aead: .*'chacha20-poly1305' \(got "
+                       r"'aes-128-cbc'\)"):
+        load_config(path)
 
 
 def test_keys_come_from_credentials_directory_when_set(
