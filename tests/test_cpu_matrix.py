@@ -1,6 +1,7 @@
 """The CPU matrix's own logic (``tools/cpu_matrix``), without emulation: the arm64
 /proc/cpuinfo made from HWCAP bits, and the verdict that fails a column whose CPU is not
-the one it stands for, a guard row under its floor or a failed test."""
+the one it stands for, a guard row under its floor, a failed test or a suite that does not
+seal and open."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ def _row(ok: bool, psnr: float) -> dict[str, Any]:
             "floor_db": 50.0, "reason": "golden PSNR vs floor"}
 
 
-def _cell(cpu: dict[str, Any], ok: bool = True, tests_ok: bool = True) -> dict[str, Any]:
+def _sealing(ok: bool = True) -> dict[str, Any]:
+    rows = [{"suite": "x25519-hkdfsha256-aes256gcm", "ok": True, "reason": ""},
+            {"suite": "x25519-hkdfsha256-chacha20poly1305", "ok": ok,
+             "reason": "" if ok else "InvalidTag: "}]
+    return {"rows": rows, "ok": ok, "aes": False, "auto": "chacha20-poly1305"}
+
+
+def _cell(cpu: dict[str, Any], ok: bool = True, tests_ok: bool = True,
+          seal_ok: bool = True) -> dict[str, Any]:
     failed = {} if tests_ok else {"tests/t.py::x": {"outcome": "failed", "reason": "r"}}
-    return {"cpu": cpu, "guard": [_row(ok, 54.0 if ok else 31.4)],
+    return {"cpu": cpu, "guard": [_row(ok, 54.0 if ok else 31.4)], "seal": _sealing(seal_ok),
             "tests": {"ok": tests_ok, "exit_code": 0 if tests_ok else 1,
                       "counts": {"passed": 3, "failed": len(failed)}, "not_passed": failed}}
 
@@ -51,6 +60,11 @@ def test_a_column_passes_only_with_its_cpu_rows_and_tests() -> None:
     failed = report.judge("native", _cell({"avx2": True}, tests_ok=False))
     assert len(failed) == 1 and "tests/t.py::x" in failed[0]
     assert report.judge("native", {"cpu": {}, "error": "exited with -11"})  # a crash fails
+    unsealed = report.judge("cortex-a72", _cell({"dotprod": False}, seal_ok=False))
+    assert unsealed == ["cortex-a72: sealing with x25519-hkdfsha256-chacha20poly1305: "
+                        "InvalidTag: "]
+    no_seal = {k: v for k, v in _cell({"dotprod": False}).items() if k != "seal"}
+    assert report.judge("cortex-a72", no_seal) == ["cortex-a72: no sealing results"]
 
 
 def test_table_shows_each_cell_against_its_floor() -> None:
@@ -60,3 +74,5 @@ def test_table_shows_each_cell_against_its_floor() -> None:
     assert "AVX-512 VNNI" in text and "asimddp off" in text
     row = next(ln for ln in text.splitlines() if ln.startswith("b "))
     assert "54.00/50 PASS" in row and "31.40/50 FAIL" in row
+    sealing = next(ln for ln in text.splitlines() if ln.startswith("sealing"))
+    assert sealing.count("2/2 auto ChaCha20 PASS") == 2

@@ -318,3 +318,53 @@ def test_keys_from_files_interoperate(tmp_path: Path) -> None:
         data, recipients=keys.key_ring([loaded]), trusted_devices={DEVICE: _DEVICE_KEY.public_key()}
     )
     assert opened.plaintext == b"x"
+
+
+def test_every_suite_opens_on_openssls_software_paths(tmp_path: Path) -> None:
+    """With OpenSSL told that the CPU has no AES, carry-less multiply or vector units
+    (``OPENSSL_ia32cap`` on x86, ``OPENSSL_armcap=0`` on ARM: the code a Raspberry Pi 4
+    runs), every suite seals and opens the same bytes as with them, both ways across the
+    two processes."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        software = {"OPENSSL_ia32cap": "~0x200000200000000"}  # AES-NI and PCLMULQDQ off
+    else:
+        software = {"OPENSSL_armcap": "0"}
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey\n"
+        "from agent.crypto import keys, seal\n"
+        "d = Path(sys.argv[1]); plain = bytes(range(256)) * 520\n"
+        "for suite, (kind, aead) in seal.SUITES.items():\n"
+        "    tag = suite.replace('-', '_')\n"
+        "    if sys.argv[2] == 'seal':\n"
+        "        priv, pub = keys.generate_recipient_keypair(kind)\n"
+        "        dev = Ed25519PrivateKey.generate()\n"
+        "        keys.save_private_key(d / f'{tag}.key', priv)\n"
+        "        keys.save_public_key(d / f'{tag}.dev.pub', dev.public_key())\n"
+        "        (d / tag).write_bytes(seal.seal(plain, recipient=pub, signing_key=dev,\n"
+        "                                        device_id='n', message_id='m', aead=aead))\n"
+        "    else:\n"
+        "        priv = keys.load_recipient_private_key(d / f'{tag}.key')\n"
+        "        dev = keys.load_verify_key(d / f'{tag}.dev.pub')\n"
+        "        opened = seal.open_envelope((d / tag).read_bytes(),\n"
+        "                                    recipients={priv.key_id: priv},\n"
+        "                                    trusted_devices={'n': dev})\n"
+        "        assert opened.plaintext == plain and opened.suite == suite, suite\n"
+        "print('ok')\n")
+    root = Path(__file__).resolve().parents[2]
+    for name, (seal_env, open_env) in {"software seals": (software, {}),
+                                       "software opens": ({}, software)}.items():
+        work = tmp_path / name.replace(" ", "_")
+        work.mkdir()
+        for step, extra in (("seal", seal_env), ("open", open_env)):
+            run = subprocess.run([sys.executable, "-c", script, str(work), step], cwd=root,
+                                 env={**os.environ, **extra}, capture_output=True, text=True,
+                                 timeout=120, check=False)
+            assert run.returncode == 0 and run.stdout.strip() == "ok", (name, step,
+                                                                          run.stderr[-1500:])

@@ -7,7 +7,10 @@
 * the agent's own int8 guard (``agent.model.guard.verify_bundle``, what ``iomt-agent model
   verify`` and the agent at load run) on every bundle under ``models/`` x every runtime;
 * the test files whose models are quantized here, on this CPU (``CELL_TESTS``), through
-  pytest in this process, each test's outcome recorded.
+  pytest in this process, each test's outcome recorded;
+* a result sealed and opened with every envelope suite (``seal_rows``): OpenSSL picks its
+  AES, GHASH, ChaCha20 and SHA-512 code by the CPU as the runtimes pick their int8 kernels,
+  and ``seal.aead = "auto"`` picks the AEAD by it.
 
 ``python -m tools.cpu_matrix.cell --out FILE [--no-tests]`` from the repository root
 writes one JSON object. A cell never stops at a failing guard or test: each is a row.
@@ -136,6 +139,40 @@ def test_rows() -> dict[str, Any]:
                            if v["outcome"] != "passed"}}
 
 
+def seal_rows() -> dict[str, Any]:
+    """A 133 kB result sealed and opened with each KEM x AEAD on this CPU, and the AEAD that
+    ``seal.aead = "auto"`` picks here."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.cpu import read_cpu
+    from agent.crypto import keys, seal
+    from agent.crypto.aead_choice import choose_aead
+
+    plaintext = os.urandom(133_000)
+    device = Ed25519PrivateKey.generate()
+    rows = []
+    for suite, (kind, aead) in seal.SUITES.items():
+        row: dict[str, Any] = {"suite": suite}
+        try:
+            private, public = keys.generate_recipient_keypair(kind)
+            envelope = seal.seal(plaintext, recipient=public, signing_key=device,
+                                 device_id="cell", message_id="m-1", aead=aead)
+            opened = seal.open_envelope(envelope, recipients={private.key_id: private},
+                                        trusted_devices={"cell": device.public_key()})
+            row["ok"] = opened.plaintext == plaintext and opened.suite == suite
+            row["reason"] = "" if row["ok"] else "opened to other bytes or another suite"
+        except Exception as exc:  # a crypto backend's own errors included
+            row.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+    choice = choose_aead("auto")
+    print(f"  sealing: {sum(r['ok'] for r in rows)}/{len(rows)} suites open; auto picks "
+          f"{choice.aead}", file=sys.stderr, flush=True)
+    return {"rows": rows, "ok": all(r["ok"] for r in rows), "aes": read_cpu().aes,
+            "auto": choice.aead}
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -156,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"cpu": cpu_identity(), "versions": versions()}
     args.out.write_text(json.dumps(result))  # what the CPU is, even if a runtime crashes
     result["guard"] = guard_rows()
+    result["seal"] = seal_rows()
     args.out.write_text(json.dumps(result))
     if not args.no_tests:
         result["tests"] = test_rows()

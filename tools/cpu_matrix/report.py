@@ -30,6 +30,12 @@ def judge(name: str, cell: dict[str, Any]) -> list[str]:
     for row in guard or ():
         if not row["ok"]:
             why.append(f"{name}: {row['bundle']} on {row['runtime']}: {row['reason']}")
+    sealing = cell.get("seal")
+    if sealing is None and guard:
+        why.append(f"{name}: no sealing results")
+    for row in (sealing or {}).get("rows", ()):
+        if not row["ok"]:
+            why.append(f"{name}: sealing with {row['suite']}: {row['reason']}")
     tests = cell.get("tests")
     if tests is not None and not tests["ok"]:
         failed = [k for k, v in tests["not_passed"].items() if v["outcome"] == "failed"]
@@ -72,6 +78,15 @@ def _tests_text(cell: dict[str, Any]) -> str:
     return f"{text} {'PASS' if tests['ok'] else 'FAIL'}"
 
 
+def _seal_text(cell: dict[str, Any]) -> str:
+    sealing = cell.get("seal")
+    if sealing is None:
+        return "-"
+    good = sum(r["ok"] for r in sealing["rows"])
+    auto = {"aes-256-gcm": "AES", "chacha20-poly1305": "ChaCha20"}.get(sealing["auto"], "?")
+    return f"{good}/{len(sealing['rows'])} auto {auto} {'PASS' if sealing['ok'] else 'FAIL'}"
+
+
 def table(cells: dict[str, dict[str, Any]]) -> str:
     """bundle x runtime rows, one column per CPU: worst golden PSNR / floor (dB), verdict."""
     names = list(cells)
@@ -93,4 +108,6 @@ def table(cells: dict[str, dict[str, Any]]) -> str:
         lines.append(f"{bundle:<18} {runtime:<12}" + "".join(f" {t:<{width}}" for t in texts))
     lines.append(f"{'tests (quantizing)':<18} {'':<12}"
                  + "".join(f" {_tests_text(cells[n]):<{width}}" for n in names))
+    lines.append(f"{'sealing (suites)':<18} {'':<12}"
+                 + "".join(f" {_seal_text(cells[n]):<{width}}" for n in names))
     return "\n".join(lines)
