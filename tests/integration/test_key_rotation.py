@@ -20,6 +20,7 @@ import pytest
 from agent.cli import main
 from agent.config import BrokerConfig
 from agent.crypto import keys
+from agent.crypto.seal import SUITES
 from agent.demo.sample_series import build_series, load_demo_slab
 from agent.transport.mqtt import Connection
 from agent.transport.topics import Topics
@@ -142,8 +143,10 @@ def test_cloud_and_device_keys_rotate_mid_stream_and_every_result_opens(
     # The retained status names the keys in use: the old pair first, the new one at the end.
     seals = [json.loads(m.payload)["seal"] for m in status.wait("status", 2)]
     status.stop()
-    assert seals[0] == {"recipient_key_id": old_r, "signing_key_id": old_d}
-    assert seals[-1] == {"recipient_key_id": new_r, "signing_key_id": new_d}
+    ids = ("recipient_key_id", "signing_key_id")
+    assert {k: seals[0][k] for k in ids} == {"recipient_key_id": old_r, "signing_key_id": old_d}
+    assert {k: seals[-1][k] for k in ids} == {"recipient_key_id": new_r, "signing_key_id": new_d}
+    assert {s["suite"] for s in seals} <= set(SUITES)  # and the suite it seals with
     # Key ids only: no private key or secret in any log line of either process.
     logs = agent.text() + receiver.text()
     secrets = _secrets(k)
