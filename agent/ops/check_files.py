@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 
 from agent.config import BrokerConfig, Config, ConfigError, load_config
 from agent.crypto import keys
+from agent.crypto.aead_choice import choose_aead
 from agent.ops.findings import (
     EXPIRY_WARNING,
     Finding,
@@ -106,6 +107,9 @@ def check_seal_keys(config: Config) -> list[Finding]:
         found.append(fail("key", "seal.recipient_public_key", str(exc),
                            "get the cloud's recipient public key from the cloud operator "
                            "(install.sh --recipient-key FILE)"))
+    choice = choose_aead(config.seal.aead)
+    found.append(ok("key", "seal.aead", f"envelopes sealed with {choice.aead} "
+                    f"({choice.reason})"))
     return found
 
 

@@ -125,6 +125,14 @@ def test_private_key_permissions(tmp_path: Path, bundle: Path) -> None:
     assert "not found" in doctor.check_seal_keys(load_config(config))[0].detail
 
 
+def test_the_seal_cipher_is_named_with_its_reason(tmp_path: Path, bundle: Path) -> None:
+    config = make_node(tmp_path, bundle, _closed_url(), _closed_url())
+    [cipher] = [f for f in doctor.check_seal_keys(load_config(config))
+                if f.subject == "seal.aead"]
+    assert cipher.verdict == "ok" and cipher.detail.startswith("envelopes sealed with ")
+    assert "seal.aead = auto: " in cipher.detail  # init leaves it at auto: why, for this CPU
+
+
 def test_world_writable_config_fails(tmp_path: Path, bundle: Path) -> None:
     config = make_node(tmp_path, bundle, _closed_url(), _closed_url())
     config.chmod(0o666)
