@@ -244,6 +244,12 @@ class SealSection(Strict):
         description="The AEAD that encrypts results (named in each envelope's suite; the "
         "receiver opens both). auto: AES-256-GCM where the CPU has AES instructions, else "
         "ChaCha20-Poly1305, several times faster in software (a Raspberry Pi 4)")
+    envelope_version: Literal[1, 2] = Field(
+        1, title="Envelope version",
+        description="1: the signature covers the whole envelope (every receiver opens it). "
+        "2: it covers the envelope's SHA-256: sealing 133 kB took 0.41-0.46 against "
+        "0.88-1.01 ms on a 2.1 GHz Xeon (SHA-256 instructions; a Pi 4 has none and gains "
+        "little); receivers from this release on open both: upgrade them first")
 
 
 class LogSection(Strict):

@@ -1,12 +1,15 @@
 """Sealed envelopes: HPKE-encrypted, Ed25519-signed results for the cloud receiver.
 
-Layout of envelope format v1 (all integers big-endian; exact spec in ``docs/protocol.md``)::
+Layout of the envelope (all integers big-endian; exact spec in ``docs/protocol.md``)::
 
-    b"IOMT" | u8 version=1 | u16 len(H) | H | u32 len(C) | C | signature (64 bytes)
+    b"IOMT" | u8 version | u16 len(H) | H | u32 len(C) | C | signature (64 bytes)
 
 ``H`` is the header as canonical JSON, ``C`` is the single-shot HPKE base-mode ciphertext
-(encapsulated key || AEAD ciphertext) with ``info = b"iomt-envelope-v1" || H``, and the
-signature is Ed25519 by the device key over every byte before it.
+(encapsulated key || AEAD ciphertext) with ``info = b"iomt-envelope-vN" || H``. The
+signature is Ed25519 by the device key: in version 1 over every byte before it; in version 2
+over ``b"iomt-envelope-v2 sha256\x00"`` || the SHA-256 of every byte before it, so that the
+result is hashed once instead of twice with SHA-512 inside Ed25519 (``seal.envelope_version``;
+a receiver opens both versions).
 
 The header's ``suite`` names the KEM (the recipient key's kind) and the AEAD: AES-256-GCM,
 or ChaCha20-Poly1305 for a node whose CPU has no AES instructions (a Raspberry Pi 4), where
@@ -25,13 +28,14 @@ a signature by any of them; ``Opened.signer_key_id`` says which one signed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -46,8 +50,11 @@ from agent.crypto.keys import (
 from agent.errors import AgentError
 
 MAGIC = b"IOMT"
-VERSION = 1
-INFO_PREFIX = b"iomt-envelope-v1"
+VERSION: Final = 1  # what ``seal`` writes unless told otherwise
+VERSIONS = (1, 2)
+EnvelopeVersion = Literal[1, 2]
+INFO_PREFIX = b"iomt-envelope-v1"  # version 1's; ``_info`` gives each version's
+_DIGEST_CONTEXT = b"iomt-envelope-v2 sha256\x00"  # what a v2 signature covers, then the digest
 SIGNATURE_LEN = 64
 MAX_FIELD_LEN = 256
 
@@ -172,13 +179,17 @@ def seal(
     content_type: str = "application/dicom",
     created: datetime | None = None,
     aead: Aead = "aes-256-gcm",
+    version: EnvelopeVersion = VERSION,
 ) -> bytes:
     """Encrypt ``plaintext`` to ``recipient`` and sign the envelope with ``signing_key``.
 
     The suite follows the recipient key's kind and ``aead`` (``agent.crypto.aead_choice``
-    picks it for the CPU). ``created`` defaults to now and must be
-    timezone-aware. Raises ``ValueError`` for invalid arguments.
+    picks it for the CPU); ``version`` is the envelope's (1, or 2 with the signature over
+    a digest). ``created`` defaults to now and must be timezone-aware. Raises
+    ``ValueError`` for invalid arguments.
     """
+    if version not in VERSIONS:
+        raise ValueError(f"envelope version must be one of {VERSIONS}")
     for name, value in (
         ("device_id", device_id),
         ("message_id", message_id),
@@ -187,7 +198,7 @@ def seal(
         _check_text(name, value)
     header = _canonical_json(
         {
-            "v": VERSION,
+            "v": version,
             "suite": suite_name(recipient.kind, aead),
             "recipient_key_id": recipient.key_id,
             "device_id": device_id,
@@ -197,22 +208,35 @@ def seal(
         }
     )
     ciphertext = _HPKE[recipient.kind, aead].encrypt(
-        plaintext, recipient.hpke_key(), info=INFO_PREFIX + header
+        plaintext, recipient.hpke_key(), info=_info(version) + header
     )
-    out = bytearray(_PREFIX.pack(MAGIC, VERSION, len(header)))
+    out = bytearray(_PREFIX.pack(MAGIC, version, len(header)))
     out += header
     out += _U32.pack(len(ciphertext))
     out += ciphertext
-    out += signing_key.sign(bytes(out))
+    out += signing_key.sign(_signed_message(version, out))
     return bytes(out)
+
+
+def _info(version: int) -> bytes:
+    return b"iomt-envelope-v%d" % version
+
+
+def _signed_message(version: int, body: bytes | bytearray) -> bytes:
+    """What the signature covers: the body itself (v1), or a context string and the body's
+    SHA-256 (v2)."""
+    if version == 1:
+        return bytes(body)
+    return _DIGEST_CONTEXT + hashlib.sha256(body).digest()
 
 
 def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
     """Check the framing; return (header bytes, ciphertext, signature)."""
     if len(data) < 5 or data[:4] != MAGIC:
         raise EnvelopeError("malformed", "not an IOMT envelope (bad magic)")
-    if data[4] != VERSION:
-        raise EnvelopeError("unsupported_version", f"envelope version {data[4]} (supported: 1)")
+    if data[4] not in VERSIONS:
+        raise EnvelopeError("unsupported_version",
+                            f"envelope version {data[4]} (supported: 1, 2)")
     if len(data) < _PREFIX.size:
         raise EnvelopeError("malformed", "truncated before header length")
     _, _, hlen = _PREFIX.unpack_from(data)
@@ -228,20 +252,20 @@ def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
     return data[_PREFIX.size : _PREFIX.size + hlen], data[pos : pos + clen], data[pos + clen :]
 
 
-def _parse_header(raw: bytes) -> EnvelopeHeader:
+def _parse_header(raw: bytes, version: int) -> EnvelopeHeader:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise EnvelopeError("malformed", "header is not UTF-8 JSON") from None
     if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS:
-        raise EnvelopeError("malformed", "header does not have exactly the v1 fields")
+        raise EnvelopeError("malformed", "header does not have exactly the envelope header fields")
     try:
         canonical = _canonical_json(obj) == raw
     except UnicodeEncodeError:  # lone surrogates from \uXXXX escapes
         canonical = False
     if not canonical:
         raise EnvelopeError("malformed", "header is not canonical JSON")
-    if type(obj["v"]) is not int or obj["v"] != VERSION:
+    if type(obj["v"]) is not int or obj["v"] != version:
         raise EnvelopeError("malformed", "header v does not match the envelope version")
     for name in ("suite", "device_id", "message_id", "content_type"):
         try:
@@ -272,7 +296,7 @@ def _parse_header(raw: bytes) -> EnvelopeHeader:
 def peek_header(data: bytes) -> EnvelopeHeader:
     """Parse the header WITHOUT verifying anything (for logging and routing only)."""
     raw_header, _, _ = _split(data)
-    return _parse_header(raw_header)
+    return _parse_header(raw_header, data[4])
 
 
 def open_envelope(
@@ -290,11 +314,11 @@ def open_envelope(
     its ``reason``).
     """
     raw_header, ciphertext, signature = _split(data)
-    header = _parse_header(raw_header)
+    header = _parse_header(raw_header, data[4])
     trusted = trusted_devices.get(header.device_id)
     if trusted is None:
         raise EnvelopeError("unknown_device", f"device {header.device_id!r} is not trusted")
-    signed = data[: len(data) - SIGNATURE_LEN]
+    signed = _signed_message(header.v, data[: len(data) - SIGNATURE_LEN])
     signer = _verifying_key(trusted, signature, signed)
     if signer is None:
         raise EnvelopeError(
@@ -310,7 +334,8 @@ def open_envelope(
             "unknown_recipient", f"no {kind} private key with id {header.recipient_key_id}"
         )
     try:
-        plaintext = _HPKE[suite].decrypt(ciphertext, key.hpke_key(), info=INFO_PREFIX + raw_header)
+        plaintext = _HPKE[suite].decrypt(ciphertext, key.hpke_key(),
+                                         info=_info(header.v) + raw_header)
     except (InvalidTag, ValueError):
         raise EnvelopeError(
             "decrypt_failed", f"HPKE decryption failed for key {header.recipient_key_id}"

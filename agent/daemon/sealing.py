@@ -12,7 +12,8 @@ a reload makes every result sealed from then on go to the new key. A device key 
 same way (``receiver.trusted_devices`` lists both public keys). See ``docs/security.md``.
 
 The AEAD (``seal.aead``, ``agent.crypto.aead_choice``) is resolved at start and at each
-reload; the status and the ``seal_keys`` log line name it and why.
+reload, and the envelope version (``seal.envelope_version``) read; the status and the
+``seal_keys`` log line name both, and why that AEAD.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Sealer:
     def __init__(self, section: SealSection, device_id: str) -> None:
         self._keys = SealKeys.load(section)
         self._aead: AeadChoice = choose_aead(section.aead)
+        self._version = section.envelope_version
         self._device_id = device_id
         self._lock = threading.Lock()
 
@@ -74,13 +76,13 @@ class Sealer:
         return seal.seal(plaintext, recipient=current.recipient,
                          signing_key=current.signing_key, device_id=self._device_id,
                          message_id=message_id, content_type="application/dicom",
-                         aead=self._aead.aead)
+                         aead=self._aead.aead, version=self._version)
 
-    def summary(self) -> dict[str, str]:
-        """Key ids and the suite, for the status and the log."""
+    def summary(self) -> dict[str, str | int]:
+        """Key ids, the suite and the envelope version, for the status and the log."""
         return {**self._keys.ids(),
                 "suite": seal.suite_name(self._keys.recipient.kind, self._aead.aead),
-                "aead_reason": self._aead.reason}
+                "aead_reason": self._aead.reason, "envelope_version": self._version}
 
     def reload(self, section: SealSection) -> bool:
         """Swap in the keys ``section`` (``[seal]`` read again on SIGHUP) names; False
@@ -95,6 +97,7 @@ class Sealer:
                 return False
             old, self._keys = self._keys.ids(), new
             aead, self._aead = self._aead, choose_aead(section.aead)
+            self._version = section.envelope_version
         changed = {k: v for k, v in new.ids().items() if old[k] != v}
         if changed:
             log.info("seal_keys_rotated", **new.ids(),

@@ -26,5 +26,6 @@ def test_two_turns_report_every_suite(tmp_path: Path) -> None:
                                  for aead in ("aes-256-gcm", "chacha20-poly1305")}
         for row in by_suite.values():
             assert row["seal"] > 0 and row["hpke"] > 0 and row["sign"] > 0
-    assert len(result["ratios"]) == 2 * len(paths)
+            assert row["seal_v2"] > 0
+    assert len(result["ratios"]) == 4 * len(paths)
     assert "AES instructions:" in run.stdout.splitlines()[0]

@@ -132,8 +132,9 @@ def test_empty_and_large_payload(kind: RecipientKind) -> None:
         assert _open(_seal(kind, payload), kind).plaintext == payload
 
 
-def test_tamper_every_region_rejected() -> None:
-    data = _seal("x25519", payload=b"secret")
+@pytest.mark.parametrize("version", [1, 2])
+def test_tamper_every_region_rejected(version: int) -> None:
+    data = _seal("x25519", payload=b"secret", version=version)
     hend, cend = _split(data)
     rng = random.Random(1)
     positions = set(range(0, hend)) | set(range(cend - 40, len(data)))
@@ -182,10 +183,50 @@ def test_truncated_and_extended(cut: int) -> None:
 
 def test_unsupported_version() -> None:
     data = bytearray(_seal("x25519"))
-    data[4] = 2
+    data[4] = 3
     assert _reason(bytes(data), "x25519") == "unsupported_version"
     with pytest.raises(EnvelopeError, match="unsupported_version"):
         seal.peek_header(bytes(data))
+    data[4] = 2  # a known version whose header says otherwise
+    assert _reason(bytes(data), "x25519") == "malformed"
+    with pytest.raises(ValueError, match="envelope version"):
+        _seal("x25519", version=3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("aead", ["aes-256-gcm", "chacha20-poly1305"])
+def test_version_2_round_trip_signs_a_digest(kind: RecipientKind, aead: str) -> None:
+    """Version 2: the same framing, ``v`` 2 in the header, and an Ed25519 signature over a
+    context string and the SHA-256 of every byte before it (not over those bytes)."""
+    import hashlib
+
+    from cryptography.exceptions import InvalidSignature
+
+    data = _seal(kind, aead=aead, version=2)
+    opened = _open(data, kind)
+    assert (opened.plaintext, opened.v, data[4]) == (PAYLOAD, 2, 2)
+    body, signature = data[:-64], data[-64:]
+    _DEVICE_KEY.public_key().verify(
+        signature, b"iomt-envelope-v2 sha256\x00" + hashlib.sha256(body).digest())
+    with pytest.raises(InvalidSignature):
+        _DEVICE_KEY.public_key().verify(signature, body)
+    assert len(data) == len(_seal(kind, aead=aead))  # no byte more than version 1
+
+
+def test_a_version_1_envelope_cannot_pass_as_version_2_or_back() -> None:
+    """Relabelled and re-signed by the genuine device key the way the other version signs,
+    an envelope still fails: the header is bound to the ciphertext through ``info``, which
+    names the version."""
+    for version, other in ((1, 2), (2, 1)):
+        data = _seal("x25519", version=version)  # type: ignore[arg-type]
+        hend, cend = _split(data)
+        obj = json.loads(data[7:hend])
+        obj["v"] = other
+        header = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        body = b"IOMT" + bytes([other]) + struct.pack(">H", len(header)) + header
+        body += data[hend:cend]
+        forged = body + _DEVICE_KEY.sign(seal._signed_message(other, body))
+        assert _reason(forged, "x25519") == "decrypt_failed"
 
 
 def test_wrong_recipient_key_id() -> None:

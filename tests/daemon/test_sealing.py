@@ -125,20 +125,25 @@ def test_a_reload_to_unusable_keys_is_refused_and_the_old_keys_keep_sealing(
 
 
 def test_the_configured_aead_seals_and_a_reload_switches_it(node: Path) -> None:
-    """``seal.aead`` names the cipher: the envelope's suite says which, the receiver opens
-    both, the status shows it and a reload to the other one is logged."""
+    """``seal.aead`` names the cipher and ``seal.envelope_version`` the version: the
+    envelope says which, the receiver opens both, the status shows them and a reload to the
+    other cipher is logged."""
     path = _write(node)
-    path.write_text(path.read_text().replace("[deid]", 'aead = "chacha20-poly1305"\n[deid]'))
+    path.write_text(path.read_text().replace(
+        "[deid]", 'aead = "chacha20-poly1305"\nenvelope_version = 2\n[deid]'))
     sealer = Sealer(load_config(path).seal, "node-1")
     chacha = sealer(b"first", "m-1")
     assert sealer.summary()["suite"] == "mlkem768-x25519-hkdfsha256-chacha20poly1305"
     assert sealer.summary()["aead_reason"] == "set by seal.aead"
-    path.write_text(path.read_text().replace('"chacha20-poly1305"', '"aes-256-gcm"'))
+    assert sealer.summary()["envelope_version"] == 2 and chacha[4] == 2
+    path.write_text(path.read_text().replace('"chacha20-poly1305"', '"aes-256-gcm"').replace(
+        "envelope_version = 2\n", ""))
     with capture_logs() as logs:
         assert sealer.reload(load_config(path).seal) is True
     [changed] = [e for e in logs if e["event"] == "seal_aead_changed"]
     assert (changed["aead"], changed["previous"]) == ("aes-256-gcm", "chacha20-poly1305")
     aes = sealer(b"second", "m-2")
+    assert aes[4] == 1 and sealer.summary()["envelope_version"] == 1  # the default
     receiver = receiver_from_config(load_config(path), node / "out")
     opened = [seal.open_envelope(e, recipients=receiver.recipients,
                                  trusted_devices=receiver.trusted_devices)
