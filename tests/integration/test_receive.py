@@ -349,3 +349,28 @@ def test_ctrl_c_on_receive_is_one_summary_line(
     assert early.proc.wait(30) == 130
     assert "receive_stopped" in early.text()
     _no_traceback(early)
+
+
+def test_chacha20_version_2_envelopes_are_filed_like_any_other(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]
+) -> None:
+    """A node set to the Pi 4's cipher and to envelope version 2: the receiver of the same
+    release opens and files every result."""
+    edge, cloud = brokers
+    config = _init(tmp_path, edge, cloud)
+    config.write_text(config.read_text().replace(
+        "[seal]\n", '[seal]\naead = "chacha20-poly1305"\nenvelope_version = 2\n', 1))
+    scans = _series(tmp_path, 6)
+    agent = spawn(["run", "--config", str(config)], tmp_path / "agent.log")
+    agent.wait_for('"mqtt_connected"', 2)
+    [keys_line] = agent.events("seal_keys")
+    assert keys_line["suite"].endswith("-hkdfsha256-chacha20poly1305")
+    assert keys_line["envelope_version"] == 2
+    receiver = _receiver(config, tmp_path, "receiver.log", "--count", "6", "--timeout", "90")
+    assert cli("send", "--config", str(config), str(scans)).returncode == 0
+    assert receiver.proc.wait(90) == 0, receiver.text()
+    assert len(receiver.events("result_received")) == 6
+    assert len({p.name for p in _files(tmp_path)}) == 6
+    assert receiver.events("result_rejected") == []
+    assert agent.terminate() == 0
+    _no_traceback(receiver)
