@@ -20,6 +20,7 @@ a shared machine falls on both. Reported: per-stage medians per input and the ra
 baseline / this tree.
 
     python bench/stages.py [--rounds 8] [--baseline DIR] [--clock cpu|wall] [--isolate]
+                           [--envelope-version 1|2] [--baseline-envelope-version 1|2]
                            [--json FILE]
 """
 
@@ -104,7 +105,8 @@ def _process_cpu_s(pid: int) -> float:
         return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def child(code: Path, inputs: dict[str, list[str]], clock: str, isolate: bool) -> None:
+def child(code: Path, inputs: dict[str, list[str]], clock: str, isolate: bool,
+          envelope_version: int = 1) -> None:
     """Serve rounds on stdin/stdout with the ``agent`` package found under ``code``."""
     sys.path.insert(0, str(code))
     import hashlib
@@ -129,9 +131,12 @@ def child(code: Path, inputs: dict[str, list[str]], clock: str, isolate: bool) -
     _, recipient = keys.generate_recipient_keypair()
     device_key = keys.generate_signing_key()
 
+    # (version 1 is every checkout's default: an older baseline's seal has no ``version``)
+    version: dict[str, Any] = {} if envelope_version == 1 else {"version": envelope_version}
+
     def sealer(plaintext: bytes, message_id: str) -> bytes:
         return seal.seal(plaintext, recipient=recipient, signing_key=device_key,
-                         device_id="bench", message_id=message_id)
+                         device_id="bench", message_id=message_id, **version)
 
     configure("info", "json", stream=sys.stderr)  # stdout carries the rounds
     if clock == "cpu":
@@ -171,12 +176,13 @@ class Runner:
     """One child process serving rounds."""
 
     def __init__(self, label: str, code: Path, inputs: dict[str, list[Path]],
-                 clock: str, isolate: bool) -> None:
+                 clock: str, isolate: bool, envelope_version: int = 1) -> None:
         spec = json.dumps({k: [str(p) for p in v] for k, v in inputs.items()})
         self.label = label
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--child", str(code), "--inputs", spec,
-             "--clock", clock, *(["--isolate"] if isolate else [])],
+             "--clock", clock, *(["--isolate"] if isolate else []),
+             "--envelope-version", str(envelope_version)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.code = json.loads(self._line())["ready"]
@@ -212,19 +218,25 @@ def main() -> int:
     parser.add_argument("--isolate", action="store_true",
                         help="decode in the decoder child process, as the daemon does by "
                         "default (decode.isolate = true)")
+    parser.add_argument("--envelope-version", type=int, choices=(1, 2), default=1,
+                        help="the envelope version this tree seals (seal.envelope_version)")
+    parser.add_argument("--baseline-envelope-version", type=int, choices=(1, 2), default=1,
+                        help="the baseline's (with --baseline .: this tree, v1 against v2)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, json.loads(args.inputs), args.clock, args.isolate)
+        child(args.child, json.loads(args.inputs), args.clock, args.isolate,
+              args.envelope_version)
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_inputs(Path(tmp))
-        runners = [Runner("this tree", ROOT, inputs, args.clock, args.isolate)]
+        runners = [Runner("this tree", ROOT, inputs, args.clock, args.isolate,
+                          args.envelope_version)]
         if args.baseline:
             runners.append(Runner("baseline", args.baseline.resolve(), inputs, args.clock,
-                                  args.isolate))
+                                  args.isolate, args.baseline_envelope_version))
         samples: dict[str, dict[str, dict[str, list[float]]]] = {
             r.label: {n: {s: [] for s in STAGES} for n in inputs} for r in runners}
         for r in runners:
@@ -265,6 +277,8 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "cpu": _cpu(), "rounds": args.rounds, "clock": args.clock, "isolate": args.isolate,
+            "envelope_version": {"this tree": args.envelope_version,
+                                 "baseline": args.baseline_envelope_version},
             "code": {r.label: r.code for r in runners},
             "medians_ms": medians,
         }, indent=2))
