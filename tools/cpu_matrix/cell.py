@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import platform
@@ -140,8 +141,8 @@ def test_rows() -> dict[str, Any]:
 
 
 def seal_rows() -> dict[str, Any]:
-    """A 133 kB result sealed and opened with each KEM x AEAD on this CPU, and the AEAD that
-    ``seal.aead = "auto"`` picks here."""
+    """A 133 kB result sealed and opened with each KEM x AEAD x envelope version on this
+    CPU, and the AEAD that ``seal.aead = "auto"`` picks here."""
     import os
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -153,21 +154,24 @@ def seal_rows() -> dict[str, Any]:
     plaintext = os.urandom(133_000)
     device = Ed25519PrivateKey.generate()
     rows = []
-    for suite, (kind, aead) in seal.SUITES.items():
-        row: dict[str, Any] = {"suite": suite}
+    for (suite, (kind, aead)), version in itertools.product(seal.SUITES.items(),
+                                                            seal.VERSIONS):
+        row: dict[str, Any] = {"suite": suite, "version": version}
         try:
             private, public = keys.generate_recipient_keypair(kind)
             envelope = seal.seal(plaintext, recipient=public, signing_key=device,
-                                 device_id="cell", message_id="m-1", aead=aead)
+                                 device_id="cell", message_id="m-1", aead=aead,
+                                 version=version)
             opened = seal.open_envelope(envelope, recipients={private.key_id: private},
                                         trusted_devices={"cell": device.public_key()})
-            row["ok"] = opened.plaintext == plaintext and opened.suite == suite
+            row["ok"] = (opened.plaintext, opened.suite, opened.v) == (plaintext, suite, version)
             row["reason"] = "" if row["ok"] else "opened to other bytes or another suite"
         except Exception as exc:  # a crypto backend's own errors included
             row.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
         rows.append(row)
     choice = choose_aead("auto")
-    print(f"  sealing: {sum(r['ok'] for r in rows)}/{len(rows)} suites open; auto picks "
+    print(f"  sealing: {sum(r['ok'] for r in rows)}/{len(rows)} suite x version open; auto "
+          f"picks "
           f"{choice.aead}", file=sys.stderr, flush=True)
     return {"rows": rows, "ok": all(r["ok"] for r in rows), "aes": read_cpu().aes,
             "auto": choice.aead}

@@ -35,7 +35,9 @@ def judge(name: str, cell: dict[str, Any]) -> list[str]:
         why.append(f"{name}: no sealing results")
     for row in (sealing or {}).get("rows", ()):
         if not row["ok"]:
-            why.append(f"{name}: sealing with {row['suite']}: {row['reason']}")
+            why.append(f"{name}: sealing with {row['suite']}"
+                       f"{' v' + str(row['version']) if 'version' in row else ''}: "
+                       f"{row['reason']}")
     tests = cell.get("tests")
     if tests is not None and not tests["ok"]:
         failed = [k for k, v in tests["not_passed"].items() if v["outcome"] == "failed"]
