@@ -10,8 +10,8 @@ Cortex-A72 (BCM2711) lacks the crypto extensions; a Pi 5, a Jetson and current x
 ``bench/seal.py`` measures both, and on x86 also with OpenSSL's AES instructions switched off
 (``OPENSSL_ia32cap``) as a stand-in for such a CPU. On a 2.1 GHz Xeon (family 6, model 207)
 135 kB took AES-256-GCM 0.02 ms with AES-NI and 0.8-0.9 ms without, ChaCha20-Poly1305 0.06
-and 0.17-0.20 ms; the whole seal (with the Ed25519 signature) 1.8 ms with software AES-GCM
-against 1.2-1.3 ms with ChaCha20-Poly1305.
+and 0.17-0.20 ms; the whole seal (with the Ed25519 signature) 1.7-1.8 ms with software
+AES-GCM against 1.1-1.3 ms with ChaCha20-Poly1305 (two runs).
 
 Both are HPKE AEADs of RFC 9180, named in the envelope's ``suite``; the receiver opens either.
 """
