@@ -234,12 +234,15 @@ class SeriesSection(Strict):
     )
 
 
+AeadSetting = Literal["auto", "aes-256-gcm", "chacha20-poly1305"]  # agent.crypto.aead_choice
+
+
 class SealSection(Strict):
     recipient_public_key: Path = Field(
         title="Recipient public key", description="The cloud's HPKE public key")
     device_signing_key: Path = Field(
         title="Device signing key", description="This node's Ed25519 private key (0600)")
-    aead: Literal["auto", "aes-256-gcm", "chacha20-poly1305"] = Field(
+    aead: AeadSetting = Field(
         "auto", title="Envelope cipher",
         description="The AEAD that encrypts results (named in each envelope's suite; the "
         "receiver opens both). auto: AES-256-GCM where the CPU has AES instructions, else "

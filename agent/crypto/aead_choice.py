@@ -19,12 +19,10 @@ Both are HPKE AEADs of RFC 9180, named in the envelope's ``suite``; the receiver
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
+from agent.config import AeadSetting
 from agent.cpu import CpuInfo, read_cpu
 from agent.crypto.seal import Aead
-
-AeadSetting = Literal["auto", "aes-256-gcm", "chacha20-poly1305"]
 
 
 @dataclass(frozen=True)

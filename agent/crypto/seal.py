@@ -53,7 +53,6 @@ MAGIC = b"IOMT"
 VERSION: Final = 1  # what ``seal`` writes unless told otherwise
 VERSIONS = (1, 2)
 EnvelopeVersion = Literal[1, 2]
-INFO_PREFIX = b"iomt-envelope-v1"  # version 1's; ``_info`` gives each version's
 _DIGEST_CONTEXT = b"iomt-envelope-v2 sha256\x00"  # what a v2 signature covers, then the digest
 SIGNATURE_LEN = 64
 MAX_FIELD_LEN = 256
